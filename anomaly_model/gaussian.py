@@ -1,0 +1,69 @@
+"""One multivariate Gaussian per patch position: streaming fit and batched Mahalanobis distance.
+
+The fit keeps only running sums, so memory does not grow with the number of images. The sums
+are taken around a shift (the first batch's mean), which keeps float32 accumulation accurate:
+the covariance is (sum of (x-K)(x-K)^T - n m m^T) / (n - 1) with m the mean of x - K, small.
+
+The fitted state is the mean and the inverse Cholesky factor W = L^-1 of each covariance
+(Sigma = L L^T), so the squared distance is |W (x - mu)|^2: one batched matrix product.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Positions handled at once when factorizing: bounds the float64 working memory to ~64 MB
+# per chunk for d = 550 while keeping the batched LAPACK calls large.
+_FACTOR_CHUNK_ELEMENTS = 8_000_000
+
+
+class StreamingGaussian:
+    """Accumulates per-position mean and covariance of (N, d, P) feature batches."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.shift: torch.Tensor | None = None  # (P, d)
+        self.sum: torch.Tensor | None = None  # (P, d) float64, of x - shift
+        self.sum_outer: torch.Tensor | None = None  # (P, d, d) float32, of (x - shift)(x - shift)^T
+
+    def update(self, features: torch.Tensor) -> None:
+        """Add a batch of embeddings shaped (N, d, P)."""
+        features = features.float()
+        if self.shift is None:
+            positions, dim = features.shape[2], features.shape[1]
+            self.shift = features.mean(dim=0).T.contiguous()
+            self.sum = torch.zeros(positions, dim, dtype=torch.float64, device=features.device)
+            self.sum_outer = torch.zeros(positions, dim, dim, dtype=torch.float32, device=features.device)
+        centered = features.permute(2, 1, 0) - self.shift[:, :, None]  # (P, d, N)
+        self.sum += centered.sum(dim=2, dtype=torch.float64)
+        self.sum_outer.baddbmm_(centered, centered.transpose(1, 2))
+        self.count += features.shape[0]
+
+    def finalize(self, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean (P, d), inverse Cholesky factor (P, d, d)); the sums' memory is reused for the factor."""
+        if self.count < 2:
+            raise ValueError(f"a covariance needs at least 2 training images, got {self.count}")
+        offset = self.sum / self.count  # (P, d) float64
+        mean = (self.shift.double() + offset).float()
+        factor = self.sum_outer
+        self.sum_outer = None
+        positions, dim = factor.shape[0], factor.shape[1]
+        identity = torch.eye(dim, dtype=torch.float64, device=factor.device)
+        step = max(1, _FACTOR_CHUNK_ELEMENTS // (dim * dim))
+        for start in range(0, positions, step):  # chunks of positions, not one position at a time
+            block = slice(start, start + step)
+            outer = factor[block].double()
+            centered_m = offset[block]
+            covariance = (outer - self.count * centered_m[:, :, None] * centered_m[:, None, :]) / (self.count - 1)
+            covariance += epsilon * identity
+            lower = torch.linalg.cholesky(covariance)
+            factor[block] = torch.linalg.solve_triangular(lower, identity.expand_as(lower), upper=False).float()
+        return mean, factor
+
+
+def mahalanobis(features: torch.Tensor, mean: torch.Tensor, inv_cholesky: torch.Tensor) -> torch.Tensor:
+    """Distances (N, P) of embeddings (N, d, P) to each position's Gaussian."""
+    delta = features.float().permute(2, 1, 0) - mean[:, :, None]  # (P, d, N)
+    whitened = torch.bmm(inv_cholesky, delta)  # (P, d, N)
+    return whitened.square().sum(dim=1).clamp_min(0).sqrt().T.contiguous()
+

@@ -1,0 +1,139 @@
+"""PaDiM (Defard et al., ICPR 2021): a Gaussian per patch position over pretrained CNN features.
+
+Shaped like a scikit-learn estimator: settings in __init__, learned state in attributes ending
+in "_", `fit` on good images, `anomaly_maps` / `score` on new ones.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from anomaly_model.backbone import DEFAULT_FEATURE_DIM, FeatureExtractor, ModelError
+from anomaly_model.gaussian import StreamingGaussian, mahalanobis
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" is CUDA when present, else CPU; a named device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ModelError(f"DEVICE={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"DEVICE={name} but no CUDA GPU is available: use DEVICE=auto or cpu")
+    return device
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (N, H, W) maps, as scipy.ndimage.gaussian_filter (truncate 4, mode reflect)
+    computes it, so maps match the published implementation; runs on the maps' device."""
+    if sigma <= 0:
+        return maps
+    x = maps[:, None]
+    for dim in (3, 2):  # width, then height
+        radius = min(int(4.0 * sigma + 0.5), x.shape[dim] - 1)
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=maps.device)
+        kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        head, tail = x.narrow(dim, 0, radius).flip(dim), x.narrow(dim, x.shape[dim] - radius, radius).flip(dim)
+        padded = torch.cat([head, x, tail], dim)
+        weight = kernel.view(1, 1, 1, -1) if dim == 3 else kernel.view(1, 1, -1, 1)
+        x = F.conv2d(padded, weight)
+    return x[:, 0]
+
+
+class Padim:
+    """Patch distribution model: fit on good images, then anomaly maps and scores for any image."""
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        weights: str = "imagenet",
+        layers: tuple[int, ...] = (1, 2, 3),
+        feature_dim: int = 0,
+        epsilon: float = 0.01,
+        blur_sigma: float = 4.0,
+        seed: int = 0,
+        device: str = "auto",
+    ) -> None:
+        self.backbone = backbone
+        self.weights = weights
+        self.layers = tuple(layers)
+        self.epsilon = float(epsilon)
+        self.blur_sigma = float(blur_sigma)
+        self.seed = int(seed)
+        self.device = resolve_device(device)
+        self.extractor = FeatureExtractor(backbone, weights, self.layers, seed).to(self.device)
+        total = sum(self.extractor.channels)
+        self.feature_dim = int(feature_dim) or min(DEFAULT_FEATURE_DIM[backbone], total)
+        if not 0 < self.feature_dim <= total:
+            raise ModelError(f"FEATURE_DIM={feature_dim} must be between 1 and {total} for {backbone} layers {self.layers}")
+        generator = torch.Generator().manual_seed(self.seed)
+        self.channel_indices_ = torch.randperm(total, generator=generator)[: self.feature_dim].sort().values
+        self.mean_: torch.Tensor | None = None  # (P, d)
+        self.inv_cholesky_: torch.Tensor | None = None  # (P, d, d)
+        self.grid_size_: tuple[int, int] | None = None  # patch grid (h, w)
+        self.n_train_images_ = 0
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, d, P) patch embeddings."""
+        with torch.no_grad():
+            return self._embed_features(self.extractor(images.to(self.device)))
+
+    def fit(self, batches: Iterable[torch.Tensor]) -> "Padim":
+        """Fit on batches of normalized good images; memory stays flat in the number of images."""
+        accumulator = StreamingGaussian()
+        grid = None
+        for images in batches:
+            with torch.no_grad():
+                features = self.extractor(images.to(self.device))
+            grid = tuple(features[0].shape[-2:])
+            accumulator.update(self._embed_features(features))
+        if grid is None:
+            raise ModelError("no training images could be read: nothing to fit")
+        self.mean_, self.inv_cholesky_ = accumulator.finalize(self.epsilon)
+        self.grid_size_ = grid
+        self.n_train_images_ = accumulator.count
+        return self
+
+    def _embed_features(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Layer features -> (B, d, P): the random channel subset is taken from each layer before
+        the upsampling and concatenation, so the full embedding is never built."""
+        size = features[0].shape[-2:]
+        parts, start = [], 0
+        indices = self.channel_indices_.to(features[0].device)
+        for feature in features:
+            channels = feature.shape[1]
+            chosen = indices[(indices >= start) & (indices < start + channels)] - start
+            start += channels
+            if chosen.numel():
+                part = feature.index_select(1, chosen)
+                if part.shape[-2:] != size:
+                    part = F.interpolate(part, size=size, mode="nearest")
+                parts.append(part)
+        return torch.cat(parts, dim=1).flatten(2).float()
+
+    def patch_distances(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) Mahalanobis distance of each patch of each image."""
+        if self.mean_ is None:
+            raise ModelError("the model is not fitted: run train.py first")
+        distances = mahalanobis(self.embed(images), self.mean_, self.inv_cholesky_)
+        return distances.view(-1, *self.grid_size_)
+
+    def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) anomaly maps at the input resolution: bilinear upsampling, then Gaussian blur."""
+        distances = self.patch_distances(images)
+        upsampled = F.interpolate(distances[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return gaussian_blur(upsampled[:, 0], self.blur_sigma)
+
+    def to(self, device: torch.device) -> "Padim":
+        self.device = device
+        self.extractor.to(device)
+        if self.mean_ is not None:
+            self.mean_ = self.mean_.to(device)
+            self.inv_cholesky_ = self.inv_cholesky_.to(device)
+        return self

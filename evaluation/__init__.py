@@ -1,0 +1,1 @@
+"""Metrics (ROCAUC and friends) and their pictures, computed on labeled test sets."""

@@ -1,0 +1,92 @@
+"""A trained model ready to inspect images: PaDiM, its preprocessing and its thresholds."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from anomaly_model.store import load_model
+from dataset_manager import ImageBatches, Preprocessor
+
+# Settings a model carries itself; config.py values that differ are reported and not used.
+MODEL_SETTINGS = {
+    "BACKBONE": ("padim", "backbone"),
+    "WEIGHTS": ("padim", "weights"),
+    "LAYERS": ("padim", "layers"),
+    "FEATURE_DIM": ("padim", "feature_dim"),
+    "COVARIANCE_EPSILON": ("padim", "epsilon"),
+    "BLUR_SIGMA": ("padim", "blur_sigma"),
+    "RESIZE": ("preprocessing", "resize"),
+    "CROP": ("preprocessing", "crop"),
+    "NORMALIZE_MEAN": ("preprocessing", "mean"),
+    "NORMALIZE_STD": ("preprocessing", "std"),
+}
+
+
+@dataclass
+class ImageResult:
+    """What the model says about one image."""
+
+    index: int  # position in the list of paths given
+    anomaly_map: torch.Tensor  # (CROP, CROP) on the CPU
+    score: float  # max of the map
+    size: tuple[int, int]  # original (height, width)
+    preview: np.ndarray | None  # small RGB copy for pictures
+
+
+def settings_differences(description: dict, settings) -> list[str]:
+    """'KEY: model has X, config.py has Y' for each model setting config.py disagrees with."""
+    notes = []
+    for key, (section, name) in MODEL_SETTINGS.items():
+        stored = description[section][name]
+        wanted = getattr(settings, key)
+        if key == "FEATURE_DIM" and wanted == 0:
+            continue
+        same = list(stored) == list(wanted) if isinstance(stored, list) else stored == wanted
+        if not same:
+            notes.append(f"{key}: model has {stored!r}, config has {wanted!r}")
+    return notes
+
+
+class Detector:
+    """Loads MODEL_DIR/<name> and turns images into anomaly maps, scores and verdicts."""
+
+    def __init__(self, model_dir: Path, device: str = "auto") -> None:
+        self.model_dir = Path(model_dir)
+        self.padim, self.description = load_model(self.model_dir, device)
+        prep = self.description["preprocessing"]
+        self.preprocessor = Preprocessor(prep["resize"], prep["crop"], tuple(prep["mean"]), tuple(prep["std"]))
+        self.image_threshold = float(self.description["thresholds"]["image"])
+        self.pixel_threshold = float(self.description["thresholds"]["pixel"])
+
+    def report_differences(self, settings) -> None:
+        """Print which config.py settings this model overrides, so nobody wonders why."""
+        differences = settings_differences(self.description, settings)
+        if differences:
+            print(
+                f"note: using model {self.model_dir}'s own settings where config.py differs: " + "; ".join(differences),
+                file=sys.stderr,
+            )
+
+    def inspect(
+        self, paths: list[Path], batch_size: int, num_workers: int = 0, preview_size: int = 0, label: str = "scoring"
+    ) -> tuple[Iterator[ImageResult], ImageBatches]:
+        """Results image by image, streamed; the ImageBatches object lists skipped files once done."""
+        batches = ImageBatches(paths, self.preprocessor, batch_size, num_workers, preview_size)
+
+        def results() -> Iterator[ImageResult]:
+            with tqdm(total=len(paths), desc=label, unit="img", file=sys.stderr) as progress:
+                for batch in batches:
+                    maps = self.padim.anomaly_maps(batch.images).cpu()
+                    scores = maps.flatten(1).max(dim=1).values
+                    for row, index in enumerate(batch.indices):
+                        yield ImageResult(index, maps[row], float(scores[row]), batch.sizes[row], batch.previews[row])
+                    progress.update(len(batch.indices))
+
+        return results(), batches

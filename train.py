@@ -1,0 +1,36 @@
+"""Train: fit PaDiM on the good images of DATASET_DIR and save the model to MODEL_DIR/<name>/.
+
+    python train.py [KEY=VALUE ...]      (settings: config.py)
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pipeline.cli import load_categories, model_dir_for, run
+from pipeline.training import train_category
+from settings import SettingsError, load
+
+
+def main(argv: list[str]) -> None:
+    settings, extra = load(argv)
+    if extra:
+        raise SettingsError(f"train.py takes only KEY=VALUE settings, not {extra[0]!r}")
+    categories = load_categories(settings)
+    summaries = []
+    for category in categories:
+        summary = train_category(category, settings, model_dir_for(settings, category.name, len(categories)))
+        summaries.append(summary)
+        print(
+            f"{summary.category}: trained on {summary.n_train} images, calibrated on {summary.n_validation} "
+            f"validation images in {summary.seconds:.1f} s; model {summary.model_dir} "
+            f"({summary.model_bytes / 1e6:.1f} MB); thresholds image {summary.image_threshold:.3f} "
+            f"pixel {summary.pixel_threshold:.3f}"
+            + (f"; {len(summary.skipped)} unreadable files skipped" if summary.skipped else "")
+        )
+    if len(summaries) > 1:
+        print(f"{len(summaries)} models in {settings.MODEL_DIR}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run(main)
