@@ -38,6 +38,7 @@ class ImageResult:
     score: float  # max of the map
     size: tuple[int, int]  # original (height, width)
     preview: np.ndarray | None  # small RGB copy for pictures
+    probability: float | None = None  # the classifier's defect probability, when the model has one
 
 
 def settings_differences(description: dict, settings) -> list[str]:
@@ -64,6 +65,11 @@ class Detector:
         self.preprocessor = Preprocessor(prep["resize"], prep["crop"], tuple(prep["mean"]), tuple(prep["std"]))
         self.image_threshold = float(self.description["thresholds"]["image"])
         self.pixel_threshold = float(self.description["thresholds"]["pixel"])
+        self.classifier = None  # the good/defect classifier saved with the model, when there is one
+
+    def is_defect(self, result: ImageResult) -> bool:
+        """The verdict: the classifier's when the model has one, else the map score's threshold."""
+        return result.score >= self.image_threshold
 
     def report_differences(self, settings) -> None:
         """Print which config.py settings this model overrides, so nobody wonders why."""

@@ -56,7 +56,7 @@ def predict_folder(detector: Detector, folder: Path, results_dir: Path, settings
             writer.writerow(COLUMNS)
             for result in results:
                 path = paths[result.index]
-                defect = result.score >= detector.image_threshold
+                defect = detector.is_defect(result)
                 n_defects += defect
                 area = float((result.anomaly_map > detector.pixel_threshold).float().mean())
                 overlay_path = mask_path = ""
