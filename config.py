@@ -47,3 +47,7 @@ DEVICE = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
 BATCH_SIZE = 16
 NUM_WORKERS = 2  # processes that read and decode images
 SAVE_PICTURES = True  # test.py: heat-map overlay and mask PNG per image
+
+# --- Evaluation (eval.py) ---------------------------------------------------------------------
+EVAL_PRO_FPR_LIMIT = 0.3  # PRO is integrated over pixel FPR from 0 to this limit (MVTec AD: 0.3)
+EVAL_SHEET_COUNT = 3  # localization sheets: this many worst goods, best and worst defects
