@@ -33,7 +33,7 @@ BACKBONE = "mobilenet_v2"  # "resnet18", "wide_resnet50_2" or "mobilenet_v2"
 # "none": random weights, for tests only (detection quality is poor).
 WEIGHTS = "imagenet-offline"
 LAYERS = (1, 2, 3)  # backbone stages whose features make the patch embedding
-FEATURE_DIM = 0  # random channel subset size d; 0 = the backbone's default (100, 550, 120)
+FEATURE_DIM = 0  # random channel subset size d; 0 = the backbone's default (100, 550, 152: all)
 COVARIANCE_EPSILON = 0.01  # added to the covariance diagonal, as in the paper
 BLUR_SIGMA = 4.0  # Gaussian smoothing of the anomaly map, in pixels of the CROP-sized map
 SEED = 0  # seeds the channel subset, the validation split and synthetic defects
@@ -51,3 +51,24 @@ SAVE_PICTURES = True  # test.py: heat-map overlay and mask PNG per image
 # --- Evaluation (eval.py) ---------------------------------------------------------------------
 EVAL_PRO_FPR_LIMIT = 0.3  # PRO is integrated over pixel FPR from 0 to this limit (MVTec AD: 0.3)
 EVAL_SHEET_COUNT = 3  # localization sheets: this many worst goods, best and worst defects
+
+# --- Classifier (XGBoost good/defect verdict on anomaly-map features) ---------------------------
+# Trained by train.py after the Gaussian fit, on the maps of validation goods and of defects:
+# labeled ones (train/defect/ or train_dataset_folder/defect/) plus synthetic ones painted onto
+# the validation goods. When present, its probability decides test.py's verdict.
+CLASSIFIER = True  # False: plain max-of-map score and image threshold only
+CLASSIFIER_SYNTHETIC_PER_IMAGE = 6  # synthetic defects per validation good (cut-paste, scratch, texture in turn)
+CLASSIFIER_ENOUGH_REAL_DEFECTS = 50  # with at least this many labeled defect images, no synthetic ones
+CLASSIFIER_REAL_DEFECT_WEIGHT = 4.0  # sample weight of a labeled defect relative to a synthetic one
+CLASSIFIER_DEFECT_SIZE = (0.03, 0.15)  # synthetic defect size range, as a fraction of the inspected side
+CLASSIFIER_DEFECT_STRENGTH = (0.3, 1.0)  # synthetic defect opacity range (faint to fully opaque)
+CLASSIFIER_FALSE_REJECT_RATE = 0.05  # share of good validation images (out-of-fold) the verdict rejects
+CLASSIFIER_FOLDS = 5  # grouped cross-validation folds: early stopping and the verdict threshold
+CLASSIFIER_MAX_DEPTH = 3  # XGBoost tree depth
+CLASSIFIER_LEARNING_RATE = 0.05  # XGBoost eta
+CLASSIFIER_MAX_ROUNDS = 400  # most boosting rounds; early stopping picks fewer
+CLASSIFIER_EARLY_STOPPING_ROUNDS = 40  # rounds without held-out improvement before stopping
+CLASSIFIER_SUBSAMPLE = 0.8  # XGBoost row subsampling per tree
+CLASSIFIER_COLSAMPLE = 0.8  # XGBoost feature subsampling per tree
+CLASSIFIER_MIN_CHILD_WEIGHT = 1.0  # XGBoost minimum hessian weight per leaf
+CLASSIFIER_MONOTONE = True  # "more anomalous" features may only raise the probability (robust to new defect kinds)

