@@ -1,0 +1,120 @@
+"""Finding and reading images: layouts, image modes, unreadable files, settings overrides."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomaly_model.backbone import FeatureExtractor, _offline_state_dict
+from dataset_manager import DataError, ImageBatches, Preprocessor, find_categories, find_images, read_rgb
+from settings import SettingsError, load
+
+from conftest import SHARED, make_mvtec_category, save, texture
+
+
+def test_mvtec_category_is_found_with_masks(tiny_category):
+    (category,) = find_categories(tiny_category)
+    assert category.name == "part"
+    assert len(category.train_images) == 16 and len(category.validation_images) == 4
+    defects = [item for item in category.test_images if item.is_defect]
+    assert defects and all(item.mask_path and item.mask_path.name.endswith("_mask.png") for item in defects)
+
+
+def test_root_with_several_categories(tmp_path):
+    for name in ("alpha", "beta"):
+        make_mvtec_category(tmp_path / name, n_train=4, n_test=1)
+    assert [c.name for c in find_categories(tmp_path)] == ["alpha", "beta"]
+
+
+def test_simple_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    for number in range(3):
+        save(texture(rng), tmp_path / "train_dataset_folder" / f"{number}.jpg")
+        save(texture(rng), tmp_path / "test_dataset_folder" / "good" / f"{number}.jpg")
+        save(texture(rng), tmp_path / "test_dataset_folder" / "defect" / f"{number}.bmp")
+    save(texture(rng), tmp_path / "train_dataset_folder" / "defect" / "d.png")
+    (tmp_path / "train_dataset_folder" / "notes.txt").write_text("not an image")
+    (category,) = find_categories(tmp_path)
+    assert len(category.train_images) == 3 and len(category.train_defect_images) == 1
+    assert sorted({item.defect_type for item in category.test_images}) == ["defect", "good"]
+    assert all(item.mask_path is None for item in category.test_images)
+
+
+def test_missing_and_empty_dataset_dirs(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        find_categories(tmp_path / "absent")
+    with pytest.raises(DataError, match="holds no dataset"):
+        find_categories(tmp_path)
+    (tmp_path / "train" / "good").mkdir(parents=True)
+    (tmp_path / "train" / "good" / "readme.txt").write_text("x")
+    with pytest.raises(DataError, match="no images in"):
+        find_categories(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "mode, array",
+    [
+        ("L", np.full((20, 30), 128, np.uint8)),
+        ("RGBA", np.full((20, 30, 4), 200, np.uint8)),
+        ("I;16", np.full((20, 30), 65535 // 2, np.uint16)),
+        ("RGB", np.full((20, 30, 3), 50, np.uint8)),
+    ],
+)
+def test_any_image_mode_becomes_rgb(tmp_path, mode, array):
+    path = tmp_path / "image.png"
+    Image.fromarray(array).save(path)
+    with Image.open(path) as stored:
+        assert stored.mode == mode
+    rgb = read_rgb(path)
+    assert rgb.shape == (20, 30, 3) and rgb.dtype == np.uint8
+    if mode == "I;16":
+        assert abs(int(rgb[0, 0, 0]) - 127) <= 1  # scaled by the 16-bit range, not clipped
+
+
+def test_unreadable_files_are_skipped_and_named(tmp_path):
+    rng = np.random.default_rng(0)
+    for number in range(5):
+        save(texture(rng), tmp_path / f"{number}.png")
+    (tmp_path / "3.png").write_bytes(b"not a png at all")
+    good = tmp_path / "1.png"
+    good.write_bytes(good.read_bytes()[:100])  # truncated
+    batches = ImageBatches(find_images(tmp_path), Preprocessor(64, 64, (0.5,) * 3, (0.2,) * 3), batch_size=2)
+    seen = [index for batch in batches for index in batch.indices]
+    assert seen == [0, 2, 4]
+    assert sorted(path.name for path, _ in batches.skipped) == ["1.png", "3.png"]
+
+
+def test_preprocessor_shapes_and_crop_box():
+    prep = Preprocessor(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    tensor = prep.image_tensor(np.zeros((400, 300, 3), np.uint8))
+    assert tensor.shape == (3, 224, 224)
+    top, left, bottom, right = prep.crop_box(400, 300)
+    assert (round(top), round(left), round(bottom), round(right)) == (25, 19, 375, 281)
+    full = prep.map_to_original(torch.ones(224, 224), 400, 300)
+    assert full.shape == (400, 300) and full[0, 0] == 0 and full[200, 150] == 1
+
+
+def test_settings_overrides_are_typed():
+    settings, rest = load(["SEED=3", "BLUR_SIGMA=2", "LAYERS=(1,2)", "DATASET_DIR=x", "folder"])
+    assert (settings.SEED, settings.BLUR_SIGMA, settings.LAYERS, settings.DATASET_DIR) == (3, 2.0, (1, 2), "x")
+    assert rest == ["folder"]
+    with pytest.raises(SettingsError, match="unknown setting BATCHSIZE"):
+        load(["BATCHSIZE=3"])
+    with pytest.raises(SettingsError, match="SEED=abc"):
+        load(["SEED=abc"])
+    with pytest.raises(SettingsError, match="expected a int"):
+        load(["SEED=1.5"])
+
+
+@pytest.mark.skipif(not (SHARED / "weights").is_dir(), reason="../shared is absent")
+def test_offline_weights_map_onto_torchvision_names():
+    import torchvision
+
+    reference = torch.load(SHARED / "weights" / "mobilenet_v2_imagenet_features.pt", weights_only=True)
+    mapped = _offline_state_dict(torchvision.models.mobilenet_v2())
+    assert mapped.keys() == reference.keys()
+    assert all(torch.equal(mapped[key], reference[key]) for key in reference)
+    extractor = FeatureExtractor("mobilenet_v2", "imagenet-offline", (1, 2, 3))
+    assert extractor.channels == [24, 32, 96]

@@ -1,0 +1,75 @@
+"""The PaDiM arithmetic against plain per-position numpy/scipy computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+
+from anomaly_model.gaussian import StreamingGaussian, mahalanobis
+from anomaly_model.padim import Padim, gaussian_blur
+
+
+def _random_embeddings(n: int = 40, d: int = 6, positions: int = 5, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(d, d, generator=generator)
+    base = torch.randn(n, positions, d, generator=generator) @ mixing + 3.0
+    return base.permute(0, 2, 1).contiguous()  # (N, d, P)
+
+
+def test_mahalanobis_matches_per_position_numpy():
+    train = _random_embeddings()
+    test = _random_embeddings(n=7, seed=1)
+    accumulator = StreamingGaussian()
+    accumulator.update(train)
+    mean, factor = accumulator.finalize(epsilon=0.01)
+    distances = mahalanobis(test, mean, factor).numpy()  # (N, P)
+
+    data = train.double().numpy()
+    for position in range(data.shape[2]):
+        samples = data[:, :, position]
+        covariance = np.cov(samples, rowvar=False) + 0.01 * np.eye(samples.shape[1])
+        precision = np.linalg.inv(covariance)
+        expected = [scipy_mahalanobis(x, samples.mean(axis=0), precision) for x in test.double().numpy()[:, :, position]]
+        np.testing.assert_allclose(distances[:, position], expected, rtol=1e-4)
+
+
+def test_streaming_fit_equals_one_shot_for_any_batch_size():
+    data = _random_embeddings(n=37)
+    results = []
+    for batch_size in (37, 10, 3):
+        accumulator = StreamingGaussian()
+        for start in range(0, 37, batch_size):
+            accumulator.update(data[start : start + batch_size])
+        results.append(accumulator.finalize(epsilon=0.01))
+    for mean, factor in results[1:]:
+        torch.testing.assert_close(mean, results[0][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(factor, results[0][1], rtol=1e-4, atol=1e-4)
+
+
+def test_padim_maps_do_not_depend_on_training_batch_size():
+    images = torch.randn(12, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    probe = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    maps = []
+    for batch_size in (12, 5):
+        model = Padim("resnet18", "none", feature_dim=20, device="cpu")
+        model.fit(images[start : start + batch_size] for start in range(0, 12, batch_size))
+        maps.append(model.anomaly_maps(probe))
+    torch.testing.assert_close(maps[0], maps[1], rtol=1e-4, atol=1e-4)
+
+
+def test_blur_matches_scipy_gaussian_filter():
+    maps = np.random.default_rng(0).random((2, 40, 56)).astype(np.float32)
+    expected = np.stack([gaussian_filter(m, sigma=4) for m in maps])
+    np.testing.assert_allclose(gaussian_blur(torch.from_numpy(maps), 4.0).numpy(), expected, atol=1e-5)
+
+
+def test_anomaly_map_is_highest_where_the_image_differs():
+    generator = torch.Generator().manual_seed(0)
+    good = 0.1 * torch.randn(16, 3, 64, 64, generator=generator)
+    model = Padim("resnet18", "none", feature_dim=30, device="cpu").fit([good[:8], good[8:]])
+    odd = 0.1 * torch.randn(1, 3, 64, 64, generator=generator)
+    odd[:, :, 40:56, 40:56] = 3.0
+    heat = model.anomaly_maps(odd)[0]
+    assert heat[40:56, 40:56].mean() > 2 * heat[:24, :24].mean()

@@ -1,0 +1,104 @@
+"""Saved models: identical maps after a round trip, clear errors for damaged or foreign models."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from anomaly_model.backbone import ModelError
+from anomaly_model.padim import Padim
+from anomaly_model.store import load_model, save_model
+from pipeline.detector import settings_differences
+from settings import defaults
+
+INFO = {"preprocessing": {"resize": 64, "crop": 64, "mean": [0.5] * 3, "std": [0.2] * 3}}
+
+
+@pytest.fixture(scope="module")
+def fitted() -> Padim:
+    images = torch.randn(10, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    return Padim("resnet18", "none", feature_dim=16, device="cpu").fit([images[:6], images[6:]])
+
+
+@pytest.fixture()
+def saved(tmp_path, fitted):
+    folder = tmp_path / "model"
+    save_model(folder, fitted, INFO)
+    return folder
+
+
+def test_round_trip_gives_identical_maps(saved, fitted):
+    loaded, description = load_model(saved, "cpu")
+    probe = torch.randn(2, 3, 64, 64)
+    assert torch.equal(loaded.anomaly_maps(probe), fitted.anomaly_maps(probe))
+    assert description["preprocessing"] == INFO["preprocessing"]
+    assert torch.equal(loaded.channel_indices_, fitted.channel_indices_)
+
+
+def test_stored_factors_are_packed_triangles(saved, fitted):
+    d = fitted.feature_dim
+    positions = fitted.mean_.shape[0]
+    size = (saved / "inv_cholesky.npy").stat().st_size
+    assert size < 0.55 * positions * (d * d + d) * 4
+
+
+def test_missing_model_says_to_train(tmp_path):
+    with pytest.raises(ModelError, match="run python train.py"):
+        load_model(tmp_path / "nothing", "cpu")
+
+
+def test_truncated_statistics_are_reported(saved):
+    path = saved / "inv_cholesky.npy"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ModelError, match="inv_cholesky.npy.*(damaged|truncated)"):
+        load_model(saved, "cpu")
+
+
+def test_flipped_byte_is_caught_by_checksum(saved):
+    path = saved / "mean.npy"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="checksum"):
+        load_model(saved, "cpu")
+
+
+def test_damaged_description(saved):
+    (saved / "model.json").write_text("{ not json")
+    with pytest.raises(ModelError, match="damaged"):
+        load_model(saved, "cpu")
+
+
+def test_model_of_an_older_format_asks_for_retraining(saved):
+    description = json.loads((saved / "model.json").read_text())
+    description["format_version"] = 0
+    (saved / "model.json").write_text(json.dumps(description))
+    with pytest.raises(ModelError, match="retrain"):
+        load_model(saved, "cpu")
+
+
+def test_changed_backbone_weights_are_refused(saved):
+    description = json.loads((saved / "model.json").read_text())
+    description["padim"]["seed"] = 1  # random-init weights are seeded: another seed, other weights
+    (saved / "model.json").write_text(json.dumps(description))
+    with pytest.raises(ModelError, match="backbone weights"):
+        load_model(saved, "cpu")
+
+
+def test_failed_save_keeps_previous_model(saved, fitted):
+    before = (saved / "mean.npy").read_bytes()
+    with pytest.raises(TypeError):
+        save_model(saved, fitted, {"not serializable": object()})
+    assert (saved / "mean.npy").read_bytes() == before
+    assert [p.name for p in saved.parent.iterdir()] == ["model"]
+
+
+def test_differences_from_config_are_listed(saved):
+    _, description = load_model(saved, "cpu")
+    settings = SimpleNamespace(**defaults())
+    notes = settings_differences(description, settings)
+    assert any(note.startswith("BACKBONE: model has 'resnet18'") for note in notes)
+    assert any(note.startswith("CROP: model has 64") for note in notes)
