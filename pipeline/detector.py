@@ -11,7 +11,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from anomaly_model.store import load_model
+from anomaly_model.store import load_model, read_checked_bytes
+from classification_model.features import FEATURE_NAMES, map_features
+from classification_model.xgboost import DefectClassifier
 from dataset_manager import ImageBatches, Preprocessor
 
 # Settings a model carries itself; config.py values that differ are reported and not used.
@@ -55,6 +57,15 @@ def settings_differences(description: dict, settings) -> list[str]:
     return notes
 
 
+def load_classifier(model_dir: Path, description: dict) -> tuple[DefectClassifier, dict[str, float]]:
+    """The classifier train.py saved with the model, and the map levels its features are computed at;
+    a classifier trained on another feature list than this code computes is refused."""
+    entry = description["classifier"]
+    data = read_checked_bytes(model_dir, entry["booster_file"], description)
+    classifier = DefectClassifier.from_bytes(data, entry["features"], entry["threshold"], FEATURE_NAMES)
+    return classifier, {key: float(value) for key, value in entry["levels"].items()}
+
+
 class Detector:
     """Loads MODEL_DIR/<name> and turns images into anomaly maps, scores and verdicts."""
 
@@ -66,9 +77,14 @@ class Detector:
         self.image_threshold = float(self.description["thresholds"]["image"])
         self.pixel_threshold = float(self.description["thresholds"]["pixel"])
         self.classifier = None  # the good/defect classifier saved with the model, when there is one
+        self.classifier_levels: dict[str, float] = {}
+        if "classifier" in self.description:
+            self.classifier, self.classifier_levels = load_classifier(self.model_dir, self.description)
 
     def is_defect(self, result: ImageResult) -> bool:
         """The verdict: the classifier's when the model has one, else the map score's threshold."""
+        if self.classifier is not None and result.probability is not None:
+            return result.probability >= self.classifier.threshold
         return result.score >= self.image_threshold
 
     def report_differences(self, settings) -> None:
@@ -91,8 +107,13 @@ class Detector:
                 for batch in batches:
                     maps = self.padim.anomaly_maps(batch.images).cpu()
                     scores = maps.flatten(1).max(dim=1).values
+                    probabilities = [None] * len(batch.indices)
+                    if self.classifier is not None:
+                        probabilities = self.classifier.predict(map_features(maps, self.classifier_levels)).tolist()
                     for row, index in enumerate(batch.indices):
-                        yield ImageResult(index, maps[row], float(scores[row]), batch.sizes[row], batch.previews[row])
+                        yield ImageResult(
+                            index, maps[row], float(scores[row]), batch.sizes[row], batch.previews[row], probabilities[row]
+                        )
                     progress.update(len(batch.indices))
 
         return results(), batches

@@ -15,7 +15,7 @@ from pipeline.detector import Detector
 from pipeline.pictures import color_range, write_pictures
 
 PREVIEW_SIZE = 640  # longest side of the overlay pictures, in pixels
-COLUMNS = ["path", "image_score", "normalized_score", "verdict", "defect_area_fraction", "overlay", "mask"]
+COLUMNS = ["path", "image_score", "normalized_score", "verdict", "defect_area_fraction", "overlay", "mask", "classifier_probability"]
 
 
 @dataclass
@@ -69,6 +69,7 @@ def predict_folder(detector: Detector, folder: Path, results_dir: Path, settings
                 writer.writerow([
                     str(path), f"{result.score:.6g}", f"{result.score / detector.image_threshold:.4f}",
                     "defect" if defect else "good", f"{area:.6f}", overlay_path, mask_path,
+                    "" if result.probability is None else f"{result.probability:.6f}",
                 ])
         for path, reason in batches.skipped:
             print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)

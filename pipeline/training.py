@@ -129,7 +129,18 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
         "n_validation_images": int(maps.shape[0]),
         "skipped_files": [str(path) for path, _ in skipped],
     }
-    model_bytes = save_model(model_dir, padim, info)
+    extra_files = {}
+    if settings.CLASSIFIER:
+        from classification_model.features import levels_from_description
+        from classification_model.training import train_for_model
+
+        unreadable = {path for path, _ in skipped_validation}
+        readable = [path for path in validation_paths if path not in unreadable]
+        classifier, info["classifier"] = train_for_model(
+            padim, preprocessor, readable, maps, category.train_defect_images, levels_from_description(info), settings
+        )
+        extra_files[info["classifier"]["booster_file"]] = classifier.to_bytes()
+    model_bytes = save_model(model_dir, padim, info, extra_files=extra_files)
     return TrainingSummary(
         category=category.name,
         model_dir=model_dir,
