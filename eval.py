@@ -1,9 +1,10 @@
-"""Evaluate: image and pixel ROCAUC, per-defect figures and ROC curves on the labeled test set.
+"""Evaluate: image ROCAUC, pooled pixel ROCAUC, PRO, operating-point figures and pictures.
 
     python eval.py [KEY=VALUE ...]
 
-Writes RESULTS_DIR/eval-<time>/<category>/ (metrics.json, ROC curve PNGs) and, for several
-categories, a summary table in RESULTS_DIR/eval-<time>/metrics.json.
+Writes RESULTS_DIR/eval-<time>/: report.html (every table and picture on one page), metrics.md
+and metrics.json (a row per category and the mean, like PaDiM's tables) and, per category,
+<category>/metrics.json, ROC / PR / PRO curves, score histograms and localization sheets.
 """
 
 from __future__ import annotations
@@ -13,14 +14,30 @@ from datetime import datetime
 from pathlib import Path
 
 from anomaly_model.store import AtomicFolder
+from evaluation.plots import plot_pro, plot_roc
+from evaluation.report import write_report
+from evaluation.tables import markdown_category, markdown_summary, summary_table, terminal_table
 from pipeline.cli import load_categories, model_dir_for, run
 from pipeline.detector import Detector
-from pipeline.evaluation_run import evaluate_category
+from pipeline.evaluation_run import CategoryEvaluation, evaluate_category
 from settings import SettingsError, load
 
 
-def _cell(value) -> str:
-    return "  n/a" if value is None else f"{value:.3f}"
+def _overall_figures(evaluations: list[CategoryEvaluation], folder: Path, limit: float) -> dict[str, str]:
+    """With several categories, one figure per curve kind holding every category's curve."""
+    if len(evaluations) < 2:
+        return {}
+    figures = {}
+    image = {e.metrics["category"]: e.image_curves["max score"] for e in evaluations if "max score" in e.image_curves}
+    pixel = {e.metrics["category"]: e.pixel_curve for e in evaluations if e.pixel_curve is not None}
+    pro = {e.metrics["category"]: e.pro_curve for e in evaluations if e.pro_curve is not None}
+    if image:
+        figures["image ROC, all categories"] = plot_roc(image, "image ROC per category", folder / "roc_image_all.png")
+    if pixel:
+        figures["pixel ROC, all categories"] = plot_roc(pixel, "pixel ROC per category", folder / "roc_pixel_all.png")
+    if pro:
+        figures["PRO, all categories"] = plot_pro(pro, limit, "per-region overlap per category", folder / "pro_all.png")
+    return {title: path.name for title, path in figures.items()}
 
 
 def main(argv: list[str]) -> None:
@@ -28,28 +45,31 @@ def main(argv: list[str]) -> None:
     if extra:
         raise SettingsError(f"eval.py takes only KEY=VALUE settings, not {extra[0]!r}")
     categories = load_categories(settings)
-    rows = []
+    evaluations = []
     run_name = f"eval-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     with AtomicFolder(Path(settings.RESULTS_DIR) / run_name) as out:
         for category in categories:
             detector = Detector(model_dir_for(settings, category.name, len(categories)), settings.DEVICE)
             detector.report_differences(settings)
-            rows.append(evaluate_category(detector, category, settings, out.temporary / category.name))
-        image = [r["image_rocauc"] for r in rows if r["image_rocauc"] is not None]
-        pixel = [r["pixel_rocauc"] for r in rows if r["pixel_rocauc"] is not None]
+            evaluations.append(evaluate_category(detector, category, settings, out.temporary / category.name))
+        rows = [e.metrics for e in evaluations]
+        overall = _overall_figures(evaluations, out.temporary, settings.EVAL_PRO_FPR_LIMIT)
+        table = summary_table(rows)
         summary = {
             "categories": rows,
-            "mean_image_rocauc": sum(image) / len(image) if image else None,
-            "mean_pixel_rocauc": sum(pixel) / len(pixel) if pixel else None,
+            "table": table,
+            "mean_image_rocauc": table["mean"]["image_rocauc"],
+            "mean_pixel_rocauc": table["mean"]["pixel_rocauc"],
+            "mean_pro": table["mean"]["pro"],
+            "pro_fpr_limit": settings.EVAL_PRO_FPR_LIMIT,
+            "figures": overall,
         }
         (out.temporary / "metrics.json").write_text(json.dumps(summary, indent=2))
-    print(f"{'category':<20} {'image ROCAUC':>12} {'pixel ROCAUC':>12}")
-    for row in rows:
-        print(f"{row['category']:<20} {_cell(row['image_rocauc']):>12} {_cell(row['pixel_rocauc']):>12}")
-        for kind, entry in row["per_defect"].items():
-            print(f"  {kind:<18} {_cell(entry['image_rocauc']):>12}   ({entry['count']} images)")
-    if len(rows) > 1:
-        print(f"{'mean':<20} {_cell(summary['mean_image_rocauc']):>12} {_cell(summary['mean_pixel_rocauc']):>12}")
+        markdown = [f"# {run_name}", "", markdown_summary(rows), ""] + [markdown_category(row) for row in rows]
+        (out.temporary / "metrics.md").write_text("\n".join(markdown))
+        write_report(out.temporary, rows, overall, f"PaDiM evaluation {run_name}")
+    print(terminal_table(rows))
+    print(f"report: {out.target / 'report.html'}")
     print(f"metrics and ROC curves: {out.target}")
 
 

@@ -1,4 +1,8 @@
-"""Figures a person would rather look at than read: ROC curves."""
+"""Figures a person would rather look at than read: ROC, PR and PRO curves, score histograms.
+
+Every function takes precomputed curve points (pixel curves cost one sort of millions of pixels:
+done once in evaluation.metrics, drawn here as many times as needed) and writes one PNG.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +12,77 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
-from evaluation.metrics import roc_points  # noqa: E402
+# A drawn curve needs no more points than the figure has pixels across.
+_MAX_POINTS = 4000
 
 
-def plot_roc(curves: dict[str, tuple], title: str, path: Path) -> Path:
-    """One figure with a ROC curve per entry of `curves`: {label: (labels, scores, auc)}."""
-    figure, axis = plt.subplots(figsize=(5, 5), dpi=100)
-    for name, (labels, scores, auc) in curves.items():
-        fpr, tpr = roc_points(labels, scores)
-        axis.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})" if auc is not None else name)
-    axis.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1)
-    axis.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
-    axis.legend(loc="lower right", fontsize=8)
+def thin(x: np.ndarray, y: np.ndarray, max_points: int = _MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """At most `max_points` evenly spaced points of a curve, its ends kept: for drawing only."""
+    x, y = np.asarray(x), np.asarray(y)
+    if len(x) <= max_points:
+        return x, y
+    keep = np.unique(np.linspace(0, len(x) - 1, max_points).round().astype(int))
+    return x[keep], y[keep]
+
+
+def _label(name: str, value: float | None, what: str) -> str:
+    return f"{name} ({what} {value:.3f})" if value is not None else name
+
+
+def _save(figure, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
     return path
+
+
+def plot_roc(curves: dict[str, tuple], title: str, path: Path) -> Path:
+    """One figure with a ROC curve per entry of `curves`: {name: (fpr, tpr, auc or None)}."""
+    figure, axis = plt.subplots(figsize=(5, 5), dpi=100)
+    for name, (fpr, tpr, auc) in curves.items():
+        axis.plot(*thin(fpr, tpr), label=_label(name, auc, "AUC"))
+    axis.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1)
+    axis.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    axis.legend(loc="lower right", fontsize=8)
+    return _save(figure, path)
+
+
+def plot_pr(curves: dict[str, tuple], operating: tuple[float, float] | None, title: str, path: Path) -> Path:
+    """Precision-recall curves {name: (recall, precision, f1max)}; the operating point as a dot."""
+    figure, axis = plt.subplots(figsize=(5, 5), dpi=100)
+    for name, (recall, precision, best) in curves.items():
+        axis.plot(recall, precision, drawstyle="steps-post", label=_label(name, best, "F1-max, optimistic"))
+    if operating is not None:
+        axis.plot(*operating, "o", color="black", label=f"operating threshold (R {operating[0]:.2f}, P {operating[1]:.2f})")
+    axis.set(xlabel="recall (defects found)", ylabel="precision (flagged that are defects)", title=title, xlim=(0, 1.01), ylim=(0, 1.01))
+    axis.legend(loc="lower left", fontsize=8)
+    return _save(figure, path)
+
+
+def plot_pro(curves: dict[str, tuple], fpr_limit: float, title: str, path: Path) -> Path:
+    """PRO against pixel FPR up to the integration limit: {name: (fpr, pro, normalized area or None)}."""
+    figure, axis = plt.subplots(figsize=(5, 5), dpi=100)
+    for name, (fpr, pro, area) in curves.items():
+        inside = int(np.searchsorted(fpr, fpr_limit, side="right")) + 1
+        axis.plot(*thin(fpr[:inside], pro[:inside]), label=_label(name, area, f"AU-PRO@{fpr_limit:g}"))
+    axis.set(xlabel="false positive rate (good pixels)", ylabel="per-region overlap", title=title, xlim=(0, fpr_limit), ylim=(0, 1.01))
+    axis.legend(loc="lower right", fontsize=8)
+    return _save(figure, path)
+
+
+def plot_histogram(good: np.ndarray, defect: np.ndarray, threshold: float | None, title: str, xlabel: str, path: Path) -> Path:
+    """Overlaid histograms of good and defect scores, the operating threshold as a vertical line."""
+    figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
+    values = np.concatenate([np.asarray(good, dtype=float), np.asarray(defect, dtype=float)])
+    bins = np.histogram_bin_edges(values, bins=30) if len(values) else 10
+    if len(good):
+        axis.hist(good, bins=bins, alpha=0.6, color="tab:green", label=f"good ({len(good)})")
+    if len(defect):
+        axis.hist(defect, bins=bins, alpha=0.6, color="tab:red", label=f"defect ({len(defect)})")
+    if threshold is not None:
+        axis.axvline(threshold, color="black", linestyle="--", label=f"operating threshold {threshold:.3g}")
+    axis.set(xlabel=xlabel, ylabel="images", title=title)
+    axis.legend(fontsize=8)
+    return _save(figure, path)

@@ -1,18 +1,34 @@
-"""eval.py's work: score a labeled test set, compute metrics, draw the ROC curves."""
+"""eval.py's work for one category: score the labeled test set, compute metrics, draw pictures.
+
+Everything is computed at the model's own resolution (the CROP x CROP anomaly maps), as the
+PaDiM reference code does. Thresholds come from the model (chosen on validation goods at
+training time): the test set is never used to pick one, except for the F1-max, which says so.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dataset_manager import Category, DataError, read_mask
 from dataset_manager.images import image_size
-from evaluation.metrics import image_rocauc, per_defect_rocauc, pixel_rocauc
-from evaluation.plots import plot_roc
+from evaluation.metrics import (
+    f1_max,
+    image_rocauc,
+    per_defect_rocauc,
+    pixel_auc,
+    pixel_curves,
+    pr_points,
+    pro_auc,
+    roc_points,
+    verdict_metrics,
+)
+from evaluation.plots import plot_histogram, plot_pr, plot_pro, plot_roc, thin
+from evaluation.sheets import SheetImage, choose, draw_sheet
 from pipeline.detector import Detector
 
 
@@ -29,49 +45,234 @@ def check_masks(category: Category) -> None:
             )
 
 
-def evaluate_category(detector: Detector, category: Category, settings, out_dir: Path) -> dict:
-    """Metrics of one category, written with its ROC curves to `out_dir`."""
+def warn(message: str) -> None:
+    print(f"WARNING: {message}", file=sys.stderr)
+
+
+@dataclass
+class CategoryEvaluation:
+    """One category's metrics (what metrics.json holds) and its curves, kept for the overall figures."""
+
+    metrics: dict
+    image_curves: dict[str, tuple] = field(default_factory=dict)  # {"max score": (fpr, tpr, auc), ...}
+    pixel_curve: tuple | None = None  # (fpr, tpr, auc)
+    pro_curve: tuple | None = None  # (fpr, pro, normalized area)
+
+
+@dataclass
+class _Scored:
+    """What scoring the test set leaves: per image scores and verdicts, maps and masks at CROP size."""
+
+    scores: np.ndarray
+    probabilities: np.ndarray | None
+    verdicts: np.ndarray
+    maps: np.ndarray  # (N, CROP, CROP) float32
+    masks: np.ndarray  # (N, CROP, CROP) bool; all False for goods and unmasked defects
+    has_mask: np.ndarray  # (N,) bool
+    skipped: list
+
+
+def _score(detector: Detector, category: Category, settings) -> _Scored:
+    items = category.test_images
+    crop = detector.preprocessor.crop
+    count = len(items)
+    scores = np.full(count, np.nan)
+    probabilities = np.full(count, np.nan)
+    verdicts = np.zeros(count, dtype=bool)
+    maps = np.zeros((count, crop, crop), dtype=np.float32)
+    masks = np.zeros((count, crop, crop), dtype=bool)
+    has_mask = np.array([item.mask_path is not None for item in items], dtype=bool)
+    any_missing_probability = False
+    results, batches = detector.inspect([item.path for item in items], settings.BATCH_SIZE, settings.NUM_WORKERS, label=f"eval {category.name}")
+    for result in results:
+        index = result.index
+        scores[index] = result.score
+        verdicts[index] = bool(detector.is_defect(result))
+        if result.probability is None:
+            any_missing_probability = True
+        else:
+            probabilities[index] = result.probability
+        maps[index] = result.anomaly_map.float().numpy()
+        if has_mask[index]:
+            masks[index] = detector.preprocessor.mask_tensor(read_mask(items[index].mask_path)).numpy()
+    for path, reason in batches.skipped:
+        warn(f"skipped {path}: {reason}")
+    return _Scored(scores, None if any_missing_probability else probabilities, verdicts, maps, masks, has_mask, list(batches.skipped))
+
+
+def _rocauc_note(labels: np.ndarray) -> str | None:
+    if not labels.any():
+        return "image ROCAUC is undefined: the test set has no defect images (the other figures are still reported)"
+    if labels.all():
+        return "image ROCAUC is undefined: the test set has no good images (the other figures are still reported)"
+    return None
+
+
+def _pixel_metrics(masks: np.ndarray, maps: np.ndarray, limit: float) -> tuple[dict, object]:
+    curves = pixel_curves(masks, maps)
+    return {"pixel_rocauc": pixel_auc(curves), "pro": pro_auc(curves, limit)}, curves
+
+
+def _per_defect(types: np.ndarray, scores: np.ndarray, probabilities, pixel_set: np.ndarray, scored: _Scored, limit: float) -> dict:
+    """Per defect type against the good images: image ROCAUC (and the classifier's), pixel ROCAUC, PRO."""
+    table = per_defect_rocauc(list(types), scores)
+    good = types == "good"
+    for kind, entry in table.items():
+        chosen = good | (types == kind)
+        if probabilities is not None:
+            entry["classifier_rocauc"] = image_rocauc(types[chosen] == kind, probabilities[chosen])
+        pixels = chosen & pixel_set
+        entry["n_masked"] = int((pixels & (types == kind)).sum())
+        values, _ = _pixel_metrics(scored.masks[pixels], scored.maps[pixels], limit) if entry["n_masked"] else ({"pixel_rocauc": None, "pro": None}, None)
+        entry.update(values)
+    return table
+
+
+def _color_range(detector: Detector) -> tuple[float, float]:
+    """Heat-map scale shared by every sheet of a model: validation median to twice the threshold."""
+    low = float(detector.description.get("validation", {}).get("pixel_quantiles", {}).get("0.5", 0.0))
+    return low, max(2 * detector.image_threshold - low, low + 1e-6)
+
+
+def evaluate_category(detector: Detector, category: Category, settings, out_dir: Path) -> CategoryEvaluation:
+    """Metrics of one category, written with its pictures to `out_dir` (relative paths in metrics.json)."""
     if not category.test_images:
         raise DataError(f"no labeled test images for {category.name}: expected {category.root}/test/<type>/ folders")
     check_masks(category)
+    limit = float(settings.EVAL_PRO_FPR_LIMIT)
+    if not 0 < limit <= 1:
+        raise DataError(f"EVAL_PRO_FPR_LIMIT={limit}: must be in (0, 1], e.g. 0.3 as in MVTec AD")
+    notes: list[str] = []
+    trained_on = detector.description.get("dataset", {}).get("category")
+    if trained_on and trained_on != category.name:
+        notes.append(f"the model {detector.model_dir} was trained on category {trained_on!r}, evaluated here on {category.name!r}")
+        warn(notes[-1])
+    scored = _score(detector, category, settings)
     items = category.test_images
-    scores = np.full(len(items), np.nan)
-    pixel_maps, pixel_masks = [], []
-    results, batches = detector.inspect([item.path for item in items], settings.BATCH_SIZE, settings.NUM_WORKERS, label=f"eval {category.name}")
-    for result in results:
-        item = items[result.index]
-        scores[result.index] = result.score
-        if item.mask_path is not None or not item.is_defect:
-            mask = read_mask(item.mask_path) if item.mask_path is not None else np.zeros(result.size, dtype=bool)
-            pixel_masks.append(detector.preprocessor.mask_tensor(mask))
-            pixel_maps.append(result.anomaly_map.half())
-    for path, reason in batches.skipped:
-        print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
-    scored = ~np.isnan(scores)
-    labels = np.array([item.is_defect for item in items])[scored]
-    types = [item.defect_type for item, ok in zip(items, scored) if ok]
-    scores = scores[scored]
-    n_masked_defects = sum(1 for item in items if item.is_defect and item.mask_path is not None)
+    ok = ~np.isnan(scored.scores)
+    labels = np.array([item.is_defect for item in items], dtype=bool)
+    types = np.array([item.defect_type for item in items])
+    scores = scored.scores
+    probabilities = scored.probabilities
+    note = _rocauc_note(labels[ok])
+    if note:
+        notes.append(note)
+        warn(note)
+    unmasked = ok & labels & ~scored.has_mask
+    pixel_set = ok & (~labels | scored.has_mask)
+    if unmasked.any():
+        notes.append(
+            f"{int(unmasked.sum())} of {int((ok & labels).sum())} defect images have no ground-truth mask: "
+            f"pixel ROCAUC and PRO use the {int(pixel_set.sum())} images that have one (and the goods)"
+        )
+        warn(notes[-1])
+    pixel_values, curves = _pixel_metrics(scored.masks[pixel_set], scored.maps[pixel_set], limit)
+    if curves is None:
+        notes.append("pixel ROCAUC and PRO are undefined: no defect image has a ground-truth mask with defect pixels")
+    source = "classifier verdict" if detector.classifier is not None else f"image score >= threshold {detector.image_threshold:.4g}"
     metrics = {
         "category": category.name,
-        "n_images": int(scored.sum()),
-        "n_good": int((~labels).sum()),
-        "n_defect": int(labels.sum()),
-        "image_rocauc": image_rocauc(labels, scores),
-        "pixel_rocauc": None,
-        "n_pixel_images": 0,
-        "per_defect": per_defect_rocauc(types, scores),
-        "skipped_files": [str(path) for path, _ in batches.skipped],
+        "trained_category": trained_on,
+        "n_images": int(ok.sum()),
+        "n_good": int((ok & ~labels).sum()),
+        "n_defect": int((ok & labels).sum()),
+        "image_rocauc": image_rocauc(labels[ok], scores[ok]),
+        "classifier_rocauc": image_rocauc(labels[ok], probabilities[ok]) if probabilities is not None else None,
+        "pixel_rocauc": pixel_values["pixel_rocauc"],
+        "pro": pixel_values["pro"],
+        "pro_fpr_limit": limit,
+        "resolution": detector.preprocessor.crop,
+        "n_pixel_images": int(pixel_set.sum()),
+        "n_defects_without_mask": int(unmasked.sum()),
+        "n_regions": curves.n_regions if curves is not None else 0,
+        "per_defect": _per_defect(types[ok], scores[ok], probabilities[ok] if probabilities is not None else None, pixel_set[ok], _subset(scored, ok), limit),
+        "operating": {"source": source, "image_threshold": detector.image_threshold, **verdict_metrics(labels[ok], scored.verdicts[ok])},
+        "f1_max": {"image score": f1_max(labels[ok], scores[ok])},
+        "notes": notes,
+        "skipped_files": [str(path) for path, _ in scored.skipped],
     }
+    if probabilities is not None:
+        metrics["f1_max"]["classifier probability"] = f1_max(labels[ok], probabilities[ok])
+        metrics["operating_score_threshold"] = verdict_metrics(labels[ok], scores[ok] >= detector.image_threshold)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if metrics["image_rocauc"] is not None:
-        plot_roc({"image score": (labels, scores, metrics["image_rocauc"])}, f"{category.name}: image ROC", out_dir / "roc_image.png")
-    if n_masked_defects:
-        maps = torch.stack(pixel_maps).float().numpy()
-        masks = torch.stack(pixel_masks).numpy()
-        metrics["pixel_rocauc"] = pixel_rocauc(masks, maps)
-        metrics["n_pixel_images"] = len(pixel_maps)
-        if metrics["pixel_rocauc"] is not None:
-            plot_roc({"pixels": (masks.reshape(-1), maps.reshape(-1), metrics["pixel_rocauc"])}, f"{category.name}: pixel ROC", out_dir / "roc_pixel.png")
+    evaluation = CategoryEvaluation(metrics)
+    _draw(evaluation, detector, labels[ok], scores[ok], probabilities[ok] if probabilities is not None else None, curves, out_dir)
+    _draw_sheets(evaluation, detector, category, scored, ok, settings, out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    return evaluation
+
+
+def _subset(scored: _Scored, chosen: np.ndarray) -> _Scored:
+    """The scored images at `chosen`; no copy of the maps when every image was scored."""
+    if chosen.all():
+        return scored
+    probabilities = scored.probabilities[chosen] if scored.probabilities is not None else None
+    return _Scored(scored.scores[chosen], probabilities, scored.verdicts[chosen], scored.maps[chosen], scored.masks[chosen], scored.has_mask[chosen], [])
+
+
+def _draw(evaluation: CategoryEvaluation, detector: Detector, labels, scores, probabilities, curves, out_dir: Path) -> None:
+    """ROC (image: score and classifier side by side; pixel), PR, PRO curves and the score histogram."""
+    metrics, name, figures = evaluation.metrics, evaluation.metrics["category"], {}
+    limit = metrics["pro_fpr_limit"]
+    if metrics["image_rocauc"] is not None:
+        evaluation.image_curves["max score"] = (*roc_points(labels, scores), metrics["image_rocauc"])
+        if probabilities is not None:
+            evaluation.image_curves["classifier"] = (*roc_points(labels, probabilities), metrics["classifier_rocauc"])
+        figures["image ROC"] = plot_roc(evaluation.image_curves, f"{name}: image ROC", out_dir / "roc_image.png")
+        pr = {"max score": (*pr_points(labels, scores), metrics["f1_max"]["image score"]["f1"])}
+        if probabilities is not None:
+            pr["classifier"] = (*pr_points(labels, probabilities), metrics["f1_max"]["classifier probability"]["f1"])
+        operating = metrics["operating"]
+        point = (operating["recall"], operating["precision"]) if operating["precision"] is not None else None
+        figures["PR curve"] = plot_pr(pr, point, f"{name}: image precision-recall", out_dir / "pr_image.png")
+    if curves is not None:
+        evaluation.pixel_curve = (*thin(curves.fpr, curves.tpr, 20000), metrics["pixel_rocauc"])
+        inside = int(np.searchsorted(curves.fpr, limit, side="right")) + 1
+        evaluation.pro_curve = (*thin(curves.fpr[:inside], curves.pro[:inside], 20000), metrics["pro"])
+        figures["pixel ROC"] = plot_roc({"pixels": evaluation.pixel_curve}, f"{name}: pixel ROC", out_dir / "roc_pixel.png")
+        figures["PRO curve"] = plot_pro({name: evaluation.pro_curve}, limit, f"{name}: per-region overlap", out_dir / "pro_curve.png")
+    figures["score histogram"] = plot_histogram(
+        scores[~labels], scores[labels], detector.image_threshold, f"{name}: image scores", "image score (max of the anomaly map)", out_dir / "histogram.png"
+    )
+    if probabilities is not None:
+        figures["probability histogram"] = plot_histogram(
+            probabilities[~labels], probabilities[labels], None, f"{name}: classifier probabilities", "defect probability", out_dir / "histogram_classifier.png"
+        )
+    if detector.classifier is not None:
+        from classification_model.xgboost import plot_feature_importance
+
+        plot_feature_importance(detector.classifier, out_dir / "feature_importance.png")
+        figures["classifier feature importance"] = out_dir / "feature_importance.png"
+    metrics["figures"] = {title: f"{name}/{Path(path).name}" for title, path in figures.items()}
+
+
+def _draw_sheets(evaluation: CategoryEvaluation, detector: Detector, category: Category, scored: _Scored, ok: np.ndarray, settings, out_dir: Path) -> None:
+    """Localization sheets of the worst goods and the best and worst defects, re-read from disk."""
+    count = int(settings.EVAL_SHEET_COUNT)
+    evaluation.metrics["sheets"] = []
+    if count <= 0:
+        return
+    indices = np.flatnonzero(ok)
+    labels = np.array([category.test_images[i].is_defect for i in indices], dtype=bool)
+    folder = out_dir / "sheets"
+    folder.mkdir(exist_ok=True)
+    name = evaluation.metrics["category"]
+    for position, reason in choose(scored.scores[indices], labels, count):
+        index = int(indices[position])
+        item = category.test_images[index]
+        sheet = SheetImage(
+            item.path,
+            item.defect_type,
+            float(scored.scores[index]),
+            scored.maps[index],
+            scored.masks[index] if scored.has_mask[index] or not item.is_defect else None,
+            reason,
+            "defect" if scored.verdicts[index] else "good",
+        )
+        file_name = f"{reason.replace(' ', '_').replace('#', '')}_{item.defect_type}_{item.path.stem}.png"
+        try:
+            draw_sheet(sheet, detector.preprocessor, detector.pixel_threshold, detector.image_threshold, _color_range(detector), folder / file_name)
+        except DataError as error:  # the file changed or vanished since scoring: skip its sheet
+            warn(f"no localization sheet for {item.path}: {error}")
+            continue
+        evaluation.metrics["sheets"].append({"image": str(item.path), "reason": reason, "picture": f"{name}/sheets/{file_name}"})

@@ -1,0 +1,110 @@
+"""The results as tables: for the terminal, for metrics.md, shaped like PaDiM's published tables.
+
+Rows are categories plus their mean; columns image ROCAUC, pixel ROCAUC, PRO (and the
+classifier's image ROCAUC when a model has one). A value that is undefined prints as n/a.
+"""
+
+from __future__ import annotations
+
+SUMMARY_COLUMNS = [("image_rocauc", "image ROCAUC"), ("pixel_rocauc", "pixel ROCAUC"), ("pro", "PRO")]
+CLASSIFIER_COLUMN = ("classifier_rocauc", "classifier ROCAUC")
+
+
+def cell(value) -> str:
+    """A metric as text: three decimals, or n/a where undefined."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _mean(values: list) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def summary_columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """The summary columns; the classifier's only when some category has one."""
+    columns = list(SUMMARY_COLUMNS)
+    if any(row.get("classifier_rocauc") is not None for row in rows):
+        columns.append(CLASSIFIER_COLUMN)
+    return columns
+
+
+def summary_table(rows: list[dict]) -> dict:
+    """{"columns": [...], "rows": [{category, metric...}], "mean": {metric: mean over defined}}."""
+    columns = summary_columns(rows)
+    table_rows = [{"category": row["category"], **{key: row.get(key) for key, _ in columns}} for row in rows]
+    mean = {key: _mean([row.get(key) for row in rows]) for key, _ in columns}
+    return {"columns": [key for key, _ in columns], "rows": table_rows, "mean": mean}
+
+
+def terminal_table(rows: list[dict]) -> str:
+    """Fixed-width text: a row per category, its defect types indented below, the mean last."""
+    columns = summary_columns(rows)
+    lines = [f"{'category':<20}" + "".join(f" {title:>17}" for _, title in columns)]
+    for row in rows:
+        lines.append(f"{row['category']:<20}" + "".join(f" {cell(row.get(key)):>17}" for key, _ in columns))
+        for kind, entry in row.get("per_defect", {}).items():
+            values = "".join(f" {cell(entry.get(key)):>17}" for key, _ in columns)
+            lines.append(f"  {kind:<18}{values}   ({entry['count']} images)")
+    if len(rows) > 1:
+        mean = summary_table(rows)["mean"]
+        lines.append(f"{'mean':<20}" + "".join(f" {cell(mean[key]):>17}" for key, _ in columns))
+    return "\n".join(lines)
+
+
+def markdown_summary(rows: list[dict]) -> str:
+    """The PaDiM-style table in Markdown: categories down, metrics across, mean in bold."""
+    columns = summary_columns(rows)
+    mean = summary_table(rows)["mean"]
+    lines = ["| category | " + " | ".join(title for _, title in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row in rows:
+        lines.append(f"| {row['category']} | " + " | ".join(cell(row.get(key)) for key, _ in columns) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{cell(mean[key])}**" for key, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+OPERATING_ROWS = [
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("f1", "F1"),
+    ("false_reject_rate", "false-reject rate (good judged defect)"),
+    ("escape_rate", "escape rate (defect judged good)"),
+    ("accuracy", "accuracy"),
+]
+
+
+def markdown_category(metrics: dict) -> str:
+    """One category's details: operating point, confusion matrix, optimistic F1-max, per defect type, notes."""
+    operating = metrics["operating"]
+    confusion = operating["confusion"]
+    lines = [f"## {metrics['category']}", ""]
+    for note in metrics.get("notes", []):
+        lines.append(f"- note: {note}")
+    lines += [
+        "",
+        f"Operating point ({operating['source']}; threshold chosen on validation goods, not on the test set):",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {title} | {cell(operating[key])} |" for key, title in OPERATING_ROWS]
+    lines += [
+        "",
+        "| | judged defect | judged good |",
+        "|---|---|---|",
+        f"| defect | {confusion['true_defect']} | {confusion['false_good']} |",
+        f"| good | {confusion['false_defect']} | {confusion['true_good']} |",
+        "",
+    ]
+    for name, best in metrics.get("f1_max", {}).items():
+        if best is not None:
+            lines.append(f"F1-max of the {name} over test thresholds (optimistic): {best['f1']:.3f} at {best['threshold']:.4g}")
+    lines += ["", "| defect type | images | image ROCAUC | pixel ROCAUC | PRO |", "|---|---|---|---|---|"]
+    for kind, entry in metrics["per_defect"].items():
+        lines.append(
+            f"| {kind} | {entry['count']} | {cell(entry['image_rocauc'])} | {cell(entry.get('pixel_rocauc'))} | {cell(entry.get('pro'))} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,327 @@
+"""Evaluation metrics against cases worked out by hand, bad test sets, and one eval.py run end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from dataset_manager import Category, DataError, LabeledImage, Preprocessor
+from evaluation import metrics as m
+from evaluation.sheets import choose
+from evaluation.tables import markdown_summary, summary_table, terminal_table
+from pipeline.evaluation_run import evaluate_category
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# --- metrics on hand-made arrays -----------------------------------------------------------------
+
+
+def _two_regions() -> tuple[np.ndarray, np.ndarray]:
+    """One 1x6 image: region A = pixels 0,1; good = 2,4,5; region B = pixel 3 (split from A by pixel 2).
+
+    Scores 0.9 0.2 | 0.8 | 0.7 | 0.1 0.0. Going down the sorted scores, (FPR, PRO) visits
+    (0,0) (0,.25) (1/3,.25) (1/3,.75) (1/3,1) (2/3,1) (1,1): A's pixels add 1/(2*2), B's 1/(2*1).
+    """
+    masks = np.array([[[1, 1, 0, 1, 0, 0]]], dtype=bool)
+    maps = np.array([[[0.9, 0.2, 0.8, 0.7, 0.1, 0.0]]], dtype=np.float32)
+    return masks, maps
+
+
+def test_pro_curve_two_regions_by_hand():
+    curves = m.pixel_curves(*_two_regions())
+    assert curves.n_regions == 2 and curves.n_good_pixels == 3 and curves.n_defect_pixels == 3
+    np.testing.assert_allclose(curves.fpr, [0, 0, 1 / 3, 1 / 3, 1])
+    np.testing.assert_allclose(curves.pro, [0, 0.25, 0.25, 1, 1])  # collinear points dropped
+
+
+def test_pro_area_by_hand_with_interpolation_at_the_limit():
+    curves = m.pixel_curves(*_two_regions())
+    # up to 0.5: 1/3 * 0.25 + (0.5 - 1/3) * 1 = 0.25, normalized by 0.5
+    assert m.pro_auc(curves, 0.5) == pytest.approx(0.5)
+    # up to 0.3: PRO is 0.25 on [0, 1/3], so the interpolated area is 0.3 * 0.25
+    assert m.pro_auc(curves, 0.3) == pytest.approx(0.25)
+    assert m.pro_auc(curves, 1.0) == pytest.approx(1 / 12 + 2 / 3)
+
+
+def test_pixel_rocauc_by_hand():
+    # defect pixels 0.9, 0.7, 0.2 against good 0.8, 0.1, 0.0: 3 + 2 + 2 of 9 pairs are ordered right
+    assert m.pixel_rocauc(*_two_regions()) == pytest.approx(7 / 9)
+
+
+def test_regions_do_not_join_across_images_and_diagonals_join():
+    masks = np.zeros((2, 4, 4), dtype=bool)
+    masks[0, 0, 0] = masks[0, 1, 1] = True  # diagonal neighbours: one region (8-connectivity)
+    masks[1, 0, 0] = True  # same place, other image: its own region
+    regions, count = m.label_regions(masks)
+    assert count == 2
+    assert regions[0, 0, 0] == regions[0, 1, 1] != regions[1, 0, 0]
+
+
+def test_ties_share_one_threshold():
+    curves = m.pixel_curves(np.array([[[True, False]]]), np.array([[[1.0, 1.0]]]))
+    np.testing.assert_allclose(curves.fpr, [0, 1])
+    np.testing.assert_allclose(curves.pro, [0, 1])
+    assert m.pro_auc(curves, 1.0) == pytest.approx(0.5)
+
+
+def _pro_by_brute_force(masks: np.ndarray, maps: np.ndarray, limit: float) -> float:
+    """The definition, threshold by threshold: mean region overlap against good-pixel FPR."""
+    regions, count = m.label_regions(masks)
+    points = [(0.0, 0.0)]
+    for threshold in np.unique(maps)[::-1]:
+        above = maps >= threshold
+        overlap = np.mean([above[regions == k].mean() for k in range(1, count + 1)])
+        points.append((above[~masks].mean(), overlap))
+    fpr, pro = np.array(points).T
+    return m.area_up_to(fpr, pro, limit) / limit
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 22])
+def test_pixel_curves_match_the_definition_and_sklearn(monkeypatch, chunk):
+    monkeypatch.setattr(m, "_CHUNK", chunk)
+    rng = np.random.default_rng(0)
+    masks = np.zeros((3, 9, 9), dtype=bool)
+    masks[0, 1:4, 1:3] = masks[1, 5:9, 6] = masks[1, 0, 0] = masks[2, 4, 4] = True
+    maps = np.round(rng.normal(size=masks.shape) + masks, 1).astype(np.float32)  # rounding makes ties
+    assert m.pixel_rocauc(masks, maps) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()))
+    for limit in (0.05, 0.3, 1.0):
+        assert m.pro_auc(m.pixel_curves(masks, maps), limit) == pytest.approx(_pro_by_brute_force(masks, maps, limit))
+
+
+def test_pixel_curves_undefined_without_defect_or_good_pixels():
+    assert m.pixel_curves(np.zeros((1, 2, 2), bool), np.ones((1, 2, 2))) is None
+    assert m.pixel_curves(np.ones((1, 2, 2), bool), np.ones((1, 2, 2))) is None
+    assert m.pro_auc(None, 0.3) is None and m.pixel_auc(None) is None
+
+
+def test_area_up_to_interpolates():
+    assert m.area_up_to([0, 1], [0, 1], 0.5) == pytest.approx(0.125)
+    assert m.area_up_to([0, 0.5, 1], [1, 1, 1], 0.5) == pytest.approx(0.5)
+
+
+def test_image_metrics_by_hand():
+    labels = np.array([0, 0, 1, 1], dtype=bool)
+    scores = np.array([0.1, 0.4, 0.35, 0.8])
+    assert m.image_rocauc(labels, scores) == pytest.approx(3 / 4)
+    assert m.image_rocauc(np.ones(3, bool), scores[:3]) is None
+    # thresholds 0.8 / 0.4 / 0.35 / 0.1 give F1 2/3, 1/2, 4/5, 2/3
+    assert m.f1_max(labels, scores) == {"f1": pytest.approx(0.8), "threshold": pytest.approx(0.35)}
+    table = m.per_defect_rocauc(["good", "good", "a", "b"], scores)
+    assert table == {"a": {"count": 1, "image_rocauc": 0.5}, "b": {"count": 1, "image_rocauc": 1.0}}
+
+
+def test_verdict_metrics_by_hand():
+    result = m.verdict_metrics(np.array([1, 1, 1, 0, 0], bool), np.array([1, 1, 0, 1, 0], bool))
+    assert result["confusion"] == {"true_defect": 2, "false_defect": 1, "true_good": 1, "false_good": 1}
+    assert result["precision"] == pytest.approx(2 / 3) and result["recall"] == pytest.approx(2 / 3)
+    assert result["f1"] == pytest.approx(2 / 3)
+    assert result["false_reject_rate"] == pytest.approx(1 / 2)
+    assert result["escape_rate"] == pytest.approx(1 / 3)
+    only_good = m.verdict_metrics(np.zeros(2, bool), np.zeros(2, bool))
+    assert only_good["escape_rate"] is None and only_good["recall"] is None and only_good["false_reject_rate"] == 0
+
+
+def test_sheet_choice():
+    chosen = choose(np.array([5.0, 1.0, 9.0, 2.0, 7.0]), np.array([0, 0, 1, 1, 1], bool), 1)
+    assert chosen == [(0, "worst-scored good #1"), (2, "best-scored defect #1"), (3, "worst-scored defect #1")]
+
+
+def test_tables_have_rows_per_category_and_mean():
+    rows = [
+        {"category": "a", "image_rocauc": 0.9, "pixel_rocauc": 0.8, "pro": None, "per_defect": {}},
+        {"category": "b", "image_rocauc": 0.7, "pixel_rocauc": 1.0, "pro": 0.5, "per_defect": {}},
+    ]
+    table = summary_table(rows)
+    assert table["mean"] == {"image_rocauc": pytest.approx(0.8), "pixel_rocauc": pytest.approx(0.9), "pro": 0.5}
+    assert "| **mean** | **0.800** | **0.900** | **0.500** |" in markdown_summary(rows)
+    text = terminal_table(rows)
+    assert "image ROCAUC" in text and "pixel ROCAUC" in text and "PRO" in text and text.splitlines()[-1].startswith("mean")
+
+
+# --- evaluate_category on bad test sets, with a stand-in detector ----------------------------------
+
+SIZE = 16
+
+
+class FakeDetector:
+    """Scores an image by its brightness: bright pixels are the defect. Enough to exercise eval."""
+
+    def __init__(self, category: str = "parts", probabilities: bool = False, classifier=None) -> None:
+        self.preprocessor = Preprocessor(SIZE, SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        self.image_threshold, self.pixel_threshold = 0.5, 0.5
+        self.classifier = classifier
+        self.model_dir = Path("model") / category
+        self.description = {"dataset": {"category": category}, "validation": {"pixel_quantiles": {"0.5": 0.1}}}
+        self.probabilities = probabilities
+
+    def is_defect(self, result) -> bool:
+        if self.classifier is not None:
+            return result.probability >= 0.5
+        return result.score >= self.image_threshold
+
+    def inspect(self, paths, batch_size, num_workers=0, preview_size=0, label=""):
+        def results():
+            for index, path in enumerate(paths):
+                gray = torch.from_numpy(np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0)
+                score = float(gray.max())
+                yield SimpleNamespace(
+                    index=index, anomaly_map=gray, score=score, size=(SIZE, SIZE), preview=None,
+                    probability=min(score * 0.9, 1.0) if self.probabilities else None,
+                )
+
+        return results(), SimpleNamespace(skipped=[])
+
+
+def _settings(**overrides) -> SimpleNamespace:
+    values = {"BATCH_SIZE": 4, "NUM_WORKERS": 0, "EVAL_PRO_FPR_LIMIT": 0.3, "EVAL_SHEET_COUNT": 1}
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+def _image(path: Path, spot: bool, level: int = 200) -> np.ndarray:
+    array = np.full((SIZE, SIZE), 40, dtype=np.uint8)
+    mask = np.zeros((SIZE, SIZE), dtype=bool)
+    if spot:
+        mask[4:8, 5:9] = True
+        array[mask] = level
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return mask
+
+
+def _category(root: Path, goods: int, defects: int, masked: int | None = None) -> Category:
+    """Dark goods, defects with a bright square; the first `masked` defects get a mask file."""
+    items = []
+    for i in range(goods):
+        _image(root / "test" / "good" / f"{i}.png", False)
+        items.append(LabeledImage(root / "test" / "good" / f"{i}.png", "good"))
+    for i in range(defects):
+        path = root / "test" / "spot" / f"{i}.png"
+        mask = _image(path, True, level=160 + 30 * i)
+        mask_path = None
+        if masked is None or i < masked:
+            mask_path = root / "ground_truth" / "spot" / f"{i}_mask.png"
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+        items.append(LabeledImage(path, "spot", mask_path))
+    return Category("parts", root, [], test_images=items)
+
+
+def test_evaluate_a_clean_category(tmp_path):
+    result = evaluate_category(FakeDetector(), _category(tmp_path / "data", 3, 3), _settings(), tmp_path / "out" / "parts")
+    metrics = result.metrics
+    assert metrics["image_rocauc"] == 1.0 and metrics["pixel_rocauc"] == pytest.approx(1.0) and metrics["pro"] == pytest.approx(1.0)
+    assert metrics["operating"]["confusion"] == {"true_defect": 3, "false_defect": 0, "true_good": 3, "false_good": 0}
+    assert metrics["per_defect"]["spot"]["count"] == 3 and metrics["per_defect"]["spot"]["pro"] == pytest.approx(1.0)
+    assert metrics["notes"] == [] and metrics["classifier_rocauc"] is None
+    written = json.loads((tmp_path / "out" / "parts" / "metrics.json").read_text())
+    assert {"image_rocauc", "pixel_rocauc", "per_defect", "pro"} <= written.keys()
+    for picture in list(written["figures"].values()) + [s["picture"] for s in written["sheets"]]:
+        assert (tmp_path / "out" / picture).is_file(), picture
+    assert len(written["sheets"]) == 3
+
+
+def test_no_defects_leaves_rocauc_undefined_and_reports_the_rest(tmp_path, capsys):
+    metrics = evaluate_category(FakeDetector(), _category(tmp_path / "data", 3, 0), _settings(), tmp_path / "out").metrics
+    assert metrics["image_rocauc"] is None and metrics["pixel_rocauc"] is None and metrics["pro"] is None
+    assert any("no defect images" in note for note in metrics["notes"])
+    assert metrics["operating"]["false_reject_rate"] == 0.0 and metrics["operating"]["escape_rate"] is None
+    assert "no defect images" in capsys.readouterr().err
+
+
+def test_no_goods_leaves_image_rocauc_undefined_but_pixel_metrics_defined(tmp_path):
+    metrics = evaluate_category(FakeDetector(), _category(tmp_path / "data", 0, 3), _settings(), tmp_path / "out").metrics
+    assert metrics["image_rocauc"] is None and any("no good images" in note for note in metrics["notes"])
+    assert metrics["pixel_rocauc"] == pytest.approx(1.0) and metrics["pro"] == pytest.approx(1.0)
+    assert metrics["operating"]["recall"] == 1.0
+
+
+def test_missing_masks_use_the_masked_images_and_say_how_many(tmp_path, capsys):
+    metrics = evaluate_category(FakeDetector(), _category(tmp_path / "data", 2, 3, masked=1), _settings(), tmp_path / "out").metrics
+    assert metrics["n_defects_without_mask"] == 2 and metrics["n_pixel_images"] == 3  # 2 goods + 1 masked defect
+    assert metrics["per_defect"]["spot"]["n_masked"] == 1
+    assert metrics["pixel_rocauc"] == pytest.approx(1.0)
+    assert "2 of 3 defect images have no ground-truth mask" in capsys.readouterr().err
+
+
+def test_model_of_another_category_warns(tmp_path, capsys):
+    metrics = evaluate_category(FakeDetector(category="bottle"), _category(tmp_path / "data", 2, 2), _settings(), tmp_path / "out").metrics
+    assert metrics["trained_category"] == "bottle"
+    assert "trained on category 'bottle'" in capsys.readouterr().err
+
+
+def test_mask_of_the_wrong_size_is_refused(tmp_path):
+    category = _category(tmp_path / "data", 1, 1)
+    Image.fromarray(np.zeros((SIZE + 1, SIZE), dtype=np.uint8)).save(category.test_images[-1].mask_path)
+    with pytest.raises(DataError, match="fix or remove the mask"):
+        evaluate_category(FakeDetector(), category, _settings(), tmp_path / "out")
+
+
+def test_classifier_probabilities_reported_side_by_side(tmp_path, monkeypatch):
+    drawn = []
+    module = types.ModuleType("classification_model.xgboost")
+    module.plot_feature_importance = lambda classifier, path: drawn.append(path) or Path(path).write_bytes(b"png")
+    monkeypatch.setitem(sys.modules, "classification_model.xgboost", module)
+    detector = FakeDetector(probabilities=True, classifier=object())
+    result = evaluate_category(detector, _category(tmp_path / "data", 3, 3), _settings(), tmp_path / "out" / "parts")
+    metrics = result.metrics
+    assert metrics["classifier_rocauc"] == 1.0 and set(result.image_curves) == {"max score", "classifier"}
+    assert metrics["operating"]["source"] == "classifier verdict" and "operating_score_threshold" in metrics
+    assert "classifier probability" in metrics["f1_max"] and drawn
+
+
+# --- eval.py end to end ------------------------------------------------------------------------------
+
+
+def _tiny_dataset(root: Path) -> None:
+    rng = np.random.default_rng(0)
+
+    def part(path: Path, defect: bool) -> None:
+        array = (rng.normal(120, 8, (64, 64, 3))).clip(0, 255).astype(np.uint8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if defect:
+            array[20:30, 25:40] = 250
+            mask = np.zeros((64, 64), dtype=np.uint8)
+            mask[20:30, 25:40] = 255
+            mask_path = root / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(mask_path)
+        Image.fromarray(array).save(path)
+
+    for i in range(8):
+        part(root / "train" / "good" / f"{i}.png", False)
+    for i in range(3):
+        part(root / "validation" / "good" / f"{i}.png", False)
+        part(root / "test" / "good" / f"{i}.png", False)
+        part(root / "test" / "blob" / f"{i}.png", True)
+
+
+def test_eval_script_end_to_end(tmp_path):
+    data, models, results = tmp_path / "parts", tmp_path / "models", tmp_path / "results"
+    _tiny_dataset(data)
+    common = [f"DATASET_DIR={data}", f"MODEL_DIR={models}", f"RESULTS_DIR={results}", "WEIGHTS=none", "RESIZE=64", "CROP=64", "NUM_WORKERS=0"]
+    subprocess.run([sys.executable, "train.py", *common], cwd=ROOT, check=True, capture_output=True, timeout=120)
+    done = subprocess.run([sys.executable, "eval.py", *common, "EVAL_SHEET_COUNT=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "image ROCAUC" in done.stdout and "pixel ROCAUC" in done.stdout and "PRO" in done.stdout
+    assert "metrics and ROC curves: " in done.stdout.splitlines()[-1]
+    run_dir = Path(done.stdout.splitlines()[-1].split("metrics and ROC curves: ")[1])
+    category = json.loads((run_dir / "parts" / "metrics.json").read_text())
+    assert {"image_rocauc", "pixel_rocauc", "per_defect", "pro", "operating", "f1_max"} <= category.keys()
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["table"]["rows"][0]["category"] == "parts" and "mean_pro" in summary
+    report = (run_dir / "report.html").read_text()
+    for picture in category["figures"].values():
+        assert f'src="{picture}"' in report and (run_dir / picture).is_file()
+    assert "| **mean** |" in (run_dir / "metrics.md").read_text()
+    assert not list(results.glob(".*partial*"))
