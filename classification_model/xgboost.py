@@ -35,7 +35,7 @@ class ClassifierParams:
     folds: int = 5
     monotone: bool = True
     seed: int = 0
-    threads: int = 2
+    threads: int = 1  # the sets are a few hundred rows: more threads only add OpenMP overhead on a busy machine
 
 
 @dataclass

@@ -5,6 +5,7 @@ Fast: tiny 64x64 synthetic images and a random-init backbone (WEIGHTS=none)."""
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import subprocess
 import sys
@@ -14,6 +15,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from dataset_manager import find_categories
+from pipeline.detector import Detector
+from pipeline.prediction import predict_folder
+from pipeline.training import train_category
+from settings import load
 
 from anomaly_model.backbone import ModelError
 from classification_model.features import FEATURE_NAMES, MONOTONE, map_features
@@ -71,6 +78,7 @@ def _toy_maps(rng: np.random.Generator, n: int, defect: bool) -> torch.Tensor:
     return maps
 
 
+@functools.lru_cache(maxsize=None)
 def _toy_classifier(seed: int = 0) -> tuple[DefectClassifier, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     good, bad = _toy_maps(rng, 30, False), _toy_maps(rng, 40, True)
@@ -154,25 +162,30 @@ def test_scripts_end_to_end_with_the_classifier(tmp_path):
     refused = _script("test.py", *common)
     assert refused.returncode == 2 and "retrain" in refused.stderr and "Traceback" not in refused.stderr
 
-    # training data with only goods: one clear line
-    one_class = _script("train.py", *common, "CLASSIFIER_SYNTHETIC_PER_IMAGE=0")
-    assert one_class.returncode == 2 and "only good" in one_class.stderr.splitlines()[-1]
 
 
-def test_no_validation_images_is_refused(tmp_path):
-    data = tmp_path / "few"
-    (data / "train" / "good").mkdir(parents=True)
-    for i in range(2):
-        Image.fromarray(np.full((64, 64), 100 + i, np.uint8)).save(data / "train" / "good" / f"{i}.png")
-    result = _script("train.py", f"DATASET_DIR={data}", f"MODEL_DIR={tmp_path / 'm'}", *TINY)
-    assert result.returncode == 2 and "validation" in result.stderr.splitlines()[-1]
+def _settings(tmp_path: Path, data: Path, *extra: str):
+    return load([f"DATASET_DIR={data}", f"MODEL_DIR={tmp_path / 'models'}", f"RESULTS_DIR={tmp_path / 'results'}", *TINY, *extra])[0]
 
 
-def test_scripts_without_the_classifier_leave_the_column_empty(tmp_path):
+def test_training_errors_are_one_line_model_errors(tmp_path):
     data = _write_dataset(tmp_path / "parts")
-    common = [f"DATASET_DIR={data}", f"MODEL_DIR={tmp_path / 'models'}", f"RESULTS_DIR={tmp_path / 'results'}", *TINY, "CLASSIFIER=False"]
-    assert _script("train.py", *common).returncode == 0
-    assert "classifier" not in json.loads((tmp_path / "models" / "parts" / "model.json").read_text())
-    assert _script("test.py", *common).returncode == 0
-    (csv_path,) = (tmp_path / "results" / "parts").glob("test-*/predictions.csv")
-    assert all(row["classifier_probability"] == "" for row in csv.DictReader(csv_path.open()))
+    (category,) = find_categories(data)
+    with pytest.raises(ModelError, match="only good"):
+        train_category(category, _settings(tmp_path, data, "CLASSIFIER_SYNTHETIC_PER_IMAGE=0"), tmp_path / "models" / "a")
+    category.validation_images = []
+    with pytest.raises(ModelError, match="no validation images"):
+        train_category(category, _settings(tmp_path, data, "VALIDATION_FRACTION=0.0"), tmp_path / "models" / "b")
+    assert not (tmp_path / "models" / "a").exists() and not (tmp_path / "models" / "b").exists()
+
+
+def test_without_the_classifier_the_column_is_empty(tmp_path):
+    data = _write_dataset(tmp_path / "parts")
+    (category,) = find_categories(data)
+    settings = _settings(tmp_path, data, "CLASSIFIER=False")
+    train_category(category, settings, tmp_path / "models" / "parts")
+    detector = Detector(tmp_path / "models" / "parts", "cpu")
+    assert detector.classifier is None
+    summary = predict_folder(detector, data / "test", tmp_path / "results", settings)
+    rows = list(csv.DictReader((summary.run_dir / "predictions.csv").open()))
+    assert len(rows) == 12 and all(row["classifier_probability"] == "" for row in rows)
