@@ -1,0 +1,151 @@
+"""train.py, test.py and eval.py through their real entry points, on good and on bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import TINY, make_mvtec_category, outputs, run_script
+
+
+def _error_line(result) -> str:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory) -> Path:
+    """A tiny dataset and its model, trained once for the module (training is the slow part)."""
+    base = tmp_path_factory.mktemp("trained")
+    category = make_mvtec_category(base / "data" / "part")
+    result = run_script("train.py", f"DATASET_DIR={category}", *TINY, *outputs(base), "CLASSIFIER=False")
+    assert result.returncode == 0, result.stderr
+    return base
+
+
+@pytest.fixture()
+def trained(tmp_path, trained_once, tiny_category):
+    """Settings pointing at a private copy of the trained model, for tests that change it."""
+    shutil.copytree(trained_once / "models", tmp_path / "models")
+    return [f"DATASET_DIR={tiny_category}", *TINY, *outputs(tmp_path), "CLASSIFIER=False"]
+
+
+def test_train_test_eval_end_to_end(tmp_path, tiny_category, trained):
+    model = tmp_path / "models" / "part"
+    assert {"model.json", "mean.npy", "inv_cholesky.npy"} <= {p.name for p in model.iterdir()}
+
+    result = run_script("test.py", *trained)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (tmp_path / "results" / "part").iterdir()
+    with open(run_dir / "predictions.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 8
+    assert {"path", "image_score", "normalized_score", "verdict", "defect_area_fraction"} <= rows[0].keys()
+    defects = [row for row in rows if "/blob/" in row["path"]]
+    goods = [row for row in rows if "/good/" in row["path"]]
+    assert min(float(r["image_score"]) for r in defects) > max(float(r["image_score"]) for r in goods)
+    mask = Image.open(run_dir / rows[0]["mask"])
+    assert mask.size == Image.open(rows[0]["path"]).size
+    assert (run_dir / rows[0]["overlay"]).is_file()
+    assert str(run_dir / "predictions.csv") in result.stdout
+
+    result = run_script("eval.py", *trained)
+    assert result.returncode == 0, result.stderr
+    (eval_dir,) = [p for p in (tmp_path / "results").iterdir() if p.name.startswith("eval-")]
+    metrics = json.loads((eval_dir / "part" / "metrics.json").read_text())
+    assert metrics["image_rocauc"] == 1.0
+    assert metrics["pixel_rocauc"] > 0.9
+    assert metrics["per_defect"]["blob"]["count"] == 4
+    assert (eval_dir / "part" / "roc_image.png").is_file() and (eval_dir / "part" / "roc_pixel.png").is_file()
+
+
+def test_test_py_scores_a_plain_folder_and_skips_bad_files(tmp_path, tiny_category, trained):
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    for source in sorted((tiny_category / "test" / "blob").iterdir())[:2]:
+        (folder / source.name).write_bytes(source.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG garbage")
+    (folder / "notes.txt").write_text("not an image")
+    result = run_script("test.py", str(folder), *trained)
+    assert result.returncode == 0, result.stderr
+    assert "skipped" in result.stderr and "broken.png" in result.stderr
+    (run_dir,) = (tmp_path / "results" / "part").iterdir()
+    rows = list(csv.DictReader(open(run_dir / "predictions.csv")))
+    assert sorted(Path(row["path"]).name for row in rows) == ["000.png", "001.png"]
+    assert all(row["verdict"] == "defect" for row in rows)
+
+
+def test_model_settings_win_over_config_and_say_so(tmp_path, trained):
+    result = run_script("test.py", *trained, "CROP=32", "SAVE_PICTURES=False")
+    assert result.returncode == 0, result.stderr
+    assert "CROP: model has 64, config has 32" in result.stderr
+
+
+def test_missing_dataset_path(tmp_path):
+    line = _error_line(run_script("train.py", f"DATASET_DIR={tmp_path / 'nowhere'}", *TINY, *outputs(tmp_path)))
+    assert "nowhere does not exist" in line
+
+
+def test_empty_dataset_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    line = _error_line(run_script("train.py", f"DATASET_DIR={tmp_path / 'empty'}", *TINY, *outputs(tmp_path)))
+    assert "holds no dataset" in line
+
+
+def test_folder_with_no_images(tmp_path, trained):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("x")
+    line = _error_line(run_script("test.py", str(folder), *trained))
+    assert f"no images under {folder}" in line
+
+
+def test_corrupt_training_image_is_skipped_and_named(tmp_path, tiny_category):
+    bad = tiny_category / "train" / "good" / "005.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    result = run_script("train.py", f"DATASET_DIR={tiny_category}", *TINY, *outputs(tmp_path), "CLASSIFIER=False")
+    assert result.returncode == 0, result.stderr
+    assert "005.png" in result.stderr and "trained on 15 images" in result.stdout
+
+
+def test_unwritable_model_folder(tmp_path, tiny_category):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    line = _error_line(run_script("train.py", f"DATASET_DIR={tiny_category}", *TINY, f"MODEL_DIR={blocker / 'models'}"))
+    assert "cannot write to" in line
+
+
+def test_mask_of_the_wrong_size(tmp_path, tiny_category, trained):
+    mask = tiny_category / "ground_truth" / "blob" / "001_mask.png"
+    Image.new("L", (10, 10)).save(mask)
+    line = _error_line(run_script("eval.py", *trained))
+    assert "001_mask.png is 10x10" in line and "64x64" in line
+
+
+def test_model_from_an_older_format(tmp_path, trained):
+    path = tmp_path / "models" / "part" / "model.json"
+    description = json.loads(path.read_text())
+    description["format_version"] = 0
+    path.write_text(json.dumps(description))
+    line = _error_line(run_script("test.py", *trained))
+    assert "retrain" in line
+
+
+def test_failed_retraining_keeps_the_previous_model(tmp_path, trained):
+    before = (tmp_path / "models" / "part" / "mean.npy").read_bytes()
+    line = _error_line(run_script("train.py", *trained, "FEATURE_DIM=100000"))
+    assert "FEATURE_DIM=100000" in line
+    assert (tmp_path / "models" / "part" / "mean.npy").read_bytes() == before
+
+
+def test_unknown_setting_and_wrong_type(tmp_path):
+    assert "unknown setting BACKBONES" in _error_line(run_script("train.py", "BACKBONES=resnet18"))
+    assert "SEED=one" in _error_line(run_script("eval.py", "SEED=one"))
