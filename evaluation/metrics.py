@@ -72,7 +72,7 @@ def verdict_metrics(labels: np.ndarray, predicted: np.ndarray) -> dict:
     tn = int((~labels & ~predicted).sum())
     fn = int((labels & ~predicted).sum())
     precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-    f1 = None if precision is None or recall is None else (2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+    f1 = None if recall is None else (2 * tp / (2 * tp + fp + fn))  # 0 when nothing found, even with nothing flagged
     return {
         "confusion": {"true_defect": tp, "false_defect": fp, "true_good": tn, "false_good": fn},
         "precision": precision,
