@@ -329,3 +329,19 @@ def test_eval_script_end_to_end(tmp_path):
         assert f'src="{picture}"' in report and (run_dir / picture).is_file()
     assert "| **mean** |" in (run_dir / "metrics.md").read_text()
     assert not list(results.glob(".*partial*"))
+
+
+def test_several_categories_get_overall_figures_and_one_report(tmp_path):
+    import eval as eval_script
+    from evaluation.report import write_report
+
+    run_dir = tmp_path / "run"
+    evaluations = [
+        evaluate_category(FakeDetector(category=name), _category(tmp_path / name, 2, 2), _settings(EVAL_SHEET_COUNT=0), run_dir / name)
+        for name in ("parts", "parts")
+    ]
+    evaluations[1].metrics["category"] = "other"
+    overall = eval_script._overall_figures(evaluations, run_dir, 0.3)
+    assert set(overall.values()) == {"roc_image_all.png", "roc_pixel_all.png", "pro_all.png"}
+    report = write_report(run_dir, [e.metrics for e in evaluations], overall, "two").read_text()
+    assert report.count("<h2 id=") == 2 and 'src="pro_all.png"' in report and "<td>mean</td>" in report
