@@ -118,3 +118,40 @@ def test_offline_weights_map_onto_torchvision_names():
     assert all(torch.equal(mapped[key], reference[key]) for key in reference)
     extractor = FeatureExtractor("mobilenet_v2", "imagenet-offline", (1, 2, 3))
     assert extractor.channels == [24, 32, 96]
+
+
+def test_imagenet_download_failure_says_how_to_use_a_local_file(monkeypatch, tmp_path):
+    import urllib.error
+
+    import torchvision
+
+    from anomaly_model import backbone
+
+    real = torchvision.models.get_model
+
+    def offline(name, weights=None, **kwargs):
+        if weights is not None:
+            raise urllib.error.URLError("no internet")
+        return real(name, weights=None, **kwargs)
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    with pytest.raises(backbone.ModelError, match=r"set WEIGHTS=/path/to/resnet18-.*\.pth"):
+        backbone.build_backbone("resnet18", "imagenet")
+
+
+def test_local_weights_file_is_used_and_checked(tmp_path):
+    import torchvision
+
+    from anomaly_model.backbone import ModelError, build_backbone
+
+    torch.manual_seed(7)
+    source = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save({"state_dict": source.state_dict()}, path)
+    loaded = build_backbone("resnet18", str(path))
+    assert torch.equal(loaded.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
+    with pytest.raises(ModelError, match="do not fit torchvision's mobilenet_v2"):
+        build_backbone("mobilenet_v2", str(path))
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(ModelError, match="cannot read weights file"):
+        build_backbone("resnet18", str(tmp_path / "junk.pth"))
