@@ -123,7 +123,7 @@ def _per_defect(types: np.ndarray, scores: np.ndarray, probabilities, pixel_set:
             entry["classifier_rocauc"] = image_rocauc(types[chosen] == kind, probabilities[chosen])
         pixels = chosen & pixel_set
         entry["n_masked"] = int((pixels & (types == kind)).sum())
-        values, _ = _pixel_metrics(scored.masks[pixels], scored.maps[pixels], limit) if entry["n_masked"] else ({"pixel_rocauc": None, "pro": None}, None)
+        values, _ = _pixel_metrics(_take(scored.masks, pixels), _take(scored.maps, pixels), limit) if entry["n_masked"] else ({"pixel_rocauc": None, "pro": None}, None)
         entry.update(values)
     return table
 
@@ -166,7 +166,7 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
             f"pixel ROCAUC and PRO use the {int(pixel_set.sum())} images that have one (and the goods)"
         )
         warn(notes[-1])
-    pixel_values, curves = _pixel_metrics(scored.masks[pixel_set], scored.maps[pixel_set], limit)
+    pixel_values, curves = _pixel_metrics(_take(scored.masks, pixel_set), _take(scored.maps, pixel_set), limit)
     if curves is None:
         notes.append("pixel ROCAUC and PRO are undefined: no defect image has a ground-truth mask with defect pixels")
     source = "classifier verdict" if detector.classifier is not None else f"image score >= threshold {detector.image_threshold:.4g}"
@@ -200,6 +200,11 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
     _draw_sheets(evaluation, detector, category, scored, ok, settings, out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return evaluation
+
+
+def _take(array: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """`array[chosen]`, without copying the maps when every image is chosen."""
+    return array if chosen.all() else array[chosen]
 
 
 def _subset(scored: _Scored, chosen: np.ndarray) -> _Scored:
