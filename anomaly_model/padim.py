@@ -28,22 +28,39 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _blur_matrix(size: int, sigma: float, device: torch.device) -> torch.Tensor:
+    """(size, size) matrix B with B @ v = scipy.ndimage.gaussian_filter1d(v, sigma) (truncate 4,
+    mode reflect): the kernel folded onto the signal's mirrored edges. A dense product with B is
+    ~30x faster on the CPU than a one-channel conv2d with a 33-tap kernel."""
+    radius = min(int(4.0 * sigma + 0.5), size - 1)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    rows = torch.arange(size)[:, None].expand(size, offsets.numel())
+    columns = rows + offsets.long()[None, :]
+    columns = torch.where(columns < 0, -columns - 1, columns)  # half-sample symmetric, as scipy's "reflect"
+    columns = torch.where(columns >= size, 2 * size - columns - 1, columns)
+    matrix = torch.zeros(size, size, dtype=torch.float64)
+    matrix.index_put_((rows.reshape(-1), columns.reshape(-1)), kernel.repeat(size), accumulate=True)
+    return matrix.float().to(device)
+
+
+def _upsample_matrix(source: int, target: int, device: torch.device) -> torch.Tensor:
+    """(target, source) matrix U with U @ v = F.interpolate(v, target, bilinear, align_corners=False)."""
+    identity = torch.eye(source, dtype=torch.float64)[None, None]
+    columns = F.interpolate(identity, size=(target, source), mode="bilinear", align_corners=False)[0, 0]
+    return columns.float().to(device)
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (N, H, W) maps, as scipy.ndimage.gaussian_filter (truncate 4, mode reflect)
     computes it, so maps match the published implementation; runs on the maps' device."""
     if sigma <= 0:
         return maps
-    x = maps[:, None]
-    for dim in (3, 2):  # width, then height
-        radius = min(int(4.0 * sigma + 0.5), x.shape[dim] - 1)
-        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=maps.device)
-        kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-        kernel = kernel / kernel.sum()
-        head, tail = x.narrow(dim, 0, radius).flip(dim), x.narrow(dim, x.shape[dim] - radius, radius).flip(dim)
-        padded = torch.cat([head, x, tail], dim)
-        weight = kernel.view(1, 1, 1, -1) if dim == 3 else kernel.view(1, 1, -1, 1)
-        x = F.conv2d(padded, weight)
-    return x[:, 0]
+    height, width = maps.shape[-2:]
+    rows = _blur_matrix(height, sigma, maps.device)
+    columns = _blur_matrix(width, sigma, maps.device)
+    return rows @ maps.float() @ columns.T
 
 
 class Padim:
@@ -78,6 +95,7 @@ class Padim:
         self.inv_cholesky_: torch.Tensor | None = None  # (P, d, d)
         self.grid_size_: tuple[int, int] | None = None  # patch grid (h, w)
         self.n_train_images_ = 0
+        self._map_operators: dict = {}  # (grid, image size) -> blur-after-upsample matrices
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, d, P) patch embeddings."""
@@ -121,14 +139,30 @@ class Padim:
         """(B, h, w) Mahalanobis distance of each patch of each image."""
         if self.mean_ is None:
             raise ModelError("the model is not fitted: run train.py first")
-        distances = mahalanobis(self.embed(images), self.mean_, self.inv_cholesky_)
+        with torch.no_grad():
+            distances = mahalanobis(self.embed(images), self.mean_, self.inv_cholesky_)
         return distances.view(-1, *self.grid_size_)
 
     def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
         """(B, H, W) anomaly maps at the input resolution: bilinear upsampling, then Gaussian blur."""
         distances = self.patch_distances(images)
-        upsampled = F.interpolate(distances[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return gaussian_blur(upsampled[:, 0], self.blur_sigma)
+        rows, columns = self._operators(tuple(images.shape[-2:]), distances.device)
+        return rows @ distances @ columns.T
+
+    def _operators(self, size: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bilinear upsampling and the Gaussian blur are both linear and separable, so each axis
+        is one (H, h) matrix, blur @ upsample: the whole map is two small products per image,
+        with no (H, W) intermediate and no convolution."""
+        key = (self.grid_size_, size, self.blur_sigma, str(device))
+        if key not in getattr(self, "_map_operators", {}):
+            operators = []
+            for source, target in zip(self.grid_size_, size):
+                upsample = _upsample_matrix(source, target, device)
+                if self.blur_sigma > 0:
+                    upsample = _blur_matrix(target, self.blur_sigma, device) @ upsample
+                operators.append(upsample)
+            self._map_operators = {key: tuple(operators)}
+        return self._map_operators[key]
 
     def to(self, device: torch.device) -> "Padim":
         self.device = device

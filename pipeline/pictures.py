@@ -27,15 +27,23 @@ def color_range(description: dict) -> tuple[float, float]:
 
 def overlay(preview: np.ndarray, map_at_preview: torch.Tensor, pixel_threshold: float, scale: tuple[float, float]) -> np.ndarray:
     """(h, w, 3) uint8: the image under a jet heat map, the predicted defect outlined in white."""
-    values = map_at_preview.numpy()
+    values = map_at_preview.numpy().astype(np.float32, copy=False)
     low, high = scale
-    level = np.clip((values - low) / (high - low), 0, 1)
+    level = np.clip((values - np.float32(low)) * np.float32(1.0 / (high - low)), 0, 1)
     heat = _JET[(level * 255).astype(np.uint8)]
-    alpha = (0.6 * level)[:, :, None]
-    blended = preview * (1 - alpha) + heat * alpha
+    alpha = (np.float32(0.6) * level)[:, :, None]
+    base = preview.astype(np.float32)
+    blended = base + alpha * (heat - base)  # float32 throughout: float64 doubled the cost
     defect = values > pixel_threshold
-    outline = defect & ~binary_erosion(defect, iterations=2)
-    blended[outline] = 255
+    if defect.any():  # erode only the defect's bounding box (plus a margin), not the whole picture
+        ys, xs = np.nonzero(defect.any(axis=1))[0], np.nonzero(defect.any(axis=0))[0]
+        top, bottom = max(ys[0] - 3, 0), ys[-1] + 4
+        left, right = max(xs[0] - 3, 0), xs[-1] + 4
+        box = defect[top:bottom, left:right]
+        eroded = binary_erosion(box, iterations=2)
+        if top == 0 or left == 0 or bottom >= defect.shape[0] or right >= defect.shape[1]:
+            eroded = binary_erosion(defect, iterations=2)[top:bottom, left:right]  # border pixels erode as before
+        blended[top:bottom, left:right][box & ~eroded] = 255
     return blended.astype(np.uint8)
 
 
