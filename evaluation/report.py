@@ -65,10 +65,13 @@ def _category(metrics: dict) -> str:
     if optimistic:
         parts.append("<p>Optimistic (threshold tuned on the test set itself, an upper bound):</p>" + _table(["metric", "value"], optimistic))
     parts.append("<h3>Per defect type</h3>")
+    with_classifier = metrics.get("classifier_rocauc") is not None
     per_defect = [
-        [kind, entry["count"], entry["image_rocauc"], entry.get("pixel_rocauc"), entry.get("pro")] for kind, entry in metrics["per_defect"].items()
+        [kind, entry["count"], entry["image_rocauc"]] + ([entry.get("classifier_rocauc")] if with_classifier else []) + [entry.get("pixel_rocauc"), entry.get("pro")]
+        for kind, entry in metrics["per_defect"].items()
     ]
-    parts.append(_table(["defect type", "images", "image ROCAUC", "pixel ROCAUC", "PRO"], per_defect))
+    header = ["defect type", "images", "image ROCAUC"] + (["classifier ROCAUC"] if with_classifier else []) + ["pixel ROCAUC", "PRO"]
+    parts.append(_table(header, per_defect))
     figures = metrics.get("figures", {})
     if figures:
         parts.append("<h3>Curves and histograms</h3><div class='figures'>")

@@ -102,9 +102,9 @@ def markdown_category(metrics: dict) -> str:
     for name, best in metrics.get("f1_max", {}).items():
         if best is not None:
             lines.append(f"F1-max of the {name} over test thresholds (optimistic): {best['f1']:.3f} at {best['threshold']:.4g}")
-    lines += ["", "| defect type | images | image ROCAUC | pixel ROCAUC | PRO |", "|---|---|---|---|---|"]
+    keys = ["image_rocauc"] + (["classifier_rocauc"] if metrics.get("classifier_rocauc") is not None else []) + ["pixel_rocauc", "pro"]
+    titles = {"image_rocauc": "image ROCAUC", "classifier_rocauc": "classifier ROCAUC", "pixel_rocauc": "pixel ROCAUC", "pro": "PRO"}
+    lines += ["", "| defect type | images | " + " | ".join(titles[k] for k in keys) + " |", "|---" * (len(keys) + 2) + "|"]
     for kind, entry in metrics["per_defect"].items():
-        lines.append(
-            f"| {kind} | {entry['count']} | {cell(entry['image_rocauc'])} | {cell(entry.get('pixel_rocauc'))} | {cell(entry.get('pro'))} |"
-        )
+        lines.append(f"| {kind} | {entry['count']} | " + " | ".join(cell(entry.get(k)) for k in keys) + " |")
     return "\n".join(lines) + "\n"

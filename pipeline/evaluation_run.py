@@ -241,7 +241,7 @@ def _draw(evaluation: CategoryEvaluation, detector: Detector, labels, scores, pr
     )
     if probabilities is not None:
         figures["probability histogram"] = plot_histogram(
-            probabilities[~labels], probabilities[labels], None, f"{name}: classifier probabilities", "defect probability", out_dir / "histogram_classifier.png"
+            probabilities[~labels], probabilities[labels], getattr(detector.classifier, "threshold", None), f"{name}: classifier probabilities", "defect probability", out_dir / "histogram_classifier.png"
         )
     if detector.classifier is not None:
         from classification_model.xgboost import plot_feature_importance
