@@ -185,7 +185,7 @@ class FakeDetector:
 
 
 def _settings(**overrides) -> SimpleNamespace:
-    values = {"BATCH_SIZE": 4, "NUM_WORKERS": 0, "EVAL_PRO_FPR_LIMIT": 0.3, "EVAL_SHEET_COUNT": 1}
+    values = {"BATCH_SIZE": 4, "NUM_WORKERS": 0, "EVAL_PRO_FPR_LIMIT": 0.3, "EVAL_SHEET_COUNT": 0}
     values.update(overrides)
     return SimpleNamespace(**values)
 
@@ -220,7 +220,7 @@ def _category(root: Path, goods: int, defects: int, masked: int | None = None) -
 
 
 def test_evaluate_a_clean_category(tmp_path):
-    result = evaluate_category(FakeDetector(), _category(tmp_path / "data", 3, 3), _settings(), tmp_path / "out" / "parts")
+    result = evaluate_category(FakeDetector(), _category(tmp_path / "data", 3, 3), _settings(EVAL_SHEET_COUNT=1), tmp_path / "out" / "parts")
     metrics = result.metrics
     assert metrics["image_rocauc"] == 1.0 and metrics["pixel_rocauc"] == pytest.approx(1.0) and metrics["pro"] == pytest.approx(1.0)
     assert metrics["operating"]["confusion"] == {"true_defect": 3, "false_defect": 0, "true_good": 3, "false_good": 0}
