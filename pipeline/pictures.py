@@ -11,11 +11,20 @@ import numpy as np
 import torch
 from matplotlib import colormaps
 from PIL import Image
-from scipy.ndimage import binary_erosion
 
 from dataset_manager import Preprocessor
 
 _JET = (colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """One step of 4-neighbour erosion by array slicing: cheaper than scipy's on a whole picture."""
+    eroded = mask.copy()
+    eroded[1:] &= mask[:-1]
+    eroded[:-1] &= mask[1:]
+    eroded[:, 1:] &= mask[:, :-1]
+    eroded[:, :-1] &= mask[:, 1:]
+    return eroded
 
 
 def color_range(description: dict) -> tuple[float, float]:
@@ -35,15 +44,7 @@ def overlay(preview: np.ndarray, map_at_preview: torch.Tensor, pixel_threshold: 
     base = preview.astype(np.float32)
     blended = base + alpha * (heat - base)  # float32 throughout: float64 doubled the cost
     defect = values > pixel_threshold
-    if defect.any():  # erode only the defect's bounding box (plus a margin), not the whole picture
-        ys, xs = np.nonzero(defect.any(axis=1))[0], np.nonzero(defect.any(axis=0))[0]
-        top, bottom = max(ys[0] - 3, 0), ys[-1] + 4
-        left, right = max(xs[0] - 3, 0), xs[-1] + 4
-        box = defect[top:bottom, left:right]
-        eroded = binary_erosion(box, iterations=2)
-        if top == 0 or left == 0 or bottom >= defect.shape[0] or right >= defect.shape[1]:
-            eroded = binary_erosion(defect, iterations=2)[top:bottom, left:right]  # border pixels erode as before
-        blended[top:bottom, left:right][box & ~eroded] = 255
+    blended[defect & ~_erode(_erode(defect))] = 255  # a 2-pixel outline
     return blended.astype(np.uint8)
 
 
