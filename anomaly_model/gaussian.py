@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch
 
-# Positions handled at once when factorizing: bounds the float64 working memory to ~64 MB
-# per chunk for d = 550 while keeping the batched LAPACK calls large.
-_FACTOR_CHUNK_ELEMENTS = 8_000_000
+# Covariance entries factorized at once: the float64 working copies of a chunk stay ~16 MB each,
+# below the backbone's own activations, so finalizing never raises the fit's peak memory
+# (8M entries raised ResNet18's peak by ~300 MB); chunks still hold several positions for d = 550.
+_FACTOR_CHUNK_ELEMENTS = 2_000_000
 # Positions scored at once: the (chunk, N, d) difference and its whitened copy stay a few
 # tens of MB for Wide-ResNet at batch 32, instead of two (P, N, d) copies (~450 MB).
 _DISTANCE_CHUNK_POSITIONS = 256
