@@ -110,7 +110,9 @@ class Padim:
             with torch.no_grad():
                 features = self.extractor(images.to(self.device))
             grid = tuple(features[0].shape[-2:])
-            accumulator.update(self._embed_features(features))
+            embedding = self._embed_features(features)
+            del features  # the layer maps are not needed while the sums are updated: lower peak memory
+            accumulator.update(embedding)
         if grid is None:
             raise ModelError("no training images could be read: nothing to fit")
         self.mean_, self.inv_cholesky_ = accumulator.finalize(self.epsilon)
