@@ -43,18 +43,31 @@ def test_features_of_a_known_blob():
     maps[0, 50:52, 50:52] = 3.0  # a small second region, below the image level 4
     rows = map_features(maps, LEVELS)
     assert rows.shape == (2, len(FEATURE_NAMES)) and len(MONOTONE) == len(FEATURE_NAMES)
+    assert set(MONOTONE) == {1}  # only "more anomalous" evidence: no shape fingerprints of synthetic defects
     blob = rows[0]
     assert feature(blob, "max") == 5.0
-    assert feature(blob, "regions_pixel") == 2 and feature(blob, "regions_image") == 1
+    assert feature(blob, "mean_top0.1pct") == 5.0  # 4 pixels, all inside the blob
+    assert feature(blob, "mean_top5pct") == pytest.approx((200 * 5.0 + 4 * 3.0) / 205)  # 205 pixels: blob, square, one 0
+    assert feature(blob, "mean") == pytest.approx((200 * 5.0 + 4 * 3.0) / 4096)
     assert feature(blob, "largest_area_pixel") == pytest.approx(200 / 4096)
     assert feature(blob, "area_pixel") == pytest.approx(204 / 4096)
-    assert feature(blob, "largest_peak_pixel") == 5.0
-    assert feature(blob, "largest_extent") == pytest.approx(1.0)
-    assert feature(blob, "largest_elongation") == pytest.approx(2.0, rel=1e-3)
+    assert feature(blob, "area_image") == pytest.approx(200 / 4096) and feature(blob, "largest_area_image") == pytest.approx(200 / 4096)
     assert feature(blob, "excess_image") == pytest.approx(200 * 1.0 / 4096)
-    assert feature(blob, "peak_over_image_threshold") == pytest.approx(1.25)
+    assert feature(blob, "excess_q99") == pytest.approx((200 * 4.0 + 4 * 2.0) / 4096)
     empty = rows[1]
-    assert feature(empty, "regions_q99") == 0 and feature(empty, "largest_peak_q99") == 0 and feature(empty, "max") == 0
+    assert feature(empty, "max") == 0 and feature(empty, "std") == 0
+    assert feature(empty, "area_q99") == 0 and feature(empty, "largest_area_q99") == 0 and feature(empty, "excess_q99") == 0
+
+
+def test_a_broad_faint_defect_raises_the_pooled_features_not_the_max():
+    """A faint defect over a large area (common in real parts) is seen by the wider pooling scales."""
+    maps = torch.ones(2, 64, 64)
+    maps[0, 5, 5] = 4.0  # a good map with one noisy pixel
+    maps[1, 8:40, 8:40] = 3.0  # a broad faint rise, lower peak
+    noisy, broad = map_features(maps, LEVELS)
+    assert feature(broad, "max") < feature(noisy, "max")
+    for name in ("mean_top1pct", "mean_top5pct", "mean", "std", "area_q999", "largest_area_pixel", "excess_q99"):
+        assert feature(broad, name) > feature(noisy, name), name
 
 
 def test_synthetic_defects_change_the_image_and_are_seeded():
