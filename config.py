@@ -71,4 +71,4 @@ CLASSIFIER_EARLY_STOPPING_ROUNDS = 40  # rounds without held-out improvement bef
 CLASSIFIER_SUBSAMPLE = 0.8  # XGBoost row subsampling per tree
 CLASSIFIER_COLSAMPLE = 0.8  # XGBoost feature subsampling per tree
 CLASSIFIER_MIN_CHILD_WEIGHT = 1.0  # XGBoost minimum hessian weight per leaf
-CLASSIFIER_MONOTONE = True  # "more anomalous" features may only raise the probability (robust to new defect kinds)
+CLASSIFIER_MONOTONE = True  # every feature ("more anomalous") may only raise the probability: robust to new defect kinds

@@ -5,9 +5,11 @@ Each type teaches the classifier a different way real defects show up in the ano
 
 - "cutpaste": a patch of the same image, flipped/rotated, pasted elsewhere with a soft edge.
   In-distribution colours and texture in the wrong place (misplaced structure, cuts, folds):
-  the map rises only moderately, so it teaches the classifier the faint end of the defect range.
+  the map rises only moderately, so it teaches the classifier the faint end of the defect range,
+  where the decision matters; on tire it is the type that makes the classifier beat the max score
+  (README, "Ablation"); scratches and textures are mostly far above the threshold.
 - "scratch": a thin curved line, darker or brighter than the surface. Long, narrow regions
-  (scratches, cracks, cuts): teaches the elongation / small-area features.
+  (scratches, cracks, cuts): small areas above the levels.
 - "texture": a blob of smoothed-noise shape filled with a foreign noise texture and colour,
   alpha-blended (stains, contamination, holes, foreign material): compact regions of varying
   strength.
