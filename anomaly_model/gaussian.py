@@ -22,7 +22,7 @@ _DISTANCE_CHUNK_POSITIONS = 256
 
 
 class StreamingGaussian:
-    """Accumulates per-position mean and covariance of (N, d, P) feature batches."""
+    """Accumulates per-position mean and covariance of (N, P, d) feature batches."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -31,16 +31,16 @@ class StreamingGaussian:
         self.sum_outer: torch.Tensor | None = None  # (P, d, d) float32, of (x - shift)(x - shift)^T
 
     def update(self, features: torch.Tensor) -> None:
-        """Add a batch of embeddings shaped (N, d, P)."""
+        """Add a batch of embeddings shaped (N, P, d)."""
         features = features.float()
         if self.shift is None:
-            positions, dim = features.shape[2], features.shape[1]
-            self.shift = features.mean(dim=0).T.contiguous()
+            positions, dim = features.shape[1], features.shape[2]
+            self.shift = features.mean(dim=0)
             self.sum = torch.zeros(positions, dim, dtype=torch.float64, device=features.device)
             self.sum_outer = torch.zeros(positions, dim, dim, dtype=torch.float32, device=features.device)
         # Contiguous (P, N, d): a permuted (strided) operand makes the batched product copy
         # per matrix and runs ~10x slower on the CPU.
-        centered = (features.permute(2, 0, 1) - self.shift[:, None, :]).contiguous()
+        centered = (features.transpose(0, 1) - self.shift[:, None, :]).contiguous()
         self.sum += centered.sum(dim=1, dtype=torch.float64)
         self.sum_outer.baddbmm_(centered.transpose(1, 2), centered)
         self.count += features.shape[0]
@@ -63,27 +63,31 @@ class StreamingGaussian:
             centered_m = offset[block]
             covariance = (outer - self.count * centered_m[:, :, None] * centered_m[:, None, :]) / (self.count - 1)
             covariance += epsilon * identity
-            # Cholesky in float64 (the covariance is a difference of large sums); the triangular
-            # inverse in float32 with a contiguous right-hand side: ~10x faster than float64 with
-            # an expanded identity, and W differs by ~1e-7 relative, below float32 storage.
-            lower = torch.linalg.cholesky(covariance).float()
+            # The covariance is formed in float64 (a difference of large sums), factorized in
+            # float32: 35 % faster at d = 550, and distances moved by ~1e-6 relative with real
+            # MobileNetV2 features (condition ~2400; epsilon bounds it). float64 where float32
+            # finds a block not positive definite. The triangular inverse in float32 with a
+            # contiguous right-hand side: ~10x faster than float64 with an expanded identity.
+            lower, failed = torch.linalg.cholesky_ex(covariance.float())
+            if failed.any():
+                lower = torch.linalg.cholesky(covariance).float()
             rhs = identity32.expand(lower.shape[0], dim, dim).contiguous()
             factor[block] = torch.linalg.solve_triangular(lower, rhs, upper=False)
         return mean, factor
 
 
 def mahalanobis(features: torch.Tensor, mean: torch.Tensor, inv_cholesky: torch.Tensor) -> torch.Tensor:
-    """Distances (N, P) of embeddings (N, d, P) to each position's Gaussian.
+    """Distances (N, P) of embeddings (N, P, d) to each position's Gaussian.
 
     Chunks of positions bound the working memory; within a chunk the distances are one
     batched product of contiguous (positions, N, d) differences with W^T.
     """
     features = features.float()
-    count, _, positions = features.shape
+    count, positions, _ = features.shape
     squared = torch.empty(positions, count, dtype=torch.float32, device=features.device)
     for start in range(0, positions, _DISTANCE_CHUNK_POSITIONS):
         block = slice(start, start + _DISTANCE_CHUNK_POSITIONS)
-        delta = (features[:, :, block].permute(2, 0, 1) - mean[block, None, :]).contiguous()  # (p, N, d)
+        delta = (features[:, block].transpose(0, 1) - mean[block, None, :]).contiguous()  # (p, N, d)
         whitened = torch.bmm(delta, inv_cholesky[block].transpose(1, 2))  # (p, N, d)
         squared[block] = whitened.square_().sum(dim=2)
     return squared.clamp_min_(0).sqrt_().T.contiguous()

@@ -52,6 +52,13 @@ def _upsample_matrix(source: int, target: int, device: torch.device) -> torch.Te
     return columns.float().to(device)
 
 
+def _nearest_source(source: int, target: int, device: torch.device) -> torch.Tensor:
+    """Source index of each of `target` cells under F.interpolate(mode="nearest"), taken from
+    interpolate itself so the channels-last embedding matches the published one exactly."""
+    positions = torch.arange(source, dtype=torch.float32, device=device).view(1, 1, -1)
+    return F.interpolate(positions, size=target, mode="nearest").view(-1).long()
+
+
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (N, H, W) maps, as scipy.ndimage.gaussian_filter (truncate 4, mode reflect)
     computes it, so maps match the published implementation; runs on the maps' device."""
@@ -98,7 +105,7 @@ class Padim:
         self._map_operators: dict = {}  # (grid, image size) -> blur-after-upsample matrices
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) images -> (B, d, P) patch embeddings."""
+        """(B, 3, H, W) images -> (B, P, d) patch embeddings."""
         with torch.no_grad():
             return self._embed_features(self.extractor(images.to(self.device)))
 
@@ -121,9 +128,10 @@ class Padim:
         return self
 
     def _embed_features(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """Layer features -> (B, d, P): the random channel subset is taken from each layer before
-        the upsampling and concatenation, so the full embedding is never built."""
-        size = features[0].shape[-2:]
+        """Layer features -> (B, P, d): the random channel subset is taken from each layer before
+        the upsampling and concatenation, so the full embedding is never built. Channels last,
+        so each patch's d values are contiguous and no full transpose is ever needed."""
+        batch, height, width = features[0].shape[0], *features[0].shape[-2:]
         parts, start = [], 0
         indices = self.channel_indices_.to(features[0].device)
         for feature in features:
@@ -131,11 +139,12 @@ class Padim:
             chosen = indices[(indices >= start) & (indices < start + channels)] - start
             start += channels
             if chosen.numel():
-                part = feature.index_select(1, chosen)
-                if part.shape[-2:] != size:
-                    part = F.interpolate(part, size=size, mode="nearest")
+                part = feature.permute(0, 2, 3, 1).index_select(3, chosen)  # (B, h, w, c)
+                if part.shape[1:3] != (height, width):  # nearest upsampling, as F.interpolate does it
+                    part = part.index_select(1, _nearest_source(part.shape[1], height, part.device))
+                    part = part.index_select(2, _nearest_source(part.shape[2], width, part.device))
                 parts.append(part)
-        return torch.cat(parts, dim=1).flatten(2).float()
+        return torch.cat(parts, dim=3).reshape(batch, height * width, -1).float()
 
     def patch_distances(self, images: torch.Tensor) -> torch.Tensor:
         """(B, h, w) Mahalanobis distance of each patch of each image."""

@@ -14,8 +14,7 @@ from anomaly_model.padim import Padim, gaussian_blur
 def _random_embeddings(n: int = 40, d: int = 6, positions: int = 5, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     mixing = torch.randn(d, d, generator=generator)
-    base = torch.randn(n, positions, d, generator=generator) @ mixing + 3.0
-    return base.permute(0, 2, 1).contiguous()  # (N, d, P)
+    return torch.randn(n, positions, d, generator=generator) @ mixing + 3.0  # (N, P, d)
 
 
 def test_mahalanobis_matches_per_position_numpy():
@@ -27,11 +26,11 @@ def test_mahalanobis_matches_per_position_numpy():
     distances = mahalanobis(test, mean, factor).numpy()  # (N, P)
 
     data = train.double().numpy()
-    for position in range(data.shape[2]):
-        samples = data[:, :, position]
+    for position in range(data.shape[1]):
+        samples = data[:, position, :]
         covariance = np.cov(samples, rowvar=False) + 0.01 * np.eye(samples.shape[1])
         precision = np.linalg.inv(covariance)
-        expected = [scipy_mahalanobis(x, samples.mean(axis=0), precision) for x in test.double().numpy()[:, :, position]]
+        expected = [scipy_mahalanobis(x, samples.mean(axis=0), precision) for x in test.double().numpy()[:, position, :]]
         np.testing.assert_allclose(distances[:, position], expected, rtol=1e-4)
 
 
