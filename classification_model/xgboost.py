@@ -17,6 +17,7 @@ import numpy as np
 import xgboost as xgb
 
 from anomaly_model.backbone import ModelError
+from evaluation.metrics import image_rocauc
 
 BOOSTER_FILE = "classifier.json"
 
@@ -110,15 +111,6 @@ def _group_folds(groups: np.ndarray, labels: np.ndarray, folds: int, seed: int) 
     return np.array([assignment[g] for g in groups])
 
 
-def _rocauc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    """ROC AUC by the rank-sum formula (ties count half); None when one class is missing."""
-    positives, negatives = scores[labels == 1], scores[labels == 0]
-    if len(positives) == 0 or len(negatives) == 0:
-        return None
-    greater = (positives[:, None] > negatives[None, :]).sum() + 0.5 * (positives[:, None] == negatives[None, :]).sum()
-    return float(greater / (len(positives) * len(negatives)))
-
-
 def train_classifier(
     features: np.ndarray,
     labels: np.ndarray,
@@ -186,7 +178,7 @@ def train_classifier(
         "rounds": rounds,
         "fold_best_rounds": best_rounds,
         "scale_pos_weight": float(scale),
-        "out_of_fold_rocauc": _rocauc(labels[scored], out_of_fold[scored]),
+        "out_of_fold_rocauc": image_rocauc(labels[scored], out_of_fold[scored]),
         "out_of_fold_good_probabilities": [round(float(p), 6) for p in good_probabilities],
     }
     return DefectClassifier(booster, list(feature_names), threshold, report)

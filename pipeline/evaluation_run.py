@@ -30,6 +30,7 @@ from evaluation.metrics import (
 from evaluation.plots import plot_histogram, plot_pr, plot_pro, plot_roc, thin
 from evaluation.sheets import SheetImage, choose, draw_sheet
 from pipeline.detector import Detector
+from pipeline.pictures import color_range
 
 
 def check_masks(category: Category) -> None:
@@ -126,12 +127,6 @@ def _per_defect(types: np.ndarray, scores: np.ndarray, probabilities, pixel_set:
         values, _ = _pixel_metrics(_take(scored.masks, pixels), _take(scored.maps, pixels), limit) if entry["n_masked"] else ({"pixel_rocauc": None, "pro": None}, None)
         entry.update(values)
     return table
-
-
-def _color_range(detector: Detector) -> tuple[float, float]:
-    """Heat-map scale shared by every sheet of a model: validation median to twice the threshold."""
-    low = float(detector.description.get("validation", {}).get("pixel_quantiles", {}).get("0.5", 0.0))
-    return low, max(2 * detector.image_threshold - low, low + 1e-6)
 
 
 def evaluate_category(detector: Detector, category: Category, settings, out_dir: Path) -> CategoryEvaluation:
@@ -276,7 +271,7 @@ def _draw_sheets(evaluation: CategoryEvaluation, detector: Detector, category: C
         )
         file_name = f"{reason.replace(' ', '_').replace('#', '')}_{item.defect_type}_{item.path.stem}.png"
         try:
-            draw_sheet(sheet, detector.preprocessor, detector.pixel_threshold, detector.image_threshold, _color_range(detector), folder / file_name)
+            draw_sheet(sheet, detector.preprocessor, detector.pixel_threshold, detector.image_threshold, color_range(detector.description), folder / file_name)
         except DataError as error:  # the file changed or vanished since scoring: skip its sheet
             warn(f"no localization sheet for {item.path}: {error}")
             continue

@@ -163,7 +163,11 @@ class FakeDetector:
         self.image_threshold, self.pixel_threshold = 0.5, 0.5
         self.classifier = classifier
         self.model_dir = Path("model") / category
-        self.description = {"dataset": {"category": category}, "validation": {"pixel_quantiles": {"0.5": 0.1}}}
+        self.description = {
+            "dataset": {"category": category},
+            "validation": {"pixel_quantiles": {"0.5": 0.1}},
+            "thresholds": {"image": self.image_threshold, "pixel": self.pixel_threshold},
+        }
         self.probabilities = probabilities
 
     def is_defect(self, result) -> bool:
