@@ -14,23 +14,23 @@ from anomaly_model.padim import Padim, gaussian_blur
 def _random_embeddings(n: int = 40, d: int = 6, positions: int = 5, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     mixing = torch.randn(d, d, generator=generator)
-    return torch.randn(n, positions, d, generator=generator) @ mixing + 3.0  # (N, P, d)
+    return torch.randn(positions, n, d, generator=generator) @ mixing + 3.0  # (P, N, d)
 
 
 def test_mahalanobis_matches_per_position_numpy():
     train = _random_embeddings()
     test = _random_embeddings(n=7, seed=1)
     accumulator = StreamingGaussian()
-    accumulator.update(train)
+    accumulator.update(train.clone())
     mean, factor = accumulator.finalize(epsilon=0.01)
     distances = mahalanobis(test, mean, factor).numpy()  # (N, P)
 
     data = train.double().numpy()
-    for position in range(data.shape[1]):
-        samples = data[:, position, :]
+    for position in range(data.shape[0]):
+        samples = data[position]
         covariance = np.cov(samples, rowvar=False) + 0.01 * np.eye(samples.shape[1])
         precision = np.linalg.inv(covariance)
-        expected = [scipy_mahalanobis(x, samples.mean(axis=0), precision) for x in test.double().numpy()[:, position, :]]
+        expected = [scipy_mahalanobis(x, samples.mean(axis=0), precision) for x in test.double().numpy()[position]]
         np.testing.assert_allclose(distances[:, position], expected, rtol=1e-4)
 
 
@@ -40,7 +40,7 @@ def test_streaming_fit_equals_one_shot_for_any_batch_size():
     for batch_size in (37, 10, 3):
         accumulator = StreamingGaussian()
         for start in range(0, 37, batch_size):
-            accumulator.update(data[start : start + batch_size])
+            accumulator.update(data[:, start : start + batch_size].clone())
         results.append(accumulator.finalize(epsilon=0.01))
     for mean, factor in results[1:]:
         torch.testing.assert_close(mean, results[0][0], rtol=1e-5, atol=1e-5)

@@ -41,7 +41,7 @@ def test_round_trip_gives_identical_maps(saved, fitted):
 def test_stored_factors_are_packed_triangles(saved, fitted):
     d = fitted.feature_dim
     positions = fitted.mean_.shape[0]
-    size = (saved / "inv_cholesky.npy").stat().st_size
+    size = (saved / "cholesky.npy").stat().st_size
     assert size < 0.55 * positions * (d * d + d) * 4
 
 
@@ -51,9 +51,9 @@ def test_missing_model_says_to_train(tmp_path):
 
 
 def test_truncated_statistics_are_reported(saved):
-    path = saved / "inv_cholesky.npy"
+    path = saved / "cholesky.npy"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(ModelError, match="inv_cholesky.npy.*(damaged|truncated)"):
+    with pytest.raises(ModelError, match="cholesky.npy.*(damaged|truncated)"):
         load_model(saved, "cpu")
 
 

@@ -31,7 +31,7 @@ def test_fit_state_does_not_grow_with_batches(padim):
     accumulator = StreamingGaussian()
     sizes = []
     for _ in range(6):
-        accumulator.update(padim.embed(torch.randn(4, 3, 32, 32)))
+        accumulator.update(padim.embed(torch.randn(4, 3, 32, 32))[0])
         sizes.append(_state_bytes(accumulator))
     assert accumulator.count == 24
     assert sizes[0] > 0
@@ -47,6 +47,6 @@ def test_fit_with_more_batches_keeps_the_same_model_size(padim):
     shapes = []
     for batches in ([images[:4]], images.split(2)):
         padim.fit(batches)
-        shapes.append((tuple(padim.mean_.shape), tuple(padim.inv_cholesky_.shape)))
+        shapes.append((tuple(padim.mean_.shape), tuple(padim.cholesky_.shape)))
     assert padim.n_train_images_ == 12
     assert shapes[0] == shapes[1]

@@ -40,7 +40,7 @@ def trained(tmp_path, trained_once, tiny_category):
 
 def test_train_test_eval_end_to_end(tmp_path, tiny_category, trained):
     model = tmp_path / "models" / "part"
-    assert {"model.json", "mean.npy", "inv_cholesky.npy"} <= {p.name for p in model.iterdir()}
+    assert {"model.json", "mean.npy", "cholesky.npy"} <= {p.name for p in model.iterdir()}
 
     result = run_script("test.py", *trained)
     assert result.returncode == 0, result.stderr
