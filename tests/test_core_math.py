@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
+from anomaly_model.backbone import ModelError
 from anomaly_model.gaussian import StreamingGaussian, mahalanobis
 from anomaly_model.padim import Padim, gaussian_blur
 
@@ -72,3 +74,15 @@ def test_anomaly_map_is_highest_where_the_image_differs():
     odd[:, :, 40:56, 40:56] = 3.0
     heat = model.anomaly_maps(odd)[0]
     assert heat[40:56, 40:56].mean() > 2 * heat[:24, :24].mean()
+
+
+def test_singular_covariance_names_the_setting_to_change():
+    accumulator = StreamingGaussian()
+    accumulator.update(_random_embeddings(n=3, d=6))  # 3 images cannot span 6 dimensions
+    with pytest.raises(ModelError, match="COVARIANCE_EPSILON"):
+        accumulator.finalize(epsilon=0.0)
+
+
+def test_negative_epsilon_is_refused():
+    with pytest.raises(ModelError, match="COVARIANCE_EPSILON=-0.1"):
+        Padim("resnet18", "none", feature_dim=8, epsilon=-0.1, device="cpu")
