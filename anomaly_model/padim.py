@@ -16,7 +16,8 @@ from anomaly_model.gaussian import StreamingGaussian, mahalanobis
 
 # Images per backbone pass on the CPU. The layer maps of 8 images take a quarter of a 32-image
 # batch's memory (~0.5 GB less for Wide-ResNet at 224 px), and oneDNN is no slower per image
-# at 8 (Wide-ResNet 151 ms/image against 164-200 at 32, 2-core CPU). GPUs take the whole batch.
+# at 8 (Wide-ResNet 0.159-0.163 s/image against 0.165-0.185 at 32 in two bench/benchmark.py runs,
+# 2-core CPU). GPUs take the whole batch.
 BACKBONE_SLICE = 8
 
 

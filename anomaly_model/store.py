@@ -96,7 +96,7 @@ class AtomicFolder:
     def write_npy_chunks(self, name: str, shape: tuple, chunks: Iterable[np.ndarray]) -> None:
         """A float32 .npy of `shape` written from an iterator of row blocks. Each block is hashed
         and written on a second thread while the next one is packed: for Wide-ResNet's 1.9 GB
-        that takes ~4 s instead of ~10 s one after the other (hashlib and file writes release the GIL)."""
+        that takes ~6 s instead of ~10 s one after the other (hashlib and file writes release the GIL)."""
         digest, size = hashlib.sha256(), 0
 
         def hash_and_write(block: np.ndarray) -> None:
