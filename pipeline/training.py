@@ -108,6 +108,7 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
         blur_sigma=settings.BLUR_SIGMA,
         seed=settings.SEED,
         device=settings.DEVICE,
+        precision=settings.BACKBONE_PRECISION,
     )
     batches = ImageBatches(train_paths, preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
     padim.fit(batch.images for batch in tqdm(batches, desc=f"fit {category.name}", unit="batch", file=sys.stderr))

@@ -86,3 +86,22 @@ def test_singular_covariance_names_the_setting_to_change():
 def test_negative_epsilon_is_refused():
     with pytest.raises(ModelError, match="COVARIANCE_EPSILON=-0.1"):
         Padim("resnet18", "none", feature_dim=8, epsilon=-0.1, device="cpu")
+
+
+def test_backbone_precision_is_checked():
+    with pytest.raises(ModelError, match="BACKBONE_PRECISION='float8'"):
+        Padim("resnet18", "none", feature_dim=8, device="cpu", precision="float8")
+    with pytest.raises(ModelError, match="float16 needs a CUDA GPU"):
+        Padim("resnet18", "none", feature_dim=8, device="cpu", precision="float16")
+
+
+def test_bfloat16_backbone_keeps_maps_close_to_float32():
+    """Reduced precision is a speed option: the maps it gives must stay near the float32 ones."""
+    generator = torch.Generator().manual_seed(5)
+    good = torch.randn(12, 3, 64, 64, generator=generator)
+    probe = torch.randn(3, 3, 64, 64, generator=generator)
+    maps = [Padim("resnet18", "none", feature_dim=20, device="cpu", precision=p).fit([good]).anomaly_maps(probe)
+            for p in ("float32", "bfloat16")]
+    assert maps[1].dtype == torch.float32
+    relative = (maps[1] - maps[0]).abs().max() / maps[0].abs().max()
+    assert 0 < relative < 0.05, relative

@@ -38,6 +38,16 @@ def test_round_trip_gives_identical_maps(saved, fitted):
     assert torch.equal(loaded.channel_indices_, fitted.channel_indices_)
 
 
+def test_a_bfloat16_model_is_scored_in_bfloat16_after_loading(tmp_path):
+    images = torch.randn(10, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    fitted = Padim("resnet18", "none", feature_dim=16, device="cpu", precision="bfloat16").fit([images])
+    save_model(tmp_path / "model", fitted, INFO)
+    loaded, description = load_model(tmp_path / "model", "cpu")
+    assert description["padim"]["precision"] == loaded.precision == "bfloat16"
+    probe = torch.randn(2, 3, 64, 64)
+    assert torch.equal(loaded.anomaly_maps(probe), fitted.anomaly_maps(probe))
+
+
 def test_stored_factors_are_packed_triangles(saved, fitted):
     d = fitted.feature_dim
     positions = fitted.mean_.shape[0]
