@@ -11,7 +11,7 @@ so forming it needs no float64.
 The fitted state is the mean and the lower Cholesky factor L of each covariance (Sigma = L L^T);
 the squared distance is |L^-1 (x - mu)|^2, one batched triangular solve. Solving with L costs
 the same per image as a product with a stored L^-1 (half the multiplications), and the fit
-skips inverting 3136 triangles (a third of Wide-ResNet's fit time otherwise).
+skips inverting 3136 triangles (~7 s of Wide-ResNet's fit at d = 550).
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def mahalanobis(features: torch.Tensor, mean: torch.Tensor, cholesky: torch.Tens
     """Distances (N, P) of embeddings (P, N, d) to each position's Gaussian.
 
     Chunks of positions bound the working memory; within a chunk the distances are one batched
-    triangular solve L y = x - mu, whose right-hand sides are the contiguous (N, d) differences
-    read column-major, so LAPACK gets them without a copy.
+    triangular solve L y = x - mu, the right-hand sides being the (N, d) differences seen as
+    d x N (a transposed view): as fast per image here as a product with a stored L^-1.
     """
     features = features.float()
     positions, count, _ = features.shape

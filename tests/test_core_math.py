@@ -105,3 +105,20 @@ def test_bfloat16_backbone_keeps_maps_close_to_float32():
     assert maps[1].dtype == torch.float32
     relative = (maps[1] - maps[0]).abs().max() / maps[0].abs().max()
     assert 0 < relative < 0.05, relative
+
+
+def test_embedding_of_a_batch_equals_each_image_embedded_alone():
+    """The backbone runs in slices and writes into one buffer: every image's columns must be its own."""
+    model = Padim("resnet18", "none", feature_dim=24, device="cpu")
+    images = torch.randn(11, 3, 64, 64, generator=torch.Generator().manual_seed(6))  # slices of 8 and 3
+    batch, grid = model.embed(images)
+    assert batch.shape == (grid[0] * grid[1], 11, 24)
+    for index in (0, 7, 8, 10):
+        alone, _ = model.embed(images[index : index + 1])
+        torch.testing.assert_close(batch[:, index], alone[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_images_of_another_size_than_the_fit_name_the_crop_setting():
+    model = Padim("resnet18", "none", feature_dim=16, device="cpu").fit([torch.randn(6, 3, 64, 64)])
+    with pytest.raises(ModelError, match="CROP"):
+        model.anomaly_maps(torch.randn(1, 3, 96, 96))
