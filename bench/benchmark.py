@@ -89,7 +89,7 @@ def work_backbone(args) -> dict:
     import torch
 
     from anomaly_model.backbone import FeatureExtractor
-    from anomaly_model.padim import BACKBONE_SLICE, resolve_device
+    from anomaly_model.base import BACKBONE_SLICE, resolve_device
     from dataset_manager import ImageBatches
 
     _, test = category_files(Path(args.dataset))

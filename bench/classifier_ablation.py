@@ -31,7 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from anomaly_model.padim import Padim  # noqa: E402
+from anomaly_model.base import AnomalyModel  # noqa: E402
+from anomaly_model.store import build_model  # noqa: E402
 from classification_model.features import levels_from_description, map_features  # noqa: E402
 from classification_model.training import fit_on_maps, image_maps, params_from_settings, synthetic_defect_maps  # noqa: E402
 from classification_model.xgboost import _rocauc  # noqa: E402
@@ -39,7 +40,7 @@ from dataset_manager import ImageBatches, find_categories  # noqa: E402
 from pipeline.training import calibrate, make_preprocessor, split_validation, validation_maps  # noqa: E402
 from settings import load  # noqa: E402
 
-MODEL_KEYS = ("BACKBONE", "WEIGHTS", "LAYERS", "FEATURE_DIM", "COVARIANCE_EPSILON", "BLUR_SIGMA", "SEED", "RESIZE", "CROP",
+MODEL_KEYS = ("ANOMALY_MODEL", "BACKBONE", "WEIGHTS", "LAYERS", "FEATURE_DIM", "COVARIANCE_EPSILON", "BLUR_SIGMA", "SEED", "RESIZE", "CROP",
               "NORMALIZE_MEAN", "NORMALIZE_STD", "VALIDATION_FRACTION")
 
 
@@ -58,15 +59,15 @@ class MapSource:
         self.cache = cache
         files = [str(p) for p in self.train_paths + self.validation_paths] + [str(i.path) for i in self.category.test_images]
         self.model_key = _key(str(Path(category_dir).resolve()), files, {k: getattr(settings, k) for k in MODEL_KEYS})
-        self._padim: Padim | None = None
+        self._model: AnomalyModel | None = None
 
     @property
-    def padim(self) -> Padim:
-        if self._padim is None:
+    def model(self) -> AnomalyModel:
+        if self._model is None:
             s = self.settings
-            self._padim = Padim(s.BACKBONE, s.WEIGHTS, s.LAYERS, s.FEATURE_DIM, s.COVARIANCE_EPSILON, s.BLUR_SIGMA, s.SEED, s.DEVICE, s.BACKBONE_PRECISION)
-            self._padim.fit(b.images for b in ImageBatches(self.train_paths, self.preprocessor, s.BATCH_SIZE, 0))
-        return self._padim
+            self._model = build_model(s)
+            self._model.fit(b.images for b in ImageBatches(self.train_paths, self.preprocessor, s.BATCH_SIZE, 0))
+        return self._model
 
     def _cached(self, name: str, compute) -> dict[str, np.ndarray]:
         path = None if self.cache is None else self.cache / f"{self.category.name}-{self.model_key}-{name}.npz"
@@ -85,8 +86,8 @@ class MapSource:
 
         def compute():
             s = self.settings
-            good, _ = validation_maps(self.padim, self.validation_paths, self.preprocessor, s)
-            test = image_maps(self.padim, self.preprocessor, [i.path for i in self.category.test_images], s.BATCH_SIZE, "test")
+            good, _, _ = validation_maps(self.model, self.validation_paths, self.preprocessor, s)
+            test = image_maps(self.model, self.preprocessor, [i.path for i in self.category.test_images], s.BATCH_SIZE, "test")
             return {
                 "good": good.numpy(),
                 "test": test.numpy(),
@@ -102,7 +103,7 @@ class MapSource:
 
         def compute():
             maps, sources, kinds = synthetic_defect_maps(
-                self.padim, self.preprocessor, self.validation_paths, per_image, size, strength, seed, self.settings.BATCH_SIZE)
+                self.model, self.preprocessor, self.validation_paths, per_image, size, strength, seed, self.settings.BATCH_SIZE)
             return {"maps": maps.numpy(), "sources": sources, "kinds": np.array(kinds)}
 
         return self._cached(name, compute)
@@ -118,7 +119,7 @@ def run_ablation(source: MapSource, seeds: int, ks: list[int], fit=None, verbose
     base = source.base()
     good_maps, test_maps = torch.from_numpy(base["good"]), torch.from_numpy(base["test"])
     labels = base["labels"]
-    levels = levels_from_description(calibrate(good_maps, s.IMAGE_FALSE_REJECT_RATE, s.PIXEL_FALSE_REJECT_RATE))
+    levels = levels_from_description(calibrate(good_maps, good_maps.flatten(1).max(dim=1).values, s.IMAGE_FALSE_REJECT_RATE, s.PIXEL_FALSE_REJECT_RATE))
     max_scores = test_maps.flatten(1).max(dim=1).values.double().numpy()
     params = params_from_settings(s)
     rows: dict[str, list] = {"synthetic only": []} | {f"synthetic + {k} real": [] for k in ks}

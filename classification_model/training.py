@@ -1,9 +1,9 @@
-"""Building the classifier's training set from a fitted PaDiM, and training it.
+"""Building the classifier's training set from a fitted anomaly model, and training it.
 
 Goods: anomaly maps of the validation images only (never the images the Gaussian was fitted on,
 whose maps are unrealistically clean). Defects: the user's labeled defect images (train/defect/)
 and, when there are fewer than CLASSIFIER_ENOUGH_REAL_DEFECTS of them, synthetic defects painted
-onto the validation goods (classification_model/synthetic.py), run through the same PaDiM.
+onto the validation goods (classification_model/synthetic.py), run through the same anomaly model.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from anomaly_model.backbone import ModelError
-from anomaly_model.padim import Padim
+from anomaly_model.base import AnomalyModel
 from classification_model.features import FEATURE_NAMES, MONOTONE, map_features
 from classification_model.synthetic import DEFECT_TYPES, make_defect
 from classification_model.xgboost import ClassifierParams, DefectClassifier, train_classifier
@@ -39,7 +39,7 @@ def params_from_settings(settings) -> ClassifierParams:
 
 
 def synthetic_defect_maps(
-    padim: Padim,
+    model: AnomalyModel,
     preprocessor: Preprocessor,
     good_paths: list[Path],
     per_image: int,
@@ -55,7 +55,7 @@ def synthetic_defect_maps(
 
     def flush() -> None:
         if pending:
-            maps.append(padim.anomaly_maps(torch.stack(pending)).cpu())
+            maps.append(model.anomaly_maps(torch.stack(pending)).cpu())
             pending.clear()
 
     for index, path in enumerate(tqdm(good_paths, desc="synthetic defects", unit="img", file=sys.stderr)):
@@ -76,10 +76,10 @@ def synthetic_defect_maps(
     return (torch.cat(maps) if maps else empty), np.array(sources, dtype=int), kinds
 
 
-def image_maps(padim: Padim, preprocessor: Preprocessor, paths: list[Path], batch_size: int, label: str) -> torch.Tensor:
+def image_maps(model: AnomalyModel, preprocessor: Preprocessor, paths: list[Path], batch_size: int, label: str) -> torch.Tensor:
     """Anomaly maps of image files (unreadable ones are left out, with a warning)."""
     batches = ImageBatches(paths, preprocessor, batch_size, 0)
-    maps = [padim.anomaly_maps(b.images).cpu() for b in tqdm(batches, desc=label, unit="batch", file=sys.stderr)]
+    maps = [model.anomaly_maps(b.images).cpu() for b in tqdm(batches, desc=label, unit="batch", file=sys.stderr)]
     for path, reason in batches.skipped:
         print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
     return torch.cat(maps) if maps else torch.zeros(0, preprocessor.crop, preprocessor.crop)
@@ -108,7 +108,7 @@ def fit_on_maps(
 
 
 def train_for_model(
-    padim: Padim,
+    model: AnomalyModel,
     preprocessor: Preprocessor,
     validation_paths: list[Path],
     validation_maps: torch.Tensor,
@@ -124,11 +124,11 @@ def train_for_model(
             f"the classifier needs good validation images, got {validation_maps.shape[0]}: add validation/good/ images, "
             "raise VALIDATION_FRACTION, or set CLASSIFIER = False"
         )
-    real_maps = image_maps(padim, preprocessor, list(defect_paths), settings.BATCH_SIZE, "labeled defects") if defect_paths else None
+    real_maps = image_maps(model, preprocessor, list(defect_paths), settings.BATCH_SIZE, "labeled defects") if defect_paths else None
     n_real = 0 if real_maps is None else real_maps.shape[0]
     per_image = settings.CLASSIFIER_SYNTHETIC_PER_IMAGE if n_real < settings.CLASSIFIER_ENOUGH_REAL_DEFECTS else 0
     synthetic, sources, kinds = synthetic_defect_maps(
-        padim, preprocessor, validation_paths, per_image, settings.CLASSIFIER_DEFECT_SIZE,
+        model, preprocessor, validation_paths, per_image, settings.CLASSIFIER_DEFECT_SIZE,
         settings.CLASSIFIER_DEFECT_STRENGTH, settings.SEED, settings.BATCH_SIZE,
     ) if per_image > 0 else (torch.zeros(0, preprocessor.crop, preprocessor.crop), np.zeros(0, int), [])
     n_good = validation_maps.shape[0]

@@ -1,4 +1,4 @@
-"""A trained model ready to inspect images: PaDiM, its preprocessing and its thresholds."""
+"""A trained model ready to inspect images: its anomaly model, preprocessing, thresholds and classifier."""
 
 from __future__ import annotations
 
@@ -11,25 +11,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from anomaly_model.store import load_model, read_checked_bytes
+from anomaly_model.files import read_checked_bytes
+from anomaly_model.store import load_model, model_class
 from classification_model.features import FEATURE_NAMES, map_features
 from classification_model.xgboost import DefectClassifier
 from dataset_manager import ImageBatches, Preprocessor
 
-# Settings a model carries itself; config.py values that differ are reported and not used.
-MODEL_SETTINGS = {
-    "BACKBONE": ("padim", "backbone"),
-    "WEIGHTS": ("padim", "weights"),
-    "LAYERS": ("padim", "layers"),
-    "FEATURE_DIM": ("padim", "feature_dim"),
-    "COVARIANCE_EPSILON": ("padim", "epsilon"),
-    "BLUR_SIGMA": ("padim", "blur_sigma"),
-    "BACKBONE_PRECISION": ("padim", "precision"),
-    "RESIZE": ("preprocessing", "resize"),
-    "CROP": ("preprocessing", "crop"),
-    "NORMALIZE_MEAN": ("preprocessing", "mean"),
-    "NORMALIZE_STD": ("preprocessing", "std"),
-}
+# Preprocessing settings a model carries itself (its anomaly model's settings come from its class:
+# `AnomalyModel.setting_names`); config.py values that differ are reported and not used.
+PREPROCESSING_SETTINGS = {"RESIZE": "resize", "CROP": "crop", "NORMALIZE_MEAN": "mean", "NORMALIZE_STD": "std"}
 
 
 @dataclass
@@ -38,7 +28,7 @@ class ImageResult:
 
     index: int  # position in the list of paths given
     anomaly_map: torch.Tensor  # (CROP, CROP) on the CPU
-    score: float  # max of the map
+    score: float  # the model's image score (PaDiM: max of the map)
     size: tuple[int, int]  # original (height, width)
     preview: np.ndarray | None  # small RGB copy for pictures
     probability: float | None = None  # the classifier's defect probability, when the model has one
@@ -46,9 +36,12 @@ class ImageResult:
 
 def settings_differences(description: dict, settings) -> list[str]:
     """'KEY: model has X, config.py has Y' for each model setting config.py disagrees with."""
+    entry = description["anomaly_model"]
+    stored_values = {"ANOMALY_MODEL": entry["type"]}
+    stored_values.update({key: entry["settings"][name] for key, name in model_class(entry["type"]).setting_names().items()})
+    stored_values.update({key: description["preprocessing"][name] for key, name in PREPROCESSING_SETTINGS.items()})
     notes = []
-    for key, (section, name) in MODEL_SETTINGS.items():
-        stored = description[section][name]
+    for key, stored in stored_values.items():
         wanted = getattr(settings, key)
         if key == "FEATURE_DIM" and wanted == 0:
             continue
@@ -62,7 +55,7 @@ def load_classifier(model_dir: Path, description: dict) -> tuple[DefectClassifie
     """The classifier train.py saved with the model, and the map levels its features are computed at;
     a classifier trained on another feature list than this code computes is refused."""
     entry = description["classifier"]
-    data = read_checked_bytes(model_dir, entry["booster_file"], description)
+    data = read_checked_bytes(model_dir, entry["booster_file"], description["files"])
     classifier = DefectClassifier.from_bytes(data, entry["features"], entry["threshold"], FEATURE_NAMES)
     return classifier, {key: float(value) for key, value in entry["levels"].items()}
 
@@ -72,7 +65,7 @@ class Detector:
 
     def __init__(self, model_dir: Path, device: str = "auto") -> None:
         self.model_dir = Path(model_dir)
-        self.padim, self.description = load_model(self.model_dir, device)
+        self.model, self.description = load_model(self.model_dir, device)
         prep = self.description["preprocessing"]
         self.preprocessor = Preprocessor(prep["resize"], prep["crop"], tuple(prep["mean"]), tuple(prep["std"]))
         self.image_threshold = float(self.description["thresholds"]["image"])
@@ -106,8 +99,7 @@ class Detector:
         def results() -> Iterator[ImageResult]:
             with tqdm(total=len(paths), desc=label, unit="img", file=sys.stderr) as progress:
                 for batch in batches:
-                    maps = self.padim.anomaly_maps(batch.images).cpu()
-                    scores = maps.flatten(1).max(dim=1).values
+                    maps, scores = self.model.score(batch.images)
                     probabilities = [None] * len(batch.indices)
                     if self.classifier is not None:
                         probabilities = self.classifier.predict(map_features(maps, self.classifier_levels)).tolist()

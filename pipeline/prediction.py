@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from anomaly_model.store import AtomicFolder
+from anomaly_model.files import AtomicFolder
 from dataset_manager import DataError, find_images
 from pipeline.detector import Detector
 from pipeline.pictures import color_range, write_pictures

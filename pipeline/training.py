@@ -1,4 +1,4 @@
-"""train.py's work for one category: fit PaDiM on good images, calibrate on held-out goods, save."""
+"""train.py's work for one category: fit the anomaly model on good images, calibrate on held-out goods, save."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import torch
 from tqdm import tqdm
 
 from anomaly_model.backbone import ModelError
-from anomaly_model.padim import Padim
-from anomaly_model.store import check_writable, save_model
+from anomaly_model.base import AnomalyModel
+from anomaly_model.files import check_writable
+from anomaly_model.store import build_model, save_model
 from dataset_manager import Category, ImageBatches, Preprocessor
 
 PIXEL_SAMPLE_STRIDE = 4  # validation maps are smooth (blur sigma 4): every 4th pixel each way suffices
@@ -60,21 +61,21 @@ def _warn_skipped(skipped: list[tuple[Path, str]]) -> None:
         print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
 
 
-def validation_maps(padim: Padim, paths: list[Path], preprocessor: Preprocessor, settings) -> tuple[torch.Tensor, list]:
-    """(N, CROP, CROP) anomaly maps of held-out good images, and the files that could not be read."""
+def validation_maps(model: AnomalyModel, paths: list[Path], preprocessor: Preprocessor, settings) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(N, H, W) anomaly maps and (N,) image scores of held-out good images, and the files that could not be read."""
     batches = ImageBatches(paths, preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
-    maps = [padim.anomaly_maps(batch.images).cpu() for batch in tqdm(batches, desc="validation", unit="batch", file=sys.stderr)]
-    if not maps:
+    scored = [model.score(batch.images) for batch in tqdm(batches, desc="validation", unit="batch", file=sys.stderr)]
+    if not scored:
         raise ModelError("none of the validation images could be read: thresholds cannot be calibrated")
-    return torch.cat(maps), batches.skipped
+    return torch.cat([maps for maps, _ in scored]), torch.cat([scores for _, scores in scored]), batches.skipped
 
 
-def calibrate(maps: torch.Tensor, image_rate: float, pixel_rate: float) -> dict:
+def calibrate(maps: torch.Tensor, image_scores: torch.Tensor, image_rate: float, pixel_rate: float) -> dict:
     """Thresholds that reject the given shares of good images / pixels, and the score statistics."""
     for name, rate in (("IMAGE_FALSE_REJECT_RATE", image_rate), ("PIXEL_FALSE_REJECT_RATE", pixel_rate)):
         if not 0 <= rate < 1:
             raise ModelError(f"{name}={rate} must be in [0, 1)")
-    scores = maps.flatten(1).max(dim=1).values.double().numpy()
+    scores = image_scores.double().numpy()
     pixels = maps[:, ::PIXEL_SAMPLE_STRIDE, ::PIXEL_SAMPLE_STRIDE].reshape(-1).double().numpy()
     return {
         "thresholds": {
@@ -99,24 +100,14 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
     check_writable(model_dir.parent)
     train_paths, validation_paths = split_validation(category, settings.VALIDATION_FRACTION, settings.SEED)
     preprocessor = make_preprocessor(settings)
-    padim = Padim(
-        backbone=settings.BACKBONE,
-        weights=settings.WEIGHTS,
-        layers=settings.LAYERS,
-        feature_dim=settings.FEATURE_DIM,
-        epsilon=settings.COVARIANCE_EPSILON,
-        blur_sigma=settings.BLUR_SIGMA,
-        seed=settings.SEED,
-        device=settings.DEVICE,
-        precision=settings.BACKBONE_PRECISION,
-    )
+    model = build_model(settings)
     batches = ImageBatches(train_paths, preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
-    padim.fit(batch.images for batch in tqdm(batches, desc=f"fit {category.name}", unit="batch", file=sys.stderr))
+    model.fit(batch.images for batch in tqdm(batches, desc=f"fit {category.name}", unit="batch", file=sys.stderr))
     skipped = list(batches.skipped)
-    maps, skipped_validation = validation_maps(padim, validation_paths, preprocessor, settings)
+    maps, scores, skipped_validation = validation_maps(model, validation_paths, preprocessor, settings)
     skipped += skipped_validation
     _warn_skipped(skipped)
-    info = calibrate(maps, settings.IMAGE_FALSE_REJECT_RATE, settings.PIXEL_FALSE_REJECT_RATE)
+    info = calibrate(maps, scores, settings.IMAGE_FALSE_REJECT_RATE, settings.PIXEL_FALSE_REJECT_RATE)
     info["preprocessing"] = {
         "resize": preprocessor.resize,
         "crop": preprocessor.crop,
@@ -126,7 +117,7 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
     info["dataset"] = {
         "category": category.name,
         "dataset_dir": str(category.root),
-        "n_train_images": padim.n_train_images_,
+        "n_train_images": model.n_train_images_,
         "n_validation_images": int(maps.shape[0]),
         "skipped_files": [str(path) for path, _ in skipped],
     }
@@ -138,14 +129,14 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
         unreadable = {path for path, _ in skipped_validation}
         readable = [path for path in validation_paths if path not in unreadable]
         classifier, info["classifier"] = train_for_model(
-            padim, preprocessor, readable, maps, category.train_defect_images, levels_from_description(info), settings
+            model, preprocessor, readable, maps, category.train_defect_images, levels_from_description(info), settings
         )
         extra_files[info["classifier"]["booster_file"]] = classifier.to_bytes()
-    model_bytes = save_model(model_dir, padim, info, extra_files=extra_files)
+    model_bytes = save_model(model_dir, model, info, extra_files=extra_files)
     return TrainingSummary(
         category=category.name,
         model_dir=model_dir,
-        n_train=padim.n_train_images_,
+        n_train=model.n_train_images_,
         n_validation=int(maps.shape[0]),
         seconds=time.perf_counter() - started,
         model_bytes=model_bytes,

@@ -10,7 +10,8 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from anomaly_model.backbone import ModelError
 from anomaly_model.gaussian import StreamingGaussian, mahalanobis
-from anomaly_model.padim import Padim, gaussian_blur
+from anomaly_model.maps import gaussian_blur
+from anomaly_model.padim import Padim
 
 
 def _random_embeddings(n: int = 40, d: int = 6, positions: int = 5, seed: int = 0) -> torch.Tensor:

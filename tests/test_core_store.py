@@ -43,7 +43,7 @@ def test_a_bfloat16_model_is_scored_in_bfloat16_after_loading(tmp_path):
     fitted = Padim("resnet18", "none", feature_dim=16, device="cpu", precision="bfloat16").fit([images])
     save_model(tmp_path / "model", fitted, INFO)
     loaded, description = load_model(tmp_path / "model", "cpu")
-    assert description["padim"]["precision"] == loaded.precision == "bfloat16"
+    assert description["anomaly_model"]["settings"]["precision"] == loaded.precision == "bfloat16"
     probe = torch.randn(2, 3, 64, 64)
     assert torch.equal(loaded.anomaly_maps(probe), fitted.anomaly_maps(probe))
 
@@ -92,7 +92,7 @@ def test_model_of_an_older_format_asks_for_retraining(saved):
 
 def test_changed_backbone_weights_are_refused(saved):
     description = json.loads((saved / "model.json").read_text())
-    description["padim"]["seed"] = 1  # random-init weights are seeded: another seed, other weights
+    description["anomaly_model"]["settings"]["seed"] = 1  # random-init weights are seeded: another seed, other weights
     (saved / "model.json").write_text(json.dumps(description))
     with pytest.raises(ModelError, match="backbone weights"):
         load_model(saved, "cpu")
