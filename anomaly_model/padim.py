@@ -121,12 +121,16 @@ class Padim(AnomalyModel):
                 column += chosen.numel()
 
     def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) Mahalanobis distance of each patch of each image."""
+        """(B, h, w) score of each patch of each image: its Mahalanobis distance."""
         embedding, grid = self.embed(images)
         self.check_grid(grid)
+        return self.embedding_scores(embedding, self.mean_, self.cholesky_).view(-1, *grid)
+
+    def embedding_scores(self, embedding: torch.Tensor, mean: torch.Tensor, cholesky: torch.Tensor) -> torch.Tensor:
+        """(N, P) scores of (P, N, d) embeddings under the Gaussians (mean, cholesky): the one place
+        a patch score is computed from statistics, whichever statistics they are."""
         with torch.no_grad():
-            distances = mahalanobis(embedding, self.mean_, self.cholesky_)
-        return distances.view(-1, *grid)
+            return mahalanobis(embedding, mean, cholesky)
 
     # --- saving and loading -------------------------------------------------------------------
 
