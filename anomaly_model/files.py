@@ -59,7 +59,7 @@ def storage_message(error: OSError, folder: Path | str | None = None) -> str:
     if error.errno == errno.EROFS:
         return f"{place} is on a read-only disk: choose a writable folder"
     if error.errno in (errno.EACCES, errno.EPERM):
-        return f"no permission to write {place} ({error.strerror}): choose a folder you can write to"
+        return f"no permission for {place} ({error.strerror}): change its permissions or choose a folder you can write to"
     return f"cannot write {place} ({error.strerror})"
 
 
