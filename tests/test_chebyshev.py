@@ -11,6 +11,7 @@ import torch
 from anomaly_model.backbone import ModelError
 from anomaly_model.chebyshev import pixel_threshold
 from anomaly_model.gaussian import mahalanobis
+from anomaly_model.maps import MapMaker
 from anomaly_model.padim import Padim
 from anomaly_model.store import load_model, save_model
 from conftest import SHARED, TINY, make_mvtec_category, outputs, run_script
@@ -108,6 +109,15 @@ def test_thresholds_follow_the_bound():
     assert pixel_threshold("hybrid", 0.5, d, rate) == pytest.approx(0.5 * 100 + 0.5)
     assert pixel_threshold("chebyshev", 0.5, d, rate) == pytest.approx(d / (d + rate))
     assert pixel_threshold("hybrid", 0.0, d, rate) == pytest.approx(d / (d + rate))
+
+
+def test_map_pixels_are_convex_combinations_of_patch_scores():
+    """What carries the patch-level bounds to the map (Jensen): upsampling and blur weigh the
+    patch scores with non-negative weights that sum to 1."""
+    rows, columns = MapMaker(4.0).operators((56, 56), (224, 224), torch.device("cpu"))
+    for operator in (rows, columns):
+        assert (operator >= 0).all()
+        assert torch.allclose(operator.sum(dim=1), torch.ones(224), atol=1e-6)
 
 
 @pytest.mark.skipif(not (TIRE.is_dir() and WEIGHTS.is_file()), reason="../shared (tire data and weights) is absent")
