@@ -163,6 +163,18 @@ def _anomaly_models() -> list[str]:
     return list(MODEL_TYPES)
 
 
+def _padim_scores() -> list[str]:
+    from anomaly_model.chebyshev import SCORES
+
+    return list(SCORES)
+
+
+def _pixel_policies() -> list[str]:
+    from pipeline.training import PIXEL_THRESHOLD_POLICIES
+
+    return list(PIXEL_THRESHOLD_POLICIES)
+
+
 def _backbones() -> list[str]:
     from anomaly_model.backbone import BACKBONES
 
@@ -226,10 +238,13 @@ RULES: dict[str, Rule] = {
     "COVARIANCE_EPSILON": number(minimum=0),
     "BLUR_SIGMA": number(minimum=0),
     "BACKBONE_PRECISION": choice(_precisions),
+    "PADIM_SCORE": choice(_padim_scores),
+    "CHEBYSHEV_WEIGHT": number(0, 1),
     "SEED": integer(0, 2**32 - 1),
     # thresholds
     "IMAGE_FALSE_REJECT_RATE": FRACTION,
     "PIXEL_FALSE_REJECT_RATE": FRACTION,
+    "PIXEL_THRESHOLD_POLICY": choice(_pixel_policies),
     # runtime
     "DEVICE": device(),
     "BATCH_SIZE": integer(minimum=1),

@@ -130,6 +130,12 @@ class AnomalyModel:
         """Read back what `save_arrays` wrote (checksums in `files`), after `load_fitted_state`."""
         raise NotImplementedError
 
+    def bounded_pixel_threshold(self, rate: float) -> tuple[float, str] | None:
+        """(the map level a good pixel exceeds with probability at most `rate` whatever the
+        distribution of good features, the rule it follows from), for PIXEL_THRESHOLD_POLICY =
+        "chebyshev"; None for a model that has no such bound."""
+        return None
+
     # --- shared -------------------------------------------------------------------------------
 
     def backbone_slices(self, images: torch.Tensor) -> Iterator[tuple[int, list[torch.Tensor]]]:

@@ -27,6 +27,10 @@ _FACTOR_CHUNK_ELEMENTS = 2_000_000
 # Positions scored at once: the (chunk, N, d) difference and its solved copy stay a few tens of
 # MB for Wide-ResNet at batch 32, instead of two (P, N, d) copies (~450 MB).
 _DISTANCE_CHUNK_POSITIONS = 256
+# Smallest channel variance a per-channel deviation divides by ((1e-6)^2): a channel that never
+# varied gives a huge but finite k, not inf or NaN. The fit's COVARIANCE_EPSILON (0.01) already
+# keeps every fitted variance far above it; the floor guards other statistics and epsilon = 0.
+VARIANCE_FLOOR = 1e-12
 
 
 class StreamingGaussian:
@@ -84,18 +88,38 @@ class StreamingGaussian:
 
 
 def mahalanobis(features: torch.Tensor, mean: torch.Tensor, cholesky: torch.Tensor) -> torch.Tensor:
-    """Distances (N, P) of embeddings (P, N, d) to each position's Gaussian.
+    """Distances (N, P) of embeddings (P, N, d) to each position's Gaussian."""
+    return deviations(features, mean, cholesky)[0]
+
+
+def deviations(
+    features: torch.Tensor, mean: torch.Tensor, cholesky: torch.Tensor, distance: bool = True, channel_max: bool = False
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(Mahalanobis distances (N, P), largest squared per-channel deviations (N, P)) of embeddings
+    (P, N, d) from each position's Gaussian; each only when asked for (else None).
 
     Chunks of positions bound the working memory; within a chunk the distances are one batched
     triangular solve L y = x - mu, the right-hand sides being the (N, d) differences seen as
     d x N (a transposed view): as fast per image here as a product with a stored L^-1.
+
+    The channel deviation is k_c^2 = (x_c - mu_c)^2 / sigma_c^2, maximized over channels. The
+    variances come from the factor itself (sigma_c^2 = sum_j L_cj^2, the covariance diagonal,
+    COVARIANCE_EPSILON included), so any (mean, cholesky) pair given (the fitted one or
+    leave-fold-out statistics) carries what it needs; a norm over each row reads the factor
+    without a (p, d, d) temporary. Variances are floored at VARIANCE_FLOOR so that k stays finite.
     """
     features = features.float()
     positions, count, _ = features.shape
-    squared = torch.empty(positions, count, dtype=torch.float32, device=features.device)
+    squared = torch.empty(positions, count, dtype=torch.float32, device=features.device) if distance else None
+    largest = torch.empty(positions, count, dtype=torch.float32, device=features.device) if channel_max else None
     for start in range(0, positions, _DISTANCE_CHUNK_POSITIONS):
         block = slice(start, start + _DISTANCE_CHUNK_POSITIONS)
         delta = features[block] - mean[block, None, :]  # (p, N, d)
-        solved = torch.linalg.solve_triangular(cholesky[block], delta.transpose(1, 2), upper=False)  # (p, d, N)
-        squared[block] = solved.square_().sum(dim=1)
-    return squared.clamp_min_(0).sqrt_().T.contiguous()
+        if channel_max:
+            variance = torch.linalg.vector_norm(cholesky[block], dim=2).square_().clamp_min_(VARIANCE_FLOOR)  # (p, d)
+            largest[block] = delta.square().div_(variance[:, None, :]).amax(dim=2)
+        if distance:
+            solved = torch.linalg.solve_triangular(cholesky[block], delta.transpose(1, 2), upper=False)  # (p, d, N)
+            squared[block] = solved.square_().sum(dim=1)
+    distances = squared.clamp_min_(0).sqrt_().T.contiguous() if distance else None
+    return distances, largest.T.contiguous() if channel_max else None

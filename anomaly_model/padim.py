@@ -3,7 +3,8 @@
 A patch embedding is a random subset of d channels of layers 1-3, the deeper layers upsampled
 (nearest) to layer 1's grid; the fit keeps per-position running sums only (`gaussian.py`), so
 memory is flat in the number of training images; a patch's score is its Mahalanobis distance to
-its position's Gaussian.
+its position's Gaussian (PADIM_SCORE = "mahalanobis"), or, as the hybrid Gaussian-Chebyshev
+variant scores it, that distance beside a per-channel Chebyshev term (`chebyshev.py`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch.nn.functional as F
 
 from anomaly_model.backbone import DEFAULT_FEATURE_DIM, ModelError
 from anomaly_model.base import AnomalyModel
+from anomaly_model.chebyshev import SCORES, chebyshev_term, pixel_threshold, pixel_threshold_rule
 from anomaly_model.files import CHUNK_ROWS, read_npy, read_npy_chunks
-from anomaly_model.gaussian import StreamingGaussian, mahalanobis
+from anomaly_model.gaussian import StreamingGaussian, deviations, mahalanobis
 from anomaly_model.schema import check
 from settings import integer, sequence
 
@@ -43,7 +45,12 @@ class Padim(AnomalyModel):
     """
 
     kind = "padim"
-    OWN_SETTINGS = {"FEATURE_DIM": "feature_dim", "COVARIANCE_EPSILON": "epsilon"}
+    OWN_SETTINGS = {
+        "FEATURE_DIM": "feature_dim",
+        "COVARIANCE_EPSILON": "epsilon",
+        "PADIM_SCORE": "score_kind",
+        "CHEBYSHEV_WEIGHT": "chebyshev_weight",
+    }
 
     def __init__(
         self,
@@ -56,10 +63,21 @@ class Padim(AnomalyModel):
         seed: int = 0,
         device: str = "auto",
         precision: str = "float32",
+        score_kind: str = "mahalanobis",
+        chebyshev_weight: float = 0.5,
     ) -> None:
         self.epsilon = float(epsilon)
         if not self.epsilon >= 0:
             raise ModelError(f"COVARIANCE_EPSILON={epsilon} must be >= 0 (the paper uses 0.01)")
+        if score_kind not in SCORES:
+            raise ModelError(f"PADIM_SCORE={score_kind!r} is not supported: choose one of {', '.join(SCORES)}")
+        self.score_kind = score_kind
+        self.chebyshev_weight = float(chebyshev_weight)
+        if not 0 <= self.chebyshev_weight <= 1:
+            raise ModelError(
+                f"CHEBYSHEV_WEIGHT={chebyshev_weight} must be between 0 and 1 "
+                "(the Mahalanobis share of the hybrid score: 0.5 as published, 1 = Mahalanobis alone)"
+            )
         super().__init__(backbone, weights, layers, blur_sigma, seed, device, precision)
         total = sum(self.extractor.channels)
         self.feature_dim = int(feature_dim) or min(DEFAULT_FEATURE_DIM[backbone], total)
@@ -123,21 +141,45 @@ class Padim(AnomalyModel):
                 column += chosen.numel()
 
     def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) score of each patch of each image: its Mahalanobis distance."""
+        """(B, h, w) score of each patch of each image (PADIM_SCORE: its Mahalanobis distance by default)."""
         embedding, grid = self.embed(images)
         self.check_grid(grid)
         return self.embedding_scores(embedding, self.mean_, self.cholesky_).view(-1, *grid)
 
     def embedding_scores(self, embedding: torch.Tensor, mean: torch.Tensor, cholesky: torch.Tensor) -> torch.Tensor:
         """(N, P) scores of (P, N, d) embeddings under the Gaussians (mean, cholesky): the one place
-        a patch score is computed from statistics, whichever statistics they are."""
+        a patch score is computed from statistics, whichever statistics they are.
+
+        "mahalanobis": the distance M; "chebyshev": the term C = max_c (1 - 1/k_c^2) in [0, 1);
+        "hybrid": w M + (1 - w) C with w = CHEBYSHEV_WEIGHT (the published (M + C) / 2 at 0.5).
+        The per-channel sigma is taken from `cholesky` itself, so leave-fold-out statistics work
+        as the fitted ones do. Weight 1 is the Mahalanobis computation itself (same maps, bit for bit)."""
         with torch.no_grad():
-            return mahalanobis(embedding, mean, cholesky)
+            kind, weight = self.score_kind, self.chebyshev_weight
+            if kind == "mahalanobis" or (kind == "hybrid" and weight == 1):
+                return mahalanobis(embedding, mean, cholesky)
+            distance, largest = deviations(embedding, mean, cholesky, distance=kind == "hybrid", channel_max=True)
+            term = chebyshev_term(largest)
+            if kind == "chebyshev":
+                return term
+            return distance.mul_(weight).add_(term, alpha=1 - weight)
+
+    def bounded_pixel_threshold(self, rate: float) -> tuple[float, str]:
+        """(the map level a good pixel exceeds with probability at most `rate` by Chebyshev's
+        inequality, its formula): distribution-free; what it covers: `chebyshev.py`."""
+        level = pixel_threshold(self.score_kind, self.chebyshev_weight, self.feature_dim, rate)
+        return level, pixel_threshold_rule(self.score_kind, self.chebyshev_weight)
 
     # --- saving and loading -------------------------------------------------------------------
 
     def settings(self) -> dict:
-        return {**super().settings(), "feature_dim": self.feature_dim, "epsilon": self.epsilon}
+        return {
+            **super().settings(),
+            "feature_dim": self.feature_dim,
+            "epsilon": self.epsilon,
+            "score_kind": self.score_kind,
+            "chebyshev_weight": self.chebyshev_weight,
+        }
 
     def fitted_state(self) -> dict:
         return {**super().fitted_state(), "channel_indices": self.channel_indices_.tolist()}

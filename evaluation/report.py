@@ -9,7 +9,7 @@ from __future__ import annotations
 from html import escape
 from pathlib import Path
 
-from evaluation.tables import OPERATING_ROWS, cell, summary_columns, summary_table
+from evaluation.tables import OPERATING_ROWS, PIXEL_THRESHOLD_HEADER, cell, pixel_threshold_rows, summary_columns, summary_table
 
 _STYLE = """
 body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1500px; }
@@ -64,6 +64,10 @@ def _category(metrics: dict) -> str:
     optimistic = [[f"F1-max, {name}", f"{best['f1']:.3f} at threshold {best['threshold']:.4g}"] for name, best in metrics.get("f1_max", {}).items() if best]
     if optimistic:
         parts.append("<p>Optimistic (threshold tuned on the test set itself, an upper bound):</p>" + _table(["metric", "value"], optimistic))
+    threshold_rows = pixel_threshold_rows(metrics)
+    if threshold_rows:
+        parts.append("<h3>Pixel thresholds</h3><p>The map above the one in use is the predicted defect area (PIXEL_THRESHOLD_POLICY).</p>")
+        parts.append(_table(PIXEL_THRESHOLD_HEADER, threshold_rows))
     parts.append("<h3>Per defect type</h3>")
     with_classifier = metrics.get("classifier_rocauc") is not None
     per_defect = [

@@ -76,6 +76,37 @@ OPERATING_ROWS = [
 ]
 
 
+PIXEL_THRESHOLD_HEADER = [
+    "pixel threshold",
+    "level",
+    "in use",
+    "how it was set",
+    "good validation pixels at or above",
+    "good test pixels at or above",
+    "defect pixels at or above",
+]
+
+
+def _share(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.3g} %"
+
+
+def pixel_threshold_rows(metrics: dict) -> list[list[str]]:
+    """One row per pixel threshold the model carries (PIXEL_THRESHOLD_POLICY chooses the one in use):
+    its level, how it was set, and how often good and defect pixels reach it."""
+    rows = []
+    for name, entry in metrics.get("pixel_thresholds", {}).items():
+        if name == "chebyshev":
+            how = f"bound: at most {_share(entry['bound'])} of good pixels, any distribution; t = {entry['rule']}"
+        else:
+            how = f"flags {_share(entry['rate'])} of good validation pixels (their quantile)"
+        rows.append([
+            name, f"{entry['threshold']:.6g}", "yes" if entry["in_use"] else "no", how,
+            _share(entry.get("validation_exceedance")), _share(entry["test_good_exceedance"]), _share(entry["test_defect_pixel_recall"]),
+        ])
+    return rows
+
+
 def markdown_category(metrics: dict) -> str:
     """One category's details: operating point, confusion matrix, optimistic F1-max, per defect type, notes."""
     operating = metrics["operating"]
@@ -102,6 +133,11 @@ def markdown_category(metrics: dict) -> str:
     for name, best in metrics.get("f1_max", {}).items():
         if best is not None:
             lines.append(f"F1-max of the {name} over test thresholds (optimistic): {best['f1']:.3f} at {best['threshold']:.4g}")
+    threshold_rows = pixel_threshold_rows(metrics)
+    if threshold_rows:
+        lines += ["", "Pixel thresholds (the map above the one in use is the predicted defect area):", ""]
+        lines += ["| " + " | ".join(PIXEL_THRESHOLD_HEADER) + " |", "|---" * len(PIXEL_THRESHOLD_HEADER) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in threshold_rows]
     keys = ["image_rocauc"] + (["classifier_rocauc"] if metrics.get("classifier_rocauc") is not None else []) + ["pixel_rocauc", "pro"]
     titles = {"image_rocauc": "image ROCAUC", "classifier_rocauc": "classifier ROCAUC", "pixel_rocauc": "pixel ROCAUC", "pro": "PRO"}
     lines += ["", "| defect type | images | " + " | ".join(titles[k] for k in keys) + " |", "|---" * (len(keys) + 2) + "|"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,13 @@ class ImageResult:
 def settings_differences(description: dict, settings) -> list[str]:
     """'KEY: model has X, config.py has Y' for each model setting config.py disagrees with."""
     entry = description["anomaly_model"]
+    cls = model_class(entry["type"])
+    defaults = {name: parameter.default for name, parameter in inspect.signature(cls.__init__).parameters.items()}
     stored_values = {"ANOMALY_MODEL": entry["type"]}
-    stored_values.update({key: entry["settings"][name] for key, name in model_class(entry["type"]).setting_names().items()})
+    # a setting added after the model was saved is absent from it: the model runs with its default
+    stored_values.update({key: entry["settings"].get(name, defaults.get(name)) for key, name in cls.setting_names().items()})
     stored_values.update({key: description["preprocessing"][name] for key, name in PREPROCESSING_SETTINGS.items()})
+    stored_values["PIXEL_THRESHOLD_POLICY"] = description.get("thresholds", {}).get("pixel_policy", "validation")
     notes = []
     for key, stored in stored_values.items():
         wanted = getattr(settings, key)

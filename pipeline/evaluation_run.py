@@ -129,6 +129,27 @@ def _per_defect(types: np.ndarray, scores: np.ndarray, probabilities, pixel_set:
     return table
 
 
+def _pixel_thresholds(thresholds: dict, maps: np.ndarray, masks: np.ndarray, good: np.ndarray, masked: np.ndarray) -> dict:
+    """Each pixel threshold the model carries (the validation quantile; the Chebyshev bound's level
+    when the model has one) with what training measured on good validation pixels, and on this
+    test set the share of good images' pixels at or above it (the bound must hold for them too)
+    and of defect pixels (inside the masks) at or above it."""
+    in_use = thresholds.get("pixel_policy", "validation")
+    policies = thresholds.get("pixel_policies") or {"validation": {"threshold": thresholds["pixel"], "rate": thresholds.get("pixel_false_reject_rate")}}
+    good_maps, defect_maps, defect_masks = maps[good], maps[masked], masks[masked]
+    table = {}
+    for name, entry in policies.items():
+        level = entry["threshold"]
+        n_defect = int(defect_masks.sum())
+        table[name] = {
+            **entry,
+            "in_use": name == in_use,
+            "test_good_exceedance": float((good_maps >= level).mean()) if good_maps.size else None,
+            "test_defect_pixel_recall": int((defect_maps[defect_masks] >= level).sum()) / n_defect if n_defect else None,
+        }
+    return table
+
+
 def evaluate_category(detector: Detector, category: Category, settings, out_dir: Path) -> CategoryEvaluation:
     """Metrics of one category, written with its pictures to `out_dir` (relative paths in metrics.json)."""
     if not category.test_images:
@@ -180,6 +201,7 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
         "n_pixel_images": int(pixel_set.sum()),
         "n_defects_without_mask": int(unmasked.sum()),
         "n_regions": curves.n_regions if curves is not None else 0,
+        "pixel_thresholds": _pixel_thresholds(detector.description["thresholds"], scored.maps, scored.masks, ok & ~labels, ok & labels & scored.has_mask),
         "per_defect": _per_defect(types[ok], scores[ok], probabilities[ok] if probabilities is not None else None, pixel_set[ok], _subset(scored, ok), limit),
         "operating": {"source": source, "image_threshold": detector.image_threshold, **verdict_metrics(labels[ok], scored.verdicts[ok])},
         "f1_max": {"image score": f1_max(labels[ok], scores[ok])},

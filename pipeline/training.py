@@ -19,9 +19,11 @@ from anomaly_model.store import build_model, save_model
 from dataset_manager import Category, DataError, ImageBatches, Preprocessor
 from dataset_manager.images import image_size
 from dataset_manager.loader import skipped_summary
+from settings import SettingsError
 
 PIXEL_SAMPLE_STRIDE = 4  # validation maps are smooth (blur sigma 4): every 4th pixel each way suffices
 MIN_TRAIN_IMAGES = 2  # a covariance (and any spread of good features) needs at least two images
+PIXEL_THRESHOLD_POLICIES = ("validation", "chebyshev")
 
 
 @dataclass
@@ -142,6 +144,37 @@ def calibrate(maps: torch.Tensor, image_scores: torch.Tensor, image_rate: float,
     }
 
 
+def check_pixel_policy(model: AnomalyModel, policy: str, rate: float) -> None:
+    """Refuse, before any fitting, a pixel threshold policy the model or the rate cannot give."""
+    if policy not in PIXEL_THRESHOLD_POLICIES:
+        raise SettingsError(f"PIXEL_THRESHOLD_POLICY={policy!r} is not supported: choose one of {', '.join(PIXEL_THRESHOLD_POLICIES)}")
+    if policy == "chebyshev":
+        if not 0 < rate < 1:
+            raise SettingsError(f"PIXEL_THRESHOLD_POLICY=chebyshev needs PIXEL_FALSE_REJECT_RATE in (0, 1), got {rate}: it is the false-alarm bound")
+        if model.bounded_pixel_threshold(rate) is None:
+            raise SettingsError(f"PIXEL_THRESHOLD_POLICY=chebyshev needs a model with a distribution-free bound (padim), not {model.kind}")
+
+
+def pixel_policies(model: AnomalyModel, maps: torch.Tensor, thresholds: dict, policy: str) -> None:
+    """Adds to `thresholds` both pixel thresholds (the validation quantile and, when the model has
+    one, the Chebyshev bound's level), how often good validation pixels reach each, and sets
+    "pixel" to the one PIXEL_THRESHOLD_POLICY chooses."""
+    rate = thresholds["pixel_false_reject_rate"]
+
+    def exceedance(level: float) -> float:  # every pixel of every map, not the calibration's sample
+        return int((maps >= level).sum()) / maps.numel()
+
+    entries = {"validation": {"threshold": thresholds["pixel"], "rate": rate, "validation_exceedance": exceedance(thresholds["pixel"])}}
+    bounded = model.bounded_pixel_threshold(rate) if rate > 0 else None
+    if bounded is not None:
+        level, rule = bounded
+        entries["chebyshev"] = {"threshold": level, "bound": rate, "rule": rule, "validation_exceedance": exceedance(level)}
+    thresholds["pixel_policy"] = policy
+    thresholds["pixel_policies"] = entries
+    thresholds["pixel"] = entries[policy]["threshold"]
+    thresholds["n_validation_pixels"] = int(maps.numel())
+
+
 def train_category(category: Category, settings, model_dir: Path) -> TrainingSummary:
     """Fit, calibrate and save one model; the previous model at `model_dir` survives any failure."""
     started = time.perf_counter()
@@ -153,6 +186,7 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
     require_training_images(len(train_paths), folder, n_files, held_out, skipped)
     preprocessor = make_preprocessor(settings)
     model = build_model(settings)
+    check_pixel_policy(model, settings.PIXEL_THRESHOLD_POLICY, settings.PIXEL_FALSE_REJECT_RATE)
     batches = ImageBatches(train_paths, preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
 
     def counted_images():
@@ -169,6 +203,7 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
     skipped += skipped_validation
     _warn_skipped(skipped)
     info = calibrate(maps, scores, settings.IMAGE_FALSE_REJECT_RATE, settings.PIXEL_FALSE_REJECT_RATE)
+    pixel_policies(model, maps, info["thresholds"], settings.PIXEL_THRESHOLD_POLICY)
     info["preprocessing"] = {
         "resize": preprocessor.resize,
         "crop": preprocessor.crop,
