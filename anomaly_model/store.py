@@ -3,7 +3,8 @@
 MODEL_DIR/<name>/
   model.json         "anomaly_model": its type, settings and small fitted state; thresholds,
                      validation statistics, library versions, every file's checksum
-  *.npy              the model's arrays (Padim: mean.npy, cholesky.npy; see each model's class)
+  *.npy              the model's arrays (Padim: mean.npy, cholesky.npy; PatchCore: coreset*.npy;
+                     see each model's class)
   ...                files other components add (the classifier's booster JSON)
 
 Everything is written through `files.AtomicFolder`: into a temporary folder beside the target,
@@ -24,9 +25,10 @@ from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.files import AtomicFolder
 from anomaly_model.padim import Padim
+from anomaly_model.patchcore import PatchCore
 
 FORMAT_VERSION = 3  # 3: "anomaly_model" section with a type (2: PaDiM only, "padim" section)
-MODEL_TYPES: dict[str, type[AnomalyModel]] = {Padim.kind: Padim}
+MODEL_TYPES: dict[str, type[AnomalyModel]] = {Padim.kind: Padim, PatchCore.kind: PatchCore}
 
 
 def library_versions() -> dict:

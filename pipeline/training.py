@@ -102,6 +102,7 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
     preprocessor = make_preprocessor(settings)
     model = build_model(settings)
     batches = ImageBatches(train_paths, preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
+    model.plan_fit(len(train_paths))
     model.fit(batch.images for batch in tqdm(batches, desc=f"fit {category.name}", unit="batch", file=sys.stderr))
     skipped = list(batches.skipped)
     maps, scores, skipped_validation = validation_maps(model, validation_paths, preprocessor, settings)
