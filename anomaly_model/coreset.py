@@ -127,7 +127,7 @@ def _select_pruned(points: torch.Tensor, norms: torch.Tensor, count: int, start:
     centers = torch.empty(count, dim)  # the chosen points, contiguous: center-to-center distances
     center_norms = torch.empty(count)
     center_distances = torch.empty(count)  # squared distance of each chosen point to the new one
-    owner = torch.zeros(n_points, dtype=torch.int32)  # which chosen point each point is nearest to
+    owner = torch.zeros(n_points, dtype=torch.long)  # which chosen point each point is nearest to (int64: faster gathers)
     bound = torch.empty(n_points)  # squared distance of each point's owner to the new center
     candidate = torch.empty(n_points, dtype=torch.bool)
     quadruple = torch.empty(n_points)  # 4 x squared distance to the nearest chosen point

@@ -37,6 +37,10 @@ def channel_pooling(channels: int, size: int) -> torch.Tensor:
     return F.adaptive_avg_pool1d(identity, size).squeeze(1)
 
 
+def _size(count: int) -> str:
+    return f"{count / 1e9:.1f} GB" if count >= 1e9 else f"{count / 1e6:.0f} MB"
+
+
 class PatchCore(AnomalyModel):
     """Memory bank of good patch features, kept as a greedy coreset; score = nearest-neighbour distance.
 
@@ -147,7 +151,7 @@ class PatchCore(AnomalyModel):
         what = f"{n_images} training images" if planned else f"the first {n_images} training images"
         raise ModelError(
             f"PatchCore's memory bank for {what} ({positions} patches x {self.feature_dim} features each) needs "
-            f"{needed / 1e9:.1f} GB of RAM, only {free / 1e9:.1f} GB is free: train on fewer images (about {fits} fit), "
+            f"{_size(needed)} of RAM, only {_size(free)} is free: train on fewer images (about {fits} fit), "
             "lower PATCHCORE_FEATURE_DIM or CROP (CORESET_RATIO and BATCH_SIZE do not change the bank's size)"
         )
 
@@ -213,7 +217,7 @@ class PatchCore(AnomalyModel):
 
     # --- scoring ------------------------------------------------------------------------------
 
-    def _nearest(self, images: torch.Tensor, norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+    def nearest_patches(self, images: torch.Tensor, norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
         """(features minus memory_mean_ (B*P, D), distance (B*P,), nearest coreset row (B*P,), grid)."""
         if self.memory_ is None:
             raise ModelError("the model is not fitted: run train.py first")
@@ -225,7 +229,7 @@ class PatchCore(AnomalyModel):
 
     def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
         """(B, h, w) distance of each patch to its nearest coreset feature."""
-        _, distances, _, grid = self._nearest(images, self.memory_norms_)
+        _, distances, _, grid = self.nearest_patches(images, self.memory_norms_)
         return distances.view(len(images), *grid)
 
     def score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,7 +240,7 @@ class PatchCore(AnomalyModel):
 
     def _score(self, images: torch.Tensor, norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`score` against the coreset rows whose `norms` are finite (+inf excludes a row)."""
-        embedding, distances, nearest, grid = self._nearest(images, norms)
+        embedding, distances, nearest, grid = self.nearest_patches(images, norms)
         count, positions = len(images), grid[0] * grid[1]
         maps = self.map_maker(distances.view(count, *grid), tuple(images.shape[-2:]))
         scores = self.image_scores(maps)
@@ -245,16 +249,16 @@ class PatchCore(AnomalyModel):
             scores = scores * self.reweighting(embedding[worst], nearest[worst], norms)
         return maps, scores
 
-    def reweighting(self, queries: torch.Tensor, matches: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    def reweighting(self, queries: torch.Tensor, matches: torch.Tensor, norms: torch.Tensor, neighbors: int = 0) -> torch.Tensor:
         """(B,) eq. 7 weights w = 1 - exp|q - m*| / sum over N_b(m*) of exp|q - m|, for each image's
         most anomalous patch q (minus memory_mean_) and its nearest coreset point m*, with N_b(m*)
         the PATCHCORE_NEIGHBORS coreset points nearest to m* (m* itself included, as anomalib does):
         a match in a sparse region of the coreset (a rare good pattern) keeps w near 1, a match in a
-        dense one is damped to about 1 - 1/b."""
+        dense one is damped to about 1 - 1/b. `neighbors` replaces PATCHCORE_NEIGHBORS (bench/patchcore_neighbors.py)."""
         anchors = self.memory_[matches]  # (B, D)
         anchor_distances = torch.addmm(norms, anchors, self.memory_.T, alpha=-2.0)  # (B, K) + |a|^2 omitted: same order
         anchor_distances[torch.arange(len(matches)), matches] = -math.inf  # m* first, whatever the rounding
-        support = anchor_distances.topk(self.neighbors, dim=1, largest=False).indices  # (B, b)
+        support = anchor_distances.topk(neighbors or self.neighbors, dim=1, largest=False).indices  # (B, b)
         distances = (queries[:, None, :] - self.memory_[support]).norm(dim=2)  # (B, b), m* in column 0
         return 1.0 - torch.softmax(distances, dim=1)[:, 0]
 

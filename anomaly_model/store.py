@@ -105,7 +105,12 @@ def load_model(folder: Path, device: str = "auto") -> tuple[AnomalyModel, dict]:
     folder = Path(folder)
     description = read_description(folder)
     entry = description["anomaly_model"]
-    model = model_class(entry["type"])(**entry["settings"], device=device)
+    if entry.get("type") not in MODEL_TYPES:
+        raise ModelError(f"model {folder} is of type {entry.get('type')!r}, this code knows {', '.join(MODEL_TYPES)}: retrain")
+    try:
+        model = model_class(entry["type"])(**entry["settings"], device=device)
+    except TypeError:  # settings of another model type: model.json was edited or mixed up
+        raise ModelError(f"model {folder}: its settings do not fit a {entry['type']} model (model.json damaged?): retrain") from None
     if backbone_fingerprint(model) != entry["backbone_sha256"]:
         raise ModelError(
             f"the backbone weights {entry['settings']['weights']!r} differ from those model {folder} was trained with: "
