@@ -35,6 +35,12 @@ from anomaly_model.backbone import ModelError
 # Query x coreset distance elements computed at once (float32: 64 MB): large enough for fast
 # matrix products, small enough that scoring memory does not grow with the coreset.
 NEIGHBOR_BLOCK = 16 * 1024 * 1024
+# CPU threads of the pruned selection. Its steps are many small operations on arrays of a few
+# MB; on this 2-core machine shared with other jobs, two threads made them 7x slower than one
+# (OpenMP barriers waiting for a descheduled thread: 734 s against 100 s for 3000 steps on
+# tire's Wide-ResNet bank; bench/coreset_speed.py --threads 1,2), and on an idle machine a second
+# thread gains little.
+PRUNED_THREADS = 1
 
 
 def available_memory() -> int:
@@ -92,8 +98,14 @@ def greedy_coreset(points: torch.Tensor, count: int, start: int, method: str = "
     norms = (points * points).sum(dim=1)
     select = {"dense": _select_dense, "pruned": _select_pruned}[method]
     bar = tqdm(total=count, desc="coreset", unit="pt", file=sys.stderr, disable=not progress, mininterval=1.0)
-    with torch.no_grad(), bar:
-        return select(points, norms, count, start, bar)
+    threads = torch.get_num_threads()
+    if method == "pruned":
+        torch.set_num_threads(PRUNED_THREADS)
+    try:
+        with torch.no_grad(), bar:
+            return select(points, norms, count, start, bar)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _select_dense(points: torch.Tensor, norms: torch.Tensor, count: int, start: int, bar) -> torch.Tensor:
