@@ -257,7 +257,7 @@ class PatchCore(AnomalyModel):
         dense one is damped to about 1 - 1/b. `neighbors` replaces PATCHCORE_NEIGHBORS (bench/patchcore_neighbors.py)."""
         anchors = self.memory_[matches]  # (B, D)
         anchor_distances = torch.addmm(norms, anchors, self.memory_.T, alpha=-2.0)  # (B, K) + |a|^2 omitted: same order
-        anchor_distances[torch.arange(len(matches)), matches] = -math.inf  # m* first, whatever the rounding
+        anchor_distances[torch.arange(len(matches), device=matches.device), matches] = -math.inf  # m* first, whatever the rounding
         support = anchor_distances.topk(neighbors or self.neighbors, dim=1, largest=False).indices  # (B, b)
         distances = (queries[:, None, :] - self.memory_[support]).norm(dim=2)  # (B, b), m* in column 0
         return 1.0 - torch.softmax(distances, dim=1)[:, 0]

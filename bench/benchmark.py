@@ -132,7 +132,7 @@ def work_read(args) -> dict:
 
 def _model_path(args) -> Path:
     precision = "" if args.precision == "float32" or args.impl == "naive" else f"-{args.precision}"
-    model = "" if args.model == "padim" else f"-{args.model}-{args.coreset_ratio}-{args.neighbors}"
+    model = "" if args.model == "padim" else f"-{args.model}-{args.coreset_ratio}-{args.neighbors}-{args.n_train}"
     return OUT / "models" / f"{args.impl}-{args.backbone}-{args.weights.replace('/', '_')}{precision}{model}"
 
 
@@ -359,9 +359,10 @@ def drive_patchcore(args, backbones: list[tuple[str, str]]) -> None:
         floors[backbone] = floor.get("backbone_s_per_image")
         for impl in args.impls.split(","):
             row = {"impl": impl, "backbone": backbone, "weights": weights}
-            row |= run_worker("fit", args, backbone=backbone, weights=weights, impl=impl, model="patchcore", save=True)
+            limit = {"model": "patchcore", "n_train": args.patchcore_train}
+            row |= run_worker("fit", args, backbone=backbone, weights=weights, impl=impl, save=True, **limit)
             max_test = args.naive_max_test if impl == "naive" and args.naive_max_test else args.max_test
-            row |= run_worker("test", args, backbone=backbone, weights=weights, impl=impl, model="patchcore", max_test=max_test)
+            row |= run_worker("test", args, backbone=backbone, weights=weights, impl=impl, max_test=max_test, **limit)
             rows.append(row)
         pair = {r["impl"]: r for r in rows if r["backbone"] == backbone}
         if "ours" in pair and "naive" in pair:
@@ -374,10 +375,11 @@ def drive_patchcore(args, backbones: list[tuple[str, str]]) -> None:
         if floors[backbone]:
             notes.append(f"{backbone}: backbone forward alone {floors[backbone]:.3f} s/img ({weights})")
     text = patchcore_table(rows, floors) + "\n\n" + "\n".join(f"- {n}" for n in notes)
-    text += (f"\n\nDataset {args.dataset}, CORESET_RATIO={args.coreset_ratio}, PATCHCORE_NEIGHBORS={args.neighbors}, "
+    text += (f"\n\nDataset {args.dataset} ({args.patchcore_train or 'all'} training images), CORESET_RATIO={args.coreset_ratio}, PATCHCORE_NEIGHBORS={args.neighbors}, "
              f"batch {args.batch_size}, device {args.device}, torch threads default.\n")
-    (OUT / "results-patchcore.json").write_text(json.dumps({"rows": rows, "notes": notes, "args": vars(args)}, indent=2))
-    (OUT / "table-patchcore.md").write_text(text)
+    suffix = f"-{args.patchcore_train}" if args.patchcore_train else ""
+    (OUT / f"results-patchcore{suffix}.json").write_text(json.dumps({"rows": rows, "notes": notes, "args": vars(args)}, indent=2))
+    (OUT / f"table-patchcore{suffix}.md").write_text(text)
     print(text)
 
 
@@ -447,6 +449,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", default="padim", help="padim, patchcore or both (padim,patchcore)")
     parser.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore's CORESET_RATIO")
     parser.add_argument("--neighbors", type=int, default=0, help="PatchCore's PATCHCORE_NEIGHBORS")
+    parser.add_argument("--patchcore-train", type=int, default=0,
+                        help="fit PatchCore (ours and naive) on the first N training images only (0: all)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default="cpu")

@@ -1,12 +1,13 @@
-"""Coreset selection alone: the pruned (CPU) and dense (GPU) greedy k-center, threads, and pruning rate.
+"""Coreset selection alone: the pruned (CPU) and dense (GPU) greedy k-center against the naive loop.
 
     .venv/bin/python bench/coreset_speed.py [--dataset ../shared/data/tire] [--backbone wide_resnet50_2]
-        [--weights none] [--ratio 0.1] [--methods pruned,dense] [--threads 1,2] [--steps 0]
+        [--weights none] [--ratio 0.1] [--methods pruned,dense,naive] [--threads 1,2] [--steps 0]
 
 Builds PatchCore's projected memory bank of the dataset's train/good images once (cached in
 bench/out/bank-<backbone>-<weights>.npy), then times `greedy_coreset` on it for each method and
-thread count, each in a fresh subprocess. `--steps N` times only the first N selections (the
-naive-speed dense method on the CPU takes many minutes for a whole 10 % coreset). The pruned
+thread count, each in a fresh subprocess; "naive" is bench/naive_patchcore.py's loop (a fresh
+(N, d) difference per step). `--steps N` times only the first N selections and extrapolates (the
+dense and naive loops take many minutes for a whole 10 % coreset on the CPU). The pruned
 method also reports the share of points its triangle-inequality test lets through per step.
 """
 
@@ -68,7 +69,12 @@ def work(args) -> dict:
 
         torch.Tensor.nonzero = counting
     started = time.perf_counter()
-    coreset.greedy_coreset(points, steps, 0, args.method, progress=False)
+    if args.method == "naive":
+        from bench.naive_patchcore import naive_greedy
+
+        naive_greedy(points, steps, 0)
+    else:
+        coreset.greedy_coreset(points, steps, 0, args.method, progress=False)
     seconds = time.perf_counter() - started
     return {"method": args.method, "threads": args.thread_count, "points": len(points), "coreset": count, "steps": steps,
             "seconds": seconds, "ms_per_step": seconds / steps * 1e3, "estimated_full_s": seconds / steps * count,
@@ -81,7 +87,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="wide_resnet50_2")
     parser.add_argument("--weights", default="none")
     parser.add_argument("--ratio", type=float, default=0.1)
-    parser.add_argument("--methods", default="pruned,dense")
+    parser.add_argument("--methods", default="pruned,dense,naive")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--steps", type=int, default=0, help="time only the first N selections (0: the whole coreset)")
     parser.add_argument("--worker", action="store_true")

@@ -34,6 +34,18 @@ from anomaly_model.backbone import FeatureExtractor
 from anomaly_model.coreset import coreset_size, projection_matrix
 
 
+def naive_greedy(projected: torch.Tensor, count: int, start: int) -> list[int]:
+    """Greedy k-center as a straightforward loop writes it: every step a fresh (N, d) difference."""
+    selected = [start]
+    min_distances = torch.linalg.norm(projected - projected[start], dim=1)
+    for _ in tqdm(range(count - 1), desc="naive coreset", unit="pt", file=sys.stderr, mininterval=5):
+        index = int(torch.argmax(min_distances))
+        selected.append(index)
+        distances = torch.linalg.norm(projected - projected[index], dim=1)
+        min_distances = torch.minimum(min_distances, distances)
+    return selected
+
+
 class NaivePatchCore:
     """PatchCore as commonly implemented: keep the whole bank, select with full distance vectors."""
 
@@ -69,14 +81,7 @@ class NaivePatchCore:
         else:
             projected = bank
         start = int(torch.randint(len(bank), (1,), generator=torch.Generator().manual_seed(self.seed)))
-        selected = [start]
-        min_distances = torch.linalg.norm(projected - projected[start], dim=1)
-        for _ in tqdm(range(count - 1), desc="naive coreset", unit="pt", file=sys.stderr, mininterval=5):
-            index = int(torch.argmax(min_distances))
-            selected.append(index)
-            distances = torch.linalg.norm(projected - projected[index], dim=1)
-            min_distances = torch.minimum(min_distances, distances)
-        self.coreset = bank[selected].clone()
+        self.coreset = bank[naive_greedy(projected, count, start)].clone()
         self.timings = {"features": features_done - started, "coreset": time.perf_counter() - features_done}
         return self
 
