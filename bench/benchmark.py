@@ -132,7 +132,7 @@ def work_read(args) -> dict:
 
 def _model_path(args) -> Path:
     precision = "" if args.precision == "float32" or args.impl == "naive" else f"-{args.precision}"
-    model = "" if args.model == "padim" else f"-{args.model}-{args.coreset_ratio}-{args.neighbors}-{args.n_train}"
+    model = "" if args.model == "padim" else f"-{args.model}-{args.coreset_ratio}-{args.neighbors}-{args.n_train}-{args.feature_dim}"
     return OUT / "models" / f"{args.impl}-{args.backbone}-{args.weights.replace('/', '_')}{precision}{model}"
 
 
@@ -142,8 +142,8 @@ def fit_patchcore(args, images) -> dict:
         from anomaly_model.patchcore import PatchCore
         from anomaly_model.store import save_model
 
-        model = PatchCore(args.backbone, args.weights, (), args.coreset_ratio, args.neighbors, device=args.device,
-                          precision=args.precision)
+        model = PatchCore(args.backbone, args.weights, (), args.coreset_ratio, args.neighbors, args.feature_dim,
+                          device=args.device, precision=args.precision)
         model.fit(images)
         started = time.perf_counter()
         nbytes = save_model(_model_path(args), model, {}) if args.save else 0
@@ -151,7 +151,8 @@ def fit_patchcore(args, images) -> dict:
     else:
         from bench.naive_patchcore import NaivePatchCore
 
-        model = NaivePatchCore(args.backbone, args.weights, coreset_ratio=args.coreset_ratio, neighbors=args.neighbors)
+        model = NaivePatchCore(args.backbone, args.weights, coreset_ratio=args.coreset_ratio, neighbors=args.neighbors,
+                               feature_dim=args.feature_dim)
         model.fit(images)
         started = time.perf_counter()
         nbytes = model.state_bytes()
@@ -218,7 +219,8 @@ def work_test(args) -> dict:
     elif args.model == "patchcore":
         from bench.naive_patchcore import NaivePatchCore
 
-        model = NaivePatchCore(args.backbone, args.weights, coreset_ratio=args.coreset_ratio, neighbors=args.neighbors)
+        model = NaivePatchCore(args.backbone, args.weights, coreset_ratio=args.coreset_ratio, neighbors=args.neighbors,
+                               feature_dim=args.feature_dim)
         model.load(str(_model_path(args) / "naive.pt"))
         to_maps = lambda images: tuple(torch.from_numpy(a).float() for a in model.score(images))  # noqa: E731
     else:
@@ -264,7 +266,8 @@ def work_test(args) -> dict:
 
 
 WORKERS = {"backbone": work_backbone, "read": work_read, "fit": work_fit, "test": work_test}
-WORKER_OPTIONS = ("dataset", "weights", "batch_size", "num_workers", "device", "max_test", "precision", "coreset_ratio", "neighbors")
+WORKER_OPTIONS = ("dataset", "weights", "batch_size", "num_workers", "device", "max_test", "precision", "coreset_ratio", "neighbors",
+                  "feature_dim")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,8 +379,9 @@ def drive_patchcore(args, backbones: list[tuple[str, str]]) -> None:
             notes.append(f"{backbone}: backbone forward alone {floors[backbone]:.3f} s/img ({weights})")
     text = patchcore_table(rows, floors) + "\n\n" + "\n".join(f"- {n}" for n in notes)
     text += (f"\n\nDataset {args.dataset} ({args.patchcore_train or 'all'} training images), CORESET_RATIO={args.coreset_ratio}, PATCHCORE_NEIGHBORS={args.neighbors}, "
+             f"PATCHCORE_FEATURE_DIM={args.feature_dim}, "
              f"batch {args.batch_size}, device {args.device}, torch threads default.\n")
-    suffix = f"-{args.patchcore_train}" if args.patchcore_train else ""
+    suffix = (f"-{args.patchcore_train}" if args.patchcore_train else "") + (f"-d{args.feature_dim}" if args.feature_dim else "")
     (OUT / f"results-patchcore{suffix}.json").write_text(json.dumps({"rows": rows, "notes": notes, "args": vars(args)}, indent=2))
     (OUT / f"table-patchcore{suffix}.md").write_text(text)
     print(text)
@@ -449,6 +453,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", default="padim", help="padim, patchcore or both (padim,patchcore)")
     parser.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore's CORESET_RATIO")
     parser.add_argument("--neighbors", type=int, default=0, help="PatchCore's PATCHCORE_NEIGHBORS")
+    parser.add_argument("--feature-dim", type=int, default=0, help="PatchCore's PATCHCORE_FEATURE_DIM (0: all channels)")
     parser.add_argument("--patchcore-train", type=int, default=0,
                         help="fit PatchCore (ours and naive) on the first N training images only (0: all)")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -50,8 +50,10 @@ class NaivePatchCore:
     """PatchCore as commonly implemented: keep the whole bank, select with full distance vectors."""
 
     def __init__(self, backbone: str, weights: str, layers: tuple[int, ...] = (2, 3), coreset_ratio: float = 0.1,
-                 neighbors: int = 0, projection_dim: int = 128, blur_sigma: float = 4.0, seed: int = 0) -> None:
+                 neighbors: int = 0, projection_dim: int = 128, blur_sigma: float = 4.0, seed: int = 0,
+                 feature_dim: int = 0) -> None:
         self.extractor = FeatureExtractor(backbone, weights, tuple(layers), seed)
+        self.feature_dim = feature_dim  # 0: all channels; else each stage pooled to its equal share, as the official code
         self.coreset_ratio = coreset_ratio
         self.neighbors = neighbors
         self.projection_dim = projection_dim
@@ -69,7 +71,16 @@ class NaivePatchCore:
         embedding = features[0]
         for feature in features[1:]:
             embedding = torch.cat([embedding, F.interpolate(feature, size=self.grid, mode="bilinear", align_corners=False)], dim=1)
-        return embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
+        embedding = embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
+        if self.feature_dim:
+            parts, start = [], 0
+            for k, feature in enumerate(features):
+                share = self.feature_dim // len(features) + (k < self.feature_dim % len(features))
+                channels = feature.shape[1]
+                parts.append(F.adaptive_avg_pool1d(embedding[:, None, start : start + channels], share)[:, 0])
+                start += channels
+            embedding = torch.cat(parts, dim=1)
+        return embedding
 
     def fit(self, batches: Iterable[torch.Tensor]) -> "NaivePatchCore":
         started = time.perf_counter()

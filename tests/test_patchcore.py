@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 import anomaly_model.coreset as coreset_module
 import anomaly_model.patchcore as patchcore_module
 from anomaly_model.backbone import ModelError
@@ -43,6 +45,22 @@ def train_images() -> torch.Tensor:
 def fitted(train_images) -> PatchCore:
     model = PatchCore("resnet18", "none", neighbors=3, device="cpu")
     return model.fit([train_images[:6], train_images[6:]])
+
+
+@pytest.mark.parametrize("feature_dim", [0, 101])
+def test_features_are_the_published_recipe(feature_dim):
+    """3x3 average pooling per stage, the deeper stage bilinearly upsampled to the first one's grid,
+    concatenated; a PATCHCORE_FEATURE_DIM averages each stage down to an equal share of channels."""
+    model = PatchCore("resnet18", "none", feature_dim=feature_dim, device="cpu")
+    probe = images(3, 9)
+    layer2, layer3 = (F.avg_pool2d(f.float(), 3, 1, 1) for f in model.extractor(probe))
+    layer3 = F.interpolate(layer3, size=layer2.shape[-2:], mode="bilinear", align_corners=False)
+    rows = [layer.permute(0, 2, 3, 1).reshape(-1, layer.shape[1]) for layer in (layer2, layer3)]
+    if feature_dim:
+        rows = [F.adaptive_avg_pool1d(r[:, None, :], share)[:, 0] for r, share in zip(rows, (51, 50))]
+    embedding, grid = model.embed(probe)
+    assert grid == (8, 8) and embedding.shape == (3 * 64, feature_dim or 384)
+    torch.testing.assert_close(embedding, torch.cat(rows, dim=1), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["dense", "pruned"])
