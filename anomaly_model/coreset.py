@@ -16,8 +16,11 @@ only the work per step differs from a straightforward loop:
   touched. The test reads the small per-point arrays (nearest center, distance) that stay in
   cache; only the few points that pass it (about 2 % per step on tire) are read from the bank.
 
-Nearest neighbours: the distance of each query to its nearest coreset point, exactly, as
-blocked matrix products (`NEIGHBOR_BLOCK` elements at a time) so memory stays bounded.
+Nearest neighbours: the distance of each query to its nearest coreset point, exactly.
+`nearest_neighbors` computes every distance, as blocked matrix products (`NEIGHBOR_BLOCK`
+elements at a time, so memory stays bounded). `GroupedNeighbors` gives the same answer reading
+far fewer coreset points: the coreset is kept in groups around its first (farthest-first) points,
+and the triangle inequality skips every group that cannot hold a query's nearest point.
 """
 
 from __future__ import annotations
@@ -198,3 +201,90 @@ def nearest_neighbors(
                 index[q0 : q0 + query_step] = torch.where(better, where + b0, index[q0 : q0 + query_step])
         best += (queries * queries).sum(dim=1)
     return best.clamp_min_(0).sqrt_(), index
+
+
+# Groups of the coreset for `GroupedNeighbors`: GROUP_FACTOR x sqrt(K) of them (256 for tire's
+# 16,464-point coreset). More groups prune more finely but cost more small matrix products.
+GROUP_FACTOR = 2.0
+# Relative slack on the triangle-inequality test, so float32 rounding in the distances can never
+# skip a group holding the nearest point; it only lets a few more groups through.
+PRUNE_SLACK = 1e-3
+
+
+def group_order(coreset: torch.Tensor, groups: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """(order (K,), offsets (G+1,)): the coreset rows regrouped around its first G rows (the
+    greedy selection's first, farthest-apart points), each row in the group of its nearest such
+    center, the center first. `coreset[order]` is what `GroupedNeighbors` reads."""
+    count = len(coreset)
+    groups = groups or min(count, max(1, round(GROUP_FACTOR * math.sqrt(count))))
+    _, parent = nearest_neighbors(coreset, coreset[:groups])
+    parent[:groups] = torch.arange(groups, device=parent.device)  # a center is its own group's first row
+    is_member = (torch.arange(count, device=parent.device) >= groups).long()
+    order = torch.argsort(parent * 2 + is_member, stable=True)
+    offsets = [0] + torch.bincount(parent, minlength=groups).cumsum(0).tolist()
+    return order, offsets
+
+
+class GroupedNeighbors:
+    """Exact nearest row of `bank` (K, D) for each query, for a bank ordered by `group_order`.
+
+    Group g holds rows offsets[g] .. offsets[g+1]-1, its first row being its center c_g, and
+    radius rho_g = the largest distance of a member to c_g. A query at distance D_g from c_g has
+    every member of g at least D_g - rho_g away; once a row at distance u is known (the nearest
+    center to begin with, then the best in the query's own group), a group with D_g - rho_g > u
+    cannot hold a nearer row and is skipped. Same distances as `nearest_neighbors`, fewer read
+    (on tire, Wide-ResNet seeded: about a tenth of the coreset per query with 256 groups).
+    """
+
+    def __init__(self, bank: torch.Tensor, offsets: list[int]) -> None:
+        self.bank = bank
+        self.offsets = list(offsets)
+        self.norms = (bank * bank).sum(dim=1)
+        starts = torch.tensor(self.offsets[:-1], device=bank.device)
+        self.centers = bank.index_select(0, starts)
+        self.center_norms = self.norms.index_select(0, starts)
+        self.center_rows = starts
+        self.radius = torch.stack([
+            (bank[start:end] - bank[start]).norm(dim=1).max() for start, end in zip(self.offsets[:-1], self.offsets[1:])
+        ])
+
+    def __call__(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distance (Q,), row (Q,)) of each query's nearest bank row."""
+        step = max(1, NEIGHBOR_BLOCK // (4 * len(self.offsets)))
+        parts = [self._search(queries[start : start + step]) for start in range(0, len(queries), step)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        query_norms = (queries * queries).sum(dim=1)
+        to_centers = torch.addmm(self.center_norms, queries, self.centers.T, alpha=-2.0)
+        to_centers.add_(query_norms[:, None]).clamp_min_(0).sqrt_()  # (Q, G) distances
+        best, own = to_centers.min(dim=1)
+        row = self.center_rows[own]
+        # lower bound of every member's distance, group-major so each group's column is contiguous
+        bounds = (to_centers - self.radius[None, :]).T.contiguous()
+        del to_centers
+        by_group = torch.argsort(own)
+        counts = torch.bincount(own, minlength=len(self.offsets) - 1).tolist()
+        start = 0
+        for group, count in enumerate(counts):  # first each query's own group: a tight u for the rest
+            if count:
+                self._update(queries, query_norms, by_group[start : start + count], group, best, row)
+                start += count
+        for group in range(len(counts)):
+            limit = best * (1 + PRUNE_SLACK) + PRUNE_SLACK
+            candidates = ((bounds[group] <= limit) & (own != group)).nonzero().squeeze(1)
+            if candidates.numel():
+                self._update(queries, query_norms, candidates, group, best, row)
+        return best, row
+
+    def _update(self, queries, query_norms, chosen, group, best, row) -> None:
+        """Exact distances of queries `chosen` to the rows of `group`; keeps any nearer row found."""
+        start, end = self.offsets[group], self.offsets[group + 1]
+        block = queries.index_select(0, chosen)
+        squared = torch.addmm(self.norms[start:end], block, self.bank[start:end].T, alpha=-2.0)
+        values, where = squared.min(dim=1)
+        distances = (values + query_norms.index_select(0, chosen)).clamp_min_(0).sqrt_()
+        nearer = distances < best.index_select(0, chosen)
+        chosen = chosen[nearer]
+        best.index_copy_(0, chosen, distances[nearer])
+        row.index_copy_(0, chosen, where[nearer] + start)

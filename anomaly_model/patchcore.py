@@ -22,7 +22,15 @@ import torch.nn.functional as F
 
 from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
-from anomaly_model.coreset import available_memory, coreset_size, greedy_coreset, nearest_neighbors, projection_matrix
+from anomaly_model.coreset import (
+    GroupedNeighbors,
+    available_memory,
+    coreset_size,
+    greedy_coreset,
+    group_order,
+    nearest_neighbors,
+    projection_matrix,
+)
 from anomaly_model.files import read_npy
 
 # Share of the free RAM the fit may plan to use: the rest is for the backbone's activations,
@@ -97,8 +105,10 @@ class PatchCore(AnomalyModel):
         self._planned_images = 0
         self.memory_: torch.Tensor | None = None  # (K, D) coreset features minus memory_mean_
         self.memory_mean_: torch.Tensor | None = None  # (D,)
-        self.memory_norms_: torch.Tensor | None = None  # (K,) squared norms of memory_ rows
+        self.memory_norms_: torch.Tensor | None = None  # (K,) squared norms of memory_ rows (derived)
         self.memory_sources_: torch.Tensor | None = None  # (K,) fit-order image number of each coreset point
+        self.group_offsets_: list[int] = []  # memory_ rows of each group of GroupedNeighbors (coreset.py)
+        self._neighbors: GroupedNeighbors | None = None
         self.bank_size_ = 0  # training patches the coreset was chosen from
         self.fit_seconds_: dict[str, float] = {}
 
@@ -196,9 +206,11 @@ class PatchCore(AnomalyModel):
         coreset = self._gather(chunks, selected)
         del chunks
         self.memory_mean_ = coreset.mean(dim=0)
-        self.memory_ = (coreset - self.memory_mean_).contiguous()
-        self.memory_norms_ = (self.memory_ * self.memory_).sum(dim=1)
-        self.memory_sources_ = (selected // positions).to(torch.int32)
+        coreset -= self.memory_mean_
+        order, self.group_offsets_ = group_order(coreset)
+        self.memory_ = coreset[order].contiguous()
+        self.memory_sources_ = (selected // positions).to(torch.int32)[order.cpu()].to(self.device)
+        self._prepare_scoring()
         self.grid_size_ = grid
         self.n_train_images_ = n_images
         self.fit_seconds_ = {"features": features_done - started, "coreset": time.perf_counter() - features_done}
@@ -217,30 +229,43 @@ class PatchCore(AnomalyModel):
 
     # --- scoring ------------------------------------------------------------------------------
 
-    def nearest_patches(self, images: torch.Tensor, norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
-        """(features minus memory_mean_ (B*P, D), distance (B*P,), nearest coreset row (B*P,), grid)."""
+    def _prepare_scoring(self) -> None:
+        """Derived scoring state (not saved): the grouped index and the rows' squared norms."""
+        self._neighbors = GroupedNeighbors(self.memory_, self.group_offsets_)
+        self.memory_norms_ = self._neighbors.norms
+
+    def nearest_patches(
+        self, images: torch.Tensor, excluded: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """(features minus memory_mean_ (B*P, D), distance (B*P,), nearest coreset row (B*P,), grid).
+        `excluded` (K,) bool: coreset rows not to use (out-of-fold scoring); the grouped search
+        serves the usual case, a full search the excluded one."""
         if self.memory_ is None:
             raise ModelError("the model is not fitted: run train.py first")
         embedding, grid = self.embed(images)
         self.check_grid(grid)
         embedding.sub_(self.memory_mean_)
-        distances, nearest = nearest_neighbors(embedding, self.memory_, norms)
+        if excluded is None:
+            distances, nearest = self._neighbors(embedding)
+        else:
+            distances, nearest = nearest_neighbors(embedding, self.memory_, self.memory_norms_.masked_fill(excluded, math.inf))
         return embedding, distances, nearest, grid
 
     def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
         """(B, h, w) distance of each patch to its nearest coreset feature."""
-        _, distances, _, grid = self.nearest_patches(images, self.memory_norms_)
+        _, distances, _, grid = self.nearest_patches(images)
         return distances.view(len(images), *grid)
 
     def score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(maps (B, H, W), image scores (B,)) on the CPU; the score is the map's maximum, times the
         paper's eq. 7 weight when PATCHCORE_NEIGHBORS > 0."""
-        maps, scores = self._score(images, self.memory_norms_)
+        maps, scores = self._score(images)
         return maps.cpu(), scores.cpu()
 
-    def _score(self, images: torch.Tensor, norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`score` against the coreset rows whose `norms` are finite (+inf excludes a row)."""
-        embedding, distances, nearest, grid = self.nearest_patches(images, norms)
+    def _score(self, images: torch.Tensor, excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`score` without the coreset rows `excluded` (K,) bool, if given."""
+        embedding, distances, nearest, grid = self.nearest_patches(images, excluded)
+        norms = self.memory_norms_ if excluded is None else self.memory_norms_.masked_fill(excluded, math.inf)
         count, positions = len(images), grid[0] * grid[1]
         maps = self.map_maker(distances.view(count, *grid), tuple(images.shape[-2:]))
         scores = self.image_scores(maps)
@@ -275,14 +300,14 @@ class PatchCore(AnomalyModel):
         for images, indices in batches():
             image_folds = folds[list(indices)]
             for fold in np.unique(image_folds):
-                norms = self.memory_norms_.masked_fill(source_folds == int(fold), math.inf)
-                if int(torch.isfinite(norms).sum()) < max(1, self.neighbors):
+                excluded = source_folds == int(fold)
+                if int((~excluded).sum()) < max(1, self.neighbors):
                     raise ModelError(
-                        f"fold {fold} holds the sources of nearly all {len(norms)} coreset points: out-of-fold scoring "
+                        f"fold {fold} holds the sources of nearly all {len(excluded)} coreset points: out-of-fold scoring "
                         "needs at least 2 folds of training images"
                     )
                 rows = np.nonzero(image_folds == fold)[0]
-                maps, scores = self._score(images[torch.as_tensor(rows)], norms)
+                maps, scores = self._score(images[torch.as_tensor(rows)], excluded)
                 yield [indices[row] for row in rows], maps.cpu(), scores.cpu()
 
     # --- saving and loading -------------------------------------------------------------------
@@ -297,12 +322,20 @@ class PatchCore(AnomalyModel):
         }
 
     def fitted_state(self) -> dict:
-        return {**super().fitted_state(), "coreset_size": int(self.memory_.shape[0]), "bank_size": self.bank_size_}
+        return {
+            **super().fitted_state(),
+            "coreset_size": int(self.memory_.shape[0]),
+            "bank_size": self.bank_size_,
+            "group_offsets": list(self.group_offsets_),
+        }
 
     def load_fitted_state(self, state: dict) -> None:
         super().load_fitted_state(state)
         self._coreset_size = int(state["coreset_size"])
         self.bank_size_ = int(state["bank_size"])
+        self.group_offsets_ = [int(offset) for offset in state["group_offsets"]]
+        if self.group_offsets_[0] != 0 or self.group_offsets_[-1] != self._coreset_size or sorted(self.group_offsets_) != self.group_offsets_:
+            raise ModelError("model.json's coreset groups do not fit its coreset (damaged?): retrain with python train.py")
 
     def save_arrays(self, out) -> None:
         out.write_npy("coreset.npy", self.memory_.cpu().numpy())
@@ -317,4 +350,10 @@ class PatchCore(AnomalyModel):
         self.memory_ = torch.from_numpy(np.ascontiguousarray(memory)).to(self.device)
         self.memory_mean_ = torch.from_numpy(np.ascontiguousarray(mean)).to(self.device)
         self.memory_sources_ = torch.from_numpy(np.ascontiguousarray(sources)).to(self.device)
-        self.memory_norms_ = (self.memory_ * self.memory_).sum(dim=1)
+        self._prepare_scoring()
+
+    def to(self, device: torch.device) -> "PatchCore":
+        super().to(device)
+        if self.memory_ is not None:
+            self._prepare_scoring()
+        return self

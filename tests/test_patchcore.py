@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import anomaly_model.coreset as coreset_module
 import anomaly_model.patchcore as patchcore_module
 from anomaly_model.backbone import ModelError
-from anomaly_model.coreset import greedy_coreset, nearest_neighbors, projection_matrix
+from anomaly_model.coreset import GroupedNeighbors, greedy_coreset, group_order, nearest_neighbors, projection_matrix
 from anomaly_model.padim import Padim
 from anomaly_model.patchcore import PatchCore
 from anomaly_model.store import load_model, save_model
@@ -77,9 +77,11 @@ def test_fitted_coreset_is_the_greedy_selection_on_the_seeded_projection(fitted,
     projected = bank @ projection_matrix(bank.shape[1], 128, fitted.seed)
     start = int(torch.randint(len(bank), (1,), generator=torch.Generator().manual_seed(fitted.seed)))
     chosen = brute_force_greedy(projected, len(fitted.memory_), start)
-    torch.testing.assert_close(fitted.memory_ + fitted.memory_mean_, bank[chosen], rtol=0, atol=1e-5)
+    kept = torch.cdist(fitted.memory_ + fitted.memory_mean_, bank).argmin(dim=1)  # bank row of each coreset row
+    assert sorted(kept.tolist()) == sorted(chosen)  # the same points (stored in groups, not in selection order)
+    torch.testing.assert_close(fitted.memory_ + fitted.memory_mean_, bank[kept], rtol=0, atol=1e-5)
     positions = fitted.grid_size_[0] * fitted.grid_size_[1]
-    assert fitted.memory_sources_.tolist() == [row // positions for row in chosen]
+    assert fitted.memory_sources_.tolist() == (kept // positions).tolist()
     assert len(fitted.memory_) == int(np.ceil(0.1 * len(bank)))
 
 
@@ -101,9 +103,35 @@ def test_nearest_neighbours_equal_cdist_across_blocks(monkeypatch):
     assert not excluded[index].any()
 
 
+@pytest.mark.parametrize("groups", [0, 1, 7])
+def test_grouped_search_equals_cdist(monkeypatch, groups):
+    """The triangle-inequality search skips groups, never the nearest point: same rows as brute force."""
+    monkeypatch.setattr(coreset_module, "NEIGHBOR_BLOCK", 8192)  # several query chunks
+    generator = torch.Generator().manual_seed(groups)
+    clusters = torch.randn(12, 24, generator=generator) * 4
+    points = clusters[torch.randint(12, (3000,), generator=generator)] + torch.randn(3000, 24, generator=generator)
+    coreset = points[greedy_coreset(points, 400, 0, progress=False)]
+    order, offsets = group_order(coreset, groups)
+    assert offsets[0] == 0 and offsets[-1] == 400 and len(offsets) == (groups or 40) + 1
+    coreset = coreset[order]
+    queries = torch.cat([points[:500] + 0.1 * torch.randn(500, 24, generator=generator), 3 * torch.randn(300, 24, generator=generator)])
+    distances, rows = GroupedNeighbors(coreset, offsets)(queries)
+    expected = torch.cdist(queries.double(), coreset.double()).min(dim=1)
+    torch.testing.assert_close(distances.double(), expected.values, rtol=0, atol=1e-3)  # float32 rounding at norms ~20
+    assert torch.equal(rows, expected.indices)
+
+
+def test_model_scores_with_the_grouped_search_equal_the_full_search(fitted):
+    probe = images(2, 8)
+    _, grouped, grouped_rows, _ = fitted.nearest_patches(probe)
+    _, full, full_rows, _ = fitted.nearest_patches(probe, excluded=torch.zeros(len(fitted.memory_), dtype=torch.bool))
+    torch.testing.assert_close(grouped, full, rtol=1e-5, atol=1e-5)
+    assert torch.equal(grouped_rows, full_rows)
+
+
 def test_eq7_weight_of_the_most_anomalous_patch(fitted):
     probe = images(2, 5)
-    embedding, distances, nearest, grid = fitted.nearest_patches(probe, fitted.memory_norms_)
+    embedding, distances, nearest, grid = fitted.nearest_patches(probe)
     maps, scores = fitted.score(probe)
     memory = fitted.memory_.double()
     for image in range(2):
