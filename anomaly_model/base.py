@@ -11,8 +11,9 @@ in "_".
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from anomaly_model.backbone import FeatureExtractor, ModelError
@@ -61,12 +62,13 @@ class AnomalyModel:
 
     kind = ""
     OWN_SETTINGS: dict[str, str] = {}
+    DEFAULT_LAYERS: tuple[int, ...] = ()  # the stages LAYERS = () stands for (PaDiM 1-3, PatchCore 2-3)
 
     def __init__(
         self,
         backbone: str = "resnet18",
         weights: str = "imagenet",
-        layers: tuple[int, ...] = (1, 2, 3),
+        layers: tuple[int, ...] = (),
         blur_sigma: float = 4.0,
         seed: int = 0,
         device: str = "auto",
@@ -74,7 +76,7 @@ class AnomalyModel:
     ) -> None:
         self.backbone = backbone
         self.weights = weights
-        self.layers = tuple(layers)
+        self.layers = tuple(layers) or self.DEFAULT_LAYERS
         self.blur_sigma = float(blur_sigma)
         self.seed = int(seed)
         self.device = resolve_device(device)
@@ -99,6 +101,20 @@ class AnomalyModel:
 
     def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
         """(B, h, w) anomaly score of each patch of each image, on the model's feature grid."""
+        raise NotImplementedError
+
+    def plan_fit(self, n_images: int) -> None:
+        """Told the number of training images before `fit`, so that a model whose memory grows
+        with it (PatchCore's bank) can refuse at once rather than after minutes. Default: nothing."""
+
+    def out_of_fold_scores(
+        self, batches: Callable[[], Iterable[tuple[torch.Tensor, list[int]]]], folds: np.ndarray
+    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """After `fit` on the same images: honest anomaly maps of the training images themselves.
+        `batches()` returns a fresh iterable over exactly the training images the model was fitted on,
+        in the fit's order, as (images (B, 3, H, W), their indices in the training list); `folds[i]` is
+        the fold of training image i. Yields (indices, maps (b, H, W) on the CPU, image scores (b,) on
+        the CPU), each image scored by a model that did not see its fold. The fitted model is unchanged."""
         raise NotImplementedError
 
     def settings(self) -> dict:

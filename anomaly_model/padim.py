@@ -45,6 +45,7 @@ class Padim(AnomalyModel):
     """
 
     kind = "padim"
+    DEFAULT_LAYERS = (1, 2, 3)
     OWN_SETTINGS = {
         "FEATURE_DIM": "feature_dim",
         "COVARIANCE_EPSILON": "epsilon",
@@ -56,7 +57,7 @@ class Padim(AnomalyModel):
         self,
         backbone: str = "resnet18",
         weights: str = "imagenet",
-        layers: tuple[int, ...] = (1, 2, 3),
+        layers: tuple[int, ...] = (),
         feature_dim: int = 0,
         epsilon: float = 0.01,
         blur_sigma: float = 4.0,

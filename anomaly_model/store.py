@@ -3,7 +3,8 @@
 MODEL_DIR/<name>/
   model.json         "anomaly_model": its type, settings and small fitted state; thresholds,
                      validation statistics, library versions, every file's checksum
-  *.npy              the model's arrays (Padim: mean.npy, cholesky.npy; see each model's class)
+  *.npy              the model's arrays (Padim: mean.npy, cholesky.npy; PatchCore: coreset*.npy;
+                     see each model's class)
   ...                files other components add (the classifier's booster JSON)
 
 Everything is written through `files.AtomicFolder`: into a temporary folder beside the target,
@@ -31,11 +32,12 @@ from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.files import AtomicFolder, sweep
 from anomaly_model.padim import Padim
+from anomaly_model.patchcore import PatchCore
 from anomaly_model.schema import Each, Optional, SchemaError, check
 from settings import RULES, Rule, choice, integer, number, sequence, text
 
 FORMAT_VERSION = 3  # 3: "anomaly_model" section with a type (2: PaDiM only, "padim" section)
-MODEL_TYPES: dict[str, type[AnomalyModel]] = {Padim.kind: Padim}
+MODEL_TYPES: dict[str, type[AnomalyModel]] = {Padim.kind: Padim, PatchCore.kind: PatchCore}
 
 _SHA256 = Rule(lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v), "a sha256 hex digest")
 _OBJECT = Rule(lambda v: isinstance(v, dict), "a JSON object")

@@ -1,7 +1,13 @@
-"""Side-by-side benchmark: this project's PaDiM against the naive one in bench/naive_padim.py.
+"""Side-by-side benchmark: this project's PaDiM and PatchCore against the naive ones in
+bench/naive_padim.py and bench/naive_patchcore.py.
 
     .venv/bin/python bench/benchmark.py [--dataset ../shared/data/tire] [--weights none]
-        [--backbones resnet18,wide_resnet50_2] [--limit-train 50] [--big-images 5,20]
+        [--backbones resnet18,wide_resnet50_2,mobilenet_v2:imagenet-offline] [--models padim,patchcore]
+        [--limit-train 50] [--big-images 5,20] [--coreset-ratio 0.1] [--neighbors 0]
+
+A backbone written `name:weights` uses those weights instead of --weights. PatchCore's fit is
+split into features (backbone + bank), coreset selection and save; its rows go to a table of
+their own (table-patchcore.md).
 
 Every measurement runs in its own subprocess, so each peak RSS (VmHWM from /proc, i.e. what
 the OS saw) belongs to that measurement alone. Images are read in the measuring process
@@ -126,7 +132,37 @@ def work_read(args) -> dict:
 
 def _model_path(args) -> Path:
     precision = "" if args.precision == "float32" or args.impl == "naive" else f"-{args.precision}"
-    return OUT / "models" / f"{args.impl}-{args.backbone}-{args.weights.replace('/', '_')}{precision}"
+    model = "" if args.model == "padim" else f"-{args.model}-{args.coreset_ratio}-{args.neighbors}-{args.n_train}-{args.feature_dim}"
+    return OUT / "models" / f"{args.impl}-{args.backbone}-{args.weights.replace('/', '_')}{precision}{model}"
+
+
+def fit_patchcore(args, images) -> dict:
+    """PatchCore's fit, timed in its three parts: features (backbone and bank), coreset, save."""
+    if args.impl == "ours":
+        from anomaly_model.patchcore import PatchCore
+        from anomaly_model.store import save_model
+
+        model = PatchCore(args.backbone, args.weights, (), args.coreset_ratio, args.neighbors, args.feature_dim,
+                          device=args.device, precision=args.precision)
+        model.fit(images)
+        started = time.perf_counter()
+        nbytes = save_model(_model_path(args), model, {}) if args.save else 0
+        bank = model.bank_size_ * model.feature_dim * 4
+    else:
+        from bench.naive_patchcore import NaivePatchCore
+
+        model = NaivePatchCore(args.backbone, args.weights, coreset_ratio=args.coreset_ratio, neighbors=args.neighbors,
+                               feature_dim=args.feature_dim)
+        model.fit(images)
+        started = time.perf_counter()
+        nbytes = model.state_bytes()
+        if args.save:
+            _model_path(args).mkdir(parents=True, exist_ok=True)
+            model.save(str(_model_path(args) / "naive.pt"))
+        bank = None
+    timings = model.fit_seconds_ if args.impl == "ours" else model.timings
+    return {"features_s": timings["features"], "coreset_s": timings["coreset"], "save_s": time.perf_counter() - started,
+            "model_bytes": nbytes, "bank_bytes": bank}
 
 
 def work_fit(args) -> dict:
@@ -138,6 +174,9 @@ def work_fit(args) -> dict:
     batches = ImageBatches(train, preprocessor(), args.batch_size, args.num_workers)
     images = (b.images for b in tqdm(batches, desc=f"fit {args.impl} {args.backbone}", unit="batch", file=sys.stderr))
     started = time.perf_counter()
+    if args.model == "patchcore":
+        result = fit_patchcore(args, images)
+        return {**result, "fit_s": time.perf_counter() - started, "fit_peak_rss": peak_rss_bytes(), "n_train": len(train)}
     if args.impl == "ours":
         from anomaly_model.padim import Padim
         from anomaly_model.store import save_model
@@ -176,13 +215,20 @@ def work_test(args) -> dict:
         from anomaly_model.store import load_model
 
         model, _ = load_model(_model_path(args), args.device)
-        to_maps = lambda images: model.anomaly_maps(images).cpu()  # noqa: E731
+        to_maps = lambda images: model.score(images)  # noqa: E731
+    elif args.model == "patchcore":
+        from bench.naive_patchcore import NaivePatchCore
+
+        model = NaivePatchCore(args.backbone, args.weights, coreset_ratio=args.coreset_ratio, neighbors=args.neighbors,
+                               feature_dim=args.feature_dim)
+        model.load(str(_model_path(args) / "naive.pt"))
+        to_maps = lambda images: tuple(torch.from_numpy(a).float() for a in model.score(images))  # noqa: E731
     else:
         from bench.naive_padim import NaivePadim
 
         model = NaivePadim(args.backbone, args.weights)
         model.load(str(_model_path(args) / "naive"), json.loads((_model_path(args) / "grid.json").read_text()))
-        to_maps = lambda images: torch.from_numpy(model.anomaly_maps(images)).float()  # noqa: E731
+        to_maps = lambda images: (torch.from_numpy(model.anomaly_maps(images)).float(), None)  # noqa: E731
     pictures = OUT / "pictures" / f"{args.impl}-{args.backbone}"
     pictures.mkdir(parents=True, exist_ok=True)
     batches = ImageBatches([p for p, _, _ in test], prep, args.batch_size, args.num_workers, 640 if args.draw_pictures else 0)
@@ -190,8 +236,9 @@ def work_test(args) -> dict:
     threshold, scale, picture_seconds = None, None, 0.0
     started = time.perf_counter()
     for batch in batches:
-        maps = to_maps(batch.images)
-        batch_scores = maps.flatten(1).max(dim=1).values
+        maps, batch_scores = to_maps(batch.images)
+        if batch_scores is None:
+            batch_scores = maps.flatten(1).max(dim=1).values
         if args.draw_pictures:
             from pipeline.pictures import write_pictures
 
@@ -219,7 +266,8 @@ def work_test(args) -> dict:
 
 
 WORKERS = {"backbone": work_backbone, "read": work_read, "fit": work_fit, "test": work_test}
-WORKER_OPTIONS = ("dataset", "weights", "batch_size", "num_workers", "device", "max_test", "precision")
+WORKER_OPTIONS = ("dataset", "weights", "batch_size", "num_workers", "device", "max_test", "precision", "coreset_ratio", "neighbors",
+                  "feature_dim")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,10 +337,65 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def patchcore_table(rows: list[dict], floors: dict[str, float]) -> str:
+    head = ("| impl | backbone | train imgs | features s | coreset s | save s | fit s | fit peak RSS GB | bank GB | "
+            "test s/img | test / backbone | test peak RSS GB | model MB | image ROCAUC | pixel ROCAUC |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        per, floor = r.get("test_s_per_image"), floors.get(r["backbone"])
+        lines.append(
+            f"| {r['impl']} | {r['backbone']} | {r.get('n_train', '—')} | {fmt(r.get('features_s'), '.1f')} | "
+            f"{fmt(r.get('coreset_s'), '.1f')} | {fmt(r.get('save_s'), '.2f')} | {fmt(r.get('fit_s'), '.1f')} | "
+            f"{gb(r.get('fit_peak_rss'))} | {gb(r.get('bank_bytes'))} | {fmt(per, '.3f')} | "
+            f"{fmt(per / floor if per and floor else None, '.2f')} | {gb(r.get('test_peak_rss'))} | "
+            f"{fmt(r['model_bytes'] / 1e6 if r.get('model_bytes') else None, '.1f')} | "
+            f"{fmt(r.get('image_rocauc'), '.4f')} | {fmt(r.get('pixel_rocauc'), '.4f')} |"
+        )
+    return "\n".join(lines)
+
+
+def drive_patchcore(args, backbones: list[tuple[str, str]]) -> None:
+    """PatchCore ours vs naive per backbone: fit (features / coreset / save), test, ROCAUCs."""
+    rows, notes, floors = [], [], {}
+    for backbone, weights in backbones:
+        floor = run_worker("backbone", args, backbone=backbone, weights=weights)
+        floors[backbone] = floor.get("backbone_s_per_image")
+        for impl in args.impls.split(","):
+            row = {"impl": impl, "backbone": backbone, "weights": weights}
+            limit = {"model": "patchcore", "n_train": args.patchcore_train}
+            row |= run_worker("fit", args, backbone=backbone, weights=weights, impl=impl, save=True, **limit)
+            max_test = args.naive_max_test if impl == "naive" and args.naive_max_test else args.max_test
+            row |= run_worker("test", args, backbone=backbone, weights=weights, impl=impl, max_test=max_test, **limit)
+            rows.append(row)
+        pair = {r["impl"]: r for r in rows if r["backbone"] == backbone}
+        if "ours" in pair and "naive" in pair:
+            for key in ("coreset_s", "fit_s", "test_s_per_image"):
+                if pair["ours"].get(key) and pair["naive"].get(key):
+                    notes.append(f"{backbone}: {key} naive / ours = {pair['naive'][key] / pair['ours'][key]:.1f}x")
+            for key in ("image_rocauc", "pixel_rocauc"):
+                if pair["ours"].get(key) is not None and pair["naive"].get(key) is not None:
+                    notes.append(f"{backbone}: {key} difference ours - naive = {pair['ours'][key] - pair['naive'][key]:+.4f}")
+        if floors[backbone]:
+            notes.append(f"{backbone}: backbone forward alone {floors[backbone]:.3f} s/img ({weights})")
+    text = patchcore_table(rows, floors) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    text += (f"\n\nDataset {args.dataset} ({args.patchcore_train or 'all'} training images), CORESET_RATIO={args.coreset_ratio}, PATCHCORE_NEIGHBORS={args.neighbors}, "
+             f"PATCHCORE_FEATURE_DIM={args.feature_dim}, "
+             f"batch {args.batch_size}, device {args.device}, torch threads default.\n")
+    suffix = (f"-{args.patchcore_train}" if args.patchcore_train else "") + (f"-d{args.feature_dim}" if args.feature_dim else "")
+    (OUT / f"results-patchcore{suffix}.json").write_text(json.dumps({"rows": rows, "notes": notes, "args": vars(args)}, indent=2))
+    (OUT / f"table-patchcore{suffix}.md").write_text(text)
+    print(text)
+
+
 def drive(args) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    backbones = [tuple(item.split(":", 1)) if ":" in item else (item, args.weights) for item in args.backbones.split(",")]
+    if "patchcore" in args.models.split(","):
+        drive_patchcore(args, backbones)
+    if "padim" not in args.models.split(","):
+        return
     rows, notes = [], []
-    for backbone in args.backbones.split(","):
+    for backbone in [name for name, _ in backbones]:
         base = {"backbone": backbone}
         floor = run_worker("backbone", args, backbone=backbone)
         if backbone == args.backbones.split(",")[0]:
@@ -347,6 +450,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", default="none", help="none (seeded random), imagenet, or a state-dict file")
     parser.add_argument("--backbones", default="resnet18,wide_resnet50_2")
     parser.add_argument("--impls", default="ours,naive")
+    parser.add_argument("--models", default="padim", help="padim, patchcore or both (padim,patchcore)")
+    parser.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore's CORESET_RATIO")
+    parser.add_argument("--neighbors", type=int, default=0, help="PatchCore's PATCHCORE_NEIGHBORS")
+    parser.add_argument("--feature-dim", type=int, default=0, help="PatchCore's PATCHCORE_FEATURE_DIM (0: all channels)")
+    parser.add_argument("--patchcore-train", type=int, default=0,
+                        help="fit PatchCore (ours and naive) on the first N training images only (0: all)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default="cpu")
@@ -360,6 +469,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", choices=sorted(WORKERS))
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--impl", default="ours")
+    parser.add_argument("--model", default="padim")
     parser.add_argument("--n-train", type=int, default=0)
     parser.add_argument("--save", action="store_true")
     parser.add_argument("--draw-pictures", action="store_true")

@@ -21,6 +21,8 @@ from dataset_manager import ImageBatches, Preprocessor
 # Preprocessing settings a model carries itself (its anomaly model's settings come from its class:
 # `AnomalyModel.setting_names`); config.py values that differ are reported and not used.
 PREPROCESSING_SETTINGS = {"RESIZE": "resize", "CROP": "crop", "NORMALIZE_MEAN": "mean", "NORMALIZE_STD": "std"}
+# Settings whose 0 / () in config.py means "the model's own default" (saved resolved): not a difference.
+MODEL_DEFAULT_SETTINGS = ("FEATURE_DIM", "PATCHCORE_FEATURE_DIM", "LAYERS")
 
 
 @dataclass
@@ -48,8 +50,8 @@ def settings_differences(description: dict, settings) -> list[str]:
     notes = []
     for key, stored in stored_values.items():
         wanted = getattr(settings, key)
-        if key == "FEATURE_DIM" and wanted == 0:
-            continue
+        if key in MODEL_DEFAULT_SETTINGS and not wanted:
+            continue  # config.py asks for the model's default: whatever the model resolved it to
         same = list(stored) == list(wanted) if isinstance(stored, list) else stored == wanted
         if not same:
             notes.append(f"{key}: model has {stored!r}, config has {wanted!r}")

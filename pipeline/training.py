@@ -197,6 +197,7 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
             yield batch.images
         require_training_images(count, folder, n_files, held_out, skipped + batches.skipped)
 
+    model.plan_fit(len(train_paths))
     model.fit(counted_images())
     skipped += batches.skipped
     maps, scores, skipped_validation = validation_maps(model, validation_paths, preprocessor, settings)

@@ -1,0 +1,290 @@
+"""PatchCore's memory-bank arithmetic: the greedy k-center coreset and exact nearest neighbours.
+
+Coreset (Roth et al. 2022, Algorithm 1): starting from one seeded random point, repeatedly add
+the bank point farthest from every point chosen so far, measured on a seeded random projection
+of the features (dimension PATCHCORE_PROJECTION_DIM, 128 in the paper). The selection is exact;
+only the work per step differs from a straightforward loop:
+
+* squared distances throughout (same argmax), with the squared norms computed once:
+  |x - c|^2 = |x|^2 - 2 x.c + |c|^2, one matrix-vector product per step; the projected bank is
+  centred first so that this expansion loses no precision;
+* on the GPU, one fused pass per step into preallocated buffers, no host synchronisation;
+* on the CPU, where a pass over the projected bank (84 MB for tire's 164,640 patches) is bound
+  by memory bandwidth, the triangle inequality skips points that cannot get closer: a point i
+  whose nearest center a(i) is at squared distance D_i satisfies |i - c| >= |a(i) - c| - |i - a(i)|,
+  so when |a(i) - c|^2 >= 4 D_i the new center c cannot be closer than a(i) and i is not
+  touched. The test reads the small per-point arrays (nearest center, distance) that stay in
+  cache; only the few points that pass it (about 2 % per step on tire) are read from the bank.
+
+Nearest neighbours: the distance of each query to its nearest coreset point, exactly.
+`nearest_neighbors` computes every distance, as blocked matrix products (`NEIGHBOR_BLOCK`
+elements at a time, so memory stays bounded). `GroupedNeighbors` gives the same answer reading
+far fewer coreset points: the coreset is kept in groups around its first (farthest-first) points,
+and the triangle inequality skips every group that cannot hold a query's nearest point.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from anomaly_model.backbone import ModelError
+
+# Query x coreset distance elements computed at once (float32: 64 MB): large enough for fast
+# matrix products, small enough that scoring memory does not grow with the coreset.
+NEIGHBOR_BLOCK = 16 * 1024 * 1024
+# CPU threads of the pruned selection. Its steps are many small operations on arrays of a few
+# MB; on this 2-core machine shared with other jobs, two threads made them 7x slower than one
+# (OpenMP barriers waiting for a descheduled thread: 734 s against 100 s for 3000 steps on
+# tire's Wide-ResNet bank; bench/coreset_speed.py --threads 1,2), and on an idle machine a second
+# thread gains little.
+PRUNED_THREADS = 1
+
+
+def available_memory() -> int:
+    """Bytes of RAM this process may still use: MemAvailable, or the cgroup's limit when lower."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return sys.maxsize
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def projection_matrix(in_dim: int, out_dim: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(in_dim, out_dim) seeded Gaussian random projection, scaled by 1/sqrt(out_dim) so that
+    distances are kept on average (Johnson-Lindenstrauss), generated on the CPU so every device
+    gets the same matrix."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(in_dim, out_dim, generator=generator) / math.sqrt(out_dim)).to(device)
+
+
+def coreset_size(n_points: int, ratio: float) -> int:
+    """Points a CORESET_RATIO keeps of a bank of `n_points`: ceil(ratio * n), at least 1."""
+    return max(1, min(n_points, math.ceil(ratio * n_points - 1e-9)))
+
+
+def greedy_coreset(points: torch.Tensor, count: int, start: int, method: str = "auto", progress: bool = True) -> torch.Tensor:
+    """Indices (count,) of the greedy k-center selection on `points` (N, d), in selection order,
+    starting from index `start`: each next point is the one farthest from all chosen so far.
+
+    `method`: "dense" (one full pass per step: the GPU's), "pruned" (triangle-inequality
+    skipping: the CPU's), or "auto" (by the points' device). Both give the same selection."""
+    n_points = points.shape[0]
+    if not 1 <= count <= n_points:
+        raise ModelError(f"a coreset of {count} points cannot be chosen from {n_points}")
+    if not 0 <= start < n_points:
+        raise ValueError(f"start index {start} outside 0..{n_points - 1}")
+    if method == "auto":
+        method = "pruned" if points.device.type == "cpu" else "dense"
+    points = points.float()
+    points = (points - points.mean(dim=0)).contiguous()  # distances unchanged, the expansion stays precise
+    norms = (points * points).sum(dim=1)
+    select = {"dense": _select_dense, "pruned": _select_pruned}[method]
+    bar = tqdm(total=count, desc="coreset", unit="pt", file=sys.stderr, disable=not progress, mininterval=1.0)
+    threads = torch.get_num_threads()
+    if method == "pruned":
+        torch.set_num_threads(PRUNED_THREADS)
+    try:
+        with torch.no_grad(), bar:
+            return select(points, norms, count, start, bar)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _select_dense(points: torch.Tensor, norms: torch.Tensor, count: int, start: int, bar) -> torch.Tensor:
+    """One pass over the bank per step, into preallocated buffers; no host synchronisation, so a
+    GPU runs the steps back to back."""
+    selected = torch.empty(count, dtype=torch.long, device=points.device)
+    nearest = torch.empty_like(norms)  # squared distance of each point to its nearest chosen point
+    scratch = torch.empty_like(norms)
+    center = torch.empty(1, points.shape[1], device=points.device)
+    chosen = torch.tensor([start], device=points.device)
+    for step in range(count):
+        selected[step : step + 1].copy_(chosen)
+        torch.index_select(points, 0, chosen, out=center)
+        target = nearest if step == 0 else scratch
+        torch.addmv(norms, points, center[0], alpha=-2.0, out=target)
+        target.add_(norms.index_select(0, chosen))
+        if step:
+            torch.minimum(nearest, scratch, out=nearest)
+        torch.argmax(nearest, dim=0, keepdim=True, out=chosen)
+        if step % 256 == 255:
+            bar.update(256)
+    bar.update(count - bar.n)
+    return selected
+
+
+def _select_pruned(points: torch.Tensor, norms: torch.Tensor, count: int, start: int, bar) -> torch.Tensor:
+    """Triangle-inequality skipping: each step reads the per-point (nearest center, 4 x squared
+    distance) arrays and only the bank rows of the points the new center may be closer to."""
+    n_points, dim = points.shape
+    selected = torch.empty(count, dtype=torch.long)
+    centers = torch.empty(count, dim)  # the chosen points, contiguous: center-to-center distances
+    center_norms = torch.empty(count)
+    center_distances = torch.empty(count)  # squared distance of each chosen point to the new one
+    owner = torch.zeros(n_points, dtype=torch.long)  # which chosen point each point is nearest to (int64: faster gathers)
+    bound = torch.empty(n_points)  # squared distance of each point's owner to the new center
+    candidate = torch.empty(n_points, dtype=torch.bool)
+    quadruple = torch.empty(n_points)  # 4 x squared distance to the nearest chosen point
+    chosen = start
+    for step in range(count):
+        vector, norm = points[chosen], norms[chosen]
+        selected[step], centers[step], center_norms[step] = chosen, vector, norm
+        if step == 0:
+            torch.addmv(norms, points, vector, alpha=-2.0, out=quadruple)
+            quadruple.add_(norm).mul_(4.0)
+        else:
+            torch.addmv(center_norms[:step], centers[:step], vector, alpha=-2.0, out=center_distances[:step])
+            center_distances[:step].add_(norm)
+            torch.index_select(center_distances, 0, owner, out=bound)
+            torch.lt(bound, quadruple, out=candidate)
+            indices = candidate.nonzero().squeeze(1)
+            distances = torch.addmv(norms.index_select(0, indices), points.index_select(0, indices), vector, alpha=-2.0)
+            distances.add_(norm).mul_(4.0)
+            closer = distances < quadruple.index_select(0, indices)
+            moved = indices[closer]
+            quadruple.index_copy_(0, moved, distances[closer])
+            owner.index_fill_(0, moved, step)
+        chosen = int(torch.argmax(quadruple))
+        if step % 256 == 255:
+            bar.update(256)
+    bar.update(count - bar.n)
+    return selected
+
+
+def nearest_neighbors(
+    queries: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distance (Q,), index (Q,)) of each query's nearest bank row, exact Euclidean distance.
+
+    `bank_norms` are the bank rows' squared norms; +inf there excludes a row (out-of-fold
+    scoring excludes a fold's points this way, without copying the bank). Computed as
+    |q|^2 + min_j (|b_j|^2 - 2 q.b_j) in blocks of `NEIGHBOR_BLOCK` elements."""
+    if bank_norms is None:
+        bank_norms = (bank * bank).sum(dim=1)
+    n_queries, n_bank = queries.shape[0], bank.shape[0]
+    best = torch.full((n_queries,), math.inf, device=queries.device)
+    index = torch.zeros(n_queries, dtype=torch.long, device=queries.device)
+    bank_step = max(1, min(n_bank, NEIGHBOR_BLOCK // 1024))
+    query_step = max(1, NEIGHBOR_BLOCK // bank_step)
+    scratch = torch.empty(min(query_step, n_queries), min(bank_step, n_bank), device=queries.device)
+    with torch.no_grad():
+        for q0 in range(0, n_queries, query_step):
+            block = queries[q0 : q0 + query_step]
+            for b0 in range(0, n_bank, bank_step):
+                rows = bank[b0 : b0 + bank_step]
+                products = scratch[: block.shape[0], : rows.shape[0]]
+                torch.addmm(bank_norms[b0 : b0 + bank_step], block, rows.T, alpha=-2.0, out=products)
+                values, where = products.min(dim=1)
+                better = values < best[q0 : q0 + query_step]
+                best[q0 : q0 + query_step] = torch.where(better, values, best[q0 : q0 + query_step])
+                index[q0 : q0 + query_step] = torch.where(better, where + b0, index[q0 : q0 + query_step])
+        best += (queries * queries).sum(dim=1)
+    return best.clamp_min_(0).sqrt_(), index
+
+
+# Groups of the coreset for `GroupedNeighbors`: GROUP_FACTOR x sqrt(K) of them (256 for tire's
+# 16,464-point coreset). More groups prune more finely but cost more small matrix products.
+GROUP_FACTOR = 2.0
+# Relative slack on the triangle-inequality test, so float32 rounding in the distances can never
+# skip a group holding the nearest point; it only lets a few more groups through.
+PRUNE_SLACK = 1e-3
+
+
+def group_order(coreset: torch.Tensor, groups: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """(order (K,), offsets (G+1,)): the coreset rows regrouped around its first G rows (the
+    greedy selection's first, farthest-apart points), each row in the group of its nearest such
+    center, the center first. `coreset[order]` is what `GroupedNeighbors` reads."""
+    count = len(coreset)
+    groups = groups or min(count, max(1, round(GROUP_FACTOR * math.sqrt(count))))
+    _, parent = nearest_neighbors(coreset, coreset[:groups])
+    parent[:groups] = torch.arange(groups, device=parent.device)  # a center is its own group's first row
+    is_member = (torch.arange(count, device=parent.device) >= groups).long()
+    order = torch.argsort(parent * 2 + is_member, stable=True)
+    offsets = [0] + torch.bincount(parent, minlength=groups).cumsum(0).tolist()
+    return order, offsets
+
+
+class GroupedNeighbors:
+    """Exact nearest row of `bank` (K, D) for each query, for a bank ordered by `group_order`.
+
+    Group g holds rows offsets[g] .. offsets[g+1]-1, its first row being its center c_g, and
+    radius rho_g = the largest distance of a member to c_g. A query at distance D_g from c_g has
+    every member of g at least D_g - rho_g away; once a row at distance u is known (the nearest
+    center to begin with, then the best in the query's own group), a group with D_g - rho_g > u
+    cannot hold a nearer row and is skipped. Same distances as `nearest_neighbors`, fewer read
+    (on tire, Wide-ResNet seeded: about a tenth of the coreset per query with 256 groups).
+    """
+
+    def __init__(self, bank: torch.Tensor, offsets: list[int]) -> None:
+        self.bank = bank
+        self.offsets = list(offsets)
+        self.norms = (bank * bank).sum(dim=1)
+        starts = torch.tensor(self.offsets[:-1], device=bank.device)
+        self.centers = bank.index_select(0, starts)
+        self.center_norms = self.norms.index_select(0, starts)
+        self.center_rows = starts
+        self.radius = torch.stack([
+            (bank[start:end] - bank[start]).norm(dim=1).max() for start, end in zip(self.offsets[:-1], self.offsets[1:])
+        ])
+
+    def __call__(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distance (Q,), row (Q,)) of each query's nearest bank row."""
+        step = max(1, NEIGHBOR_BLOCK // (4 * len(self.offsets)))
+        parts = [self._search(queries[start : start + step]) for start in range(0, len(queries), step)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        query_norms = (queries * queries).sum(dim=1)
+        to_centers = torch.addmm(self.center_norms, queries, self.centers.T, alpha=-2.0)
+        to_centers.add_(query_norms[:, None]).clamp_min_(0).sqrt_()  # (Q, G) distances
+        best, own = to_centers.min(dim=1)
+        row = self.center_rows[own]
+        # lower bound of every member's distance, group-major so each group's column is contiguous
+        bounds = (to_centers - self.radius[None, :]).T.contiguous()
+        del to_centers
+        by_group = torch.argsort(own)
+        counts = torch.bincount(own, minlength=len(self.offsets) - 1).tolist()
+        start = 0
+        for group, count in enumerate(counts):  # first each query's own group: a tight u for the rest
+            if count:
+                self._update(queries, query_norms, by_group[start : start + count], group, best, row)
+                start += count
+        for group in range(len(counts)):
+            limit = best * (1 + PRUNE_SLACK) + PRUNE_SLACK
+            candidates = ((bounds[group] <= limit) & (own != group)).nonzero().squeeze(1)
+            if candidates.numel():
+                self._update(queries, query_norms, candidates, group, best, row)
+        return best, row
+
+    def _update(self, queries, query_norms, chosen, group, best, row) -> None:
+        """Exact distances of queries `chosen` to the rows of `group`; keeps any nearer row found."""
+        start, end = self.offsets[group], self.offsets[group + 1]
+        block = queries.index_select(0, chosen)
+        squared = torch.addmm(self.norms[start:end], block, self.bank[start:end].T, alpha=-2.0)
+        values, where = squared.min(dim=1)
+        distances = (values + query_norms.index_select(0, chosen)).clamp_min_(0).sqrt_()
+        nearer = distances < best.index_select(0, chosen)
+        chosen = chosen[nearer]
+        best.index_copy_(0, chosen, distances[nearer])
+        row.index_copy_(0, chosen, where[nearer] + start)

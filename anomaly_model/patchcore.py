@@ -1,0 +1,362 @@
+"""PatchCore (Roth et al., CVPR 2022): distance of each patch to its nearest good patch feature.
+
+A patch feature is, per backbone stage in LAYERS (default 2 and 3), the stage's map averaged over
+each 3x3 neighbourhood (stride 1, zero padding counted, as anomalib's AvgPool2d), the deeper
+stages upsampled bilinearly to the first one's grid, channels concatenated (optionally reduced,
+PATCHCORE_FEATURE_DIM). Every training patch goes into a memory bank; a greedy k-center coreset
+of CORESET_RATIO of it (`coreset.py`) is what the model keeps. A patch's score is the Euclidean
+distance to its nearest coreset feature; maps are the shared upsampling + blur (`maps.py`); the
+image score is the map's maximum, optionally reweighted by the paper's eq. 7
+(PATCHCORE_NEIGHBORS).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from anomaly_model.backbone import ModelError
+from anomaly_model.base import AnomalyModel
+from anomaly_model.coreset import (
+    GroupedNeighbors,
+    available_memory,
+    coreset_size,
+    greedy_coreset,
+    group_order,
+    nearest_neighbors,
+    projection_matrix,
+)
+from anomaly_model.files import read_npy
+from anomaly_model.schema import check
+from settings import integer, sequence
+
+# Share of the free RAM the fit may plan to use: the rest is for the backbone's activations,
+# image decoding and whatever else runs on the machine.
+MEMORY_HEADROOM = 0.9
+
+
+def channel_pooling(channels: int, size: int) -> torch.Tensor:
+    """(channels, size) matrix averaging consecutive channels into `size` values, as
+    F.adaptive_avg_pool1d does over a feature vector (the official code's dimension reduction)."""
+    identity = torch.eye(channels).unsqueeze(1)  # (channels, 1, channels): one unit vector per row
+    return F.adaptive_avg_pool1d(identity, size).squeeze(1)
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e9:.1f} GB" if count >= 1e9 else f"{count / 1e6:.0f} MB"
+
+
+class PatchCore(AnomalyModel):
+    """Memory bank of good patch features, kept as a greedy coreset; score = nearest-neighbour distance.
+
+    Files: `coreset.npy` (K, D) float32 coreset features minus their mean, `coreset_mean.npy`
+    (D,) that mean (subtracting it keeps the distance expansion precise), `coreset_sources.npy`
+    (K,) int32: the fit-order number of the training image each coreset feature came from
+    (what out-of-fold scoring excludes).
+    """
+
+    kind = "patchcore"
+    DEFAULT_LAYERS = (2, 3)
+    OWN_SETTINGS = {
+        "CORESET_RATIO": "coreset_ratio",
+        "PATCHCORE_NEIGHBORS": "neighbors",
+        "PATCHCORE_FEATURE_DIM": "feature_dim",
+        "PATCHCORE_PROJECTION_DIM": "projection_dim",
+    }
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        weights: str = "imagenet",
+        layers: tuple[int, ...] = (),
+        coreset_ratio: float = 0.1,
+        neighbors: int = 0,
+        feature_dim: int = 0,
+        projection_dim: int = 128,
+        blur_sigma: float = 4.0,
+        seed: int = 0,
+        device: str = "auto",
+        precision: str = "float32",
+    ) -> None:
+        self.coreset_ratio = float(coreset_ratio)
+        if not 0 < self.coreset_ratio <= 1:
+            raise ModelError(f"CORESET_RATIO={coreset_ratio} must be in (0, 1]: the share of training patches kept (paper: 0.1 or 0.01)")
+        self.neighbors = int(neighbors)
+        if self.neighbors < 0 or self.neighbors == 1:
+            raise ModelError(f"PATCHCORE_NEIGHBORS={neighbors} must be 0 (image score = max of the map) or at least 2 (eq. 7 reweighting)")
+        self.projection_dim = int(projection_dim)
+        if self.projection_dim < 0:
+            raise ModelError(f"PATCHCORE_PROJECTION_DIM={projection_dim} must be >= 0 (0: select the coreset on the features themselves)")
+        super().__init__(backbone, weights, layers, blur_sigma, seed, device, precision)
+        channels = self.extractor.channels
+        self.feature_dim = int(feature_dim) or sum(channels)
+        if not len(channels) <= self.feature_dim <= sum(channels):
+            raise ModelError(
+                f"PATCHCORE_FEATURE_DIM={feature_dim} must be 0 (all {sum(channels)} channels of {backbone} layers "
+                f"{self.layers}) or between {len(channels)} and {sum(channels)}"
+            )
+        self._pooling = None  # per layer: None (all channels) or a (C_k, D_k) averaging matrix
+        if self.feature_dim < sum(channels):
+            shares = [self.feature_dim // len(channels) + (k < self.feature_dim % len(channels)) for k in range(len(channels))]
+            self._pooling = [channel_pooling(c, s).to(self.device) for c, s in zip(channels, shares)]
+        self._planned_images = 0
+        self.memory_: torch.Tensor | None = None  # (K, D) coreset features minus memory_mean_
+        self.memory_mean_: torch.Tensor | None = None  # (D,)
+        self.memory_norms_: torch.Tensor | None = None  # (K,) squared norms of memory_ rows (derived)
+        self.memory_sources_: torch.Tensor | None = None  # (K,) fit-order image number of each coreset point
+        self.group_offsets_: list[int] = []  # memory_ rows of each group of GroupedNeighbors (coreset.py)
+        self._neighbors: GroupedNeighbors | None = None
+        self.bank_size_ = 0  # training patches the coreset was chosen from
+        self.fit_seconds_: dict[str, float] = {}
+
+    # --- features -----------------------------------------------------------------------------
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, 3, H, W) images -> (B * P, D) patch features, image-major (image i's P patches in
+        rows i*P ... i*P + P-1, row-major over the grid), and the patch grid (h, w)."""
+        out, grid = None, None
+        for start, features in self.backbone_slices(images):
+            grid = tuple(features[0].shape[-2:])
+            positions = grid[0] * grid[1]
+            if out is None:
+                out = torch.empty(len(images) * positions, self.feature_dim, device=self.device)
+            rows = out[start * positions : (start + len(features[0])) * positions]
+            column = 0
+            for index, feature in enumerate(features):
+                pooled = F.avg_pool2d(feature.float(), 3, stride=1, padding=1)
+                if pooled.shape[-2:] != grid:
+                    pooled = F.interpolate(pooled, size=grid, mode="bilinear", align_corners=False)
+                part = pooled.permute(0, 2, 3, 1).reshape(-1, pooled.shape[1])  # channels-last: a view
+                if self._pooling is not None:
+                    part = part @ self._pooling[index]
+                rows[:, column : column + part.shape[1]] = part
+                column += part.shape[1]
+            del features
+        return out, grid
+
+    # --- fit ----------------------------------------------------------------------------------
+
+    def plan_fit(self, n_images: int) -> None:
+        """The number of training images to come: the fit checks at its first batch that their
+        memory bank fits in RAM, instead of failing after minutes of backbone passes."""
+        self._planned_images = int(n_images)
+
+    def fit_memory_bytes(self, n_images: int, positions: int) -> int:
+        """RAM the fit needs for `n_images` images of `positions` patches: the bank, its projection
+        (twice: the centred copy the selection works on) and the per-point selection arrays."""
+        patches = n_images * positions
+        projected = min(self.projection_dim or self.feature_dim, self.feature_dim)
+        kept = coreset_size(patches, self.coreset_ratio)
+        return 4 * patches * (self.feature_dim + 2 * projected + 4) + 4 * kept * (self.feature_dim + projected)
+
+    def _check_memory(self, n_images: int, positions: int, planned: bool) -> None:
+        needed, free = self.fit_memory_bytes(n_images, positions), available_memory()
+        if needed <= MEMORY_HEADROOM * free:
+            return
+        per_image = self.fit_memory_bytes(1000, positions) / 1000
+        fits = int(MEMORY_HEADROOM * free / per_image)
+        what = f"{n_images} training images" if planned else f"the first {n_images} training images"
+        raise ModelError(
+            f"PatchCore's memory bank for {what} ({positions} patches x {self.feature_dim} features each) needs "
+            f"{_size(needed)} of RAM, only {_size(free)} is free: train on fewer images (about {fits} fit), "
+            "lower PATCHCORE_FEATURE_DIM or CROP (CORESET_RATIO and BATCH_SIZE do not change the bank's size)"
+        )
+
+    def fit(self, batches: Iterable[torch.Tensor]) -> "PatchCore":
+        """Bank every training patch feature (projected as it comes), choose the coreset, keep it."""
+        started = time.perf_counter()
+        chunks: list[torch.Tensor] = []  # the bank, one (b * P, D) block per batch, in RAM
+        projected: list[torch.Tensor] = []  # the same rows projected, on the device
+        projection, grid, n_images = None, None, 0
+        for images in batches:
+            embedding, grid = self.embed(images)
+            positions = grid[0] * grid[1]
+            if n_images == 0 and self._planned_images:
+                self._check_memory(self._planned_images, positions, planned=True)
+            self._check_memory(n_images + len(images), positions, planned=False)
+            if projection is None and 0 < self.projection_dim < self.feature_dim:
+                projection = projection_matrix(self.feature_dim, self.projection_dim, self.seed, self.device)
+            projected.append(embedding if projection is None else embedding @ projection)
+            chunks.append(embedding.cpu())
+            n_images += len(images)
+            del embedding
+        if grid is None:
+            raise ModelError("no training images could be read: nothing to fit")
+        positions = grid[0] * grid[1]
+        self.bank_size_ = n_images * positions
+        count = coreset_size(self.bank_size_, self.coreset_ratio)
+        if count < max(self.neighbors, 1):
+            raise ModelError(
+                f"CORESET_RATIO={self.coreset_ratio} keeps {count} of {self.bank_size_} training patches, fewer than the "
+                f"PATCHCORE_NEIGHBORS={self.neighbors} the image score needs: raise CORESET_RATIO, train on more images "
+                "or set PATCHCORE_NEIGHBORS=0"
+            )
+        features_done = time.perf_counter()
+        points = torch.cat(projected)
+        del projected
+        if count == self.bank_size_:
+            selected = torch.arange(count)
+        else:
+            start = int(torch.randint(self.bank_size_, (1,), generator=torch.Generator().manual_seed(self.seed)))
+            selected = greedy_coreset(points, count, start).cpu()
+        del points
+        coreset = self._gather(chunks, selected)
+        del chunks
+        self.memory_mean_ = coreset.mean(dim=0)
+        coreset -= self.memory_mean_
+        order, self.group_offsets_ = group_order(coreset)
+        self.memory_ = coreset[order].contiguous()
+        self.memory_sources_ = (selected // positions).to(torch.int32)[order.cpu()].to(self.device)
+        self._prepare_scoring()
+        self.grid_size_ = grid
+        self.n_train_images_ = n_images
+        self.fit_seconds_ = {"features": features_done - started, "coreset": time.perf_counter() - features_done}
+        return self
+
+    def _gather(self, chunks: list[torch.Tensor], selected: torch.Tensor) -> torch.Tensor:
+        """(K, D) bank rows `selected` (in that order) from the per-batch blocks, on the device."""
+        coreset = torch.empty(len(selected), self.feature_dim)
+        offsets = torch.tensor([0] + [len(chunk) for chunk in chunks]).cumsum(0)
+        block = torch.searchsorted(offsets, selected, right=True) - 1
+        for number, chunk in enumerate(chunks):
+            where = (block == number).nonzero().squeeze(1)
+            if where.numel():
+                coreset[where] = chunk.index_select(0, selected[where] - offsets[number])
+        return coreset.to(self.device)
+
+    # --- scoring ------------------------------------------------------------------------------
+
+    def _prepare_scoring(self) -> None:
+        """Derived scoring state (not saved): the grouped index and the rows' squared norms."""
+        self._neighbors = GroupedNeighbors(self.memory_, self.group_offsets_)
+        self.memory_norms_ = self._neighbors.norms
+
+    def nearest_patches(
+        self, images: torch.Tensor, excluded: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """(features minus memory_mean_ (B*P, D), distance (B*P,), nearest coreset row (B*P,), grid).
+        `excluded` (K,) bool: coreset rows not to use (out-of-fold scoring); the grouped search
+        serves the usual case, a full search the excluded one."""
+        if self.memory_ is None:
+            raise ModelError("the model is not fitted: run train.py first")
+        embedding, grid = self.embed(images)
+        self.check_grid(grid)
+        embedding.sub_(self.memory_mean_)
+        if excluded is None:
+            distances, nearest = self._neighbors(embedding)
+        else:
+            distances, nearest = nearest_neighbors(embedding, self.memory_, self.memory_norms_.masked_fill(excluded, math.inf))
+        return embedding, distances, nearest, grid
+
+    def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) distance of each patch to its nearest coreset feature."""
+        _, distances, _, grid = self.nearest_patches(images)
+        return distances.view(len(images), *grid)
+
+    def score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(maps (B, H, W), image scores (B,)) on the CPU; the score is the map's maximum, times the
+        paper's eq. 7 weight when PATCHCORE_NEIGHBORS > 0."""
+        maps, scores = self._score(images)
+        return maps.cpu(), scores.cpu()
+
+    def _score(self, images: torch.Tensor, excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`score` without the coreset rows `excluded` (K,) bool, if given."""
+        embedding, distances, nearest, grid = self.nearest_patches(images, excluded)
+        norms = self.memory_norms_ if excluded is None else self.memory_norms_.masked_fill(excluded, math.inf)
+        count, positions = len(images), grid[0] * grid[1]
+        maps = self.map_maker(distances.view(count, *grid), tuple(images.shape[-2:]))
+        scores = self.image_scores(maps)
+        if self.neighbors:
+            worst = distances.view(count, positions).argmax(dim=1) + torch.arange(count, device=distances.device) * positions
+            scores = scores * self.reweighting(embedding[worst], nearest[worst], norms)
+        return maps, scores
+
+    def reweighting(self, queries: torch.Tensor, matches: torch.Tensor, norms: torch.Tensor, neighbors: int = 0) -> torch.Tensor:
+        """(B,) eq. 7 weights w = 1 - exp|q - m*| / sum over N_b(m*) of exp|q - m|, for each image's
+        most anomalous patch q (minus memory_mean_) and its nearest coreset point m*, with N_b(m*)
+        the PATCHCORE_NEIGHBORS coreset points nearest to m* (m* itself included, as anomalib does):
+        a match in a sparse region of the coreset (a rare good pattern) keeps w near 1, a match in a
+        dense one is damped to about 1 - 1/b. `neighbors` replaces PATCHCORE_NEIGHBORS (bench/patchcore_neighbors.py)."""
+        anchors = self.memory_[matches]  # (B, D)
+        anchor_distances = torch.addmm(norms, anchors, self.memory_.T, alpha=-2.0)  # (B, K) + |a|^2 omitted: same order
+        anchor_distances[torch.arange(len(matches), device=matches.device), matches] = -math.inf  # m* first, whatever the rounding
+        support = anchor_distances.topk(neighbors or self.neighbors, dim=1, largest=False).indices  # (B, b)
+        distances = (queries[:, None, :] - self.memory_[support]).norm(dim=2)  # (B, b), m* in column 0
+        return 1.0 - torch.softmax(distances, dim=1)[:, 0]
+
+    def out_of_fold_scores(
+        self, batches: Callable[[], Iterable[tuple[torch.Tensor, list[int]]]], folds: np.ndarray
+    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """Each training image scored against the coreset without the points that came from
+        training images of its own fold (the coreset itself is not re-chosen: see README, PatchCore)."""
+        folds = np.asarray(folds)
+        order = [index for _, indices in batches() for index in indices]  # fit position -> training index
+        if len(order) != self.n_train_images_:
+            raise ModelError(f"out-of-fold scoring got {len(order)} training images, the model was fitted on {self.n_train_images_}")
+        source_folds = torch.as_tensor(folds[order])[self.memory_sources_.long().cpu()].to(self.device)
+        for images, indices in batches():
+            image_folds = folds[list(indices)]
+            for fold in np.unique(image_folds):
+                excluded = source_folds == int(fold)
+                if int((~excluded).sum()) < max(1, self.neighbors):
+                    raise ModelError(
+                        f"fold {fold} holds the sources of nearly all {len(excluded)} coreset points: out-of-fold scoring "
+                        "needs at least 2 folds of training images"
+                    )
+                rows = np.nonzero(image_folds == fold)[0]
+                maps, scores = self._score(images[torch.as_tensor(rows)], excluded)
+                yield [indices[row] for row in rows], maps.cpu(), scores.cpu()
+
+    # --- saving and loading -------------------------------------------------------------------
+
+    def settings(self) -> dict:
+        return {
+            **super().settings(),
+            "coreset_ratio": self.coreset_ratio,
+            "neighbors": self.neighbors,
+            "feature_dim": self.feature_dim,
+            "projection_dim": self.projection_dim,
+        }
+
+    def fitted_state(self) -> dict:
+        return {
+            **super().fitted_state(),
+            "coreset_size": int(self.memory_.shape[0]),
+            "bank_size": self.bank_size_,
+            "group_offsets": list(self.group_offsets_),
+        }
+
+    def load_fitted_state(self, state: dict) -> None:
+        super().load_fitted_state(state)
+        check(state, {"coreset_size": integer(minimum=1), "bank_size": integer(minimum=1), "group_offsets": sequence(integer(minimum=0), min_length=2)}, "state")
+        self._coreset_size = int(state["coreset_size"])
+        self.bank_size_ = int(state["bank_size"])
+        self.group_offsets_ = [int(offset) for offset in state["group_offsets"]]
+        if self.group_offsets_[0] != 0 or self.group_offsets_[-1] != self._coreset_size or sorted(self.group_offsets_) != self.group_offsets_:
+            raise ModelError("model.json's coreset groups do not fit its coreset (damaged?): retrain with python train.py")
+
+    def save_arrays(self, out) -> None:
+        out.write_npy("coreset.npy", self.memory_.cpu().numpy())
+        out.write_npy("coreset_mean.npy", self.memory_mean_.cpu().numpy())
+        out.write_npy("coreset_sources.npy", self.memory_sources_.cpu().numpy(), dtype="<i4")
+
+    def load_arrays(self, folder, files: dict) -> None:
+        count = self._coreset_size
+        memory = read_npy(folder, "coreset.npy", files, (count, self.feature_dim))
+        mean = read_npy(folder, "coreset_mean.npy", files, (self.feature_dim,))
+        sources = read_npy(folder, "coreset_sources.npy", files, (count,), dtype="<i4")
+        self.memory_ = torch.from_numpy(np.ascontiguousarray(memory)).to(self.device)
+        self.memory_mean_ = torch.from_numpy(np.ascontiguousarray(mean)).to(self.device)
+        self.memory_sources_ = torch.from_numpy(np.ascontiguousarray(sources)).to(self.device)
+        self._prepare_scoring()
+
+    def to(self, device: torch.device) -> "PatchCore":
+        super().to(device)
+        if self.memory_ is not None:
+            self._prepare_scoring()
+        return self

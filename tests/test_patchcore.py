@@ -1,0 +1,263 @@
+"""PatchCore: the coreset and the nearest neighbours against brute force, the eq. 7 weight,
+out-of-fold scores, saved models, and every bad input giving one clear error."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import torch.nn.functional as F
+
+import anomaly_model.coreset as coreset_module
+import anomaly_model.patchcore as patchcore_module
+from anomaly_model.backbone import ModelError
+from anomaly_model.coreset import GroupedNeighbors, greedy_coreset, group_order, nearest_neighbors, projection_matrix
+from anomaly_model.padim import Padim
+from anomaly_model.patchcore import PatchCore
+from anomaly_model.store import load_model, save_model
+
+INFO = {"preprocessing": {"resize": 64, "crop": 64, "mean": [0.5] * 3, "std": [0.2] * 3}}
+
+
+def brute_force_greedy(points: torch.Tensor, count: int, start: int) -> list[int]:
+    """The paper's Algorithm 1 as written: full float64 distance matrix, min over chosen points."""
+    distances = torch.cdist(points.double(), points.double())
+    chosen, nearest = [start], distances[start].clone()
+    for _ in range(count - 1):
+        chosen.append(int(nearest.argmax()))
+        nearest = torch.minimum(nearest, distances[chosen[-1]])
+    return chosen
+
+
+def images(count: int, seed: int, size: int = 64) -> torch.Tensor:
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def train_images() -> torch.Tensor:
+    return images(10, 0)
+
+
+@pytest.fixture(scope="module")
+def fitted(train_images) -> PatchCore:
+    model = PatchCore("resnet18", "none", neighbors=3, device="cpu")
+    return model.fit([train_images[:6], train_images[6:]])
+
+
+@pytest.mark.parametrize("feature_dim", [0, 101])
+def test_features_are_the_published_recipe(feature_dim):
+    """3x3 average pooling per stage, the deeper stage bilinearly upsampled to the first one's grid,
+    concatenated; a PATCHCORE_FEATURE_DIM averages each stage down to an equal share of channels."""
+    model = PatchCore("resnet18", "none", feature_dim=feature_dim, device="cpu")
+    probe = images(3, 9)
+    layer2, layer3 = (F.avg_pool2d(f.float(), 3, 1, 1) for f in model.extractor(probe))
+    layer3 = F.interpolate(layer3, size=layer2.shape[-2:], mode="bilinear", align_corners=False)
+    rows = [layer.permute(0, 2, 3, 1).reshape(-1, layer.shape[1]) for layer in (layer2, layer3)]
+    if feature_dim:
+        rows = [F.adaptive_avg_pool1d(r[:, None, :], share)[:, 0] for r, share in zip(rows, (51, 50))]
+    embedding, grid = model.embed(probe)
+    assert grid == (8, 8) and embedding.shape == (3 * 64, feature_dim or 384)
+    torch.testing.assert_close(embedding, torch.cat(rows, dim=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dense", "pruned"])
+@pytest.mark.parametrize("n, dim, count", [(600, 16, 80), (1500, 6, 400), (200, 64, 200)])
+def test_coreset_equals_brute_force_greedy(method, n, dim, count):
+    generator = torch.Generator().manual_seed(n)
+    points = torch.randn(n, dim, generator=generator) * 2 + 5  # off-centre: the expansion must stay exact
+    assert greedy_coreset(points, count, 11, method, progress=False).tolist() == brute_force_greedy(points, count, 11)
+
+
+def test_fitted_coreset_is_the_greedy_selection_on_the_seeded_projection(fitted, train_images):
+    """Same start, same projection: the model keeps exactly the rows brute-force greedy picks."""
+    bank = torch.cat([fitted.embed(part)[0] for part in (train_images[:6], train_images[6:])])
+    projected = bank @ projection_matrix(bank.shape[1], 128, fitted.seed)
+    start = int(torch.randint(len(bank), (1,), generator=torch.Generator().manual_seed(fitted.seed)))
+    chosen = brute_force_greedy(projected, len(fitted.memory_), start)
+    kept = torch.cdist(fitted.memory_ + fitted.memory_mean_, bank).argmin(dim=1)  # bank row of each coreset row
+    assert sorted(kept.tolist()) == sorted(chosen)  # the same points (stored in groups, not in selection order)
+    torch.testing.assert_close(fitted.memory_ + fitted.memory_mean_, bank[kept], rtol=0, atol=1e-5)
+    positions = fitted.grid_size_[0] * fitted.grid_size_[1]
+    assert fitted.memory_sources_.tolist() == (kept // positions).tolist()
+    assert len(fitted.memory_) == int(np.ceil(0.1 * len(bank)))
+
+
+def test_nearest_neighbours_equal_cdist_across_blocks(monkeypatch):
+    monkeypatch.setattr(coreset_module, "NEIGHBOR_BLOCK", 4096)  # many query and bank blocks
+    generator = torch.Generator().manual_seed(3)
+    queries, bank = torch.randn(700, 40, generator=generator), torch.randn(1500, 40, generator=generator)
+    distances, index = nearest_neighbors(queries, bank)
+    expected = torch.cdist(queries.double(), bank.double()).min(dim=1)
+    torch.testing.assert_close(distances.double(), expected.values, rtol=1e-5, atol=1e-5)
+    assert torch.equal(index, expected.indices)
+
+    excluded = torch.zeros(len(bank), dtype=torch.bool)
+    excluded[expected.indices[:100]] = True  # the true nearest of the first 100 queries
+    norms = (bank * bank).sum(dim=1).masked_fill(excluded, float("inf"))
+    distances, index = nearest_neighbors(queries, bank, norms)
+    kept = torch.cdist(queries.double(), bank.double())[:, ~excluded].min(dim=1)
+    torch.testing.assert_close(distances.double(), kept.values, rtol=1e-5, atol=1e-5)
+    assert not excluded[index].any()
+
+
+@pytest.mark.parametrize("groups", [0, 1, 7])
+def test_grouped_search_equals_cdist(monkeypatch, groups):
+    """The triangle-inequality search skips groups, never the nearest point: same rows as brute force."""
+    monkeypatch.setattr(coreset_module, "NEIGHBOR_BLOCK", 8192)  # several query chunks
+    generator = torch.Generator().manual_seed(groups)
+    clusters = torch.randn(12, 24, generator=generator) * 4
+    points = clusters[torch.randint(12, (3000,), generator=generator)] + torch.randn(3000, 24, generator=generator)
+    coreset = points[greedy_coreset(points, 400, 0, progress=False)]
+    order, offsets = group_order(coreset, groups)
+    assert offsets[0] == 0 and offsets[-1] == 400 and len(offsets) == (groups or 40) + 1
+    coreset = coreset[order]
+    queries = torch.cat([points[:500] + 0.1 * torch.randn(500, 24, generator=generator), 3 * torch.randn(300, 24, generator=generator)])
+    distances, rows = GroupedNeighbors(coreset, offsets)(queries)
+    expected = torch.cdist(queries.double(), coreset.double()).min(dim=1)
+    torch.testing.assert_close(distances.double(), expected.values, rtol=0, atol=1e-3)  # float32 rounding at norms ~20
+    assert torch.equal(rows, expected.indices)
+
+
+def test_model_scores_with_the_grouped_search_equal_the_full_search(fitted):
+    probe = images(2, 8)
+    _, grouped, grouped_rows, _ = fitted.nearest_patches(probe)
+    _, full, full_rows, _ = fitted.nearest_patches(probe, excluded=torch.zeros(len(fitted.memory_), dtype=torch.bool))
+    torch.testing.assert_close(grouped, full, rtol=1e-5, atol=1e-5)
+    assert torch.equal(grouped_rows, full_rows)
+
+
+def test_eq7_weight_of_the_most_anomalous_patch(fitted):
+    probe = images(2, 5)
+    embedding, distances, nearest, grid = fitted.nearest_patches(probe)
+    maps, scores = fitted.score(probe)
+    memory = fitted.memory_.double()
+    for image in range(2):
+        rows = slice(image * grid[0] * grid[1], (image + 1) * grid[0] * grid[1])
+        worst = int(distances[rows].argmax())
+        query = embedding[rows][worst].double()
+        match = int(torch.cdist(query[None], memory).argmin())
+        support = torch.cdist(memory[match][None], memory)[0].argsort()[:3]  # m* and its 2 nearest
+        assert int(support[0]) == match
+        to_support = (memory[support] - query).norm(dim=1)
+        weight = 1 - torch.exp(to_support[0]) / torch.exp(to_support).sum()
+        assert scores[image].item() == pytest.approx(weight.item() * maps[image].max().item(), rel=1e-4)
+        assert 0 < weight < 1
+
+
+def test_save_load_gives_identical_maps_and_scores(tmp_path, fitted):
+    save_model(tmp_path / "model", fitted, INFO)
+    loaded, description = load_model(tmp_path / "model", "cpu")
+    assert isinstance(loaded, PatchCore) and description["anomaly_model"]["type"] == "patchcore"
+    probe = images(3, 7)
+    for got, expected in zip(loaded.score(probe), fitted.score(probe)):
+        assert torch.equal(got, expected)
+    for name in ("coreset.npy", "coreset_mean.npy", "coreset_sources.npy"):
+        np.load(tmp_path / "model" / name, allow_pickle=False)  # plain arrays, nothing to unpickle
+    assert torch.equal(loaded.memory_sources_, fitted.memory_sources_)
+
+
+def test_a_patchcore_model_is_never_read_as_padim(tmp_path, fitted):
+    save_model(tmp_path / "model", fitted, INFO)
+    path = tmp_path / "model" / "model.json"
+    description = json.loads(path.read_text())
+    description["anomaly_model"]["type"] = "padim"
+    path.write_text(json.dumps(description))
+    with pytest.raises(ModelError, match="damaged or incompatible"):
+        load_model(tmp_path / "model", "cpu")
+    description["anomaly_model"]["type"] = "mystery"
+    path.write_text(json.dumps(description))
+    with pytest.raises(ModelError, match="damaged or incompatible.*one of 'padim', 'patchcore'"):
+        load_model(tmp_path / "model", "cpu")
+
+
+def test_a_padim_model_is_never_read_as_patchcore(tmp_path, train_images):
+    padim = Padim("resnet18", "none", feature_dim=16, device="cpu").fit([train_images])
+    save_model(tmp_path / "model", padim, INFO)
+    path = tmp_path / "model" / "model.json"
+    description = json.loads(path.read_text())
+    assert description["anomaly_model"]["settings"]["layers"] == [1, 2, 3]  # LAYERS=() resolved per model
+    description["anomaly_model"]["type"] = "patchcore"
+    path.write_text(json.dumps(description))
+    with pytest.raises(ModelError, match="damaged or incompatible"):
+        load_model(tmp_path / "model", "cpu")
+
+
+def test_out_of_fold_scores_exclude_the_images_own_fold(train_images):
+    """With every patch in the coreset an image's own score is ~0; out of fold it is clearly not,
+    and it equals the score against the coreset rows of the other folds only."""
+    model = PatchCore("resnet18", "none", coreset_ratio=1.0, device="cpu").fit([train_images[:6], train_images[6:]])
+    before = model.memory_.clone()
+    folds = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    batches = lambda: [(train_images[:4], [0, 1, 2, 3]), (train_images[4:], list(range(4, 10)))]  # noqa: E731
+    results = list(model.out_of_fold_scores(batches, folds))
+    seen = sorted(index for indices, _, _ in results for index in indices)
+    assert seen == list(range(10))
+    in_sample = model.score(train_images)[1]
+    assert in_sample.max() < 0.05
+    for indices, maps, scores in results:
+        assert maps.shape == (len(indices), 64, 64) and maps.device.type == "cpu"
+        assert scores.min() > 20 * in_sample.max() + 0.5
+        fold = folds[indices[0]]
+        others = torch.as_tensor(folds[model.memory_sources_.long()] != fold)
+        embedding, grid = model.embed(train_images[indices])
+        distances = torch.cdist(embedding.double() - model.memory_mean_.double(), model.memory_[others].double()).min(dim=1).values
+        expected = model.map_maker(distances.float().view(len(indices), *grid), (64, 64)).flatten(1).max(dim=1).values
+        torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(model.memory_, before)
+
+
+def test_out_of_fold_scores_need_the_fit_images_and_two_folds(train_images):
+    model = PatchCore("resnet18", "none", coreset_ratio=1.0, device="cpu").fit([train_images])
+    with pytest.raises(ModelError, match="got 4 training images, the model was fitted on 10"):
+        list(model.out_of_fold_scores(lambda: [(train_images[:4], [0, 1, 2, 3])], np.zeros(10, int)))
+    with pytest.raises(ModelError, match="at least 2 folds"):
+        list(model.out_of_fold_scores(lambda: [(train_images, list(range(10)))], np.zeros(10, int)))
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5])
+def test_coreset_ratio_outside_0_1(ratio):
+    with pytest.raises(ModelError, match=f"CORESET_RATIO={ratio} must be in \\(0, 1\\]"):
+        PatchCore("resnet18", "none", coreset_ratio=ratio, device="cpu")
+
+
+def test_bad_neighbour_count_and_feature_dim():
+    with pytest.raises(ModelError, match="PATCHCORE_NEIGHBORS=1"):
+        PatchCore("resnet18", "none", neighbors=1, device="cpu")
+    with pytest.raises(ModelError, match="PATCHCORE_FEATURE_DIM=5000 must be 0 .*384"):
+        PatchCore("resnet18", "none", feature_dim=5000, device="cpu")
+
+
+def test_too_few_coreset_points_for_the_reweighting(train_images):
+    model = PatchCore("resnet18", "none", coreset_ratio=0.001, neighbors=9, device="cpu")
+    with pytest.raises(ModelError, match="CORESET_RATIO=0.001 keeps 1 of 640 training patches.*PATCHCORE_NEIGHBORS=9"):
+        model.fit([train_images])
+
+
+def test_a_bank_too_large_for_memory_is_refused_before_the_fit(monkeypatch, train_images):
+    monkeypatch.setattr(patchcore_module, "available_memory", lambda: 50_000_000)
+    model = PatchCore("resnet18", "none", device="cpu")
+    model.plan_fit(100_000)
+    fed = []
+
+    def batches():
+        for part in (train_images[:2], train_images[2:]):
+            fed.append(len(part))
+            yield part
+
+    with pytest.raises(ModelError, match="memory bank for 100000 training images .* needs 17.8 GB of RAM, only 50 MB is free: train on fewer images \\(about 252 fit\\)"):
+        model.fit(batches())
+    assert fed == [2]  # refused at the first batch
+
+
+def test_a_bank_outgrowing_memory_without_a_plan_is_refused(monkeypatch, train_images):
+    monkeypatch.setattr(patchcore_module, "available_memory", lambda: 500_000)  # 2 images fit, 10 do not
+    with pytest.raises(ModelError, match="memory bank for the first 10 training images .* needs 2 MB of RAM, only 0 MB"):
+        PatchCore("resnet18", "none", device="cpu").fit([train_images[:2], train_images[2:]])
+
+
+def test_images_of_another_size_than_the_fit(fitted):
+    with pytest.raises(ModelError, match="patch grid.*use the model's CROP"):
+        fitted.score(images(1, 2, size=96))
