@@ -11,8 +11,9 @@ in "_".
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from anomaly_model.backbone import FeatureExtractor, ModelError
@@ -98,6 +99,14 @@ class AnomalyModel:
     def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
         """(B, h, w) anomaly score of each patch of each image, on the model's feature grid."""
         raise NotImplementedError
+
+    def out_of_fold_scores(self, batches: Callable[[], Iterable[tuple[torch.Tensor, list[int]]]], folds: np.ndarray) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """After `fit` on the same images: honest anomaly maps of the training images themselves.
+        `batches()` returns a fresh iterable over exactly the training images the model was fitted on,
+        in the fit's order, as (images (B, 3, H, W), their indices in the training list); `folds[i]` is
+        the fold of training image i. Yields (indices, maps (b, H, W) on the CPU, image scores (b,) on
+        the CPU), each image scored by a model that did not see its fold. The fitted model is unchanged."""
+        raise NotImplementedError(f"{type(self).__name__} has no out-of-fold scores")
 
     def settings(self) -> dict:
         """Constructor arguments, as saved in model.json (with the values the model resolved)."""
