@@ -67,6 +67,13 @@ PIXEL_FALSE_REJECT_RATE = 0.005  # share of good validation pixels the pixel thr
 # (PaDiM; far higher, so it flags much less: README, Chebyshev). Both are saved and reported.
 PIXEL_THRESHOLD_POLICY = "validation"
 
+# --- Out-of-fold maps of the training images (cross-fitting) -----------------------------
+# The training images are split into this many folds; each is scored by the model fitted without
+# it (PaDiM: exact leave-fold-out Gaussians), giving hundreds of honest good maps for the
+# classifier and the thresholds. Costs about one more backbone pass over the training images.
+# 0 = off: only the validation goods are used.
+OUT_OF_FOLD_FOLDS = 5
+
 # --- Runtime ------------------------------------------------------------------------------------
 DEVICE = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
 BATCH_SIZE = 16
@@ -82,12 +89,21 @@ EVAL_SHEET_COUNT = 3  # localization sheets: this many worst goods, best and wor
 # labeled ones (train/defect/ or train_dataset_folder/defect/) plus synthetic ones painted onto
 # the validation goods. When present, its probability decides test.py's verdict.
 CLASSIFIER = True  # False: plain max-of-map score and image threshold only
-CLASSIFIER_SYNTHETIC_PER_IMAGE = 6  # synthetic defects per validation good (cut-paste, scratch, texture in turn)
+# Synthetic defects in all, spread evenly over the honest goods (validation and out-of-fold training
+# images), cut-paste, scratch and texture in turn; each costs one backbone pass (plus one per
+# training image that hosts any).
+CLASSIFIER_SYNTHETIC_DEFECTS = 300
 CLASSIFIER_ENOUGH_REAL_DEFECTS = 50  # with at least this many labeled defect images, no synthetic ones
 CLASSIFIER_REAL_DEFECT_WEIGHT = 4.0  # sample weight of a labeled defect relative to a synthetic one
 CLASSIFIER_DEFECT_SIZE = (0.03, 0.15)  # synthetic defect size range, as a fraction of the inspected side
 CLASSIFIER_DEFECT_STRENGTH = (0.3, 1.0)  # synthetic defect opacity range (faint to fully opaque)
-CLASSIFIER_FALSE_REJECT_RATE = 0.05  # share of good validation images (out-of-fold) the verdict rejects
+CLASSIFIER_FALSE_REJECT_RATE = 0.05  # share of the honest goods (out-of-fold probabilities) the verdict rejects
+# How the verdict relates to the model's image score (PaDiM: the map's maximum):
+# "guard": the trees are kept only if, out-of-fold, they rank the training examples better than the
+#     image score alone; otherwise the verdict is the image score's log-odds (see README, Ablation);
+# "margin": the trees start from the image score's log-odds (XGBoost base_margin) and add a correction;
+# "none": the trees alone.
+CLASSIFIER_ANCHOR = "guard"
 CLASSIFIER_FOLDS = 5  # grouped cross-validation folds: early stopping and the verdict threshold
 CLASSIFIER_MAX_DEPTH = 3  # XGBoost tree depth
 CLASSIFIER_LEARNING_RATE = 0.05  # XGBoost eta

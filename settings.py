@@ -249,6 +249,7 @@ RULES: dict[str, Rule] = {
     "IMAGE_FALSE_REJECT_RATE": FRACTION,
     "PIXEL_FALSE_REJECT_RATE": FRACTION,
     "PIXEL_THRESHOLD_POLICY": choice(_pixel_policies),
+    "OUT_OF_FOLD_FOLDS": Rule(lambda v: _is_int(v) and (v == 0 or v >= 2), "0 (off) or an integer >= 2"),
     # runtime
     "DEVICE": device(),
     "BATCH_SIZE": integer(minimum=1),
@@ -259,7 +260,8 @@ RULES: dict[str, Rule] = {
     "EVAL_SHEET_COUNT": integer(minimum=0),
     # classifier
     "CLASSIFIER": flag(),
-    "CLASSIFIER_SYNTHETIC_PER_IMAGE": integer(minimum=0),
+    "CLASSIFIER_SYNTHETIC_DEFECTS": integer(minimum=0),
+    "CLASSIFIER_ANCHOR": choice(("guard", "margin", "none")),
     "CLASSIFIER_ENOUGH_REAL_DEFECTS": integer(minimum=0),
     "CLASSIFIER_REAL_DEFECT_WEIGHT": number(above=0),
     "CLASSIFIER_DEFECT_SIZE": sequence(number(above=0, maximum=1), length=2, order="nondecreasing"),

@@ -22,8 +22,9 @@ def main(argv: list[str]) -> None:
         summary = train_category(category, settings, model_dir_for(settings, category.name, len(categories)))
         summaries.append(summary)
         print(
-            f"{summary.category}: trained on {summary.n_train} images, calibrated on {summary.n_validation} "
-            f"validation images in {summary.seconds:.1f} s; model {summary.model_dir} "
+            f"{summary.category}: trained on {summary.n_train} images, calibrated on {summary.n_validation} validation images"
+            + (f" and {summary.n_out_of_fold} training images out-of-fold" if summary.n_out_of_fold else "")
+            + f" in {summary.seconds:.1f} s; model {summary.model_dir} "
             f"({summary.model_bytes / 1e6:.1f} MB); thresholds image {summary.image_threshold:.3f} "
             f"pixel {summary.pixel_threshold:.3f}"
             + (f"; {len(summary.skipped)} unreadable files skipped" if summary.skipped else "")

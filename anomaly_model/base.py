@@ -115,7 +115,7 @@ class AnomalyModel:
         in the fit's order, as (images (B, 3, H, W), their indices in the training list); `folds[i]` is
         the fold of training image i. Yields (indices, maps (b, H, W) on the CPU, image scores (b,) on
         the CPU), each image scored by a model that did not see its fold. The fitted model is unchanged."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} has no out-of-fold scores")
 
     def settings(self) -> dict:
         """Constructor arguments, as saved in model.json (with the values the model resolved)."""

@@ -74,17 +74,52 @@ class StreamingGaussian:
             shift = offset[start : start + step]
             block.baddbmm_(shift[:, :, None], shift[:, None, :], beta=1 / (n - 1), alpha=-n / (n - 1))
             block.diagonal(dim1=1, dim2=2).add_(epsilon)
-            lower, failed = torch.linalg.cholesky_ex(block)
-            if failed.any():  # float32 rounding on a nearly singular covariance: retry in float64
-                lower, failed = torch.linalg.cholesky_ex(block.double())
-                if failed.any():
-                    position = start + int(failed.nonzero()[0, 0])
-                    raise ModelError(
-                        f"the covariance at patch position {position} is singular ({n} images for d = {dim}): "
-                        "raise COVARIANCE_EPSILON or add training images"
-                    )
-            block.copy_(lower)
+            block.copy_(cholesky_factor(block, start, n))
         return mean, factor
+
+
+def cholesky_factor(covariances: torch.Tensor, first_position: int, count: int) -> torch.Tensor:
+    """Lower Cholesky factors of (p, d, d) covariances (positions first_position..., fitted on `count`
+    images); float64 is retried for a block float32 rounding finds not positive definite."""
+    lower, failed = torch.linalg.cholesky_ex(covariances)
+    if failed.any():  # float32 rounding on a nearly singular covariance: retry in float64
+        lower, failed = torch.linalg.cholesky_ex(covariances.double())
+        if failed.any():
+            position = first_position + int(failed.nonzero()[0, 0])
+            raise ModelError(
+                f"the covariance at patch position {position} is singular ({count} images for d = {covariances.shape[-1]}): "
+                "raise COVARIANCE_EPSILON or add training images"
+            )
+    return lower.to(covariances.dtype)
+
+
+def scatter_from_factor(cholesky: torch.Tensor, count: int, epsilon: float) -> torch.Tensor:
+    """(p, d, d) scatter sum (x - mu)(x - mu)^T over the `count` fitted images, rebuilt from the
+    stored factors: Sigma + epsilon I = L L^T, scatter = (count - 1) Sigma. A new tensor."""
+    scatter = torch.bmm(cholesky, cholesky.transpose(1, 2))
+    scatter.diagonal(dim1=1, dim2=2).sub_(epsilon)
+    return scatter.mul_(count - 1)
+
+
+def leave_out(
+    mean: torch.Tensor, scatter: torch.Tensor, count: int, held_out: torch.Tensor, epsilon: float, first_position: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussians (mean (p, d), lower Cholesky factor (p, d, d)) the fit would have given without
+    the images of `held_out` (p, m, d), from the full fit's mean, scatter and image count: exact,
+    as leave-fold-out statistics of a streaming fit are. With A the remaining images and F the held-out
+    ones, scatter = S_A + S_F + (n n_F / n_A) (mu - m_F)(mu - m_F)^T; `scatter` is left unchanged."""
+    held_count = held_out.shape[1]
+    rest = count - held_count
+    if rest < 2:
+        raise ModelError(f"leaving {held_count} of {count} images out leaves fewer than 2 to fit a covariance: use more folds")
+    held_mean = held_out.mean(dim=1)
+    centered = held_out - held_mean[:, None, :]
+    shift = mean - held_mean
+    covariance = torch.baddbmm(scatter, centered.transpose(1, 2), centered, alpha=-1.0)
+    covariance.baddbmm_(shift[:, :, None], shift[:, None, :], alpha=-count * held_count / rest)
+    covariance.div_(rest - 1).diagonal(dim1=1, dim2=2).add_(epsilon)
+    rest_mean = (mean * count - held_mean * held_count) / rest
+    return rest_mean, cholesky_factor(covariance, first_position, rest)
 
 
 def mahalanobis(features: torch.Tensor, mean: torch.Tensor, cholesky: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ variant scores it, that distance beside a per-channel Chebyshev term (`chebyshev
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -19,9 +19,19 @@ from anomaly_model.backbone import DEFAULT_FEATURE_DIM, ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.chebyshev import SCORES, chebyshev_term, pixel_threshold, pixel_threshold_rule
 from anomaly_model.files import CHUNK_ROWS, read_npy, read_npy_chunks
-from anomaly_model.gaussian import StreamingGaussian, deviations, mahalanobis
+from anomaly_model.gaussian import StreamingGaussian, deviations, leave_out, mahalanobis, scatter_from_factor
 from anomaly_model.schema import check
 from settings import integer, sequence
+
+# Held-out embeddings (P, m, d) kept at once by `out_of_fold_scores`: the folds whose embeddings fit
+# in this many bytes share one pass over the images (and one rebuild of the scatter), larger
+# sets take more passes. MobileNetV2 at 224 px: ~270 images per pass; Wide-ResNet50 (d = 550):
+# ~75, below the fit's peak memory (the (P, d, d) statistics alone are 3.8 GB there).
+OUT_OF_FOLD_BYTES = 512 * 2**20
+# Covariance entries rebuilt and refactorized at once (per chunk of positions): a few (chunk, d, d)
+# working copies of ~8 MB, never a second (P, d, d) copy of the statistics.
+_LEAVE_OUT_CHUNK_ELEMENTS = 2_000_000
+BATCH_OF_MAPS = 32  # out-of-fold maps yielded at once (32 maps of 224 x 224: 6 MB)
 
 
 def _nearest_source(source: int, target: int, device: torch.device) -> torch.Tensor:
@@ -170,6 +180,79 @@ class Padim(AnomalyModel):
         inequality, its formula): distribution-free; what it covers: `chebyshev.py`."""
         level = pixel_threshold(self.score_kind, self.chebyshev_weight, self.feature_dim, rate)
         return level, pixel_threshold_rule(self.score_kind, self.chebyshev_weight)
+
+    def out_of_fold_scores(self, batches: Callable[[], Iterable[tuple[torch.Tensor, list[int]]]], folds: np.ndarray) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """After `fit` on the same images: honest anomaly maps of the training images themselves.
+        `batches()` returns a fresh iterable over exactly the training images the model was fitted on,
+        in the fit's order, as (images (B, 3, H, W), their indices in the training list); `folds[i]` is
+        the fold of training image i. Yields (indices, maps (b, H, W) on the CPU, image scores (b,) on
+        the CPU), each image scored by a model that did not see its fold. The fitted model is unchanged.
+
+        PaDiM's leave-fold-out Gaussians are exact: per chunk of positions the scatter is rebuilt from
+        the stored factor, the fold's own scatter and the moved mean are taken out, and the result is
+        factorized (`gaussian.leave_out`). The fold's embeddings come from a second backbone pass;
+        folds whose embeddings fit in OUT_OF_FOLD_BYTES share a pass and a rebuild."""
+        self.check_grid(self.grid_size_)
+        folds = np.asarray(folds)
+        positions = self.grid_size_[0] * self.grid_size_[1]
+        per_pass = max(1, OUT_OF_FOLD_BYTES // (positions * self.feature_dim * 4))
+        groups: list[list] = [[]]
+        held = 0
+        for fold, size in zip(*np.unique(folds, return_counts=True)):
+            if groups[-1] and held + size > per_pass:
+                groups.append([])
+                held = 0
+            groups[-1].append(fold)
+            held += int(size)
+        for group in groups:
+            embeddings, indices, image_size = self._held_out_embeddings(batches, folds, group)
+            scores = self._leave_out_scores(embeddings)
+            for fold in embeddings:
+                for start in range(0, len(indices[fold]), BATCH_OF_MAPS):
+                    patch = scores[fold][start : start + BATCH_OF_MAPS].view(-1, *self.grid_size_)
+                    maps = self.map_maker(patch, image_size)
+                    yield indices[fold][start : start + BATCH_OF_MAPS], maps.cpu(), self.image_scores(maps).cpu()
+
+    def _held_out_embeddings(self, batches, folds: np.ndarray, group: list) -> tuple[dict, dict, tuple[int, int]]:
+        """One pass over the training images: {fold: (P, m, d) embeddings}, {fold: their indices}, image size.
+        Each fold's embeddings are written into one buffer sized by its share of `folds` (no joining copy)."""
+        positions = self.grid_size_[0] * self.grid_size_[1]
+        buffers = {fold: torch.empty(positions, int((folds == fold).sum()), self.feature_dim, device=self.device) for fold in group}
+        indices: dict = {fold: [] for fold in group}
+        image_size = None
+        for images, batch_indices in batches():
+            batch_folds = folds[np.asarray(batch_indices, dtype=int)]
+            rows = np.flatnonzero(np.isin(batch_folds, group))
+            if rows.size == 0:
+                continue
+            embedding, grid = self.embed(images[torch.from_numpy(rows)])
+            self.check_grid(grid)
+            image_size = tuple(images.shape[-2:])
+            for fold in group:
+                chosen = np.flatnonzero(batch_folds[rows] == fold)
+                if chosen.size:
+                    filled = len(indices[fold])
+                    columns = torch.from_numpy(chosen).to(embedding.device)
+                    buffers[fold][:, filled : filled + chosen.size].copy_(embedding.index_select(1, columns))
+                    indices[fold] += [int(batch_indices[rows[i]]) for i in chosen]
+            del embedding
+        embeddings = {fold: buffers[fold][:, : len(indices[fold])] for fold in group if indices[fold]}
+        return embeddings, indices, image_size
+
+    def _leave_out_scores(self, embeddings: dict) -> dict:
+        """{fold: (m, P) patch scores of its images under the Gaussians fitted without that fold}."""
+        positions, dim = self.mean_.shape
+        scores = {fold: torch.empty(held.shape[1], positions, device=self.device) for fold, held in embeddings.items()}
+        step = max(1, _LEAVE_OUT_CHUNK_ELEMENTS // (dim * dim))
+        count = self.n_train_images_
+        with torch.no_grad():
+            for start in range(0, positions, step):
+                block = slice(start, start + step)
+                scatter = scatter_from_factor(self.cholesky_[block], count, self.epsilon)
+                for fold, held in embeddings.items():
+                    mean, lower = leave_out(self.mean_[block], scatter, count, held[block], self.epsilon, start)
+                    scores[fold][:, block] = self.embedding_scores(held[block], mean, lower)
+        return scores
 
     # --- saving and loading -------------------------------------------------------------------
 

@@ -1,25 +1,27 @@
-"""Ablation: image ROCAUC of the plain max-of-map score vs. the good/defect classifier.
+"""Ablation: image ROCAUC of the model's image score (PaDiM: max of the map) vs. the good/defect
+classifier, for every variant of the classifier that was tried (README, "Good/defect classifier").
 
-    .venv/bin/python bench/classifier_ablation.py [CATEGORY_DIR] [--seeds 5] [--ks 5,10] [--cache DIR]
+    .venv/bin/python bench/classifier_ablation.py [SET ...] [--seeds 5] [--ks 5,10] [--cache DIR] [--work DIR]
 
-CATEGORY_DIR is an MVTec-layout category (default ../shared/data/tire). PaDiM (config.py
-defaults: MobileNetV2, offline ImageNet weights) is fitted once on train/good and reused. Per seed:
-(i) classifier on synthetic defects only (synthetic set drawn with that seed); (ii) classifier on
-synthetic defects plus k real defect images drawn from the test set with that seed, which are
-then removed from the evaluation of every method in that row (so max score and classifier are
-compared on the same images). Goods for the classifier are validation images only; nothing is
-tuned on the test set.
+SET: tire, tire-gray (tire converted to gray, made under --work), ksdd (already gray: there is no
+separate gray ksdd), demo (generate_demo_dataset, made under --work), or a category folder in
+MVTec layout; default: all four named sets. The anomaly model (config.py defaults: MobileNetV2,
+offline ImageNet weights) is fitted once per set on its training images and reused. Per seed: a
+new synthetic set and classifier seed; for "+ k real", k test defects drawn with that seed join
+the classifier's training set and are removed from the evaluation of both columns. Nothing is
+chosen on a test split: the test images are only scored.
 
---cache DIR stores the PaDiM maps (validation goods, test images, synthetic defects per seed) in
-DIR as .npz, keyed by the model settings, the data and the source of synthetic.py, so a rerun
-that only changes the features or the classifier takes seconds. Without it, everything is
-computed from scratch (the honest one-command run).
+--cache DIR keeps the maps (validation goods, test images, the training images out-of-fold and
+as the fitted model sees them, synthetic defects per seed) as float16 .npz, keyed by the model
+settings, the data and the code that makes them, so a rerun that changes only the classifier
+takes minutes. Without it everything is computed from scratch (the honest one-command run).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import sys
 import time
@@ -27,17 +29,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from anomaly_model.base import AnomalyModel  # noqa: E402
 from anomaly_model.store import build_model  # noqa: E402
-from classification_model.features import levels_from_description, map_features  # noqa: E402
-from classification_model.training import fit_on_maps, image_maps, params_from_settings, synthetic_defect_maps  # noqa: E402
-from classification_model.xgboost import _rocauc  # noqa: E402
-from dataset_manager import ImageBatches, find_categories  # noqa: E402
-from pipeline.training import calibrate, make_preprocessor, split_validation, validation_maps  # noqa: E402
+from classification_model.features import FEATURE_NAMES, MONOTONE, levels_from_description, map_features  # noqa: E402
+from classification_model.synthetic import DEFECT_TYPES  # noqa: E402
+from classification_model.training import params_from_settings, synthetic_defect_maps, synthetic_plan  # noqa: E402
+from classification_model.xgboost import Anchor, train_classifier  # noqa: E402
+from dataset_manager import IMAGE_EXTENSIONS, ImageBatches, find_categories  # noqa: E402
+from dataset_manager.demo import generate_demo_dataset  # noqa: E402
+from evaluation.metrics import image_rocauc  # noqa: E402
+from pipeline.training import GoodMapSample, assign_folds, make_preprocessor, out_of_fold_maps, split_validation  # noqa: E402
 from settings import load  # noqa: E402
 
 MODEL_KEYS = ("ANOMALY_MODEL", "BACKBONE", "WEIGHTS", "LAYERS", "FEATURE_DIM", "COVARIANCE_EPSILON", "BLUR_SIGMA", "SEED", "RESIZE", "CROP",
@@ -49,7 +56,8 @@ def _key(*parts) -> str:
 
 
 class MapSource:
-    """The maps an ablation needs, computed once (PaDiM fitted lazily) and optionally cached."""
+    """The maps an ablation needs, computed once (the anomaly model fitted lazily) and optionally cached:
+    validation goods, test images, the training images out-of-fold, synthetic defects per seed."""
 
     def __init__(self, category_dir: Path, settings, cache: Path | None) -> None:
         (self.category,) = find_categories(Path(category_dir))
@@ -58,7 +66,8 @@ class MapSource:
         self.preprocessor = make_preprocessor(settings)
         self.cache = cache
         files = [str(p) for p in self.train_paths + self.validation_paths] + [str(i.path) for i in self.category.test_images]
-        self.model_key = _key(str(Path(category_dir).resolve()), files, {k: getattr(settings, k) for k in MODEL_KEYS})
+        keys = {k: getattr(settings, k) for k in MODEL_KEYS}
+        self.model_key = _key(str(Path(category_dir).resolve()), files, keys, settings.OUT_OF_FOLD_FOLDS)
         self._model: AnomalyModel | None = None
 
     @property
@@ -81,105 +90,279 @@ class MapSource:
             path.with_suffix(".tmp.npz").rename(path)
         return arrays
 
+    def _score(self, paths: list[Path], label: str) -> tuple[np.ndarray, np.ndarray]:
+        s = self.settings
+        maps, scores = [], []
+        for batch in tqdm(ImageBatches(paths, self.preprocessor, s.BATCH_SIZE, 0), desc=label, unit="batch", file=sys.stderr):
+            m, sc = self.model.score(batch.images)
+            maps.append(m.half().numpy())
+            scores.append(sc.numpy())
+        return np.concatenate(maps), np.concatenate(scores)
+
     def base(self) -> dict[str, np.ndarray]:
-        """Validation-good maps, test maps, test labels and defect types."""
+        """Validation goods, test images and out-of-fold training images: maps (float16) and image scores."""
 
         def compute():
             s = self.settings
-            good, _, _ = validation_maps(self.model, self.validation_paths, self.preprocessor, s)
-            test = image_maps(self.model, self.preprocessor, [i.path for i in self.category.test_images], s.BATCH_SIZE, "test")
+            good, good_scores = self._score(self.validation_paths, "validation")
+            test, test_scores = self._score([i.path for i in self.category.test_images], "test")
+            folds = assign_folds(len(self.train_paths), s.OUT_OF_FOLD_FOLDS, s.SEED)
+            oof_index, oof, oof_scores = [], [], []
+            for indices, maps, scores in out_of_fold_maps(self.model, self.train_paths, self.preprocessor, s, folds):
+                oof_index += indices
+                oof.append(maps.half().numpy())
+                oof_scores.append(scores.numpy())
             return {
-                "good": good.numpy(),
-                "test": test.numpy(),
+                "good": good, "good_scores": good_scores, "test": test, "test_scores": test_scores,
+                "oof": np.concatenate(oof), "oof_scores": np.concatenate(oof_scores), "oof_index": np.array(oof_index),
+                "oof_folds": folds[np.array(oof_index)],
                 "labels": np.array([i.is_defect for i in self.category.test_images], dtype=int),
                 "types": np.array([i.defect_type for i in self.category.test_images]),
             }
 
         return self._cached("base", compute)
 
-    def synthetic(self, seed: int, per_image: int, size: tuple, strength: tuple) -> dict[str, np.ndarray]:
-        source = (ROOT / "classification_model" / "synthetic.py").read_bytes()
-        name = "synthetic-" + _key(seed, per_image, list(size), list(strength), hashlib.sha1(source).hexdigest())
+    def fitted(self) -> dict[str, np.ndarray]:
+        """The training images as the fitted model sees them (for the synthetic defects' maps)."""
 
         def compute():
-            maps, sources, kinds = synthetic_defect_maps(
-                self.model, self.preprocessor, self.validation_paths, per_image, size, strength, seed, self.settings.BATCH_SIZE)
-            return {"maps": maps.numpy(), "sources": sources, "kinds": np.array(kinds)}
+            maps, scores = self._score(self.train_paths, "training images, fitted model")
+            return {"maps": maps, "scores": scores}
+
+        return self._cached("fitted", compute)
+
+    def synthetic_before(self, seed: int, per_image: int = 6) -> dict[str, np.ndarray]:
+        """The previous classifier's synthetic set: `per_image` defects on each validation good, fitted model."""
+        s = self.settings
+        source = (ROOT / "classification_model" / "synthetic.py").read_bytes()
+        name = "synthetic-" + _key(seed, per_image, list(s.CLASSIFIER_DEFECT_SIZE), list(s.CLASSIFIER_DEFECT_STRENGTH), hashlib.sha1(source).hexdigest())
+
+        def compute():
+            kinds = [[DEFECT_TYPES[(i + v) % len(DEFECT_TYPES)] for v in range(per_image)] for i in range(len(self.validation_paths))]
+            maps, scores, sources, made = synthetic_defect_maps(
+                self.model, self.preprocessor, self.validation_paths, kinds, s.CLASSIFIER_DEFECT_SIZE, s.CLASSIFIER_DEFECT_STRENGTH,
+                np.random.default_rng(seed), s.BATCH_SIZE)
+            return {"maps": maps.half().numpy(), "scores": scores.numpy(), "sources": sources, "kinds": np.array(made)}
+
+        arrays = self._cached(name, compute)
+        return {**arrays, "hosts": arrays["sources"]}
+
+    def synthetic(self, seed: int) -> dict[str, np.ndarray]:
+        """What train.py makes: CLASSIFIER_SYNTHETIC_DEFECTS defects spread over the validation goods and
+        the training images (out-of-fold hosts: honest + fitted-model change), hosts numbered as train.py does."""
+        s = self.settings
+        code = (ROOT / "classification_model" / "synthetic.py").read_text() + inspect.getsource(synthetic_defect_maps) + inspect.getsource(synthetic_plan)
+        name = "hosted-" + _key(seed, s.CLASSIFIER_SYNTHETIC_DEFECTS, list(s.CLASSIFIER_DEFECT_SIZE), list(s.CLASSIFIER_DEFECT_STRENGTH), code)
+
+        def compute():
+            base, fitted = self.base(), self.fitted()
+            n_validation = len(self.validation_paths)
+            plan = synthetic_plan(n_validation + len(self.train_paths), s.CLASSIFIER_SYNTHETIC_DEFECTS, seed)
+            rng = np.random.default_rng(seed)
+            size, strength = s.CLASSIFIER_DEFECT_SIZE, s.CLASSIFIER_DEFECT_STRENGTH
+            maps, scores, sources, kinds = synthetic_defect_maps(
+                self.model, self.preprocessor, self.validation_paths, plan[:n_validation], size, strength, rng, s.BATCH_SIZE)
+            parts = [(maps.half().numpy(), scores.numpy(), sources, kinds)]
+            order = base["oof_index"]
+            for start in tqdm(range(0, len(order), 32), desc="synthetic on training images", file=sys.stderr):
+                rows = np.arange(start, min(start + 32, len(order)))
+                indices = order[rows]
+                maps, scores, owners, kinds = synthetic_defect_maps(
+                    self.model, self.preprocessor, [self.train_paths[i] for i in indices], [plan[n_validation + i] for i in indices],
+                    size, strength, rng, s.BATCH_SIZE, honest_maps=torch.from_numpy(base["oof"][rows]),
+                    fitted_maps=torch.from_numpy(fitted["maps"][indices]))
+                parts.append((maps.half().numpy(), scores.numpy(), n_validation + indices[owners], kinds))
+            return {"maps": np.concatenate([p[0] for p in parts]), "scores": np.concatenate([p[1] for p in parts]),
+                    "hosts": np.concatenate([p[2] for p in parts]).astype(int), "kinds": np.array(sum((list(p[3]) for p in parts), []))}
 
         return self._cached(name, compute)
 
 
-def run_ablation(source: MapSource, seeds: int, ks: list[int], fit=None, verbose: bool = True,
-                 kinds: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-    """{row name: (seeds, 2) [max-score ROCAUC, classifier ROCAUC]}; `fit(good, defects, groups, levels,
-    params, rate, weights) -> classifier` defaults to the shipped `fit_on_maps`; `kinds` keeps only
-    those synthetic defect types (what each type contributes)."""
-    s = source.settings
-    fit = fit or fit_on_maps
-    base = source.base()
-    good_maps, test_maps = torch.from_numpy(base["good"]), torch.from_numpy(base["test"])
-    labels = base["labels"]
-    levels = levels_from_description(calibrate(good_maps, good_maps.flatten(1).max(dim=1).values, s.IMAGE_FALSE_REJECT_RATE, s.PIXEL_FALSE_REJECT_RATE))
-    max_scores = test_maps.flatten(1).max(dim=1).values.double().numpy()
-    params = params_from_settings(s)
-    rows: dict[str, list] = {"synthetic only": []} | {f"synthetic + {k} real": [] for k in ks}
-    defect_indices = np.flatnonzero(labels == 1)
-    for seed in range(seeds):
-        params.seed = seed
-        synthetic = source.synthetic(seed, s.CLASSIFIER_SYNTHETIC_PER_IMAGE, s.CLASSIFIER_DEFECT_SIZE, s.CLASSIFIER_DEFECT_STRENGTH)
-        chosen_kinds = np.isin(synthetic["kinds"], kinds) if kinds else np.ones(len(synthetic["kinds"]), bool)
-        synthetic_maps, sources = torch.from_numpy(synthetic["maps"][chosen_kinds]), synthetic["sources"][chosen_kinds]
-        for name, k in [("synthetic only", 0)] + [(f"synthetic + {k} real", k) for k in ks]:
+SETS = {  # name -> where its images come from (the derived ones are made under --work)
+    "tire": "../shared/data/tire",
+    "tire-gray": "tire, every image converted to gray (L)",
+    "ksdd": "../shared/data/ksdd (already gray: there is no separate gray ksdd)",
+    "demo": "dataset_manager.demo.generate_demo_dataset(seed 0)",
+}
+
+
+def gray_copy(source: Path, target: Path) -> Path:
+    """`source` (MVTec layout) with every image under train/validation/test converted to gray; masks linked."""
+    if target.is_dir():
+        return target
+    staging = target.parent / f".{target.name}.partial"
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        destination = staging / relative
+        if path.is_dir():
+            destination.mkdir(parents=True, exist_ok=True)
+        elif relative.parts[0] in ("train", "validation", "test") and path.suffix.lower() in IMAGE_EXTENSIONS:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            Image.open(path).convert("L").save(destination.with_suffix(".png"))
+        else:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            destination.symlink_to(path.resolve())
+    staging.rename(target)
+    return target
+
+
+def set_folder(name: str, work: Path) -> Path:
+    """The category folder of an ablation set, made under `work` when it is derived."""
+    if name == "tire":
+        return ROOT.parent / "shared" / "data" / "tire"
+    if name == "ksdd":
+        return ROOT.parent / "shared" / "data" / "ksdd"
+    if name == "tire-gray":
+        return gray_copy(ROOT.parent / "shared" / "data" / "tire", work / "tire-gray")
+    if name == "demo":
+        target = work / "demo"
+        return target if target.is_dir() else generate_demo_dataset(target, seed=0)
+    if Path(name).is_dir():
+        return Path(name)
+    raise SystemExit(f"unknown set {name!r}: use {', '.join(SETS)} or a category folder")
+
+
+VARIANTS = {  # name -> how the classifier is trained (see run_variant)
+    "before: validation goods only, trees": {"goods": "validation", "synthetic": "validation hosts", "mode": "none"},
+    "cross-fitted goods, trees": {"goods": "all", "synthetic": "all hosts", "mode": "none"},
+    "cross-fitted, margin (base_margin)": {"goods": "all", "synthetic": "all hosts", "mode": "margin"},
+    "cross-fitted, shrink toward image score": {"goods": "all", "synthetic": "all hosts", "mode": "shrink"},
+    "cross-fitted, guard (default)": {"goods": "all", "synthetic": "all hosts", "mode": "guard"},
+}
+SHRINK_GOODS = 200  # "shrink": trees' weight n_good / (n_good + SHRINK_GOODS), the rest the image score's
+
+
+def _features(maps: np.ndarray, levels: dict) -> np.ndarray:
+    chunks = [map_features(torch.from_numpy(maps[i : i + 64]).float(), levels) for i in range(0, len(maps), 64)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, len(FEATURE_NAMES)), np.float32)
+
+
+class Prepared:
+    """One set's features: goods, test images, synthetic defects of each kind per seed."""
+
+    def __init__(self, source: MapSource, seeds: int) -> None:
+        s = source.settings
+        base = source.base()
+        self.name = source.category.name
+        self.labels = base["labels"]
+        self.test_scores = base["test_scores"].astype(np.float64)
+        sample = GoodMapSample()
+        sample.add(torch.from_numpy(base["good"]).float(), torch.from_numpy(base["good_scores"]))
+        self.levels = levels_from_description(sample.calibrate(s.IMAGE_FALSE_REJECT_RATE, s.PIXEL_FALSE_REJECT_RATE))
+        n_validation = len(base["good"])
+        self.goods = {
+            "validation": (_features(base["good"], self.levels), base["good_scores"], np.arange(n_validation)),
+            "out_of_fold": (_features(base["oof"], self.levels), base["oof_scores"], n_validation + base["oof_index"]),
+        }
+        self.test = _features(base["test"], self.levels)
+        self.synthetic = {"validation hosts": [], "all hosts": []}
+        for seed in range(seeds):
+            for kind, arrays in (("validation hosts", source.synthetic_before(seed)), ("all hosts", source.synthetic(seed))):
+                self.synthetic[kind].append((_features(arrays["maps"], self.levels), arrays["scores"], arrays["hosts"]))
+        self.n_train, self.n_validation = len(base["oof"]), n_validation
+
+
+def run_variant(data: Prepared, spec: dict, settings, seeds: int, ks: list[int], verbose: bool = False) -> dict[int, np.ndarray]:
+    """{k: (seeds, 4) [image-score ROCAUC, classifier ROCAUC, trees kept (0/1), classifier test false-reject rate]}."""
+    params = params_from_settings(settings)
+    defect_indices = np.flatnonzero(data.labels == 1)
+    results = {}
+    for k in ks:
+        rows = []
+        for seed in range(seeds):
+            params.seed = seed
+            parts = [data.goods["validation"]] + ([data.goods["out_of_fold"]] if spec["goods"] == "all" else [])
+            synthetic = data.synthetic[spec["synthetic"]][seed]
             chosen = np.random.default_rng(1000 + seed).choice(defect_indices, size=k, replace=False) if k else np.zeros(0, int)
-            keep = np.setdiff1d(np.arange(len(labels)), chosen)
-            defect_maps = torch.cat([synthetic_maps, test_maps[chosen]])
-            groups = np.concatenate([sources, good_maps.shape[0] + np.arange(k)])
-            weights = np.concatenate([np.ones(len(sources)), np.full(k, s.CLASSIFIER_REAL_DEFECT_WEIGHT)])
-            classifier = fit(good_maps, defect_maps, groups, levels, params, s.CLASSIFIER_FALSE_REJECT_RATE, weights)
-            if hasattr(classifier, "predict_maps"):
-                probability = classifier.predict_maps(test_maps[keep])
-            else:
-                probability = classifier.predict(map_features(test_maps[keep], levels))
-            rows[name].append((_rocauc(labels[keep], max_scores[keep]), _rocauc(labels[keep], probability)))
+            features = np.concatenate([p[0] for p in parts] + [synthetic[0], data.test[chosen]])
+            scores = np.concatenate([p[1] for p in parts] + [synthetic[1], data.test_scores[chosen]]).astype(np.float64)
+            groups = np.concatenate([p[2] for p in parts] + [synthetic[2], 10**6 + np.arange(k)])
+            n_good = sum(len(p[0]) for p in parts)
+            labels = np.r_[np.zeros(n_good), np.ones(len(synthetic[0]) + k)]
+            weights = np.r_[np.ones(n_good + len(synthetic[0])), np.full(k, settings.CLASSIFIER_REAL_DEFECT_WEIGHT)]
+            mode = spec["mode"]
+            arguments = {"anchored": True} if mode == "margin" else {"guard": 0.0} if mode == "guard" else {}
+            classifier = train_classifier(features, labels, groups, FEATURE_NAMES, params, settings.CLASSIFIER_FALSE_REJECT_RATE,
+                                          weights, MONOTONE, image_scores=scores, **arguments)
+            keep = np.setdiff1d(np.arange(len(data.labels)), chosen)
+            margin = classifier.margin(data.test[keep], data.test_scores[keep])
+            threshold = np.log(classifier.threshold / (1 - classifier.threshold))
+            if mode == "shrink":  # blend the trees' log-odds with the image score's, by how many goods there are
+                anchor = Anchor.fit(scores, labels, weights)
+                share = n_good / (n_good + SHRINK_GOODS)
+                margin = share * margin + (1 - share) * anchor.margin(data.test_scores[keep])
+                threshold = np.nan
+            labels_kept = data.labels[keep]
+            image_auc, classifier_auc = image_rocauc(labels_kept, data.test_scores[keep]), image_rocauc(labels_kept, margin)
+            trees = float(classifier.report["rounds"] > 0)
+            rows.append((image_auc, classifier_auc, trees, float((margin[labels_kept == 0] >= threshold).mean())))
             if verbose:
-                oof = classifier.report.get("out_of_fold_rocauc")
-                print(f"seed {seed} {name}: max {rows[name][-1][0]:.4f} classifier {rows[name][-1][1]:.4f} "
-                      f"(OOF ROCAUC {oof if oof is None else round(oof, 3)})", file=sys.stderr)
-    return {name: np.array(values) for name, values in rows.items()}
+                r = classifier.report
+                print(f"{data.name} k={k} seed {seed}: image score {image_auc:.4f} classifier {classifier_auc:.4f} rounds {r['rounds']} "
+                      f"OOF trees {r.get('out_of_fold_rocauc_trees', float('nan')):.4f} image {r.get('out_of_fold_rocauc_image_score', float('nan')):.4f}",
+                      file=sys.stderr)
+        results[k] = np.array(rows)
+    return results
 
 
-def table(rows: dict[str, np.ndarray]) -> str:
-    lines = ["| classifier training defects | max score | classifier | difference |", "| --- | --- | --- | --- |"]
-    for name, array in rows.items():
-        diff = array[:, 1] - array[:, 0]
-        lines.append(f"| {name} | {array[:, 0].mean():.4f} ± {array[:, 0].std():.4f} | {array[:, 1].mean():.4f} ± "
-                     f"{array[:, 1].std():.4f} | {diff.mean():+.4f} ± {diff.std():.4f} (worst {diff.min():+.4f}) |")
+def table(results: dict[str, dict[str, dict[int, np.ndarray]]]) -> str:
+    """The README table: one row per set, variant and k."""
+    lines = ["| set | variant | classifier training defects | image score | classifier | difference (worst seed) | trees kept |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for set_name, variants in results.items():
+        for variant, by_k in variants.items():
+            for k, array in by_k.items():
+                diff = array[:, 1] - array[:, 0]
+                training = "synthetic only" if k == 0 else f"synthetic + {k} real"
+                lines.append(f"| {set_name} | {variant} | {training} | {array[:, 0].mean():.4f} ± {array[:, 0].std():.4f} | "
+                             f"{array[:, 1].mean():.4f} ± {array[:, 1].std():.4f} | {diff.mean():+.4f} ± {diff.std():.4f} ({diff.min():+.4f}) | "
+                             f"{int(array[:, 2].sum())}/{len(array)} |")
+    return "\n".join(lines)
+
+
+def summary(results: dict[str, dict[str, dict[int, np.ndarray]]]) -> str:
+    """Mean difference to the image score per variant and k, over the sets (and the worst set)."""
+    lines = ["| variant | classifier training defects | mean difference over sets | worst set (mean over seeds) |", "| --- | --- | --- | --- |"]
+    variants = next(iter(results.values())).keys()
+    for variant in variants:
+        for k in next(iter(results.values()))[variant]:
+            per_set = {name: float((v[variant][k][:, 1] - v[variant][k][:, 0]).mean()) for name, v in results.items()}
+            worst = min(per_set, key=per_set.get)
+            training = "synthetic only" if k == 0 else f"synthetic + {k} real"
+            lines.append(f"| {variant} | {training} | {np.mean(list(per_set.values())):+.4f} | {worst} {per_set[worst]:+.4f} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("category", nargs="?", default="../shared/data/tire")
+    parser.add_argument("sets", nargs="*", default=list(SETS))
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--per-image", type=int, default=None, help="synthetic defects per validation image (config default)")
     parser.add_argument("--ks", default="5,10", help="numbers of real test defects added to the training set")
-    parser.add_argument("--cache", type=Path, default=None, help="folder for cached PaDiM maps (.npz)")
-    parser.add_argument("--kinds", default="", help="comma-separated synthetic defect types to keep (default: all)")
-    parser.add_argument("overrides", nargs="*", default=[], help="config overrides KEY=VALUE")
-    args = parser.parse_intermixed_args()
-    settings, _ = load(["NUM_WORKERS=0", *args.overrides])
-    if args.per_image is not None:
-        settings.CLASSIFIER_SYNTHETIC_PER_IMAGE = args.per_image
+    parser.add_argument("--cache", type=Path, default=None, help="folder for cached maps (.npz)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/classifier_ablation"), help="where derived sets are made")
+    parser.add_argument("--variants", default="", help="comma-separated variant numbers (1-based) to run; default all")
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "classifier_ablation.json")
+    args, overrides = parser.parse_known_args()
+    overrides += [a for a in args.sets if "=" in a]  # KEY=VALUE settings may come anywhere
+    args.sets = [a for a in args.sets if "=" not in a] or list(SETS)
+    settings, _ = load(["NUM_WORKERS=0", *overrides])
     torch.set_num_threads(2)
-    started = time.perf_counter()
-    source = MapSource(Path(args.category), settings, args.cache)
-    base = source.base()
-    print(f"maps: {time.perf_counter() - started:.0f} s; {len(source.train_paths)} train, {len(base['good'])} validation, "
-          f"{base['labels'].sum()} defect / {(1 - base['labels']).sum()} good test images", file=sys.stderr)
-    kinds = tuple(k for k in args.kinds.split(",") if k) or None
-    rows = run_ablation(source, args.seeds, [int(k) for k in args.ks.split(",") if k], kinds=kinds)
-    print(f"\n{source.category.name}: image ROCAUC over {args.seeds} seeds (mean ± std), {time.perf_counter() - started:.0f} s\n")
-    print(table(rows))
+    chosen = [list(VARIANTS)[int(i) - 1] for i in args.variants.split(",") if i] or list(VARIANTS)
+    ks = [0] + [int(k) for k in args.ks.split(",") if k]
+    results = {}
+    for name in args.sets:
+        started = time.perf_counter()
+        source = MapSource(set_folder(name, args.work), settings, args.cache)
+        data = Prepared(source, args.seeds)
+        print(f"{name}: maps and features in {time.perf_counter() - started:.0f} s; {data.n_train} train (out-of-fold), "
+              f"{data.n_validation} validation, {int(data.labels.sum())} defect / {int((1 - data.labels).sum())} good test images",
+              file=sys.stderr)
+        results[name] = {variant: run_variant(data, VARIANTS[variant], settings, args.seeds, ks, args.verbose) for variant in chosen}
+        print(table({name: results[name]}), flush=True)
+    print("\n" + table(results) + "\n\n" + summary(results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({s: {v: {k: a.tolist() for k, a in by_k.items()} for v, by_k in r.items()} for s, r in results.items()}, indent=1))
 
 
 if __name__ == "__main__":

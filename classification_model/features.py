@@ -35,8 +35,8 @@ LEVEL_KEYS = ("q99", "q999", "pixel", "image")
 LEVEL_DOC = {
     "q99": "99th percentile of good validation pixels",
     "q999": "99.9th percentile of good validation pixels",
-    "pixel": "model's pixel threshold (PIXEL_FALSE_REJECT_RATE of good pixels above it)",
-    "image": "model's image threshold (IMAGE_FALSE_REJECT_RATE of good images have their max above it)",
+    "pixel": "pixel threshold of the validation goods (PIXEL_FALSE_REJECT_RATE of their pixels above it)",
+    "image": "image threshold of the validation goods (IMAGE_FALSE_REJECT_RATE of their image scores above it)",
 }
 TOP_FRACTIONS = {"top0.1pct": 0.001, "top1pct": 0.01, "top5pct": 0.05}  # share of the map's pixels
 
@@ -60,7 +60,10 @@ MONOTONE: list[int] = [direction for _, direction, _ in FEATURES]
 
 
 def levels_from_description(description: dict) -> dict[str, float]:
-    """The calibrated levels of a model's model.json (`calibrate` in pipeline/training.py wrote them)."""
+    """The feature levels from a calibration on the validation goods (`GoodMapSample.calibrate` in
+    pipeline/training.py). train.py takes them before the out-of-fold maps arrive (their features are
+    computed as they stream in) and saves them with the classifier; the model's own thresholds may
+    then be recalibrated on all honest goods."""
     quantiles = description["validation"]["pixel_quantiles"]
     return {
         "q99": float(quantiles["0.99"]),

@@ -1,9 +1,23 @@
 """Building the classifier's training set from a fitted anomaly model, and training it.
 
-Goods: anomaly maps of the validation images only (never the images the Gaussian was fitted on,
-whose maps are unrealistically clean). Defects: the user's labeled defect images (train/defect/)
-and, when there are fewer than CLASSIFIER_ENOUGH_REAL_DEFECTS of them, synthetic defects painted
-onto the validation goods (classification_model/synthetic.py), run through the same anomaly model.
+Goods: maps the model produces for good images it never saw, so that they look like the maps of
+new good parts: the validation images, and (cross-fitting, OUT_OF_FOLD_FOLDS > 0) every training
+image scored by the model fitted without its fold (`AnomalyModel.out_of_fold_scores`): hundreds
+of honest goods instead of a few dozen. Maps of images the model was fitted on are never used:
+they are unrealistically clean.
+
+Defects: the user's labeled defect images (train/defect/) and, when there are fewer than
+CLASSIFIER_ENOUGH_REAL_DEFECTS of them, CLASSIFIER_SYNTHETIC_DEFECTS synthetic defects painted
+onto the goods (classification_model/synthetic.py), spread evenly over them. A defect's map must
+be as honest as its host's: on a training image the fitted model's map is too clean outside the
+defect. So it is the host's honest map plus what the defect changes in the fitted model's map,
+honest + (map(defect image) - map(host)): outside the defect the two fitted-model maps cancel and
+the honest background remains; inside, the rise the defect causes is added. On ksdd this was
+within 0.004 (mean absolute) of the map a model fitted without the host gives, against 1-3 for
+the fitted model's own map (bench/classifier_ablation.py, README).
+
+Every map becomes one row of features as it arrives (`TrainingSet.add`): no map is kept, so
+memory does not grow with the number of training images.
 """
 
 from __future__ import annotations
@@ -22,6 +36,8 @@ from classification_model.synthetic import DEFECT_TYPES, make_defect
 from classification_model.xgboost import ClassifierParams, DefectClassifier, train_classifier
 from dataset_manager import DataError, ImageBatches, Preprocessor, read_rgb
 
+FEATURE_CHUNK = 64  # maps turned into features at once (64 maps of 224 x 224: 13 MB)
+
 
 def params_from_settings(settings) -> ClassifierParams:
     return ClassifierParams(
@@ -38,118 +54,184 @@ def params_from_settings(settings) -> ClassifierParams:
     )
 
 
+def synthetic_plan(n_hosts: int, total: int, seed: int) -> list[list[str]]:
+    """Defect types to paint on each of `n_hosts` good images: `total` defects spread evenly over a
+    seeded order of the hosts, types in turn, so every type lands on every kind of host."""
+    plan: list[list[str]] = [[] for _ in range(n_hosts)]
+    if n_hosts == 0:
+        return plan
+    order = np.random.default_rng(seed).permutation(n_hosts)
+    for number in range(total):
+        plan[int(order[number % n_hosts])].append(DEFECT_TYPES[number % len(DEFECT_TYPES)])
+    return plan
+
+
 def synthetic_defect_maps(
     model: AnomalyModel,
     preprocessor: Preprocessor,
-    good_paths: list[Path],
-    per_image: int,
+    hosts: list[Path],
+    kinds: list[list[str]],
     size_range: tuple[float, float],
     strength_range: tuple[float, float],
-    seed: int,
+    rng: np.random.Generator,
     batch_size: int,
-) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    """(maps (M, CROP, CROP), source index per map, defect type per map) of `per_image` synthetic
-    defects on each good image; types cycle so each image gets every type in turn."""
-    rng = np.random.default_rng(seed)
-    maps, sources, kinds, pending = [], [], [], []
-
-    def flush() -> None:
-        if pending:
-            maps.append(model.anomaly_maps(torch.stack(pending)).cpu())
-            pending.clear()
-
-    for index, path in enumerate(tqdm(good_paths, desc="synthetic defects", unit="img", file=sys.stderr)):
+    honest_maps: torch.Tensor | None = None,
+    fitted_maps: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, list[str]]:
+    """(maps (M, H, W), image scores (M,), host position per map, defect type per map) of the defects
+    `kinds[i]` painted on `hosts[i]`. `honest_maps` (one per host): the hosts were fitted on and these
+    are their out-of-fold maps; each defect's map is then honest + (map(defect) - map(host)), the
+    fitted model's maps of the hosts being scored here unless given as `fitted_maps`."""
+    score_hosts = honest_maps is not None and fitted_maps is None
+    images, owners, defect_kinds = [], [], []
+    for position, (path, host_kinds) in enumerate(zip(hosts, kinds)):
+        if not host_kinds:
+            continue
         try:
             rgb = read_rgb(path)
         except DataError:
             continue
-        for variant in range(per_image):
-            kind = DEFECT_TYPES[(index + variant) % len(DEFECT_TYPES)]
+        if score_hosts:
+            images.append(preprocessor.image_tensor(rgb))
+            owners.append(position)
+            defect_kinds.append(None)  # the host itself, scored by the fitted model
+        for kind in host_kinds:
             image = make_defect(rgb, kind, rng, size_range, strength_range, preprocessor.resize, preprocessor.crop)
-            pending.append(preprocessor.image_tensor(image))
-            sources.append(index)
-            kinds.append(kind)
-            if len(pending) >= batch_size:
-                flush()
-    flush()
-    empty = torch.zeros(0, preprocessor.crop, preprocessor.crop)
-    return (torch.cat(maps) if maps else empty), np.array(sources, dtype=int), kinds
+            images.append(preprocessor.image_tensor(image))
+            owners.append(position)
+            defect_kinds.append(kind)
+    if not images:
+        return torch.zeros(0, preprocessor.crop, preprocessor.crop), torch.zeros(0), np.zeros(0, dtype=int), []
+    maps, scores = [], []
+    for start in range(0, len(images), batch_size):
+        batch_maps, batch_scores = model.score(torch.stack(images[start : start + batch_size]))
+        maps.append(batch_maps)
+        scores.append(batch_scores)
+    maps, scores = torch.cat(maps), torch.cat(scores)
+    is_defect = torch.tensor([kind is not None for kind in defect_kinds])
+    owners = np.array(owners, dtype=int)
+    if honest_maps is not None:
+        if score_hosts:
+            host_row = {int(owner): row for row, (owner, kind) in enumerate(zip(owners, defect_kinds)) if kind is None}
+            fitted_host = maps[[host_row[int(owner)] for owner in owners]]
+        else:
+            fitted_host = fitted_maps[torch.from_numpy(owners)].float()
+        maps = honest_maps[torch.from_numpy(owners)].float() + maps - fitted_host
+        scores = model.image_scores(maps)
+    kept = torch.nonzero(is_defect).flatten()
+    return maps[kept], scores[kept], owners[kept.numpy()], [kind for kind in defect_kinds if kind is not None]
 
 
-def image_maps(model: AnomalyModel, preprocessor: Preprocessor, paths: list[Path], batch_size: int, label: str) -> torch.Tensor:
-    """Anomaly maps of image files (unreadable ones are left out, with a warning)."""
+def image_maps(
+    model: AnomalyModel, preprocessor: Preprocessor, paths: list[Path], batch_size: int, label: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(maps, image scores) of image files (unreadable ones are left out, with a warning)."""
     batches = ImageBatches(paths, preprocessor, batch_size, 0)
-    maps = [model.anomaly_maps(b.images).cpu() for b in tqdm(batches, desc=label, unit="batch", file=sys.stderr)]
+    scored = [model.score(b.images) for b in tqdm(batches, desc=label, unit="batch", file=sys.stderr)]
     for path, reason in batches.skipped:
         print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
-    return torch.cat(maps) if maps else torch.zeros(0, preprocessor.crop, preprocessor.crop)
+    if not scored:
+        return torch.zeros(0, preprocessor.crop, preprocessor.crop), torch.zeros(0)
+    return torch.cat([maps for maps, _ in scored]), torch.cat([scores for _, scores in scored])
 
 
-def fit_on_maps(
-    good_maps: torch.Tensor,
-    defect_maps: torch.Tensor,
-    defect_groups: np.ndarray,
-    levels: dict[str, float],
-    params: ClassifierParams,
-    false_reject_rate: float,
-    defect_weights: np.ndarray | None = None,
-) -> DefectClassifier:
-    """Train on maps: good i is group i; `defect_groups` ties each defect to its source good
-    (synthetic) or to a group of its own (>= len(good_maps), real defects)."""
-    if good_maps.shape[0] == 0:
-        raise ModelError("no good validation maps to train the classifier on: add validation/good images")
-    good = map_features(good_maps, levels)
-    defect = map_features(defect_maps, levels) if defect_maps.shape[0] else np.zeros((0, len(FEATURE_NAMES)), np.float32)
-    features = np.concatenate([good, defect])
-    labels = np.concatenate([np.zeros(len(good), int), np.ones(len(defect), int)])
-    groups = np.concatenate([np.arange(len(good)), np.asarray(defect_groups, dtype=int)])
-    weights = np.concatenate([np.ones(len(good)), np.ones(len(defect)) if defect_weights is None else defect_weights])
-    return train_classifier(features, labels, groups, FEATURE_NAMES, params, false_reject_rate, weights, MONOTONE)
+class TrainingSet:
+    """The classifier's examples, one row of features per map, added as the maps arrive.
 
+    Groups tie a good image and the synthetic defects painted on it together (the classifier's
+    cross-validation never scores a defect whose host it trained on); real defects are groups of
+    their own. Hosts are numbered validation images first, then training images."""
 
-def train_for_model(
-    model: AnomalyModel,
-    preprocessor: Preprocessor,
-    validation_paths: list[Path],
-    validation_maps: torch.Tensor,
-    defect_paths: list[Path],
-    levels: dict[str, float],
-    settings,
-) -> tuple[DefectClassifier, dict]:
-    """train.py's classifier step: returns the classifier and the `info["classifier"]` entry."""
-    if len(validation_paths) != validation_maps.shape[0]:
-        raise ModelError("internal: validation paths and maps differ in number")
-    if validation_maps.shape[0] < 2:
-        raise ModelError(
-            f"the classifier needs good validation images, got {validation_maps.shape[0]}: add validation/good/ images, "
-            "raise VALIDATION_FRACTION, or set CLASSIFIER = False"
+    def __init__(self, levels: dict[str, float], n_validation: int, n_train: int, synthetic_total: int, seed: int) -> None:
+        self.levels = levels
+        self.n_validation = n_validation
+        self.plan = synthetic_plan(n_validation + n_train, synthetic_total, seed)
+        self.rng = np.random.default_rng(seed)
+        self.features: list[np.ndarray] = []
+        self.image_scores: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.groups: list[np.ndarray] = []
+        self.weights: list[np.ndarray] = []
+        self.counts = {"validation_goods": 0, "out_of_fold_goods": 0, "real_defects": 0, **{kind: 0 for kind in DEFECT_TYPES}}
+        self._next_real_group = n_validation + n_train  # goods and their defects use 0 .. hosts - 1
+
+    def add(self, maps: torch.Tensor, scores: torch.Tensor, label: int, groups: np.ndarray, weight: float = 1.0) -> None:
+        """Rows for (N, H, W) maps and their image scores (features computed here, maps not kept)."""
+        if maps.shape[0] == 0:
+            return
+        for start in range(0, maps.shape[0], FEATURE_CHUNK):
+            self.features.append(map_features(maps[start : start + FEATURE_CHUNK], self.levels))
+        self.image_scores.append(scores.double().numpy())
+        self.labels.append(np.full(maps.shape[0], label, dtype=int))
+        self.groups.append(np.asarray(groups, dtype=int))
+        self.weights.append(np.full(maps.shape[0], float(weight)))
+
+    def add_goods_and_synthetic(
+        self, model, preprocessor, paths: list[Path], hosts: list[int], maps, scores, settings, out_of_fold: bool
+    ) -> None:
+        """Good maps of `paths` (host numbers `hosts`), and the synthetic defects planned for them.
+        `out_of_fold`: the model was fitted on these images and `maps` are their out-of-fold maps."""
+        self.add(maps, scores, 0, np.array(hosts))
+        self.counts["out_of_fold_goods" if out_of_fold else "validation_goods"] += maps.shape[0]
+        kinds = [self.plan[host] for host in hosts]
+        if not any(kinds):
+            return
+        defect_maps, defect_scores, owners, defect_kinds = synthetic_defect_maps(
+            model, preprocessor, paths, kinds, settings.CLASSIFIER_DEFECT_SIZE, settings.CLASSIFIER_DEFECT_STRENGTH,
+            self.rng, settings.BATCH_SIZE, honest_maps=maps if out_of_fold else None,
         )
-    real_maps = image_maps(model, preprocessor, list(defect_paths), settings.BATCH_SIZE, "labeled defects") if defect_paths else None
-    n_real = 0 if real_maps is None else real_maps.shape[0]
-    per_image = settings.CLASSIFIER_SYNTHETIC_PER_IMAGE if n_real < settings.CLASSIFIER_ENOUGH_REAL_DEFECTS else 0
-    synthetic, sources, kinds = synthetic_defect_maps(
-        model, preprocessor, validation_paths, per_image, settings.CLASSIFIER_DEFECT_SIZE,
-        settings.CLASSIFIER_DEFECT_STRENGTH, settings.SEED, settings.BATCH_SIZE,
-    ) if per_image > 0 else (torch.zeros(0, preprocessor.crop, preprocessor.crop), np.zeros(0, int), [])
-    n_good = validation_maps.shape[0]
-    defect_maps = torch.cat([synthetic] + ([real_maps] if n_real else []))
-    groups = np.concatenate([sources, n_good + np.arange(n_real)])
-    weights = np.concatenate([np.ones(len(sources)), np.full(n_real, settings.CLASSIFIER_REAL_DEFECT_WEIGHT)])
-    classifier = fit_on_maps(
-        validation_maps, defect_maps, groups, levels, params_from_settings(settings),
-        settings.CLASSIFIER_FALSE_REJECT_RATE, weights,
-    )
-    info = {
+        self.add(defect_maps, defect_scores, 1, np.array(hosts)[owners])
+        for kind in defect_kinds:
+            self.counts[kind] += 1
+
+    def add_real_defects(self, maps: torch.Tensor, scores: torch.Tensor, weight: float) -> None:
+        groups = self._next_real_group + np.arange(maps.shape[0])
+        self._next_real_group += maps.shape[0]
+        self.add(maps, scores, 1, groups, weight)
+        self.counts["real_defects"] += maps.shape[0]
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(features, image scores, labels, groups, weights)."""
+        if not self.labels:
+            return np.zeros((0, len(FEATURE_NAMES)), np.float32), *(np.zeros(0) for _ in range(4))
+        return tuple(np.concatenate(parts) for parts in (self.features, self.image_scores, self.labels, self.groups, self.weights))
+
+    def train(self, settings) -> DefectClassifier:
+        features, scores, labels, groups, weights = self.arrays()
+        return train_classifier(
+            features, labels, groups, FEATURE_NAMES, params_from_settings(settings), settings.CLASSIFIER_FALSE_REJECT_RATE,
+            weights, MONOTONE, image_scores=scores, **anchoring(settings),
+        )
+
+
+def anchoring(settings) -> dict:
+    """How the classifier relates to the image score (CLASSIFIER_ANCHOR): train_classifier's arguments."""
+    mode = settings.CLASSIFIER_ANCHOR
+    if mode == "margin":
+        return {"anchored": True}
+    if mode == "guard":
+        return {"guard": 0.0}
+    if mode == "none":
+        return {}
+    raise ModelError(f"CLASSIFIER_ANCHOR={mode!r} is not one of margin, guard, none")
+
+
+def classifier_info(classifier: DefectClassifier, training_set: TrainingSet, settings) -> dict:
+    """The `info["classifier"]` entry of model.json."""
+    counts = training_set.counts
+    return {
         "booster_file": "classifier.json",
         "features": list(FEATURE_NAMES),
-        "levels": levels,
+        "levels": training_set.levels,
         "threshold": classifier.threshold,
         "false_reject_rate": settings.CLASSIFIER_FALSE_REJECT_RATE,
-        "n_good": n_good,
-        "n_real_defects": n_real,
-        "n_synthetic_defects": {kind: kinds.count(kind) for kind in DEFECT_TYPES},
+        "anchor_mode": settings.CLASSIFIER_ANCHOR,
+        **({"anchor": classifier.anchor.to_dict()} if classifier.anchor is not None else {}),
+        "n_validation_goods": counts["validation_goods"],
+        "n_out_of_fold_goods": counts["out_of_fold_goods"],
+        "n_real_defects": counts["real_defects"],
+        "n_synthetic_defects": {kind: counts[kind] for kind in DEFECT_TYPES},
         "synthetic_defect_size": list(settings.CLASSIFIER_DEFECT_SIZE),
         "synthetic_defect_strength": list(settings.CLASSIFIER_DEFECT_STRENGTH),
-        **{k: v for k, v in classifier.report.items() if k != "out_of_fold_good_probabilities"},
+        **{k: v for k, v in classifier.report.items() if k not in ("out_of_fold_good_probabilities", "anchor")},
     }
-    return classifier, info

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import xgboost as xgb
+from sklearn.metrics import roc_auc_score
 
 from anomaly_model.backbone import ModelError
 from evaluation.metrics import image_rocauc
@@ -40,6 +41,52 @@ class ClassifierParams:
 
 
 @dataclass
+class Anchor:
+    """The model's image score as log-odds of "defect": where the classifier starts.
+
+    margin = intercept + slope * (score - center) / scale, with center and scale the good examples'
+    image-score mean and standard deviation and (intercept, slope >= 0) a weighted logistic fit of
+    the labels on that one number. The boosted trees start from this margin (XGBoost `base_margin`)
+    and learn a correction; with no trees the verdict ranks images exactly as the image score does."""
+
+    center: float
+    scale: float
+    intercept: float
+    slope: float
+
+    def margin(self, scores: np.ndarray) -> np.ndarray:
+        return self.intercept + self.slope * (np.asarray(scores, dtype=np.float64) - self.center) / self.scale
+
+    @classmethod
+    def fit(cls, scores: np.ndarray, labels: np.ndarray, weights: np.ndarray, ridge: float = 0.01) -> "Anchor":
+        """Weighted logistic regression on the standardized score (Newton steps; a small ridge keeps
+        the slope finite when the score separates the classes perfectly)."""
+        scores, labels, weights = (np.asarray(a, dtype=np.float64) for a in (scores, labels, weights))
+        goods = scores[labels == 0]
+        center, scale = float(goods.mean()), float(goods.std()) or 1.0
+        x = np.stack([np.ones_like(scores), (scores - center) / scale], axis=1)
+        weights = weights / weights.mean()
+        beta = np.zeros(2)
+        for _ in range(50):
+            p = 1 / (1 + np.exp(-np.clip(x @ beta, -30, 30)))
+            gradient = x.T @ (weights * (p - labels)) + ridge * np.array([0.0, beta[1]])
+            hessian = (x * (weights * p * (1 - p))[:, None]).T @ x + ridge * np.diag([1e-6, 1.0])
+            step = np.linalg.solve(hessian, gradient)
+            beta -= step
+            if np.abs(step).max() < 1e-8:
+                break
+        return cls(center, scale, float(beta[0]), float(max(beta[1], 0.0)))
+
+    def to_dict(self) -> dict:
+        return {"center": self.center, "scale": self.scale, "intercept": self.intercept, "slope": self.slope}
+
+
+def _sigmoid(margin: np.ndarray) -> np.ndarray:
+    """Probabilities in float64, so that large margins do not all become 1.0 (ties would cost ROCAUC)."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(margin, dtype=np.float64)))
+
+
+@dataclass
 class DefectClassifier:
     """A trained booster, the features it expects (in order) and its verdict threshold."""
 
@@ -47,19 +94,34 @@ class DefectClassifier:
     feature_names: list[str]
     threshold: float
     report: dict = field(default_factory=dict)
+    anchor: Anchor | None = None  # None: the trees alone, not anchored on the image score
 
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        """Defect probability of each row of `features` (columns in `feature_names` order)."""
-        matrix = xgb.DMatrix(np.asarray(features, dtype=np.float32), feature_names=self.feature_names)
-        return self.booster.predict(matrix).astype(np.float64)
+    def margin(self, features: np.ndarray, image_scores: np.ndarray | None = None) -> np.ndarray:
+        """Log-odds of "defect" of each row of `features` (columns in `feature_names` order); an
+        anchored classifier also needs the model's image score of each row."""
+        features = np.asarray(features, dtype=np.float32)
+        base = None
+        if self.anchor is not None:
+            if image_scores is None:
+                raise ModelError("internal: an anchored classifier needs the image scores")
+            base = self.anchor.margin(image_scores)
+        matrix = xgb.DMatrix(features, feature_names=self.feature_names, base_margin=base)
+        return self.booster.predict(matrix, output_margin=True).astype(np.float64)
+
+    def predict(self, features: np.ndarray, image_scores: np.ndarray | None = None) -> np.ndarray:
+        """Defect probability of each row of `features` (and its image score, when anchored)."""
+        return _sigmoid(self.margin(features, image_scores))
 
     def to_bytes(self) -> bytes:
         """The booster in XGBoost's JSON format (no pickle), for `save_model(extra_files=...)`."""
         return bytes(self.booster.save_raw(raw_format="json"))
 
     @classmethod
-    def from_bytes(cls, data: bytes, feature_names: list[str], threshold: float, expected_names: list[str]) -> "DefectClassifier":
-        """Load a booster saved by `to_bytes`; refuse one trained on other features than this code computes."""
+    def from_bytes(
+        cls, data: bytes, feature_names: list[str], threshold: float, expected_names: list[str], anchor: dict | None = None
+    ) -> "DefectClassifier":
+        """Load a booster saved by `to_bytes` (and its anchor, `Anchor.to_dict`, from model.json);
+        refuse one trained on other features than this code computes."""
         if list(feature_names) != list(expected_names):
             missing = [n for n in expected_names if n not in feature_names]
             extra = [n for n in feature_names if n not in expected_names]
@@ -74,7 +136,7 @@ class DefectClassifier:
             raise ModelError(f"the model's classifier file is damaged ({str(error).splitlines()[0]}): retrain") from None
         if booster.feature_names is not None and list(booster.feature_names) != list(feature_names):
             raise ModelError("the classifier file's feature list differs from model.json's: retrain with python train.py")
-        return cls(booster, list(feature_names), float(threshold))
+        return cls(booster, list(feature_names), float(threshold), anchor=None if anchor is None else Anchor(**anchor))
 
 
 def _booster_params(params: ClassifierParams, scale_pos_weight: float, monotone: list[int] | None) -> dict:
@@ -111,6 +173,52 @@ def _group_folds(groups: np.ndarray, labels: np.ndarray, folds: int, seed: int) 
     return np.array([assignment[g] for g in groups])
 
 
+def _fold_boosters(features, labels, groups, weights, fold, params, monotone, image_scores, anchored):
+    """Grouped cross-validation: per fold the anchor and the trees are fitted on the other folds,
+    early-stopped on this one. Returns out-of-fold margins of the classifier and of the anchor
+    alone, and the number of trees each fold kept (0 when no tree beat the anchor on held-out logloss)."""
+    margins = np.full(len(labels), np.nan)
+    anchor_margins = np.full(len(labels), np.nan)
+    best_rounds = []
+    for k in np.unique(fold):
+        train, held = fold != k, fold == k
+        if len(np.unique(labels[train])) < 2 or not held.any():
+            continue
+        base_train = base_held = None
+        if image_scores is not None:
+            anchor = Anchor.fit(image_scores[train], labels[train], weights[train])
+            anchor_margins[held] = anchor.margin(image_scores[held])
+            if anchored:
+                base_train, base_held = anchor.margin(image_scores[train]), anchor_margins[held]
+        scale = weights[train][labels[train] == 0].sum() / weights[train][labels[train] == 1].sum()
+        dtrain = xgb.DMatrix(features[train], labels[train], weight=weights[train], base_margin=base_train)
+        dheld = xgb.DMatrix(features[held], labels[held], weight=weights[held], base_margin=base_held)
+        booster = xgb.train(
+            _booster_params(params, scale, monotone), dtrain, num_boost_round=params.max_rounds,
+            evals=[(dheld, "held_out")], early_stopping_rounds=params.early_stopping_rounds, verbose_eval=False,
+        )
+        rounds = booster.best_iteration + 1
+        held_margin = booster.predict(dheld, iteration_range=(0, rounds), output_margin=True)
+        if anchored and _logloss(labels[held], base_held, weights[held], scale) <= _logloss(labels[held], held_margin, weights[held], scale):
+            rounds, held_margin = 0, base_held  # the trees did not beat the image score on unseen images
+        best_rounds.append(rounds)
+        margins[held] = held_margin
+    return margins, anchor_margins, best_rounds
+
+
+def _weighted_rocauc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> float:
+    """ROCAUC with sample weights (a labeled defect counts as much as its training weight)."""
+    return float(roc_auc_score(labels, scores, sample_weight=weights))
+
+
+def _logloss(labels: np.ndarray, margin: np.ndarray, weights: np.ndarray, scale_pos_weight: float) -> float:
+    """Weighted logloss as XGBoost's early stopping measures it (defects weighted by scale_pos_weight)."""
+    weights = weights * np.where(labels == 1, scale_pos_weight, 1.0)
+    margin = np.asarray(margin, dtype=np.float64)
+    losses = np.logaddexp(0, -margin) * labels + np.logaddexp(0, margin) * (1 - labels)
+    return float((weights * losses).sum() / weights.sum())
+
+
 def train_classifier(
     features: np.ndarray,
     labels: np.ndarray,
@@ -121,18 +229,27 @@ def train_classifier(
     weights: np.ndarray | None = None,
     monotone: list[int] | None = None,
     threshold_rows: np.ndarray | None = None,
+    image_scores: np.ndarray | None = None,
+    anchored: bool = False,
+    guard: float | None = None,
 ) -> DefectClassifier:
     """Fit the classifier; the verdict threshold rejects `false_reject_rate` of the goods' out-of-fold
-    probabilities (`threshold_rows` picks which goods count, e.g. only untouched validation images)."""
+    probabilities (`threshold_rows` picks which goods count). `image_scores`: the anomaly model's
+    score of each row; `anchored`: the trees start from its log-odds (`Anchor`); `guard`: keep the
+    trees only if their out-of-fold ROCAUC beats the image score's by more than this, else the
+    verdict is the image score's log-odds alone (an anchor with no trees)."""
     features = np.asarray(features, dtype=np.float32)
     labels = np.asarray(labels).astype(int)
     groups = np.asarray(groups)
     weights = np.ones(len(labels)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if (anchored or guard is not None) and image_scores is None:
+        raise ModelError("internal: an anchored or guarded classifier needs the image scores")
+    image_scores = None if image_scores is None else np.asarray(image_scores, dtype=np.float64)
     n_good, n_defect = int((labels == 0).sum()), int((labels == 1).sum())
     if n_good == 0 or n_defect == 0:
         raise ModelError(
             f"classifier training data holds only {'defect' if n_good == 0 else 'good'} images "
-            f"({n_good} good, {n_defect} defect): it needs both (set CLASSIFIER_SYNTHETIC_PER_IMAGE > 0 "
+            f"({n_good} good, {n_defect} defect): it needs both (set CLASSIFIER_SYNTHETIC_DEFECTS > 0 "
             "or add labeled defects to train/defect/), or set CLASSIFIER = False"
         )
     if not 0 <= false_reject_rate < 1:
@@ -143,34 +260,32 @@ def train_classifier(
         raise ModelError(f"the classifier needs at least 2 good validation images, got {len(good_groups)}: add validation images")
     fold = _group_folds(groups, labels, folds, params.seed)
     monotone = monotone if params.monotone else None
-    out_of_fold = np.full(len(labels), np.nan)
-    best_rounds = []
-    for k in range(folds):
-        train, held = fold != k, fold == k
-        if len(np.unique(labels[train])) < 2 or not held.any():
-            continue
-        scale = weights[train][labels[train] == 0].sum() / weights[train][labels[train] == 1].sum()
-        dtrain = xgb.DMatrix(features[train], labels[train], weight=weights[train], feature_names=feature_names)
-        dheld = xgb.DMatrix(features[held], labels[held], weight=weights[held], feature_names=feature_names)
-        booster = xgb.train(
-            _booster_params(params, scale, monotone), dtrain, num_boost_round=params.max_rounds,
-            evals=[(dheld, "held_out")], early_stopping_rounds=params.early_stopping_rounds, verbose_eval=False,
-        )
-        best_rounds.append(booster.best_iteration + 1)
-        out_of_fold[held] = booster.predict(dheld, iteration_range=(0, booster.best_iteration + 1))
+    out_of_fold, anchor_out_of_fold, best_rounds = _fold_boosters(
+        features, labels, groups, weights, fold, params, monotone, image_scores, anchored
+    )
     rounds = int(np.median(best_rounds)) if best_rounds else params.max_rounds
     scale = weights[labels == 0].sum() / weights[labels == 1].sum()
+    scored = ~np.isnan(out_of_fold)
+    evidence = {}
+    if image_scores is not None:
+        evidence = {
+            "out_of_fold_rocauc_trees": _weighted_rocauc(labels[scored], out_of_fold[scored], weights[scored]),
+            "out_of_fold_rocauc_image_score": _weighted_rocauc(labels[scored], image_scores[scored], weights[scored]),
+        }
+    if guard is not None and evidence["out_of_fold_rocauc_trees"] <= evidence["out_of_fold_rocauc_image_score"] + guard:
+        anchored, rounds, out_of_fold = True, 0, anchor_out_of_fold  # no evidence the trees do better: the image score decides
+    anchor = Anchor.fit(image_scores, labels, weights) if anchored else None
     booster = xgb.train(
         _booster_params(params, scale, monotone),
-        xgb.DMatrix(features, labels, weight=weights, feature_names=feature_names),
+        xgb.DMatrix(features, labels, weight=weights, feature_names=feature_names,
+                    base_margin=None if anchor is None else anchor.margin(image_scores)),
         num_boost_round=rounds,
     )
     chosen = (labels == 0) & ~np.isnan(out_of_fold)
     if threshold_rows is not None:
         chosen &= np.asarray(threshold_rows, dtype=bool)
-    good_probabilities = out_of_fold[chosen]
+    good_probabilities = _sigmoid(out_of_fold[chosen])
     threshold = float(np.quantile(good_probabilities, 1 - false_reject_rate)) if good_probabilities.size else 0.5
-    scored = ~np.isnan(out_of_fold)
     report = {
         "n_good": n_good,
         "n_defect": n_defect,
@@ -180,8 +295,11 @@ def train_classifier(
         "scale_pos_weight": float(scale),
         "out_of_fold_rocauc": image_rocauc(labels[scored], out_of_fold[scored]),
         "out_of_fold_good_probabilities": [round(float(p), 6) for p in good_probabilities],
+        **evidence,
     }
-    return DefectClassifier(booster, list(feature_names), threshold, report)
+    if anchored:
+        report["anchor"] = anchor.to_dict()
+    return DefectClassifier(booster, list(feature_names), threshold, report, anchor)
 
 
 def feature_importance(classifier: DefectClassifier) -> dict[str, float]:

@@ -63,7 +63,7 @@ def load_classifier(model_dir: Path, description: dict) -> tuple[DefectClassifie
     a classifier trained on another feature list than this code computes is refused."""
     entry = description["classifier"]
     data = read_checked_bytes(model_dir, entry["booster_file"], description["files"])
-    classifier = DefectClassifier.from_bytes(data, entry["features"], entry["threshold"], FEATURE_NAMES)
+    classifier = DefectClassifier.from_bytes(data, entry["features"], entry["threshold"], FEATURE_NAMES, entry.get("anchor"))
     return classifier, {key: float(value) for key, value in entry["levels"].items()}
 
 
@@ -111,7 +111,8 @@ class Detector:
                     maps, scores = self.model.score(batch.images)
                     probabilities = [None] * len(batch.indices)
                     if self.classifier is not None:
-                        probabilities = self.classifier.predict(map_features(maps, self.classifier_levels)).tolist()
+                        features = map_features(maps, self.classifier_levels)
+                        probabilities = self.classifier.predict(features, scores.numpy()).tolist()
                     for row, index in enumerate(batch.indices):
                         yield ImageResult(
                             index, maps[row], float(scores[row]), batch.sizes[row], batch.previews[row], probabilities[row]

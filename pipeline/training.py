@@ -7,6 +7,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ class TrainingSummary:
     model_dir: Path
     n_train: int
     n_validation: int
+    n_out_of_fold: int
     seconds: float
     model_bytes: int
     image_threshold: float
@@ -120,28 +122,83 @@ def validation_maps(model: AnomalyModel, paths: list[Path], preprocessor: Prepro
     return torch.cat([maps for maps, _ in scored]), torch.cat([scores for _, scores in scored]), batches.skipped
 
 
+def assign_folds(count: int, folds: int, seed: int) -> np.ndarray:
+    """Fold of each of `count` training images: a seeded shuffle dealt round-robin, so folds differ
+    in size by at most one and do not follow the file order (a drift in time spreads over all folds)."""
+    order = np.random.default_rng(seed).permutation(count)
+    assignment = np.empty(count, dtype=int)
+    assignment[order] = np.arange(count) % folds
+    return assignment
+
+
+def out_of_fold_maps(
+    model: AnomalyModel, train_paths: list[Path], preprocessor: Preprocessor, settings, folds: np.ndarray
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(indices into train_paths, maps, image scores) of the training images, each scored by the model
+    fitted without its fold (`AnomalyModel.out_of_fold_scores`), streamed batch by batch."""
+
+    def batches():
+        loader = ImageBatches(train_paths, preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
+        return ((batch.images, batch.indices) for batch in loader)
+
+    with tqdm(total=model.n_train_images_, desc="out-of-fold maps", unit="img", file=sys.stderr) as progress:
+        for indices, maps, scores in model.out_of_fold_scores(batches, folds):
+            progress.update(len(indices))
+            yield indices, maps, scores
+
+
+class GoodMapSample:
+    """Image scores and every PIXEL_SAMPLE_STRIDE-th pixel of good maps, collected as the maps arrive:
+    all the calibration needs, ~12 KB per 224 x 224 map, so hundreds of out-of-fold maps cost little."""
+
+    def __init__(self) -> None:
+        self.scores: list[np.ndarray] = []
+        self.pixels: list[np.ndarray] = []
+
+    def add(self, maps: torch.Tensor, image_scores: torch.Tensor) -> None:
+        self.scores.append(image_scores.double().numpy())
+        self.pixels.append(maps[:, ::PIXEL_SAMPLE_STRIDE, ::PIXEL_SAMPLE_STRIDE].reshape(-1).double().numpy())
+
+    @property
+    def count(self) -> int:
+        return int(sum(len(scores) for scores in self.scores))
+
+    def calibrate(self, image_rate: float, pixel_rate: float) -> dict:
+        """Thresholds that reject the given shares of these good images / pixels, and their statistics."""
+        for name, rate in (("IMAGE_FALSE_REJECT_RATE", image_rate), ("PIXEL_FALSE_REJECT_RATE", pixel_rate)):
+            if not 0 <= rate < 1:
+                raise ModelError(f"{name}={rate} must be in [0, 1)")
+        scores, pixels = np.concatenate(self.scores), np.concatenate(self.pixels)
+        return {
+            "thresholds": {
+                "image": float(np.quantile(scores, 1 - image_rate)),
+                "pixel": float(np.quantile(pixels, 1 - pixel_rate)),
+                "image_false_reject_rate": image_rate,
+                "pixel_false_reject_rate": pixel_rate,
+            },
+            "validation": {
+                "n_images": int(len(scores)),
+                "image_scores": [round(float(s), 6) for s in scores],
+                "image_score_mean": float(scores.mean()),
+                "image_score_std": float(scores.std()),
+                "pixel_quantiles": {str(q): float(np.quantile(pixels, q)) for q in (0.5, 0.9, 0.99, 0.999)},
+            },
+        }
+
+
 def calibrate(maps: torch.Tensor, image_scores: torch.Tensor, image_rate: float, pixel_rate: float) -> dict:
     """Thresholds that reject the given shares of good images / pixels, and the score statistics."""
-    for name, rate in (("IMAGE_FALSE_REJECT_RATE", image_rate), ("PIXEL_FALSE_REJECT_RATE", pixel_rate)):
-        if not 0 <= rate < 1:
-            raise ModelError(f"{name}={rate} must be in [0, 1)")
-    scores = image_scores.double().numpy()
-    pixels = maps[:, ::PIXEL_SAMPLE_STRIDE, ::PIXEL_SAMPLE_STRIDE].reshape(-1).double().numpy()
-    return {
-        "thresholds": {
-            "image": float(np.quantile(scores, 1 - image_rate)),
-            "pixel": float(np.quantile(pixels, 1 - pixel_rate)),
-            "image_false_reject_rate": image_rate,
-            "pixel_false_reject_rate": pixel_rate,
-        },
-        "validation": {
-            "n_images": int(len(scores)),
-            "image_scores": [round(float(s), 6) for s in scores],
-            "image_score_mean": float(scores.mean()),
-            "image_score_std": float(scores.std()),
-            "pixel_quantiles": {str(q): float(np.quantile(pixels, q)) for q in (0.5, 0.9, 0.99, 0.999)},
-        },
-    }
+    sample = GoodMapSample()
+    sample.add(maps, image_scores)
+    return sample.calibrate(image_rate, pixel_rate)
+
+
+def out_of_fold_folds(settings, n_train: int) -> int:
+    """OUT_OF_FOLD_FOLDS, checked; at most one fold per training image."""
+    folds = settings.OUT_OF_FOLD_FOLDS
+    if folds == 1 or folds < 0:
+        raise ModelError(f"OUT_OF_FOLD_FOLDS={folds} must be 0 (off) or at least 2")
+    return min(folds, n_train)
 
 
 def check_pixel_policy(model: AnomalyModel, policy: str, rate: float) -> None:
@@ -176,7 +233,12 @@ def pixel_policies(model: AnomalyModel, maps: torch.Tensor, thresholds: dict, po
 
 
 def train_category(category: Category, settings, model_dir: Path) -> TrainingSummary:
-    """Fit, calibrate and save one model; the previous model at `model_dir` survives any failure."""
+    """Fit, calibrate and save one model; the previous model at `model_dir` survives any failure.
+
+    After the fit: the validation goods' maps; then, with OUT_OF_FOLD_FOLDS > 0, every training
+    image's out-of-fold map (cross-fitting). Thresholds are calibrated on all these honest goods;
+    the classifier (CLASSIFIER) learns from them, from synthetic defects painted on them and from
+    labeled defects, each map turned into features as it arrives."""
     started = time.perf_counter()
     check_writable(model_dir.parent)
     train_paths, validation_paths = split_validation(category, settings.VALIDATION_FRACTION, settings.SEED)
@@ -184,6 +246,7 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
     held_out = 0 if category.validation_images else len(validation_paths)
     train_paths, skipped = readable_headers(train_paths)
     require_training_images(len(train_paths), folder, n_files, held_out, skipped)
+    folds = out_of_fold_folds(settings, len(train_paths))
     preprocessor = make_preprocessor(settings)
     model = build_model(settings)
     check_pixel_policy(model, settings.PIXEL_THRESHOLD_POLICY, settings.PIXEL_FALSE_REJECT_RATE)
@@ -203,8 +266,35 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
     maps, scores, skipped_validation = validation_maps(model, validation_paths, preprocessor, settings)
     skipped += skipped_validation
     _warn_skipped(skipped)
-    info = calibrate(maps, scores, settings.IMAGE_FALSE_REJECT_RATE, settings.PIXEL_FALSE_REJECT_RATE)
-    pixel_policies(model, maps, info["thresholds"], settings.PIXEL_THRESHOLD_POLICY)
+    goods = GoodMapSample()
+    goods.add(maps, scores)
+    info = goods.calibrate(settings.IMAGE_FALSE_REJECT_RATE, settings.PIXEL_FALSE_REJECT_RATE)
+    training_set = None
+    if settings.CLASSIFIER:
+        training_set = _classifier_training_set(category, settings, info, len(maps), len(train_paths) if folds else 0)
+        unreadable = {path for path, _ in skipped_validation}
+        readable = [path for path in validation_paths if path not in unreadable]
+        training_set.add_goods_and_synthetic(model, preprocessor, readable, list(range(len(readable))), maps, scores, settings, False)
+    n_validation = int(maps.shape[0])
+    n_out_of_fold = 0
+    if folds:
+        try:
+            for indices, fold_maps, fold_scores in out_of_fold_maps(model, train_paths, preprocessor, settings, assign_folds(len(train_paths), folds, settings.SEED)):
+                goods.add(fold_maps, fold_scores)
+                n_out_of_fold += len(indices)
+                if training_set is not None:
+                    hosts = [n_validation + index for index in indices]
+                    training_set.add_goods_and_synthetic(
+                        model, preprocessor, [train_paths[i] for i in indices], hosts, fold_maps, fold_scores, settings, True
+                    )
+        except NotImplementedError:
+            print(f"note: {model.kind} has no out-of-fold maps; only the validation goods are used", file=sys.stderr)
+        if n_out_of_fold:
+            pooled = goods.calibrate(settings.IMAGE_FALSE_REJECT_RATE, settings.PIXEL_FALSE_REJECT_RATE)
+            info["thresholds"] = pooled["thresholds"]
+            info["out_of_fold"] = {"folds": folds, "n_images": n_out_of_fold, "goods_for_thresholds": pooled["validation"]["n_images"]}
+    pixel_policies(model, maps, info["thresholds"], settings.PIXEL_THRESHOLD_POLICY)  # on the thresholds in force
+    del maps
     info["preprocessing"] = {
         "resize": preprocessor.resize,
         "crop": preprocessor.crop,
@@ -215,29 +305,45 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
         "category": category.name,
         "dataset_dir": str(category.root),
         "n_train_images": model.n_train_images_,
-        "n_validation_images": int(maps.shape[0]),
+        "n_validation_images": n_validation,
         "skipped_files": [str(path) for path, _ in skipped],
     }
     extra_files = {}
-    if settings.CLASSIFIER:
-        from classification_model.features import levels_from_description
-        from classification_model.training import train_for_model
+    if training_set is not None:
+        from classification_model.training import classifier_info, image_maps
 
-        unreadable = {path for path, _ in skipped_validation}
-        readable = [path for path in validation_paths if path not in unreadable]
-        classifier, info["classifier"] = train_for_model(
-            model, preprocessor, readable, maps, category.train_defect_images, levels_from_description(info), settings
-        )
+        if category.train_defect_images:
+            real_maps, real_scores = image_maps(model, preprocessor, list(category.train_defect_images), settings.BATCH_SIZE, "labeled defects")
+            training_set.add_real_defects(real_maps, real_scores, settings.CLASSIFIER_REAL_DEFECT_WEIGHT)
+        classifier = training_set.train(settings)
+        info["classifier"] = classifier_info(classifier, training_set, settings)
         extra_files[info["classifier"]["booster_file"]] = classifier.to_bytes()
     model_bytes = save_model(model_dir, model, info, extra_files=extra_files)
     return TrainingSummary(
         category=category.name,
         model_dir=model_dir,
         n_train=model.n_train_images_,
-        n_validation=int(maps.shape[0]),
+        n_validation=n_validation,
+        n_out_of_fold=n_out_of_fold,
         seconds=time.perf_counter() - started,
         model_bytes=model_bytes,
         image_threshold=info["thresholds"]["image"],
         pixel_threshold=info["thresholds"]["pixel"],
         skipped=skipped,
     )
+
+
+def _classifier_training_set(category: Category, settings, info: dict, n_validation: int, n_train: int):
+    """An empty classifier training set: feature levels from the validation goods (known before the
+    out-of-fold maps stream in), synthetic defects unless there are enough labeled ones."""
+    from classification_model.features import levels_from_description
+    from classification_model.training import TrainingSet
+
+    if n_validation + n_train < 2:
+        raise ModelError(
+            f"the classifier needs good images it was not fitted on, got {n_validation}: add validation/good/ images, "
+            "raise VALIDATION_FRACTION, set OUT_OF_FOLD_FOLDS, or set CLASSIFIER = False"
+        )
+    enough = len(category.train_defect_images) >= settings.CLASSIFIER_ENOUGH_REAL_DEFECTS
+    synthetic = 0 if enough else settings.CLASSIFIER_SYNTHETIC_DEFECTS
+    return TrainingSet(levels_from_description(info), n_validation, n_train, synthetic, settings.SEED)

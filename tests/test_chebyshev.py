@@ -181,7 +181,7 @@ def test_chebyshev_policy_needs_a_rate_and_is_checked_before_fitting(model):
 def test_hybrid_scripts_end_to_end_with_the_chebyshev_threshold(tmp_path):
     category = make_mvtec_category(tmp_path / "data" / "part")
     settings = [f"DATASET_DIR={category}", *TINY, *outputs(tmp_path), "PADIM_SCORE=hybrid", "PIXEL_THRESHOLD_POLICY=chebyshev",
-                "PIXEL_FALSE_REJECT_RATE=0.05", "CLASSIFIER_SYNTHETIC_PER_IMAGE=2", "CLASSIFIER_FOLDS=2"]
+                "PIXEL_FALSE_REJECT_RATE=0.05", "CLASSIFIER_SYNTHETIC_DEFECTS=20", "CLASSIFIER_FOLDS=2"]
     trained = run_script("train.py", *settings)
     assert trained.returncode == 0, trained.stderr
     description = json.loads((tmp_path / "models" / "part" / "model.json").read_text())

@@ -25,12 +25,13 @@ from settings import load
 from anomaly_model.backbone import ModelError
 from classification_model.features import FEATURE_NAMES, MONOTONE, map_features
 from classification_model.synthetic import DEFECT_TYPES, make_defect
-from classification_model.xgboost import ClassifierParams, DefectClassifier, plot_feature_importance, train_classifier
+from classification_model.training import synthetic_defect_maps, synthetic_plan
+from classification_model.xgboost import Anchor, ClassifierParams, DefectClassifier, plot_feature_importance, train_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = {"q99": 1.0, "q999": 2.0, "pixel": 1.5, "image": 4.0}
 TINY = ["WEIGHTS=none", "RESIZE=64", "CROP=64", "BATCH_SIZE=8", "NUM_WORKERS=0", "SAVE_PICTURES=False",
-        "CLASSIFIER_SYNTHETIC_PER_IMAGE=3", "CLASSIFIER_MAX_ROUNDS=60", "CLASSIFIER_FOLDS=3", "BACKBONE=resnet18", "LAYERS=(1,2)"]
+        "CLASSIFIER_SYNTHETIC_DEFECTS=27", "CLASSIFIER_MAX_ROUNDS=60", "CLASSIFIER_FOLDS=3", "BACKBONE=resnet18", "LAYERS=(1,2)"]
 
 
 def feature(row: np.ndarray, name: str) -> float:
@@ -125,6 +126,91 @@ def test_one_class_and_mismatched_features_are_refused():
         DefectClassifier.from_bytes(classifier.to_bytes(), FEATURE_NAMES[:-1], 0.5, FEATURE_NAMES)
 
 
+def _noise_and_score(seed: int, n_good: int = 120, n_defect: int = 80):
+    """Rows whose features are noise: only the image score (which the features do not see) tells defects apart."""
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.zeros(n_good), np.ones(n_defect)]
+    scores = rng.normal(10, 1, len(labels)) + 1.5 * labels
+    features = rng.random((len(labels), len(FEATURE_NAMES))).astype(np.float32)
+    return features, labels, np.arange(len(labels)), scores
+
+
+def test_anchor_is_the_image_score_as_log_odds():
+    scores = np.r_[np.linspace(1, 2, 50), np.linspace(1.5, 4, 50)]
+    labels = np.r_[np.zeros(50), np.ones(50)]
+    anchor = Anchor.fit(scores, labels, np.ones(100))
+    assert anchor.slope > 0 and np.all(np.diff(anchor.margin(np.unique(scores))) > 0)
+    separated = Anchor.fit(np.r_[np.zeros(20), np.ones(20) * 5], np.r_[np.zeros(20), np.ones(20)], np.ones(40))
+    assert np.isfinite(separated.slope) and separated.margin(np.array([5.0]))[0] > 3  # finite even when the score separates perfectly
+
+
+def test_the_guard_falls_back_to_the_image_score_when_trees_do_not_help(tmp_path):
+    """Trees on uninformative features lose to the image score out-of-fold: the verdict then ranks images
+    exactly as the image score does, and its threshold still comes from out-of-fold goods."""
+    features, labels, groups, scores = _noise_and_score(0)
+    params = ClassifierParams(max_rounds=60, folds=3)
+    classifier = train_classifier(features, labels, groups, FEATURE_NAMES, params, 0.05, image_scores=scores, guard=0.0)
+    report = classifier.report
+    assert report["rounds"] == 0 and report["out_of_fold_rocauc_trees"] < report["out_of_fold_rocauc_image_score"]
+    test_features, _, _, test_scores = _noise_and_score(1)
+    probability = classifier.predict(test_features, test_scores)
+    assert np.array_equal(np.argsort(probability, kind="stable"), np.argsort(test_scores, kind="stable"))
+    assert 0 < classifier.threshold < 1
+    copy = DefectClassifier.from_bytes(classifier.to_bytes(), FEATURE_NAMES, classifier.threshold, FEATURE_NAMES, classifier.anchor.to_dict())
+    assert np.array_equal(copy.predict(test_features, test_scores), probability)
+    with pytest.raises(ModelError, match="image scores"):
+        classifier.predict(test_features)
+
+
+def test_the_guard_keeps_trees_that_help_and_margin_anchoring_starts_from_the_score():
+    classifier, x, y = _toy_classifier()
+    scores = np.random.default_rng(3).normal(size=len(y)) + 0.5 * y  # a weak image score: the features see the defects far better
+    params = ClassifierParams(max_rounds=50, folds=3)
+    groups = np.r_[np.arange(30), np.arange(40) % 30]
+    guarded = train_classifier(x, y, groups, FEATURE_NAMES, params, 0.05, monotone=MONOTONE, image_scores=scores, guard=0.0)
+    assert guarded.anchor is None and guarded.report["rounds"] > 0
+    margin = train_classifier(x, y, groups, FEATURE_NAMES, params, 0.05, monotone=MONOTONE, image_scores=scores, anchored=True)
+    assert margin.anchor is not None and margin.report["out_of_fold_rocauc"] > 0.95
+
+
+class _MeanModel:
+    """A stand-in anomaly model whose map is the image's channel mean: enough to check how synthetic
+    defect maps are made honest."""
+
+    def score(self, images: torch.Tensor):
+        maps = images.mean(dim=1)
+        return maps, self.image_scores(maps)
+
+    def image_scores(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps.flatten(1).max(dim=1).values
+
+
+def test_synthetic_defects_on_fitted_images_get_their_hosts_honest_background(tmp_path):
+    """honest + (map(defect) - map(host)): away from the defect the map is the host's honest one."""
+    from dataset_manager import Preprocessor
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray((rng.random((48, 48, 3)) * 60 + 100).astype(np.uint8)).save(paths[-1])
+    preprocessor = Preprocessor(48, 48, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    model = _MeanModel()
+    fitted, _ = model.score(torch.stack([preprocessor.image_tensor(np.asarray(Image.open(p))) for p in paths]))
+    honest = fitted + 2.0  # out-of-fold maps: here simply the fitted ones, raised
+    plan = synthetic_plan(3, 5, seed=0)
+    assert sorted(len(kinds) for kinds in plan) == [1, 2, 2] and sum(plan, []).count("cutpaste") == 2
+    made = synthetic_defect_maps(model, preprocessor, paths, plan, (0.2, 0.3), (1.0, 1.0), np.random.default_rng(1), 4, honest_maps=honest)
+    maps, scores, owners, kinds = made
+    again = synthetic_defect_maps(model, preprocessor, paths, plan, (0.2, 0.3), (1.0, 1.0), np.random.default_rng(1), 4,
+                                  honest_maps=honest, fitted_maps=fitted)
+    assert torch.allclose(again[0], maps) and list(again[2]) == list(owners)
+    plain, _, _, _ = synthetic_defect_maps(model, preprocessor, paths, plan, (0.2, 0.3), (1.0, 1.0), np.random.default_rng(1), 4)
+    assert len(kinds) == 5 and sorted(owners.tolist()) == sorted(i for i, k in enumerate(plan) for _ in k)
+    torch.testing.assert_close(maps, plain + 2.0)  # the defect's change on the honest background
+    assert torch.equal(scores, maps.flatten(1).max(dim=1).values)
+
+
 def _write_dataset(root: Path) -> Path:
     """A tiny MVTec-layout category: smooth gray gradients; defects are dark squares."""
     rng = np.random.default_rng(0)
@@ -185,7 +271,7 @@ def test_training_errors_are_one_line_model_errors(tmp_path):
     data = _write_dataset(tmp_path / "parts")
     (category,) = find_categories(data)
     with pytest.raises(ModelError, match="only good"):
-        train_category(category, _settings(tmp_path, data, "CLASSIFIER_SYNTHETIC_PER_IMAGE=0"), tmp_path / "models" / "a")
+        train_category(category, _settings(tmp_path, data, "CLASSIFIER_SYNTHETIC_DEFECTS=0"), tmp_path / "models" / "a")
     category.validation_images = []
     with pytest.raises(ModelError, match="no validation images"):
         train_category(category, _settings(tmp_path, data, "VALIDATION_FRACTION=0.0"), tmp_path / "models" / "b")

@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY, make_mvtec_category, outputs, run_script, save, texture, with_defect
 
 PATCHCORE = ["ANOMALY_MODEL=patchcore", "CORESET_RATIO=0.25", "PATCHCORE_NEIGHBORS=3"]
-SMALL_CLASSIFIER = ["CLASSIFIER_SYNTHETIC_PER_IMAGE=2", "CLASSIFIER_MAX_ROUNDS=40", "CLASSIFIER_FOLDS=3"]
+SMALL_CLASSIFIER = ["CLASSIFIER_SYNTHETIC_DEFECTS=20", "CLASSIFIER_MAX_ROUNDS=40", "CLASSIFIER_FOLDS=3"]
 
 
 def _rows(run_dir: Path) -> list[dict]:
