@@ -23,7 +23,9 @@ def main(argv: list[str]) -> None:
         summaries.append(summary)
         print(
             f"{summary.category}: trained on {summary.n_train} images, calibrated on {summary.n_validation} "
-            f"validation images in {summary.seconds:.1f} s; model {summary.model_dir} "
+            f"validation images in {summary.seconds:.1f} s at {summary.image_size[0]} x {summary.image_size[1]}"
+            + (f" in {summary.tiles} tiles" if summary.tiles else "")
+            + f"; model {summary.model_dir} "
             f"({summary.model_bytes / 1e6:.1f} MB); thresholds image {summary.image_threshold:.3f} "
             f"pixel {summary.pixel_threshold:.3f}"
             + (f"; {len(summary.skipped)} unreadable files skipped" if summary.skipped else "")

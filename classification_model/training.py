@@ -48,7 +48,7 @@ def synthetic_defect_maps(
     seed: int,
     batch_size: int,
 ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
-    """(maps (M, CROP, CROP), source index per map, defect type per map) of `per_image` synthetic
+    """(maps (M, H, W), source index per map, defect type per map) of `per_image` synthetic
     defects on each good image; types cycle so each image gets every type in turn."""
     rng = np.random.default_rng(seed)
     maps, sources, kinds, pending = [], [], [], []
@@ -65,14 +65,15 @@ def synthetic_defect_maps(
             continue
         for variant in range(per_image):
             kind = DEFECT_TYPES[(index + variant) % len(DEFECT_TYPES)]
-            image = make_defect(rgb, kind, rng, size_range, strength_range, preprocessor.resize, preprocessor.crop)
+            box = preprocessor.crop_box(rgb.shape[0], rgb.shape[1])
+            image = make_defect(rgb, kind, rng, size_range, strength_range, box)
             pending.append(preprocessor.image_tensor(image))
             sources.append(index)
             kinds.append(kind)
-            if len(pending) >= batch_size:
+            if len(pending) >= preprocessor.batch_size(batch_size):
                 flush()
     flush()
-    empty = torch.zeros(0, preprocessor.crop, preprocessor.crop)
+    empty = torch.zeros(0, *preprocessor.size)
     return (torch.cat(maps) if maps else empty), np.array(sources, dtype=int), kinds
 
 
@@ -82,7 +83,7 @@ def image_maps(model: AnomalyModel, preprocessor: Preprocessor, paths: list[Path
     maps = [model.anomaly_maps(b.images).cpu() for b in tqdm(batches, desc=label, unit="batch", file=sys.stderr)]
     for path, reason in batches.skipped:
         print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
-    return torch.cat(maps) if maps else torch.zeros(0, preprocessor.crop, preprocessor.crop)
+    return torch.cat(maps) if maps else torch.zeros(0, *preprocessor.size)
 
 
 def fit_on_maps(
@@ -130,7 +131,7 @@ def train_for_model(
     synthetic, sources, kinds = synthetic_defect_maps(
         model, preprocessor, validation_paths, per_image, settings.CLASSIFIER_DEFECT_SIZE,
         settings.CLASSIFIER_DEFECT_STRENGTH, settings.SEED, settings.BATCH_SIZE,
-    ) if per_image > 0 else (torch.zeros(0, preprocessor.crop, preprocessor.crop), np.zeros(0, int), [])
+    ) if per_image > 0 else (torch.zeros(0, *preprocessor.size), np.zeros(0, int), [])
     n_good = validation_maps.shape[0]
     defect_maps = torch.cat([synthetic] + ([real_maps] if n_real else []))
     groups = np.concatenate([sources, n_good + np.arange(n_real)])

@@ -19,7 +19,9 @@ from dataset_manager import ImageBatches, Preprocessor
 
 # Preprocessing settings a model carries itself (its anomaly model's settings come from its class:
 # `AnomalyModel.setting_names`); config.py values that differ are reported and not used.
-PREPROCESSING_SETTINGS = {"RESIZE": "resize", "CROP": "crop", "NORMALIZE_MEAN": "mean", "NORMALIZE_STD": "std"}
+# IMAGE_SIZE is compared as the setting the model was trained with ("auto" stays "auto"); the
+# size it resolved to is what the model uses.
+PREPROCESSING_SETTINGS = {"IMAGE_SIZE": "image_size_setting", "CENTER_CROP": "center_crop", "NORMALIZE_MEAN": "mean", "NORMALIZE_STD": "std"}
 
 
 @dataclass
@@ -27,7 +29,7 @@ class ImageResult:
     """What the model says about one image."""
 
     index: int  # position in the list of paths given
-    anomaly_map: torch.Tensor  # (CROP, CROP) on the CPU
+    anomaly_map: torch.Tensor  # (H, W) at the model's working size, on the CPU
     score: float  # the model's image score (PaDiM: max of the map)
     size: tuple[int, int]  # original (height, width)
     preview: np.ndarray | None  # small RGB copy for pictures
@@ -38,14 +40,14 @@ def settings_differences(description: dict, settings) -> list[str]:
     """'KEY: model has X, config.py has Y' for each model setting config.py disagrees with."""
     entry = description["anomaly_model"]
     stored_values = {"ANOMALY_MODEL": entry["type"]}
-    stored_values.update({key: entry["settings"][name] for key, name in model_class(entry["type"]).setting_names().items()})
-    stored_values.update({key: description["preprocessing"][name] for key, name in PREPROCESSING_SETTINGS.items()})
+    stored_values.update({key: entry["settings"][name] for key, name in model_class(entry["type"]).setting_names().items() if name in entry["settings"]})
+    stored_values.update({key: description["preprocessing"][name] for key, name in PREPROCESSING_SETTINGS.items() if name in description["preprocessing"]})
     notes = []
     for key, stored in stored_values.items():
         wanted = getattr(settings, key)
         if key == "FEATURE_DIM" and wanted == 0:
             continue
-        same = list(stored) == list(wanted) if isinstance(stored, list) else stored == wanted
+        same = isinstance(wanted, (list, tuple)) and list(stored) == list(wanted) if isinstance(stored, list) else stored == wanted
         if not same:
             notes.append(f"{key}: model has {stored!r}, config has {wanted!r}")
     return notes
@@ -66,8 +68,7 @@ class Detector:
     def __init__(self, model_dir: Path, device: str = "auto") -> None:
         self.model_dir = Path(model_dir)
         self.model, self.description = load_model(self.model_dir, device)
-        prep = self.description["preprocessing"]
-        self.preprocessor = Preprocessor(prep["resize"], prep["crop"], tuple(prep["mean"]), tuple(prep["std"]))
+        self.preprocessor = Preprocessor.from_description(self.description["preprocessing"])
         self.image_threshold = float(self.description["thresholds"]["image"])
         self.pixel_threshold = float(self.description["thresholds"]["pixel"])
         self.classifier = None  # the good/defect classifier saved with the model, when there is one

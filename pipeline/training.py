@@ -16,6 +16,7 @@ from anomaly_model.base import AnomalyModel
 from anomaly_model.files import check_writable
 from anomaly_model.store import build_model, save_model
 from dataset_manager import Category, ImageBatches, Preprocessor
+from dataset_manager.images import resolve_image_size
 
 PIXEL_SAMPLE_STRIDE = 4  # validation maps are smooth (blur sigma 4): every 4th pixel each way suffices
 
@@ -31,6 +32,8 @@ class TrainingSummary:
     image_threshold: float
     pixel_threshold: float
     skipped: list[tuple[Path, str]]
+    image_size: tuple[int, int] = (0, 0)  # the working size (height, width) IMAGE_SIZE resolved to
+    tiles: int = 0  # tiles per image, 0 = untiled
 
 
 def split_validation(category: Category, fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
@@ -52,8 +55,11 @@ def split_validation(category: Category, fraction: float, seed: int) -> tuple[li
     return train, validation
 
 
-def make_preprocessor(settings) -> Preprocessor:
-    return Preprocessor(settings.RESIZE, settings.CROP, settings.NORMALIZE_MEAN, settings.NORMALIZE_STD)
+def make_preprocessor(settings, train_paths: list[Path], stride: int) -> Preprocessor:
+    """The preprocessing of a new model: IMAGE_SIZE resolved on the training images ("auto", a
+    fraction of their size), rounded to the backbone's `stride`; CENTER_CROP around it."""
+    size = resolve_image_size(settings.IMAGE_SIZE, train_paths, stride)
+    return Preprocessor.with_center_crop(size, settings.CENTER_CROP, settings.NORMALIZE_MEAN, settings.NORMALIZE_STD)
 
 
 def _warn_skipped(skipped: list[tuple[Path, str]]) -> None:
@@ -99,21 +105,17 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
     started = time.perf_counter()
     check_writable(model_dir.parent)
     train_paths, validation_paths = split_validation(category, settings.VALIDATION_FRACTION, settings.SEED)
-    preprocessor = make_preprocessor(settings)
     model = build_model(settings)
+    preprocessor = make_preprocessor(settings, train_paths, model.stride)
+    model.start_fit(preprocessor.size)  # a wrong tile size or too large statistics fail here, before any reading
     batches = ImageBatches(train_paths, preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
-    model.fit(batch.images for batch in tqdm(batches, desc=f"fit {category.name}", unit="batch", file=sys.stderr))
+    model.fit_images(batch.images for batch in tqdm(batches, desc=f"fit {category.name}", unit="batch", file=sys.stderr))
     skipped = list(batches.skipped)
     maps, scores, skipped_validation = validation_maps(model, validation_paths, preprocessor, settings)
     skipped += skipped_validation
     _warn_skipped(skipped)
     info = calibrate(maps, scores, settings.IMAGE_FALSE_REJECT_RATE, settings.PIXEL_FALSE_REJECT_RATE)
-    info["preprocessing"] = {
-        "resize": preprocessor.resize,
-        "crop": preprocessor.crop,
-        "mean": list(settings.NORMALIZE_MEAN),
-        "std": list(settings.NORMALIZE_STD),
-    }
+    info["preprocessing"] = preprocessor.description(settings.IMAGE_SIZE, settings.CENTER_CROP)
     info["dataset"] = {
         "category": category.name,
         "dataset_dir": str(category.root),
@@ -143,4 +145,6 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
         image_threshold=info["thresholds"]["image"],
         pixel_threshold=info["thresholds"]["pixel"],
         skipped=skipped,
+        image_size=preprocessor.size,
+        tiles=model.tile_layout_.count if model.tile_layout_ is not None else 0,
     )
