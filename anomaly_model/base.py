@@ -35,8 +35,9 @@ from anomaly_model.tiles import TileLayout, check_tile_settings
 # 2-core CPU). GPUs take the whole batch.
 BACKBONE_SLICE = 8
 # Tiles handed to the model at once: bounds the memory of tiling whatever the image size (a
-# chunk's embedding is about a 16-image batch's at 224 px). With TILE_STATISTICS="location" a
-# chunk holds whole images (every location of each), at least one.
+# chunk's embedding is that of a 32-image batch at 224 px). With TILE_STATISTICS="location" a
+# chunk holds whole images (every location of each, at least one image): bounded too, since the
+# statistics of many locations are refused by the memory check long before their chunk is large.
 TILE_CHUNK = 32
 # Share of the free memory the statistics may take before the fit is refused.
 MEMORY_SHARE = 0.8
