@@ -18,9 +18,30 @@ MODEL_NAME = ""  # "" = the category folder's name (several categories: one mode
 TEST_DIR = ""  # folder test.py scores when given none; "" = the dataset's test folder
 VALIDATION_FRACTION = 0.1  # share of train images held out when there is no validation/good
 
-# --- Preprocessing (the published PaDiM recipe) ----------------------------------------------
-RESIZE = 256  # images are resized to RESIZE x RESIZE (aspect ratio is not kept) ...
-CROP = 224  # ... then centre-cropped to CROP x CROP; CROP = RESIZE inspects the whole image
+# --- Geometry: what the model inspects (README, "Image size and tiles") ------------------------
+# Every image is resized to one working size, height x width in pixels; maps, thresholds and
+# eval.py's metrics are at that size, masks and pictures are put back at each image's own size.
+#   (224, 224): that size (with CENTER_CROP = 0.875: the published resize 256, crop 224);
+#   "auto": the training images' median aspect ratio at about 224 x 224's pixel count, rounded
+#           to the backbone's stride (a 500 x 1260 part: 144 x 352);
+#   a number f: f times the training images' median height and width (1.0: their own
+#           resolution), rounded to the stride; meant for TILE_SIZE.
+# The size the model resolved is saved with it; test.py and eval.py use the model's.
+IMAGE_SIZE = (224, 224)
+# Share of the resized image's height and width the centre crop keeps (the resized image is
+# IMAGE_SIZE / CENTER_CROP); 1.0 = no crop: a defect at the border is still a defect.
+# The old settings RESIZE=R CROP=C still work: IMAGE_SIZE = (C, C), CENTER_CROP = C / R.
+CENTER_CROP = 0.875
+# Tiles for images far larger than the backbone's input: the working image is cut into
+# TILE_SIZE x TILE_SIZE tiles (a multiple of the backbone's stride, 16) overlapping by
+# TILE_OVERLAP pixels; the tiles' patch scores are stitched (overlaps averaged) into one map.
+TILE_SIZE = 0  # 0 = no tiles: the backbone sees the whole working image
+TILE_OVERLAP = 32
+# "shared": one set of statistics for all tiles (textures, webs, sheets; any model);
+# "location": PaDiM only, a Gaussian per position of each tile location (aligned parts).
+TILE_STATISTICS = "shared"
+
+# --- Normalization -------------------------------------------------------------------------------
 NORMALIZE_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics the backbones were trained with
 NORMALIZE_STD = (0.229, 0.224, 0.225)
 
@@ -46,7 +67,7 @@ CORESET_RATIO = 0.1  # share of the training patch features kept, by greedy k-ce
 PATCHCORE_NEIGHBORS = 0  # b of the paper's eq. 7 image-score reweighting; 0 = plain max of the map (README: why)
 PATCHCORE_FEATURE_DIM = 0  # features per patch; 0 = all channels of LAYERS, else channels averaged down to it
 PATCHCORE_PROJECTION_DIM = 128  # random projection the coreset is chosen on (paper: 128); 0 = the features themselves
-BLUR_SIGMA = 4.0  # Gaussian smoothing of the anomaly map, in pixels of the CROP-sized map
+BLUR_SIGMA = 4.0  # Gaussian smoothing of the anomaly map, in pixels of the working (IMAGE_SIZE) map
 # PaDiM patch score: "mahalanobis" (the paper's distance M); "hybrid": w M + (1 - w) C, the hybrid
 # Gaussian-Chebyshev variant, C = max over channels of 1 - 1/k^2 (k: the patch's deviation from
 # the channel's mean in standard deviations); "chebyshev": C alone. README, Chebyshev: the hybrid

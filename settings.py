@@ -213,6 +213,15 @@ def weights() -> Rule:
     )
 
 
+def _is_image_size(value) -> bool:
+    """IMAGE_SIZE: (h, w) of at least one deepest-stage cell (32 px), "auto", or a fraction of the images' size."""
+    if value == "auto":
+        return True
+    if isinstance(value, (tuple, list)):
+        return len(value) == 2 and all(_is_int(v) and v >= 32 for v in value)
+    return _is_number(value) and 0 < value <= 8
+
+
 FRACTION = number(0, below=1)  # a share that must leave something: [0, 1)
 
 # Every key of config.py and what it may hold. Adding a setting to config.py = adding its line here.
@@ -225,8 +234,11 @@ RULES: dict[str, Rule] = {
     "TEST_DIR": text(),
     "VALIDATION_FRACTION": FRACTION,
     # preprocessing
-    "RESIZE": integer(minimum=32),
-    "CROP": integer(minimum=32),  # the deepest backbone stage has stride 32: smaller gives a 1x1 grid
+    "IMAGE_SIZE": Rule(_is_image_size, "(height, width) in pixels, each >= 32, \"auto\", or a fraction of the images' own size in (0, 8]"),
+    "CENTER_CROP": number(above=0, maximum=1),
+    "TILE_SIZE": integer(minimum=0),
+    "TILE_OVERLAP": integer(minimum=0),
+    "TILE_STATISTICS": choice(("shared", "location")),
     "NORMALIZE_MEAN": sequence(number(), length=3),
     "NORMALIZE_STD": sequence(number(above=0), length=3),
     # anomaly model
@@ -280,7 +292,7 @@ RULES: dict[str, Rule] = {
 
 # Rules between settings: (keys, test on all settings, what is allowed).
 CROSS_RULES: list[tuple[tuple[str, ...], Callable[[SimpleNamespace], bool], str]] = [
-    (("CROP", "RESIZE"), lambda s: s.CROP <= s.RESIZE, "CROP must be <= RESIZE (the crop is taken from the resized image)"),
+    (("TILE_OVERLAP", "TILE_SIZE"), lambda s: s.TILE_SIZE == 0 or s.TILE_OVERLAP < s.TILE_SIZE, "TILE_OVERLAP must be smaller than TILE_SIZE"),
 ]
 
 
@@ -307,7 +319,43 @@ def validate(values: dict) -> None:
             raise SettingsError(f"{shown}: {allowed}")
 
 
+# Settings that take several forms, parsed whatever their default's type: IMAGE_SIZE is
+# (height, width), an int (a square), "auto", or a float (a fraction of the images' own size).
+SIZE_SETTINGS = ("IMAGE_SIZE",)
+# Old spellings of the geometry settings (issue 11), still read: RESIZE=R CROP=C inspects
+# (C, C) as the central C / R of an R x R resize, exactly as before. Unset ones take the old defaults.
+OLD_GEOMETRY = {"RESIZE": 256, "CROP": 224}
+
+
+def _parse_size(key: str, text: str):
+    if text.strip().strip("'\"") == "auto":
+        return "auto"
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = None
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise SettingsError(f'{key}={text}: expected (height, width) like (224, 224), "auto", or a fraction of the images\' size like 1.0')
+
+
+def _translate_old_geometry(values: dict, old: dict) -> None:
+    """RESIZE / CROP (given on the command line or left in an old config.py) -> IMAGE_SIZE, CENTER_CROP."""
+    resize, crop = (old.get(key, default) for key, default in OLD_GEOMETRY.items())
+    for key, value in (("RESIZE", resize), ("CROP", crop)):
+        problem = integer(minimum=32).problem(value)
+        if problem is not None:
+            raise SettingsError(f"{key}={_show(value)} is not allowed: {key} must be {problem} (the old spelling of IMAGE_SIZE / CENTER_CROP, see config.py)")
+    if crop > resize:
+        raise SettingsError(f"CROP={crop} is larger than RESIZE={resize}: set CROP <= RESIZE (or use IMAGE_SIZE and CENTER_CROP)")
+    values["IMAGE_SIZE"], values["CENTER_CROP"] = (crop, crop), crop / resize
+
+
 def _parse_value(key: str, text: str, default):
+    if key in SIZE_SETTINGS:
+        return _parse_size(key, text)
     if isinstance(default, str):
         return text
     try:
@@ -336,6 +384,8 @@ def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
     """Settings from config.py with KEY=VALUE overrides, all checked; returns them and the other arguments."""
     argv = sys.argv[1:] if argv is None else argv
     values = defaults()
+    old = {key: values.pop(key) for key in OLD_GEOMETRY if key in values}  # an old config.py
+    given = set()
     positional = []
     for arg in argv:
         if "=" not in arg:
@@ -343,10 +393,20 @@ def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
             continue
         key, text = arg.split("=", 1)
         key = key.strip().lstrip("-").upper()
+        if key in OLD_GEOMETRY:
+            old[key] = _parse_value(key, text.strip(), OLD_GEOMETRY[key])
+            given.add(key)
+            continue
+        given.add(key)
         if key not in values:
             close = [k for k in values if k.split("_")[0] == key.split("_")[0]]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise SettingsError(f"unknown setting {key}{hint}; the settings are listed in config.py")
         values[key] = _parse_value(key, text.strip(), values[key])
+    if old:
+        if given & {"IMAGE_SIZE", "CENTER_CROP"} and given & set(OLD_GEOMETRY):
+            raise SettingsError("RESIZE / CROP are the old spelling of IMAGE_SIZE / CENTER_CROP: give one or the other, not both")
+        if given & set(OLD_GEOMETRY) or "IMAGE_SIZE" not in values:
+            _translate_old_geometry(values, old)
     validate(values)
     return SimpleNamespace(**values), positional

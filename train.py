@@ -24,7 +24,9 @@ def main(argv: list[str]) -> None:
         print(
             f"{summary.category}: trained on {summary.n_train} images, calibrated on {summary.n_validation} validation images"
             + (f" and {summary.n_out_of_fold} training images out-of-fold" if summary.n_out_of_fold else "")
-            + f" in {summary.seconds:.1f} s; model {summary.model_dir} "
+            + f" in {summary.seconds:.1f} s at {summary.image_size[0]} x {summary.image_size[1]}"
+            + (f" in {summary.tiles} tiles" if summary.tiles else "")
+            + f"; model {summary.model_dir} "
             f"({summary.model_bytes / 1e6:.1f} MB); thresholds image {summary.image_threshold:.3f} "
             f"pixel {summary.pixel_threshold:.3f}"
             + (f"; {len(summary.skipped)} unreadable files skipped" if summary.skipped else "")

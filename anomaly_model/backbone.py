@@ -137,6 +137,7 @@ class FeatureExtractor(nn.Module):
         with torch.no_grad():
             shapes = [f.shape for f in self(torch.zeros(1, 3, 64, 64))]
         self.channels = [shape[1] for shape in shapes]
+        self.strides = [64 // shape[-1] for shape in shapes]  # pixels per cell of each layer's grid: 4, 8, 16, 32
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:

@@ -1,16 +1,26 @@
 """What every anomaly model of the suite shares: a pretrained backbone, one interface for fitting
 and scoring, and one map post-processing.
 
-A model (PaDiM, PatchCore) only says how it fits good images and how far each patch of a new
-image is from what it learned (`patch_scores`, on the backbone's feature grid). Everything else
-is here, once: building the backbone, running it in slices, turning patch scores into anomaly
-maps (`maps.MapMaker`), image scores, moving to a device, and the description `store.py` saves.
-Shaped like a scikit-learn estimator: settings in __init__, learned state in attributes ending
-in "_".
+A model (PaDiM, PatchCore) only says how it fits good backbone inputs and how far each patch of
+a new input is from what it learned (`fit`, `patch_scores`, on the backbone's feature grid).
+Everything else is here, once: building the backbone, running it in slices, tiling large working
+images (`fit_images`, `image_patch_scores`: the model sees tiles, the caller whole images),
+turning patch scores into anomaly maps (`maps.MapMaker`), image scores, moving to a device, the
+memory check, and the description `store.py` saves. Shaped like a scikit-learn estimator:
+settings in __init__, learned state in attributes ending in "_".
+
+Tiles (TILE_SIZE > 0): each working image is cut into overlapping TILE_SIZE tiles (tiles.py);
+the model fits and scores the tiles, their patch scores are stitched onto the image's patch grid
+(overlaps averaged) and the map is made once. TILE_STATISTICS says what the tiles share:
+"shared", one set of statistics for every tile (textures, webs; any model), or "location",
+statistics per tile location (aligned parts; models listing it in TILE_STATISTICS_KINDS, PaDiM:
+a Gaussian per position of each tile location).
 """
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -20,12 +30,20 @@ from anomaly_model.backbone import FeatureExtractor, ModelError
 from anomaly_model.maps import MapMaker
 from anomaly_model.schema import check
 from settings import integer, sequence
+from anomaly_model.tiles import TileLayout, check_tile_settings
 
 # Images per backbone pass on the CPU. The layer maps of 8 images take a quarter of a 32-image
 # batch's memory (~0.5 GB less for Wide-ResNet at 224 px), and oneDNN is no slower per image
 # at 8 (Wide-ResNet 0.159-0.163 s/image against 0.165-0.185 at 32 in two bench/benchmark.py runs,
 # 2-core CPU). GPUs take the whole batch.
 BACKBONE_SLICE = 8
+# Tiles handed to the model at once: bounds the memory of tiling whatever the image size (a
+# chunk's embedding is that of a 32-image batch at 224 px). With TILE_STATISTICS="location" a
+# chunk holds whole images (every location of each, at least one image): bounded too, since the
+# statistics of many locations are refused by the memory check long before their chunk is large.
+TILE_CHUNK = 32
+# Share of the free memory the statistics may take before the fit is refused.
+MEMORY_SHARE = 0.8
 
 # config.py key -> constructor argument, for the settings every model has. A model class adds its
 # own in `OWN_SETTINGS`; the same table builds a model from config.py (pipeline/training.py) and
@@ -37,7 +55,24 @@ COMMON_SETTINGS = {
     "BLUR_SIGMA": "blur_sigma",
     "SEED": "seed",
     "BACKBONE_PRECISION": "precision",
+    "TILE_SIZE": "tile_size",
+    "TILE_OVERLAP": "tile_overlap",
+    "TILE_STATISTICS": "tile_statistics",
 }
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on `device`: the GPU's free memory, else the OS's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,12 +92,15 @@ class AnomalyModel:
     """Base of the anomaly models: fit on good images, then maps and scores for any image.
 
     Subclasses set `kind` (saved as the model's type), `OWN_SETTINGS`, and implement `fit`,
-    `patch_scores`, `settings`, `fitted_state`, `save_arrays` and `load_arrays`.
+    `patch_scores`, `settings`, `fitted_state`, `save_arrays` and `load_arrays`; optionally
+    `statistics_bytes` (the memory check) and TILE_STATISTICS_KINDS. Callers use `fit_images`,
+    `anomaly_maps` and `score`, which take whole working images, tiled or not.
     """
 
     kind = ""
     OWN_SETTINGS: dict[str, str] = {}
-    DEFAULT_LAYERS: tuple[int, ...] = ()  # the stages LAYERS = () stands for (PaDiM 1-3, PatchCore 2-3)
+    DEFAULT_LAYERS: tuple[int, ...] = (1, 2, 3)  # the stages LAYERS = () stands for (PaDiM 1-3, PatchCore 2-3)
+    TILE_STATISTICS_KINDS: tuple[str, ...] = ("shared",)  # "location" too where the model has statistics per position
 
     def __init__(
         self,
@@ -73,6 +111,9 @@ class AnomalyModel:
         seed: int = 0,
         device: str = "auto",
         precision: str = "float32",
+        tile_size: int = 0,
+        tile_overlap: int = 0,
+        tile_statistics: str = "shared",
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -85,7 +126,19 @@ class AnomalyModel:
         self.precision = precision
         self.extractor = FeatureExtractor(backbone, weights, self.layers, seed, precision).to(self.device)
         self.map_maker = MapMaker(self.blur_sigma)
-        self.grid_size_: tuple[int, int] | None = None  # patch grid (h, w) of the fitted images
+        self.cell = self.extractor.strides[0]  # pixels per patch-grid cell
+        self.stride = self.extractor.strides[-1]  # the deepest layer's: sizes divisible by it fit every layer
+        self.tile_size, self.tile_overlap = int(tile_size), int(tile_overlap)
+        check_tile_settings(self.tile_size, self.tile_overlap, self.stride)
+        if tile_statistics not in self.TILE_STATISTICS_KINDS:
+            raise ModelError(
+                f"TILE_STATISTICS={tile_statistics!r} is not available for {self.kind or 'this model'}: "
+                f"choose {' or '.join(repr(k) for k in self.TILE_STATISTICS_KINDS)}"
+            )
+        self.tile_statistics = tile_statistics
+        self.grid_size_: tuple[int, int] | None = None  # patch grid (h, w) of the fitted inputs (tiles when tiled)
+        self.image_size_: tuple[int, int] | None = None  # working image size (H, W) fitted on
+        self.tile_layout_: TileLayout | None = None
         self.n_train_images_ = 0
 
     @classmethod
@@ -126,17 +179,34 @@ class AnomalyModel:
             "blur_sigma": self.blur_sigma,
             "seed": self.seed,
             "precision": self.precision,
+            "tile_size": self.tile_size,
+            "tile_overlap": self.tile_overlap,
+            "tile_statistics": self.tile_statistics,
         }
 
     def fitted_state(self) -> dict:
         """Learned values small enough for model.json (the arrays go to `save_arrays`)."""
-        return {"grid_size": list(self.grid_size_), "n_train_images": self.n_train_images_}
+        state = {"grid_size": list(self.grid_size_), "n_train_images": self.n_train_images_}
+        if self.image_size_ is not None:
+            state["image_size"] = list(self.image_size_)
+        if self.tile_layout_ is not None:
+            state["tiles"] = {"count": self.tile_layout_.count, "tops": list(self.tile_layout_.tops), "lefts": list(self.tile_layout_.lefts)}
+        return state
 
     def load_fitted_state(self, state: dict) -> None:
         """The inverse of `fitted_state`; a missing or wrong entry raises SchemaError naming it."""
         check(state, {"grid_size": sequence(integer(minimum=1), length=2), "n_train_images": integer(minimum=1)}, "state")
         self.grid_size_ = tuple(state["grid_size"])
         self.n_train_images_ = int(state["n_train_images"])
+        self.image_size_ = tuple(state["image_size"]) if "image_size" in state else None
+        self.tile_layout_ = None
+        if "tiles" in state:
+            tiles = state["tiles"]
+            self.tile_layout_ = TileLayout(self.image_size_, self.tile_size, self.cell, tuple(tiles["tops"]), tuple(tiles["lefts"]))
+
+    def statistics_bytes(self, positions: int) -> int:
+        """Bytes the fitted statistics take for `positions` patch positions (0: nothing to check)."""
+        return 0
 
     def save_arrays(self, out) -> None:
         """Write the learned arrays into the `files.AtomicFolder` `out`."""
@@ -164,15 +234,97 @@ class AnomalyModel:
                 yield start, self.extractor(images[start : start + step])
 
     def check_grid(self, grid: tuple[int, int]) -> None:
-        """Images must give the patch grid the model was fitted on."""
+        """Inputs must give the patch grid the model was fitted on."""
         if self.grid_size_ is None:
             raise ModelError("the model is not fitted: run train.py first")
         if tuple(grid) != tuple(self.grid_size_):
-            raise ModelError(f"images give a {tuple(grid)} patch grid, the model was fitted on {self.grid_size_}: use the model's CROP")
+            raise ModelError(f"images give a {tuple(grid)} patch grid, the model was fitted on {self.grid_size_}: use the model's IMAGE_SIZE")
+
+    # --- working images: tiles, memory --------------------------------------------------------
+
+    @property
+    def statistics_locations(self) -> int:
+        """How many sets of statistics per position: the tile count with TILE_STATISTICS="location", else 1."""
+        tiled_by_location = self.tile_layout_ is not None and self.tile_statistics == "location"
+        return self.tile_layout_.count if tiled_by_location else 1
+
+    def fit_positions(self) -> int:
+        """Patch positions the statistics hold at the working size (backbone grids round up)."""
+        if self.tile_layout_ is None:
+            return math.ceil(self.image_size_[0] / self.cell) * math.ceil(self.image_size_[1] / self.cell)
+        return self.statistics_locations * self.tile_layout_.tile_grid**2
+
+    def working_size(self, image_size: tuple[int, int]) -> TileLayout | None:
+        """The tile layout (None untiled) for scoring working images of `image_size`, which must be
+        the size the model was fitted on: every map of a model has one size."""
+        image_size = (int(image_size[0]), int(image_size[1]))
+        if self.image_size_ is None:  # fitted through `fit` directly: untiled, the grid check guards it
+            if self.tile_size:
+                raise ModelError("the tiled model is not fitted: run train.py first")
+            return None
+        if image_size != self.image_size_:
+            raise ModelError(
+                f"images are {image_size[0]} x {image_size[1]}, the model works at "
+                f"{self.image_size_[0]} x {self.image_size_[1]}: use the model's IMAGE_SIZE"
+            )
+        return self.tile_layout_
+
+    def start_fit(self, image_size: tuple[int, int]) -> TileLayout | None:
+        """Fix the working size of a fit and its tile layout; refuse it when the statistics would not
+        fit in memory (with the estimate and what to lower). train.py calls it before reading images."""
+        image_size = (int(image_size[0]), int(image_size[1]))
+        layout = TileLayout.build(image_size, self.tile_size, self.tile_overlap, self.cell) if self.tile_size else None
+        self.image_size_, self.tile_layout_ = image_size, layout
+        positions = self.fit_positions()
+        needed, free = self.statistics_bytes(positions), available_memory(self.device)
+        if needed > MEMORY_SHARE * free:
+            if layout is not None and self.tile_statistics == "location":
+                advice = "use TILE_STATISTICS='shared' (one set for all tiles), or lower IMAGE_SIZE or FEATURE_DIM"
+            elif layout is not None:
+                advice = "lower TILE_SIZE or FEATURE_DIM"
+            else:
+                advice = "lower IMAGE_SIZE or FEATURE_DIM, or cut the image into tiles (TILE_SIZE, TILE_STATISTICS='shared')"
+            self.image_size_, self.tile_layout_ = None, None
+            raise ModelError(
+                f"the statistics for {image_size[0]} x {image_size[1]} images would take about {needed / 1e9:.1f} GB "
+                f"({positions} patch positions) but {free / 1e9:.1f} GB of memory is free on {self.device}: {advice}"
+            )
+        return layout
+
+    def fit_images(self, batches: Iterable[torch.Tensor]) -> "AnomalyModel":
+        """Fit on batches of whole normalized working images (B, 3, H, W): what train.py calls.
+        Untiled, the model's `fit` sees the images; tiled, it sees their tiles in bounded chunks."""
+        seen = [0]
+
+        def inputs() -> Iterator[torch.Tensor]:
+            for images in batches:
+                size = tuple(images.shape[-2:])
+                layout = self.start_fit(size) if seen[0] == 0 else self.working_size(size)
+                seen[0] += len(images)
+                if layout is None:
+                    yield images
+                    continue
+                for tiles, _, _ in layout.chunks(images, TILE_CHUNK, whole_images=self.statistics_locations > 1):
+                    yield tiles
+
+        self.fit(inputs())
+        self.n_train_images_ = seen[0]
+        return self
+
+    def image_patch_scores(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) patch scores of whole working images on their own patch grid: the model's
+        `patch_scores` of the images, or of their tiles (bounded chunks) stitched, overlaps averaged."""
+        layout = self.working_size(images.shape[-2:])
+        if layout is None:
+            return self.patch_scores(images)
+        sums = torch.zeros(len(images), *layout.grid, dtype=torch.float32, device=self.device)
+        for tiles, image_index, location in layout.chunks(images, TILE_CHUNK, whole_images=self.statistics_locations > 1):
+            layout.add(sums, self.patch_scores(tiles), image_index, location)
+        return sums.div_(layout.coverage(sums.device))
 
     def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
         """(B, H, W) anomaly maps at the input resolution: patch scores upsampled and blurred."""
-        return self.map_maker(self.patch_scores(images), tuple(images.shape[-2:]))
+        return self.map_maker(self.image_patch_scores(images), tuple(images.shape[-2:]))
 
     def image_scores(self, maps: torch.Tensor) -> torch.Tensor:
         """(B,) image scores of (B, H, W) maps: their maximum, as PaDiM scores an image."""

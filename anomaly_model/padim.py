@@ -52,6 +52,11 @@ class Padim(AnomalyModel):
 
     Files: `mean.npy` (P, d) float32 means; `cholesky.npy` (P, d(d+1)/2) float32 packed lower
     Cholesky factors L of the covariances (Sigma = L L^T), about half the naive mean + inverse.
+
+    Tiled with TILE_STATISTICS="location", every tile location has its own Gaussians: the inputs
+    come location by location (tiles.TileLayout.chunks), so the (P, k*B, d) embedding of k
+    locations of B images is, as a free view, the (P*k, B, d) embedding of B images with P*k
+    positions (position-major, location-minor): the same fit and distance code serves both.
     """
 
     kind = "padim"
@@ -62,6 +67,7 @@ class Padim(AnomalyModel):
         "PADIM_SCORE": "score_kind",
         "CHEBYSHEV_WEIGHT": "chebyshev_weight",
     }
+    TILE_STATISTICS_KINDS = ("shared", "location")
 
     def __init__(
         self,
@@ -76,6 +82,9 @@ class Padim(AnomalyModel):
         precision: str = "float32",
         score_kind: str = "mahalanobis",
         chebyshev_weight: float = 0.5,
+        tile_size: int = 0,
+        tile_overlap: int = 0,
+        tile_statistics: str = "shared",
     ) -> None:
         self.epsilon = float(epsilon)
         if not self.epsilon >= 0:
@@ -89,7 +98,7 @@ class Padim(AnomalyModel):
                 f"CHEBYSHEV_WEIGHT={chebyshev_weight} must be between 0 and 1 "
                 "(the Mahalanobis share of the hybrid score: 0.5 as published, 1 = Mahalanobis alone)"
             )
-        super().__init__(backbone, weights, layers, blur_sigma, seed, device, precision)
+        super().__init__(backbone, weights, layers, blur_sigma, seed, device, precision, tile_size, tile_overlap, tile_statistics)
         total = sum(self.extractor.channels)
         self.feature_dim = int(feature_dim) or min(DEFAULT_FEATURE_DIM[backbone], total)
         if not 0 < self.feature_dim <= total:
@@ -123,7 +132,7 @@ class Padim(AnomalyModel):
             if embedding is not None and embedding.shape[1] != len(images):
                 embedding = None  # a smaller last batch: free the buffer before its own is made
             embedding, grid = self.embed(images, out=embedding)
-            accumulator.update(embedding)  # centers the buffer in place; the next batch overwrites it
+            accumulator.update(self._by_location(embedding))  # centers the buffer in place; the next batch overwrites it
         if grid is None:
             raise ModelError("no training images could be read: nothing to fit")
         del embedding
@@ -151,11 +160,27 @@ class Padim(AnomalyModel):
                 out[..., column : column + chosen.numel()].copy_(part.permute(1, 2, 0, 3))
                 column += chosen.numel()
 
+    def _by_location(self, embedding: torch.Tensor) -> torch.Tensor:
+        """(P, N, d) -> (P * k, N / k, d) with k statistics per position (tile locations), a view."""
+        locations = self.statistics_locations
+        if locations == 1:
+            return embedding
+        positions, count, dim = embedding.shape
+        return embedding.view(positions * locations, count // locations, dim)
+
     def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
         """(B, h, w) score of each patch of each image (PADIM_SCORE: its Mahalanobis distance by default)."""
         embedding, grid = self.embed(images)
         self.check_grid(grid)
-        return self.embedding_scores(embedding, self.mean_, self.cholesky_).view(-1, *grid)
+        scores = self.embedding_scores(self._by_location(embedding), self.mean_, self.cholesky_)
+        locations = self.statistics_locations
+        if locations > 1:  # (B, P * k) back to the inputs' order, location by location
+            scores = scores.view(-1, grid[0] * grid[1], locations).permute(2, 0, 1)
+        return scores.reshape(-1, *grid)
+
+    def statistics_bytes(self, positions: int) -> int:
+        """The fit's (P, d, d) float32 sums, which become the Cholesky factors, and the (P, d) rest."""
+        return positions * self.feature_dim * (4 * self.feature_dim + 20)
 
     def embedding_scores(self, embedding: torch.Tensor, mean: torch.Tensor, cholesky: torch.Tensor) -> torch.Tensor:
         """(N, P) scores of (P, N, d) embeddings under the Gaussians (mean, cholesky): the one place
@@ -289,7 +314,7 @@ class Padim(AnomalyModel):
         out.write_npy_chunks("cholesky.npy", (positions, lower.numel()), packed)
 
     def load_arrays(self, folder, files: dict) -> None:
-        positions, dim = self.grid_size_[0] * self.grid_size_[1], self.feature_dim
+        positions, dim = self.grid_size_[0] * self.grid_size_[1] * self.statistics_locations, self.feature_dim
         mean = read_npy(folder, "mean.npy", files, (positions, dim))
         lower = _lower_triangle_index(dim, self.device)
         factors = torch.zeros(positions, dim * dim, dtype=torch.float32, device=self.device)

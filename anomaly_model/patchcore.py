@@ -82,6 +82,9 @@ class PatchCore(AnomalyModel):
         seed: int = 0,
         device: str = "auto",
         precision: str = "float32",
+        tile_size: int = 0,
+        tile_overlap: int = 0,
+        tile_statistics: str = "shared",
     ) -> None:
         self.coreset_ratio = float(coreset_ratio)
         if not 0 < self.coreset_ratio <= 1:
@@ -92,7 +95,7 @@ class PatchCore(AnomalyModel):
         self.projection_dim = int(projection_dim)
         if self.projection_dim < 0:
             raise ModelError(f"PATCHCORE_PROJECTION_DIM={projection_dim} must be >= 0 (0: select the coreset on the features themselves)")
-        super().__init__(backbone, weights, layers, blur_sigma, seed, device, precision)
+        super().__init__(backbone, weights, layers, blur_sigma, seed, device, precision, tile_size, tile_overlap, tile_statistics)
         channels = self.extractor.channels
         self.feature_dim = int(feature_dim) or sum(channels)
         if not len(channels) <= self.feature_dim <= sum(channels):

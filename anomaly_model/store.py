@@ -42,6 +42,10 @@ MODEL_TYPES: dict[str, type[AnomalyModel]] = {Padim.kind: Padim, PatchCore.kind:
 _SHA256 = Rule(lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v), "a sha256 hex digest")
 _OBJECT = Rule(lambda v: isinstance(v, dict), "a JSON object")
 _ANY = Rule(lambda v: True, "anything")
+_SIZE = Rule(
+    lambda v: integer(minimum=1).problem(v) is None or sequence(integer(minimum=1), length=2).problem(v) is None,
+    "a size in pixels: an integer or [height, width]",
+)
 # What every model.json holds, whatever its anomaly model: what loading the model needs
 # (`load_model` checks it, then the model's own settings with the rules of the config.py
 # settings they came from, then its state through the model class) ...
@@ -59,7 +63,8 @@ DETECTOR_SCHEMA = {
         "pixel_false_reject_rate": RULES["PIXEL_FALSE_REJECT_RATE"],
     },
     "validation": {"n_images": integer(minimum=1), "pixel_quantiles": {q: number() for q in ("0.5", "0.9", "0.99", "0.999")}},
-    "preprocessing": {"resize": RULES["RESIZE"], "crop": RULES["CROP"], "mean": RULES["NORMALIZE_MEAN"], "std": RULES["NORMALIZE_STD"]},
+    # image_size: the working size; models saved before IMAGE_SIZE existed have square "resize" and "crop" ints
+    "preprocessing": {"image_size": Optional(_SIZE), "resize": _SIZE, "crop": Optional(_SIZE), "mean": RULES["NORMALIZE_MEAN"], "std": RULES["NORMALIZE_STD"]},
     "classifier": Optional({
         "booster_file": text(empty=False),
         "features": sequence(text(empty=False)),
@@ -143,8 +148,13 @@ def check_description(folder: Path, description: dict, schema: dict) -> None:
     """model.json's sections in `schema` checked as data; the first bad entry is `damaged`."""
     try:
         check(description, schema)
-        if "preprocessing" in schema and description["preprocessing"]["crop"] > description["preprocessing"]["resize"]:
-            raise SchemaError("preprocessing.crop is larger than preprocessing.resize")
+        if "preprocessing" in schema:
+            prep = description["preprocessing"]
+            if "image_size" not in prep and "crop" not in prep:
+                raise SchemaError("preprocessing.image_size is missing")
+            pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+            if any(s > r for s, r in zip(pair(prep.get("image_size", prep.get("crop"))), pair(prep["resize"]))):
+                raise SchemaError("preprocessing.image_size is larger than preprocessing.resize")
         if "anomaly_model" in schema:  # the model type's own settings, by the rules of the config.py keys they came from
             entry = description["anomaly_model"]
             names = model_class(entry["type"]).setting_names()

@@ -65,10 +65,12 @@ def category_files(dataset: Path) -> tuple[list[Path], list[tuple[Path, Path | N
 
 
 def preprocessor():
-    from config import CROP, NORMALIZE_MEAN, NORMALIZE_STD, RESIZE
+    """The published geometry (resize 256, crop 224), as the naive implementation has it."""
+    from config import NORMALIZE_MEAN, NORMALIZE_STD
     from dataset_manager import Preprocessor
+    from dataset_manager.images import PUBLISHED_CROP, PUBLISHED_RESIZE
 
-    return Preprocessor(RESIZE, CROP, NORMALIZE_MEAN, NORMALIZE_STD)
+    return Preprocessor(PUBLISHED_RESIZE, PUBLISHED_CROP, NORMALIZE_MEAN, NORMALIZE_STD)
 
 
 def rocaucs(labels: list[bool], scores: list[float], masks: list, maps: list) -> tuple[float | None, float | None]:

@@ -134,15 +134,15 @@ def measure(name: str, scratch: Path, overrides: list[str], with_candidates: boo
     settings, _ = load([f"DATASET_DIR={directory}", "NUM_WORKERS=0", *overrides])
     (category,) = find_categories(directory)
     train, validation = split_validation(category, settings.VALIDATION_FRACTION, settings.SEED)
-    preprocessor = make_preprocessor(settings)
     model = build_model(settings)
+    preprocessor = make_preprocessor(settings, train, model.stride)
     started = time.perf_counter()
-    model.fit(batch.images for batch in ImageBatches(train, preprocessor, settings.BATCH_SIZE, 0))
+    model.fit_images(batch.images for batch in ImageBatches(train, preprocessor, settings.BATCH_SIZE, 0))
     fit_seconds = time.perf_counter() - started
     items = category.test_images
     validation_embeddings, _ = embed_all(model, validation, preprocessor, settings)
     test_embeddings, embed_seconds = embed_all(model, [item.path for item in items], preprocessor, settings)
-    size = (preprocessor.crop, preprocessor.crop)
+    size = preprocessor.size
     labels = np.array([item.is_defect for item in items])
     masks = np.stack([
         preprocessor.mask_tensor(read_mask(item.mask_path)).numpy() if item.mask_path else np.zeros(size, dtype=bool) for item in items

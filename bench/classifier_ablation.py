@@ -47,8 +47,8 @@ from evaluation.metrics import image_rocauc  # noqa: E402
 from pipeline.training import GoodMapSample, assign_folds, make_preprocessor, out_of_fold_maps, split_validation  # noqa: E402
 from settings import load  # noqa: E402
 
-MODEL_KEYS = ("ANOMALY_MODEL", "BACKBONE", "WEIGHTS", "LAYERS", "FEATURE_DIM", "COVARIANCE_EPSILON", "BLUR_SIGMA", "SEED", "RESIZE", "CROP",
-              "NORMALIZE_MEAN", "NORMALIZE_STD", "VALIDATION_FRACTION")
+MODEL_KEYS = ("ANOMALY_MODEL", "BACKBONE", "WEIGHTS", "LAYERS", "FEATURE_DIM", "COVARIANCE_EPSILON", "BLUR_SIGMA", "SEED", "IMAGE_SIZE", "CENTER_CROP",
+              "TILE_SIZE", "TILE_OVERLAP", "TILE_STATISTICS", "NORMALIZE_MEAN", "NORMALIZE_STD", "VALIDATION_FRACTION")
 
 
 def _key(*parts) -> str:
@@ -63,19 +63,20 @@ class MapSource:
         (self.category,) = find_categories(Path(category_dir))
         self.settings = settings
         self.train_paths, self.validation_paths = split_validation(self.category, settings.VALIDATION_FRACTION, settings.SEED)
-        self.preprocessor = make_preprocessor(settings)
+        self._model = build_model(settings)  # fitted lazily: cached maps need no fit
+        self._fitted = False
+        self.preprocessor = make_preprocessor(settings, self.train_paths, self._model.stride)
         self.cache = cache
         files = [str(p) for p in self.train_paths + self.validation_paths] + [str(i.path) for i in self.category.test_images]
         keys = {k: getattr(settings, k) for k in MODEL_KEYS}
         self.model_key = _key(str(Path(category_dir).resolve()), files, keys, settings.OUT_OF_FOLD_FOLDS)
-        self._model: AnomalyModel | None = None
 
     @property
     def model(self) -> AnomalyModel:
-        if self._model is None:
+        if not self._fitted:
             s = self.settings
-            self._model = build_model(s)
-            self._model.fit(b.images for b in ImageBatches(self.train_paths, self.preprocessor, s.BATCH_SIZE, 0))
+            self._model.fit_images(b.images for b in ImageBatches(self.train_paths, self.preprocessor, s.BATCH_SIZE, 0))
+            self._fitted = True
         return self._model
 
     def _cached(self, name: str, compute) -> dict[str, np.ndarray]:

@@ -44,14 +44,14 @@ def main() -> None:
     if args.limit_train:
         train_paths = train_paths[: args.limit_train]
     folds = args.folds or settings.OUT_OF_FOLD_FOLDS
-    preprocessor = make_preprocessor(settings)
     model = build_model(settings)
+    preprocessor = make_preprocessor(settings, train_paths, model.stride)
 
     def batches():
         return ((b.images, b.indices) for b in ImageBatches(train_paths, preprocessor, settings.BATCH_SIZE, 0))
 
     started = time.perf_counter()
-    model.fit(images for images, _ in batches())
+    model.fit_images(images for images, _ in batches())
     fit_seconds = time.perf_counter() - started
     fit_peak = peak_gb()
     started = time.perf_counter()

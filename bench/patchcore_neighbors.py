@@ -61,7 +61,7 @@ def main() -> None:
     settings = defaults()
     model, description = load_model(Path(args.model_dir), "cpu")
     prep = description["preprocessing"]
-    preprocessor = Preprocessor(prep["resize"], prep["crop"], tuple(prep["mean"]), tuple(prep["std"]))
+    preprocessor = Preprocessor.from_description(prep)
     (category,) = find_categories(Path(args.category_dir))
     _, validation = split_validation(category, settings["VALIDATION_FRACTION"], settings["SEED"])
     goods = []
@@ -75,7 +75,7 @@ def main() -> None:
     for seed in range(args.seeds):
         rng = np.random.default_rng(1000 + seed)
         defects = [
-            preprocessor.image_tensor(make_defect(g, DEFECT_TYPES[(i + v) % 3], rng, (0.03, 0.15), (0.3, 1.0), preprocessor.resize, preprocessor.crop))
+            preprocessor.image_tensor(make_defect(g, DEFECT_TYPES[(i + v) % 3], rng, (0.03, 0.15), (0.3, 1.0), preprocessor.crop_box(*g.shape[:2])))
             for i, g in enumerate(goods) for v in range(args.per_image)
         ]
         defect_scores = score_images(model, defects, choices)

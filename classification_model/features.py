@@ -19,7 +19,7 @@ than the max itself. With monotone evidence of anomaly only (enforced as monoton
 the classifier can only choose how much each pooling scale and level counts; with no
 near-copies of the max, its trees do not spend every split on variants of the peak.
 
-Everything is computed on the map at the model's resolution (CROP x CROP), vectorized in torch
+Everything is computed on the map at the model's resolution (the working size, IMAGE_SIZE), vectorized in torch
 (sort once, read order statistics) and scipy.ndimage (connected regions, sizes via bincount): no
 Python loop touches pixels; the only loop is over images for the region labels.
 """

@@ -14,8 +14,9 @@ Each type teaches the classifier a different way real defects show up in the ano
   alpha-blended (stains, contamination, holes, foreign material): compact regions of varying
   strength.
 
-Sizes are fractions of the inspected area's side (SIZE range), opacity is drawn from STRENGTH,
-and everything is placed inside the centre crop the model looks at. Gray images get gray
+Sizes are fractions of the inspected area's shorter side (SIZE range), opacity is drawn from
+STRENGTH, and everything is placed inside the part of the image the model looks at (`box`: the
+whole image, or its centre crop; `Preprocessor.crop_box`), whatever its shape. Gray images get gray
 defects. All randomness comes from a numpy Generator, so a seed reproduces the set exactly.
 """
 
@@ -25,12 +26,6 @@ import numpy as np
 from scipy import ndimage
 
 DEFECT_TYPES = ("cutpaste", "scratch", "texture")
-
-
-def _inspected_box(height: int, width: int, resize: int, crop: int) -> tuple[int, int, int, int]:
-    """(top, left, bottom, right) of the part of the original image the model sees."""
-    margin = (resize - crop) / 2 / resize
-    return int(margin * height), int(margin * width), int(height - margin * height), int(width - margin * width)
 
 
 def _soft_blob(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -140,15 +135,16 @@ def make_defect(
     rng: np.random.Generator,
     size_range: tuple[float, float],
     strength_range: tuple[float, float],
-    resize: int,
-    crop: int,
+    box: tuple[float, float, float, float],
 ) -> np.ndarray:
-    """A copy of the (H, W, 3) uint8 image `rgb` with one synthetic defect of type `kind`."""
+    """A copy of the (H, W, 3) uint8 image `rgb` with one synthetic defect of type `kind`, inside
+    `box` = (top, left, bottom, right), the part of the image the model sees, in its pixels."""
     if kind not in DEFECT_TYPES:
         raise ValueError(f"unknown synthetic defect type {kind!r}; known: {', '.join(DEFECT_TYPES)}")
     image = rgb.astype(np.float64)
     gray = bool(np.all(rgb[..., 0] == rgb[..., 1]) and np.all(rgb[..., 1] == rgb[..., 2]))
-    box = _inspected_box(rgb.shape[0], rgb.shape[1], resize, crop)
+    top, left, bottom, right = box
+    box = (int(top), int(left), int(bottom), int(right))
     size = rng.uniform(*size_range)
     strength = rng.uniform(*strength_range)
     if kind == "cutpaste":

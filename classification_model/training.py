@@ -96,15 +96,16 @@ def synthetic_defect_maps(
             owners.append(position)
             defect_kinds.append(None)  # the host itself, scored by the fitted model
         for kind in host_kinds:
-            image = make_defect(rgb, kind, rng, size_range, strength_range, preprocessor.resize, preprocessor.crop)
+            image = make_defect(rgb, kind, rng, size_range, strength_range, preprocessor.crop_box(rgb.shape[0], rgb.shape[1]))
             images.append(preprocessor.image_tensor(image))
             owners.append(position)
             defect_kinds.append(kind)
     if not images:
-        return torch.zeros(0, preprocessor.crop, preprocessor.crop), torch.zeros(0), np.zeros(0, dtype=int), []
+        return torch.zeros(0, *preprocessor.size), torch.zeros(0), np.zeros(0, dtype=int), []
     maps, scores = [], []
-    for start in range(0, len(images), batch_size):
-        batch_maps, batch_scores = model.score(torch.stack(images[start : start + batch_size]))
+    step = preprocessor.batch_size(batch_size)
+    for start in range(0, len(images), step):
+        batch_maps, batch_scores = model.score(torch.stack(images[start : start + step]))
         maps.append(batch_maps)
         scores.append(batch_scores)
     maps, scores = torch.cat(maps), torch.cat(scores)
@@ -131,7 +132,7 @@ def image_maps(
     for path, reason in batches.skipped:
         print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
     if not scored:
-        return torch.zeros(0, preprocessor.crop, preprocessor.crop), torch.zeros(0)
+        return torch.zeros(0, *preprocessor.size), torch.zeros(0)
     return torch.cat([maps for maps, _ in scored]), torch.cat([scores for _, scores in scored])
 
 

@@ -1,8 +1,11 @@
-"""Reading any image file as 8-bit RGB, and the resize / crop / normalize the backbone expects."""
+"""Reading any image file as 8-bit RGB, and the geometry of what the model sees: resize, optional
+centre crop, normalize; and back from the model's view to the original image."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -113,48 +116,157 @@ def image_size(path: Path) -> tuple[int, int]:
     return (width, height) if orientation in _SWAPS_SIDES else (height, width)
 
 
-class Preprocessor:
-    """Resize to RESIZE x RESIZE, centre-crop to CROP x CROP, normalize: what the model sees.
 
-    Also knows where that crop lies in the original image, so maps can be put back there.
+# "auto" image size: about the pixel count of the published 224 x 224 input, at the training
+# images' median aspect ratio, so a 2.5:1 part is not squashed into a square.
+AUTO_PIXELS = 224 * 224
+# The published PaDiM recipe, and what the old RESIZE / CROP settings default to.
+PUBLISHED_RESIZE, PUBLISHED_CROP = 256, 224
+# Most pixels of working images in one batch (~96 MB as float32 RGB): no cap at 224 x 224
+# (159 images), one image per batch from about 2800 x 2800.
+BATCH_PIXELS = 8_000_000
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    """(height, width) from an int (a square) or a pair of ints."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (int(value), int(value))
+    if not (isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, (int, np.integer)) and v > 0 for v in value)):
+        raise DataError(f"{name}={value!r}: expected (height, width) in pixels, like (224, 224)")
+    return int(value[0]), int(value[1])
+
+
+def _round_to(value: float, step: int) -> int:
+    return max(step, int(round(value / step)) * step)
+
+
+def resolve_image_size(setting, paths: Sequence[Path], stride: int) -> tuple[int, int]:
+    """The (height, width) the model inspects, from the IMAGE_SIZE setting:
+
+    (h, w) or an int: that size; "auto": the training images' median aspect ratio (height / width)
+    at about AUTO_PIXELS pixels; a float f: f times the training images' median height and width
+    (1.0: their own resolution, for tiling). Computed sizes are rounded to `stride`, the backbone's
+    deepest stride, so every layer's grid divides the image exactly. Only file headers are read.
+    """
+    if isinstance(setting, str) and setting != "auto":
+        raise DataError(f'IMAGE_SIZE={setting!r}: use (height, width), "auto", or a fraction of the images\' size like 1.0')
+    if setting == "auto" or isinstance(setting, float):
+        if isinstance(setting, float) and not 0 < setting <= 16:
+            raise DataError(f"IMAGE_SIZE={setting}: a fraction of the training images' size must be in (0, 16]")
+        sizes = []
+        for path in paths:
+            try:
+                sizes.append(image_size(path))
+            except DataError:
+                continue  # the loader names unreadable files later
+        if not sizes:
+            raise DataError(f"IMAGE_SIZE={setting!r} needs readable training images to measure: none could be read")
+        heights, widths = np.array(sizes, dtype=np.float64).T
+        if setting == "auto":
+            ratio = float(np.median(heights / widths))
+            return _round_to(math.sqrt(AUTO_PIXELS * ratio), stride), _round_to(math.sqrt(AUTO_PIXELS / ratio), stride)
+        return _round_to(float(np.median(heights)) * setting, stride), _round_to(float(np.median(widths)) * setting, stride)
+    return _pair(setting, "IMAGE_SIZE")
+
+
+class Preprocessor:
+    """Resize to `resize` (height, width), centre-crop to `size`, normalize: what the model sees.
+
+    `resize == size` inspects the whole image (no crop). Ints mean squares, so the published
+    recipe is Preprocessor(256, 224, ...). Also knows where the model's view lies in the original
+    image, so maps, masks and pictures can be put back there.
     """
 
-    def __init__(self, resize: int, crop: int, mean: tuple, std: tuple) -> None:
-        if crop > resize:
-            raise DataError(f"CROP={crop} is larger than RESIZE={resize}: set CROP <= RESIZE")
-        self.resize = int(resize)
-        self.crop = int(crop)
+    def __init__(self, resize, size, mean: tuple, std: tuple) -> None:
+        self.resize = _pair(resize, "resize")
+        self.size = _pair(size, "IMAGE_SIZE")
+        if any(s > r for s, r in zip(self.size, self.resize)):
+            raise DataError(f"the inspected size {self.size} is larger than the resized image {self.resize}: CENTER_CROP must be <= 1")
+        self.normalization = (tuple(mean), tuple(std))
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self.offset = (self.resize - self.crop) // 2
+        self.offset = ((self.resize[0] - self.size[0]) // 2, (self.resize[1] - self.size[1]) // 2)
+
+    @classmethod
+    def with_center_crop(cls, size: tuple[int, int], center_crop: float, mean: tuple, std: tuple) -> "Preprocessor":
+        """Inspect `size` as the central `center_crop` share of a larger resized image (1.0: no crop);
+        (224, 224) with 0.875 is the published resize 256, crop 224."""
+        if not 0 < center_crop <= 1:
+            raise DataError(f"CENTER_CROP={center_crop}: the kept share of the resized image must be in (0, 1]; 1.0 = no crop")
+        size = _pair(size, "IMAGE_SIZE")
+        resize = tuple(max(s, int(round(s / center_crop))) for s in size)
+        return cls(resize, size, mean, std)
+
+    @classmethod
+    def from_description(cls, prep: dict) -> "Preprocessor":
+        """The preprocessing model.json records (older models saved square "resize" and "crop" ints)."""
+        size = prep["image_size"] if "image_size" in prep else prep["crop"]
+        return cls(prep["resize"], size, tuple(prep["mean"]), tuple(prep["std"]))
+
+    def description(self, setting, center_crop: float) -> dict:
+        """What model.json records: the resolved sizes, and the settings they came from."""
+        return {
+            "image_size": list(self.size),
+            "resize": list(self.resize),
+            "image_size_setting": list(setting) if isinstance(setting, (tuple, list)) else setting,
+            "center_crop": float(center_crop),
+            "mean": list(self.normalization[0]),
+            "std": list(self.normalization[1]),
+        }
+
+    @property
+    def crops(self) -> bool:
+        return self.size != self.resize
+
+    def _crop(self, array):
+        (top, left), (height, width) = self.offset, self.size
+        return array[..., top : top + height, left : left + width] if self.crops else array
 
     def image_tensor(self, rgb: np.ndarray) -> torch.Tensor:
-        """(3, CROP, CROP) float32 from an (H, W, 3) uint8 array."""
-        pil = Image.fromarray(rgb).resize((self.resize, self.resize), Image.BILINEAR)
-        array = np.asarray(pil, dtype=np.float32) / 255.0
-        tensor = torch.from_numpy(array).permute(2, 0, 1)
-        tensor = tensor[:, self.offset : self.offset + self.crop, self.offset : self.offset + self.crop]
-        return (tensor - self.mean) / self.std
+        """(3, H, W) float32 from an (h, w, 3) uint8 array; in place where it can, since a large
+        working image (tiling) is the biggest thing in memory."""
+        pil = Image.fromarray(rgb)
+        if pil.size != (self.resize[1], self.resize[0]):
+            pil = pil.resize((self.resize[1], self.resize[0]), Image.BILINEAR)
+        array = np.asarray(pil)
+        if self.crops:
+            array = array[self.offset[0] : self.offset[0] + self.size[0], self.offset[1] : self.offset[1] + self.size[1]]
+        tensor = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32))
+        return tensor.div_(255.0).sub_(self.mean).div_(self.std)
 
     def mask_tensor(self, mask: np.ndarray) -> torch.Tensor:
-        """(CROP, CROP) bool, resized with nearest neighbour like the image."""
-        pil = Image.fromarray(mask.astype(np.uint8) * 255).resize((self.resize, self.resize), Image.NEAREST)
-        array = np.asarray(pil) > 127
-        array = array[self.offset : self.offset + self.crop, self.offset : self.offset + self.crop]
-        return torch.from_numpy(array.copy())
+        """(H, W) bool, resized with nearest neighbour and cropped like the image."""
+        pil = Image.fromarray(mask.astype(np.uint8) * 255).resize((self.resize[1], self.resize[0]), Image.NEAREST)
+        return torch.from_numpy(np.ascontiguousarray(self._crop(np.asarray(pil) > 127)))
+
+    def model_view(self, rgb: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8: the part of the image the anomaly map covers, pixel for pixel."""
+        resized = np.asarray(Image.fromarray(rgb).resize((self.resize[1], self.resize[0]), Image.BILINEAR))
+        return np.ascontiguousarray(self._crop(resized.transpose(2, 0, 1)).transpose(1, 2, 0))
 
     def crop_box(self, height: int, width: int) -> tuple[float, float, float, float]:
         """(top, left, bottom, right) of the model's view in original-image pixels."""
-        scale_y, scale_x = height / self.resize, width / self.resize
-        top, left = self.offset * scale_y, self.offset * scale_x
-        return top, left, top + self.crop * scale_y, left + self.crop * scale_x
+        scale_y, scale_x = height / self.resize[0], width / self.resize[1]
+        top, left = self.offset[0] * scale_y, self.offset[1] * scale_x
+        return top, left, top + self.size[0] * scale_y, left + self.size[1] * scale_x
 
     def map_to_original(self, anomaly_map: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """A (CROP, CROP) map placed at original size (H, W); outside the crop it is 0."""
+        """An (H, W) map placed at original size (height, width); outside the crop it is 0."""
         top, left, bottom, right = self.crop_box(height, width)
         t, l = int(round(top)), int(round(left))
         b, r = max(int(round(bottom)), t + 1), max(int(round(right)), l + 1)
-        inner = F.interpolate(anomaly_map[None, None].float(), size=(b - t, r - l), mode="bilinear", align_corners=False)
+        if (b - t, r - l) == tuple(anomaly_map.shape):  # tiled at the image's own size: nothing to resize
+            inner = anomaly_map.float()
+        else:
+            inner = F.interpolate(anomaly_map[None, None].float(), size=(b - t, r - l), mode="bilinear", align_corners=False)[0, 0]
+        if (t, l, b, r) == (0, 0, height, width):
+            return inner
         full = torch.zeros((height, width), dtype=torch.float32, device=anomaly_map.device)
-        full[t:b, l:r] = inner[0, 0]
+        full[t:b, l:r] = inner
         return full
+
+    def batch_size(self, requested: int) -> int:
+        """Images per batch: `requested`, fewer for large working images so a batch stays about
+        BATCH_PIXELS pixels (a 6000 x 6000 working image is 432 MB as float32)."""
+        return max(1, min(int(requested), BATCH_PIXELS // (self.size[0] * self.size[1])))
+

@@ -30,7 +30,7 @@ def skipped_summary(skipped: list[tuple[Path, str]]) -> str:
 class Batch:
     """Preprocessed images with their index in the path list and their original size."""
 
-    images: torch.Tensor  # (B, 3, CROP, CROP)
+    images: torch.Tensor  # (B, 3, H, W) at the model's working size
     indices: list[int]
     sizes: list[tuple[int, int]]  # original (height, width)
     previews: list[np.ndarray | None]  # (h, w, 3) uint8 copies at most `preview_size` wide, or None
@@ -61,14 +61,16 @@ class _ImageFiles(Dataset):
 def _collate(items):
     good = [item for item in items if item[1] is not None]
     failed = [(item[0], item[2]) for item in items if item[1] is None]
-    images = torch.stack([item[1] for item in good]) if good else None
+    # one image (large working images come one per batch): a view, not a copy of the biggest array
+    images = (good[0][1][None] if len(good) == 1 else torch.stack([item[1] for item in good])) if good else None
     return images, [item[0] for item in good], [item[2] for item in good], failed
 
 
 class ImageBatches:
     """Iterate over `paths` in batches; `skipped` lists (path, reason) of files that could not be read.
 
-    Memory stays flat however many paths there are: only a few batches are decoded at a time.
+    Memory stays flat however many paths there are: only a few batches are decoded at a time,
+    and large working images come fewer per batch (`Preprocessor.batch_size`).
     """
 
     def __init__(
@@ -81,9 +83,10 @@ class ImageBatches:
     ) -> None:
         self.paths = list(paths)
         self.skipped: list[tuple[Path, str]] = []
+        batch_size = preprocessor.batch_size(batch_size)
         self._loader = DataLoader(
             _ImageFiles(self.paths, preprocessor, preview_size),
-            batch_size=max(1, int(batch_size)),
+            batch_size=batch_size,
             shuffle=False,
             num_workers=max(0, int(num_workers)) if len(self.paths) > batch_size else 0,
             collate_fn=_collate,

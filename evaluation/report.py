@@ -48,7 +48,7 @@ def _category(metrics: dict) -> str:
     parts.append(
         f'<p class="muted">{metrics["n_images"]} test images ({metrics["n_good"]} good, {metrics["n_defect"]} defect); '
         f'pixel metrics over {metrics["n_pixel_images"]} images with ground truth at the model\'s '
-        f'{metrics["resolution"]}x{metrics["resolution"]} resolution; PRO up to FPR {metrics["pro_fpr_limit"]:g}.</p>'
+        f'{metrics["resolution"][0]} x {metrics["resolution"][1]} (height x width) working size; PRO up to FPR {metrics["pro_fpr_limit"]:g}.</p>'
     )
     parts += [f'<p class="note">{escape(note)}</p>' for note in metrics.get("notes", [])]
     operating = metrics["operating"]

@@ -1,6 +1,6 @@
 """Localization sheets: one figure per chosen test image showing what the model saw and flagged.
 
-Panels: the image as the model sees it (resized and cropped), the ground truth, the anomaly map
+Panels: the image as the model sees it (at its working size, cropped if it crops), the ground truth, the anomaly map
 over the image, the predicted mask (map above the pixel threshold), and both outlines on the
 image (ground truth green, prediction red). Only the few chosen images are re-read from disk
 after scoring, so evaluation never holds every image in memory.
@@ -16,7 +16,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from dataset_manager import Preprocessor, read_rgb  # noqa: E402
 
@@ -28,8 +27,8 @@ class SheetImage:
     path: Path
     defect_type: str
     score: float
-    anomaly_map: np.ndarray  # (CROP, CROP)
-    mask: np.ndarray | None  # (CROP, CROP) bool
+    anomaly_map: np.ndarray  # (H, W) at the model's working size
+    mask: np.ndarray | None  # (H, W) bool
     reason: str  # why it was chosen, e.g. "worst-scored good #1"
     verdict: str  # what the detector said: "defect" or "good"
 
@@ -54,11 +53,6 @@ def choose(scores: np.ndarray, labels: np.ndarray, count: int) -> list[tuple[int
     return chosen
 
 
-def model_view(rgb: np.ndarray, preprocessor: Preprocessor) -> np.ndarray:
-    """The (CROP, CROP, 3) uint8 part of the image the anomaly map covers, pixel for pixel."""
-    size, offset, crop = preprocessor.resize, preprocessor.offset, preprocessor.crop
-    resized = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
-    return resized[offset : offset + crop, offset : offset + crop]
 
 
 def draw_sheet(
@@ -70,10 +64,11 @@ def draw_sheet(
     path: Path,
 ) -> Path:
     """Write the five-panel sheet of one image to `path`."""
-    view = model_view(read_rgb(item.path), preprocessor)
+    view = preprocessor.model_view(read_rgb(item.path))
     predicted = item.anomaly_map > pixel_threshold
     low, high = color_range
-    figure, axes = plt.subplots(1, 5, figsize=(15, 3.4), dpi=80)
+    aspect = min(3.0, max(0.25, view.shape[0] / view.shape[1]))  # panel height / width, for tall and wide parts
+    figure, axes = plt.subplots(1, 5, figsize=(15, 0.4 + 2.8 * aspect), dpi=80)
     axes[0].imshow(view)
     axes[0].set_title("image")
     if item.mask is not None:

@@ -19,7 +19,7 @@ from settings import SettingsError, defaults
 
 USER_ERRORS = (SettingsError, DataError, ModelError, StorageError)
 # What to lower when memory runs out (a new setting that drives memory gets its name added here).
-MEMORY_SETTINGS = "BATCH_SIZE, CROP (with RESIZE) or FEATURE_DIM, or choose a smaller BACKBONE"
+MEMORY_SETTINGS = "BATCH_SIZE, IMAGE_SIZE (or TILE_SIZE) or FEATURE_DIM, or choose a smaller BACKBONE"
 # How allocators word running out of memory when they raise a RuntimeError (torch's CPU and CUDA
 # allocators, oneDNN) or a DataLoader worker the kernel's OOM killer ended.
 _MEMORY_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory", "killed by signal: killed")

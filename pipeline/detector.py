@@ -20,7 +20,9 @@ from dataset_manager import ImageBatches, Preprocessor
 
 # Preprocessing settings a model carries itself (its anomaly model's settings come from its class:
 # `AnomalyModel.setting_names`); config.py values that differ are reported and not used.
-PREPROCESSING_SETTINGS = {"RESIZE": "resize", "CROP": "crop", "NORMALIZE_MEAN": "mean", "NORMALIZE_STD": "std"}
+# IMAGE_SIZE is compared as the setting the model was trained with ("auto" stays "auto"); the
+# size it resolved to is what the model uses.
+PREPROCESSING_SETTINGS = {"IMAGE_SIZE": "image_size_setting", "CENTER_CROP": "center_crop", "NORMALIZE_MEAN": "mean", "NORMALIZE_STD": "std"}
 # Settings whose 0 / () in config.py means "the model's own default" (saved resolved): not a difference.
 MODEL_DEFAULT_SETTINGS = ("FEATURE_DIM", "PATCHCORE_FEATURE_DIM", "LAYERS")
 
@@ -30,7 +32,7 @@ class ImageResult:
     """What the model says about one image."""
 
     index: int  # position in the list of paths given
-    anomaly_map: torch.Tensor  # (CROP, CROP) on the CPU
+    anomaly_map: torch.Tensor  # (H, W) at the model's working size, on the CPU
     score: float  # the model's image score (PaDiM: max of the map)
     size: tuple[int, int]  # original (height, width)
     preview: np.ndarray | None  # small RGB copy for pictures
@@ -45,7 +47,7 @@ def settings_differences(description: dict, settings) -> list[str]:
     stored_values = {"ANOMALY_MODEL": entry["type"]}
     # a setting added after the model was saved is absent from it: the model runs with its default
     stored_values.update({key: entry["settings"].get(name, defaults.get(name)) for key, name in cls.setting_names().items()})
-    stored_values.update({key: description["preprocessing"][name] for key, name in PREPROCESSING_SETTINGS.items()})
+    stored_values.update({key: description["preprocessing"][name] for key, name in PREPROCESSING_SETTINGS.items() if name in description["preprocessing"]})
     stored_values["PIXEL_THRESHOLD_POLICY"] = description.get("thresholds", {}).get("pixel_policy", "validation")
     notes = []
     for key, stored in stored_values.items():
@@ -74,8 +76,7 @@ class Detector:
         self.model_dir = Path(model_dir)
         self.model, self.description = load_model(self.model_dir, device)
         check_description(self.model_dir, self.description, DETECTOR_SCHEMA)
-        prep = self.description["preprocessing"]
-        self.preprocessor = Preprocessor(prep["resize"], prep["crop"], tuple(prep["mean"]), tuple(prep["std"]))
+        self.preprocessor = Preprocessor.from_description(self.description["preprocessing"])
         self.image_threshold = float(self.description["thresholds"]["image"])
         self.pixel_threshold = float(self.description["thresholds"]["pixel"])
         self.classifier = None  # the good/defect classifier saved with the model, when there is one

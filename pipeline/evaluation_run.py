@@ -1,7 +1,7 @@
 """eval.py's work for one category: score the labeled test set, compute metrics, draw pictures.
 
-Everything is computed at the model's own resolution (the CROP x CROP anomaly maps), as the
-PaDiM reference code does. Thresholds come from the model (chosen on validation goods at
+Everything is computed at the model's own resolution (its working size: the (H, W) anomaly maps,
+masks resized and cropped like the images), as the PaDiM reference code does. Thresholds come from the model (chosen on validation goods at
 training time): the test set is never used to pick one, except for the F1-max, which says so.
 """
 
@@ -62,26 +62,26 @@ class CategoryEvaluation:
 
 @dataclass
 class _Scored:
-    """What scoring the test set leaves: per image scores and verdicts, maps and masks at CROP size."""
+    """What scoring the test set leaves: per image scores and verdicts, maps and masks at the working size."""
 
     scores: np.ndarray
     probabilities: np.ndarray | None
     verdicts: np.ndarray
-    maps: np.ndarray  # (N, CROP, CROP) float32
-    masks: np.ndarray  # (N, CROP, CROP) bool; all False for goods and unmasked defects
+    maps: np.ndarray  # (N, H, W) float32
+    masks: np.ndarray  # (N, H, W) bool; all False for goods and unmasked defects
     has_mask: np.ndarray  # (N,) bool
     skipped: list
 
 
 def _score(detector: Detector, category: Category, settings) -> _Scored:
     items = category.test_images
-    crop = detector.preprocessor.crop
+    height, width = detector.preprocessor.size
     count = len(items)
     scores = np.full(count, np.nan)
     probabilities = np.full(count, np.nan)
     verdicts = np.zeros(count, dtype=bool)
-    maps = np.zeros((count, crop, crop), dtype=np.float32)
-    masks = np.zeros((count, crop, crop), dtype=bool)
+    maps = np.zeros((count, height, width), dtype=np.float32)
+    masks = np.zeros((count, height, width), dtype=bool)
     has_mask = np.array([item.mask_path is not None for item in items], dtype=bool)
     any_missing_probability = False
     results, batches = detector.inspect([item.path for item in items], settings.BATCH_SIZE, settings.NUM_WORKERS, label=f"eval {category.name}")
@@ -197,7 +197,7 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
         "pixel_rocauc": pixel_values["pixel_rocauc"],
         "pro": pixel_values["pro"],
         "pro_fpr_limit": limit,
-        "resolution": detector.preprocessor.crop,
+        "resolution": list(detector.preprocessor.size),
         "n_pixel_images": int(pixel_set.sum()),
         "n_defects_without_mask": int(unmasked.sum()),
         "n_regions": curves.n_regions if curves is not None else 0,

@@ -61,7 +61,7 @@ def predict_folder(detector: Detector, folder: Path, results_dir: Path, settings
                 path = paths[result.index]
                 defect = detector.is_defect(result)
                 n_defects += defect
-                area = float((result.anomaly_map > detector.pixel_threshold).float().mean())
+                area = int((result.anomaly_map > detector.pixel_threshold).sum()) / result.anomaly_map.numel()
                 overlay_path = mask_path = ""
                 if settings.SAVE_PICTURES:
                     overlay_file, mask_file = write_pictures(

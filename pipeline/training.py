@@ -18,7 +18,7 @@ from anomaly_model.base import AnomalyModel
 from anomaly_model.files import check_writable
 from anomaly_model.store import build_model, save_model
 from dataset_manager import Category, DataError, ImageBatches, Preprocessor
-from dataset_manager.images import image_size
+from dataset_manager.images import image_size, resolve_image_size
 from dataset_manager.loader import skipped_summary
 from settings import SettingsError
 
@@ -39,6 +39,8 @@ class TrainingSummary:
     image_threshold: float
     pixel_threshold: float
     skipped: list[tuple[Path, str]]
+    image_size: tuple[int, int] = (0, 0)  # the working size (height, width) IMAGE_SIZE resolved to
+    tiles: int = 0  # tiles per image, 0 = untiled
 
 
 def split_validation(category: Category, fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
@@ -101,8 +103,11 @@ def require_training_images(count: int, folder: Path, n_files: int, held_out: in
     )
 
 
-def make_preprocessor(settings) -> Preprocessor:
-    return Preprocessor(settings.RESIZE, settings.CROP, settings.NORMALIZE_MEAN, settings.NORMALIZE_STD)
+def make_preprocessor(settings, train_paths: list[Path], stride: int) -> Preprocessor:
+    """The preprocessing of a new model: IMAGE_SIZE resolved on the training images ("auto", a
+    fraction of their size), rounded to the backbone's `stride`; CENTER_CROP around it."""
+    size = resolve_image_size(settings.IMAGE_SIZE, train_paths, stride)
+    return Preprocessor.with_center_crop(size, settings.CENTER_CROP, settings.NORMALIZE_MEAN, settings.NORMALIZE_STD)
 
 
 def _warn_skipped(skipped: list[tuple[Path, str]]) -> None:
@@ -247,8 +252,12 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
     train_paths, skipped = readable_headers(train_paths)
     require_training_images(len(train_paths), folder, n_files, held_out, skipped)
     folds = out_of_fold_folds(settings, len(train_paths))
-    preprocessor = make_preprocessor(settings)
     model = build_model(settings)
+    preprocessor = make_preprocessor(settings, train_paths, model.stride)
+    layout = model.start_fit(preprocessor.size)  # a wrong tile size or too large statistics fail here, before any reading
+    if folds and layout is not None:
+        print("note: out-of-fold maps are not made for tiled models; the classifier and thresholds use the validation goods", file=sys.stderr)
+        folds = 0
     check_pixel_policy(model, settings.PIXEL_THRESHOLD_POLICY, settings.PIXEL_FALSE_REJECT_RATE)
     batches = ImageBatches(train_paths, preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
 
@@ -260,8 +269,8 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
             yield batch.images
         require_training_images(count, folder, n_files, held_out, skipped + batches.skipped)
 
-    model.plan_fit(len(train_paths))
-    model.fit(counted_images())
+    model.plan_fit(len(train_paths) * (layout.count if layout is not None else 1))  # backbone inputs: images or tiles
+    model.fit_images(counted_images())
     skipped += batches.skipped
     maps, scores, skipped_validation = validation_maps(model, validation_paths, preprocessor, settings)
     skipped += skipped_validation
@@ -295,12 +304,7 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
             info["out_of_fold"] = {"folds": folds, "n_images": n_out_of_fold, "goods_for_thresholds": pooled["validation"]["n_images"]}
     pixel_policies(model, maps, info["thresholds"], settings.PIXEL_THRESHOLD_POLICY)  # on the thresholds in force
     del maps
-    info["preprocessing"] = {
-        "resize": preprocessor.resize,
-        "crop": preprocessor.crop,
-        "mean": list(settings.NORMALIZE_MEAN),
-        "std": list(settings.NORMALIZE_STD),
-    }
+    info["preprocessing"] = preprocessor.description(settings.IMAGE_SIZE, settings.CENTER_CROP)
     info["dataset"] = {
         "category": category.name,
         "dataset_dir": str(category.root),
@@ -330,6 +334,8 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
         image_threshold=info["thresholds"]["image"],
         pixel_threshold=info["thresholds"]["pixel"],
         skipped=skipped,
+        image_size=preprocessor.size,
+        tiles=model.tile_layout_.count if model.tile_layout_ is not None else 0,
     )
 
 

@@ -128,8 +128,8 @@ def test_good_tire_validation_patches_respect_chebyshev():
     settings, _ = load([f"DATASET_DIR={TIRE}", "BACKBONE=mobilenet_v2", f"WEIGHTS={WEIGHTS}", "NUM_WORKERS=0"])
     (category,) = find_categories(TIRE)
     train, validation = split_validation(category, settings.VALIDATION_FRACTION, settings.SEED)
-    preprocessor = make_preprocessor(settings)
     model = Padim("mobilenet_v2", str(WEIGHTS), device="cpu")
+    preprocessor = make_preprocessor(settings, train, model.stride)
     model.fit(batch.images for batch in ImageBatches(train[::3], preprocessor, 16, 0))
     embedding = torch.cat([model.embed(batch.images)[0] for batch in ImageBatches(validation, preprocessor, 16, 0)], dim=1)
     sigma = torch.linalg.vector_norm(model.cholesky_, dim=2)[:, None, :]  # the covariance diagonal, epsilon included

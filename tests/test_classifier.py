@@ -73,13 +73,14 @@ def test_a_broad_faint_defect_raises_the_pooled_features_not_the_max():
 
 def test_synthetic_defects_change_the_image_and_are_seeded():
     rgb = np.full((80, 60, 3), 128, np.uint8)
+    box = (5.0, 3.75, 75.0, 56.25)  # the centre crop of a 64 -> 56 preprocessing, in the image's pixels
     for kind in DEFECT_TYPES:
-        a = make_defect(rgb, kind, np.random.default_rng(1), (0.1, 0.3), (0.8, 1.0), 64, 56)
-        b = make_defect(rgb, kind, np.random.default_rng(1), (0.1, 0.3), (0.8, 1.0), 64, 56)
+        a = make_defect(rgb, kind, np.random.default_rng(1), (0.1, 0.3), (0.8, 1.0), box)
+        b = make_defect(rgb, kind, np.random.default_rng(1), (0.1, 0.3), (0.8, 1.0), box)
         assert np.array_equal(a, b) and a.shape == rgb.shape
         if kind != "cutpaste":  # pasting a uniform image onto itself changes nothing, by design
             assert np.abs(a.astype(int) - rgb).max() > 20
-    gray = make_defect(rgb, "texture", np.random.default_rng(2), (0.2, 0.3), (1.0, 1.0), 64, 64)
+    gray = make_defect(rgb, "texture", np.random.default_rng(2), (0.2, 0.3), (1.0, 1.0), (0, 0, 80, 60))
     assert np.array_equal(gray[..., 0], gray[..., 1])  # gray images get gray defects
 
 

@@ -119,7 +119,7 @@ def test_embedding_of_a_batch_equals_each_image_embedded_alone():
         torch.testing.assert_close(batch[:, index], alone[:, 0], rtol=1e-4, atol=1e-4)
 
 
-def test_images_of_another_size_than_the_fit_name_the_crop_setting():
+def test_images_of_another_size_than_the_fit_name_the_image_size_setting():
     model = Padim("resnet18", "none", feature_dim=16, device="cpu").fit([torch.randn(6, 3, 64, 64)])
-    with pytest.raises(ModelError, match="CROP"):
+    with pytest.raises(ModelError, match="IMAGE_SIZE"):
         model.anomaly_maps(torch.randn(1, 3, 96, 96))

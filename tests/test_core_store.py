@@ -14,7 +14,7 @@ from anomaly_model.store import load_model, save_model
 from pipeline.detector import settings_differences
 from settings import defaults
 
-INFO = {"preprocessing": {"resize": 64, "crop": 64, "mean": [0.5] * 3, "std": [0.2] * 3}}
+INFO = {"preprocessing": {"image_size": [64, 64], "resize": [64, 64], "image_size_setting": [64, 64], "center_crop": 1.0, "mean": [0.5] * 3, "std": [0.2] * 3}}
 
 
 @pytest.fixture(scope="module")
@@ -111,4 +111,4 @@ def test_differences_from_config_are_listed(saved):
     settings = SimpleNamespace(**defaults())
     notes = settings_differences(description, settings)
     assert any(note.startswith("BACKBONE: model has 'resnet18'") for note in notes)
-    assert any(note.startswith("CROP: model has 64") for note in notes)
+    assert any(note.startswith("IMAGE_SIZE: model has [64, 64]") for note in notes)

@@ -259,5 +259,5 @@ def test_a_bank_outgrowing_memory_without_a_plan_is_refused(monkeypatch, train_i
 
 
 def test_images_of_another_size_than_the_fit(fitted):
-    with pytest.raises(ModelError, match="patch grid.*use the model's CROP"):
+    with pytest.raises(ModelError, match="patch grid.*use the model's IMAGE_SIZE"):
         fitted.score(images(1, 2, size=96))

@@ -139,7 +139,7 @@ def test_values_edited_into_config_py_are_checked_too(monkeypatch):
     with pytest.raises(SettingsError, match="BATCH_SIZE=0 .*an integer >= 1"):
         load([])
     monkeypatch.setattr(config, "BATCH_SIZE", 8)
-    with pytest.raises(SettingsError, match="CROP=300 with RESIZE=256: CROP must be <= RESIZE"):
+    with pytest.raises(SettingsError, match="CROP=300 is larger than RESIZE=256"):
         load(["CROP=300", "RESIZE=256"])
 
 
@@ -281,7 +281,7 @@ def test_running_out_of_memory_names_the_settings_to_lower(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=240, env=env, preexec_fn=limit_memory,
     )  # the (P, d, d) sums alone would take 7.4 GB
     line = error_line(result)
-    assert "out of memory" in line and "BATCH_SIZE" in line and "CROP" in line and "FEATURE_DIM" in line
+    assert "out of memory" in line and "BATCH_SIZE" in line and "IMAGE_SIZE" in line and "FEATURE_DIM" in line
     assert not (tmp_path / "models").exists() or leftovers(tmp_path / "models") == []
 
 

@@ -86,7 +86,7 @@ def test_test_py_scores_a_plain_folder_and_skips_bad_files(tmp_path, tiny_catego
 def test_model_settings_win_over_config_and_say_so(tmp_path, trained):
     result = run_script("test.py", *trained, "CROP=32", "SAVE_PICTURES=False")
     assert result.returncode == 0, result.stderr
-    assert "CROP: model has 64, config has 32" in result.stderr
+    assert "IMAGE_SIZE: model has [64, 64], config has (32, 32)" in result.stderr
 
 
 def test_missing_dataset_path(tmp_path):
