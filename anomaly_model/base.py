@@ -14,9 +14,10 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 import torch
+from torch import nn
 
 from anomaly_model.backbone import FeatureExtractor, ModelError
-from anomaly_model.maps import MapMaker
+from anomaly_model.maps import MapMaker, apply_operators
 
 # Images per backbone pass on the CPU. The layer maps of 8 images take a quarter of a 32-image
 # batch's memory (~0.5 GB less for Wide-ResNet at 224 px), and oneDNN is no slower per image
@@ -127,6 +128,11 @@ class AnomalyModel:
         """Read back what `save_arrays` wrote (checksums in `files`), after `load_fitted_state`."""
         raise NotImplementedError
 
+    def patch_score_module(self) -> nn.Module:
+        """The fitted `patch_scores` as a torch module of operations ONNX has, taking the backbone's
+        layer features (what `export_module` puts between the backbone and the maps)."""
+        raise ModelError(f"ANOMALY_MODEL={self.kind!r} models cannot be exported to ONNX yet: use RUNTIME=torch")
+
     # --- shared -------------------------------------------------------------------------------
 
     def backbone_slices(self, images: torch.Tensor) -> Iterator[tuple[int, list[torch.Tensor]]]:
@@ -151,12 +157,27 @@ class AnomalyModel:
 
     def image_scores(self, maps: torch.Tensor) -> torch.Tensor:
         """(B,) image scores of (B, H, W) maps: their maximum, as PaDiM scores an image."""
-        return maps.flatten(1).max(dim=1).values
+        return max_of_maps(maps)
 
     def score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(maps (B, H, W), image scores (B,)) on the CPU: what test.py, eval.py and training use."""
         maps = self.anomaly_maps(images)
         return maps.cpu(), self.image_scores(maps).cpu()
+
+    def export_module(self, image_size: tuple[int, int]) -> "ScoringModule":
+        """What `score` computes for (N, 3, H, W) images of `image_size`, as one torch module that
+        torch.onnx can export (pipeline/exporting.py): backbone, this model's patch scores, the map
+        post-processing and the image scores, on the CPU in float32."""
+        self.check_grid(self.grid_size_)
+        if self.precision != "float32":
+            raise ModelError(
+                f"this model runs its backbone in BACKBONE_PRECISION={self.precision}; only float32 models are exported "
+                "(the ONNX graph is float32): retrain with BACKBONE_PRECISION=float32"
+            )
+        if self.device.type != "cpu":
+            raise ModelError("export a model loaded on the CPU (DEVICE=cpu): the exported graph must not hold GPU tensors")
+        rows, columns = self.map_maker.operators(self.grid_size_, tuple(image_size), torch.device("cpu"))
+        return ScoringModule(self.extractor, self.patch_score_module(), rows.clone(), columns.clone()).eval()
 
     def to(self, device: torch.device) -> "AnomalyModel":
         self.device = torch.device(device)
@@ -165,3 +186,25 @@ class AnomalyModel:
             if name.endswith("_") and isinstance(value, torch.Tensor):
                 setattr(self, name, value.to(self.device))
         return self
+
+
+def max_of_maps(maps: torch.Tensor) -> torch.Tensor:
+    """(B,) maximum of each (B, H, W) map: PaDiM's image score."""
+    return maps.flatten(1).max(dim=1).values
+
+
+class ScoringModule(nn.Module):
+    """(N, 3, H, W) float32 images -> ((N, H, W) anomaly maps, (N,) image scores) of one fitted model:
+    the module export.py writes as ONNX. The backbone, the maps (the `maps.MapMaker` operators as two
+    constant matrices) and the image scores are shared; only `patch_scores` is the model's own."""
+
+    def __init__(self, extractor: nn.Module, patch_scores: nn.Module, rows: torch.Tensor, columns: torch.Tensor) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.patch_scores = patch_scores
+        self.register_buffer("rows", rows)
+        self.register_buffer("columns", columns)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = apply_operators(self.patch_scores(self.extractor(images)), self.rows, self.columns)
+        return maps, max_of_maps(maps)

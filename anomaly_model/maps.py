@@ -69,5 +69,10 @@ class MapMaker:
 
     def __call__(self, patch_scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(B, h, w) patch scores -> (B, H, W) maps at image size (H, W)."""
-        rows, columns = self.operators(tuple(patch_scores.shape[-2:]), size, patch_scores.device)
-        return rows @ patch_scores.float() @ columns.T
+        return apply_operators(patch_scores, *self.operators(tuple(patch_scores.shape[-2:]), size, patch_scores.device))
+
+
+def apply_operators(patch_scores: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) patch scores -> (B, H, W) maps with `MapMaker.operators`: two matrix products, which is
+    also how an exported model (`base.ScoringModule`) holds the post-processing, as two constants."""
+    return rows @ patch_scores.float() @ columns.T

@@ -5,21 +5,26 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from anomaly_model.files import read_checked_bytes
-from anomaly_model.store import load_model, model_class
+from anomaly_model.onnx_file import OnnxScorer
+from anomaly_model.store import load_model, model_class, read_description
 from classification_model.features import FEATURE_NAMES, map_features
 from classification_model.xgboost import DefectClassifier
 from dataset_manager import ImageBatches, Preprocessor
+from settings import SettingsError
 
 # Preprocessing settings a model carries itself (its anomaly model's settings come from its class:
 # `AnomalyModel.setting_names`); config.py values that differ are reported and not used.
 PREPROCESSING_SETTINGS = {"RESIZE": "resize", "CROP": "crop", "NORMALIZE_MEAN": "mean", "NORMALIZE_STD": "std"}
+# What computes maps and image scores (RUNTIME): the model in torch, or its exported ONNX file in
+# onnxruntime (python export.py first). Everything else a Detector does is the same for both.
+RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass
@@ -63,9 +68,20 @@ def load_classifier(model_dir: Path, description: dict) -> tuple[DefectClassifie
 class Detector:
     """Loads MODEL_DIR/<name> and turns images into anomaly maps, scores and verdicts."""
 
-    def __init__(self, model_dir: Path, device: str = "auto") -> None:
+    def __init__(self, model_dir: Path, device: str = "auto", runtime: str = "torch") -> None:
         self.model_dir = Path(model_dir)
-        self.model, self.description = load_model(self.model_dir, device)
+        self.model = None  # the anomaly model, with RUNTIME=torch
+        # preprocessed (B, 3, CROP, CROP) images -> (maps (B, CROP, CROP), image scores (B,)) on the CPU
+        self.score: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+        if runtime == "torch":
+            self.model, self.description = load_model(self.model_dir, device)
+            self.score = self.model.score
+        elif runtime == "onnxruntime":
+            self.description = read_description(self.model_dir)
+            self.score = OnnxScorer(self.model_dir, self.description, device).score
+        else:
+            raise SettingsError(f"RUNTIME={runtime!r} is not supported: choose one of {', '.join(RUNTIMES)}")
+        self.runtime = runtime
         prep = self.description["preprocessing"]
         self.preprocessor = Preprocessor(prep["resize"], prep["crop"], tuple(prep["mean"]), tuple(prep["std"]))
         self.image_threshold = float(self.description["thresholds"]["image"])
@@ -99,7 +115,7 @@ class Detector:
         def results() -> Iterator[ImageResult]:
             with tqdm(total=len(paths), desc=label, unit="img", file=sys.stderr) as progress:
                 for batch in batches:
-                    maps, scores = self.model.score(batch.images)
+                    maps, scores = self.score(batch.images)
                     probabilities = [None] * len(batch.indices)
                     if self.classifier is not None:
                         probabilities = self.classifier.predict(map_features(maps, self.classifier_levels)).tolist()
