@@ -52,6 +52,7 @@ def write_onnx(module: nn.Module, image_size: tuple[int, int], folder: Path, met
     and model.onnx.data when the tensors are past protobuf's 2 GB limit)."""
     for name in ("onnx", "onnxscript"):
         require(name)
+    module.eval()
     example = torch.zeros(2, 3, *image_size)  # a batch of 2: torch.export would fix a batch of 1
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
