@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from anomaly_model.backbone import ModelError
+from anomaly_model.files import file_checksum
+from anomaly_model.store import model_id
 
 ONNX_FILE = "model.onnx"
 INPUT = "images"
@@ -123,9 +125,6 @@ class OnnxScorer:
     used: a missing, replaced or stale file is refused with what to run."""
 
     def __init__(self, model_dir: Path, description: dict, device: str = "auto") -> None:
-        from anomaly_model.files import file_checksum
-        from anomaly_model.store import model_id
-
         path = Path(model_dir) / ONNX_FILE
         entry = description.get("export")
         if entry is None:

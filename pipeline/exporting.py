@@ -32,6 +32,7 @@ from dataset_manager import Category, DataError, ImageBatches
 from pipeline.detector import Detector
 
 MAX_RELATIVE_DIFFERENCE = 1e-4  # of a map's range (max - min): what "the same maps" means here
+STAGING_PREFIX = ".export-partial-"  # the hidden folder inside the model folder an export is checked in
 PREPROCESSING_STEPS = (
     "read as 8-bit RGB; resize to resize x resize (PIL bilinear); centre-crop crop x crop; "
     "scale to [0, 1]; subtract mean and divide by std per channel; channels first (N, 3, crop, crop) float32"
@@ -124,7 +125,9 @@ def export_model(model_dir: Path, paths: list[Path]) -> ExportSummary:
     crop = description["preprocessing"]["crop"]
     module = detector.model.export_module((crop, crop))
     del detector  # the module holds what it needs: free the model's statistics before the file is written
-    staging = model_dir / f".export-partial-{uuid.uuid4().hex[:8]}"
+    for leftover in model_dir.glob(f"{STAGING_PREFIX}*"):  # from an export that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = model_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}"
     try:
         staging.mkdir()
         print(f"exporting {model_dir.name} to ONNX ...", file=sys.stderr)
