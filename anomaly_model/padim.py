@@ -145,7 +145,9 @@ class Padim(AnomalyModel):
 
     def embedding_scores(self, embedding: torch.Tensor, mean: torch.Tensor, cholesky: torch.Tensor) -> torch.Tensor:
         """(N, P) scores of (P, N, d) embeddings under the Gaussians (mean, cholesky): the one place
-        a patch score is computed from statistics, whichever statistics they are."""
+        a patch score is computed from statistics, whichever statistics they are. (The exported
+        graph, `PadimPatchScores`, computes the same value without a solve; export.py checks that
+        the two agree.)"""
         with torch.no_grad():
             return mahalanobis(embedding, mean, cholesky)
 
