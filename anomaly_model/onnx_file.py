@@ -25,7 +25,7 @@ from torch import nn
 
 from anomaly_model.backbone import ModelError
 from anomaly_model.files import file_checksum
-from anomaly_model.store import model_id
+from anomaly_model.store import EXPORT_SCHEMA, check_description, model_id
 
 ONNX_FILE = "model.onnx"
 INPUT = "images"
@@ -134,6 +134,7 @@ class OnnxScorer:
                     "or an earlier training; run python export.py"
                 )
             raise ModelError(f"model {model_dir} has not been exported for RUNTIME=onnxruntime: run python export.py first")
+        check_description(model_dir, description, EXPORT_SCHEMA)
         for name, expected in entry["files"].items():
             file = Path(model_dir) / name
             if not file.is_file():

@@ -19,6 +19,8 @@ from anomaly_model.backbone import DEFAULT_FEATURE_DIM, ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.files import CHUNK_ROWS, read_npy, read_npy_chunks
 from anomaly_model.gaussian import StreamingGaussian, inverse_factors, mahalanobis
+from anomaly_model.schema import check
+from settings import integer, sequence
 
 # Most values in one constant of an exported PaDiM graph: Wide-ResNet's 3.8 GB of inverse factors
 # become 15 constants of <= 256 MB, so writing, checking and loading the ONNX file never copies
@@ -161,6 +163,8 @@ class Padim(AnomalyModel):
 
     def load_fitted_state(self, state: dict) -> None:
         super().load_fitted_state(state)
+        total = sum(self.extractor.channels)
+        check(state, {"channel_indices": sequence(integer(0, total - 1), length=self.feature_dim, order="increasing")}, "state")
         self.channel_indices_ = torch.tensor(state["channel_indices"], dtype=torch.long)
 
     def save_arrays(self, out) -> None:

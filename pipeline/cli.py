@@ -2,35 +2,87 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from pathlib import Path
 from typing import Callable
 
+import torch
+from tqdm import tqdm
+
 from anomaly_model.backbone import ModelError
+from anomaly_model.files import STORAGE_ERRNOS, StorageError, storage_message
 from dataset_manager import Category, DataError, find_categories
 from dataset_manager.demo import generate_demo_dataset
 from settings import SettingsError, defaults
 
-USER_ERRORS = (SettingsError, DataError, ModelError)
+USER_ERRORS = (SettingsError, DataError, ModelError, StorageError)
+# What to lower when memory runs out (a new setting that drives memory gets its name added here).
+MEMORY_SETTINGS = "BATCH_SIZE, CROP (with RESIZE) or FEATURE_DIM, or choose a smaller BACKBONE"
+# How allocators word running out of memory when they raise a RuntimeError (torch's CPU and CUDA
+# allocators, oneDNN) or a DataLoader worker the kernel's OOM killer ended.
+_MEMORY_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory", "killed by signal: killed")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: temporary folders are removed and nothing is overwritten."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def memory_message(error: BaseException) -> str | None:
+    """One line for an allocator that ran out of memory, or None when `error` is something else."""
+    words = str(error).lower()
+    if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and not (
+        isinstance(error, RuntimeError) and any(phrase in words for phrase in _MEMORY_WORDS)
+    ):
+        return None
+    if "killed by signal" in words:
+        return "out of memory: a worker reading images was killed; lower NUM_WORKERS or BATCH_SIZE"
+    if isinstance(error, torch.OutOfMemoryError) or "cuda" in words:
+        return f"out of GPU memory: lower {MEMORY_SETTINGS}, or set DEVICE=cpu"
+    return f"out of memory: lower {MEMORY_SETTINGS}"
+
+
+def _one_line(message) -> str:
+    """The message on a line of its own: open progress bars are closed first (they end their line)."""
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+    return " ".join(str(message).split("\n"))
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-    """Run a script's main: a user error prints one line and exits 2, never a traceback."""
+    """Run a script's main: a user error, running out of memory or disk space prints one line and
+    exits 2, never a traceback; Ctrl-C and SIGTERM remove temporary files and exit 130 / 143."""
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         main(sys.argv[1:])
     except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         sys.exit(2)
+    except Terminated:
+        print(_one_line("terminated (SIGTERM): nothing was overwritten"), file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
-        print("interrupted: nothing was overwritten", file=sys.stderr)
+        print(_one_line("interrupted: nothing was overwritten"), file=sys.stderr)
         sys.exit(130)
-    except MemoryError:
-        print("error: out of memory: lower BATCH_SIZE or FEATURE_DIM", file=sys.stderr)
+    except OSError as error:
+        if error.errno not in STORAGE_ERRNOS:
+            traceback.print_exc()
+            sys.exit(1)
+        print(f"error: {_one_line(storage_message(error))}", file=sys.stderr)
         sys.exit(2)
-    except Exception:  # a bug, not bad input: keep the traceback for the report
-        traceback.print_exc()
-        sys.exit(1)
+    except Exception as error:  # a bug, not bad input: keep the traceback for the report
+        message = memory_message(error)
+        if message is None:
+            traceback.print_exc()
+            sys.exit(1)
+        print(f"error: {_one_line(message)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def load_categories(settings) -> list[Category]:

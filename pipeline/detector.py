@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from anomaly_model.files import read_checked_bytes
 from anomaly_model.onnx_file import OnnxScorer
-from anomaly_model.store import load_model, model_class, read_description
+from anomaly_model.store import DETECTOR_SCHEMA, check_description, load_model, model_class, model_file_guard, read_description
 from classification_model.features import FEATURE_NAMES, map_features
 from classification_model.xgboost import DefectClassifier
 from dataset_manager import ImageBatches, Preprocessor
@@ -70,18 +70,18 @@ class Detector:
 
     def __init__(self, model_dir: Path, device: str = "auto", runtime: str = "torch") -> None:
         self.model_dir = Path(model_dir)
-        self.model = None  # the anomaly model, with RUNTIME=torch
-        # preprocessed (B, 3, CROP, CROP) images -> (maps (B, CROP, CROP), image scores (B,)) on the CPU
-        self.score: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-        if runtime == "torch":
-            self.model, self.description = load_model(self.model_dir, device)
-            self.score = self.model.score
-        elif runtime == "onnxruntime":
-            self.description = read_description(self.model_dir)
-            self.score = OnnxScorer(self.model_dir, self.description, device).score
-        else:
+        if runtime not in RUNTIMES:
             raise SettingsError(f"RUNTIME={runtime!r} is not supported: choose one of {', '.join(RUNTIMES)}")
         self.runtime = runtime
+        self.model = None  # the anomaly model, with RUNTIME=torch
+        if runtime == "torch":
+            self.model, self.description = load_model(self.model_dir, device)
+        else:
+            self.description = read_description(self.model_dir)
+        check_description(self.model_dir, self.description, DETECTOR_SCHEMA)
+        # preprocessed (B, 3, CROP, CROP) images -> (maps (B, CROP, CROP), image scores (B,)) on the CPU
+        self.score: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+        self.score = self.model.score if self.model is not None else OnnxScorer(self.model_dir, self.description, device).score
         prep = self.description["preprocessing"]
         self.preprocessor = Preprocessor(prep["resize"], prep["crop"], tuple(prep["mean"]), tuple(prep["std"]))
         self.image_threshold = float(self.description["thresholds"]["image"])
@@ -89,7 +89,8 @@ class Detector:
         self.classifier = None  # the good/defect classifier saved with the model, when there is one
         self.classifier_levels: dict[str, float] = {}
         if "classifier" in self.description:
-            self.classifier, self.classifier_levels = load_classifier(self.model_dir, self.description)
+            with model_file_guard(self.model_dir, "classifier"):
+                self.classifier, self.classifier_levels = load_classifier(self.model_dir, self.description)
 
     def is_defect(self, result: ImageResult) -> bool:
         """The verdict: the classifier's when the model has one, else the map score's threshold."""

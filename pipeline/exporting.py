@@ -27,7 +27,7 @@ import torch
 from anomaly_model.backbone import ModelError
 from anomaly_model.files import check_writable, file_checksum
 from anomaly_model.onnx_file import ONNX_FILE, open_session, require, run_session, write_onnx
-from anomaly_model.store import add_section, model_id
+from anomaly_model.store import add_section, model_id, read_description
 from dataset_manager import Category, DataError, ImageBatches
 from pipeline.detector import Detector
 
@@ -51,8 +51,6 @@ class ExportSummary:
 
 def check_paths(category: Category, count: int) -> list[Path]:
     """`count` good images to compare the runtimes on, spread over the validation images (else train)."""
-    if count < 1:
-        raise ModelError(f"EXPORT_CHECK_IMAGES={count}: export compares the runtimes on at least 1 image")
     pool = list(category.validation_images) or list(category.train_images)
     if not pool:
         raise DataError(f"export checks the ONNX file on good images of {category.root}: none found there")
@@ -131,7 +129,8 @@ def export_model(model_dir: Path, paths: list[Path]) -> ExportSummary:
     try:
         staging.mkdir()
         print(f"exporting {model_dir.name} to ONNX ...", file=sys.stderr)
-        names = write_onnx(module, (crop, crop), staging, deployment_metadata(description))
+        metadata = deployment_metadata(description)
+        names = write_onnx(module, (crop, crop), staging, metadata)
         del module
         maps, scores = run_session(open_session(staging / ONNX_FILE, "cpu"), images.numpy())
         map_difference, score_difference = relative_differences(maps, scores, reference_maps, reference_scores)
@@ -142,6 +141,8 @@ def export_model(model_dir: Path, paths: list[Path]) -> ExportSummary:
                 f"{MAX_RELATIVE_DIFFERENCE:g}): nothing was written; score with RUNTIME=torch"
             )
         checksums = {name: file_checksum(staging / name) for name in names}
+        if model_id(read_description(model_dir)) != metadata["model_id"]:
+            raise ModelError(f"model {model_dir} was trained again while it was being exported: run python export.py again")
         previous = description.get("export", {}).get("files", {})
         _move_into_place(staging, model_dir, names)
         add_section(model_dir, "export", {

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from anomaly_model.files import AtomicFolder
 from dataset_manager import DataError, find_images
+from dataset_manager.loader import skipped_summary
 from pipeline.detector import Detector
 from pipeline.pictures import color_range, write_pictures
 
@@ -34,6 +35,8 @@ def picture_stem(path: Path, folder: Path) -> str:
 
 
 def run_folder(folder: Path) -> str:
+    """test-<folder>-<time>; a second run in the same second (or of another folder of the same
+    name) gets -2, -3, ... appended when it finishes (AtomicFolder replace=False): never the same folder."""
     return f"test-{folder.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -47,7 +50,7 @@ def predict_folder(detector: Detector, folder: Path, results_dir: Path, settings
     scale = color_range(detector.description)
     preview_size = PREVIEW_SIZE if settings.SAVE_PICTURES else 0
     n_defects = 0
-    with AtomicFolder(results_dir / run_folder(folder)) as out:
+    with AtomicFolder(results_dir / run_folder(folder), replace=False) as out:
         pictures = out.temporary / "pictures"
         pictures.mkdir()
         results, batches = detector.inspect(paths, settings.BATCH_SIZE, settings.NUM_WORKERS, preview_size)
@@ -75,5 +78,5 @@ def predict_folder(detector: Detector, folder: Path, results_dir: Path, settings
             print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
         n_scored = len(paths) - len(batches.skipped)
         if n_scored == 0:
-            raise DataError(f"none of the {len(paths)} images under {folder} could be read")
+            raise DataError(f"none of the {len(paths)} images under {folder} could be read ({skipped_summary(batches.skipped)})")
     return PredictionSummary(out.target, n_scored, int(n_defects), batches.skipped, time.perf_counter() - started)
