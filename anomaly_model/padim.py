@@ -142,8 +142,8 @@ class Padim(AnomalyModel):
         self.check_grid(grid)
         return self.embedding_scores(embedding, self.mean_, self.cholesky_).view(-1, *grid)
 
-    def patch_score_module(self) -> "PadimPatchScores":
-        return PadimPatchScores(self)
+    def patch_score_module(self, release: bool = False) -> "PadimPatchScores":
+        return PadimPatchScores(self, release)
 
     def embedding_scores(self, embedding: torch.Tensor, mean: torch.Tensor, cholesky: torch.Tensor) -> torch.Tensor:
         """(N, P) scores of (P, N, d) embeddings under the Gaussians (mean, cholesky): the one place
@@ -198,19 +198,24 @@ class PadimPatchScores(nn.Module):
     """Layer features -> (N, h, w) patch scores of a fitted Padim, in operations ONNX has (the model's
     part of `AnomalyModel.export_module`). ONNX has no triangular solve, so each Cholesky factor is
     held inverted (L^-1, from `gaussian.inverse_factors`) and the distance |L^-1 (x - mu)| is a
-    batched product: the value `embedding_scores` computes with a solve. The statistics are copied,
-    so the model can be freed once this exists."""
+    batched product: the value `embedding_scores` computes with a solve. The module holds its own
+    statistics, or with `release` takes over the model's factors, inverted in place (the model can
+    no longer score: its `cholesky_` is gone), so export never holds L and L^-1 at once.
+    Positions are split into constants of <= EXPORT_CHUNK_ELEMENTS values."""
 
-    def __init__(self, model: Padim) -> None:
+    def __init__(self, model: Padim, release: bool = False) -> None:
         super().__init__()
         self.grid = tuple(model.grid_size_)
         self.layer_channels = model.layer_channels()
         positions, self.dim = model.mean_.shape
+        factors = model.cholesky_.cpu()
+        if release:
+            model.cholesky_ = None
         step = max(1, EXPORT_CHUNK_ELEMENTS // (self.dim * self.dim))
         self.chunks = 0
         for start in range(0, positions, step):
             self.register_buffer(f"mean_{self.chunks}", model.mean_[start : start + step].cpu().clone())
-            self.register_buffer(f"inverse_{self.chunks}", inverse_factors(model.cholesky_[start : start + step]))
+            self.register_buffer(f"inverse_{self.chunks}", inverse_factors(factors[start : start + step], in_place=release))
             self.chunks += 1
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:

@@ -121,8 +121,8 @@ def export_model(model_dir: Path, paths: list[Path]) -> ExportSummary:
     images = _check_images(detector, paths)
     reference_maps, reference_scores = (tensor.numpy().astype(np.float64) for tensor in detector.model.score(images))
     crop = description["preprocessing"]["crop"]
-    module = detector.model.export_module((crop, crop))
-    del detector  # the module holds what it needs: free the model's statistics before the file is written
+    module = detector.model.export_module((crop, crop), release=True)  # the model's last use
+    del detector
     for leftover in model_dir.glob(f"{STAGING_PREFIX}*"):  # from an export that was killed
         shutil.rmtree(leftover, ignore_errors=True)
     staging = model_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}"

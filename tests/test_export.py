@@ -76,6 +76,17 @@ def test_onnxruntime_maps_equal_torch_maps(tmp_path, monkeypatch, backbone):
         assert max(differences) <= MAX_RELATIVE_DIFFERENCE, differences
 
 
+def test_the_export_module_computes_the_model_s_maps_and_release_takes_its_factors():
+    model = _fitted("resnet18")
+    images = torch.randn(2, 3, 32, 32)
+    maps, scores = model.score(images)
+    for release in (False, True):  # release: export's last use of a model, no second copy of the factors
+        with torch.no_grad():
+            exported_maps, exported_scores = model.export_module((32, 32), release=release)(images)
+        assert torch.allclose(exported_maps, maps, rtol=1e-5, atol=1e-5 * float(maps.max())) and torch.allclose(exported_scores, scores, rtol=1e-5)
+    assert model.cholesky_ is None
+
+
 def test_a_reduced_precision_model_is_not_exported():
     model = Padim("resnet18", "none", layers=(1,), device="cpu", precision="bfloat16")
     model.fit([torch.randn(4, 3, 32, 32)])
