@@ -97,6 +97,7 @@ def open_session(path: Path, device: str = "auto"):
     ort = require("onnxruntime")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: no warnings about unused initializers
+    options.intra_op_num_threads = torch.get_num_threads()  # as many CPU threads as torch uses (OMP_NUM_THREADS)
     try:
         return ort.InferenceSession(str(path), options, providers=execution_providers(device))
     except ModelError:
