@@ -100,6 +100,13 @@ DEVICE = "auto"  # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
 BATCH_SIZE = 16
 NUM_WORKERS = 2  # processes that read and decode images
 SAVE_PICTURES = True  # test.py: heat-map overlay and mask PNG per image
+# What computes the maps in test.py and eval.py: "torch" (the trained model), or "onnxruntime"
+# (the model's ONNX file: run python export.py first; CUDA when DEVICE allows and onnxruntime-gpu
+# is installed, else the CPU).
+RUNTIME = "torch"
+
+# --- Export (export.py: the model as ONNX for runtimes without PyTorch) -------------------------
+EXPORT_CHECK_IMAGES = 4  # good images (validation, else train) run through torch and onnxruntime before writing
 
 # --- Evaluation (eval.py) ---------------------------------------------------------------------
 EVAL_PRO_FPR_LIMIT = 0.3  # PRO is integrated over pixel FPR from 0 to this limit (MVTec AD: 0.3)

@@ -49,7 +49,7 @@ def main(argv: list[str]) -> None:
     run_name = f"eval-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     with AtomicFolder(Path(settings.RESULTS_DIR) / run_name, replace=False) as out:
         for category in categories:
-            detector = Detector(model_dir_for(settings, category.name, len(categories)), settings.DEVICE)
+            detector = Detector(model_dir_for(settings, category.name, len(categories)), settings.DEVICE, settings.RUNTIME)
             detector.report_differences(settings)
             evaluations.append(evaluate_category(detector, category, settings, out.temporary / category.name))
         rows = [e.metrics for e in evaluations]

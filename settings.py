@@ -187,6 +187,12 @@ def _precisions() -> list[str]:
     return list(PRECISIONS)
 
 
+def _runtimes() -> list[str]:
+    from pipeline.detector import RUNTIMES
+
+    return list(RUNTIMES)
+
+
 def _devices_here() -> list[str]:
     """The device names that work on this machine."""
     import torch
@@ -267,6 +273,9 @@ RULES: dict[str, Rule] = {
     "BATCH_SIZE": integer(minimum=1),
     "NUM_WORKERS": integer(minimum=0),
     "SAVE_PICTURES": flag(),
+    "RUNTIME": choice(_runtimes),
+    # export
+    "EXPORT_CHECK_IMAGES": integer(minimum=1),
     # evaluation
     "EVAL_PRO_FPR_LIMIT": number(above=0, maximum=1),
     "EVAL_SHEET_COUNT": integer(minimum=0),

@@ -38,7 +38,7 @@ def main(argv: list[str]) -> None:
     if len(extra) > 1:
         raise SettingsError(f"test.py takes one FOLDER and KEY=VALUE settings, got {extra}")
     for model_dir, folder, name in _jobs(settings, extra[0] if extra else None):
-        detector = Detector(model_dir, settings.DEVICE)
+        detector = Detector(model_dir, settings.DEVICE, settings.RUNTIME)
         detector.report_differences(settings)
         summary = predict_folder(detector, folder, Path(settings.RESULTS_DIR) / name, settings)
         print(

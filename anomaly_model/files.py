@@ -344,6 +344,31 @@ class AtomicFolder:
             number += 1
 
 
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """Replace one file (model.json when export.py adds its section): written beside it under a
+    temporary name, flushed to disk, then renamed over it, so a crash leaves the old or the new."""
+    path = Path(path)
+    temporary = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def file_checksum(path: Path) -> dict:
+    """{"sha256", "bytes"} of a file, read in blocks (an exported Wide-ResNet model is 3.8 GB)."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as file:
+        while block := file.read(1 << 24):
+            digest.update(block)
+            size += len(block)
+    return {"sha256": digest.hexdigest(), "bytes": size}
+
+
 def read_checked_bytes(folder: Path, name: str, files: dict) -> bytes:
     """A file of a model folder, verified against its checksum in `files` (model.json's "files")."""
     path = Path(folder) / name

@@ -106,11 +106,17 @@ class MapMaker:
 
     def __call__(self, patch_scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(B, h, w) patch scores -> (B, H, W) maps at image size (H, W)."""
-        rows, columns = self.operators(tuple(patch_scores.shape[-2:]), size, patch_scores.device)
-        scores = patch_scores.float()
-        if not (rows.is_sparse or columns.is_sparse):
-            return rows @ scores @ columns.T
-        count, (height, width), (grid_h, grid_w) = len(scores), size, scores.shape[-2:]
-        tall = _product(rows, scores.permute(1, 0, 2).reshape(grid_h, count * grid_w))  # (H, B * w)
-        tall = tall.view(height, count, grid_w).permute(1, 0, 2).reshape(count * height, grid_w)
-        return _product(columns, tall.T.contiguous()).T.reshape(count, height, width)
+        return apply_operators(patch_scores, *self.operators(tuple(patch_scores.shape[-2:]), size, patch_scores.device))
+
+
+def apply_operators(patch_scores: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) patch scores -> (B, H, W) maps with `MapMaker.operators`: two matrix products, which is
+    also how an exported model (`base.ScoringModule`) holds the post-processing, as two constants.
+    Sparse operators (long axes) go through `_product`, one axis at a time."""
+    scores = patch_scores.float()
+    if not (rows.is_sparse or columns.is_sparse):
+        return rows @ scores @ columns.T
+    count, (height, width), (grid_h, grid_w) = len(scores), (rows.shape[0], columns.shape[0]), scores.shape[-2:]
+    tall = _product(rows, scores.permute(1, 0, 2).reshape(grid_h, count * grid_w))  # (H, B * w)
+    tall = tall.view(height, count, grid_w).permute(1, 0, 2).reshape(count * height, grid_w)
+    return _product(columns, tall.T.contiguous()).T.reshape(count, height, width)

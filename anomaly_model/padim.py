@@ -14,12 +14,13 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from anomaly_model.backbone import DEFAULT_FEATURE_DIM, ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.chebyshev import SCORES, chebyshev_term, pixel_threshold, pixel_threshold_rule
 from anomaly_model.files import CHUNK_ROWS, read_npy, read_npy_chunks
-from anomaly_model.gaussian import StreamingGaussian, deviations, leave_out, mahalanobis, scatter_from_factor
+from anomaly_model.gaussian import StreamingGaussian, deviations, inverse_factors, leave_out, mahalanobis, scatter_from_factor
 from anomaly_model.schema import check
 from settings import integer, sequence
 
@@ -33,6 +34,11 @@ OUT_OF_FOLD_BYTES = 512 * 2**20
 _LEAVE_OUT_CHUNK_ELEMENTS = 2_000_000
 BATCH_OF_MAPS = 32  # out-of-fold maps yielded at once (32 maps of 224 x 224: 6 MB)
 
+# Most values in one constant of an exported PaDiM graph: Wide-ResNet's 3.8 GB of inverse factors
+# become 15 constants of <= 256 MB, so writing, checking and loading the ONNX file never copies
+# them whole; ResNet18 and MobileNetV2 at 224 px need one or two.
+EXPORT_CHUNK_ELEMENTS = 2**26
+
 
 def _nearest_source(source: int, target: int, device: torch.device) -> torch.Tensor:
     """Source index of each of `target` cells under F.interpolate(mode="nearest"), taken from
@@ -45,6 +51,24 @@ def _lower_triangle_index(dim: int, device: torch.device) -> torch.Tensor:
     """Flat indices of a d x d matrix's lower triangle, row by row: the packed layout on disk."""
     rows, cols = torch.tril_indices(dim, dim, device=device)
     return rows * dim + cols
+
+
+def write_embedding(features: list[torch.Tensor], layer_channels: list[torch.Tensor], out: torch.Tensor) -> None:
+    """Layer features (b, C_k, h_k, w_k) -> out, an (h, w, b, d) view. The random channel subset
+    (`Padim.layer_channels`) is taken from each layer before the upsampling and concatenation, so
+    the full embedding is never built; channels-last maps give each patch's channels contiguously.
+    The one embedding of PaDiM: fitting, scoring and the exported graph (`PadimPatchScores`) use it."""
+    height, width = out.shape[0], out.shape[1]
+    column = 0
+    for feature, chosen in zip(features, layer_channels):
+        chosen = chosen.to(feature.device)
+        if chosen.numel():
+            part = feature.permute(0, 2, 3, 1).index_select(3, chosen)  # (b, h_k, w_k, c)
+            if part.shape[1:3] != (height, width):  # nearest upsampling, as F.interpolate does it
+                part = part.index_select(1, _nearest_source(part.shape[1], height, part.device))
+                part = part.index_select(2, _nearest_source(part.shape[2], width, part.device))
+            out[..., column : column + chosen.numel()].copy_(part.permute(1, 2, 0, 3))
+            column += chosen.numel()
 
 
 class Padim(AnomalyModel):
@@ -113,14 +137,14 @@ class Padim(AnomalyModel):
 
         Each backbone slice's embedding is written straight into its columns of `out` (reused
         when its shape fits, as the fit does for every batch): no embedding is copied."""
-        grid = None
+        grid, layer_channels = None, self.layer_channels()
         for start, features in self.backbone_slices(images):
             grid = tuple(features[0].shape[-2:])
             shape = (grid[0] * grid[1], len(images), self.feature_dim)
             if out is None or tuple(out.shape) != shape:
                 out = torch.empty(shape, dtype=torch.float32, device=self.device)
             columns = out[:, start : start + len(features[0])]
-            self._write_embedding(features, columns.view(*grid, *columns.shape[1:]))  # a view: writes land in out
+            write_embedding(features, layer_channels, columns.view(*grid, *columns.shape[1:]))  # a view: writes land in out
             del features
         return out, grid
 
@@ -141,24 +165,14 @@ class Padim(AnomalyModel):
         self.n_train_images_ = accumulator.count
         return self
 
-    def _write_embedding(self, features: list[torch.Tensor], out: torch.Tensor) -> None:
-        """Layer features (b, C_k, h_k, w_k) -> out, an (h, w, b, d) view. The random channel subset
-        is taken from each layer before the upsampling and concatenation, so the full embedding
-        is never built; channels-last maps give each patch's channels contiguously."""
-        height, width = out.shape[0], out.shape[1]
-        indices = self.channel_indices_.to(features[0].device)
-        start, column = 0, 0
-        for feature in features:
-            channels = feature.shape[1]
-            chosen = indices[(indices >= start) & (indices < start + channels)] - start
+    def layer_channels(self) -> list[torch.Tensor]:
+        """Per backbone layer, the indices of its channels in the random subset: plain Python on the
+        saved indices, so an exported graph holds the subset as constants (no data-dependent shapes)."""
+        indices, start, chosen = self.channel_indices_.tolist(), 0, []
+        for channels in self.extractor.channels:
+            chosen.append(torch.tensor([i - start for i in indices if start <= i < start + channels], dtype=torch.long))
             start += channels
-            if chosen.numel():
-                part = feature.permute(0, 2, 3, 1).index_select(3, chosen)  # (b, h_k, w_k, c)
-                if part.shape[1:3] != (height, width):  # nearest upsampling, as F.interpolate does it
-                    part = part.index_select(1, _nearest_source(part.shape[1], height, part.device))
-                    part = part.index_select(2, _nearest_source(part.shape[2], width, part.device))
-                out[..., column : column + chosen.numel()].copy_(part.permute(1, 2, 0, 3))
-                column += chosen.numel()
+        return chosen
 
     def _by_location(self, embedding: torch.Tensor) -> torch.Tensor:
         """(P, N, d) -> (P * k, N / k, d) with k statistics per position (tile locations), a view."""
@@ -182,6 +196,11 @@ class Padim(AnomalyModel):
         """The fit's (P, d, d) float32 sums, which become the Cholesky factors, and the (P, d) rest."""
         return positions * self.feature_dim * (4 * self.feature_dim + 20)
 
+    def patch_score_module(self, release: bool = False) -> "PadimPatchScores":
+        if self.score_kind != "mahalanobis" and not (self.score_kind == "hybrid" and self.chebyshev_weight == 1):
+            raise ModelError(f"PADIM_SCORE={self.score_kind!r} models cannot be exported to ONNX yet (only the Mahalanobis distance): use RUNTIME=torch")
+        return PadimPatchScores(self, release)
+
     def embedding_scores(self, embedding: torch.Tensor, mean: torch.Tensor, cholesky: torch.Tensor) -> torch.Tensor:
         """(N, P) scores of (P, N, d) embeddings under the Gaussians (mean, cholesky): the one place
         a patch score is computed from statistics, whichever statistics they are.
@@ -189,7 +208,9 @@ class Padim(AnomalyModel):
         "mahalanobis": the distance M; "chebyshev": the term C = max_c (1 - 1/k_c^2) in [0, 1);
         "hybrid": w M + (1 - w) C with w = CHEBYSHEV_WEIGHT (the published (M + C) / 2 at 0.5).
         The per-channel sigma is taken from `cholesky` itself, so leave-fold-out statistics work
-        as the fitted ones do. Weight 1 is the Mahalanobis computation itself (same maps, bit for bit)."""
+        as the fitted ones do. Weight 1 is the Mahalanobis computation itself (same maps, bit for bit).
+        (The exported graph, `PadimPatchScores`, computes the same value without a solve; export.py
+        checks that the two agree.)"""
         with torch.no_grad():
             kind, weight = self.score_kind, self.chebyshev_weight
             if kind == "mahalanobis" or (kind == "hybrid" and weight == 1):
@@ -324,3 +345,41 @@ class Padim(AnomalyModel):
             start += block.shape[0]
         self.mean_ = torch.from_numpy(np.ascontiguousarray(mean)).to(self.device)
         self.cholesky_ = factors.view(positions, dim, dim)
+
+
+class PadimPatchScores(nn.Module):
+    """Layer features -> (N, h, w) patch scores of a fitted Padim, in operations ONNX has (the model's
+    part of `AnomalyModel.export_module`). ONNX has no triangular solve, so each Cholesky factor is
+    held inverted (L^-1, from `gaussian.inverse_factors`) and the distance |L^-1 (x - mu)| is a
+    batched product: the value `embedding_scores` computes with a solve. The module holds its own
+    statistics, or with `release` takes over the model's factors, inverted in place (the model can
+    no longer score: its `cholesky_` is gone), so export never holds L and L^-1 at once.
+    Positions are split into constants of <= EXPORT_CHUNK_ELEMENTS values."""
+
+    def __init__(self, model: Padim, release: bool = False) -> None:
+        super().__init__()
+        self.grid = tuple(model.grid_size_)
+        self.layer_channels = model.layer_channels()
+        positions, self.dim = model.mean_.shape
+        factors = model.cholesky_.cpu()
+        if release:
+            model.cholesky_ = None
+        step = max(1, EXPORT_CHUNK_ELEMENTS // (self.dim * self.dim))
+        self.chunks = 0
+        for start in range(0, positions, step):
+            self.register_buffer(f"mean_{self.chunks}", model.mean_[start : start + step].cpu().clone())
+            self.register_buffer(f"inverse_{self.chunks}", inverse_factors(factors[start : start + step], in_place=release))
+            self.chunks += 1
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        count, (height, width) = features[0].shape[0], self.grid
+        embedding = features[0].new_empty(height, width, count, self.dim)
+        write_embedding(features, self.layer_channels, embedding)
+        embedding = embedding.view(height * width, count, self.dim)
+        squared, start = [], 0
+        for index in range(self.chunks):
+            mean, inverse = getattr(self, f"mean_{index}"), getattr(self, f"inverse_{index}")
+            delta = embedding[start : start + mean.shape[0]] - mean[:, None, :]  # (p, N, d)
+            squared.append((inverse @ delta.transpose(1, 2)).square().sum(dim=1))  # (p, N)
+            start += mean.shape[0]
+        return torch.cat(squared).clamp_min(0).sqrt().T.reshape(count, height, width)

@@ -30,13 +30,16 @@ import torch
 
 from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
-from anomaly_model.files import AtomicFolder, sweep
+from anomaly_model.files import AtomicFolder, sweep, write_file_atomically
 from anomaly_model.padim import Padim
 from anomaly_model.patchcore import PatchCore
 from anomaly_model.schema import Each, Optional, SchemaError, check
 from settings import RULES, Rule, choice, integer, number, sequence, text
 
 FORMAT_VERSION = 3  # 3: "anomaly_model" section with a type (2: PaDiM only, "padim" section)
+# Sections of model.json that other commands add to a trained model (export.py: "export"); the
+# trained model's identity (`model_id`) leaves them out.
+ADDED_SECTIONS = ("export",)
 MODEL_TYPES: dict[str, type[AnomalyModel]] = {Padim.kind: Padim, PatchCore.kind: PatchCore}
 
 _SHA256 = Rule(lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v), "a sha256 hex digest")
@@ -71,6 +74,10 @@ DETECTOR_SCHEMA = {
         "threshold": number(),
         "levels": Each(number()),
     }),
+}
+# ... and what scoring with the exported ONNX file needs (`onnx_file.OnnxScorer` checks it).
+EXPORT_SCHEMA = {
+    "export": {"onnx_file": text(empty=False), "files": Each({"sha256": _SHA256, "bytes": integer(minimum=0)})},
 }
 
 
@@ -198,3 +205,21 @@ def load_model(folder: Path, device: str = "auto") -> tuple[AnomalyModel, dict]:
         model.load_fitted_state(entry["state"])
     model.load_arrays(folder, description["files"])
     return model, description
+
+
+def model_id(description: dict) -> str:
+    """sha256 of model.json as train.py wrote it (sections added later left out): names one trained
+    version of a model. The exported ONNX file carries it, so a file from another version is refused."""
+    trained = {key: value for key, value in description.items() if key not in ADDED_SECTIONS}
+    return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()
+
+
+def add_section(folder: Path, key: str, entry: dict) -> dict:
+    """Add or replace section `key` (one of ADDED_SECTIONS) of a trained model's model.json, in one
+    atomic rewrite of that file; the model's own files and identity are untouched."""
+    if key not in ADDED_SECTIONS:
+        raise ValueError(f"model.json section {key!r} is not one that may be added to a trained model")
+    description = read_description(folder)
+    description[key] = entry
+    write_file_atomically(Path(folder) / "model.json", json.dumps(description, indent=2).encode())
+    return description

@@ -19,15 +19,17 @@ than the max itself. With monotone evidence of anomaly only (enforced as monoton
 the classifier can only choose how much each pooling scale and level counts; with no
 near-copies of the max, its trees do not spend every split on variants of the peak.
 
-Everything is computed on the map at the model's resolution (the working size, IMAGE_SIZE), vectorized in torch
-(sort once, read order statistics) and scipy.ndimage (connected regions, sizes via bincount): no
-Python loop touches pixels; the only loop is over images for the region labels.
+Everything is computed on the map at the model's resolution (the working size, IMAGE_SIZE), vectorized in numpy
+(sort once, read order statistics; sums in float64) and scipy.ndimage (connected regions, sizes
+via bincount): no Python loop touches pixels; the only loop is over images for the region labels.
+numpy and scipy only, no torch: a deployment with onnxruntime and xgboost (README, "Deploying
+without PyTorch") computes the classifier's features with this same module. scipy comes with
+xgboost.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 # Levels the region features are computed at: key in the levels dict -> what it is.
@@ -86,25 +88,25 @@ def _largest_region_area(above: np.ndarray) -> np.ndarray:
     return result
 
 
-def map_features(maps: torch.Tensor, levels: dict[str, float]) -> np.ndarray:
-    """(N, len(FEATURE_NAMES)) float32 features of (N, H, W) anomaly maps, columns in FEATURE_NAMES order."""
+def map_features(maps, levels: dict[str, float]) -> np.ndarray:
+    """(N, len(FEATURE_NAMES)) float32 features of (N, H, W) anomaly maps (a numpy array, or a CPU torch
+    tensor), columns in FEATURE_NAMES order."""
+    maps = np.asarray(maps, dtype=np.float32)
     if maps.ndim == 2:
         maps = maps[None]
-    maps = maps.detach().float().cpu()
     n = maps.shape[0]
-    flat = maps.flatten(1)
+    flat = maps.reshape(n, -1)
     pixels = flat.shape[1]
-    ordered = flat.sort(dim=1, descending=True).values
-    columns: dict[str, torch.Tensor] = {"max": ordered[:, 0]}
+    ordered = np.sort(flat, axis=1)[:, ::-1]  # descending
+    columns: dict[str, np.ndarray] = {"max": ordered[:, 0]}
     for name, share in TOP_FRACTIONS.items():
-        columns[f"mean_{name}"] = ordered[:, : min(pixels, max(1, int(round(share * pixels))))].mean(dim=1)
-    columns["mean"] = flat.mean(dim=1)
-    columns["std"] = flat.std(dim=1, unbiased=False)
-    values = maps.numpy()
+        columns[f"mean_{name}"] = ordered[:, : min(pixels, max(1, int(round(share * pixels))))].mean(axis=1, dtype=np.float64)
+    columns["mean"] = flat.mean(axis=1, dtype=np.float64)
+    columns["std"] = flat.std(axis=1, dtype=np.float64)
     for level_key in LEVEL_KEYS:
         level = float(levels[level_key])
-        above = values > level
-        columns[f"area_{level_key}"] = torch.from_numpy(above.reshape(n, -1).mean(axis=1))
-        columns[f"excess_{level_key}"] = (flat - level).clamp_min(0).mean(dim=1)
-        columns[f"largest_area_{level_key}"] = torch.from_numpy(_largest_region_area(above))
-    return np.stack([columns[name].double().numpy() for name in FEATURE_NAMES], axis=1).astype(np.float32)
+        above = maps > level
+        columns[f"area_{level_key}"] = above.reshape(n, -1).mean(axis=1)
+        columns[f"excess_{level_key}"] = np.maximum(flat - np.float32(level), 0).mean(axis=1, dtype=np.float64)
+        columns[f"largest_area_{level_key}"] = _largest_region_area(above)
+    return np.stack([np.asarray(columns[name], dtype=np.float64) for name in FEATURE_NAMES], axis=1).astype(np.float32)

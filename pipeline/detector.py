@@ -6,17 +6,19 @@ import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from anomaly_model.files import read_checked_bytes
-from anomaly_model.store import DETECTOR_SCHEMA, check_description, load_model, model_class, model_file_guard
+from anomaly_model.onnx_file import OnnxScorer
+from anomaly_model.store import DETECTOR_SCHEMA, check_description, load_model, model_class, model_file_guard, read_description
 from classification_model.features import FEATURE_NAMES, map_features
 from classification_model.xgboost import DefectClassifier
 from dataset_manager import ImageBatches, Preprocessor
+from settings import SettingsError
 
 # Preprocessing settings a model carries itself (its anomaly model's settings come from its class:
 # `AnomalyModel.setting_names`); config.py values that differ are reported and not used.
@@ -25,6 +27,9 @@ from dataset_manager import ImageBatches, Preprocessor
 PREPROCESSING_SETTINGS = {"IMAGE_SIZE": "image_size_setting", "CENTER_CROP": "center_crop", "NORMALIZE_MEAN": "mean", "NORMALIZE_STD": "std"}
 # Settings whose 0 / () in config.py means "the model's own default" (saved resolved): not a difference.
 MODEL_DEFAULT_SETTINGS = ("FEATURE_DIM", "PATCHCORE_FEATURE_DIM", "LAYERS")
+# What computes maps and image scores (RUNTIME): the model in torch, or its exported ONNX file in
+# onnxruntime (python export.py first). Everything else a Detector does is the same for both.
+RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass
@@ -72,10 +77,20 @@ def load_classifier(model_dir: Path, description: dict) -> tuple[DefectClassifie
 class Detector:
     """Loads MODEL_DIR/<name> and turns images into anomaly maps, scores and verdicts."""
 
-    def __init__(self, model_dir: Path, device: str = "auto") -> None:
+    def __init__(self, model_dir: Path, device: str = "auto", runtime: str = "torch") -> None:
         self.model_dir = Path(model_dir)
-        self.model, self.description = load_model(self.model_dir, device)
+        if runtime not in RUNTIMES:
+            raise SettingsError(f"RUNTIME={runtime!r} is not supported: choose one of {', '.join(RUNTIMES)}")
+        self.runtime = runtime
+        self.model = None  # the anomaly model, with RUNTIME=torch
+        if runtime == "torch":
+            self.model, self.description = load_model(self.model_dir, device)
+        else:
+            self.description = read_description(self.model_dir)
         check_description(self.model_dir, self.description, DETECTOR_SCHEMA)
+        # preprocessed (B, 3, H, W) images -> (maps (B, H, W), image scores (B,)) on the CPU
+        self.score: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+        self.score = self.model.score if self.model is not None else OnnxScorer(self.model_dir, self.description, device).score
         self.preprocessor = Preprocessor.from_description(self.description["preprocessing"])
         self.image_threshold = float(self.description["thresholds"]["image"])
         self.pixel_threshold = float(self.description["thresholds"]["pixel"])
@@ -109,7 +124,7 @@ class Detector:
         def results() -> Iterator[ImageResult]:
             with tqdm(total=len(paths), desc=label, unit="img", file=sys.stderr) as progress:
                 for batch in batches:
-                    maps, scores = self.model.score(batch.images)
+                    maps, scores = self.score(batch.images)
                     probabilities = [None] * len(batch.indices)
                     if self.classifier is not None:
                         features = map_features(maps, self.classifier_levels)
