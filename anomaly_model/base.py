@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from anomaly_model import distributed
 from anomaly_model.backbone import FeatureExtractor, ModelError
 from anomaly_model.maps import MapMaker
 
@@ -38,7 +39,9 @@ COMMON_SETTINGS = {
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" is CUDA when present, else CPU; a named device must exist."""
+    """"auto" is CUDA when present, else CPU; a named device must exist. Under torchrun each rank
+    takes its own GPU, cuda:LOCAL_RANK (`distributed.rank_device`)."""
+    name = distributed.rank_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from anomaly_model import distributed
 from anomaly_model.backbone import DEFAULT_FEATURE_DIM, ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.files import CHUNK_ROWS, read_npy, read_npy_chunks
@@ -85,16 +86,25 @@ class Padim(AnomalyModel):
         return out, grid
 
     def fit(self, batches: Iterable[torch.Tensor]) -> "Padim":
-        """Fit on batches of normalized good images; memory stays flat in the number of images."""
+        """Fit on batches of normalized good images; memory stays flat in the number of images.
+
+        Under torchrun every rank calls this with the batches of its own shard (maybe none) and
+        every rank ends with the same model, that of all ranks' images (`gaussian.py`)."""
         accumulator = StreamingGaussian()
-        embedding, grid = None, None
-        for images in batches:
-            if embedding is not None and embedding.shape[1] != len(images):
-                embedding = None  # a smaller last batch: free the buffer before its own is made
-            embedding, grid = self.embed(images, out=embedding)
-            accumulator.update(embedding)  # centers the buffer in place; the next batch overwrites it
+        batches = iter(batches)
+        first = next(batches, None)
+        embedding, grid = self.embed(first) if first is not None else (None, None)
+        source, grid = distributed.first_given(grid)  # ranks without images learn the grid too
         if grid is None:
             raise ModelError("no training images could be read: nothing to fit")
+        accumulator.share_shift(embedding, grid[0] * grid[1], self.feature_dim, self.device, source)
+        if embedding is not None:
+            accumulator.update(embedding)  # centers the buffer in place; the next batch overwrites it
+        for images in batches:  # the rest of this rank's batches (none when the first was None)
+            if embedding.shape[1] != len(images):
+                embedding = None  # a smaller last batch: free the buffer before its own is made
+            embedding, _ = self.embed(images, out=embedding)
+            accumulator.update(embedding)
         del embedding
         self.mean_, self.cholesky_ = accumulator.finalize(self.epsilon)
         self.grid_size_ = grid

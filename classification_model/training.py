@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from anomaly_model import distributed
 from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
 from classification_model.features import FEATURE_NAMES, MONOTONE, map_features
@@ -47,18 +48,23 @@ def synthetic_defect_maps(
     strength_range: tuple[float, float],
     seed: int,
     batch_size: int,
-) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+) -> tuple[torch.Tensor | None, np.ndarray, list[str]]:
     """(maps (M, CROP, CROP), source index per map, defect type per map) of `per_image` synthetic
-    defects on each good image; types cycle so each image gets every type in turn."""
+    defects on each good image; types cycle so each image gets every type in turn.
+
+    Under torchrun every rank paints every defect (one random stream, so the same set as one
+    process) but runs the model only on its own batches (`distributed.owns_batch`); the maps are
+    gathered on rank 0, None on the other ranks."""
     rng = np.random.default_rng(seed)
-    maps, sources, kinds, pending = [], [], [], []
+    scored, sources, kinds, pending = [], [], [], []
 
     def flush() -> None:
         if pending:
-            maps.append(model.anomaly_maps(torch.stack(pending)).cpu())
+            number = (len(sources) - 1) // batch_size
+            scored.append((number, model.anomaly_maps(torch.stack(pending)).cpu().numpy()))
             pending.clear()
 
-    for index, path in enumerate(tqdm(good_paths, desc="synthetic defects", unit="img", file=sys.stderr)):
+    for index, path in enumerate(distributed.watched(tqdm(good_paths, desc="synthetic defects", unit="img", file=sys.stderr))):
         try:
             rgb = read_rgb(path)
         except DataError:
@@ -66,23 +72,37 @@ def synthetic_defect_maps(
         for variant in range(per_image):
             kind = DEFECT_TYPES[(index + variant) % len(DEFECT_TYPES)]
             image = make_defect(rgb, kind, rng, size_range, strength_range, preprocessor.resize, preprocessor.crop)
-            pending.append(preprocessor.image_tensor(image))
+            if distributed.owns_batch(len(sources) // batch_size):
+                pending.append(preprocessor.image_tensor(image))
             sources.append(index)
             kinds.append(kind)
-            if len(pending) >= batch_size:
+            if len(sources) % batch_size == 0:
                 flush()
     flush()
+    maps = distributed.gather_in_order(scored)
+    if maps is None:
+        return None, np.array(sources, dtype=int), kinds
     empty = torch.zeros(0, preprocessor.crop, preprocessor.crop)
-    return (torch.cat(maps) if maps else empty), np.array(sources, dtype=int), kinds
+    return (torch.from_numpy(np.concatenate(maps)) if maps else empty), np.array(sources, dtype=int), kinds
 
 
-def image_maps(model: AnomalyModel, preprocessor: Preprocessor, paths: list[Path], batch_size: int, label: str) -> torch.Tensor:
-    """Anomaly maps of image files (unreadable ones are left out, with a warning)."""
-    batches = ImageBatches(paths, preprocessor, batch_size, 0)
-    maps = [model.anomaly_maps(b.images).cpu() for b in tqdm(batches, desc=label, unit="batch", file=sys.stderr)]
-    for path, reason in batches.skipped:
+def image_maps(model: AnomalyModel, preprocessor: Preprocessor, paths: list[Path], batch_size: int, label: str) -> torch.Tensor | None:
+    """Anomaly maps of image files, in order (unreadable ones are left out, with a warning). Under
+    torchrun each rank scores its shard; rank 0 gets every map, the other ranks None."""
+    mine = distributed.shard(len(paths), batch_size)
+    batches = ImageBatches([paths[i] for i in mine], preprocessor, batch_size, 0)
+    maps = [
+        (mine[b.indices[0]], model.anomaly_maps(b.images).cpu().numpy())
+        for b in distributed.watched(tqdm(batches, desc=label, unit="batch", file=sys.stderr))
+    ]
+    position = {path: index for index, path in enumerate(paths)}
+    skipped = distributed.gather_in_order([(position[path], (path, reason)) for path, reason in batches.skipped])
+    maps = distributed.gather_in_order(maps)
+    if maps is None:
+        return None
+    for path, reason in skipped:
         print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
-    return torch.cat(maps) if maps else torch.zeros(0, preprocessor.crop, preprocessor.crop)
+    return torch.from_numpy(np.concatenate(maps)) if maps else torch.zeros(0, preprocessor.crop, preprocessor.crop)
 
 
 def fit_on_maps(
@@ -115,22 +135,27 @@ def train_for_model(
     defect_paths: list[Path],
     levels: dict[str, float],
     settings,
-) -> tuple[DefectClassifier, dict]:
-    """train.py's classifier step: returns the classifier and the `info["classifier"]` entry."""
-    if len(validation_paths) != validation_maps.shape[0]:
+) -> tuple[DefectClassifier | None, dict | None]:
+    """train.py's classifier step: returns the classifier and the `info["classifier"]` entry.
+
+    Under torchrun every rank runs this and scores its share of the defect images; rank 0 (which
+    alone holds `validation_maps` and `levels`) trains the classifier, the others return (None, None)."""
+    if validation_maps is not None and len(validation_paths) != validation_maps.shape[0]:
         raise ModelError("internal: validation paths and maps differ in number")
-    if validation_maps.shape[0] < 2:
+    if validation_maps is not None and validation_maps.shape[0] < 2:
         raise ModelError(
             f"the classifier needs good validation images, got {validation_maps.shape[0]}: add validation/good/ images, "
             "raise VALIDATION_FRACTION, or set CLASSIFIER = False"
         )
     real_maps = image_maps(model, preprocessor, list(defect_paths), settings.BATCH_SIZE, "labeled defects") if defect_paths else None
-    n_real = 0 if real_maps is None else real_maps.shape[0]
+    n_real = distributed.broadcast_object(0 if real_maps is None else real_maps.shape[0])  # every rank paints as many
     per_image = settings.CLASSIFIER_SYNTHETIC_PER_IMAGE if n_real < settings.CLASSIFIER_ENOUGH_REAL_DEFECTS else 0
     synthetic, sources, kinds = synthetic_defect_maps(
         model, preprocessor, validation_paths, per_image, settings.CLASSIFIER_DEFECT_SIZE,
         settings.CLASSIFIER_DEFECT_STRENGTH, settings.SEED, settings.BATCH_SIZE,
     ) if per_image > 0 else (torch.zeros(0, preprocessor.crop, preprocessor.crop), np.zeros(0, int), [])
+    if not distributed.is_main():
+        return None, None
     n_good = validation_maps.shape[0]
     defect_maps = torch.cat([synthetic] + ([real_maps] if n_real else []))
     groups = np.concatenate([sources, n_good + np.arange(n_real)])

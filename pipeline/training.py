@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from anomaly_model import distributed
 from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.files import check_writable
@@ -61,13 +62,32 @@ def _warn_skipped(skipped: list[tuple[Path, str]]) -> None:
         print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
 
 
-def validation_maps(model: AnomalyModel, paths: list[Path], preprocessor: Preprocessor, settings) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """(N, H, W) anomaly maps and (N,) image scores of held-out good images, and the files that could not be read."""
-    batches = ImageBatches(paths, preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
-    scored = [model.score(batch.images) for batch in tqdm(batches, desc="validation", unit="batch", file=sys.stderr)]
-    if not scored:
+def skipped_in_order(skipped: list[tuple[Path, str]], paths: list[Path]) -> list[tuple[Path, str]]:
+    """Every rank's unreadable files among `paths`, in `paths` order, on every rank (alone: `skipped`)."""
+    position = {path: index for index, path in enumerate(paths)}
+    return distributed.all_gather_in_order([(position[path], (path, reason)) for path, reason in skipped])
+
+
+def validation_maps(
+    model: AnomalyModel, paths: list[Path], preprocessor: Preprocessor, settings
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list]:
+    """(N, H, W) anomaly maps and (N,) image scores of held-out good images, in `paths` order, and the
+    files that could not be read. Under torchrun each rank scores its shard: maps and scores are
+    gathered on rank 0 (None on the other ranks), the unreadable files are known to every rank."""
+    mine = distributed.shard(len(paths), settings.BATCH_SIZE)
+    batches = ImageBatches([paths[i] for i in mine], preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
+    scored = []
+    for batch in distributed.watched(tqdm(batches, desc="validation", unit="batch", file=sys.stderr)):
+        maps, scores = model.score(batch.images)
+        scored += [(mine[i], (maps[row].numpy(), float(scores[row]))) for row, i in enumerate(batch.indices)]
+    skipped = skipped_in_order(batches.skipped, paths)
+    everything = distributed.gather_in_order(scored)
+    if everything is None:
+        return None, None, skipped
+    if not everything:
         raise ModelError("none of the validation images could be read: thresholds cannot be calibrated")
-    return torch.cat([maps for maps, _ in scored]), torch.cat([scores for _, scores in scored]), batches.skipped
+    maps = torch.from_numpy(np.stack([image_map for image_map, _ in everything]))
+    return maps, torch.tensor([score for _, score in everything], dtype=maps.dtype), skipped
 
 
 def calibrate(maps: torch.Tensor, image_scores: torch.Tensor, image_rate: float, pixel_rate: float) -> dict:
@@ -95,32 +115,41 @@ def calibrate(maps: torch.Tensor, image_scores: torch.Tensor, image_rate: float,
 
 
 def train_category(category: Category, settings, model_dir: Path) -> TrainingSummary:
-    """Fit, calibrate and save one model; the previous model at `model_dir` survives any failure."""
+    """Fit, calibrate and save one model; the previous model at `model_dir` survives any failure.
+
+    Under torchrun every rank runs this: each fits on its shard of the training images and scores
+    its shard of the validation and classifier images; rank 0 calibrates, trains the classifier
+    and saves; every rank returns rank 0's summary."""
     started = time.perf_counter()
-    check_writable(model_dir.parent)
+    if distributed.is_main():
+        check_writable(model_dir.parent)
     train_paths, validation_paths = split_validation(category, settings.VALIDATION_FRACTION, settings.SEED)
     preprocessor = make_preprocessor(settings)
     model = build_model(settings)
-    batches = ImageBatches(train_paths, preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
-    model.fit(batch.images for batch in tqdm(batches, desc=f"fit {category.name}", unit="batch", file=sys.stderr))
-    skipped = list(batches.skipped)
+    mine = distributed.shard(len(train_paths), settings.BATCH_SIZE)
+    batches = ImageBatches([train_paths[i] for i in mine], preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
+    progress = tqdm(batches, desc=f"fit {category.name}", unit="batch", file=sys.stderr)
+    model.fit(batch.images for batch in distributed.watched(progress))
+    skipped = skipped_in_order(batches.skipped, train_paths)
     maps, scores, skipped_validation = validation_maps(model, validation_paths, preprocessor, settings)
     skipped += skipped_validation
-    _warn_skipped(skipped)
-    info = calibrate(maps, scores, settings.IMAGE_FALSE_REJECT_RATE, settings.PIXEL_FALSE_REJECT_RATE)
-    info["preprocessing"] = {
-        "resize": preprocessor.resize,
-        "crop": preprocessor.crop,
-        "mean": list(settings.NORMALIZE_MEAN),
-        "std": list(settings.NORMALIZE_STD),
-    }
-    info["dataset"] = {
-        "category": category.name,
-        "dataset_dir": str(category.root),
-        "n_train_images": model.n_train_images_,
-        "n_validation_images": int(maps.shape[0]),
-        "skipped_files": [str(path) for path, _ in skipped],
-    }
+    info = None
+    if distributed.is_main():  # maps and scores were gathered here
+        _warn_skipped(skipped)
+        info = calibrate(maps, scores, settings.IMAGE_FALSE_REJECT_RATE, settings.PIXEL_FALSE_REJECT_RATE)
+        info["preprocessing"] = {
+            "resize": preprocessor.resize,
+            "crop": preprocessor.crop,
+            "mean": list(settings.NORMALIZE_MEAN),
+            "std": list(settings.NORMALIZE_STD),
+        }
+        info["dataset"] = {
+            "category": category.name,
+            "dataset_dir": str(category.root),
+            "n_train_images": model.n_train_images_,
+            "n_validation_images": int(maps.shape[0]),
+            "skipped_files": [str(path) for path, _ in skipped],
+        }
     extra_files = {}
     if settings.CLASSIFIER:
         from classification_model.features import levels_from_description
@@ -128,19 +157,23 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
 
         unreadable = {path for path, _ in skipped_validation}
         readable = [path for path in validation_paths if path not in unreadable]
-        classifier, info["classifier"] = train_for_model(
-            model, preprocessor, readable, maps, category.train_defect_images, levels_from_description(info), settings
+        levels = levels_from_description(info) if info is not None else None
+        classifier, entry = train_for_model(model, preprocessor, readable, maps, category.train_defect_images, levels, settings)
+        if classifier is not None:  # rank 0
+            info["classifier"] = entry
+            extra_files[entry["booster_file"]] = classifier.to_bytes()
+    summary = None
+    if distributed.is_main():
+        model_bytes = save_model(model_dir, model, info, extra_files=extra_files)
+        summary = TrainingSummary(
+            category=category.name,
+            model_dir=model_dir,
+            n_train=model.n_train_images_,
+            n_validation=int(maps.shape[0]),
+            seconds=time.perf_counter() - started,
+            model_bytes=model_bytes,
+            image_threshold=info["thresholds"]["image"],
+            pixel_threshold=info["thresholds"]["pixel"],
+            skipped=skipped,
         )
-        extra_files[info["classifier"]["booster_file"]] = classifier.to_bytes()
-    model_bytes = save_model(model_dir, model, info, extra_files=extra_files)
-    return TrainingSummary(
-        category=category.name,
-        model_dir=model_dir,
-        n_train=model.n_train_images_,
-        n_validation=int(maps.shape[0]),
-        seconds=time.perf_counter() - started,
-        model_bytes=model_bytes,
-        image_threshold=info["thresholds"]["image"],
-        pixel_threshold=info["thresholds"]["pixel"],
-        skipped=skipped,
-    )
+    return distributed.broadcast_object(summary)
