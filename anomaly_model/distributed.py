@@ -28,6 +28,7 @@ import signal
 import socket
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NoReturn, TypeVar
 
@@ -42,6 +43,10 @@ T = TypeVar("T")
 # How long a failing rank waits for rank 0 to report its error, and rank 0 for the others to
 # stop writing into a shared folder, before going ahead anyway.
 _STOP_TIMEOUT_S = 600.0
+# A collective's own timeout. Failures are noticed through the store, not by timing out, so this
+# only needs to outlast rank 0's serial work while the others wait (calibration, the classifier's
+# XGBoost fit, eval's metrics and pictures, saving), which on large sets may pass the 30 min default.
+_COLLECTIVE_TIMEOUT = timedelta(hours=3)
 _ERROR_KEY = "error"
 
 
@@ -71,7 +76,8 @@ class PeerFailed(Exception):
 
 
 def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    """torchrun's (env://) variables are set: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT."""
+    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def start() -> None:
@@ -85,7 +91,7 @@ def start() -> None:
         backend = "cpu:gloo,cuda:nccl"  # CPU tensors (gathers of results) over Gloo, CUDA tensors over NCCL
         if local_rank < torch.cuda.device_count():
             torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=_COLLECTIVE_TIMEOUT)
     _job.store = dist.PrefixStore("anomaly-suite/", store)
     _job.rank, _job.world_size, _job.local_rank = rank, world_size, local_rank
     _job.several_hosts = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) < world_size
