@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
     categories = load_categories(settings)
     evaluations = []
     run_name = f"eval-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    with distributed.SharedFolder(Path(settings.RESULTS_DIR) / run_name) as out:
+    with distributed.SharedFolder(Path(settings.RESULTS_DIR) / run_name, replace=False) as out:
         for category in categories:
             detector = Detector(model_dir_for(settings, category.name, len(categories)), settings.DEVICE)
             detector.report_differences(settings)

@@ -1,13 +1,20 @@
-"""Reads config.py and applies KEY=VALUE overrides from the command line.
+"""Reads config.py, applies KEY=VALUE overrides from the command line, and checks every value.
 
 Kept apart from config.py so that config.py stays a plain list of constants a user edits.
+`RULES` says, for every key of config.py, what it may hold; `load` checks all values (config.py's
+own and the overrides) once, before any work starts, so a bad value is one line naming the key,
+the value and what is allowed, never a traceback from deep inside torch. A new setting in
+config.py gets one line in `RULES` (tests/test_reliability.py fails while a key has none).
 """
 
 from __future__ import annotations
 
 import ast
+import math
 import sys
+from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Callable, Iterable
 
 import config
 
@@ -19,6 +26,264 @@ class SettingsError(ValueError):
 def defaults() -> dict:
     """The UPPER_CASE constants of config.py."""
     return {key: value for key, value in vars(config).items() if key.isupper()}
+
+
+# --- Rules: what a value may be ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one setting may hold: `test(value)` is True when it does; `allowed` says it in words
+    (a callable when the answer depends on the machine, as for DEVICE)."""
+
+    test: Callable[[object], bool]
+    allowed: str | Callable[[], str]
+
+    def problem(self, value) -> str | None:
+        """None when `value` is allowed, else what is allowed, in words."""
+        try:
+            ok = bool(self.test(value))
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if ok:
+            return None
+        return self.allowed() if callable(self.allowed) else self.allowed
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def integer(minimum: int | None = None, maximum: int | None = None, multiple_of: int | None = None) -> Rule:
+    """A whole number, optionally bounded (inclusive) and a multiple of `multiple_of`."""
+    words = "an integer"
+    if minimum is not None and maximum is not None:
+        words += f" from {minimum} to {maximum}"
+    elif minimum is not None:
+        words += f" >= {minimum}"
+    elif maximum is not None:
+        words += f" <= {maximum}"
+    if multiple_of:
+        words += f", a multiple of {multiple_of}"
+    return Rule(
+        lambda v: _is_int(v)
+        and (minimum is None or v >= minimum)
+        and (maximum is None or v <= maximum)
+        and (not multiple_of or v % multiple_of == 0),
+        words,
+    )
+
+
+def number(minimum: float | None = None, maximum: float | None = None, *, above: float | None = None, below: float | None = None) -> Rule:
+    """A finite number (ints accepted); `minimum`/`maximum` inclusive, `above`/`below` exclusive."""
+    low = f"[{minimum}" if minimum is not None else (f"({above}" if above is not None else None)
+    high = f"{maximum}]" if maximum is not None else (f"{below})" if below is not None else None)
+    if low and high:
+        words = f"a number in {low}, {high}"
+    elif low:
+        words = f"a number {'>=' if minimum is not None else '>'} {low[1:]}"
+    elif high:
+        words = f"a number {'<=' if maximum is not None else '<'} {high[:-1]}"
+    else:
+        words = "a finite number"
+    return Rule(
+        lambda v: _is_number(v)
+        and (minimum is None or v >= minimum)
+        and (maximum is None or v <= maximum)
+        and (above is None or v > above)
+        and (below is None or v < below),
+        words,
+    )
+
+
+def flag() -> Rule:
+    return Rule(lambda v: isinstance(v, bool), "True or False")
+
+
+def text(empty: bool = True) -> Rule:
+    return Rule(lambda v: isinstance(v, str) and (empty or v.strip() != ""), "text" if empty else "non-empty text")
+
+
+def choice(options: Iterable[str] | Callable[[], Iterable[str]]) -> Rule:
+    """One of `options`; a callable is asked at check time (for lists that live in other modules)."""
+
+    def current() -> list[str]:
+        return list(options() if callable(options) else options)
+
+    return Rule(lambda v: v in current(), lambda: "one of " + ", ".join(repr(o) for o in current()))
+
+
+def folder_name() -> Rule:
+    """"" or a plain folder name (no path separators), for names that become MODEL_DIR/<name>."""
+    return Rule(
+        lambda v: isinstance(v, str) and v not in (".", "..") and "/" not in v and "\\" not in v and not v.startswith("."),
+        "'' or a folder name without '/', '\\' or a leading '.'",
+    )
+
+
+def sequence(item: Rule, length: int | None = None, min_length: int = 1, max_length: int | None = None, order: str = "") -> Rule:
+    """A tuple (or list) of values that each satisfy `item`; `order` "increasing" (strictly) or
+    "nondecreasing" (a (low, high) range)."""
+    if length is not None:
+        count = f"{length} value{'s' if length != 1 else ''}"
+    elif max_length is not None:
+        count = f"{min_length} to {max_length} values"
+    else:
+        count = f"{min_length} or more values"
+    words = f"a tuple of {count}, each {item.allowed}" + (f", {order}" if order else "")
+    if order == "nondecreasing":
+        words = f"a (low, high) tuple, each {item.allowed}, low <= high"
+
+    def test(values) -> bool:
+        if not isinstance(values, (tuple, list)):
+            return False
+        if length is not None and len(values) != length:
+            return False
+        if len(values) < min_length or (max_length is not None and len(values) > max_length):
+            return False
+        if not all(item.problem(v) is None for v in values):
+            return False
+        pairs = list(zip(values, values[1:]))
+        if order == "increasing":
+            return all(a < b for a, b in pairs)
+        if order == "nondecreasing":
+            return all(a <= b for a, b in pairs)
+        return True
+
+    return Rule(test, words)
+
+
+def _anomaly_models() -> list[str]:
+    from anomaly_model.store import MODEL_TYPES
+
+    return list(MODEL_TYPES)
+
+
+def _backbones() -> list[str]:
+    from anomaly_model.backbone import BACKBONES
+
+    return list(BACKBONES)
+
+
+def _precisions() -> list[str]:
+    from anomaly_model.backbone import PRECISIONS
+
+    return list(PRECISIONS)
+
+
+def _devices_here() -> list[str]:
+    """The device names that work on this machine."""
+    import torch
+
+    names = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda"] + [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("mps")
+    return names
+
+
+def device() -> Rule:
+    """A device that exists here: checked up front, so no torch error about it comes later."""
+    return Rule(lambda v: v in _devices_here(),
+                lambda: "a device this machine has: " + ", ".join(_devices_here()))
+
+
+def weights() -> Rule:
+    return Rule(
+        lambda v: isinstance(v, str) and v.strip() != "",
+        "'imagenet', 'imagenet-offline', 'none' or the path of a .pt/.pth state-dict file",
+    )
+
+
+FRACTION = number(0, below=1)  # a share that must leave something: [0, 1)
+
+# Every key of config.py and what it may hold. Adding a setting to config.py = adding its line here.
+RULES: dict[str, Rule] = {
+    # data
+    "DATASET_DIR": text(empty=False),
+    "MODEL_DIR": text(empty=False),
+    "RESULTS_DIR": text(empty=False),
+    "MODEL_NAME": folder_name(),
+    "TEST_DIR": text(),
+    "VALIDATION_FRACTION": FRACTION,
+    # preprocessing
+    "RESIZE": integer(minimum=32),
+    "CROP": integer(minimum=32),  # the deepest backbone stage has stride 32: smaller gives a 1x1 grid
+    "NORMALIZE_MEAN": sequence(number(), length=3),
+    "NORMALIZE_STD": sequence(number(above=0), length=3),
+    # anomaly model
+    "ANOMALY_MODEL": choice(_anomaly_models),
+    "BACKBONE": choice(_backbones),
+    "WEIGHTS": weights(),
+    "LAYERS": sequence(integer(1, 4), max_length=4, order="increasing"),
+    "FEATURE_DIM": integer(minimum=0),
+    "COVARIANCE_EPSILON": number(minimum=0),
+    "BLUR_SIGMA": number(minimum=0),
+    "BACKBONE_PRECISION": choice(_precisions),
+    "SEED": integer(0, 2**32 - 1),
+    # thresholds
+    "IMAGE_FALSE_REJECT_RATE": FRACTION,
+    "PIXEL_FALSE_REJECT_RATE": FRACTION,
+    # runtime
+    "DEVICE": device(),
+    "BATCH_SIZE": integer(minimum=1),
+    "NUM_WORKERS": integer(minimum=0),
+    "SAVE_PICTURES": flag(),
+    # evaluation
+    "EVAL_PRO_FPR_LIMIT": number(above=0, maximum=1),
+    "EVAL_SHEET_COUNT": integer(minimum=0),
+    # classifier
+    "CLASSIFIER": flag(),
+    "CLASSIFIER_SYNTHETIC_PER_IMAGE": integer(minimum=0),
+    "CLASSIFIER_ENOUGH_REAL_DEFECTS": integer(minimum=0),
+    "CLASSIFIER_REAL_DEFECT_WEIGHT": number(above=0),
+    "CLASSIFIER_DEFECT_SIZE": sequence(number(above=0, maximum=1), length=2, order="nondecreasing"),
+    "CLASSIFIER_DEFECT_STRENGTH": sequence(number(above=0, maximum=1), length=2, order="nondecreasing"),
+    "CLASSIFIER_FALSE_REJECT_RATE": FRACTION,
+    "CLASSIFIER_FOLDS": integer(minimum=2),
+    "CLASSIFIER_MAX_DEPTH": integer(minimum=1),
+    "CLASSIFIER_LEARNING_RATE": number(above=0, maximum=1),
+    "CLASSIFIER_MAX_ROUNDS": integer(minimum=1),
+    "CLASSIFIER_EARLY_STOPPING_ROUNDS": integer(minimum=1),
+    "CLASSIFIER_SUBSAMPLE": number(above=0, maximum=1),
+    "CLASSIFIER_COLSAMPLE": number(above=0, maximum=1),
+    "CLASSIFIER_MIN_CHILD_WEIGHT": number(minimum=0),
+    "CLASSIFIER_MONOTONE": flag(),
+}
+
+# Rules between settings: (keys, test on all settings, what is allowed).
+CROSS_RULES: list[tuple[tuple[str, ...], Callable[[SimpleNamespace], bool], str]] = [
+    (("CROP", "RESIZE"), lambda s: s.CROP <= s.RESIZE, "CROP must be <= RESIZE (the crop is taken from the resized image)"),
+]
+
+
+def _show(value) -> str:
+    return value if isinstance(value, str) and value and value.strip() == value else repr(value)
+
+
+def check_value(key: str, value) -> None:
+    """Raise SettingsError when `value` is not allowed for `key` (a key without a rule passes)."""
+    rule = RULES.get(key)
+    problem = rule.problem(value) if rule is not None else None
+    if problem is not None:
+        raise SettingsError(f"{key}={_show(value)} is not allowed: {key} must be {problem} (see config.py)")
+
+
+def validate(values: dict) -> None:
+    """Check every setting against RULES and CROSS_RULES; the first bad one raises SettingsError."""
+    for key, value in values.items():
+        check_value(key, value)
+    namespace = SimpleNamespace(**values)
+    for keys, test, allowed in CROSS_RULES:
+        if all(key in values for key in keys) and not test(namespace):
+            shown = " with ".join(f"{key}={_show(values[key])}" for key in keys)
+            raise SettingsError(f"{shown}: {allowed}")
 
 
 def _parse_value(key: str, text: str, default):
@@ -47,7 +312,7 @@ def _parse_value(key: str, text: str, default):
 
 
 def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
-    """Settings from config.py with KEY=VALUE overrides; returns them and the other arguments."""
+    """Settings from config.py with KEY=VALUE overrides, all checked; returns them and the other arguments."""
     argv = sys.argv[1:] if argv is None else argv
     values = defaults()
     positional = []
@@ -62,4 +327,5 @@ def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise SettingsError(f"unknown setting {key}{hint}; the settings are listed in config.py")
         values[key] = _parse_value(key, text.strip(), values[key])
+    validate(values)
     return SimpleNamespace(**values), positional

@@ -18,6 +18,8 @@ import torch
 from anomaly_model import distributed
 from anomaly_model.backbone import FeatureExtractor, ModelError
 from anomaly_model.maps import MapMaker
+from anomaly_model.schema import check
+from settings import integer, sequence
 
 # Images per backbone pass on the CPU. The layer maps of 8 images take a quarter of a 32-image
 # batch's memory (~0.5 GB less for Wide-ResNet at 224 px), and oneDNN is no slower per image
@@ -118,7 +120,8 @@ class AnomalyModel:
         return {"grid_size": list(self.grid_size_), "n_train_images": self.n_train_images_}
 
     def load_fitted_state(self, state: dict) -> None:
-        """The inverse of `fitted_state`."""
+        """The inverse of `fitted_state`; a missing or wrong entry raises SchemaError naming it."""
+        check(state, {"grid_size": sequence(integer(minimum=1), length=2), "n_train_images": integer(minimum=1)}, "state")
         self.grid_size_ = tuple(state["grid_size"])
         self.n_train_images_ = int(state["n_train_images"])
 

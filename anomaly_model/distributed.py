@@ -24,7 +24,6 @@ import gc
 import json
 import os
 import pickle
-import signal
 import socket
 import sys
 import time
@@ -98,11 +97,6 @@ def start() -> None:
     if rank != 0:
         quiet = open(os.devnull, "w")
         sys.stdout = sys.stderr = quiet  # Python output only: C++ (Gloo, NCCL) diagnostics still show
-    signal.signal(signal.SIGTERM, _terminated)  # torchrun stops workers with SIGTERM: unwind, clean up
-
-
-def _terminated(signum, frame) -> NoReturn:
-    raise KeyboardInterrupt
 
 
 def active() -> bool:
@@ -398,20 +392,25 @@ class SharedFolder:
     every rank has left the block. On a failure anywhere, rank 0 first tells the others to stop
     and waits until they have (`finish` marks each), then removes the folder: nobody can still be
     writing into it. Ranks on other machines need the folder on a filesystem they share
-    (`check_visible`). Alone: a plain AtomicFolder. `temporary` and `target` are rank 0's.
+    (`check_visible`). Alone: a plain AtomicFolder. `temporary` is rank 0's; `target` too, and
+    after the block on rank 0 the name it was given (replace=False: -2, -3, ... when taken).
     """
 
-    def __init__(self, target: Path) -> None:
-        self._atomic = AtomicFolder(target) if is_main() else None
-        self.target = Path(target)
+    def __init__(self, target: Path, replace: bool = True) -> None:
+        self._atomic = AtomicFolder(target, replace=replace) if is_main() else None
         self.temporary = Path()
+        self._target = Path(target)
+
+    @property
+    def target(self) -> Path:
+        return self._atomic.target if self._atomic is not None else self._target
 
     def __enter__(self) -> "SharedFolder":
         if self._atomic is not None:
             self._atomic.__enter__()
         try:
             paths = (self._atomic.temporary, self._atomic.target) if self._atomic is not None else None
-            self.temporary, self.target = broadcast_object(paths)
+            self.temporary, self._target = broadcast_object(paths)
         except BaseException:
             self.__exit__(*sys.exc_info())
             raise

@@ -4,16 +4,30 @@ An `AtomicFolder` is filled under a temporary name beside its target and renamed
 when complete, so a crash never leaves a half-written model or result. Large arrays are float32
 `.npy` files written and read in row blocks (a header and raw rows: like JSON, reading one cannot
 run code), so a model's statistics never need a second full copy in memory.
+
+Crash safety. Replacing a model takes two renames (old -> `.<name>.previous-<run>`, new
+`.<name>.partial-<run>` -> `<name>`); a kill between them strands both. Each run holds an
+advisory lock on `.<name>.lock-<run>` from before its temporary folder exists until after it is
+gone, so the next run in that folder (`sweep`, called on every save and load) can tell a killed
+run's leftovers (lock free) from a live run's (lock held): it puts a stranded previous folder
+back where its target is missing and removes the rest. The kernel drops the lock of a killed
+process, so this works after SIGKILL and across containers sharing the disk (not across
+machines on a network filesystem without lock support, where nothing is cleaned).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -21,7 +35,32 @@ import numpy as np
 
 from anomaly_model.backbone import ModelError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks, so leftovers are never cleaned (never a live run's either)
+    fcntl = None
+
 CHUNK_ROWS = 128  # rows per block read: ~78 MB of Wide-ResNet PaDiM factors
+
+# Write failures that are the disk's or the folder's, not the program's: one line, not a traceback.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|previous|lock|locking)-(?P<run>[0-9a-f-]+)$")
+
+
+class StorageError(Exception):
+    """The disk is full, read-only or not ours to write: a one-line message naming the folder."""
+
+
+def storage_message(error: OSError, folder: Path | str | None = None) -> str:
+    """One line for a write that failed for a reason of the disk or folder."""
+    place = folder or error.filename or "the output folder"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"the disk holding {place} is full ({error.strerror}): free space there or choose a folder on another disk"
+    if error.errno == errno.EROFS:
+        return f"{place} is on a read-only disk: choose a writable folder"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"no permission for {place} ({error.strerror}): change its permissions or choose a folder you can write to"
+    return f"cannot write {place} ({error.strerror})"
 
 
 def check_writable(folder: Path) -> None:
@@ -33,25 +72,174 @@ def check_writable(folder: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise ModelError(f"cannot write to {folder} ({error.strerror}): choose a writable folder") from None
+        raise StorageError(f"cannot write to {folder} ({error.strerror}): choose a writable folder") from None
+
+
+# --- locks --------------------------------------------------------------------------------------
+
+
+def _take_lock(path: Path, wait: bool = False) -> int | None:
+    """An open descriptor holding the lock on `path`; None when another process holds it or the
+    file is gone."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError:
+        os.close(descriptor)
+        return None
+    return descriptor
+
+
+@contextmanager
+def _folder_lock(folder: Path):
+    """Serializes swaps and sweeps in one folder (a lock on the folder itself), so neither ever
+    sees the other half done. Without lock support it only serializes nothing."""
+    descriptor = _take_lock(folder, wait=True) if fcntl is not None else None
+    try:
+        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
+
+
+@contextmanager
+def _signals_held():
+    """SIGINT / SIGTERM wait until the block is done: a swap is never interrupted half-way."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _fsync_path(path: Path) -> None:
+    """Flush a file or folder entry to disk (best effort for folders: not every system allows it)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(descriptor)
+    except OSError as error:
+        if not path.is_dir() or error.errno in STORAGE_ERRNOS:
+            raise
+    finally:
+        os.close(descriptor)
+
+
+def sweep(folder: Path) -> None:
+    """Clean up after killed runs in `folder`: a stranded previous folder goes back to its name
+    when that is empty (the old model survives a kill between the two renames of a swap), other
+    temporary folders are removed. Leftovers of live runs (their lock held) are left alone.
+    Best effort: a folder we cannot change (read-only models) is left as it is."""
+    folder = Path(folder)
+    if fcntl is None or not folder.is_dir():
+        return
+    try:
+        with _folder_lock(folder):
+            runs: dict[str, dict[str, tuple[str, Path]]] = {}
+            for entry in os.listdir(folder):
+                match = _LEFTOVER.match(entry)
+                if match:
+                    runs.setdefault(match["run"], {})[match["kind"]] = (match["name"], folder / entry)
+            for parts in runs.values():
+                _clean_run(folder, parts)
+    except OSError:
+        pass
+
+
+def _clean_run(folder: Path, parts: dict[str, tuple[str, Path]]) -> None:
+    lock = parts.get("lock") or parts.get("locking")
+    descriptor = None
+    if lock is not None:
+        descriptor = _take_lock(lock[1])
+        if descriptor is None:
+            return  # a live run (or one that finished just now): its folders are its own
+    # no lock file: a run that finished (or an older version's leftover); either way not live
+    try:
+        if "previous" in parts:
+            name, path = parts["previous"]
+            if not os.path.lexists(folder / name):
+                os.replace(path, folder / name)  # killed between the two renames: the old one is back
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+        if "partial" in parts:
+            shutil.rmtree(parts["partial"][1], ignore_errors=True)
+        for kind in ("lock", "locking"):
+            if kind in parts:
+                parts[kind][1].unlink(missing_ok=True)
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
+
+
+# --- atomic folders -----------------------------------------------------------------------------
 
 
 class AtomicFolder:
     """A folder written under a temporary name and renamed into place on success.
 
-    The previous folder of the same name is kept until the new one is complete, then removed.
-    `checksums` records the sha256 and size of every file written through this object.
+    replace=True (models): the previous folder of the same name is kept until the new one is
+    complete, then removed. replace=False (results): an existing folder is never touched; the
+    new one gets the first free name `<name>-2`, `<name>-3`, ... (`target` says which, after the
+    block; files are not flushed to disk one by one, so a power cut, unlike a kill, may leave
+    a result folder with empty pictures). `checksums` records the sha256 and size of every file
+    written through this object.
+    A write that fails because the disk is full, read-only or not writable is a StorageError
+    naming the folder; the temporary folder is removed and an earlier folder survives.
     """
 
-    def __init__(self, target: Path) -> None:
+    def __init__(self, target: Path, replace: bool = True) -> None:
         self.target = Path(target)
-        self.temporary = self.target.parent / f".{self.target.name}.partial-{uuid.uuid4().hex[:8]}"
+        self.replace = replace
+        self.run = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        beside = {kind: self.target.parent / f".{self.target.name}.{kind}-{self.run}" for kind in ("partial", "previous", "lock", "locking")}
+        self.temporary = beside["partial"]
+        self._previous, self._lock_path, self._locking_path = beside["previous"], beside["lock"], beside["locking"]
         self.checksums: dict[str, dict] = {}
+        self._lock: int | None = None
 
     def __enter__(self) -> "AtomicFolder":
         check_writable(self.target.parent)
-        self.temporary.mkdir()
+        sweep(self.target.parent)
+        try:
+            self._hold_lock()
+            self.temporary.mkdir()
+        except OSError as error:
+            self._release_lock()
+            raise self._storage_error(error)
         return self
+
+    def _hold_lock(self) -> None:
+        """Take the run's lock before its folder exists: created under a second name, locked,
+        then renamed, so no sweep ever sees it unlocked while this run is alive."""
+        if fcntl is None:
+            return
+        self._lock = os.open(self._locking_path, os.O_CREAT | os.O_EXCL | os.O_RDONLY, 0o644)
+        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.replace(self._locking_path, self._lock_path)
+
+    def _release_lock(self) -> None:
+        if self._lock is None:
+            return
+        self._lock_path.unlink(missing_ok=True)
+        self._locking_path.unlink(missing_ok=True)
+        os.close(self._lock)
+        self._lock = None
+
+    def _storage_error(self, error: BaseException) -> BaseException:
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            return StorageError(storage_message(error, self.target) + "; nothing was overwritten")
+        return error
 
     def write_bytes(self, name: str, data: bytes) -> None:
         with open(self.temporary / name, "wb") as file:
@@ -94,14 +282,66 @@ class AtomicFolder:
         self.write_npy_chunks(name, tuple(array.shape), [array], dtype)
 
     def __exit__(self, kind, value, traceback) -> None:
-        if kind is not None:
-            shutil.rmtree(self.temporary, ignore_errors=True)
-            return
-        previous = self.target.parent / f".{self.target.name}.previous-{uuid.uuid4().hex[:8]}"
-        if self.target.exists():
+        try:
+            if kind is not None:
+                shutil.rmtree(self.temporary, ignore_errors=True)
+                error = self._storage_error(value)
+                if error is not value:
+                    raise error from None
+                return
+            try:
+                if self.replace:
+                    self._flush_unsynced()
+                with _folder_lock(self.target.parent), _signals_held():
+                    previous = self._swap() if self.replace else self._place_new()
+                    _fsync_path(self.target.parent)
+            except OSError as error:
+                shutil.rmtree(self.temporary, ignore_errors=True)
+                raise self._storage_error(error) from None
+            if previous is not None:
+                shutil.rmtree(previous, ignore_errors=True)
+        finally:
+            self._release_lock()
+
+    def _flush_unsynced(self) -> None:
+        """Files other code wrote straight into a model's temporary folder reach the disk before
+        the swap, so a power cut never leaves a complete-looking model with an empty file. Not
+        done for results (replace=False): ~5 ms per picture here, and results can be made again."""
+        for root, _, names in os.walk(self.temporary):
+            for name in names:
+                path = Path(root) / name
+                if path.parent != self.temporary or name not in self.checksums:
+                    _fsync_path(path)
+            _fsync_path(Path(root))
+
+    def _swap(self) -> Path | None:
+        """Old folder aside, new one in; returns the old one's temporary name (to remove)."""
+        previous = None
+        if os.path.lexists(self.target):
+            previous = self._previous
             os.replace(self.target, previous)
-        os.replace(self.temporary, self.target)
-        shutil.rmtree(previous, ignore_errors=True)
+        try:
+            os.replace(self.temporary, self.target)
+        except OSError:
+            if previous is not None:
+                os.replace(previous, self.target)
+            raise
+        return previous
+
+    def _place_new(self) -> None:
+        """Rename into the first free name: `target`, `target-2`, ... (never over a folder)."""
+        base, number = self.target, 1
+        while True:
+            candidate = base if number == 1 else base.with_name(f"{base.name}-{number}")
+            if not os.path.lexists(candidate):
+                try:
+                    os.rename(self.temporary, candidate)  # fails on a non-empty folder made meanwhile
+                    self.target = candidate
+                    return None
+                except OSError as error:
+                    if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                        raise
+            number += 1
 
 
 def read_checked_bytes(folder: Path, name: str, files: dict) -> bytes:

@@ -92,7 +92,7 @@ class StreamingGaussian:
 
     def _factorize(self, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
         if self.count < 2:
-            raise ValueError(f"a covariance needs at least 2 training images, got {self.count}")
+            raise ModelError(f"a covariance needs at least 2 training images, got {self.count} that could be read: add good images")
         offset = self.sum / self.count  # (P, d) float64
         mean = (self.shift.double() + offset).float()
         offset = offset.float()

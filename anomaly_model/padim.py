@@ -19,6 +19,8 @@ from anomaly_model.backbone import DEFAULT_FEATURE_DIM, ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.files import CHUNK_ROWS, read_npy, read_npy_chunks
 from anomaly_model.gaussian import StreamingGaussian, mahalanobis
+from anomaly_model.schema import check
+from settings import integer, sequence
 
 
 def _nearest_source(source: int, target: int, device: torch.device) -> torch.Tensor:
@@ -152,6 +154,8 @@ class Padim(AnomalyModel):
 
     def load_fitted_state(self, state: dict) -> None:
         super().load_fitted_state(state)
+        total = sum(self.extractor.channels)
+        check(state, {"channel_indices": sequence(integer(0, total - 1), length=self.feature_dim, order="increasing")}, "state")
         self.channel_indices_ = torch.tensor(state["channel_indices"], dtype=torch.long)
 
     def save_arrays(self, out) -> None:

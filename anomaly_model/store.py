@@ -7,7 +7,13 @@ MODEL_DIR/<name>/
   ...                files other components add (the classifier's booster JSON)
 
 Everything is written through `files.AtomicFolder`: into a temporary folder beside the target,
-renamed into place when complete, so a crash never leaves a half-written model.
+renamed into place when complete, so a crash never leaves a half-written model (and a model
+stranded by a kill mid-swap is put back by the next load or save: `files.sweep`).
+
+Loading checks model.json as data before using any of it: `DESCRIPTION_SCHEMA` for the sections
+every model has, the settings table of the model's own class (`setting_names`, checked with the
+same rules as config.py), and the model's own `load_fitted_state` (run inside `model_file_guard`)
+for its state. Anything missing or wrong is one line: damaged or incompatible, retrain.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +29,42 @@ import torch
 
 from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
-from anomaly_model.files import AtomicFolder
+from anomaly_model.files import AtomicFolder, sweep
 from anomaly_model.padim import Padim
+from anomaly_model.schema import Each, Optional, SchemaError, check
+from settings import RULES, Rule, choice, integer, number, sequence, text
 
 FORMAT_VERSION = 3  # 3: "anomaly_model" section with a type (2: PaDiM only, "padim" section)
 MODEL_TYPES: dict[str, type[AnomalyModel]] = {Padim.kind: Padim}
+
+_SHA256 = Rule(lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v), "a sha256 hex digest")
+_OBJECT = Rule(lambda v: isinstance(v, dict), "a JSON object")
+_ANY = Rule(lambda v: True, "anything")
+# What every model.json holds, whatever its anomaly model: what loading the model needs
+# (`load_model` checks it, then the model's own settings with the rules of the config.py
+# settings they came from, then its state through the model class) ...
+MODEL_SCHEMA = {
+    "format_version": integer(FORMAT_VERSION, FORMAT_VERSION),
+    "anomaly_model": {"type": choice(MODEL_TYPES), "settings": _OBJECT, "state": _OBJECT, "backbone_sha256": _SHA256},
+    "files": Each({"sha256": _SHA256, "bytes": integer(minimum=0), "header_bytes": Optional(integer(minimum=0))}),
+}
+# ... and what inspecting images with it needs (`pipeline.detector.Detector` checks it).
+DETECTOR_SCHEMA = {
+    "thresholds": {
+        "image": number(),
+        "pixel": number(),
+        "image_false_reject_rate": RULES["IMAGE_FALSE_REJECT_RATE"],
+        "pixel_false_reject_rate": RULES["PIXEL_FALSE_REJECT_RATE"],
+    },
+    "validation": {"n_images": integer(minimum=1), "pixel_quantiles": {q: number() for q in ("0.5", "0.9", "0.99", "0.999")}},
+    "preprocessing": {"resize": RULES["RESIZE"], "crop": RULES["CROP"], "mean": RULES["NORMALIZE_MEAN"], "std": RULES["NORMALIZE_STD"]},
+    "classifier": Optional({
+        "booster_file": text(empty=False),
+        "features": sequence(text(empty=False)),
+        "threshold": number(),
+        "levels": Each(number()),
+    }),
+}
 
 
 def library_versions() -> dict:
@@ -80,9 +118,43 @@ def save_model(folder: Path, model: AnomalyModel, info: dict, extra_files: dict[
     return sum(entry["bytes"] for entry in out.checksums.values()) + len(json.dumps(description, indent=2))
 
 
+def damaged(folder: Path, detail: str) -> ModelError:
+    """The one error for a model.json the code cannot use, naming the file and the entry."""
+    return ModelError(f"model {Path(folder) / 'model.json'} is damaged or incompatible ({detail}): retrain with python train.py")
+
+
+@contextmanager
+def model_file_guard(folder: Path, section: str):
+    """Turns any missing key or wrong value met while a section of model.json is used (a model's
+    constructor and `load_fitted_state`, the classifier) into `damaged`; user errors pass as they are."""
+    try:
+        yield
+    except ModelError:
+        raise
+    except KeyError as error:
+        raise damaged(folder, f"{section}: {error.args[0]!r} is missing") from None
+    except (TypeError, ValueError, IndexError, AttributeError) as error:
+        raise damaged(folder, f"{section}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+
+
+def check_description(folder: Path, description: dict, schema: dict) -> None:
+    """model.json's sections in `schema` checked as data; the first bad entry is `damaged`."""
+    try:
+        check(description, schema)
+        if "preprocessing" in schema and description["preprocessing"]["crop"] > description["preprocessing"]["resize"]:
+            raise SchemaError("preprocessing.crop is larger than preprocessing.resize")
+        if "anomaly_model" in schema:  # the model type's own settings, by the rules of the config.py keys they came from
+            entry = description["anomaly_model"]
+            names = model_class(entry["type"]).setting_names()
+            check(entry["settings"], {name: RULES.get(key, _ANY) for key, name in names.items()}, "anomaly_model.settings")
+    except SchemaError as error:
+        raise damaged(folder, str(error)) from None
+
+
 def read_description(folder: Path) -> dict:
-    """model.json of a model folder, with clear errors for a missing, old or damaged model."""
+    """model.json of a model folder, checked; clear errors for a missing, old or damaged model."""
     folder = Path(folder)
+    sweep(folder.parent)  # a model stranded by a kill mid-swap is put back first
     path = folder / "model.json"
     if not path.is_file():
         raise ModelError(f"no trained model at {folder} (model.json missing): run python train.py first")
@@ -95,6 +167,7 @@ def read_description(folder: Path) -> dict:
         raise ModelError(
             f"model {folder} has format {version}, this code reads format {FORMAT_VERSION}: retrain with python train.py"
         )
+    check_description(folder, description, MODEL_SCHEMA)
     return description
 
 
@@ -103,12 +176,13 @@ def load_model(folder: Path, device: str = "auto") -> tuple[AnomalyModel, dict]:
     folder = Path(folder)
     description = read_description(folder)
     entry = description["anomaly_model"]
-    model = model_class(entry["type"])(**entry["settings"], device=device)
-    if backbone_fingerprint(model) != entry["backbone_sha256"]:
-        raise ModelError(
-            f"the backbone weights {entry['settings']['weights']!r} differ from those model {folder} was trained with: "
-            "restore them or retrain"
-        )
-    model.load_fitted_state(entry["state"])
+    with model_file_guard(folder, "anomaly_model"):
+        model = model_class(entry["type"])(**entry["settings"], device=device)
+        if backbone_fingerprint(model) != entry["backbone_sha256"]:
+            raise ModelError(
+                f"the backbone weights {entry['settings']['weights']!r} differ from those model {folder} was trained with: "
+                "restore them or retrain"
+            )
+        model.load_fitted_state(entry["state"])
     model.load_arrays(folder, description["files"])
     return model, description

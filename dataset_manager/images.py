@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -16,24 +16,65 @@ class DataError(ValueError):
     """Bad input data, with a one-line message meant for the user."""
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """The image as (H, W, 3) uint8, whatever its mode: gray, RGB, RGBA, palette or 16-bit.
+# Orientation tag values (EXIF 0x0112) that turn the picture by 90 degrees: width and height swap.
+_ORIENTATION_TAG = 0x0112
+_SWAPS_SIDES = (5, 6, 7, 8)
+# Full scales a single-channel 16/32-bit or float image is read against, smallest first: 8, 10,
+# 12, 14 and 16 bits. The first that holds the image's maximum is its scale (see `gray_to_uint8`).
+_FULL_SCALES = (255, 1023, 4095, 16383, 65535)
 
-    16-bit images are scaled by their type's range (not per image), so the brightness of
-    one image stays comparable with another's.
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation tag says, as every viewer shows it."""
+    try:
+        orientation = image.getexif().get(_ORIENTATION_TAG, 1)
+    except (OSError, ValueError, SyntaxError, TypeError, KeyError):  # a damaged EXIF block: pixels as stored
+        return image
+    return ImageOps.exif_transpose(image) if orientation in range(2, 9) else image
+
+
+def gray_to_uint8(values: np.ndarray) -> np.ndarray:
+    """A single-channel image of any number type as uint8, scaled from its real range.
+
+    Non-negative values are read against the smallest full scale that holds their maximum:
+    1.0 for float images whose values all lie in [0, 1], else 255, 1023, 4095, 16383 or 65535
+    (8 to 16 bits), else their own maximum; so an 8-bit picture stored as float or 16-bit
+    keeps its brightness, and 12-bit camera data fills the 8-bit range. Images with negative
+    values are stretched from their minimum to their maximum. NaN or infinite values cannot be
+    mapped: ValueError.
+    """
+    is_float = np.asarray(values).dtype.kind == "f"
+    values = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("it holds NaN or infinite values, which have no brightness")
+    if values.size == 0:
+        raise ValueError("it has no pixels")
+    low, high = float(values.min()), float(values.max())
+    if low < 0:
+        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    else:
+        if is_float and high <= 1.0:
+            full = 1.0
+        else:
+            full = next((scale for scale in _FULL_SCALES if high <= scale), high)
+        scaled = values / full
+    return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """The image as (H, W, 3) uint8, as a viewer shows it: turned by its EXIF orientation, and
+    whatever its mode: gray, RGB, RGBA / LA / palette (composited on white), CMYK, YCbCr, LAB,
+    16-bit, 32-bit integer or float (`gray_to_uint8`). What cannot be read or mapped is a
+    DataError naming the file and why: the loaders skip it and say so.
     """
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.asarray(image, dtype=np.float64)
-                peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-                gray = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            image = _upright(image)
+            if image.mode in ("I", "F") or image.mode.startswith("I;"):
+                gray = gray_to_uint8(np.asarray(image))
                 return np.repeat(gray[:, :, None], 3, axis=2)
-            if image.mode == "F":
-                gray = np.clip(np.asarray(image, dtype=np.float64), 0, 1) * 255.0
-                return np.repeat(gray.astype(np.uint8)[:, :, None], 3, axis=2)
-            if image.mode in ("RGBA", "LA", "P", "PA"):
+            if image.mode in ("RGBA", "LA", "P", "PA", "RGBa"):
                 image = image.convert("RGBA")
                 white = Image.new("RGBA", image.size, (255, 255, 255, 255))
                 image = Image.alpha_composite(white, image)
@@ -43,25 +84,33 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """A ground-truth mask as (H, W) bool: any non-zero pixel is defect."""
+    """A ground-truth mask as (H, W) bool, turned by its EXIF orientation like images: a pixel is
+    defect where its value is non-zero (with an alpha channel: where it is also not transparent)."""
     try:
         with Image.open(path) as image:
+            image.load()
+            image = _upright(image)
             array = np.asarray(image)
-    except (OSError, ValueError, SyntaxError) as error:
+            bands = image.getbands()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise DataError(f"cannot read mask {path}: {error}") from None
-    if array.ndim == 3:
-        array = array.max(axis=2)
-    return array > 0
+    if array.ndim == 2:
+        return (array != 0) & ~np.isnan(array) if array.dtype.kind == "f" else array != 0
+    alpha = [index for index, band in enumerate(bands) if band in ("A", "a")]
+    colour = [index for index in range(array.shape[2]) if index not in alpha]
+    mask = array[:, :, colour].max(axis=2) > 0
+    return mask & (array[:, :, alpha[0]] > 0) if alpha else mask
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) read from the file header only."""
+    """(height, width) as displayed (EXIF orientation applied), read from the file header only."""
     try:
         with Image.open(path) as image:
             width, height = image.size
+            orientation = image.getexif().get(_ORIENTATION_TAG, 1)
     except (OSError, ValueError, SyntaxError) as error:
         raise DataError(f"cannot read image {path}: {error}") from None
-    return height, width
+    return (width, height) if orientation in _SWAPS_SIDES else (height, width)
 
 
 class Preprocessor:

@@ -13,6 +13,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from dataset_manager.images import DataError, Preprocessor, read_rgb
 
+SKIPPED_SHOWN = 3  # unreadable files named in an error line; the warnings list all of them
+
+
+def skipped_summary(skipped: list[tuple[Path, str]]) -> str:
+    """'3 skipped: a.png (why); ...' for a one-line error: the first few files and their reasons."""
+    shown = []
+    for path, reason in skipped[:SKIPPED_SHOWN]:
+        reason = reason.split(f"{path}: ", 1)[-1].replace(str(path), Path(path).name)
+        shown.append(f"{Path(path).name} ({reason})")
+    more = f"; and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
+    return f"{len(skipped)} skipped: " + "; ".join(shown) + more
+
 
 @dataclass
 class Batch:

@@ -2,25 +2,67 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from pathlib import Path
 from typing import Callable
 
+import torch
+from tqdm import tqdm
+
 from anomaly_model import distributed
 from anomaly_model.backbone import ModelError
+from anomaly_model.files import STORAGE_ERRNOS, StorageError, storage_message
 from dataset_manager import Category, DataError, find_categories
 from dataset_manager.demo import generate_demo_dataset
 from settings import SettingsError, defaults
 
-USER_ERRORS = (SettingsError, DataError, ModelError)
+USER_ERRORS = (SettingsError, DataError, ModelError, StorageError)
+# What to lower when memory runs out (a new setting that drives memory gets its name added here).
+MEMORY_SETTINGS = "BATCH_SIZE, CROP (with RESIZE) or FEATURE_DIM, or choose a smaller BACKBONE"
+# How allocators word running out of memory when they raise a RuntimeError (torch's CPU and CUDA
+# allocators, oneDNN) or a DataLoader worker the kernel's OOM killer ended.
+_MEMORY_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory", "killed by signal: killed")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: temporary folders are removed and nothing is overwritten."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def memory_message(error: BaseException) -> str | None:
+    """One line for an allocator that ran out of memory, or None when `error` is something else."""
+    words = str(error).lower()
+    if not isinstance(error, (MemoryError, torch.OutOfMemoryError)) and not (
+        isinstance(error, RuntimeError) and any(phrase in words for phrase in _MEMORY_WORDS)
+    ):
+        return None
+    if "killed by signal" in words:
+        return "out of memory: a worker reading images was killed; lower NUM_WORKERS or BATCH_SIZE"
+    if isinstance(error, torch.OutOfMemoryError) or "cuda" in words:
+        return f"out of GPU memory: lower {MEMORY_SETTINGS}, or set DEVICE=cpu"
+    return f"out of memory: lower {MEMORY_SETTINGS}"
+
+
+def _one_line(message) -> str:
+    """The message on a line of its own: open progress bars are closed first (they end their line)."""
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+    return " ".join(str(message).split("\n"))
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-    """Run a script's main: a user error prints one line and exits 2, never a traceback.
+    """Run a script's main: a user error, running out of memory or disk space prints one line and
+    exits 2, never a traceback; Ctrl-C and SIGTERM remove temporary files and exit 130 / 143.
 
     Under torchrun (anomaly_model/distributed.py) every rank runs `main`; an error on any rank
-    stops them all, and rank 0 prints that one line and exits 2."""
+    stops them all, and rank 0 prints that one line and exits with its code."""
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, _terminate)
     code, line, from_peer = 0, None, False
     try:
         distributed.start()
@@ -28,13 +70,19 @@ def run(main: Callable[[list[str]], None]) -> None:
     except distributed.PeerFailed as failure:
         code, line, from_peer = failure.code, f"error: {failure}", True
     except USER_ERRORS as error:
-        code, line = 2, f"error: {error}"
+        code, line = 2, f"error: {_one_line(error)}"
+    except Terminated:
+        code, line = 143, _one_line("terminated (SIGTERM): nothing was overwritten")
     except KeyboardInterrupt:
-        code, line = 130, "interrupted: nothing was overwritten"
-    except MemoryError:
-        code, line = 2, "error: out of memory: lower BATCH_SIZE or FEATURE_DIM"
-    except Exception:  # a bug, not bad input: keep the traceback for the report
-        code, line = 1, traceback.format_exc().rstrip()
+        code, line = 130, _one_line("interrupted: nothing was overwritten")
+    except OSError as error:
+        if error.errno not in STORAGE_ERRNOS:
+            code, line = 1, traceback.format_exc().rstrip()
+        else:
+            code, line = 2, f"error: {_one_line(storage_message(error))}"
+    except Exception as error:  # a bug, not bad input: keep the traceback for the report
+        message = memory_message(error)
+        code, line = (1, traceback.format_exc().rstrip()) if message is None else (2, f"error: {_one_line(message)}")
     distributed.finish(code, line, from_peer)
 
 

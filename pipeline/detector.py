@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from anomaly_model.files import read_checked_bytes
-from anomaly_model.store import load_model, model_class
+from anomaly_model.store import DETECTOR_SCHEMA, check_description, load_model, model_class, model_file_guard
 from classification_model.features import FEATURE_NAMES, map_features
 from classification_model.xgboost import DefectClassifier
 from dataset_manager import ImageBatches, Preprocessor
@@ -66,6 +66,7 @@ class Detector:
     def __init__(self, model_dir: Path, device: str = "auto") -> None:
         self.model_dir = Path(model_dir)
         self.model, self.description = load_model(self.model_dir, device)
+        check_description(self.model_dir, self.description, DETECTOR_SCHEMA)
         prep = self.description["preprocessing"]
         self.preprocessor = Preprocessor(prep["resize"], prep["crop"], tuple(prep["mean"]), tuple(prep["std"]))
         self.image_threshold = float(self.description["thresholds"]["image"])
@@ -73,7 +74,8 @@ class Detector:
         self.classifier = None  # the good/defect classifier saved with the model, when there is one
         self.classifier_levels: dict[str, float] = {}
         if "classifier" in self.description:
-            self.classifier, self.classifier_levels = load_classifier(self.model_dir, self.description)
+            with model_file_guard(self.model_dir, "classifier"):
+                self.classifier, self.classifier_levels = load_classifier(self.model_dir, self.description)
 
     def is_defect(self, result: ImageResult) -> bool:
         """The verdict: the classifier's when the model has one, else the map score's threshold."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from anomaly_model import distributed
 from dataset_manager import DataError, find_images
+from dataset_manager.loader import skipped_summary
 from pipeline.detector import Detector
 from pipeline.pictures import color_range, write_pictures
 
@@ -34,6 +35,8 @@ def picture_stem(path: Path, folder: Path) -> str:
 
 
 def run_folder(folder: Path) -> str:
+    """test-<folder>-<time>; a second run in the same second (or of another folder of the same
+    name) gets -2, -3, ... appended when it finishes (AtomicFolder replace=False): never the same folder."""
     return f"test-{folder.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -51,8 +54,7 @@ def predict_folder(detector: Detector, folder: Path, results_dir: Path, settings
     scale = color_range(detector.description)
     preview_size = PREVIEW_SIZE if settings.SAVE_PICTURES else 0
     mine = distributed.shard(len(paths), settings.BATCH_SIZE)
-    summary = None
-    with distributed.SharedFolder(results_dir / run_folder(folder)) as out:
+    with distributed.SharedFolder(results_dir / run_folder(folder), replace=False) as out:
         pictures = out.temporary / "pictures"
         if settings.SAVE_PICTURES:
             out.check_visible()  # every rank writes the pictures of the images it scored
@@ -88,7 +90,9 @@ def predict_folder(detector: Detector, folder: Path, results_dir: Path, settings
             for path, reason in skipped:
                 print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
             if not rows:
-                raise DataError(f"none of the {len(paths)} images under {folder} could be read")
-            n_defects = sum(row[3] == "defect" for row in rows)
-            summary = PredictionSummary(out.target, len(rows), n_defects, skipped, time.perf_counter() - started)
+                raise DataError(f"none of the {len(paths)} images under {folder} could be read ({skipped_summary(skipped)})")
+    summary = None
+    if distributed.is_main():  # out.target is the folder's final name (-2, -3, ... when taken)
+        n_defects = sum(row[3] == "defect" for row in rows)
+        summary = PredictionSummary(out.target, len(rows), n_defects, skipped, time.perf_counter() - started)
     return distributed.broadcast_object(summary)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -16,9 +17,12 @@ from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.files import check_writable
 from anomaly_model.store import build_model, save_model
-from dataset_manager import Category, ImageBatches, Preprocessor
+from dataset_manager import Category, DataError, ImageBatches, Preprocessor
+from dataset_manager.images import image_size
+from dataset_manager.loader import skipped_summary
 
 PIXEL_SAMPLE_STRIDE = 4  # validation maps are smooth (blur sigma 4): every 4th pixel each way suffices
+MIN_TRAIN_IMAGES = 2  # a covariance (and any spread of good features) needs at least two images
 
 
 @dataclass
@@ -38,6 +42,11 @@ def split_validation(category: Category, fraction: float, seed: int) -> tuple[li
     """(train, validation): the category's validation/good when present, else a seeded share of train."""
     if category.validation_images:
         return list(category.train_images), list(category.validation_images)
+    if fraction > 0 and len(category.train_images) < MIN_TRAIN_IMAGES + 1:
+        raise DataError(
+            f"only {_images(len(category.train_images))} in {folder_of(category.train_images)}: training needs at least "
+            f"{MIN_TRAIN_IMAGES} and choosing thresholds at least 1 more held out (or a validation/good folder); add good images"
+        )
     count = int(round(len(category.train_images) * fraction))
     if fraction > 0 and len(category.train_images) >= 3:
         count = max(1, count)
@@ -51,6 +60,42 @@ def split_validation(category: Category, fraction: float, seed: int) -> tuple[li
     train = [p for i, p in enumerate(category.train_images) if i not in held_out]
     validation = [p for i, p in enumerate(category.train_images) if i in held_out]
     return train, validation
+
+
+def _images(count: int, noun: str = "image") -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def folder_of(paths: list[Path]) -> Path:
+    """The folder holding `paths` (their common parent), to name in messages."""
+    return Path(os.path.commonpath([str(path.parent) for path in paths])) if paths else Path(".")
+
+
+def readable_headers(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(paths whose header is an image, (path, reason) of the others): checked before any model
+    is built, from headers only; files that fail later, in full decoding, are skipped then."""
+    readable, skipped = [], []
+    for path in paths:
+        try:
+            image_size(path)
+            readable.append(path)
+        except DataError as error:
+            skipped.append((path, str(error)))
+    return readable, skipped
+
+
+def require_training_images(count: int, folder: Path, n_files: int, held_out: int, skipped: list) -> None:
+    """DataError naming the folder and the count when fewer than MIN_TRAIN_IMAGES can be trained on."""
+    if count >= MIN_TRAIN_IMAGES:
+        return
+    if count == 0 and skipped:
+        raise DataError(f"none of the {n_files} training images in {folder} could be read ({skipped_summary(skipped)})")
+    held = f" after holding out {held_out} for validation" if held_out else ""
+    unreadable = f" ({skipped_summary(skipped)})" if skipped else ""
+    raise DataError(
+        f"only {_images(count, 'training image')} in {folder} can be used{held}{unreadable}: "
+        f"at least {MIN_TRAIN_IMAGES} are needed; add good images"
+    )
 
 
 def make_preprocessor(settings) -> Preprocessor:
@@ -85,7 +130,10 @@ def validation_maps(
     if everything is None:
         return None, None, skipped
     if not everything:
-        raise ModelError("none of the validation images could be read: thresholds cannot be calibrated")
+        raise DataError(
+            f"none of the {len(paths)} validation images in {folder_of(paths)} could be read "
+            f"({skipped_summary(skipped)}): thresholds cannot be calibrated"
+        )
     maps = torch.from_numpy(np.stack([image_map for image_map, _ in everything]))
     return maps, torch.tensor([score for _, score in everything], dtype=maps.dtype), skipped
 
@@ -124,13 +172,31 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
     if distributed.is_main():
         check_writable(model_dir.parent)
     train_paths, validation_paths = split_validation(category, settings.VALIDATION_FRACTION, settings.SEED)
+    folder, n_files = folder_of(category.train_images), len(train_paths)
+    held_out = 0 if category.validation_images else len(validation_paths)
+    mine = distributed.shard(len(train_paths), settings.BATCH_SIZE)
+    _, unreadable = readable_headers([train_paths[i] for i in mine])  # each rank checks its share of the headers
+    skipped = skipped_in_order(unreadable, train_paths)
+    unreadable = {path for path, _ in skipped}
+    train_paths = [path for path in train_paths if path not in unreadable]
+    require_training_images(len(train_paths), folder, n_files, held_out, skipped)
     preprocessor = make_preprocessor(settings)
     model = build_model(settings)
     mine = distributed.shard(len(train_paths), settings.BATCH_SIZE)
     batches = ImageBatches([train_paths[i] for i in mine], preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
-    progress = tqdm(batches, desc=f"fit {category.name}", unit="batch", file=sys.stderr)
-    model.fit(batch.images for batch in distributed.watched(progress))
-    skipped = skipped_in_order(batches.skipped, train_paths)
+
+    def counted_images():
+        """The batches' images; once they are all read, fewer than 2 is a DataError before any fit
+        ends. Alone only: under torchrun a rank sees its shard, and the fit checks the total."""
+        count = 0
+        for batch in distributed.watched(tqdm(batches, desc=f"fit {category.name}", unit="batch", file=sys.stderr)):
+            count += len(batch.indices)
+            yield batch.images
+        if not distributed.active():
+            require_training_images(count, folder, n_files, held_out, skipped + batches.skipped)
+
+    model.fit(counted_images())
+    skipped += skipped_in_order(batches.skipped, train_paths)
     maps, scores, skipped_validation = validation_maps(model, validation_paths, preprocessor, settings)
     skipped += skipped_validation
     info = None
