@@ -39,9 +39,11 @@ from anomaly_model.files import AtomicFolder
 
 T = TypeVar("T")
 
-# How long a failing rank waits for rank 0 to report its error, and rank 0 for the others to
-# stop writing into a shared folder, before going ahead anyway.
-_STOP_TIMEOUT_S = 600.0
+# How long a failing rank waits for rank 0 to report its error (rank 0 may be in serial work, such
+# as the classifier's fit, before it looks), and rank 0 for the others to stop writing into a
+# shared folder (they look after every image), before going ahead anyway.
+_REPORT_TIMEOUT_S = 600.0
+_STOP_TIMEOUT_S = 120.0
 # A collective's own timeout. Failures are noticed through the store, not by timing out, so this
 # only needs to outlast rank 0's serial work while the others wait (calibration, the classifier's
 # XGBoost fit, eval's metrics and pictures, saving), which on large sets may pass the 30 min default.
@@ -65,9 +67,10 @@ _job = _Job()
 class PeerFailed(Exception):
     """Another rank of the job failed: `str` is its error line, prefixed with which rank it was."""
 
-    def __init__(self, rank: int, code: int, line: str, host: str = "") -> None:
-        where = f"rank {rank}" + (f" on {host}" if host else "")
-        super().__init__(f"{where}: {line.removeprefix('error: ')}")
+    def __init__(self, rank: int | None, code: int, line: str, host: str = "") -> None:
+        line = line.removeprefix("error: ")
+        where = f"rank {rank}" + (f" on {host}" if host else "") if rank is not None else ""
+        super().__init__(f"{where}: {line}" if where else line)
         self.code = code
 
 
@@ -147,7 +150,7 @@ def _peer_error() -> PeerFailed | None:
             return None
         entry = json.loads(_job.store.get(_ERROR_KEY))
     except (RuntimeError, ValueError) as error:  # the store is gone: its host (torchrun's agent or rank 0) stopped
-        return PeerFailed(0, 1, f"lost contact with the job ({error})")
+        return PeerFailed(None, 1, f"lost contact with the other ranks ({error})")
     return PeerFailed(entry["rank"], entry["code"], entry["line"] or "stopped the job", entry["host"])
 
 
@@ -213,6 +216,8 @@ def finish(code: int, line: str | None, from_peer: bool = False) -> NoReturn:
             barrier()
         except PeerFailed as failure:
             code, line, from_peer = failure.code, f"error: {failure}", True
+        except KeyboardInterrupt:  # everything was written; the job is being stopped
+            code, line = 130, "interrupted: nothing was overwritten"
     if code == 0:
         dist.destroy_process_group()
         sys.exit(0)
@@ -224,7 +229,7 @@ def finish(code: int, line: str | None, from_peer: bool = False) -> NoReturn:
         _set("done/0")
     else:
         _set(f"done/{_job.rank}")
-        if not _wait_for(["done/0"], _STOP_TIMEOUT_S) and not from_peer:
+        if not _wait_for(["done/0"], _REPORT_TIMEOUT_S) and not from_peer:
             print(line, file=sys.__stderr__)  # rank 0 never answered: say it here
             sys.__stderr__.flush()
     sys.__stdout__.flush()
@@ -259,7 +264,7 @@ def _wait(work) -> None:
         work.wait()
     except RuntimeError as error:  # a peer's connection closed: it stopped, maybe without a word
         check_peers()
-        raise PeerFailed(-1, 1, f"another rank stopped ({str(error).splitlines()[0]})") from None
+        raise PeerFailed(None, 1, f"another rank stopped without a word ({str(error).splitlines()[0]})") from None
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
@@ -437,7 +442,10 @@ class SharedFolder:
     def _close(self, kind, value, traceback) -> None:
         if self._atomic is None:
             return
-        if kind is not None and active():
-            announce_failure(2, None)  # rank 0's own error line is printed by rank 0 itself
-            _wait_for_others_to_stop()
-        self._atomic.__exit__(kind, value, traceback)
+        try:
+            if kind is not None and active():
+                announce_failure(2, None)  # rank 0's own error line is printed by rank 0 itself
+                if not issubclass(kind, KeyboardInterrupt):  # Ctrl-C and torchrun's SIGTERM reach every rank at once
+                    _wait_for_others_to_stop()
+        finally:  # even when a signal cuts the wait short
+            self._atomic.__exit__(kind, value, traceback)
