@@ -13,7 +13,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from anomaly_model.files import AtomicFolder
+from anomaly_model import distributed
 from evaluation.plots import plot_pro, plot_roc
 from evaluation.report import write_report
 from evaluation.tables import markdown_category, markdown_summary, summary_table, terminal_table
@@ -47,11 +47,13 @@ def main(argv: list[str]) -> None:
     categories = load_categories(settings)
     evaluations = []
     run_name = f"eval-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    with AtomicFolder(Path(settings.RESULTS_DIR) / run_name, replace=False) as out:
+    with distributed.SharedFolder(Path(settings.RESULTS_DIR) / run_name, replace=False) as out:
         for category in categories:
             detector = Detector(model_dir_for(settings, category.name, len(categories)), settings.DEVICE, settings.RUNTIME)
             detector.report_differences(settings)
             evaluations.append(evaluate_category(detector, category, settings, out.temporary / category.name))
+        if not distributed.is_main():
+            return  # under torchrun the other ranks only scored their shares: rank 0 writes
         rows = [e.metrics for e in evaluations]
         overall = _overall_figures(evaluations, out.temporary, settings.EVAL_PRO_FPR_LIMIT)
         table = summary_table(rows)

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from anomaly_model import distributed
+from anomaly_model import distributed
 from anomaly_model.backbone import FeatureExtractor, ModelError
 from anomaly_model.maps import MapMaker, apply_operators
 from anomaly_model.schema import check
@@ -77,7 +79,9 @@ def available_memory(device: torch.device) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" is CUDA when present, else CPU; a named device must exist."""
+    """"auto" is CUDA when present, else CPU; a named device must exist. Under torchrun each rank
+    takes its own GPU, cuda:LOCAL_RANK (`distributed.rank_device`)."""
+    name = distributed.rank_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -315,7 +319,7 @@ class AnomalyModel:
                     yield tiles
 
         self.fit(inputs())
-        self.n_train_images_ = seen[0]
+        self.n_train_images_ = sum(distributed.all_gather(seen[0]))  # under torchrun: every rank's images
         return self
 
     def image_patch_scores(self, images: torch.Tensor) -> torch.Tensor:

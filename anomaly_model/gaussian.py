@@ -12,12 +12,20 @@ The fitted state is the mean and the lower Cholesky factor L of each covariance 
 the squared distance is |L^-1 (x - mu)|^2, one batched triangular solve. Solving with L costs
 the same per image as a product with a stored L^-1 (half the multiplications), and the fit
 skips inverting 3136 triangles (~7 s of Wide-ResNet's fit at d = 550).
+
+Under torchrun the sums split over processes: each rank accumulates its own images around one
+shift (`share_shift`: the first batch's mean, from the first rank that has images, rank 0 when it
+has any), and `finalize` adds the ranks' sums onto rank 0 (a reduce: count, sum, and the (P, d, d)
+sum of outer products, 3.8 GB for Wide-ResNet), which factorizes and broadcasts the mean and
+factors back: the traffic of one all-reduce, and every rank ends with rank 0's exact model. Sums
+are associative, so the result is one process's up to float32 rounding of the order of addition.
 """
 
 from __future__ import annotations
 
 import torch
 
+from anomaly_model import distributed
 from anomaly_model.backbone import ModelError
 
 # Covariance entries factorized at once: each chunk's factor and working copies stay ~8 MB,
@@ -42,25 +50,53 @@ class StreamingGaussian:
         self.sum: torch.Tensor | None = None  # (P, d) float64, of x - shift
         self.sum_outer: torch.Tensor | None = None  # (P, d, d) float32, of (x - shift)(x - shift)^T
 
+    def start(self, shift: torch.Tensor) -> None:
+        """Empty sums around `shift` (P, d)."""
+        positions, dim = shift.shape
+        self.shift = shift.float()
+        self.sum = torch.zeros(positions, dim, dtype=torch.float64, device=shift.device)
+        self.sum_outer = torch.zeros(positions, dim, dim, dtype=torch.float32, device=shift.device)
+
+    def share_shift(self, first: torch.Tensor | None, positions: int, dim: int, device: torch.device, source: int) -> None:
+        """Start every rank's sums around one shift: the mean of rank `source`'s first (P, N, d)
+        batch `first`, broadcast (ranks without images get it too: their zero sums still join the
+        reduction). Alone, the mean of `first`, as `update` would take it."""
+        shift = torch.empty(positions, dim, dtype=torch.float32, device=device)
+        if distributed.rank() == source:
+            shift.copy_(first.float().mean(dim=1))
+        self.start(distributed.broadcast_(shift, source))
+
     def update(self, features: torch.Tensor) -> None:
         """Add a batch of embeddings shaped (P, N, d). A contiguous float32 batch is used as
         scratch space (centered in place): the fit passes its own buffer, and a second copy
         of a Wide-ResNet batch would cost another 220 MB at the fit's memory peak."""
         features = features.float().contiguous()
         if self.shift is None:
-            positions, dim = features.shape[0], features.shape[2]
-            self.shift = features.mean(dim=1)
-            self.sum = torch.zeros(positions, dim, dtype=torch.float64, device=features.device)
-            self.sum_outer = torch.zeros(positions, dim, dim, dtype=torch.float32, device=features.device)
+            self.start(features.mean(dim=1))
         centered = features.sub_(self.shift[:, None, :])
         self.sum += centered.sum(dim=1)  # float32 within a batch of centered values, float64 across
         self.sum_outer.baddbmm_(centered.transpose(1, 2), centered)
         self.count += features.shape[1]
 
     def finalize(self, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean (P, d), lower Cholesky factor (P, d, d)); the sums' memory is reused for the factor."""
+        """(mean (P, d), lower Cholesky factor (P, d, d)) of every rank's images, on every rank;
+        the sums' memory is reused for the factor. Alone: the factorization of this process's sums."""
+        if not distributed.active():
+            return self._factorize(epsilon)
+        count = torch.tensor([self.count], dtype=torch.int64, device=self.sum.device)
+        self.count = int(distributed.all_reduce_sum_(count))
+        distributed.reduce_sum_(self.sum)
+        distributed.reduce_sum_(self.sum_outer)
+        if distributed.is_main():
+            mean, factor = self._factorize(epsilon)
+        else:
+            mean, factor = torch.empty_like(self.shift), self.sum_outer  # overwritten by rank 0's
+            self.sum_outer = None
+        return distributed.broadcast_(mean), distributed.broadcast_(factor)
+
+    def _factorize(self, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
         if self.count < 2:
-            raise ValueError(f"a covariance needs at least 2 training images, got {self.count}")
+            raise ModelError(f"a covariance needs at least 2 training images, got {self.count} that could be read: add good images")
         offset = self.sum / self.count  # (P, d) float64
         mean = (self.shift.double() + offset).float()
         offset = offset.float()

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anomaly_model import distributed
 from anomaly_model.backbone import DEFAULT_FEATURE_DIM, ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.chebyshev import SCORES, chebyshev_term, pixel_threshold, pixel_threshold_rule
@@ -149,16 +150,27 @@ class Padim(AnomalyModel):
         return out, grid
 
     def fit(self, batches: Iterable[torch.Tensor]) -> "Padim":
-        """Fit on batches of normalized good images; memory stays flat in the number of images."""
+        """Fit on batches of normalized good images; memory stays flat in the number of images.
+
+        Under torchrun every rank calls this with the batches of its own shard (maybe none) and
+        every rank ends with the same model, that of all ranks' images (`gaussian.py`)."""
         accumulator = StreamingGaussian()
-        embedding, grid = None, None
-        for images in batches:
-            if embedding is not None and embedding.shape[1] != len(images):
-                embedding = None  # a smaller last batch: free the buffer before its own is made
-            embedding, grid = self.embed(images, out=embedding)
-            accumulator.update(self._by_location(embedding))  # centers the buffer in place; the next batch overwrites it
+        batches = iter(batches)
+        first = next(batches, None)
+        embedding, grid = self.embed(first) if first is not None else (None, None)
+        source, grid = distributed.first_given(grid)  # ranks without images learn the grid too
         if grid is None:
             raise ModelError("no training images could be read: nothing to fit")
+        by_location = None if embedding is None else self._by_location(embedding)
+        positions = grid[0] * grid[1] * self.statistics_locations
+        accumulator.share_shift(by_location, positions, self.feature_dim, self.device, source)
+        if by_location is not None:
+            accumulator.update(by_location)  # centers the buffer in place; the next batch overwrites it
+        for images in batches:  # the rest of this rank's batches (none when the first was None)
+            if embedding.shape[1] != len(images):
+                embedding = None  # a smaller last batch: free the buffer before its own is made
+            embedding, _ = self.embed(images, out=embedding)
+            accumulator.update(self._by_location(embedding))
         del embedding
         self.mean_, self.cholesky_ = accumulator.finalize(self.epsilon)
         self.grid_size_ = grid

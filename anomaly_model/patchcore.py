@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from anomaly_model import distributed
 from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.coreset import (
@@ -172,6 +173,8 @@ class PatchCore(AnomalyModel):
 
     def fit(self, batches: Iterable[torch.Tensor]) -> "PatchCore":
         """Bank every training patch feature (projected as it comes), choose the coreset, keep it."""
+        if distributed.active():  # each rank would choose its own coreset from its shard
+            raise ModelError("ANOMALY_MODEL=patchcore is fitted by one process for now: run python train.py without torchrun (test.py and eval.py do run under torchrun)")
         started = time.perf_counter()
         chunks: list[torch.Tensor] = []  # the bank, one (b * P, D) block per batch, in RAM
         projected: list[torch.Tensor] = []  # the same rows projected, on the device

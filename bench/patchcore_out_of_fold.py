@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +57,7 @@ def main() -> None:
     held_out = np.concatenate([model.score(b.images)[1].numpy() for b in ImageBatches(validation, preprocessor, 16, 0)])
 
     print(f"{category.name}: {len(train)} training images in {args.folds} folds; out-of-fold scoring took {oof_seconds:.0f} s")
-    print(f"image scores, mean [5th, 50th, 95th percentile]:")
+    print("image scores, mean [5th, 50th, 95th percentile]:")
     for name, values in (("in-sample (the full model, its own training images)", in_sample),
                          ("out-of-fold by exclusion (training images)", oof),
                          ("validation goods (full model, never fitted on)", held_out)):

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from anomaly_model import distributed
 from anomaly_model.backbone import ModelError
 from anomaly_model.files import STORAGE_ERRNOS, StorageError, storage_message
 from dataset_manager import Category, DataError, find_categories
@@ -56,42 +57,44 @@ def _one_line(message) -> str:
 
 def run(main: Callable[[list[str]], None]) -> None:
     """Run a script's main: a user error, running out of memory or disk space prints one line and
-    exits 2, never a traceback; Ctrl-C and SIGTERM remove temporary files and exit 130 / 143."""
+    exits 2, never a traceback; Ctrl-C and SIGTERM remove temporary files and exit 130 / 143.
+
+    Under torchrun (anomaly_model/distributed.py) every rank runs `main`; an error on any rank
+    stops them all, and rank 0 prints that one line and exits with its code."""
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _terminate)
+    code, line, from_peer = 0, None, False
     try:
+        distributed.start()
         main(sys.argv[1:])
+    except distributed.PeerFailed as failure:
+        code, line, from_peer = failure.code, f"error: {failure}", True
     except USER_ERRORS as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        sys.exit(2)
+        code, line = 2, f"error: {_one_line(error)}"
     except Terminated:
-        print(_one_line("terminated (SIGTERM): nothing was overwritten"), file=sys.stderr)
-        sys.exit(143)
+        code, line = 143, _one_line("terminated (SIGTERM): nothing was overwritten")
     except KeyboardInterrupt:
-        print(_one_line("interrupted: nothing was overwritten"), file=sys.stderr)
-        sys.exit(130)
+        code, line = 130, _one_line("interrupted: nothing was overwritten")
     except OSError as error:
         if error.errno not in STORAGE_ERRNOS:
-            traceback.print_exc()
-            sys.exit(1)
-        print(f"error: {_one_line(storage_message(error))}", file=sys.stderr)
-        sys.exit(2)
+            code, line = 1, traceback.format_exc().rstrip()
+        else:
+            code, line = 2, f"error: {_one_line(storage_message(error))}"
     except Exception as error:  # a bug, not bad input: keep the traceback for the report
         message = memory_message(error)
-        if message is None:
-            traceback.print_exc()
-            sys.exit(1)
-        print(f"error: {_one_line(message)}", file=sys.stderr)
-        sys.exit(2)
+        code, line = (1, traceback.format_exc().rstrip()) if message is None else (2, f"error: {_one_line(message)}")
+    distributed.finish(code, line, from_peer)
 
 
 def load_categories(settings) -> list[Category]:
     """The categories at DATASET_DIR; the demo set is generated when DATASET_DIR is its default and absent."""
     dataset_dir = Path(settings.DATASET_DIR)
     demo_dir = Path(defaults()["DATASET_DIR"])
-    if not dataset_dir.exists() and dataset_dir.resolve() == demo_dir.resolve():
-        print(f"generating the synthetic demo dataset in {dataset_dir} ...", file=sys.stderr)
-        generate_demo_dataset(dataset_dir, seed=settings.SEED)
+    if dataset_dir.resolve() == demo_dir.resolve():
+        if distributed.is_main() and not dataset_dir.exists():
+            print(f"generating the synthetic demo dataset in {dataset_dir} ...", file=sys.stderr)
+            generate_demo_dataset(dataset_dir, seed=settings.SEED)
+        distributed.barrier()  # under torchrun the other ranks read it once rank 0 has written it
     return find_categories(dataset_dir)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from anomaly_model import distributed
 from dataset_manager import Category, DataError, read_mask
 from dataset_manager.images import image_size
 from evaluation.metrics import (
@@ -73,10 +74,26 @@ class _Scored:
     skipped: list
 
 
-def _score(detector: Detector, category: Category, settings) -> _Scored:
+def _score(detector: Detector, category: Category, settings) -> _Scored | None:
+    """Every test image's score, verdict, map and mask. Under torchrun each rank scores (and reads
+    the masks of) its shard; rank 0 gets everything in the category's order, the others None."""
     items = category.test_images
     height, width = detector.preprocessor.size
     count = len(items)
+    has_mask = np.array([item.mask_path is not None for item in items], dtype=bool)
+    mine = distributed.shard(count, settings.BATCH_SIZE)
+    results, batches = detector.inspect([items[i].path for i in mine], settings.BATCH_SIZE, settings.NUM_WORKERS, label=f"eval {category.name}")
+    scored = []
+    for result in distributed.watched(results):
+        index = mine[result.index]
+        mask = detector.preprocessor.mask_tensor(read_mask(items[index].mask_path)).numpy() if has_mask[index] else None
+        verdict = bool(detector.is_defect(result))
+        scored.append((index, (index, result.score, result.probability, verdict, result.anomaly_map.float().numpy(), mask)))
+    position = {item.path: index for index, item in enumerate(items)} if batches.skipped else {}
+    skipped = distributed.gather_in_order([(position[path], (path, reason)) for path, reason in batches.skipped])
+    scored = distributed.gather_in_order(scored)
+    if scored is None:
+        return None
     scores = np.full(count, np.nan)
     probabilities = np.full(count, np.nan)
     verdicts = np.zeros(count, dtype=bool)
@@ -84,21 +101,19 @@ def _score(detector: Detector, category: Category, settings) -> _Scored:
     masks = np.zeros((count, height, width), dtype=bool)
     has_mask = np.array([item.mask_path is not None for item in items], dtype=bool)
     any_missing_probability = False
-    results, batches = detector.inspect([item.path for item in items], settings.BATCH_SIZE, settings.NUM_WORKERS, label=f"eval {category.name}")
-    for result in results:
-        index = result.index
-        scores[index] = result.score
-        verdicts[index] = bool(detector.is_defect(result))
-        if result.probability is None:
+    for index, score, probability, verdict, anomaly_map, mask in scored:
+        scores[index] = score
+        verdicts[index] = verdict
+        if probability is None:
             any_missing_probability = True
         else:
-            probabilities[index] = result.probability
-        maps[index] = result.anomaly_map.float().numpy()
-        if has_mask[index]:
-            masks[index] = detector.preprocessor.mask_tensor(read_mask(items[index].mask_path)).numpy()
-    for path, reason in batches.skipped:
+            probabilities[index] = probability
+        maps[index] = anomaly_map
+        if mask is not None:
+            masks[index] = mask
+    for path, reason in skipped:
         warn(f"skipped {path}: {reason}")
-    return _Scored(scores, None if any_missing_probability else probabilities, verdicts, maps, masks, has_mask, list(batches.skipped))
+    return _Scored(scores, None if any_missing_probability else probabilities, verdicts, maps, masks, has_mask, skipped)
 
 
 def _rocauc_note(labels: np.ndarray) -> str | None:
@@ -150,8 +165,11 @@ def _pixel_thresholds(thresholds: dict, maps: np.ndarray, masks: np.ndarray, goo
     return table
 
 
-def evaluate_category(detector: Detector, category: Category, settings, out_dir: Path) -> CategoryEvaluation:
-    """Metrics of one category, written with its pictures to `out_dir` (relative paths in metrics.json)."""
+def evaluate_category(detector: Detector, category: Category, settings, out_dir: Path) -> CategoryEvaluation | None:
+    """Metrics of one category, written with its pictures to `out_dir` (relative paths in metrics.json).
+
+    Under torchrun every rank scores its shard of the test images; rank 0 computes, draws and
+    writes everything and returns the evaluation, the other ranks return None."""
     if not category.test_images:
         raise DataError(f"no labeled test images for {category.name}: expected {category.root}/test/<type>/ folders")
     check_masks(category)
@@ -164,6 +182,8 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
         notes.append(f"the model {detector.model_dir} was trained on category {trained_on!r}, evaluated here on {category.name!r}")
         warn(notes[-1])
     scored = _score(detector, category, settings)
+    if scored is None:
+        return None
     items = category.test_images
     ok = ~np.isnan(scored.scores)
     labels = np.array([item.is_defect for item in items], dtype=bool)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from anomaly_model.files import AtomicFolder
+from anomaly_model import distributed
 from dataset_manager import DataError, find_images
 from dataset_manager.loader import skipped_summary
 from pipeline.detector import Detector
@@ -41,7 +41,11 @@ def run_folder(folder: Path) -> str:
 
 
 def predict_folder(detector: Detector, folder: Path, results_dir: Path, settings) -> PredictionSummary:
-    """Streams the images under `folder` through the model; outputs appear only once complete."""
+    """Streams the images under `folder` through the model; outputs appear only once complete.
+
+    Under torchrun each rank scores its shard and writes its pictures into rank 0's temporary
+    folder (`distributed.SharedFolder`); rank 0 writes predictions.csv in path order, as one
+    process would; every rank returns rank 0's summary."""
     started = time.perf_counter()
     folder = Path(folder)
     paths = find_images(folder)
@@ -49,34 +53,46 @@ def predict_folder(detector: Detector, folder: Path, results_dir: Path, settings
         raise DataError(f"no images under {folder}: expected files ending in .png, .jpg, .jpeg, .bmp, .tif or .tiff")
     scale = color_range(detector.description)
     preview_size = PREVIEW_SIZE if settings.SAVE_PICTURES else 0
-    n_defects = 0
-    with AtomicFolder(results_dir / run_folder(folder), replace=False) as out:
+    mine = distributed.shard(len(paths), settings.BATCH_SIZE)
+    with distributed.SharedFolder(results_dir / run_folder(folder), replace=False) as out:
         pictures = out.temporary / "pictures"
-        pictures.mkdir()
-        results, batches = detector.inspect(paths, settings.BATCH_SIZE, settings.NUM_WORKERS, preview_size)
-        with open(out.temporary / "predictions.csv", "w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(COLUMNS)
-            for result in results:
-                path = paths[result.index]
-                defect = detector.is_defect(result)
-                n_defects += defect
-                area = int((result.anomaly_map > detector.pixel_threshold).sum()) / result.anomaly_map.numel()
-                overlay_path = mask_path = ""
-                if settings.SAVE_PICTURES:
-                    overlay_file, mask_file = write_pictures(
-                        pictures, picture_stem(path, folder), result.anomaly_map, result.size, result.preview,
-                        detector.preprocessor, detector.pixel_threshold, scale,
-                    )
-                    overlay_path, mask_path = f"pictures/{overlay_file.name}", f"pictures/{mask_file.name}"
-                writer.writerow([
-                    str(path), f"{result.score:.6g}", f"{result.score / detector.image_threshold:.4f}",
-                    "defect" if defect else "good", f"{area:.6f}", overlay_path, mask_path,
-                    "" if result.probability is None else f"{result.probability:.6f}",
-                ])
-        for path, reason in batches.skipped:
-            print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
-        n_scored = len(paths) - len(batches.skipped)
-        if n_scored == 0:
-            raise DataError(f"none of the {len(paths)} images under {folder} could be read ({skipped_summary(batches.skipped)})")
-    return PredictionSummary(out.target, n_scored, int(n_defects), batches.skipped, time.perf_counter() - started)
+        if settings.SAVE_PICTURES:
+            out.check_visible()  # every rank writes the pictures of the images it scored
+        if settings.SAVE_PICTURES or distributed.is_main():
+            pictures.mkdir(exist_ok=True)
+        results, batches = detector.inspect([paths[i] for i in mine], settings.BATCH_SIZE, settings.NUM_WORKERS, preview_size)
+        rows = []
+        for result in distributed.watched(results):
+            index = mine[result.index]
+            path = paths[index]
+            defect = detector.is_defect(result)
+            area = float((result.anomaly_map > detector.pixel_threshold).float().mean())
+            overlay_path = mask_path = ""
+            if settings.SAVE_PICTURES:
+                overlay_file, mask_file = write_pictures(
+                    pictures, picture_stem(path, folder), result.anomaly_map, result.size, result.preview,
+                    detector.preprocessor, detector.pixel_threshold, scale,
+                )
+                overlay_path, mask_path = f"pictures/{overlay_file.name}", f"pictures/{mask_file.name}"
+            rows.append((index, [
+                str(path), f"{result.score:.6g}", f"{result.score / detector.image_threshold:.4f}",
+                "defect" if defect else "good", f"{area:.6f}", overlay_path, mask_path,
+                "" if result.probability is None else f"{result.probability:.6f}",
+            ]))
+        position = {path: index for index, path in enumerate(paths)} if batches.skipped else {}
+        skipped = distributed.gather_in_order([(position[path], (path, reason)) for path, reason in batches.skipped])
+        rows = distributed.gather_in_order(rows)
+        if distributed.is_main():
+            with open(out.temporary / "predictions.csv", "w", newline="") as file:
+                writer = csv.writer(file)
+                writer.writerow(COLUMNS)
+                writer.writerows(rows)
+            for path, reason in skipped:
+                print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
+            if not rows:
+                raise DataError(f"none of the {len(paths)} images under {folder} could be read ({skipped_summary(skipped)})")
+    summary = None
+    if distributed.is_main():  # out.target is the folder's final name (-2, -3, ... when taken)
+        n_defects = sum(row[3] == "defect" for row in rows)
+        summary = PredictionSummary(out.target, len(rows), n_defects, skipped, time.perf_counter() - started)
+    return distributed.broadcast_object(summary)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from anomaly_model import distributed
 from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.files import check_writable
@@ -115,16 +116,35 @@ def _warn_skipped(skipped: list[tuple[Path, str]]) -> None:
         print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
 
 
-def validation_maps(model: AnomalyModel, paths: list[Path], preprocessor: Preprocessor, settings) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """(N, H, W) anomaly maps and (N,) image scores of held-out good images, and the files that could not be read."""
-    batches = ImageBatches(paths, preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
-    scored = [model.score(batch.images) for batch in tqdm(batches, desc="validation", unit="batch", file=sys.stderr)]
-    if not scored:
+def skipped_in_order(skipped: list[tuple[Path, str]], paths: list[Path]) -> list[tuple[Path, str]]:
+    """Every rank's unreadable files among `paths`, in `paths` order, on every rank (alone: `skipped`)."""
+    position = {path: index for index, path in enumerate(paths)}
+    return distributed.all_gather_in_order([(position[path], (path, reason)) for path, reason in skipped])
+
+
+def validation_maps(
+    model: AnomalyModel, paths: list[Path], preprocessor: Preprocessor, settings
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list]:
+    """(N, H, W) anomaly maps and (N,) image scores of held-out good images, in `paths` order, and the
+    files that could not be read. Under torchrun each rank scores its shard: maps and scores are
+    gathered on rank 0 (None on the other ranks), the unreadable files are known to every rank."""
+    mine = distributed.shard(len(paths), settings.BATCH_SIZE)
+    batches = ImageBatches([paths[i] for i in mine], preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
+    scored = []
+    for batch in distributed.watched(tqdm(batches, desc="validation", unit="batch", file=sys.stderr)):
+        maps, scores = model.score(batch.images)
+        scored += [(mine[i], (maps[row].numpy(), float(scores[row]))) for row, i in enumerate(batch.indices)]
+    skipped = skipped_in_order(batches.skipped, paths)
+    everything = distributed.gather_in_order(scored)
+    if everything is None:
+        return None, None, skipped
+    if not everything:
         raise DataError(
             f"none of the {len(paths)} validation images in {folder_of(paths)} could be read "
-            f"({skipped_summary(batches.skipped)}): thresholds cannot be calibrated"
+            f"({skipped_summary(skipped)}): thresholds cannot be calibrated"
         )
-    return torch.cat([maps for maps, _ in scored]), torch.cat([scores for _, scores in scored]), batches.skipped
+    maps = torch.from_numpy(np.stack([image_map for image_map, _ in everything]))
+    return maps, torch.tensor([score for _, score in everything], dtype=maps.dtype), skipped
 
 
 def assign_folds(count: int, folds: int, seed: int) -> np.ndarray:
@@ -243,13 +263,22 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
     After the fit: the validation goods' maps; then, with OUT_OF_FOLD_FOLDS > 0, every training
     image's out-of-fold map (cross-fitting). Thresholds are calibrated on all these honest goods;
     the classifier (CLASSIFIER) learns from them, from synthetic defects painted on them and from
-    labeled defects, each map turned into features as it arrives."""
+    labeled defects, each map turned into features as it arrives.
+
+    Under torchrun every rank runs this: each fits on its shard of the training images and scores
+    its shard of the validation images; rank 0 then does the rest alone (out-of-fold maps,
+    calibration, classifier, save) and every rank returns rank 0's summary."""
     started = time.perf_counter()
-    check_writable(model_dir.parent)
+    if distributed.is_main():
+        check_writable(model_dir.parent)
     train_paths, validation_paths = split_validation(category, settings.VALIDATION_FRACTION, settings.SEED)
     folder, n_files = folder_of(category.train_images), len(train_paths)
     held_out = 0 if category.validation_images else len(validation_paths)
-    train_paths, skipped = readable_headers(train_paths)
+    mine = distributed.shard(len(train_paths), settings.BATCH_SIZE)
+    _, unreadable = readable_headers([train_paths[i] for i in mine])  # each rank checks its share of the headers
+    skipped = skipped_in_order(unreadable, train_paths)
+    unreadable = {path for path, _ in skipped}
+    train_paths = [path for path in train_paths if path not in unreadable]
     require_training_images(len(train_paths), folder, n_files, held_out, skipped)
     folds = out_of_fold_folds(settings, len(train_paths))
     model = build_model(settings)
@@ -259,21 +288,34 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
         print("note: out-of-fold maps are not made for tiled models; the classifier and thresholds use the validation goods", file=sys.stderr)
         folds = 0
     check_pixel_policy(model, settings.PIXEL_THRESHOLD_POLICY, settings.PIXEL_FALSE_REJECT_RATE)
-    batches = ImageBatches(train_paths, preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
+    mine = distributed.shard(len(train_paths), settings.BATCH_SIZE)
+    batches = ImageBatches([train_paths[i] for i in mine], preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
 
     def counted_images():
-        """The batches' images; once they are all read, fewer than 2 is a DataError before any fit ends."""
+        """The batches' images; once they are all read, fewer than 2 is a DataError before any fit
+        ends. Alone only: under torchrun a rank sees its shard, and the fit checks the total."""
         count = 0
-        for batch in tqdm(batches, desc=f"fit {category.name}", unit="batch", file=sys.stderr):
+        for batch in distributed.watched(tqdm(batches, desc=f"fit {category.name}", unit="batch", file=sys.stderr)):
             count += len(batch.indices)
             yield batch.images
-        require_training_images(count, folder, n_files, held_out, skipped + batches.skipped)
+        if not distributed.active():
+            require_training_images(count, folder, n_files, held_out, skipped + batches.skipped)
 
     model.plan_fit(len(train_paths) * (layout.count if layout is not None else 1))  # backbone inputs: images or tiles
     model.fit_images(counted_images())
-    skipped += batches.skipped
+    skipped += skipped_in_order(batches.skipped, train_paths)
     maps, scores, skipped_validation = validation_maps(model, validation_paths, preprocessor, settings)
     skipped += skipped_validation
+    summary = None
+    if distributed.is_main():  # the validation maps and scores were gathered here
+        summary = _calibrate_and_save(category, settings, model_dir, model, preprocessor, train_paths, validation_paths, maps, scores,
+                                      skipped, skipped_validation, folds, started)
+    return distributed.broadcast_object(summary)
+
+
+def _calibrate_and_save(category, settings, model_dir, model, preprocessor, train_paths, validation_paths, maps, scores,
+                        skipped, skipped_validation, folds, started) -> TrainingSummary:
+    """After the fit, on one process: out-of-fold maps, thresholds, classifier, and the atomic save."""
     _warn_skipped(skipped)
     goods = GoodMapSample()
     goods.add(maps, scores)

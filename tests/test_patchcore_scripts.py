@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from conftest import TINY, make_mvtec_category, outputs, run_script, save, texture, with_defect
 
