@@ -61,14 +61,17 @@ def check_paths(category: Category, count: int) -> list[Path]:
 
 def deployment_metadata(description: dict) -> dict:
     """Everything a runtime needs besides the graph, as the ONNX file's "anomaly_detector" entry."""
-    height, width = Preprocessor.from_description(description["preprocessing"]).size
+    preprocessor = Preprocessor.from_description(description["preprocessing"])  # older models: square ints
+    height, width = preprocessor.size
     metadata = {
         "model_id": model_id(description),
         "category": description.get("dataset", {}).get("category"),
         "anomaly_model": {"type": description["anomaly_model"]["type"], "settings": description["anomaly_model"]["settings"]},
         "input": {"name": "images", "shape": ["N", 3, height, width], "dtype": "float32"},
         "outputs": {"anomaly_maps": ["N", height, width], "image_scores": ["N"]},
-        "preprocessing": {**description["preprocessing"], "steps": PREPROCESSING_STEPS},
+        "preprocessing": {
+            **description["preprocessing"], "resize": list(preprocessor.resize), "image_size": [height, width], "steps": PREPROCESSING_STEPS,
+        },
         "thresholds": description["thresholds"],
         "verdict": "the classifier's probability >= classifier.threshold when there is a classifier, else image score >= thresholds.image",
     }
@@ -80,6 +83,7 @@ def deployment_metadata(description: dict) -> dict:
             "features": entry["features"],
             "levels": entry["levels"],
             "threshold": entry["threshold"],
+            **{key: entry[key] for key in ("anchor_mode", "anchor", "tree_share") if key in entry},
         }
     return metadata
 

@@ -193,7 +193,7 @@ def test_an_export_that_disagrees_with_torch_writes_nothing(model_copy, monkeypa
             maps = images.mean(dim=1)
             return maps, maps.flatten(1).max(dim=1).values
 
-    monkeypatch.setattr(Padim, "export_module", lambda self, size: Wrong())
+    monkeypatch.setattr(Padim, "export_module", lambda self, size, release=False: Wrong())
     before = {path.name: path.read_bytes() for path in model_copy.iterdir()}
     (category,) = find_categories(Path(json.loads((model_copy / "model.json").read_text())["dataset"]["dataset_dir"]))
     with pytest.raises(ModelError, match="disagrees with the torch model.*nothing was written"):
