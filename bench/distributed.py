@@ -99,7 +99,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             for processes in counts:
                 out, wall = run("train.py", processes, [*common, f"MODEL_DIR={work / f'model-{processes}'}"])
-                match = re.search(r"trained on (\d+) images, calibrated on (\d+) validation images in ([\d.]+) s", out)
+                match = re.search(r"trained on (\d+) images, calibrated on (\d+) validation images.*? in ([\d.]+) s", out)
                 entry = report["runs"].setdefault(f"train {processes}", {"images": int(match[1]), "train_s": [], "wall_s": []})
                 entry["train_s"].append(float(match[3]))
                 entry["wall_s"].append(round(wall, 1))

@@ -88,7 +88,7 @@ def measure(name: str, dataset: Path, config: str, settings: list[str], out: Pat
     if trained.returncode:
         row["error"] = (trained.stderr.strip().splitlines() or ["?"])[-1]
         return row
-    match = re.search(r"validation images in ([\d.]+) s", trained.stdout)
+    match = re.search(r" in ([\d.]+) s at ", trained.stdout)
     row["train_s"], row["train_peak_rss_gb"] = float(match.group(1)), peak / 1e9
     (model_dir,) = [p for p in (work / "models").iterdir() if p.is_dir()]
     description = json.loads((model_dir / "model.json").read_text())
