@@ -65,6 +65,10 @@ DETECTOR_SCHEMA = {
         "features": sequence(text(empty=False)),
         "threshold": number(),
         "levels": Each(number()),
+        "anchor_mode": Optional(RULES["CLASSIFIER_ANCHOR"]),
+        # the image score's log-odds (classification_model.xgboost.Anchor) and, for "shrink", the trees' share of the verdict
+        "anchor": Optional({"center": number(), "scale": number(above=0), "intercept": number(), "slope": number(minimum=0)}),
+        "tree_share": Optional(number(minimum=0, maximum=1)),
     }),
 }
 
@@ -145,6 +149,9 @@ def check_description(folder: Path, description: dict, schema: dict) -> None:
         check(description, schema)
         if "preprocessing" in schema and description["preprocessing"]["crop"] > description["preprocessing"]["resize"]:
             raise SchemaError("preprocessing.crop is larger than preprocessing.resize")
+        classifier = description.get("classifier") if "classifier" in schema else None
+        if classifier and classifier.get("anchor_mode") == "shrink" and not {"anchor", "tree_share"} <= classifier.keys():
+            raise SchemaError("classifier.anchor_mode is shrink but its anchor or tree_share is missing")
         if "anomaly_model" in schema:  # the model type's own settings, by the rules of the config.py keys they came from
             entry = description["anomaly_model"]
             names = model_class(entry["type"]).setting_names()
