@@ -85,9 +85,10 @@ EVAL_PRO_FPR_LIMIT = 0.3  # PRO is integrated over pixel FPR from 0 to this limi
 EVAL_SHEET_COUNT = 3  # localization sheets: this many worst goods, best and worst defects
 
 # --- Classifier (XGBoost good/defect verdict on anomaly-map features) ---------------------------
-# Trained by train.py after the Gaussian fit, on the maps of validation goods and of defects:
-# labeled ones (train/defect/ or train_dataset_folder/defect/) plus synthetic ones painted onto
-# the validation goods. When present, its probability decides test.py's verdict.
+# Trained by train.py after the anomaly model's fit, on the maps of honest goods (validation images
+# and, with OUT_OF_FOLD_FOLDS > 0, the training images out-of-fold) and of defects: labeled ones
+# (train/defect/ or train_dataset_folder/defect/) plus synthetic ones painted onto the honest goods.
+# When present, its probability decides test.py's verdict.
 CLASSIFIER = True  # False: plain max-of-map score and image threshold only
 # Synthetic defects in all, spread evenly over the honest goods (validation and out-of-fold training
 # images), cut-paste, scratch and texture in turn; each costs one backbone pass (plus one per
