@@ -113,9 +113,10 @@ EVAL_PRO_FPR_LIMIT = 0.3  # PRO is integrated over pixel FPR from 0 to this limi
 EVAL_SHEET_COUNT = 3  # localization sheets: this many worst goods, best and worst defects
 
 # --- Classifier (XGBoost good/defect verdict on anomaly-map features) ---------------------------
-# Trained by train.py after the Gaussian fit, on the maps of validation goods and of defects:
-# labeled ones (train/defect/ or train_dataset_folder/defect/) plus synthetic ones painted onto
-# the validation goods. When present, its probability decides test.py's verdict.
+# Trained by train.py after the anomaly model's fit, on the maps of honest goods (validation images
+# and, with OUT_OF_FOLD_FOLDS > 0, the training images out-of-fold) and of defects: labeled ones
+# (train/defect/ or train_dataset_folder/defect/) plus synthetic ones painted onto the honest goods.
+# When present, its probability decides test.py's verdict.
 CLASSIFIER = True  # False: plain max-of-map score and image threshold only
 # Synthetic defects in all, spread evenly over the honest goods (validation and out-of-fold training
 # images), cut-paste, scratch and texture in turn; each costs one backbone pass (plus one per
@@ -126,12 +127,19 @@ CLASSIFIER_REAL_DEFECT_WEIGHT = 4.0  # sample weight of a labeled defect relativ
 CLASSIFIER_DEFECT_SIZE = (0.03, 0.15)  # synthetic defect size range, as a fraction of the inspected side
 CLASSIFIER_DEFECT_STRENGTH = (0.3, 1.0)  # synthetic defect opacity range (faint to fully opaque)
 CLASSIFIER_FALSE_REJECT_RATE = 0.05  # share of the honest goods (out-of-fold probabilities) the verdict rejects
-# How the verdict relates to the model's image score (PaDiM: the map's maximum):
+# How the verdict relates to the model's image score (PaDiM: the map's maximum), README, Ablation:
+# "shrink": the trees are trained alone and the verdict's log-odds is share * trees + (1 - share) *
+#     the image score's log-odds, share = goods / (goods + CLASSIFIER_SHRINK_GOODS): with few good
+#     examples the image score keeps most of the say (the only mode never worse than the image
+#     score beyond noise on every set of the ablation while still gaining on average);
 # "guard": the trees are kept only if, out-of-fold, they rank the training examples better than the
-#     image score alone; otherwise the verdict is the image score's log-odds (see README, Ablation);
+#     image score alone; otherwise the verdict is the image score's log-odds;
 # "margin": the trees start from the image score's log-odds (XGBoost base_margin) and add a correction;
 # "none": the trees alone.
-CLASSIFIER_ANCHOR = "guard"
+CLASSIFIER_ANCHOR = "shrink"
+# "shrink": the number of good examples (validation + out-of-fold) at which the trees and the image
+# score count equally; 0 = the trees alone. Not swept: one value, measured (README, Ablation).
+CLASSIFIER_SHRINK_GOODS = 200
 CLASSIFIER_FOLDS = 5  # grouped cross-validation folds: early stopping and the verdict threshold
 CLASSIFIER_MAX_DEPTH = 3  # XGBoost tree depth
 CLASSIFIER_LEARNING_RATE = 0.05  # XGBoost eta

@@ -282,7 +282,8 @@ RULES: dict[str, Rule] = {
     # classifier
     "CLASSIFIER": flag(),
     "CLASSIFIER_SYNTHETIC_DEFECTS": integer(minimum=0),
-    "CLASSIFIER_ANCHOR": choice(("guard", "margin", "none")),
+    "CLASSIFIER_ANCHOR": choice(("shrink", "guard", "margin", "none")),
+    "CLASSIFIER_SHRINK_GOODS": number(minimum=0),
     "CLASSIFIER_ENOUGH_REAL_DEFECTS": integer(minimum=0),
     "CLASSIFIER_REAL_DEFECT_WEIGHT": number(above=0),
     "CLASSIFIER_DEFECT_SIZE": sequence(number(above=0, maximum=1), length=2, order="nondecreasing"),

@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from anomaly_model import distributed
-from anomaly_model import distributed
 from anomaly_model.backbone import FeatureExtractor, ModelError
 from anomaly_model.maps import MapMaker, apply_operators
 from anomaly_model.schema import check

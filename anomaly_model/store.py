@@ -73,6 +73,10 @@ DETECTOR_SCHEMA = {
         "features": sequence(text(empty=False)),
         "threshold": number(),
         "levels": Each(number()),
+        "anchor_mode": Optional(RULES["CLASSIFIER_ANCHOR"]),
+        # the image score's log-odds (classification_model.xgboost.Anchor) and, for "shrink", the trees' share of the verdict
+        "anchor": Optional({"center": number(), "scale": number(above=0), "intercept": number(), "slope": number(minimum=0)}),
+        "tree_share": Optional(number(minimum=0, maximum=1)),
     }),
 }
 # ... and what scoring with the exported ONNX file needs (`onnx_file.OnnxScorer` checks it).
@@ -162,6 +166,9 @@ def check_description(folder: Path, description: dict, schema: dict) -> None:
             pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
             if any(s > r for s, r in zip(pair(prep.get("image_size", prep.get("crop"))), pair(prep["resize"]))):
                 raise SchemaError("preprocessing.image_size is larger than preprocessing.resize")
+        classifier = description.get("classifier") if "classifier" in schema else None
+        if classifier and classifier.get("anchor_mode") == "shrink" and not {"anchor", "tree_share"} <= classifier.keys():
+            raise SchemaError("classifier.anchor_mode is shrink but its anchor or tree_share is missing")
         if "anomaly_model" in schema:  # the model type's own settings, by the rules of the config.py keys they came from
             entry = description["anomaly_model"]
             names = model_class(entry["type"]).setting_names()

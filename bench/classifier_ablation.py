@@ -26,6 +26,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -39,8 +40,8 @@ from anomaly_model.base import AnomalyModel  # noqa: E402
 from anomaly_model.store import build_model  # noqa: E402
 from classification_model.features import FEATURE_NAMES, MONOTONE, levels_from_description, map_features  # noqa: E402
 from classification_model.synthetic import DEFECT_TYPES  # noqa: E402
-from classification_model.training import params_from_settings, synthetic_defect_maps, synthetic_plan  # noqa: E402
-from classification_model.xgboost import Anchor, train_classifier  # noqa: E402
+from classification_model.training import anchoring, params_from_settings, synthetic_defect_maps, synthetic_plan  # noqa: E402
+from classification_model.xgboost import train_classifier  # noqa: E402
 from dataset_manager import IMAGE_EXTENSIONS, ImageBatches, find_categories  # noqa: E402
 from dataset_manager.demo import generate_demo_dataset  # noqa: E402
 from evaluation.metrics import image_rocauc  # noqa: E402
@@ -223,14 +224,13 @@ def set_folder(name: str, work: Path) -> Path:
     raise SystemExit(f"unknown set {name!r}: use {', '.join(SETS)} or a category folder")
 
 
-VARIANTS = {  # name -> how the classifier is trained (see run_variant)
+VARIANTS = {  # name -> how the classifier is trained (see run_variant); "mode": CLASSIFIER_ANCHOR
     "before: validation goods only, trees": {"goods": "validation", "synthetic": "validation hosts", "mode": "none"},
     "cross-fitted goods, trees": {"goods": "all", "synthetic": "all hosts", "mode": "none"},
     "cross-fitted, margin (base_margin)": {"goods": "all", "synthetic": "all hosts", "mode": "margin"},
-    "cross-fitted, shrink toward image score": {"goods": "all", "synthetic": "all hosts", "mode": "shrink"},
-    "cross-fitted, guard (default)": {"goods": "all", "synthetic": "all hosts", "mode": "guard"},
+    "cross-fitted, shrink toward image score (default)": {"goods": "all", "synthetic": "all hosts", "mode": "shrink"},
+    "cross-fitted, guard": {"goods": "all", "synthetic": "all hosts", "mode": "guard"},
 }
-SHRINK_GOODS = 200  # "shrink": trees' weight n_good / (n_good + SHRINK_GOODS), the rest the image score's
 
 
 def _features(maps: np.ndarray, levels: dict) -> np.ndarray:
@@ -281,18 +281,12 @@ def run_variant(data: Prepared, spec: dict, settings, seeds: int, ks: list[int],
             n_good = sum(len(p[0]) for p in parts)
             labels = np.r_[np.zeros(n_good), np.ones(len(synthetic[0]) + k)]
             weights = np.r_[np.ones(n_good + len(synthetic[0])), np.full(k, settings.CLASSIFIER_REAL_DEFECT_WEIGHT)]
-            mode = spec["mode"]
-            arguments = {"anchored": True} if mode == "margin" else {"guard": 0.0} if mode == "guard" else {}
+            arguments = anchoring(SimpleNamespace(**{**vars(settings), "CLASSIFIER_ANCHOR": spec["mode"]}))  # as train.py does
             classifier = train_classifier(features, labels, groups, FEATURE_NAMES, params, settings.CLASSIFIER_FALSE_REJECT_RATE,
                                           weights, MONOTONE, image_scores=scores, **arguments)
             keep = np.setdiff1d(np.arange(len(data.labels)), chosen)
-            margin = classifier.margin(data.test[keep], data.test_scores[keep])
+            margin = classifier.margin(data.test[keep], data.test_scores[keep])  # the verdict's log-odds, as test.py computes it
             threshold = np.log(classifier.threshold / (1 - classifier.threshold))
-            if mode == "shrink":  # blend the trees' log-odds with the image score's, by how many goods there are
-                anchor = Anchor.fit(scores, labels, weights)
-                share = n_good / (n_good + SHRINK_GOODS)
-                margin = share * margin + (1 - share) * anchor.margin(data.test_scores[keep])
-                threshold = np.nan
             labels_kept = data.labels[keep]
             image_auc, classifier_auc = image_rocauc(labels_kept, data.test_scores[keep]), image_rocauc(labels_kept, margin)
             trees = float(classifier.report["rounds"] > 0)

@@ -212,9 +212,11 @@ def anchoring(settings) -> dict:
         return {"anchored": True}
     if mode == "guard":
         return {"guard": 0.0}
+    if mode == "shrink":
+        return {"shrink_goods": settings.CLASSIFIER_SHRINK_GOODS}
     if mode == "none":
         return {}
-    raise ModelError(f"CLASSIFIER_ANCHOR={mode!r} is not one of margin, guard, none")
+    raise ModelError(f"CLASSIFIER_ANCHOR={mode!r} is not one of shrink, guard, margin, none")
 
 
 def classifier_info(classifier: DefectClassifier, training_set: TrainingSet, settings) -> dict:
@@ -228,11 +230,12 @@ def classifier_info(classifier: DefectClassifier, training_set: TrainingSet, set
         "false_reject_rate": settings.CLASSIFIER_FALSE_REJECT_RATE,
         "anchor_mode": settings.CLASSIFIER_ANCHOR,
         **({"anchor": classifier.anchor.to_dict()} if classifier.anchor is not None else {}),
+        **({"tree_share": classifier.tree_share} if classifier.tree_share is not None else {}),
         "n_validation_goods": counts["validation_goods"],
         "n_out_of_fold_goods": counts["out_of_fold_goods"],
         "n_real_defects": counts["real_defects"],
         "n_synthetic_defects": {kind: counts[kind] for kind in DEFECT_TYPES},
         "synthetic_defect_size": list(settings.CLASSIFIER_DEFECT_SIZE),
         "synthetic_defect_strength": list(settings.CLASSIFIER_DEFECT_STRENGTH),
-        **{k: v for k, v in classifier.report.items() if k not in ("out_of_fold_good_probabilities", "anchor")},
+        **{k: v for k, v in classifier.report.items() if k not in ("out_of_fold_good_probabilities", "anchor", "tree_share")},
     }

@@ -7,6 +7,11 @@ of them, a single held-out split is too small to pick both the number of trees a
 threshold; out-of-fold predictions use every good image once as an unseen one. Folds are grouped
 by source image: a good image and the synthetic defects made from it always land in the same
 fold, so the classifier is never scored on a defect painted onto an image it was trained on.
+
+How the verdict relates to the model's image score (`Anchor`, CLASSIFIER_ANCHOR): the trees alone;
+the trees starting from the score's log-odds (`anchored`); the score alone unless the trees win
+out-of-fold (`guard`); or a blend of the two log-odds whose trees' share grows with the number of
+goods the classifier learned from (`shrink_goods`, the default: README, Ablation).
 """
 
 from __future__ import annotations
@@ -86,27 +91,41 @@ def _sigmoid(margin: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(margin, dtype=np.float64)))
 
 
+def shrink_share(n_good: int, shrink_goods: float) -> float:
+    """The trees' share of a "shrink" verdict: n_good / (n_good + shrink_goods). Few goods: the trees
+    have seen little of what good parts look like, so the image score keeps most of the say."""
+    return float(n_good / (n_good + shrink_goods)) if n_good + shrink_goods > 0 else 1.0
+
+
 @dataclass
 class DefectClassifier:
-    """A trained booster, the features it expects (in order) and its verdict threshold."""
+    """A trained booster, the features it expects (in order) and its verdict threshold.
+
+    With an `anchor` and no `tree_share`, the trees start from the anchor's margin (XGBoost
+    `base_margin`); with both ("shrink"), the verdict's log-odds is
+    tree_share * trees + (1 - tree_share) * anchor, the trees having been trained alone."""
 
     booster: xgb.Booster
     feature_names: list[str]
     threshold: float
     report: dict = field(default_factory=dict)
     anchor: Anchor | None = None  # None: the trees alone, not anchored on the image score
+    tree_share: float | None = None  # "shrink": the trees' weight in the blend with the anchor
 
     def margin(self, features: np.ndarray, image_scores: np.ndarray | None = None) -> np.ndarray:
         """Log-odds of "defect" of each row of `features` (columns in `feature_names` order); an
-        anchored classifier also needs the model's image score of each row."""
+        anchored or shrunk classifier also needs the model's image score of each row."""
         features = np.asarray(features, dtype=np.float32)
-        base = None
+        anchor_margin = None
         if self.anchor is not None:
             if image_scores is None:
                 raise ModelError("internal: an anchored classifier needs the image scores")
-            base = self.anchor.margin(image_scores)
-        matrix = xgb.DMatrix(features, feature_names=self.feature_names, base_margin=base)
-        return self.booster.predict(matrix, output_margin=True).astype(np.float64)
+            anchor_margin = self.anchor.margin(image_scores)
+        if self.tree_share is None:
+            matrix = xgb.DMatrix(features, feature_names=self.feature_names, base_margin=anchor_margin)
+            return self.booster.predict(matrix, output_margin=True).astype(np.float64)
+        trees = self.booster.predict(xgb.DMatrix(features, feature_names=self.feature_names), output_margin=True)
+        return blend(trees.astype(np.float64), anchor_margin, self.tree_share)
 
     def predict(self, features: np.ndarray, image_scores: np.ndarray | None = None) -> np.ndarray:
         """Defect probability of each row of `features` (and its image score, when anchored)."""
@@ -118,10 +137,18 @@ class DefectClassifier:
 
     @classmethod
     def from_bytes(
-        cls, data: bytes, feature_names: list[str], threshold: float, expected_names: list[str], anchor: dict | None = None
+        cls,
+        data: bytes,
+        feature_names: list[str],
+        threshold: float,
+        expected_names: list[str],
+        anchor: dict | None = None,
+        tree_share: float | None = None,
     ) -> "DefectClassifier":
-        """Load a booster saved by `to_bytes` (and its anchor, `Anchor.to_dict`, from model.json);
-        refuse one trained on other features than this code computes."""
+        """Load a booster saved by `to_bytes` (and its anchor, `Anchor.to_dict`, and the trees' share
+        of a "shrink" verdict, from model.json); refuse one trained on other features than this code computes."""
+        if tree_share is not None and anchor is None:
+            raise ModelError("model.json's classifier has a tree_share but no anchor to blend with: retrain with python train.py")
         if list(feature_names) != list(expected_names):
             missing = [n for n in expected_names if n not in feature_names]
             extra = [n for n in feature_names if n not in expected_names]
@@ -136,7 +163,15 @@ class DefectClassifier:
             raise ModelError(f"the model's classifier file is damaged ({str(error).splitlines()[0]}): retrain") from None
         if booster.feature_names is not None and list(booster.feature_names) != list(feature_names):
             raise ModelError("the classifier file's feature list differs from model.json's: retrain with python train.py")
-        return cls(booster, list(feature_names), float(threshold), anchor=None if anchor is None else Anchor(**anchor))
+        return cls(
+            booster, list(feature_names), float(threshold), anchor=None if anchor is None else Anchor(**anchor),
+            tree_share=None if tree_share is None else float(tree_share),
+        )
+
+
+def blend(tree_margin: np.ndarray, anchor_margin: np.ndarray, tree_share: float) -> np.ndarray:
+    """The "shrink" verdict's log-odds: tree_share of the trees', the rest the image score's."""
+    return tree_share * tree_margin + (1.0 - tree_share) * anchor_margin
 
 
 def _booster_params(params: ClassifierParams, scale_pos_weight: float, monotone: list[int] | None) -> dict:
@@ -232,18 +267,23 @@ def train_classifier(
     image_scores: np.ndarray | None = None,
     anchored: bool = False,
     guard: float | None = None,
+    shrink_goods: float | None = None,
 ) -> DefectClassifier:
     """Fit the classifier; the verdict threshold rejects `false_reject_rate` of the goods' out-of-fold
     probabilities (`threshold_rows` picks which goods count). `image_scores`: the anomaly model's
     score of each row; `anchored`: the trees start from its log-odds (`Anchor`); `guard`: keep the
     trees only if their out-of-fold ROCAUC beats the image score's by more than this, else the
-    verdict is the image score's log-odds alone (an anchor with no trees)."""
+    verdict is the image score's log-odds alone (an anchor with no trees); `shrink_goods`: the trees
+    are trained alone and the verdict is `blend`ed with the anchor's log-odds, the trees' share
+    `shrink_share(n_good, shrink_goods)` (out-of-fold: each fold's trees with that fold's anchor)."""
     features = np.asarray(features, dtype=np.float32)
     labels = np.asarray(labels).astype(int)
     groups = np.asarray(groups)
     weights = np.ones(len(labels)) if weights is None else np.asarray(weights, dtype=np.float64)
-    if (anchored or guard is not None) and image_scores is None:
-        raise ModelError("internal: an anchored or guarded classifier needs the image scores")
+    if sum((anchored, guard is not None, shrink_goods is not None)) > 1:
+        raise ModelError("internal: anchored, guard and shrink_goods are alternatives")
+    if (anchored or guard is not None or shrink_goods is not None) and image_scores is None:
+        raise ModelError("internal: an anchored, guarded or shrunk classifier needs the image scores")
     image_scores = None if image_scores is None else np.asarray(image_scores, dtype=np.float64)
     n_good, n_defect = int((labels == 0).sum()), int((labels == 1).sum())
     if n_good == 0 or n_defect == 0:
@@ -274,11 +314,15 @@ def train_classifier(
         }
     if guard is not None and evidence["out_of_fold_rocauc_trees"] <= evidence["out_of_fold_rocauc_image_score"] + guard:
         anchored, rounds, out_of_fold = True, 0, anchor_out_of_fold  # no evidence the trees do better: the image score decides
-    anchor = Anchor.fit(image_scores, labels, weights) if anchored else None
+    tree_share = None
+    if shrink_goods is not None:
+        tree_share = shrink_share(n_good, shrink_goods)
+        out_of_fold = blend(out_of_fold, anchor_out_of_fold, tree_share)  # the threshold sees the verdict it will gate
+    anchor = Anchor.fit(image_scores, labels, weights) if anchored or tree_share is not None else None
     booster = xgb.train(
         _booster_params(params, scale, monotone),
         xgb.DMatrix(features, labels, weight=weights, feature_names=feature_names,
-                    base_margin=None if anchor is None else anchor.margin(image_scores)),
+                    base_margin=anchor.margin(image_scores) if anchored else None),
         num_boost_round=rounds,
     )
     chosen = (labels == 0) & ~np.isnan(out_of_fold)
@@ -297,9 +341,11 @@ def train_classifier(
         "out_of_fold_good_probabilities": [round(float(p), 6) for p in good_probabilities],
         **evidence,
     }
-    if anchored:
+    if anchor is not None:
         report["anchor"] = anchor.to_dict()
-    return DefectClassifier(booster, list(feature_names), threshold, report, anchor)
+    if tree_share is not None:
+        report["tree_share"] = tree_share
+    return DefectClassifier(booster, list(feature_names), threshold, report, anchor, tree_share)
 
 
 def feature_importance(classifier: DefectClassifier) -> dict[str, float]:

@@ -70,7 +70,9 @@ def load_classifier(model_dir: Path, description: dict) -> tuple[DefectClassifie
     a classifier trained on another feature list than this code computes is refused."""
     entry = description["classifier"]
     data = read_checked_bytes(model_dir, entry["booster_file"], description["files"])
-    classifier = DefectClassifier.from_bytes(data, entry["features"], entry["threshold"], FEATURE_NAMES, entry.get("anchor"))
+    classifier = DefectClassifier.from_bytes(
+        data, entry["features"], entry["threshold"], FEATURE_NAMES, entry.get("anchor"), entry.get("tree_share")
+    )
     return classifier, {key: float(value) for key, value in entry["levels"].items()}
 
 

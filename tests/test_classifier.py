@@ -26,7 +26,7 @@ from anomaly_model.backbone import ModelError
 from classification_model.features import FEATURE_NAMES, MONOTONE, map_features
 from classification_model.synthetic import DEFECT_TYPES, make_defect
 from classification_model.training import synthetic_defect_maps, synthetic_plan
-from classification_model.xgboost import Anchor, ClassifierParams, DefectClassifier, plot_feature_importance, train_classifier
+from classification_model.xgboost import Anchor, ClassifierParams, DefectClassifier, plot_feature_importance, shrink_share, train_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = {"q99": 1.0, "q999": 2.0, "pixel": 1.5, "image": 4.0}
@@ -174,6 +174,38 @@ def test_the_guard_keeps_trees_that_help_and_margin_anchoring_starts_from_the_sc
     assert margin.anchor is not None and margin.report["out_of_fold_rocauc"] > 0.95
 
 
+def test_shrink_blends_the_trees_with_the_image_score_by_the_number_of_goods(tmp_path):
+    """"shrink" (the default): trees trained alone, verdict log-odds = share * trees + (1 - share) * anchor,
+    share = goods / (goods + shrink_goods); the threshold comes from out-of-fold blended goods; saving keeps it exact."""
+    classifier, x, y = _toy_classifier()  # the trees alone, same data, seed and folds
+    scores = np.random.default_rng(3).normal(size=len(y)) + 0.5 * y
+    groups = np.r_[np.arange(30), np.arange(40) % 30]
+    params = ClassifierParams(max_rounds=50, folds=3)
+    shrunk = train_classifier(x, y, groups, FEATURE_NAMES, params, 0.05, monotone=MONOTONE, image_scores=scores, shrink_goods=20)
+    assert shrunk.tree_share == pytest.approx(30 / 50) == shrink_share(30, 20) and shrunk.report["rounds"] == classifier.report["rounds"]
+    anchor = Anchor.fit(scores, y, np.ones(len(y)))
+    assert shrunk.anchor == anchor
+    rng = np.random.default_rng(11)
+    test_features = map_features(torch.cat([_toy_maps(rng, 10, False), _toy_maps(rng, 10, True)]), LEVELS)
+    test_scores = rng.normal(size=20)
+    expected = 0.6 * classifier.margin(test_features) + 0.4 * anchor.margin(test_scores)
+    np.testing.assert_allclose(shrunk.margin(test_features, test_scores), expected, rtol=1e-12, atol=1e-12)
+    assert 0 < shrunk.threshold < 1 and shrunk.threshold != classifier.threshold  # from the blended out-of-fold goods
+    with pytest.raises(ModelError, match="image scores"):
+        shrunk.predict(test_features)
+
+    copy = DefectClassifier.from_bytes(shrunk.to_bytes(), FEATURE_NAMES, shrunk.threshold, FEATURE_NAMES, anchor.to_dict(), shrunk.tree_share)
+    assert np.array_equal(copy.predict(test_features, test_scores), shrunk.predict(test_features, test_scores))
+    with pytest.raises(ModelError, match="no anchor"):
+        DefectClassifier.from_bytes(shrunk.to_bytes(), FEATURE_NAMES, shrunk.threshold, FEATURE_NAMES, None, shrunk.tree_share)
+
+    # share 0: the trees have no say, the verdict ranks images exactly as the image score does
+    nothing = DefectClassifier(shrunk.booster, FEATURE_NAMES, shrunk.threshold, anchor=anchor, tree_share=0.0)
+    order = np.argsort(nothing.predict(test_features, test_scores), kind="stable")
+    assert np.array_equal(order, np.argsort(test_scores, kind="stable"))
+    assert shrink_share(30, 0) == 1.0  # CLASSIFIER_SHRINK_GOODS = 0: the trees alone
+
+
 class _MeanModel:
     """A stand-in anomaly model whose map is the image's channel mean: enough to check how synthetic
     defect maps are made honest."""
@@ -247,6 +279,7 @@ def test_scripts_end_to_end_with_the_classifier(tmp_path):
     entry = description["classifier"]
     assert entry["features"] == FEATURE_NAMES and "classifier.json" in description["files"]
     assert 0 <= entry["threshold"] <= 1 and sum(entry["n_synthetic_defects"].values()) == 27
+    assert entry["anchor_mode"] == "shrink" and 0 < entry["tree_share"] < 1 and set(entry["anchor"]) == {"center", "scale", "intercept", "slope"}
 
     tested = _script("test.py", *common)
     assert tested.returncode == 0, tested.stderr[-2000:]
@@ -255,6 +288,13 @@ def test_scripts_end_to_end_with_the_classifier(tmp_path):
     assert len(rows) == 12 and all(0 <= float(r["classifier_probability"]) <= 1 for r in rows)
     evaluated = _script("eval.py", *common)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+
+    # a "shrink" classifier without its share would silently become another verdict: refused
+    del entry["tree_share"]
+    (tmp_path / "models" / "parts" / "model.json").write_text(json.dumps(description))
+    refused = _script("test.py", *common)
+    assert refused.returncode == 2 and "tree_share is missing" in refused.stderr and "Traceback" not in refused.stderr
+    entry["tree_share"] = 0.5
 
     # a classifier saved with another feature list: one clear line, no traceback
     entry["features"] = entry["features"][:-1]
