@@ -4,7 +4,7 @@ onnxruntime, and how far onnxruntime's maps are from torch's on a real category.
     .venv/bin/python bench/export_benchmark.py [--dataset ../shared/data/tire]
         [--backbones resnet18,wide_resnet50_2,mobilenet_v2] [--weights none] [--threads N] [--test-only]
 
-Per backbone: train.py (CLASSIFIER=False: the classifier costs the same in both runtimes), export.py,
+Per backbone: train.py (CLASSIFIER=False, OUT_OF_FOLD_FOLDS=0: the classifier costs the same in both runtimes), export.py,
 then test.py on the test folder with RUNTIME=torch and RUNTIME=onnxruntime (SAVE_PICTURES=False,
 NUM_WORKERS=0: images are read in the measuring process), each a subprocess of its own whose peak
 RSS (VmHWM) is its own; s/img is test.py's own "scored in" time (reading, preprocessing, scoring,
@@ -101,7 +101,7 @@ def main() -> None:
         weights = "imagenet-offline" if backbone == "mobilenet_v2" else args.weights
         common = [
             f"DATASET_DIR={dataset}", f"BACKBONE={backbone}", f"WEIGHTS={weights}", f"MODEL_DIR={OUT / 'models'}",
-            f"MODEL_NAME={backbone}", f"RESULTS_DIR={out / 'results'}", "CLASSIFIER=False", "NUM_WORKERS=0",
+            f"MODEL_NAME={backbone}", f"RESULTS_DIR={out / 'results'}", "CLASSIFIER=False", "OUT_OF_FOLD_FOLDS=0", "NUM_WORKERS=0",
         ]
         model_dir = OUT / "models" / backbone
         row = {"backbone": backbone, "weights": weights, "n_test": n_test}
