@@ -13,7 +13,11 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-TINY = ["BACKBONE=resnet18", "WEIGHTS=none", "RESIZE=64", "CROP=64", "BATCH_SIZE=8", "NUM_WORKERS=0"]
+# Tiny random-weight models; the classifier's defaults (300 synthetic defects, 5 out-of-fold folds)
+# are cut down here to keep CI short: tests/test_out_of_fold.py, test_classifier.py and the quality
+# tests cover those paths at full size.
+TINY = ["BACKBONE=resnet18", "WEIGHTS=none", "RESIZE=64", "CROP=64", "BATCH_SIZE=8", "NUM_WORKERS=0",
+        "OUT_OF_FOLD_FOLDS=0", "CLASSIFIER_SYNTHETIC_DEFECTS=24"]
 
 
 def texture(rng: np.random.Generator, size: int = 64) -> np.ndarray:

@@ -32,7 +32,8 @@ from settings import load
 # BATCH_SIZE=4: 16 train images are 4 batches (2 per rank), the 4 validation images one batch
 # (rank 1 has none), 8 test images 2 batches.
 TINY = ["BACKBONE=resnet18", "WEIGHTS=none", "RESIZE=64", "CROP=64", "BATCH_SIZE=4", "NUM_WORKERS=0",
-        "CLASSIFIER_SYNTHETIC_DEFECTS=12", "CLASSIFIER_MAX_ROUNDS=60", "CLASSIFIER_FOLDS=3"]
+        "CLASSIFIER_SYNTHETIC_DEFECTS=12", "CLASSIFIER_MAX_ROUNDS=60", "CLASSIFIER_FOLDS=3",
+        "OUT_OF_FOLD_FOLDS=2"]  # rank 0's out-of-fold maps after the distributed fit
 
 
 def torchrun(script: str, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
