@@ -71,3 +71,12 @@ def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: int = 240) ->
 
 def outputs(tmp_path: Path) -> list[str]:
     return [f"MODEL_DIR={tmp_path / 'models'}", f"RESULTS_DIR={tmp_path / 'results'}"]
+
+
+def error_line(result) -> str:
+    """The one `error: ...` line of a script that refused its input (exit 2, no traceback)."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]

@@ -14,7 +14,7 @@ from anomaly_model.gaussian import mahalanobis
 from anomaly_model.maps import MapMaker
 from anomaly_model.padim import Padim
 from anomaly_model.store import load_model, save_model
-from conftest import SHARED, TINY, make_mvtec_category, outputs, run_script
+from conftest import SHARED, TINY, error_line, make_mvtec_category, outputs, run_script
 from dataset_manager import ImageBatches, find_categories
 from pipeline.training import calibrate, check_pixel_policy, make_preprocessor, pixel_policies, split_validation
 from settings import SettingsError, load
@@ -147,14 +147,6 @@ def test_good_tire_validation_patches_respect_chebyshev():
     assert math.isclose(pixel_threshold("mahalanobis", 1, model.feature_dim, 0.25), 2 * math.sqrt(152))
 
 
-def _error_line(result) -> str:
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
-
-
 @pytest.mark.parametrize(
     "setting, message",
     [
@@ -165,7 +157,7 @@ def _error_line(result) -> str:
 )
 def test_bad_values_give_one_clear_line(tmp_path, tiny_category, setting, message):
     arguments = [f"DATASET_DIR={tiny_category}", *TINY, *outputs(tmp_path), "PIXEL_THRESHOLD_POLICY=chebyshev", setting]
-    assert message in _error_line(run_script("train.py", *arguments))
+    assert message in error_line(run_script("train.py", *arguments))
     assert not (tmp_path / "models" / "part").exists()
 
 

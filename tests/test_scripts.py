@@ -10,15 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import TINY, make_mvtec_category, outputs, run_script
-
-
-def _error_line(result) -> str:
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+from conftest import TINY, error_line, make_mvtec_category, outputs, run_script
 
 
 @pytest.fixture(scope="module")
@@ -90,13 +82,13 @@ def test_model_settings_win_over_config_and_say_so(tmp_path, trained):
 
 
 def test_missing_dataset_path(tmp_path):
-    line = _error_line(run_script("train.py", f"DATASET_DIR={tmp_path / 'nowhere'}", *TINY, *outputs(tmp_path)))
+    line = error_line(run_script("train.py", f"DATASET_DIR={tmp_path / 'nowhere'}", *TINY, *outputs(tmp_path)))
     assert "nowhere does not exist" in line
 
 
 def test_empty_dataset_folder(tmp_path):
     (tmp_path / "empty").mkdir()
-    line = _error_line(run_script("train.py", f"DATASET_DIR={tmp_path / 'empty'}", *TINY, *outputs(tmp_path)))
+    line = error_line(run_script("train.py", f"DATASET_DIR={tmp_path / 'empty'}", *TINY, *outputs(tmp_path)))
     assert "holds no dataset" in line
 
 
@@ -104,7 +96,7 @@ def test_folder_with_no_images(tmp_path, trained):
     folder = tmp_path / "docs"
     folder.mkdir()
     (folder / "a.txt").write_text("x")
-    line = _error_line(run_script("test.py", str(folder), *trained))
+    line = error_line(run_script("test.py", str(folder), *trained))
     assert f"no images under {folder}" in line
 
 
@@ -119,14 +111,14 @@ def test_corrupt_training_image_is_skipped_and_named(tmp_path, tiny_category):
 def test_unwritable_model_folder(tmp_path, tiny_category):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    line = _error_line(run_script("train.py", f"DATASET_DIR={tiny_category}", *TINY, f"MODEL_DIR={blocker / 'models'}"))
+    line = error_line(run_script("train.py", f"DATASET_DIR={tiny_category}", *TINY, f"MODEL_DIR={blocker / 'models'}"))
     assert "cannot write to" in line
 
 
 def test_mask_of_the_wrong_size(tmp_path, tiny_category, trained):
     mask = tiny_category / "ground_truth" / "blob" / "001_mask.png"
     Image.new("L", (10, 10)).save(mask)
-    line = _error_line(run_script("eval.py", *trained))
+    line = error_line(run_script("eval.py", *trained))
     assert "001_mask.png is 10x10" in line and "64x64" in line
 
 
@@ -135,17 +127,17 @@ def test_model_from_an_older_format(tmp_path, trained):
     description = json.loads(path.read_text())
     description["format_version"] = 0
     path.write_text(json.dumps(description))
-    line = _error_line(run_script("test.py", *trained))
+    line = error_line(run_script("test.py", *trained))
     assert "retrain" in line
 
 
 def test_failed_retraining_keeps_the_previous_model(tmp_path, trained):
     before = (tmp_path / "models" / "part" / "mean.npy").read_bytes()
-    line = _error_line(run_script("train.py", *trained, "FEATURE_DIM=100000"))
+    line = error_line(run_script("train.py", *trained, "FEATURE_DIM=100000"))
     assert "FEATURE_DIM=100000" in line
     assert (tmp_path / "models" / "part" / "mean.npy").read_bytes() == before
 
 
 def test_unknown_setting_and_wrong_type(tmp_path):
-    assert "unknown setting BACKBONES" in _error_line(run_script("train.py", "BACKBONES=resnet18"))
-    assert "SEED=one" in _error_line(run_script("eval.py", "SEED=one"))
+    assert "unknown setting BACKBONES" in error_line(run_script("train.py", "BACKBONES=resnet18"))
+    assert "SEED=one" in error_line(run_script("eval.py", "SEED=one"))
