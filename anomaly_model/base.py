@@ -228,8 +228,10 @@ class AnomalyModel:
 
     def patch_score_module(self, release: bool = False) -> nn.Module:
         """The fitted `patch_scores` as a torch module of operations ONNX has, taking the backbone's
-        layer features (what `export_module` puts between the backbone and the maps). `release`:
-        the module may take over the model's statistics, and the model cannot score afterwards."""
+        layer features (what `export_module` puts between the backbone and the maps) and returning
+        the (N, h, w) patch scores, or (patch scores, (N,) factors of the image scores) for a model
+        whose image score is not the map's plain maximum (PatchCore's eq. 7). `release`: the module
+        may take over the model's statistics, and the model cannot score afterwards."""
         raise ModelError(f"ANOMALY_MODEL={self.kind!r} models cannot be exported to ONNX yet: use RUNTIME=torch")
 
     # --- shared -------------------------------------------------------------------------------
@@ -393,5 +395,7 @@ class ScoringModule(nn.Module):
         self.register_buffer("columns", columns)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps = apply_operators(self.patch_scores(self.extractor(images)), self.rows, self.columns)
-        return maps, max_of_maps(maps)
+        scores = self.patch_scores(self.extractor(images))
+        scores, factors = scores if isinstance(scores, tuple) else (scores, None)
+        maps = apply_operators(scores, self.rows, self.columns)
+        return maps, max_of_maps(maps) if factors is None else max_of_maps(maps) * factors

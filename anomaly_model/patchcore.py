@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from anomaly_model import distributed
 from anomaly_model.backbone import ModelError
@@ -46,6 +47,38 @@ def channel_pooling(channels: int, size: int) -> torch.Tensor:
     F.adaptive_avg_pool1d does over a feature vector (the official code's dimension reduction)."""
     identity = torch.eye(channels).unsqueeze(1)  # (channels, 1, channels): one unit vector per row
     return F.adaptive_avg_pool1d(identity, size).squeeze(1)
+
+
+def patch_features(features: list[torch.Tensor], pooling: list[torch.Tensor] | None) -> torch.Tensor:
+    """(b * h * w, D) patch features of the layer maps of b images, image-major, on the first
+    layer's (h, w) grid: each layer averaged over 3x3 neighbourhoods, the deeper ones upsampled,
+    channels concatenated (each layer's averaged down by `pooling` when given). The one embedding
+    of PatchCore: fitting, scoring and the exported graph (`PatchCoreScores`) use it."""
+    grid = features[0].shape[-2:]
+    parts = []
+    for index, feature in enumerate(features):
+        pooled = F.avg_pool2d(feature.float(), 3, stride=1, padding=1)
+        if pooled.shape[-2:] != grid:
+            pooled = F.interpolate(pooled, size=grid, mode="bilinear", align_corners=False)
+        part = pooled.permute(0, 2, 3, 1).reshape(-1, pooled.shape[1])  # channels last
+        parts.append(part if pooling is None else part @ pooling[index])
+    return torch.cat(parts, dim=1)
+
+
+def eq7_weights(queries: torch.Tensor, matches: torch.Tensor, memory: torch.Tensor, norms: torch.Tensor, neighbors: int) -> torch.Tensor:
+    """(B,) eq. 7 weights w = 1 - exp|q - m*| / sum over N_b(m*) of exp|q - m|, for each image's
+    most anomalous patch q (minus the coreset's mean) and its nearest coreset row m* (`matches`),
+    with N_b(m*) the `neighbors` coreset rows nearest to m* (m* itself included, as anomalib
+    does): a match in a sparse region of the coreset (a rare good pattern) keeps w near 1, one in a
+    dense region is damped to about 1 - 1/b. `norms`: the rows' squared norms (+inf excludes a row).
+    Used by the model and by the exported graph alike."""
+    anchors = memory[matches]  # (B, D)
+    anchor_distances = torch.addmm(norms, anchors, memory.T, alpha=-2.0)  # (B, K) + |a|^2 omitted: same order
+    own = torch.arange(memory.shape[0], device=matches.device)[None, :] == matches[:, None]
+    anchor_distances = anchor_distances.masked_fill(own, -math.inf)  # m* first, whatever the rounding
+    support = anchor_distances.topk(neighbors, dim=1, largest=False).indices  # (B, b)
+    distances = (queries[:, None, :] - memory[support]).norm(dim=2)  # (B, b), m* in column 0
+    return 1.0 - torch.softmax(distances, dim=1)[:, 0]
 
 
 def _size(count: int) -> str:
@@ -129,17 +162,7 @@ class PatchCore(AnomalyModel):
             positions = grid[0] * grid[1]
             if out is None:
                 out = torch.empty(len(images) * positions, self.feature_dim, device=self.device)
-            rows = out[start * positions : (start + len(features[0])) * positions]
-            column = 0
-            for index, feature in enumerate(features):
-                pooled = F.avg_pool2d(feature.float(), 3, stride=1, padding=1)
-                if pooled.shape[-2:] != grid:
-                    pooled = F.interpolate(pooled, size=grid, mode="bilinear", align_corners=False)
-                part = pooled.permute(0, 2, 3, 1).reshape(-1, pooled.shape[1])  # channels-last: a view
-                if self._pooling is not None:
-                    part = part @ self._pooling[index]
-                rows[:, column : column + part.shape[1]] = part
-                column += part.shape[1]
+            out[start * positions : (start + len(features[0])) * positions] = patch_features(features, self._pooling)
             del features
         return out, grid
 
@@ -283,17 +306,9 @@ class PatchCore(AnomalyModel):
         return maps, scores
 
     def reweighting(self, queries: torch.Tensor, matches: torch.Tensor, norms: torch.Tensor, neighbors: int = 0) -> torch.Tensor:
-        """(B,) eq. 7 weights w = 1 - exp|q - m*| / sum over N_b(m*) of exp|q - m|, for each image's
-        most anomalous patch q (minus memory_mean_) and its nearest coreset point m*, with N_b(m*)
-        the PATCHCORE_NEIGHBORS coreset points nearest to m* (m* itself included, as anomalib does):
-        a match in a sparse region of the coreset (a rare good pattern) keeps w near 1, a match in a
-        dense one is damped to about 1 - 1/b. `neighbors` replaces PATCHCORE_NEIGHBORS (bench/patchcore_neighbors.py)."""
-        anchors = self.memory_[matches]  # (B, D)
-        anchor_distances = torch.addmm(norms, anchors, self.memory_.T, alpha=-2.0)  # (B, K) + |a|^2 omitted: same order
-        anchor_distances[torch.arange(len(matches), device=matches.device), matches] = -math.inf  # m* first, whatever the rounding
-        support = anchor_distances.topk(neighbors or self.neighbors, dim=1, largest=False).indices  # (B, b)
-        distances = (queries[:, None, :] - self.memory_[support]).norm(dim=2)  # (B, b), m* in column 0
-        return 1.0 - torch.softmax(distances, dim=1)[:, 0]
+        """(B,) eq. 7 weights (`eq7_weights`) with this model's coreset; `neighbors` replaces
+        PATCHCORE_NEIGHBORS (bench/patchcore_neighbors.py)."""
+        return eq7_weights(queries, matches, self.memory_, norms, neighbors or self.neighbors)
 
     def out_of_fold_scores(
         self, batches: Callable[[], Iterable[tuple[torch.Tensor, list[int]]]], folds: np.ndarray
@@ -317,6 +332,9 @@ class PatchCore(AnomalyModel):
                 rows = np.nonzero(image_folds == fold)[0]
                 maps, scores = self._score(images[torch.as_tensor(rows)], excluded)
                 yield [indices[row] for row in rows], maps.cpu(), scores.cpu()
+
+    def patch_score_module(self, release: bool = False) -> "PatchCoreScores":
+        return PatchCoreScores(self, release)
 
     # --- saving and loading -------------------------------------------------------------------
 
@@ -366,3 +384,54 @@ class PatchCore(AnomalyModel):
         if self.memory_ is not None:
             self._prepare_scoring()
         return self
+
+
+# Query x coreset distances the exported graph computes at once, per image (float32: 16 MB): the
+# coreset is read in blocks of this many / patches-per-image rows, so onnxruntime's memory for the
+# distances stays bounded whatever the coreset's size (about 16 MB x the batch's images).
+EXPORT_BLOCK_ELEMENTS = 4 * 1024 * 1024
+
+
+class PatchCoreScores(nn.Module):
+    """Layer features -> (N, h, w) patch scores of a fitted PatchCore, in operations ONNX has (the
+    model's part of `AnomalyModel.export_module`), and with PATCHCORE_NEIGHBORS > 0 the (N,) eq. 7
+    weights of the image scores. The distance to the nearest coreset row is exact, as the model's,
+    but every row is read (the model's grouped search skips groups by data-dependent tests that a
+    static graph does not express): blocked matrix products, |q|^2 - 2 q.m + |m|^2 as
+    `coreset.nearest_neighbors`. `release`: the module takes the model's coreset instead of a copy."""
+
+    def __init__(self, model: PatchCore, release: bool = False) -> None:
+        super().__init__()
+        self.grid = tuple(model.grid_size_)
+        self.neighbors = model.neighbors
+        memory = model.memory_.cpu()
+        self.register_buffer("memory", memory if release else memory.clone())
+        self.register_buffer("memory_mean", model.memory_mean_.cpu().clone())
+        self.register_buffer("memory_norms", (memory * memory).sum(dim=1))
+        if release:
+            model.memory_ = None
+        self.pooling_count = 0 if model._pooling is None else len(model._pooling)
+        for index in range(self.pooling_count):
+            self.register_buffer(f"pooling_{index}", model._pooling[index].cpu().clone())
+        self.block_rows = max(1, EXPORT_BLOCK_ELEMENTS // (self.grid[0] * self.grid[1]))
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        count, (height, width) = features[0].shape[0], self.grid
+        pooling = [getattr(self, f"pooling_{index}") for index in range(self.pooling_count)] or None
+        queries = patch_features(features, pooling) - self.memory_mean
+        best, nearest = None, None
+        for start in range(0, self.memory.shape[0], self.block_rows):
+            rows = self.memory[start : start + self.block_rows]
+            squared = torch.addmm(self.memory_norms[start : start + self.block_rows], queries, rows.T, alpha=-2.0)
+            values, where = squared.min(dim=1)
+            if best is None:
+                best, nearest = values, where
+            else:
+                better = values < best
+                best, nearest = torch.where(better, values, best), torch.where(better, where + start, nearest)
+        distances = (best + (queries * queries).sum(dim=1)).clamp_min(0).sqrt()
+        scores = distances.view(count, height, width)
+        if not self.neighbors:
+            return scores
+        worst = distances.view(count, height * width).argmax(dim=1) + torch.arange(count) * (height * width)
+        return scores, eq7_weights(queries[worst], nearest[worst], self.memory, self.memory_norms, self.neighbors)

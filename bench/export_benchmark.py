@@ -2,9 +2,10 @@
 onnxruntime, and how far onnxruntime's maps are from torch's on a real category.
 
     .venv/bin/python bench/export_benchmark.py [--dataset ../shared/data/tire]
-        [--backbones resnet18,wide_resnet50_2,mobilenet_v2] [--weights none] [--threads N] [--test-only]
+        [--backbones resnet18,wide_resnet50_2,mobilenet_v2] [--models padim,patchcore] [--weights none]
+        [--threads N] [--test-only]
 
-Per backbone: train.py (CLASSIFIER=False, OUT_OF_FOLD_FOLDS=0: the classifier costs the same in both runtimes), export.py,
+Per anomaly model and backbone: train.py (CLASSIFIER=False, OUT_OF_FOLD_FOLDS=0: the classifier costs the same in both runtimes), export.py,
 then test.py on the test folder with RUNTIME=torch and RUNTIME=onnxruntime (SAVE_PICTURES=False,
 NUM_WORKERS=0: images are read in the measuring process), each a subprocess of its own whose peak
 RSS (VmHWM) is its own; s/img is test.py's own "scored in" time (reading, preprocessing, scoring,
@@ -85,6 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=str(ROOT.parent / "shared" / "data" / "tire"))
     parser.add_argument("--backbones", default="resnet18,wide_resnet50_2,mobilenet_v2")
+    parser.add_argument("--models", default="padim", help="anomaly models (ANOMALY_MODEL), comma-separated")
     parser.add_argument("--weights", default="none", help="weights of the ResNets (MobileNetV2: imagenet-offline)")
     parser.add_argument("--test-only", action="store_true", help="time test.py only, on the models of an earlier run")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads of both runtimes (OMP_NUM_THREADS); 0: their default")
@@ -97,45 +99,46 @@ def main() -> None:
     n_test = len(find_images(test_dir))
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for backbone in args.backbones.split(","):
+    for kind, backbone in [(kind, backbone) for kind in args.models.split(",") for backbone in args.backbones.split(",")]:
+        name = backbone if kind == "padim" else f"{kind}-{backbone}"
         weights = "imagenet-offline" if backbone == "mobilenet_v2" else args.weights
         common = [
             f"DATASET_DIR={dataset}", f"BACKBONE={backbone}", f"WEIGHTS={weights}", f"MODEL_DIR={OUT / 'models'}",
-            f"MODEL_NAME={backbone}", f"RESULTS_DIR={out / 'results'}", "CLASSIFIER=False", "OUT_OF_FOLD_FOLDS=0", "NUM_WORKERS=0",
+            f"MODEL_NAME={name}", f"ANOMALY_MODEL={kind}", f"RESULTS_DIR={out / 'results'}", "CLASSIFIER=False", "OUT_OF_FOLD_FOLDS=0", "NUM_WORKERS=0",
         ]
-        model_dir = OUT / "models" / backbone
-        row = {"backbone": backbone, "weights": weights, "n_test": n_test}
+        model_dir = OUT / "models" / name
+        row = {"model": kind, "backbone": backbone, "weights": weights, "n_test": n_test}
         if not args.test_only:
-            print(f"{backbone}: training ...", file=sys.stderr)
+            print(f"{name}: training ...", file=sys.stderr)
             _, row["train_s"], row["train_peak_gb"] = run_measured("train.py", *common)
-            print(f"{backbone}: exporting ...", file=sys.stderr)
+            print(f"{name}: exporting ...", file=sys.stderr)
             _, row["export_s"], row["export_peak_gb"] = run_measured("export.py", *common)
         export = json.loads((model_dir / "model.json").read_text())["export"]
         row["onnx_mb"] = {name: entry["bytes"] / 1e6 for name, entry in export["files"].items()}
-        row["model_npy_mb"] = sum((model_dir / name).stat().st_size for name in ("mean.npy", "cholesky.npy")) / 1e6
+        row["model_npy_mb"] = sum(path.stat().st_size for path in model_dir.glob("*.npy")) / 1e6
         row["export_check"] = export["check"]
         for runtime in ("torch", "onnxruntime"):
-            print(f"{backbone}: test.py RUNTIME={runtime} ...", file=sys.stderr)
+            print(f"{name}: test.py RUNTIME={runtime} ...", file=sys.stderr)
             stdout, _, peak = run_measured(
                 "test.py", str(test_dir), *common, f"RUNTIME={runtime}", "SAVE_PICTURES=False", threads=args.threads
             )
             seconds = float(re.search(r"scored in ([\d.]+) s", stdout).group(1))
             row[f"test_s_per_img_{runtime}"] = seconds / n_test
             row[f"test_peak_gb_{runtime}"] = peak
-        print(f"{backbone}: comparing maps ...", file=sys.stderr)
+        print(f"{name}: comparing maps ...", file=sys.stderr)
         row.update(map_differences(model_dir, find_images(test_dir)))
         rows.append(row)
         (out / "results.json").write_text(json.dumps(rows, indent=2))
     table = [
-        "| backbone | export s | export peak RSS GB | ONNX files MB | model .npy MB | test s/img torch | test s/img onnxruntime "
+        "| model | backbone | export s | export peak RSS GB | ONNX files MB | model .npy MB | test s/img torch | test s/img onnxruntime "
         "| test peak RSS GB torch / onnxruntime | largest map difference (of map range) | largest absolute map difference |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         files = " + ".join(f"{mb:.1f}" for mb in r["onnx_mb"].values())
         export = f"{r['export_s']:.1f} | {r['export_peak_gb']:.2f}" if "export_s" in r else "— | —"
         table.append(
-            f"| {r['backbone']} ({r['weights']}) | {export} | {files} | {r['model_npy_mb']:.1f} "
+            f"| {r.get('model', 'padim')} | {r['backbone']} ({r['weights']}) | {export} | {files} | {r['model_npy_mb']:.1f} "
             f"| {r['test_s_per_img_torch']:.3f} | {r['test_s_per_img_onnxruntime']:.3f} "
             f"| {r['test_peak_gb_torch']:.2f} / {r['test_peak_gb_onnxruntime']:.2f} "
             f"| {r['max_relative_map_difference']:.1e} | {r['max_absolute_map_difference']:.1e} |"
