@@ -65,6 +65,14 @@ def patch_features(features: list[torch.Tensor], pooling: list[torch.Tensor] | N
     return torch.cat(parts, dim=1)
 
 
+def nearest_distances(queries: torch.Tensor, memory: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+    """(Q,) |q - m| for each query and its nearest coreset row, from the difference itself: the
+    search's |q|^2 - 2 q.m + |m|^2 finds the row fast but loses digits when the distance is small
+    against |q| (float32 cancellation, which also differs between torch and onnxruntime's
+    summation orders); recomputed, the patch scores of both runtimes agree to float rounding."""
+    return torch.linalg.vector_norm(queries - memory[nearest], dim=1)
+
+
 def eq7_weights(queries: torch.Tensor, matches: torch.Tensor, memory: torch.Tensor, norms: torch.Tensor, neighbors: int) -> torch.Tensor:
     """(B,) eq. 7 weights w = 1 - exp|q - m*| / sum over N_b(m*) of exp|q - m|, for each image's
     most anomalous patch q (minus the coreset's mean) and its nearest coreset row m* (`matches`),
@@ -277,10 +285,10 @@ class PatchCore(AnomalyModel):
         self.check_grid(grid)
         embedding.sub_(self.memory_mean_)
         if excluded is None:
-            distances, nearest = self._neighbors(embedding)
+            _, nearest = self._neighbors(embedding)
         else:
-            distances, nearest = nearest_neighbors(embedding, self.memory_, self.memory_norms_.masked_fill(excluded, math.inf))
-        return embedding, distances, nearest, grid
+            _, nearest = nearest_neighbors(embedding, self.memory_, self.memory_norms_.masked_fill(excluded, math.inf))
+        return embedding, nearest_distances(embedding, self.memory_, nearest), nearest, grid
 
     def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
         """(B, h, w) distance of each patch to its nearest coreset feature."""
@@ -429,7 +437,7 @@ class PatchCoreScores(nn.Module):
             else:
                 better = values < best
                 best, nearest = torch.where(better, values, best), torch.where(better, where + start, nearest)
-        distances = (best + (queries * queries).sum(dim=1)).clamp_min(0).sqrt()
+        distances = nearest_distances(queries, self.memory, nearest)
         scores = distances.view(count, height, width)
         if not self.neighbors:
             return scores
