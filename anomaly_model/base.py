@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -160,9 +160,11 @@ class AnomalyModel:
         """(B, h, w) anomaly score of each patch of each image, on the model's feature grid."""
         raise NotImplementedError
 
-    def plan_fit(self, n_images: int) -> None:
+    def plan_fit(self, n_images: int, numbers: Sequence[int] | None = None) -> None:
         """Told the number of training images before `fit`, so that a model whose memory grows
-        with it (PatchCore's bank) can refuse at once rather than after minutes. Default: nothing."""
+        with it (PatchCore's bank) can refuse at once rather than after minutes; under torchrun
+        also `numbers`, filled as the batches are read: the training-list number of each image
+        this rank fits (PatchCore puts the ranks' patches in one process's order). Default: nothing."""
 
     def out_of_fold_scores(
         self, batches: Callable[[], Iterable[tuple[torch.Tensor, list[int]]]], folds: np.ndarray

@@ -324,6 +324,19 @@ def gather(value: T) -> list[T] | None:
     return [pickle.loads(data[:size].numpy().tobytes()) for data, size in zip(received, sizes)]
 
 
+def gather_rows(rows: torch.Tensor) -> list[torch.Tensor] | None:
+    """Every rank's (n_r, ...) tensor on rank 0, in rank order; None on the other ranks. Alone:
+    [rows]. For large arrays: sent as they are (no pickling), each padded to the longest."""
+    if not active():
+        return [rows]
+    counts = all_gather(len(rows))
+    padded = rows.new_zeros((max(counts), *rows.shape[1:]))
+    padded[: len(rows)] = rows
+    received = [torch.empty_like(padded) for _ in counts] if is_main() else None
+    _wait(dist.gather(padded, received, dst=0, async_op=True))
+    return None if received is None else [part[:count] for part, count in zip(received, counts)]
+
+
 def all_gather(value: T) -> list[T]:
     """Every rank's (small) `value` on every rank, in rank order. Alone: [value]."""
     if not active():

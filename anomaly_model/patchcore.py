@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -150,6 +150,7 @@ class PatchCore(AnomalyModel):
             shares = [self.feature_dim // len(channels) + (k < self.feature_dim % len(channels)) for k in range(len(channels))]
             self._pooling = [channel_pooling(c, s).to(self.device) for c, s in zip(channels, shares)]
         self._planned_images = 0
+        self._fit_numbers: Sequence[int] | None = None  # plan_fit's, under torchrun
         self.memory_: torch.Tensor | None = None  # (K, D) coreset features minus memory_mean_
         self.memory_mean_: torch.Tensor | None = None  # (D,)
         self.memory_norms_: torch.Tensor | None = None  # (K,) squared norms of memory_ rows (derived)
@@ -176,56 +177,77 @@ class PatchCore(AnomalyModel):
 
     # --- fit ----------------------------------------------------------------------------------
 
-    def plan_fit(self, n_images: int) -> None:
+    def plan_fit(self, n_images: int, numbers: Sequence[int] | None = None) -> None:
         """The number of training images to come: the fit checks at its first batch that their
-        memory bank fits in RAM, instead of failing after minutes of backbone passes."""
+        memory bank fits in RAM, instead of failing after minutes of backbone passes. Under
+        torchrun `numbers` is the list the caller fills, as it reads them, with the training-list
+        number of each image this rank fits: the ranks' patches are put in one process's order by it."""
         self._planned_images = int(n_images)
+        self._fit_numbers = numbers
 
-    def fit_memory_bytes(self, n_images: int, positions: int) -> int:
-        """RAM the fit needs for `n_images` images of `positions` patches: the bank, its projection
-        (twice: the centred copy the selection works on) and the per-point selection arrays."""
-        patches = n_images * positions
+    def fit_memory_bytes(self, n_images: int, positions: int, job_images: int = 0) -> int:
+        """RAM the fit needs for `n_images` images of `positions` patches: the bank and its projection,
+        and on the process that selects the coreset (one process, or rank 0 of a torchrun job of
+        `job_images` images) the projection of every image twice (a copy in fit order, the centred
+        copy the selection works on) and the per-point selection arrays."""
+        patches, job_patches = n_images * positions, max(job_images, n_images) * positions
         projected = min(self.projection_dim or self.feature_dim, self.feature_dim)
-        kept = coreset_size(patches, self.coreset_ratio)
-        return 4 * patches * (self.feature_dim + 2 * projected + 4) + 4 * kept * (self.feature_dim + projected)
+        selecting = job_patches if distributed.is_main() else 0
+        kept = coreset_size(job_patches, self.coreset_ratio)
+        return 4 * patches * (self.feature_dim + projected) + 4 * selecting * (projected + 4) + 4 * kept * (self.feature_dim + projected)
 
     def _check_memory(self, n_images: int, positions: int, planned: bool) -> None:
-        needed, free = self.fit_memory_bytes(n_images, positions), available_memory()
+        """`n_images`: all the job's images when `planned` (a rank holds about 1/N of them), else this
+        process's so far (under torchrun: of a job of at least the planned images)."""
+        ranks = distributed.world_size()
+        own, job = (math.ceil(n_images / ranks), n_images) if planned else (n_images, max(n_images, self._planned_images * (ranks > 1)))
+        needed, free = self.fit_memory_bytes(own, positions, job), available_memory()
         if needed <= MEMORY_HEADROOM * free:
             return
-        per_image = self.fit_memory_bytes(1000, positions) / 1000
+        per_image = self.fit_memory_bytes(round(1000 * own / job), positions, 1000) / 1000
         fits = int(MEMORY_HEADROOM * free / per_image)
         what = f"{n_images} training images" if planned else f"the first {n_images} training images"
+        where = ""
+        if distributed.active():
+            where = f" on rank {distributed.rank()}" + (" (it gathers every rank's projected patches)" if distributed.is_main() else "")
         raise ModelError(
             f"PatchCore's memory bank for {what} ({positions} patches x {self.feature_dim} features each) needs "
-            f"{_size(needed)} of RAM, only {_size(free)} is free: train on fewer images (about {fits} fit), "
+            f"{_size(needed)} of RAM{where}, only {_size(free)} is free: train on fewer images (about {fits} fit), "
             "lower PATCHCORE_FEATURE_DIM or CROP (CORESET_RATIO and BATCH_SIZE do not change the bank's size)"
         )
 
     def fit(self, batches: Iterable[torch.Tensor]) -> "PatchCore":
-        """Bank every training patch feature (projected as it comes), choose the coreset, keep it."""
-        if distributed.active():  # each rank would choose its own coreset from its shard
-            raise ModelError("ANOMALY_MODEL=patchcore is fitted by one process for now: run python train.py without torchrun (test.py and eval.py do run under torchrun)")
+        """Bank every training patch feature (projected as it comes), choose the coreset, keep it.
+
+        Under torchrun each rank banks the images of its shard (maybe none); rank 0 gathers the
+        projected rows in one process's fit order and selects the coreset from the same seeded start,
+        and every rank ends with one process's coreset (`_fit_order`, `_gather_from_ranks`)."""
+        if distributed.active() and self.tile_layout_ is not None:  # tiles of a batch are not in image order
+            raise ModelError(f"TILE_SIZE={self.tile_size}: a tiled PatchCore is not fitted under torchrun (its ranks' tiles are not put back in order): set TILE_SIZE=0 or run python train.py")
         started = time.perf_counter()
         chunks: list[torch.Tensor] = []  # the bank, one (b * P, D) block per batch, in RAM
         projected: list[torch.Tensor] = []  # the same rows projected, on the device
         projection, grid, n_images = None, None, 0
+        width = self.projection_dim if 0 < self.projection_dim < self.feature_dim else self.feature_dim
         for images in batches:
             embedding, grid = self.embed(images)
             positions = grid[0] * grid[1]
             if n_images == 0 and self._planned_images:
                 self._check_memory(self._planned_images, positions, planned=True)
             self._check_memory(n_images + len(images), positions, planned=False)
-            if projection is None and 0 < self.projection_dim < self.feature_dim:
+            if projection is None and width < self.feature_dim:
                 projection = projection_matrix(self.feature_dim, self.projection_dim, self.seed, self.device)
             projected.append(embedding if projection is None else embedding @ projection)
             chunks.append(embedding.cpu())
             n_images += len(images)
             del embedding
+        if distributed.active():
+            _, grid = distributed.first_given(grid)  # ranks without images learn the grid too
         if grid is None:
             raise ModelError("no training images could be read: nothing to fit")
         positions = grid[0] * grid[1]
-        self.bank_size_ = n_images * positions
+        fit_order = self._fit_order(n_images)
+        self.bank_size_ = (n_images if fit_order is None else sum(len(part) for part in fit_order)) * positions
         count = coreset_size(self.bank_size_, self.coreset_ratio)
         if count < max(self.neighbors, 1):
             raise ModelError(
@@ -234,15 +256,23 @@ class PatchCore(AnomalyModel):
                 "or set PATCHCORE_NEIGHBORS=0"
             )
         features_done = time.perf_counter()
-        points = torch.cat(projected)
+        points = torch.cat(projected) if projected else torch.empty(0, width, device=self.device)
         del projected
+        if fit_order is not None:  # rank 0: every rank's rows in one process's order; the others: None
+            points = self._in_fit_order(points, fit_order, positions)
         if count == self.bank_size_:
             selected = torch.arange(count)
         else:
-            start = int(torch.randint(self.bank_size_, (1,), generator=torch.Generator().manual_seed(self.seed)))
-            selected = greedy_coreset(points, count, start).cpu()
+            selected = torch.empty(count, dtype=torch.long)
+            if points is not None:
+                start = int(torch.randint(self.bank_size_, (1,), generator=torch.Generator().manual_seed(self.seed)))
+                selected = greedy_coreset(points, count, start).cpu().long()
+            distributed.broadcast_(selected)
         del points
-        coreset = self._gather(chunks, selected)
+        if fit_order is None:
+            coreset = self._gather(chunks, selected)
+        else:
+            coreset = self._gather_from_ranks(chunks, selected, fit_order[distributed.rank()], positions)
         del chunks
         self.memory_mean_ = coreset.mean(dim=0)
         coreset -= self.memory_mean_
@@ -251,9 +281,51 @@ class PatchCore(AnomalyModel):
         self.memory_sources_ = (selected // positions).to(torch.int32)[order.cpu()].to(self.device)
         self._prepare_scoring()
         self.grid_size_ = grid
-        self.n_train_images_ = n_images
+        self.n_train_images_ = self.bank_size_ // positions
         self.fit_seconds_ = {"features": features_done - started, "coreset": time.perf_counter() - features_done}
         return self
+
+    def _fit_order(self, n_images: int) -> list[torch.Tensor] | None:
+        """Under torchrun, per rank, the position each of its images has in one process's fit order
+        (training-list order of the images every rank fitted), known to every rank; alone, None."""
+        if not distributed.active():
+            return None
+        numbers = list(self._fit_numbers or [])
+        if len(numbers) != n_images:
+            raise ModelError(f"rank {distributed.rank()} fitted {n_images} images but was told the numbers of {len(numbers)}: under torchrun fit PatchCore through train.py")
+        per_rank = distributed.all_gather(numbers)
+        everything = torch.tensor([number for part in per_rank for number in part], dtype=torch.long)
+        position = torch.empty_like(everything)
+        position[everything.argsort()] = torch.arange(len(everything))
+        return list(position.split([len(part) for part in per_rank]))
+
+    def _in_fit_order(self, points: torch.Tensor, order: list[torch.Tensor], positions: int) -> torch.Tensor | None:
+        """Rank 0: every rank's projected rows (sent to it as they are) in one process's fit order,
+        image by image (each image's `positions` rows stay together); the other ranks: None."""
+        received = distributed.gather_rows(points)
+        if received is None:
+            return None
+        ordered = torch.empty(self.bank_size_, received[0].shape[1], device=received[0].device)
+        grid_rows = torch.arange(positions)
+        for number, images in enumerate(order):
+            destination = (images[:, None] * positions + grid_rows).reshape(-1)
+            ordered[destination.to(ordered.device)] = received[number]
+            received[number] = None  # freed as it is placed
+        return ordered
+
+    def _gather_from_ranks(self, chunks: list[torch.Tensor], selected: torch.Tensor, mine: torch.Tensor, positions: int) -> torch.Tensor:
+        """(K, D) bank rows `selected` (fit-order row numbers) on every rank: each rank fills in the
+        rows of its own images (`mine`: their fit positions), zeros elsewhere, and a sum over the
+        ranks completes them exactly (x + 0 = x)."""
+        local = torch.full((self.bank_size_ // positions,), -1, dtype=torch.long)
+        local[mine] = torch.arange(len(mine))
+        image = local[selected // positions]  # the selected rows' image number on this rank, -1: another's
+        owned = (image >= 0).nonzero().squeeze(1)
+        coreset = torch.zeros(len(selected), self.feature_dim, device=self.device)
+        if owned.numel():
+            rows = image[owned] * positions + selected[owned] % positions
+            coreset[owned.to(self.device)] = self._gather(chunks, rows)
+        return distributed.all_reduce_sum_(coreset)
 
     def _gather(self, chunks: list[torch.Tensor], selected: torch.Tensor) -> torch.Tensor:
         """(K, D) bank rows `selected` (in that order) from the per-batch blocks, on the device."""

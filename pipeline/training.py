@@ -290,6 +290,7 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
     check_pixel_policy(model, settings.PIXEL_THRESHOLD_POLICY, settings.PIXEL_FALSE_REJECT_RATE)
     mine = distributed.shard(len(train_paths), settings.BATCH_SIZE)
     batches = ImageBatches([train_paths[i] for i in mine], preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
+    fitted: list[int] = []  # train_paths number of each image this rank fits, filled as they are read (plan_fit)
 
     def counted_images():
         """The batches' images; once they are all read, fewer than 2 is a DataError before any fit
@@ -297,11 +298,12 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
         count = 0
         for batch in distributed.watched(tqdm(batches, desc=f"fit {category.name}", unit="batch", file=sys.stderr)):
             count += len(batch.indices)
+            fitted.extend(mine[i] for i in batch.indices)
             yield batch.images
         if not distributed.active():
             require_training_images(count, folder, n_files, held_out, skipped + batches.skipped)
 
-    model.plan_fit(len(train_paths) * (layout.count if layout is not None else 1))  # backbone inputs: images or tiles
+    model.plan_fit(len(train_paths) * (layout.count if layout is not None else 1), fitted)  # backbone inputs: images or tiles
     model.fit_images(counted_images())
     skipped += skipped_in_order(batches.skipped, train_paths)
     maps, scores, skipped_validation = validation_maps(model, validation_paths, preprocessor, settings)

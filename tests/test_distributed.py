@@ -21,6 +21,9 @@ import torch
 from PIL import Image
 
 from anomaly_model import distributed
+from anomaly_model import patchcore as patchcore_module
+from anomaly_model.backbone import ModelError
+from anomaly_model.patchcore import PatchCore
 from conftest import ROOT, make_mvtec_category
 from dataset_manager import find_categories
 from pipeline.detector import Detector
@@ -134,10 +137,7 @@ def test_bad_input_on_one_rank_stops_all_with_its_one_line_error(one_process, tm
     subprocess.run(["cp", "-r", str(category_dir), str(bad)], check=True)
     # BATCH_SIZE=2: test images blob/000-001 go to rank 0, blob/002-003 to rank 1.
     mask = bad / "ground_truth" / "blob" / "002_mask.png"
-    buffer = io.BytesIO()
-    Image.open(mask).convert("L").save(buffer, "JPEG")
-    data = buffer.getvalue()
-    mask.write_bytes(data[: data.index(b"\xff\xda") + 20])  # a cut JPEG: its header (size) reads, its pixels do not
+    cut_image(mask)
     result = torchrun("eval.py", f"DATASET_DIR={bad}", *TINY, "BATCH_SIZE=2", f"MODEL_DIR={base / 'one'}", f"RESULTS_DIR={tmp_path / 'results'}")
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -164,3 +164,60 @@ def test_shards_cover_every_image_once_in_whole_batches(monkeypatch):
     monkeypatch.setattr(distributed._job, "world_size", 1)
     assert distributed.gather_in_order([(2, "c"), (0, "a"), (1, "b")]) == ["a", "b", "c"]  # alone: no process group
     assert not distributed.active()
+
+
+def cut_image(path: Path) -> None:
+    """Leave `path` with a readable header (its size) but pixels that cannot be decoded."""
+    buffer = io.BytesIO()
+    Image.open(path).convert("RGB").save(buffer, "JPEG")
+    data = buffer.getvalue()
+    path.write_bytes(data[: data.index(b"\xff\xda") + 20])
+
+
+def test_torchrun_patchcore_keeps_one_process_coreset(one_process, tmp_path):
+    """3 ranks, 4 batches of 4 training images: rank 0 fits batches 0 and 3, rank 1 batch 1, and
+    batch 2 (rank 2's) cannot be decoded, so rank 2 fits nothing and rank 0's rows reach the
+    selection out of one process's order. The coreset (rows, their order, their source images) is
+    one process's, and so are the out-of-fold thresholds (rank 0 scores with coreset_sources)."""
+    base, category_dir, _, _ = one_process
+    part = tmp_path / "part"
+    subprocess.run(["cp", "-r", str(category_dir), str(part)], check=True)
+    for number in range(8, 12):
+        cut_image(part / "train" / "good" / f"{number:03d}.png")
+    data = [f"DATASET_DIR={part}", *TINY, "ANOMALY_MODEL=patchcore", "CLASSIFIER=False"]
+    settings, _ = load([*data, f"MODEL_DIR={tmp_path / 'one'}"])
+    (category,) = find_categories(part)
+    single_threaded(train_category, category, settings, tmp_path / "one" / "part")
+    result = torchrun("train.py", *data, f"MODEL_DIR={tmp_path / 'three'}", nproc=3)
+    assert result.returncode == 0, result.stderr
+    assert "trained on 12 images" in result.stdout
+    one, three = tmp_path / "one" / "part", tmp_path / "three" / "part"
+    assert np.array_equal(np.load(one / "coreset_sources.npy"), np.load(three / "coreset_sources.npy"))
+    for name in ("coreset.npy", "coreset_mean.npy"):
+        np.testing.assert_allclose(np.load(three / name), np.load(one / name), rtol=1e-6, atol=1e-7)
+    saved_one, saved_three = (json.loads((folder / "model.json").read_text()) for folder in (one, three))
+    assert saved_three["anomaly_model"]["state"] == saved_one["anomaly_model"]["state"]  # sizes, groups, 12 images
+    assert saved_three["thresholds"]["image"] == pytest.approx(saved_one["thresholds"]["image"], rel=1e-6)
+    assert saved_three["thresholds"]["pixel"] == pytest.approx(saved_one["thresholds"]["pixel"], rel=1e-6)
+    rows = [read_rows(single_threaded(predict_folder, Detector(model, "cpu"), category.test_dir, tmp_path / f"results-{model.parent.name}", settings).run_dir)
+            for model in (one, three)]
+    assert [row["image_score"] for row in rows[0]] == [row["image_score"] for row in rows[1]] and len(rows[0]) == 8
+
+
+def test_patchcore_memory_check_counts_the_projection_rank_0_gathers(monkeypatch):
+    """Rank 0 holds every rank's projected rows for the selection, the other ranks only their own bank."""
+    model = PatchCore("resnet18", "none", device="cpu")  # 384 features, projected to 128
+    alone = model.fit_memory_bytes(100, 3136)
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed._job, "world_size", 2)
+    needs = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed._job, "rank", rank)
+        needs[rank] = model.fit_memory_bytes(50, 3136, 100)
+    assert needs[1] < needs[0] < alone
+    assert needs[0] - needs[1] == 4 * 100 * 3136 * (128 + 4)  # the gathered projection (and its centred copy's share)
+    monkeypatch.setattr(patchcore_module, "available_memory", lambda: int((needs[0] + needs[1]) / 2 / patchcore_module.MEMORY_HEADROOM))
+    model._check_memory(100, 3136, planned=True)  # rank 1: fits
+    monkeypatch.setattr(distributed._job, "rank", 0)
+    with pytest.raises(ModelError, match="memory bank for 100 training images .* of RAM on rank 0 \\(it gathers every rank's projected patches\\)"):
+        model._check_memory(100, 3136, planned=True)
