@@ -3,17 +3,20 @@
     .venv/bin/python bench/distributed.py [--dataset ../shared/data/tire] [--processes 2]
         [--backbone mobilenet_v2] [--weights imagenet-offline] [--repeats 1] [--reference-batch B]
         [KEY=VALUE ...]
+    .venv/bin/python bench/distributed.py ANOMALY_MODEL=patchcore OUT_OF_FOLD_FOLDS=0   # PatchCore
 
 Runs the real scripts, as a user would: `python train.py` and `python test.py` for one process,
 `python -m torch.distributed.run --standalone --nproc_per_node=N train.py` (torchrun) for N, all
 with OMP_NUM_THREADS=1 so N processes use N cores and the comparison is per core. Timed: the
 scripts' own figures (train: fit + validation + save, without starting Python; test: scoring and
 pictures, per image) and the whole command's wall time (Python, torch import and torchrun's
-rendezvous included). Compared: the N-process model against the 1-process one (mean and Cholesky
-factors: max |difference| / max |value|), and predictions.csv of the same 1-process model
+rendezvous included). Compared: the N-process model against the 1-process one (PaDiM: mean and
+Cholesky factors, max |difference| / max |value|; PatchCore, with ANOMALY_MODEL=patchcore: whether
+the coreset, its mean and its source images are identical), and predictions.csv of the same 1-process model
 scored by 1 and by N processes (must be identical) and of each run's own model. Extra KEY=VALUE
 settings go to every run (CLASSIFIER=False is the default here: the classifier's XGBoost fit
-runs on rank 0 alone and is not what is measured). Results: bench/out/distributed.{json,md}.
+runs on rank 0 alone and is not what is measured). Results: bench/out/distributed.{json,md}
+(PatchCore: distributed-patchcore.{json,md}).
 Wrap timing runs in `flock /tmp/bench.lock` on a shared machine.
 """
 
@@ -57,6 +60,22 @@ def run(script: str, processes: int, settings: list[str]) -> tuple[str, float]:
 def relative_difference(folder_a: Path, folder_b: Path, name: str) -> float:
     a, b = np.load(folder_a / name), np.load(folder_b / name)
     return float(np.abs(a.astype(np.float64) - b).max() / np.abs(a).max())
+
+
+def compare_models(one: Path, other: Path) -> dict:
+    """PatchCore: whether the coreset files are identical (and the coreset's largest relative
+    difference); PaDiM: the mean's and the Cholesky factors' largest relative differences."""
+    if (one / "coreset.npy").is_file():
+        files = ("coreset.npy", "coreset_mean.npy", "coreset_sources.npy")
+        return {"coreset_identical": all(np.array_equal(np.load(one / f), np.load(other / f)) for f in files),
+                "coreset.npy": relative_difference(one, other, "coreset.npy")}
+    return {file: relative_difference(one, other, file) for file in ("mean.npy", "cholesky.npy")}
+
+
+def model_line(compared: dict) -> str:
+    if "coreset_identical" in compared:
+        return f"coreset, its mean and source images identical: {compared['coreset_identical']} (coreset {compared['coreset.npy']:.2e})"
+    return f"mean {compared['mean.npy']:.2e}, Cholesky factors {compared['cholesky.npy']:.2e}"
 
 
 def predictions(results: Path) -> list[dict]:
@@ -116,24 +135,22 @@ def main() -> None:
                 entry["wall_s"].append(round(wall, 1))
                 print(f"test, {processes} process(es), model of {model}: {seconds / images:.4f} s/img ({wall:.1f} s wall)", flush=True)
         one, many = work / "model-1" / name, work / f"model-{args.processes}" / name
-        report["model"] = {file: relative_difference(one, many, file) for file in ("mean.npy", "cholesky.npy")}
+        report["model"] = compare_models(one, many)
         if args.reference_batch:
             run("train.py", 1, [*common, f"BATCH_SIZE={args.reference_batch}", f"MODEL_DIR={work / 'model-reference'}"])
             reference = work / "model-reference" / name
-            report["reference"] = {
-                "batch_size": args.reference_batch,
-                **{file: relative_difference(one, reference, file) for file in ("mean.npy", "cholesky.npy")},
-            }
+            report["reference"] = {"batch_size": args.reference_batch, **compare_models(one, reference)}
         last = args.repeats - 1
         base = predictions(work / f"results-1-model-1-{last}")
         report["predictions_same_model"] = compare_predictions(base, predictions(work / f"results-{args.processes}-model-1-{last}"))
         report["predictions_own_models"] = compare_predictions(base, predictions(work / f"results-{args.processes}-model-{args.processes}-{last}"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    stem = "distributed-patchcore" if "coreset_identical" in report["model"] else "distributed"
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "distributed.json").write_text(json.dumps(report, indent=2))
+    (OUT / f"{stem}.json").write_text(json.dumps(report, indent=2))
     table = markdown(report, args.processes)
-    (OUT / "distributed.md").write_text(table + "\n")
+    (OUT / f"{stem}.md").write_text(table + "\n")
     print(table)
 
 
@@ -158,14 +175,12 @@ def markdown(report: dict, processes: int) -> str:
         f"| speed-up | {ratio(one, many, 'train_s')} | {ratio(one, many, 'wall_s')} | "
         f"{ratio(test_one, test_many, 's_per_image')} | {ratio(test_one, test_many, 'wall_s')} |",
         "",
-        f"- model of {processes} processes vs 1: mean {report['model']['mean.npy']:.2e}, Cholesky factors "
-        f"{report['model']['cholesky.npy']:.2e} (max |difference| / max |value|)",
+        f"- model of {processes} processes vs 1: {model_line(report['model'])} (max |difference| / max |value|)",
     ]
     if "reference" in report:
         reference = report["reference"]
         lines.append(
-            f"- for scale, one process with BATCH_SIZE={reference['batch_size']} vs the default: mean {reference['mean.npy']:.2e}, "
-            f"Cholesky factors {reference['cholesky.npy']:.2e}"
+            f"- for scale, one process with BATCH_SIZE={reference['batch_size']} vs the default: {model_line(reference)}"
         )
     lines += [
         f"- same model scored by 1 and {processes} processes: predictions.csv identical: "
