@@ -47,19 +47,25 @@ def command(script: str, processes: int) -> list[str]:
 
 
 def run(script: str, processes: int, settings: list[str]) -> tuple[str, float]:
-    """(stdout, wall seconds) of one script run; stops the benchmark when it fails."""
+    """(stdout and stderr, wall seconds) of one script run; stops the benchmark when it fails."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
     result = subprocess.run(command(script, processes) + settings, cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if result.returncode != 0:
         sys.exit(f"{script} with {processes} process(es) failed:\n{result.stderr[-3000:]}")
-    return result.stdout, wall
+    return result.stdout + result.stderr, wall
 
 
 def relative_difference(folder_a: Path, folder_b: Path, name: str) -> float:
     a, b = np.load(folder_a / name), np.load(folder_b / name)
     return float(np.abs(a.astype(np.float64) - b).max() / np.abs(a).max())
+
+
+def bar_seconds(output: str, name: str) -> float | None:
+    """Elapsed seconds of rank 0's last finished tqdm bar `name` ("coreset: 100%| ... [00:31<00:00"), if any."""
+    found = re.findall(rf"{name}: 100%.*?\[(?:(\d+):)?(\d+):(\d+)<", output)
+    return None if not found else 3600 * int(found[-1][0] or 0) + 60 * int(found[-1][1]) + int(found[-1][2])
 
 
 def compare_models(one: Path, other: Path) -> dict:
@@ -122,6 +128,7 @@ def main() -> None:
                 entry = report["runs"].setdefault(f"train {processes}", {"images": int(match[1]), "train_s": [], "wall_s": []})
                 entry["train_s"].append(float(match[3]))
                 entry["wall_s"].append(round(wall, 1))
+                entry.setdefault("coreset_s", []).append(bar_seconds(out, "coreset"))  # PatchCore's selection on rank 0
                 print(f"train, {processes} process(es): {match[3]} s ({wall:.1f} s wall)", flush=True)
         runs = [(1, 1), (args.processes, 1), (args.processes, args.processes)]  # (processes, model of how many)
         for repeat in range(args.repeats):
@@ -177,6 +184,9 @@ def markdown(report: dict, processes: int) -> str:
         "",
         f"- model of {processes} processes vs 1: {model_line(report['model'])} (max |difference| / max |value|)",
     ]
+    if None not in one["coreset_s"] + many["coreset_s"]:
+        lines.append(f"- of the train s, PatchCore's coreset selection (rank 0, tqdm's whole seconds): {best(one, 'coreset_s')} s with 1 "
+                     f"process, {best(many, 'coreset_s')} s with {processes}")
     if "reference" in report:
         reference = report["reference"]
         lines.append(
