@@ -206,6 +206,8 @@ def nearest_neighbors(
 # Groups of the coreset for `GroupedNeighbors`: GROUP_FACTOR x sqrt(K) of them (256 for tire's
 # 16,464-point coreset). More groups prune more finely but cost more small matrix products.
 GROUP_FACTOR = 2.0
+# Rows of a group each query measures exactly, of those the fast expansion ranks nearest (`_update`).
+NEIGHBOR_CANDIDATES = 4
 # Relative slack on the triangle-inequality test, so float32 rounding in the distances can never
 # skip a group holding the nearest point; it only lets a few more groups through.
 PRUNE_SLACK = 1e-3
@@ -278,12 +280,20 @@ class GroupedNeighbors:
         return best, row
 
     def _update(self, queries, query_norms, chosen, group, best, row) -> None:
-        """Exact distances of queries `chosen` to the rows of `group`; keeps any nearer row found."""
+        """Exact distances of queries `chosen` to the rows of `group`; keeps any nearer row found.
+        The expansion |m|^2 - 2 q.m ranks the group's rows fast, but its float32 rounding (about
+        1e-7 of |q| |m|) can put a row that is nearly as near first: the NEIGHBOR_CANDIDATES rows it
+        ranks first are measured from their differences, and the nearest of those is kept (what the
+        exported graph does too, so both runtimes find the same row)."""
         start, end = self.offsets[group], self.offsets[group + 1]
         block = queries.index_select(0, chosen)
         squared = torch.addmm(self.norms[start:end], block, self.bank[start:end].T, alpha=-2.0)
-        values, where = squared.min(dim=1)
-        distances = (values + query_norms.index_select(0, chosen)).clamp_min_(0).sqrt_()
+        candidates = squared.topk(min(NEIGHBOR_CANDIDATES, end - start), dim=1, largest=False).indices
+        exact = torch.stack([
+            torch.linalg.vector_norm(block - self.bank.index_select(0, column + start), dim=1) for column in candidates.T
+        ], dim=1)
+        distances, pick = exact.min(dim=1)
+        where = candidates.gather(1, pick[:, None]).squeeze(1)
         nearer = distances < best.index_select(0, chosen)
         chosen = chosen[nearer]
         best.index_copy_(0, chosen, distances[nearer])
