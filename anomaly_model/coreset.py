@@ -206,7 +206,9 @@ def nearest_neighbors(
 # Groups of the coreset for `GroupedNeighbors`: GROUP_FACTOR x sqrt(K) of them (256 for tire's
 # 16,464-point coreset). More groups prune more finely but cost more small matrix products.
 GROUP_FACTOR = 2.0
-# Rows of a group each query measures exactly, of those the fast expansion ranks nearest (`_update`).
+# Rows per query measured exactly, of those the fast expansion |m|^2 - 2 q.m ranks nearest
+# (`nearest_candidate`): its float32 rounding (about 1e-7 of |q| |m|) can put a row that is nearly
+# as near first; among a few candidates the exact distances pick the true one.
 NEIGHBOR_CANDIDATES = 4
 # Relative slack on the triangle-inequality test, so float32 rounding in the distances can never
 # skip a group holding the nearest point; it only lets a few more groups through.
@@ -225,6 +227,15 @@ def group_order(coreset: torch.Tensor, groups: int = 0) -> tuple[torch.Tensor, l
     order = torch.argsort(parent * 2 + is_member, stable=True)
     offsets = [0] + torch.bincount(parent, minlength=groups).cumsum(0).tolist()
     return order, offsets
+
+
+def nearest_candidate(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distance (Q,), column (Q,)) of the nearest of each query's candidate rows `candidates` (Q, C)
+    of `bank`, measured from the differences (no expansion, no cancellation): what the grouped
+    search and the exported graph (`patchcore.PatchCoreScores`) both decide with."""
+    exact = torch.stack([torch.linalg.vector_norm(queries - bank[column], dim=1) for column in candidates.T], dim=1)
+    distances, column = exact.min(dim=1)
+    return distances, column
 
 
 class GroupedNeighbors:
@@ -280,19 +291,13 @@ class GroupedNeighbors:
         return best, row
 
     def _update(self, queries, query_norms, chosen, group, best, row) -> None:
-        """Exact distances of queries `chosen` to the rows of `group`; keeps any nearer row found.
-        The expansion |m|^2 - 2 q.m ranks the group's rows fast, but its float32 rounding (about
-        1e-7 of |q| |m|) can put a row that is nearly as near first: the NEIGHBOR_CANDIDATES rows it
-        ranks first are measured from their differences, and the nearest of those is kept (what the
-        exported graph does too, so both runtimes find the same row)."""
+        """Exact distances of queries `chosen` to the rows of `group` (the NEIGHBOR_CANDIDATES the
+        expansion ranks first, measured by `nearest_candidate`); keeps any nearer row found."""
         start, end = self.offsets[group], self.offsets[group + 1]
         block = queries.index_select(0, chosen)
         squared = torch.addmm(self.norms[start:end], block, self.bank[start:end].T, alpha=-2.0)
         candidates = squared.topk(min(NEIGHBOR_CANDIDATES, end - start), dim=1, largest=False).indices
-        exact = torch.stack([
-            torch.linalg.vector_norm(block - self.bank.index_select(0, column + start), dim=1) for column in candidates.T
-        ], dim=1)
-        distances, pick = exact.min(dim=1)
+        distances, pick = nearest_candidate(block, self.bank[start:end], candidates)
         where = candidates.gather(1, pick[:, None]).squeeze(1)
         nearer = distances < best.index_select(0, chosen)
         chosen = chosen[nearer]

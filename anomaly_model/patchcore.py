@@ -25,11 +25,13 @@ from anomaly_model import distributed
 from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.coreset import (
+    NEIGHBOR_CANDIDATES,
     GroupedNeighbors,
     available_memory,
     coreset_size,
     greedy_coreset,
     group_order,
+    nearest_candidate,
     nearest_neighbors,
     projection_matrix,
 )
@@ -470,10 +472,6 @@ class PatchCore(AnomalyModel):
 # coreset is read in blocks of this many / patches-per-image rows, so onnxruntime's memory for the
 # distances stays bounded whatever the coreset's size (about 16 MB x the batch's images).
 EXPORT_BLOCK_ELEMENTS = 4 * 1024 * 1024
-# Rows per query whose distance the graph recomputes exactly (`nearest_distances`): the fast
-# expansion's float32 rounding (about 1e-7 of |q| |m|) can put a row that is nearly as near first;
-# among its few nearest candidates the exact distances pick the true one, as the model's search does.
-EXPORT_CANDIDATES = 4
 
 
 class PatchCoreScores(nn.Module):
@@ -482,8 +480,8 @@ class PatchCoreScores(nn.Module):
     weights of the image scores. The distance to the nearest coreset row is exact, as the model's,
     but every row is read (the model's grouped search skips groups by data-dependent tests that a
     static graph does not express): blocked matrix products |m|^2 - 2 q.m find each query's
-    EXPORT_CANDIDATES nearest rows, whose distances are then recomputed from the differences and
-    the least kept. `release`: the module takes the model's coreset instead of a copy."""
+    NEIGHBOR_CANDIDATES nearest rows, of which `coreset.nearest_candidate` keeps the truly nearest
+    (as the model's grouped search does). `release`: the module takes the model's coreset instead of a copy."""
 
     def __init__(self, model: PatchCore, release: bool = False) -> None:
         super().__init__()
@@ -504,20 +502,18 @@ class PatchCoreScores(nn.Module):
         count, (height, width) = features[0].shape[0], self.grid
         pooling = [getattr(self, f"pooling_{index}") for index in range(self.pooling_count)] or None
         queries = patch_features(features, pooling) - self.memory_mean
-        values, rows = [], []  # per block: each query's EXPORT_CANDIDATES nearest rows by the fast expansion
+        values, rows = [], []  # per block: each query's NEIGHBOR_CANDIDATES nearest rows by the fast expansion
         for start in range(0, self.memory.shape[0], self.block_rows):
             block = self.memory[start : start + self.block_rows]
             squared = torch.addmm(self.memory_norms[start : start + self.block_rows], queries, block.T, alpha=-2.0)
-            value, where = squared.topk(min(EXPORT_CANDIDATES, block.shape[0]), dim=1, largest=False)
+            value, where = squared.topk(min(NEIGHBOR_CANDIDATES, block.shape[0]), dim=1, largest=False)
             values.append(value)
             rows.append(where + start)
         values, rows = torch.cat(values, dim=1), torch.cat(rows, dim=1)
-        if values.shape[1] > EXPORT_CANDIDATES:
-            rows = rows.gather(1, values.topk(EXPORT_CANDIDATES, dim=1, largest=False).indices)
-        exact = torch.stack([nearest_distances(queries, self.memory, rows[:, column]) for column in range(rows.shape[1])], dim=1)
-        best = exact.argmin(dim=1, keepdim=True)
-        nearest = rows.gather(1, best).squeeze(1)
-        distances = exact.gather(1, best).squeeze(1)
+        if values.shape[1] > NEIGHBOR_CANDIDATES:
+            rows = rows.gather(1, values.topk(NEIGHBOR_CANDIDATES, dim=1, largest=False).indices)
+        distances, column = nearest_candidate(queries, self.memory, rows)
+        nearest = rows.gather(1, column[:, None]).squeeze(1)
         scores = distances.view(count, height, width)
         if not self.neighbors:
             return scores
