@@ -345,7 +345,10 @@ def _calibrate_and_save(category, settings, model_dir, model, preprocessor, trai
         if n_out_of_fold:
             pooled = goods.calibrate(settings.IMAGE_FALSE_REJECT_RATE, settings.PIXEL_FALSE_REJECT_RATE)
             info["thresholds"] = pooled["thresholds"]
-            info["out_of_fold"] = {"folds": folds, "n_images": n_out_of_fold, "goods_for_thresholds": pooled["validation"]["n_images"]}
+            info["out_of_fold"] = {
+                "folds": folds, "n_images": n_out_of_fold, "goods_for_thresholds": pooled["validation"]["n_images"],
+                "image_scores": pooled["validation"]["image_scores"],  # every honest good: eval.py's shift check
+            }
     pixel_policies(model, maps, info["thresholds"], settings.PIXEL_THRESHOLD_POLICY)  # on the thresholds in force
     del maps
     info["preprocessing"] = preprocessor.description(settings.IMAGE_SIZE, settings.CENTER_CROP)

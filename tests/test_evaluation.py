@@ -266,6 +266,19 @@ def test_model_of_another_category_warns(tmp_path, capsys):
     assert "trained on category 'bottle'" in capsys.readouterr().err
 
 
+def test_test_goods_that_score_above_the_calibration_goods_are_reported_as_a_shift(tmp_path, capsys):
+    """Good test images taken differently (here: all brighter than every calibration good) make every
+    image figure measure that shift; eval says so. Goods like the calibration goods raise no note."""
+    category = _category(tmp_path / "data", 8, 2)  # the test goods all score 40 / 255
+    shifted, alike = FakeDetector(), FakeDetector()
+    shifted.description["out_of_fold"] = {"image_scores": list(np.linspace(0.0, 0.1, 100))}
+    alike.description["out_of_fold"] = {"image_scores": list(np.linspace(0.05, 0.3, 100))}
+    notes = evaluate_category(shifted, category, _settings(), tmp_path / "shifted").metrics["notes"]
+    assert any("8 good test images score higher than the 100 good images" in note for note in notes)
+    assert "taken differently" in capsys.readouterr().err
+    assert not any("taken differently" in note for note in evaluate_category(alike, category, _settings(), tmp_path / "alike").metrics["notes"])
+
+
 def test_mask_of_the_wrong_size_is_refused(tmp_path):
     category = _category(tmp_path / "data", 1, 1)
     Image.fromarray(np.zeros((SIZE + 1, SIZE), dtype=np.uint8)).save(category.test_images[-1].mask_path)
