@@ -1,7 +1,7 @@
 """Ablation: image ROCAUC of the model's image score (PaDiM: max of the map) vs. the good/defect
 classifier, for every variant of the classifier that was tried (README, "Good/defect classifier").
 
-    .venv/bin/python bench/classifier_ablation.py [SET ...] [--seeds 5] [--ks 5,10] [--cache DIR] [--work DIR]
+    .venv/bin/python bench/classifier_ablation.py [SET ...] [--seeds 5] [--ks 5,10] [--cache DIR] [--work DIR] [--ceiling]
 
 SET: tire, tire-gray (tire converted to gray, made under --work), ksdd (already gray: there is no
 separate gray ksdd), demo (generate_demo_dataset, made under --work), or a category folder in
@@ -15,6 +15,15 @@ chosen on a test split: the test images are only scored.
 as the fitted model sees them, synthetic defects per seed) as float16 .npz, keyed by the model
 settings, the data and the code that makes them, so a rerun that changes only the classifier
 takes minutes. Without it everything is computed from scratch (the honest one-command run).
+
+--ceiling adds, per set, how much any classifier on these map features could gain at all: each
+feature's image ROCAUC on the test split, and classifiers trained *on the test split itself*
+(5 x 5-fold stratified cross-validation over its goods and real defects). It uses test labels on
+purpose, as an upper bound, and chooses nothing: where even it does not beat the max score, the
+map features hold no more than the max about that set's real defects. It also prints how far the
+test goods' image scores lie above the honest training goods' (ROCAUC of test goods vs. validation
+and out-of-fold goods; 0.5 = no shift): a set whose test goods were taken differently ranks its
+images by which feature the shift moves least, which synthetic defects cannot tell.
 """
 
 from __future__ import annotations
@@ -230,7 +239,13 @@ VARIANTS = {  # name -> how the classifier is trained (see run_variant); "mode":
     "cross-fitted, margin (base_margin)": {"goods": "all", "synthetic": "all hosts", "mode": "margin"},
     "cross-fitted, shrink toward image score (default)": {"goods": "all", "synthetic": "all hosts", "mode": "shrink"},
     "cross-fitted, guard": {"goods": "all", "synthetic": "all hosts", "mode": "guard"},
+    # Tried for labeled defects, not kept (README): they weigh as much as all synthetic ones together ...
+    "shrink, real defects weigh as much as the synthetic": {"goods": "all", "synthetic": "all hosts", "mode": "shrink", "real_weight": "balanced"},
+    # ... and, in addition, the trees' share is the one (of 0, 1/4, .., 1) that ranks them best out-of-fold.
+    "shrink, balanced, share chosen on real defects": {"goods": "all", "synthetic": "all hosts", "mode": "shrink", "real_weight": "balanced",
+                                                       "share": "real evidence"},
 }
+SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the "share chosen on real defects" candidates
 
 
 def _features(maps: np.ndarray, levels: dict) -> np.ndarray:
@@ -280,10 +295,16 @@ def run_variant(data: Prepared, spec: dict, settings, seeds: int, ks: list[int],
             groups = np.concatenate([p[2] for p in parts] + [synthetic[2], 10**6 + np.arange(k)])
             n_good = sum(len(p[0]) for p in parts)
             labels = np.r_[np.zeros(n_good), np.ones(len(synthetic[0]) + k)]
-            weights = np.r_[np.ones(n_good + len(synthetic[0])), np.full(k, settings.CLASSIFIER_REAL_DEFECT_WEIGHT)]
+            real_weight = settings.CLASSIFIER_REAL_DEFECT_WEIGHT
+            if spec.get("real_weight") == "balanced" and k:
+                real_weight = max(real_weight, len(synthetic[0]) / k)
+            weights = np.r_[np.ones(n_good + len(synthetic[0])), np.full(k, real_weight)]
             arguments = anchoring(SimpleNamespace(**{**vars(settings), "CLASSIFIER_ANCHOR": spec["mode"]}))  # as train.py does
             classifier = train_classifier(features, labels, groups, FEATURE_NAMES, params, settings.CLASSIFIER_FALSE_REJECT_RATE,
                                           weights, MONOTONE, image_scores=scores, **arguments)
+            if spec.get("share") == "real evidence" and k:
+                choose_share_on_real_defects(classifier, features, labels, groups, weights, scores, params, n_good + len(synthetic[0]),
+                                             settings.CLASSIFIER_FALSE_REJECT_RATE)
             keep = np.setdiff1d(np.arange(len(data.labels)), chosen)
             margin = classifier.margin(data.test[keep], data.test_scores[keep])  # the verdict's log-odds, as test.py computes it
             threshold = np.log(classifier.threshold / (1 - classifier.threshold))
@@ -298,6 +319,59 @@ def run_variant(data: Prepared, spec: dict, settings, seeds: int, ks: list[int],
                       file=sys.stderr)
         results[k] = np.array(rows)
     return results
+
+
+def ceiling(data: Prepared, repeats: int = 5) -> dict[str, float]:
+    """Image ROCAUC on the test split of the max score, of the best single feature, and of a logistic
+    regression and a monotone XGBoost trained by cross-validation on the test split (see --ceiling)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from xgboost import XGBClassifier
+
+    labels, features = data.labels, data.test.astype(np.float64)
+    per_feature = {name: image_rocauc(labels, features[:, j]) for j, name in enumerate(FEATURE_NAMES)}
+    best = max(per_feature, key=per_feature.get)
+    learners = {
+        "logistic": lambda: make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000)),
+        "xgboost": lambda: XGBClassifier(n_estimators=100, max_depth=2, learning_rate=0.05, n_jobs=1,
+                                         monotone_constraints="(" + ",".join(str(m) for m in MONOTONE) + ")"),
+    }
+    inputs = {"logistic": np.log1p(np.maximum(features, 0)), "xgboost": features}
+    honest = np.concatenate([data.goods["validation"][1], data.goods["out_of_fold"][1]])
+    test_goods = data.test_scores[labels == 0]
+    result = {
+        # 0.5: the test goods score like the honest training goods; above: they look more anomalous (acquisition shift)
+        "shift (test goods vs honest goods, image score)": image_rocauc(np.r_[np.zeros(len(honest)), np.ones(len(test_goods))], np.r_[honest, test_goods]),
+        "image score": image_rocauc(labels, data.test_scores), f"best feature ({best})": per_feature[best],
+    }
+    for name, make in learners.items():
+        aucs = [image_rocauc(labels, cross_val_predict(make(), inputs[name], labels, method="predict_proba",
+                                                       cv=StratifiedKFold(5, shuffle=True, random_state=r))[:, 1])
+                for r in range(repeats)]
+        result[f"{name}, trained on the test split"] = float(np.mean(aucs))
+    return result
+
+
+def choose_share_on_real_defects(classifier, features, labels, groups, weights, scores, params, first_real: int,
+                                 false_reject_rate: float) -> None:
+    """The "share chosen on real defects" variant: the same grouped cross-validation as train_classifier
+    (each real defect is a group of its own, so its out-of-fold margin is honest); of SHARES, the one
+    whose blend ranks the goods vs. the real defects (rows from `first_real`) best out-of-fold, ties
+    to the one nearest the goods-based share. Sets the classifier's share and threshold."""
+    from classification_model.xgboost import _fold_boosters, _group_folds, blend
+
+    fold = _group_folds(groups, labels, classifier.report["folds"], params.seed)
+    trees, anchor, _ = _fold_boosters(features, labels, groups, weights, fold, params, MONOTONE if params.monotone else None, scores, False)
+    rows = (labels == 0) | (np.arange(len(labels)) >= first_real)
+    rows &= ~np.isnan(trees)
+    aucs = {share: image_rocauc(labels[rows], blend(trees[rows], anchor[rows], share)) for share in SHARES}
+    best = max(aucs.values())
+    classifier.tree_share = min((s for s, a in aucs.items() if a >= best - 1e-12), key=lambda s: abs(s - classifier.tree_share))
+    goods = (labels == 0) & ~np.isnan(trees)
+    probabilities = 1 / (1 + np.exp(-blend(trees[goods], anchor[goods], classifier.tree_share)))
+    classifier.threshold = float(np.quantile(probabilities, 1 - false_reject_rate))
 
 
 def table(results: dict[str, dict[str, dict[int, np.ndarray]]]) -> str:
@@ -337,6 +411,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/classifier_ablation"), help="where derived sets are made")
     parser.add_argument("--variants", default="", help="comma-separated variant numbers (1-based) to run; default all")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--ceiling", action="store_true", help="also measure what any classifier on these features could gain (uses test labels)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "classifier_ablation.json")
     args, overrides = parser.parse_known_args()
     overrides += [a for a in args.sets if "=" in a]  # KEY=VALUE settings may come anywhere
@@ -345,7 +420,7 @@ def main() -> None:
     torch.set_num_threads(2)
     chosen = [list(VARIANTS)[int(i) - 1] for i in args.variants.split(",") if i] or list(VARIANTS)
     ks = [0] + [int(k) for k in args.ks.split(",") if k]
-    results = {}
+    results, ceilings = {}, {}
     for name in args.sets:
         started = time.perf_counter()
         source = MapSource(set_folder(name, args.work), settings, args.cache)
@@ -355,9 +430,16 @@ def main() -> None:
               file=sys.stderr)
         results[name] = {variant: run_variant(data, VARIANTS[variant], settings, args.seeds, ks, args.verbose) for variant in chosen}
         print(table({name: results[name]}), flush=True)
+        if args.ceiling:
+            ceilings[name] = ceiling(data)
     print("\n" + table(results) + "\n\n" + summary(results))
+    if ceilings:
+        print("\nCeiling (image ROCAUC on the test split; the classifiers are trained on it by cross-validation):")
+        for name, values in ceilings.items():
+            print(f"| {name} | " + " | ".join(f"{key} {value:.4f}" for key, value in values.items()) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({s: {v: {k: a.tolist() for k, a in by_k.items()} for v, by_k in r.items()} for s, r in results.items()}, indent=1))
+    saved = {s: {v: {k: a.tolist() for k, a in by_k.items()} for v, by_k in r.items()} for s, r in results.items()}
+    args.out.write_text(json.dumps({**saved, **({"ceiling": ceilings} if ceilings else {})}, indent=1))
 
 
 if __name__ == "__main__":
