@@ -347,8 +347,10 @@ def ceiling(data: Prepared, repeats: int = 5) -> dict[str, float]:
         "image score": image_rocauc(labels, data.test_scores), f"best feature ({best})": per_feature[best],
     }
     honest_features = np.concatenate([data.goods["validation"][0], data.goods["out_of_fold"][0]]).astype(np.float64)
-    against_honest = lambda rows, j: image_rocauc(np.r_[np.zeros(len(honest_features)), np.ones(len(rows))],  # noqa: E731
-                                                  np.r_[honest_features[:, j], rows[:, j]])
+
+    def against_honest(rows: np.ndarray, j: int) -> float:
+        return image_rocauc(np.r_[np.zeros(len(honest_features)), np.ones(len(rows))], np.r_[honest_features[:, j], rows[:, j]])
+
     for name in ("max", "mean", "std"):  # which pooling the shift moves, and how well each sees defects without it
         j = FEATURE_NAMES.index(name)
         result[f"shift of {name}"] = against_honest(features[labels == 0], j)
