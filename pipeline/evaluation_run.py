@@ -18,6 +18,7 @@ from anomaly_model import distributed
 from dataset_manager import Category, DataError, read_mask
 from dataset_manager.images import image_size
 from evaluation.metrics import (
+    bootstrap_rocauc_gain,
     f1_max,
     image_rocauc,
     per_defect_rocauc,
@@ -153,6 +154,26 @@ def _shift_note(good_scores: np.ndarray, description: dict) -> str | None:
     )
 
 
+CLASSIFIER_WORSE_SHARE = 0.95  # bootstrap resamples in which the classifier must rank worse for a note
+
+
+def _classifier_note(labels: np.ndarray, scores: np.ndarray, probabilities: np.ndarray | None) -> str | None:
+    """A note when the classifier ranks this test set worse than the model's image score, beyond what
+    resampling its images explains. Why: the classifier's gain depends on the part and on how its
+    test goods were taken (README, Good/defect classifier), and no training data can tell; the user's
+    own labeled test set can, and this says when it does."""
+    if probabilities is None:
+        return None
+    gains = bootstrap_rocauc_gain(labels, scores, probabilities)
+    if gains is None or (gains < 0).mean() < CLASSIFIER_WORSE_SHARE:
+        return None
+    return (
+        f"the classifier ranks these images worse than the image score (ROCAUC {image_rocauc(labels, probabilities):.3f} vs "
+        f"{image_rocauc(labels, scores):.3f}, worse in {(gains < 0).mean():.0%} of {gains.size} bootstrap resamples): on this part "
+        "the image score's verdict may serve better; compare both, or retrain with CLASSIFIER = False"
+    )
+
+
 def _pixel_metrics(masks: np.ndarray, maps: np.ndarray, limit: float) -> tuple[dict, object]:
     curves = pixel_curves(masks, maps)
     return {"pixel_rocauc": pixel_auc(curves), "pro": pro_auc(curves, limit)}, curves
@@ -219,7 +240,12 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
     types = np.array([item.defect_type for item in items])
     scores = scored.scores
     probabilities = scored.probabilities
-    for note in (_rocauc_note(labels[ok]), _shift_note(scores[ok & ~labels], detector.description)):
+    notes_on_scores = (
+        _rocauc_note(labels[ok]),
+        _shift_note(scores[ok & ~labels], detector.description),
+        _classifier_note(labels[ok], scores[ok], probabilities[ok] if probabilities is not None else None),
+    )
+    for note in notes_on_scores:
         if note:
             notes.append(note)
             warn(note)

@@ -133,6 +133,18 @@ def test_verdict_metrics_by_hand():
     assert nothing_flagged["precision"] is None and nothing_flagged["f1"] == 0.0
 
 
+def test_bootstrap_rocauc_gain_is_paired_and_centred_on_the_difference():
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(30), np.ones(20)].astype(bool)
+    baseline = rng.normal(size=50) + labels
+    assert np.all(m.bootstrap_rocauc_gain(labels, baseline, np.exp(baseline)) == 0)  # same ranking: no gain on any draw
+    worse = rng.normal(size=50) + 0.3 * labels
+    gains = m.bootstrap_rocauc_gain(labels, baseline, worse)
+    assert gains.shape == (1000,)
+    assert gains.mean() == pytest.approx(roc_auc_score(labels, worse) - roc_auc_score(labels, baseline), abs=0.01)
+    assert m.bootstrap_rocauc_gain(np.zeros(5, bool), baseline[:5], worse[:5]) is None
+
+
 def test_sheet_choice():
     chosen = choose(np.array([5.0, 1.0, 9.0, 2.0, 7.0]), np.array([0, 0, 1, 1, 1], bool), 1)
     assert chosen == [(0, "worst-scored good #1"), (2, "best-scored defect #1"), (3, "worst-scored defect #1")]
@@ -297,6 +309,24 @@ def test_classifier_probabilities_reported_side_by_side(tmp_path, monkeypatch):
     assert metrics["classifier_rocauc"] == 1.0 and set(result.image_curves) == {"max score", "classifier"}
     assert metrics["operating"]["source"] == "classifier verdict" and "operating_score_threshold" in metrics
     assert "classifier probability" in metrics["f1_max"] and drawn
+
+
+def test_a_classifier_that_ranks_worse_than_the_image_score_gets_a_note(tmp_path, monkeypatch, capsys):
+    """The classifier's gain depends on the part: when the user's own test set shows it ranking worse
+    than the image score beyond resampling noise, eval says so; a classifier that ranks alike does not."""
+    monkeypatch.setitem(sys.modules, "classification_model.xgboost", types.SimpleNamespace(plot_feature_importance=lambda c, path: None))
+    category = _category(tmp_path / "data", 10, 4)  # goods dark, defects brighter: the image score ranks them perfectly
+
+    class Inverted(FakeDetector):
+        def inspect(self, paths, batch_size, num_workers=0, preview_size=0, label=""):
+            results, batches = super().inspect(paths, batch_size, num_workers, preview_size, label)
+            return (SimpleNamespace(**{**vars(r), "probability": 1.0 - r.score}) for r in results), batches
+
+    notes = evaluate_category(Inverted(probabilities=True, classifier=object()), category, _settings(), tmp_path / "inverted").metrics["notes"]
+    assert any("the classifier ranks these images worse than the image score" in note for note in notes)
+    assert "CLASSIFIER = False" in capsys.readouterr().err
+    alike = evaluate_category(FakeDetector(probabilities=True, classifier=object()), category, _settings(), tmp_path / "alike")
+    assert not any("ranks these images worse" in note for note in alike.metrics["notes"])
 
 
 # --- eval.py end to end ------------------------------------------------------------------------------
