@@ -47,7 +47,7 @@ def bootstrap_rocauc_gain(labels: np.ndarray, baseline: np.ndarray, other: np.nd
     def resampled_auc(scores: np.ndarray) -> np.ndarray:
         scores = np.asarray(scores, dtype=np.float64)
         table = np.sign(scores[labels][:, None] - scores[~labels][None, :]) * 0.5 + 0.5
-        return np.einsum("rd,dg,rg->r", defect_counts, table, good_counts) / (n_defect * n_good)
+        return ((defect_counts @ table) * good_counts).sum(axis=1) / (n_defect * n_good)  # one BLAS product, not einsum's triple loop
 
     return resampled_auc(other) - resampled_auc(baseline)
 
