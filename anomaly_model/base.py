@@ -176,6 +176,11 @@ class AnomalyModel:
         the CPU), each image scored by a model that did not see its fold. The fitted model is unchanged."""
         raise NotImplementedError(f"{type(self).__name__} has no out-of-fold scores")
 
+    def patch_scores_and_peaks(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, h, w) patch scores, as `patch_scores`, and (B, d) unit vectors saying in which way each
+        image's highest-scoring patch deviates from the good patches (`score_with_peaks`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no peak directions")
+
     def settings(self) -> dict:
         """Constructor arguments, as saved in model.json (with the values the model resolved)."""
         return {
@@ -348,6 +353,23 @@ class AnomalyModel:
         """(maps (B, H, W), image scores (B,)) on the CPU: what test.py, eval.py and training use."""
         maps = self.anomaly_maps(images)
         return maps.cpu(), self.image_scores(maps).cpu()
+
+    @property
+    def has_peak_directions(self) -> bool:
+        """Whether `score_with_peaks` works: a model that implements `patch_scores_and_peaks`, untiled
+        (a tiled image's peak would need its tile's embedding: not done yet)."""
+        implemented = type(self).patch_scores_and_peaks is not AnomalyModel.patch_scores_and_peaks
+        return implemented and self.tile_size == 0
+
+    def score_with_peaks(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What `score` returns and each image's peak direction (B, d), all on the CPU, from one
+        backbone pass: for a classifier that compares images with labeled defects."""
+        if not self.has_peak_directions:
+            raise ModelError(f"{self.kind} models{' with tiles' if self.tile_size else ''} have no peak directions: retrain with CLASSIFIER_DEFECT_SIMILARITY=False")
+        self.working_size(images.shape[-2:])
+        patch_scores, directions = self.patch_scores_and_peaks(images)
+        maps = self.map_maker(patch_scores, tuple(images.shape[-2:]))
+        return maps.cpu(), self.image_scores(maps).cpu(), directions.cpu()
 
     def export_module(self, image_size: tuple[int, int], release: bool = False) -> "ScoringModule":
         """What `score` computes for (N, 3, H, W) images of `image_size`, as one torch module that

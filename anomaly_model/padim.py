@@ -204,6 +204,21 @@ class Padim(AnomalyModel):
             scores = scores.view(-1, grid[0] * grid[1], locations).permute(2, 0, 1)
         return scores.reshape(-1, *grid)
 
+    def patch_scores_and_peaks(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, h, w) patch scores and (B, d) peak directions of untiled images, from one backbone pass:
+        the deviation of each image's highest-scoring patch from its position's Gaussian, whitened
+        (L^-1 (x - mu), whose length is the Mahalanobis distance) and scaled to length 1. The length
+        says how anomalous the patch is (the map already does); the direction says in which way,
+        which is what a labeled defect can teach (`classification_model.similarity`)."""
+        embedding, grid = self.embed(images)
+        self.check_grid(grid)
+        scores = self.embedding_scores(embedding, self.mean_, self.cholesky_)  # (B, P)
+        with torch.no_grad():
+            peak = scores.argmax(dim=1)
+            deviation = embedding[peak, torch.arange(len(peak), device=peak.device)] - self.mean_[peak]  # (B, d)
+            whitened = torch.linalg.solve_triangular(self.cholesky_[peak], deviation[:, :, None], upper=False)[:, :, 0]
+        return scores.reshape(-1, *grid), whitened / whitened.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
     def statistics_bytes(self, positions: int) -> int:
         """The fit's (P, d, d) float32 sums, which become the Cholesky factors, and the (P, d) rest."""
         return positions * self.feature_dim * (4 * self.feature_dim + 20)

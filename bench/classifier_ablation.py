@@ -133,6 +133,19 @@ class MapSource:
 
         return self._cached("base", compute)
 
+    def peaks(self) -> dict[str, np.ndarray]:
+        """Peak directions (`AnomalyModel.score_with_peaks`) of the validation goods and the test images."""
+        code = inspect.getsource(type(self._model).patch_scores_and_peaks)
+
+        def compute():
+            directions = {}
+            for name, paths in (("good", self.validation_paths), ("test", [i.path for i in self.category.test_images])):
+                batches = ImageBatches(paths, self.preprocessor, self.settings.BATCH_SIZE, 0)
+                directions[name] = np.concatenate([self.model.score_with_peaks(b.images)[2].numpy() for b in tqdm(batches, desc=f"{name} peaks", file=sys.stderr)])
+            return directions
+
+        return self._cached("peaks-" + _key(code), compute)
+
     def fitted(self) -> dict[str, np.ndarray]:
         """The training images as the fitted model sees them (for the synthetic defects' maps)."""
 
@@ -244,6 +257,8 @@ VARIANTS = {  # name -> how the classifier is trained (see run_variant); "mode":
     # ... and, in addition, the trees' share is the one (of 0, 1/4, .., 1) that ranks them best out-of-fold.
     "shrink, balanced, share chosen on real defects": {"goods": "all", "synthetic": "all hosts", "mode": "shrink", "real_weight": "balanced",
                                                        "share": "real evidence"},
+    # shrink, then the labeled defects' peak-direction similarity as a second stage (classification_model/similarity.py)
+    "shrink + labeled-defect similarity": {"goods": "all", "synthetic": "all hosts", "mode": "shrink", "similarity": True},
 }
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the "share chosen on real defects" candidates
 
@@ -256,7 +271,7 @@ def _features(maps: np.ndarray, levels: dict) -> np.ndarray:
 class Prepared:
     """One set's features: goods, test images, synthetic defects of each kind per seed."""
 
-    def __init__(self, source: MapSource, seeds: int) -> None:
+    def __init__(self, source: MapSource, seeds: int, synthetic_kinds: set[str], peaks: bool = False) -> None:
         s = source.settings
         base = source.base()
         self.name = source.category.name
@@ -271,11 +286,16 @@ class Prepared:
             "out_of_fold": (_features(base["oof"], self.levels), base["oof_scores"], n_validation + base["oof_index"]),
         }
         self.test = _features(base["test"], self.levels)
-        self.synthetic = {"validation hosts": [], "all hosts": []}
+        makers = {"validation hosts": source.synthetic_before, "all hosts": source.synthetic}
+        self.synthetic = {kind: [] for kind in synthetic_kinds}  # only the synthetic sets the chosen variants train on
         for seed in range(seeds):
-            for kind, arrays in (("validation hosts", source.synthetic_before(seed)), ("all hosts", source.synthetic(seed))):
+            for kind in synthetic_kinds:
+                arrays = makers[kind](seed)
                 self.synthetic[kind].append((_features(arrays["maps"], self.levels), arrays["scores"], arrays["hosts"]))
         self.n_train, self.n_validation = len(base["oof"]), n_validation
+        self.peaks = source.peaks() if peaks else None  # {"good": validation goods', "test": test images' peak directions}
+        self.good_medians = np.median(np.concatenate([base["good"], base["oof"]]).reshape(n_validation + len(base["oof"]), -1), axis=1)
+        self.test_medians = np.median(base["test"].reshape(len(base["test"]), -1), axis=1)
 
 
 def run_variant(data: Prepared, spec: dict, settings, seeds: int, ks: list[int], verbose: bool = False) -> dict[int, np.ndarray]:
@@ -306,11 +326,15 @@ def run_variant(data: Prepared, spec: dict, settings, seeds: int, ks: list[int],
                 choose_share_on_real_defects(classifier, features, labels, groups, weights, scores, params, n_good + len(synthetic[0]),
                                              settings.CLASSIFIER_FALSE_REJECT_RATE)
             keep = np.setdiff1d(np.arange(len(data.labels)), chosen)
-            margin = classifier.margin(data.test[keep], data.test_scores[keep])  # the verdict's log-odds, as test.py computes it
+            directions = None
+            if spec.get("similarity") and k:
+                add_similarity(classifier, data, chosen, settings.CLASSIFIER_FALSE_REJECT_RATE)
+                directions = data.peaks["test"][keep] if classifier.similarity is not None else None
+            margin = classifier.margin(data.test[keep], data.test_scores[keep], directions)  # the verdict's log-odds, as test.py computes it
             threshold = np.log(classifier.threshold / (1 - classifier.threshold))
             labels_kept = data.labels[keep]
             image_auc, classifier_auc = image_rocauc(labels_kept, data.test_scores[keep]), image_rocauc(labels_kept, margin)
-            trees = float(classifier.report["rounds"] > 0)
+            trees = float(classifier.report["rounds"] > 0) if not spec.get("similarity") else float(classifier.similarity is not None)
             rows.append((image_auc, classifier_auc, trees, float((margin[labels_kept == 0] >= threshold).mean())))
             if verbose:
                 r = classifier.report
@@ -319,6 +343,20 @@ def run_variant(data: Prepared, spec: dict, settings, seeds: int, ks: list[int],
                       file=sys.stderr)
         results[k] = np.array(rows)
     return results
+
+
+def add_similarity(classifier, data: Prepared, chosen: np.ndarray, false_reject_rate: float) -> None:
+    """The second stage as train.py fits it: the validation goods (the first rows) and the labeled
+    defects (the last rows), their first-stage out-of-fold log-odds and peak directions."""
+    from classification_model.similarity import fit_defect_similarity
+
+    margins = classifier.out_of_fold_margin
+    goods, defects = margins[: data.n_validation], margins[len(margins) - len(chosen):]
+    usable = ~np.isnan(goods)
+    similarity, _ = fit_defect_similarity(goods[usable], data.peaks["good"][usable], defects, data.peaks["test"][chosen],
+                                          data.good_medians, data.test_medians[chosen])
+    if similarity is not None:
+        classifier.add_similarity(similarity, goods[usable], data.peaks["good"][usable], false_reject_rate)
 
 
 def ceiling(data: Prepared, repeats: int = 5) -> dict[str, float]:
@@ -433,7 +471,8 @@ def main() -> None:
     for name in args.sets:
         started = time.perf_counter()
         source = MapSource(set_folder(name, args.work), settings, args.cache)
-        data = Prepared(source, args.seeds)
+        data = Prepared(source, args.seeds, {VARIANTS[variant]["synthetic"] for variant in chosen},
+                        peaks=any(VARIANTS[variant].get("similarity") for variant in chosen))
         print(f"{name}: maps and features in {time.perf_counter() - started:.0f} s; {data.n_train} train (out-of-fold), "
               f"{data.n_validation} validation, {int(data.labels.sum())} defect / {int((1 - data.labels).sum())} good test images",
               file=sys.stderr)

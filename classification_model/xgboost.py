@@ -23,6 +23,7 @@ import xgboost as xgb
 from sklearn.metrics import roc_auc_score
 
 from anomaly_model.backbone import ModelError
+from classification_model.similarity import DefectSimilarity
 from evaluation.metrics import image_rocauc
 
 BOOSTER_FILE = "classifier.json"
@@ -103,7 +104,8 @@ class DefectClassifier:
 
     With an `anchor` and no `tree_share`, the trees start from the anchor's margin (XGBoost
     `base_margin`); with both ("shrink"), the verdict's log-odds is
-    tree_share * trees + (1 - tree_share) * anchor, the trees having been trained alone."""
+    tree_share * trees + (1 - tree_share) * anchor, the trees having been trained alone. With a
+    `similarity` (labeled defects), that log-odds is the first stage of `DefectSimilarity.margin`."""
 
     booster: xgb.Booster
     feature_names: list[str]
@@ -111,10 +113,22 @@ class DefectClassifier:
     report: dict = field(default_factory=dict)
     anchor: Anchor | None = None  # None: the trees alone, not anchored on the image score
     tree_share: float | None = None  # "shrink": the trees' weight in the blend with the anchor
+    similarity: DefectSimilarity | None = None  # the second stage learned from labeled defects
+    # training only (not saved): each training row's out-of-fold log-odds, what the second stage is fitted on
+    out_of_fold_margin: np.ndarray | None = field(default=None, repr=False)
 
-    def margin(self, features: np.ndarray, image_scores: np.ndarray | None = None) -> np.ndarray:
+    def margin(self, features: np.ndarray, image_scores: np.ndarray | None = None, directions: np.ndarray | None = None) -> np.ndarray:
         """Log-odds of "defect" of each row of `features` (columns in `feature_names` order); an
-        anchored or shrunk classifier also needs the model's image score of each row."""
+        anchored or shrunk classifier also needs the model's image score of each row, one with a
+        `similarity` stage each image's peak direction (`AnomalyModel.score_with_peaks`)."""
+        first = self._first_stage_margin(features, image_scores)
+        if self.similarity is None:
+            return first
+        if directions is None:
+            raise ModelError("internal: a classifier with a defect similarity stage needs the images' peak directions")
+        return self.similarity.margin(first, directions)
+
+    def _first_stage_margin(self, features: np.ndarray, image_scores: np.ndarray | None) -> np.ndarray:
         features = np.asarray(features, dtype=np.float32)
         anchor_margin = None
         if self.anchor is not None:
@@ -127,9 +141,16 @@ class DefectClassifier:
         trees = self.booster.predict(xgb.DMatrix(features, feature_names=self.feature_names), output_margin=True)
         return blend(trees.astype(np.float64), anchor_margin, self.tree_share)
 
-    def predict(self, features: np.ndarray, image_scores: np.ndarray | None = None) -> np.ndarray:
-        """Defect probability of each row of `features` (and its image score, when anchored)."""
-        return _sigmoid(self.margin(features, image_scores))
+    def predict(self, features: np.ndarray, image_scores: np.ndarray | None = None, directions: np.ndarray | None = None) -> np.ndarray:
+        """Defect probability of each row of `features` (and its image score and peak direction, when needed)."""
+        return _sigmoid(self.margin(features, image_scores, directions))
+
+    def add_similarity(self, similarity: DefectSimilarity, good_margins: np.ndarray, good_directions: np.ndarray, false_reject_rate: float) -> None:
+        """Make `similarity` the verdict's second stage; the verdict threshold then rejects
+        `false_reject_rate` of these goods' final probabilities (first stage out-of-fold)."""
+        self.similarity = similarity
+        probabilities = _sigmoid(similarity.margin(good_margins, good_directions))
+        self.threshold = float(np.quantile(probabilities, 1 - false_reject_rate))
 
     def to_bytes(self) -> bytes:
         """The booster in XGBoost's JSON format (no pickle), for `save_model(extra_files=...)`."""
@@ -144,9 +165,11 @@ class DefectClassifier:
         expected_names: list[str],
         anchor: dict | None = None,
         tree_share: float | None = None,
+        similarity: dict | None = None,
     ) -> "DefectClassifier":
         """Load a booster saved by `to_bytes` (and its anchor, `Anchor.to_dict`, and the trees' share
-        of a "shrink" verdict, from model.json); refuse one trained on other features than this code computes."""
+        of a "shrink" verdict and the labeled-defect similarity stage, from model.json); refuse one
+        trained on other features than this code computes."""
         if tree_share is not None and anchor is None:
             raise ModelError("model.json's classifier has a tree_share but no anchor to blend with: retrain with python train.py")
         if list(feature_names) != list(expected_names):
@@ -166,6 +189,7 @@ class DefectClassifier:
         return cls(
             booster, list(feature_names), float(threshold), anchor=None if anchor is None else Anchor(**anchor),
             tree_share=None if tree_share is None else float(tree_share),
+            similarity=None if similarity is None else DefectSimilarity.from_dict(similarity),
         )
 
 
@@ -345,7 +369,7 @@ def train_classifier(
         report["anchor"] = anchor.to_dict()
     if tree_share is not None:
         report["tree_share"] = tree_share
-    return DefectClassifier(booster, list(feature_names), threshold, report, anchor, tree_share)
+    return DefectClassifier(booster, list(feature_names), threshold, report, anchor, tree_share, out_of_fold_margin=out_of_fold)
 
 
 def feature_importance(classifier: DefectClassifier) -> dict[str, float]:
