@@ -286,6 +286,7 @@ RULES: dict[str, Rule] = {
     "CLASSIFIER_SHRINK_GOODS": number(minimum=0),
     "CLASSIFIER_ENOUGH_REAL_DEFECTS": integer(minimum=0),
     "CLASSIFIER_REAL_DEFECT_WEIGHT": number(above=0),
+    "CLASSIFIER_DEFECT_SIMILARITY": flag(),
     "CLASSIFIER_DEFECT_SIZE": sequence(number(above=0, maximum=1), length=2, order="nondecreasing"),
     "CLASSIFIER_DEFECT_STRENGTH": sequence(number(above=0, maximum=1), length=2, order="nondecreasing"),
     "CLASSIFIER_FALSE_REJECT_RATE": FRACTION,

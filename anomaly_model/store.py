@@ -77,6 +77,11 @@ DETECTOR_SCHEMA = {
         # the image score's log-odds (classification_model.xgboost.Anchor) and, for "shrink", the trees' share of the verdict
         "anchor": Optional({"center": number(), "scale": number(above=0), "intercept": number(), "slope": number(minimum=0)}),
         "tree_share": Optional(number(minimum=0, maximum=1)),
+        # the second stage learned from labeled defects (classification_model.similarity.DefectSimilarity)
+        "similarity": Optional({
+            "prototype": sequence(number()), "intercept": number(), "verdict_weight": number(minimum=0),
+            "similarity_weight": number(above=0), "n_defects": integer(minimum=1),
+        }),
     }),
 }
 # ... and what scoring with the exported ONNX file needs (`onnx_file.OnnxScorer` checks it).

@@ -16,8 +16,12 @@ the honest background remains; inside, the rise the defect causes is added. On k
 within 0.004 (mean absolute) of the map a model fitted without the host gives, against 1-3 for
 the fitted model's own map (bench/classifier_ablation.py, README).
 
-Every map becomes one row of features as it arrives (`TrainingSet.add`): no map is kept, so
-memory does not grow with the number of training images.
+Labeled defects also teach a second stage (`classification_model.similarity`, CLASSIFIER_DEFECT_SIMILARITY):
+how much an image's worst patch deviates the way theirs do. It is fitted on the validation goods and
+the labeled defects, from their first-stage out-of-fold log-odds and their peak directions.
+
+Every map becomes one row of features (and its median, for the similarity stage's shift check) as
+it arrives (`TrainingSet.add`): no map is kept, so memory does not grow with the number of training images.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from tqdm import tqdm
 from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
 from classification_model.features import FEATURE_NAMES, MONOTONE, map_features
+from classification_model.similarity import fit_defect_similarity
 from classification_model.synthetic import DEFECT_TYPES, make_defect
 from classification_model.xgboost import ClassifierParams, DefectClassifier, train_classifier
 from dataset_manager import DataError, ImageBatches, Preprocessor, read_rgb
@@ -124,16 +129,18 @@ def synthetic_defect_maps(
 
 
 def image_maps(
-    model: AnomalyModel, preprocessor: Preprocessor, paths: list[Path], batch_size: int, label: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(maps, image scores) of image files (unreadable ones are left out, with a warning)."""
+    model: AnomalyModel, preprocessor: Preprocessor, paths: list[Path], batch_size: int, label: str, peaks: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(maps, image scores, peak directions when `peaks` else None) of image files (unreadable ones
+    are left out, with a warning)."""
     batches = ImageBatches(paths, preprocessor, batch_size, 0)
-    scored = [model.score(b.images) for b in tqdm(batches, desc=label, unit="batch", file=sys.stderr)]
+    score = model.score_with_peaks if peaks else model.score
+    scored = [score(b.images) for b in tqdm(batches, desc=label, unit="batch", file=sys.stderr)]
     for path, reason in batches.skipped:
         print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
     if not scored:
-        return torch.zeros(0, *preprocessor.size), torch.zeros(0)
-    return torch.cat([maps for maps, _ in scored]), torch.cat([scores for _, scores in scored])
+        return torch.zeros(0, *preprocessor.size), torch.zeros(0), torch.zeros(0, 0) if peaks else None
+    return tuple(torch.cat([result[i] for result in scored]) for i in range(2)) + ((torch.cat([r[2] for r in scored]) if peaks else None),)
 
 
 class TrainingSet:
@@ -141,7 +148,8 @@ class TrainingSet:
 
     Groups tie a good image and the synthetic defects painted on it together (the classifier's
     cross-validation never scores a defect whose host it trained on); real defects are groups of
-    their own. Hosts are numbered validation images first, then training images."""
+    their own. Hosts are numbered validation images first, then training images. The validation
+    goods' rows come first and the labeled defects' last: the similarity stage reads both."""
 
     def __init__(self, levels: dict[str, float], n_validation: int, n_train: int, synthetic_total: int, seed: int) -> None:
         self.levels = levels
@@ -150,11 +158,19 @@ class TrainingSet:
         self.rng = np.random.default_rng(seed)
         self.features: list[np.ndarray] = []
         self.image_scores: list[np.ndarray] = []
+        self.medians: list[np.ndarray] = []  # each map's median: how high its ordinary pixels lie
         self.labels: list[np.ndarray] = []
         self.groups: list[np.ndarray] = []
         self.weights: list[np.ndarray] = []
         self.counts = {"validation_goods": 0, "out_of_fold_goods": 0, "real_defects": 0, **{kind: 0 for kind in DEFECT_TYPES}}
         self._next_real_group = n_validation + n_train  # goods and their defects use 0 .. hosts - 1
+        self.n_rows = 0
+        self.validation_rows = slice(0, 0)  # the validation goods' rows
+        self.real_rows = slice(0, 0)  # the labeled defects' rows
+        # peak directions (AnomalyModel.score_with_peaks) of the validation goods and the labeled defects, for the similarity stage
+        self.validation_directions: np.ndarray | None = None
+        self.real_directions: np.ndarray | None = None
+        self.similarity_note = ""  # why the similarity stage was not used, when labeled defects could have taught it
 
     def add(self, maps: torch.Tensor, scores: torch.Tensor, label: int, groups: np.ndarray, weight: float = 1.0) -> None:
         """Rows for (N, H, W) maps and their image scores (features computed here, maps not kept)."""
@@ -162,6 +178,8 @@ class TrainingSet:
             return
         for start in range(0, maps.shape[0], FEATURE_CHUNK):
             self.features.append(map_features(maps[start : start + FEATURE_CHUNK], self.levels))
+        self.medians.append(np.median(np.asarray(maps.flatten(1), dtype=np.float32), axis=1).astype(np.float64))
+        self.n_rows += maps.shape[0]
         self.image_scores.append(scores.double().numpy())
         self.labels.append(np.full(maps.shape[0], label, dtype=int))
         self.groups.append(np.asarray(groups, dtype=int))
@@ -172,6 +190,8 @@ class TrainingSet:
     ) -> None:
         """Good maps of `paths` (host numbers `hosts`), and the synthetic defects planned for them.
         `out_of_fold`: the model was fitted on these images and `maps` are their out-of-fold maps."""
+        if not out_of_fold:
+            self.validation_rows = slice(self.n_rows, self.n_rows + maps.shape[0])
         self.add(maps, scores, 0, np.array(hosts))
         self.counts["out_of_fold_goods" if out_of_fold else "validation_goods"] += maps.shape[0]
         kinds = [self.plan[host] for host in hosts]
@@ -185,11 +205,14 @@ class TrainingSet:
         for kind in defect_kinds:
             self.counts[kind] += 1
 
-    def add_real_defects(self, maps: torch.Tensor, scores: torch.Tensor, weight: float) -> None:
+    def add_real_defects(self, maps: torch.Tensor, scores: torch.Tensor, weight: float, directions: torch.Tensor | None = None) -> None:
+        """Labeled defects' maps (last rows), and their peak directions when the similarity stage may use them."""
         groups = self._next_real_group + np.arange(maps.shape[0])
         self._next_real_group += maps.shape[0]
+        self.real_rows = slice(self.n_rows, self.n_rows + maps.shape[0])
         self.add(maps, scores, 1, groups, weight)
         self.counts["real_defects"] += maps.shape[0]
+        self.real_directions = None if directions is None else directions.double().numpy()
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(features, image scores, labels, groups, weights)."""
@@ -198,11 +221,28 @@ class TrainingSet:
         return tuple(np.concatenate(parts) for parts in (self.features, self.image_scores, self.labels, self.groups, self.weights))
 
     def train(self, settings) -> DefectClassifier:
+        """The classifier; with peak directions of the validation goods and the labeled defects, its
+        similarity stage too (or `similarity_note` says why not)."""
         features, scores, labels, groups, weights = self.arrays()
-        return train_classifier(
+        classifier = train_classifier(
             features, labels, groups, FEATURE_NAMES, params_from_settings(settings), settings.CLASSIFIER_FALSE_REJECT_RATE,
             weights, MONOTONE, image_scores=scores, **anchoring(settings),
         )
+        if self.validation_directions is not None and self.real_directions is not None:
+            self._add_similarity(classifier, settings.CLASSIFIER_FALSE_REJECT_RATE)
+        return classifier
+
+    def _add_similarity(self, classifier: DefectClassifier, false_reject_rate: float) -> None:
+        margins, medians = classifier.out_of_fold_margin, np.concatenate(self.medians)
+        labels = np.concatenate(self.labels)
+        good_margins, real_margins = margins[self.validation_rows], margins[self.real_rows]
+        usable, real = ~np.isnan(good_margins), ~np.isnan(real_margins)  # rows the cross-validation could not score are left out
+        similarity, self.similarity_note = fit_defect_similarity(
+            good_margins[usable], self.validation_directions[usable], real_margins[real], self.real_directions[real],
+            medians[labels == 0], medians[self.real_rows][real],
+        )
+        if similarity is not None:
+            classifier.add_similarity(similarity, good_margins[usable], self.validation_directions[usable], false_reject_rate)
 
 
 def anchoring(settings) -> dict:
@@ -231,6 +271,8 @@ def classifier_info(classifier: DefectClassifier, training_set: TrainingSet, set
         "anchor_mode": settings.CLASSIFIER_ANCHOR,
         **({"anchor": classifier.anchor.to_dict()} if classifier.anchor is not None else {}),
         **({"tree_share": classifier.tree_share} if classifier.tree_share is not None else {}),
+        **({"similarity": classifier.similarity.to_dict()} if classifier.similarity is not None else {}),
+        **({"similarity_note": training_set.similarity_note} if training_set.similarity_note else {}),
         "n_validation_goods": counts["validation_goods"],
         "n_out_of_fold_goods": counts["out_of_fold_goods"],
         "n_real_defects": counts["real_defects"],

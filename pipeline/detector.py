@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from anomaly_model.backbone import ModelError
 from anomaly_model.files import read_checked_bytes
 from anomaly_model.onnx_file import OnnxScorer
 from anomaly_model.store import DETECTOR_SCHEMA, check_description, load_model, model_class, model_file_guard, read_description
@@ -71,7 +72,7 @@ def load_classifier(model_dir: Path, description: dict) -> tuple[DefectClassifie
     entry = description["classifier"]
     data = read_checked_bytes(model_dir, entry["booster_file"], description["files"])
     classifier = DefectClassifier.from_bytes(
-        data, entry["features"], entry["threshold"], FEATURE_NAMES, entry.get("anchor"), entry.get("tree_share")
+        data, entry["features"], entry["threshold"], FEATURE_NAMES, entry.get("anchor"), entry.get("tree_share"), entry.get("similarity")
     )
     return classifier, {key: float(value) for key, value in entry["levels"].items()}
 
@@ -90,17 +91,36 @@ class Detector:
         else:
             self.description = read_description(self.model_dir)
         check_description(self.model_dir, self.description, DETECTOR_SCHEMA)
+        self.classifier = None  # the good/defect classifier saved with the model, when there is one
+        self.classifier_levels: dict[str, float] = {}
+        if "classifier" in self.description:
+            with model_file_guard(self.model_dir, "classifier"):
+                self.classifier, self.classifier_levels = load_classifier(self.model_dir, self.description)
+            if self.classifier.similarity is not None:
+                self._check_similarity_stage()  # before any ONNX file is looked for: such a model is never exported
         # preprocessed (B, 3, H, W) images -> (maps (B, H, W), image scores (B,)) on the CPU
         self.score: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
         self.score = self.model.score if self.model is not None else OnnxScorer(self.model_dir, self.description, device).score
         self.preprocessor = Preprocessor.from_description(self.description["preprocessing"])
         self.image_threshold = float(self.description["thresholds"]["image"])
         self.pixel_threshold = float(self.description["thresholds"]["pixel"])
-        self.classifier = None  # the good/defect classifier saved with the model, when there is one
-        self.classifier_levels: dict[str, float] = {}
-        if "classifier" in self.description:
-            with model_file_guard(self.model_dir, "classifier"):
-                self.classifier, self.classifier_levels = load_classifier(self.model_dir, self.description)
+
+    @property
+    def needs_peaks(self) -> bool:
+        """Whether the verdict needs each image's peak direction (a classifier with a similarity stage)."""
+        return self.classifier is not None and self.classifier.similarity is not None
+
+    def _check_similarity_stage(self) -> None:
+        """The similarity stage needs the torch model's peak directions, of the prototype's length."""
+        count = self.classifier.similarity.n_defects
+        if self.model is None:
+            raise ModelError(
+                f"model {self.model_dir}'s verdict compares each image's worst patch with its {count} labeled defects, which the "
+                "ONNX graph does not compute yet: use RUNTIME=torch (or retrain with CLASSIFIER_DEFECT_SIMILARITY=False)"
+            )
+        length = len(self.classifier.similarity.prototype)
+        if not self.model.has_peak_directions or length != getattr(self.model, "feature_dim", None):
+            raise ModelError(f"model {self.model_dir}'s classifier similarity stage does not fit its anomaly model ({length} numbers per direction): retrain with python train.py")
 
     def is_defect(self, result: ImageResult) -> bool:
         """The verdict: the classifier's when the model has one, else the map score's threshold."""
@@ -126,11 +146,16 @@ class Detector:
         def results() -> Iterator[ImageResult]:
             with tqdm(total=len(paths), desc=label, unit="img", file=sys.stderr) as progress:
                 for batch in batches:
-                    maps, scores = self.score(batch.images)
+                    directions = None
+                    if self.needs_peaks:
+                        maps, scores, directions = self.model.score_with_peaks(batch.images)
+                        directions = directions.numpy()
+                    else:
+                        maps, scores = self.score(batch.images)
                     probabilities = [None] * len(batch.indices)
                     if self.classifier is not None:
                         features = map_features(maps, self.classifier_levels)
-                        probabilities = self.classifier.predict(features, scores.numpy()).tolist()
+                        probabilities = self.classifier.predict(features, scores.numpy(), directions).tolist()
                     for row, index in enumerate(batch.indices):
                         yield ImageResult(
                             index, maps[row], float(scores[row]), batch.sizes[row], batch.previews[row], probabilities[row]

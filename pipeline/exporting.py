@@ -122,6 +122,12 @@ def export_model(model_dir: Path, paths: list[Path]) -> ExportSummary:
     model_dir = Path(model_dir)
     detector = Detector(model_dir, "cpu")
     description = detector.description
+    if detector.needs_peaks:
+        raise ModelError(
+            f"model {model_dir}'s verdict compares each image's worst patch with its {detector.classifier.similarity.n_defects} "
+            "labeled defects, which the ONNX graph does not compute yet: nothing was written; use RUNTIME=torch, or retrain "
+            "with CLASSIFIER_DEFECT_SIMILARITY=False and export that model"
+        )
     check_writable(model_dir)
     images = _check_images(detector, paths)
     reference_maps, reference_scores = (tensor.numpy().astype(np.float64) for tensor in detector.model.score(images))

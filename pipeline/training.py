@@ -326,8 +326,9 @@ def _calibrate_and_save(category, settings, model_dir, model, preprocessor, trai
     if settings.CLASSIFIER:
         training_set = _classifier_training_set(category, settings, info, len(maps), len(train_paths) if folds else 0)
         unreadable = {path for path, _ in skipped_validation}
-        readable = [path for path in validation_paths if path not in unreadable]
-        training_set.add_goods_and_synthetic(model, preprocessor, readable, list(range(len(readable))), maps, scores, settings, False)
+        readable_validation = [path for path in validation_paths if path not in unreadable]
+        training_set.add_goods_and_synthetic(
+            model, preprocessor, readable_validation, list(range(len(readable_validation))), maps, scores, settings, False)
     n_validation = int(maps.shape[0])
     n_out_of_fold = 0
     if folds:
@@ -364,9 +365,17 @@ def _calibrate_and_save(category, settings, model_dir, model, preprocessor, trai
         from classification_model.training import classifier_info, image_maps
 
         if category.train_defect_images:
-            real_maps, real_scores = image_maps(model, preprocessor, list(category.train_defect_images), settings.BATCH_SIZE, "labeled defects")
-            training_set.add_real_defects(real_maps, real_scores, settings.CLASSIFIER_REAL_DEFECT_WEIGHT)
+            peaks = _similarity_stage_possible(model, settings)
+            if peaks:  # the validation goods once more, for their peak directions (a few dozen images)
+                _, _, directions = image_maps(model, preprocessor, readable_validation, settings.BATCH_SIZE, "validation peaks", peaks=True)
+                if len(directions) == training_set.validation_rows.stop - training_set.validation_rows.start:
+                    training_set.validation_directions = directions.double().numpy()
+            real_maps, real_scores, real_directions = image_maps(
+                model, preprocessor, list(category.train_defect_images), settings.BATCH_SIZE, "labeled defects", peaks=peaks)
+            training_set.add_real_defects(real_maps, real_scores, settings.CLASSIFIER_REAL_DEFECT_WEIGHT, real_directions)
         classifier = training_set.train(settings)
+        if training_set.similarity_note:
+            print(f"note: no labeled-defect similarity stage: {training_set.similarity_note}", file=sys.stderr)
         info["classifier"] = classifier_info(classifier, training_set, settings)
         extra_files[info["classifier"]["booster_file"]] = classifier.to_bytes()
     model_bytes = save_model(model_dir, model, info, extra_files=extra_files)
@@ -384,6 +393,17 @@ def _calibrate_and_save(category, settings, model_dir, model, preprocessor, trai
         image_size=preprocessor.size,
         tiles=model.tile_layout_.count if model.tile_layout_ is not None else 0,
     )
+
+
+def _similarity_stage_possible(model: AnomalyModel, settings) -> bool:
+    """Whether the classifier may learn the labeled defects' peak directions (a note when the model cannot give them)."""
+    if not settings.CLASSIFIER_DEFECT_SIMILARITY:
+        return False
+    if not model.has_peak_directions:
+        what = f"{model.kind} models{' with tiles' if model.tile_size else ''}"
+        print(f"note: {what} give no peak directions: the labeled defects train the classifier's first stage only", file=sys.stderr)
+        return False
+    return True
 
 
 def _classifier_training_set(category: Category, settings, info: dict, n_validation: int, n_train: int):
