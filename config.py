@@ -124,7 +124,7 @@ CLASSIFIER = True  # False: plain max-of-map score and image threshold only
 CLASSIFIER_SYNTHETIC_DEFECTS = 300
 CLASSIFIER_ENOUGH_REAL_DEFECTS = 50  # with at least this many labeled defect images, no synthetic ones
 CLASSIFIER_REAL_DEFECT_WEIGHT = 4.0  # sample weight of a labeled defect relative to a synthetic one
-# With 3 or more labeled defects (PaDiM, untiled): a second verdict stage learns in which way their worst
+# With 3 or more labeled defects (untiled models): a second verdict stage learns in which way their worst
 # patches deviate from the good ones, and raises images whose worst patch deviates alike (README,
 # "Labeled defects: the similarity stage"). train.py leaves it out, and says why, when the labeled
 # defects look taken differently from the goods or do not rank better with it. False: never.

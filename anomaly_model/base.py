@@ -102,6 +102,7 @@ class AnomalyModel:
     """
 
     kind = ""
+    HAS_PEAK_DIRECTIONS = False  # True where the model implements `score_with_peaks` (untiled)
     OWN_SETTINGS: dict[str, str] = {}
     DEFAULT_LAYERS: tuple[int, ...] = (1, 2, 3)  # the stages LAYERS = () stands for (PaDiM 1-3, PatchCore 2-3)
     TILE_STATISTICS_KINDS: tuple[str, ...] = ("shared",)  # "location" too where the model has statistics per position
@@ -356,17 +357,20 @@ class AnomalyModel:
 
     @property
     def has_peak_directions(self) -> bool:
-        """Whether `score_with_peaks` works: a model that implements `patch_scores_and_peaks`, untiled
+        """Whether `score_with_peaks` works: a model that has them (HAS_PEAK_DIRECTIONS), untiled
         (a tiled image's peak would need its tile's embedding: not done yet)."""
-        implemented = type(self).patch_scores_and_peaks is not AnomalyModel.patch_scores_and_peaks
-        return implemented and self.tile_size == 0
+        return self.HAS_PEAK_DIRECTIONS and self.tile_size == 0
 
-    def score_with_peaks(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What `score` returns and each image's peak direction (B, d), all on the CPU, from one
-        backbone pass: for a classifier that compares images with labeled defects."""
+    def check_peak_directions(self, images: torch.Tensor) -> None:
         if not self.has_peak_directions:
             raise ModelError(f"{self.kind} models{' with tiles' if self.tile_size else ''} have no peak directions: retrain with CLASSIFIER_DEFECT_SIMILARITY=False")
         self.working_size(images.shape[-2:])
+
+    def score_with_peaks(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What `score` returns and each image's peak direction (B, d), all on the CPU, from one
+        backbone pass: for a classifier that compares images with labeled defects. This default
+        serves models whose image score is the map's maximum and that implement `patch_scores_and_peaks`."""
+        self.check_peak_directions(images)
         patch_scores, directions = self.patch_scores_and_peaks(images)
         maps = self.map_maker(patch_scores, tuple(images.shape[-2:]))
         return maps.cpu(), self.image_scores(maps).cpu(), directions.cpu()

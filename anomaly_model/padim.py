@@ -85,6 +85,7 @@ class Padim(AnomalyModel):
     """
 
     kind = "padim"
+    HAS_PEAK_DIRECTIONS = True
     DEFAULT_LAYERS = (1, 2, 3)
     OWN_SETTINGS = {
         "FEATURE_DIM": "feature_dim",

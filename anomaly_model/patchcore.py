@@ -105,6 +105,7 @@ class PatchCore(AnomalyModel):
     """
 
     kind = "patchcore"
+    HAS_PEAK_DIRECTIONS = True
     DEFAULT_LAYERS = (2, 3)
     OWN_SETTINGS = {
         "CORESET_RATIO": "coreset_ratio",
@@ -372,20 +373,31 @@ class PatchCore(AnomalyModel):
     def score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(maps (B, H, W), image scores (B,)) on the CPU; the score is the map's maximum, times the
         paper's eq. 7 weight when PATCHCORE_NEIGHBORS > 0."""
-        maps, scores = self._score(images)
+        maps, scores, _ = self._score(images)
         return maps.cpu(), scores.cpu()
 
-    def _score(self, images: torch.Tensor, excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`score` without the coreset rows `excluded` (K,) bool, if given."""
+    def score_with_peaks(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`score` and each image's peak direction: the worst patch's difference to its nearest
+        coreset feature, scaled to length 1 (its length is the patch's score)."""
+        self.check_peak_directions(images)
+        maps, scores, directions = self._score(images, peaks=True)
+        return maps.cpu(), scores.cpu(), directions.cpu()
+
+    def _score(self, images: torch.Tensor, excluded: torch.Tensor | None = None, peaks: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`score` without the coreset rows `excluded` (K,) bool, if given, and the peak directions if asked."""
         embedding, distances, nearest, grid = self.nearest_patches(images, excluded)
         norms = self.memory_norms_ if excluded is None else self.memory_norms_.masked_fill(excluded, math.inf)
         count, positions = len(images), grid[0] * grid[1]
         maps = self.map_maker(distances.view(count, *grid), tuple(images.shape[-2:]))
         scores = self.image_scores(maps)
+        worst = distances.view(count, positions).argmax(dim=1) + torch.arange(count, device=distances.device) * positions
         if self.neighbors:
-            worst = distances.view(count, positions).argmax(dim=1) + torch.arange(count, device=distances.device) * positions
             scores = scores * self.reweighting(embedding[worst], nearest[worst], norms)
-        return maps, scores
+        directions = None
+        if peaks:
+            deviation = embedding[worst] - self.memory_[nearest[worst]]
+            directions = deviation / torch.linalg.vector_norm(deviation, dim=1, keepdim=True).clamp_min(1e-12)
+        return maps, scores, directions
 
     def reweighting(self, queries: torch.Tensor, matches: torch.Tensor, norms: torch.Tensor, neighbors: int = 0) -> torch.Tensor:
         """(B,) eq. 7 weights (`eq7_weights`) with this model's coreset; `neighbors` replaces
@@ -412,7 +424,7 @@ class PatchCore(AnomalyModel):
                         "needs at least 2 folds of training images"
                     )
                 rows = np.nonzero(image_folds == fold)[0]
-                maps, scores = self._score(images[torch.as_tensor(rows)], excluded)
+                maps, scores, _ = self._score(images[torch.as_tensor(rows)], excluded)
                 yield [indices[row] for row in rows], maps.cpu(), scores.cpu()
 
     def patch_score_module(self, release: bool = False) -> "PatchCoreScores":

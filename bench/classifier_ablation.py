@@ -135,7 +135,8 @@ class MapSource:
 
     def peaks(self) -> dict[str, np.ndarray]:
         """Peak directions (`AnomalyModel.score_with_peaks`) of the validation goods and the test images."""
-        code = inspect.getsource(type(self._model).patch_scores_and_peaks)
+        model_class = type(self._model)
+        code = inspect.getsource(model_class.score_with_peaks) + inspect.getsource(model_class.patch_scores_and_peaks)
 
         def compute():
             directions = {}

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from anomaly_model.backbone import ModelError
+
 MIN_DEFECTS = 3  # fewer labeled defects: each one's leave-one-out prototype is one or two images, too noisy to weigh
 RIDGE = 1.0  # L2 penalty on the two standardized weights (inverse of sklearn's C); 1 = a prior of unit scale, not tuned
 SHIFT_P_VALUE = 0.01  # labeled defects' map medians above the goods' at this significance: taken differently (any level in 0.0002-0.45 splits the sets the same way)
@@ -56,7 +58,13 @@ class DefectSimilarity:
 
     def similarity(self, directions: np.ndarray) -> np.ndarray:
         """(N,) cosine of each (N, d) unit peak direction with the prototype."""
-        return np.asarray(directions, dtype=np.float64) @ self.prototype
+        directions = np.asarray(directions, dtype=np.float64)
+        if directions.ndim != 2 or directions.shape[1] != len(self.prototype):
+            raise ModelError(
+                f"the classifier's similarity stage does not fit its anomaly model (a prototype of {len(self.prototype)} numbers, "
+                f"peak directions of {directions.shape[-1]}): retrain with python train.py"
+            )
+        return directions @ self.prototype
 
     def margin(self, verdict_margin: np.ndarray, directions: np.ndarray) -> np.ndarray:
         """The final log-odds of images with first-stage log-odds `verdict_margin` and peak `directions`."""

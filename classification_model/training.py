@@ -140,7 +140,8 @@ def image_maps(
         print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
     if not scored:
         return torch.zeros(0, *preprocessor.size), torch.zeros(0), torch.zeros(0, 0) if peaks else None
-    return tuple(torch.cat([result[i] for result in scored]) for i in range(2)) + ((torch.cat([r[2] for r in scored]) if peaks else None),)
+    maps, scores = torch.cat([result[0] for result in scored]), torch.cat([result[1] for result in scored])
+    return maps, scores, torch.cat([result[2] for result in scored]) if peaks else None
 
 
 class TrainingSet:

@@ -111,16 +111,15 @@ class Detector:
         return self.classifier is not None and self.classifier.similarity is not None
 
     def _check_similarity_stage(self) -> None:
-        """The similarity stage needs the torch model's peak directions, of the prototype's length."""
+        """The similarity stage needs the torch model's peak directions (their length is checked as they meet the prototype)."""
         count = self.classifier.similarity.n_defects
         if self.model is None:
             raise ModelError(
                 f"model {self.model_dir}'s verdict compares each image's worst patch with its {count} labeled defects, which the "
                 "ONNX graph does not compute yet: use RUNTIME=torch (or retrain with CLASSIFIER_DEFECT_SIMILARITY=False)"
             )
-        length = len(self.classifier.similarity.prototype)
-        if not self.model.has_peak_directions or length != getattr(self.model, "feature_dim", None):
-            raise ModelError(f"model {self.model_dir}'s classifier similarity stage does not fit its anomaly model ({length} numbers per direction): retrain with python train.py")
+        if not self.model.has_peak_directions:
+            raise ModelError(f"model {self.model_dir}'s classifier has a similarity stage but its anomaly model gives no peak directions: retrain with python train.py")
 
     def is_defect(self, result: ImageResult) -> bool:
         """The verdict: the classifier's when the model has one, else the map score's threshold."""

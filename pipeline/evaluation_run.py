@@ -261,6 +261,8 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
     if curves is None:
         notes.append("pixel ROCAUC and PRO are undefined: no defect image has a ground-truth mask with defect pixels")
     source = "classifier verdict" if detector.classifier is not None else f"image score >= threshold {detector.image_threshold:.4g}"
+    if detector.needs_peaks:
+        source += f" (with the similarity stage learned from {detector.classifier.similarity.n_defects} labeled defects)"
     metrics = {
         "category": category.name,
         "trained_category": trained_on,

@@ -370,6 +370,8 @@ def _calibrate_and_save(category, settings, model_dir, model, preprocessor, trai
                 _, _, directions = image_maps(model, preprocessor, readable_validation, settings.BATCH_SIZE, "validation peaks", peaks=True)
                 if len(directions) == training_set.validation_rows.stop - training_set.validation_rows.start:
                     training_set.validation_directions = directions.double().numpy()
+                else:
+                    training_set.similarity_note = "some validation images could not be read a second time for their peak directions"
             real_maps, real_scores, real_directions = image_maps(
                 model, preprocessor, list(category.train_defect_images), settings.BATCH_SIZE, "labeled defects", peaks=peaks)
             training_set.add_real_defects(real_maps, real_scores, settings.CLASSIFIER_REAL_DEFECT_WEIGHT, real_directions)

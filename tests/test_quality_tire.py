@@ -78,4 +78,5 @@ def test_ksdd_labeled_cracks_make_the_classifier_win_clearly(tmp_path):
     assert description["classifier"]["n_real_defects"] == 10
     assert description["classifier"]["similarity"]["n_defects"] == 10, description["classifier"].get("similarity_note")
     assert metrics["n_good"] == 70 and metrics["n_defect"] == 42
+    assert "similarity stage learned from 10 labeled defects" in metrics["operating"]["source"]
     assert metrics["classifier_rocauc"] >= metrics["image_rocauc"] + 0.03

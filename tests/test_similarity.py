@@ -177,4 +177,20 @@ def test_a_stage_that_does_not_fit_the_anomaly_model_is_refused_in_one_line(tmp_
     description["classifier"]["similarity"]["prototype"] = [1.0, 0.0, 0.0]
     path.write_text(json.dumps(description))
     line = error_line(run_script("test.py", str(tmp_path / "data" / "part" / "test"), *settings))
-    assert "similarity stage does not fit" in line and "retrain" in line
+    assert "similarity stage does not fit its anomaly model" in line and "3 numbers" in line and "retrain" in line
+
+
+def test_patchcore_peak_directions_point_from_the_nearest_coreset_feature_and_keep_eq7_scores():
+    from anomaly_model.patchcore import PatchCore
+
+    torch.manual_seed(0)
+    model = PatchCore("resnet18", "none", device="cpu", coreset_ratio=0.5, neighbors=3)
+    model.fit_images([torch.randn(6, 3, 64, 64)])
+    new = torch.randn(3, 3, 64, 64)
+    maps, scores = model.score(new)
+    maps_too, scores_too, directions = model.score_with_peaks(new)
+    assert torch.equal(maps, maps_too) and torch.equal(scores, scores_too)  # eq. 7 weights included
+    embedding, distances, nearest, grid = model.nearest_patches(new)
+    worst = distances.view(3, -1).argmax(dim=1) + torch.arange(3) * grid[0] * grid[1]
+    deviation = embedding[worst] - model.memory_[nearest[worst]]
+    assert torch.allclose(directions, deviation / deviation.norm(dim=1, keepdim=True), atol=1e-5)
