@@ -261,6 +261,7 @@ VARIANTS = {  # name -> how the classifier is trained (see run_variant); "mode":
     # shrink, then the labeled defects' peak-direction similarity as a second stage (classification_model/similarity.py)
     "shrink + labeled-defect similarity": {"goods": "all", "synthetic": "all hosts", "mode": "shrink", "similarity": True},
 }
+DEFAULT_VARIANT = "cross-fitted, shrink toward image score (default)"  # what train.py does with synthetic defects only
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the "share chosen on real defects" candidates
 
 

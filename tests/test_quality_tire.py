@@ -1,15 +1,18 @@
 """Detection quality on real data with real ImageNet MobileNetV2 weights: MVTec 3D-AD tire and
 KolektorSDD. The good/defect classifier (default settings, synthetic defects only) must never rank
-test images worse than the image score it is built on (issue 9)."""
+test images worse than the image score it is built on, and with labeled defects it must win
+clearly (issue 9)."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import SHARED, outputs, run_script
+from conftest import ROOT, SHARED, outputs, run_script
+from settings import load
 
 TIRE = SHARED / "data" / "tire"
 KSDD = SHARED / "data" / "ksdd"
@@ -37,14 +40,21 @@ def test_tire_rocauc_and_the_classifier_never_below_the_image_score(tmp_path):
 
 
 @pytest.mark.skipif(not (KSDD.is_dir() and WEIGHTS.is_file()), reason="../shared (ksdd data and weights) is absent")
-def test_ksdd_classifier_never_below_the_image_score(tmp_path):
-    metrics, _ = _train_and_evaluate(tmp_path, KSDD, "ksdd")
-    assert metrics["n_good"] == 70 and metrics["n_defect"] == 52
-    assert metrics["image_rocauc"] >= 0.78
-    # One seed (SEED = 0) here: measured 0.8184 against 0.8236 (-0.0052). The issue's bar, -0.005 on
-    # the mean over 5 seeds, holds in bench/classifier_ablation.py (ksdd mean -0.0026, this seed the
-    # worst at -0.0063 with its synthetic set); one seed's noise is about 0.01, hence this margin.
-    assert metrics["classifier_rocauc"] >= metrics["image_rocauc"] - 0.01
+def test_ksdd_classifier_never_below_the_image_score_over_five_seeds():
+    """Issue 9's bar on ksdd: the default classifier (synthetic defects only) at least the image
+    score - 0.005, mean over 5 seeds, measured as bench/classifier_ablation.py measures it: one
+    fitted model, then per seed a new synthetic set and classifier seed, through train_classifier
+    and DefectClassifier.margin as train.py and eval.py use them. A single seed is noisier than the
+    bar: seed 0 through train.py and eval.py measures -0.0052 (README, Ablation)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import classifier_ablation as ablation
+
+    settings, _ = load(["NUM_WORKERS=0", f"WEIGHTS={WEIGHTS}"])
+    data = ablation.Prepared(ablation.MapSource(KSDD, settings, cache=None), 5, {"all hosts"})
+    rocaucs = ablation.run_variant(data, ablation.VARIANTS[ablation.DEFAULT_VARIANT], settings, 5, [0])[0]
+    image, classifier = rocaucs[:, 0], rocaucs[:, 1]
+    assert image.min() >= 0.78 and len(classifier) == 5
+    assert (classifier - image).mean() >= -0.005  # measured -0.0026 (README, Ablation)
 
 
 def _ksdd_with_labeled_cracks(root, count: int, seed: int):
@@ -77,6 +87,6 @@ def test_ksdd_labeled_cracks_make_the_classifier_win_clearly(tmp_path):
     description = json.loads((tmp_path / "models" / "ksdd" / "model.json").read_text())
     assert description["classifier"]["n_real_defects"] == 10
     assert description["classifier"]["similarity"]["n_defects"] == 10, description["classifier"].get("similarity_note")
-    assert metrics["n_good"] == 70 and metrics["n_defect"] == 42
+    assert metrics["n_good"] == 70 and metrics["n_defect"] == 42 and metrics["image_rocauc"] >= 0.78
     assert "similarity stage learned from 10 labeled defects" in metrics["operating"]["source"]
     assert metrics["classifier_rocauc"] >= metrics["image_rocauc"] + 0.03
