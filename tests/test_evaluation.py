@@ -170,6 +170,8 @@ SIZE = 16
 class FakeDetector:
     """Scores an image by its brightness: bright pixels are the defect. Enough to exercise eval."""
 
+    needs_peaks = False  # no labeled-defect similarity stage (pipeline.detector.Detector.needs_peaks)
+
     def __init__(self, category: str = "parts", probabilities: bool = False, classifier=None) -> None:
         self.preprocessor = Preprocessor(SIZE, SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         self.image_threshold, self.pixel_threshold = 0.5, 0.5
