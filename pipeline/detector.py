@@ -66,6 +66,14 @@ def settings_differences(description: dict, settings) -> list[str]:
     return notes
 
 
+def no_onnx_for_similarity(model_dir: Path, n_defects: int) -> str:
+    """Why a model whose verdict has the similarity stage has no ONNX runtime (export.py and RUNTIME=onnxruntime)."""
+    return (
+        f"model {model_dir}'s verdict compares each image's worst patch with its {n_defects} labeled defects, which the ONNX "
+        "graph does not compute yet: use RUNTIME=torch, or retrain with CLASSIFIER_DEFECT_SIMILARITY=False to deploy without PyTorch"
+    )
+
+
 def load_classifier(model_dir: Path, description: dict) -> tuple[DefectClassifier, dict[str, float]]:
     """The classifier train.py saved with the model, and the map levels its features are computed at;
     a classifier trained on another feature list than this code computes is refused."""
@@ -112,12 +120,8 @@ class Detector:
 
     def _check_similarity_stage(self) -> None:
         """The similarity stage needs the torch model's peak directions (their length is checked as they meet the prototype)."""
-        count = self.classifier.similarity.n_defects
         if self.model is None:
-            raise ModelError(
-                f"model {self.model_dir}'s verdict compares each image's worst patch with its {count} labeled defects, which the "
-                "ONNX graph does not compute yet: use RUNTIME=torch (or retrain with CLASSIFIER_DEFECT_SIMILARITY=False)"
-            )
+            raise ModelError(no_onnx_for_similarity(self.model_dir, self.classifier.similarity.n_defects))
         if not self.model.has_peak_directions:
             raise ModelError(f"model {self.model_dir}'s classifier has a similarity stage but its anomaly model gives no peak directions: retrain with python train.py")
 

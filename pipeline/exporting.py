@@ -29,7 +29,7 @@ from anomaly_model.files import check_writable, file_checksum
 from anomaly_model.onnx_file import ONNX_FILE, open_session, require, run_session, write_onnx
 from anomaly_model.store import add_section, model_id, read_description
 from dataset_manager import Category, DataError, ImageBatches, Preprocessor
-from pipeline.detector import Detector
+from pipeline.detector import Detector, no_onnx_for_similarity
 
 MAX_RELATIVE_DIFFERENCE = 1e-4  # of a map's range (max - min): what "the same maps" means here
 STAGING_PREFIX = ".export-partial-"  # the hidden folder inside the model folder an export is checked in
@@ -123,11 +123,7 @@ def export_model(model_dir: Path, paths: list[Path]) -> ExportSummary:
     detector = Detector(model_dir, "cpu")
     description = detector.description
     if detector.needs_peaks:
-        raise ModelError(
-            f"model {model_dir}'s verdict compares each image's worst patch with its {detector.classifier.similarity.n_defects} "
-            "labeled defects, which the ONNX graph does not compute yet: nothing was written; use RUNTIME=torch, or retrain "
-            "with CLASSIFIER_DEFECT_SIMILARITY=False and export that model"
-        )
+        raise ModelError("nothing was written: " + no_onnx_for_similarity(model_dir, detector.classifier.similarity.n_defects))
     check_writable(model_dir)
     images = _check_images(detector, paths)
     reference_maps, reference_scores = (tensor.numpy().astype(np.float64) for tensor in detector.model.score(images))
