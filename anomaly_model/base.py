@@ -102,7 +102,7 @@ class AnomalyModel:
     """
 
     kind = ""
-    HAS_PEAK_DIRECTIONS = False  # True where the model implements `score_with_peaks` (untiled)
+    HAS_PEAK_DIRECTIONS = False  # True where `score_with_peaks` works (untiled): PaDiM through `patch_scores_and_peaks`, PatchCore its own
     OWN_SETTINGS: dict[str, str] = {}
     DEFAULT_LAYERS: tuple[int, ...] = (1, 2, 3)  # the stages LAYERS = () stands for (PaDiM 1-3, PatchCore 2-3)
     TILE_STATISTICS_KINDS: tuple[str, ...] = ("shared",)  # "location" too where the model has statistics per position
@@ -362,6 +362,7 @@ class AnomalyModel:
         return self.HAS_PEAK_DIRECTIONS and self.tile_size == 0
 
     def check_peak_directions(self, images: torch.Tensor) -> None:
+        """A one-line ModelError unless this model gives peak directions for working images of this size."""
         if not self.has_peak_directions:
             raise ModelError(f"{self.kind} models{' with tiles' if self.tile_size else ''} have no peak directions: retrain with CLASSIFIER_DEFECT_SIMILARITY=False")
         self.working_size(images.shape[-2:])
