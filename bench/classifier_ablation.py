@@ -49,7 +49,9 @@ from anomaly_model.base import AnomalyModel  # noqa: E402
 from anomaly_model.store import build_model  # noqa: E402
 from classification_model.features import FEATURE_NAMES, MONOTONE, levels_from_description, map_features  # noqa: E402
 from classification_model.synthetic import DEFECT_TYPES  # noqa: E402
-from classification_model.training import anchoring, params_from_settings, synthetic_defect_maps, synthetic_plan  # noqa: E402
+from classification_model.training import (  # noqa: E402
+    add_similarity_stage, anchoring, params_from_settings, synthetic_defect_maps, synthetic_plan,
+)
 from classification_model.xgboost import train_classifier  # noqa: E402
 from dataset_manager import IMAGE_EXTENSIONS, ImageBatches, find_categories  # noqa: E402
 from dataset_manager.demo import generate_demo_dataset  # noqa: E402
@@ -295,9 +297,12 @@ class Prepared:
                 arrays = makers[kind](seed)
                 self.synthetic[kind].append((_features(arrays["maps"], self.levels), arrays["scores"], arrays["hosts"]))
         self.n_train, self.n_validation = len(base["oof"]), n_validation
-        self.peaks = source.peaks() if peaks else None  # {"good": validation goods', "test": test images' peak directions}
-        self.good_medians = np.median(np.concatenate([base["good"], base["oof"]]).reshape(n_validation + len(base["oof"]), -1), axis=1)
-        self.test_medians = np.median(base["test"].reshape(len(base["test"]), -1), axis=1)
+        self.peaks = None  # {"good": validation goods', "test": test images' peak directions}, for the similarity stage
+        if peaks:
+            self.peaks = source.peaks()
+            honest = np.concatenate([base["good"], base["oof"]])
+            self.good_medians = np.median(honest.reshape(len(honest), -1).astype(np.float32), axis=1)  # every honest good's map median
+            self.test_medians = np.median(base["test"].reshape(len(base["test"]), -1).astype(np.float32), axis=1)
 
 
 def run_variant(data: Prepared, spec: dict, settings, seeds: int, ks: list[int], verbose: bool = False) -> dict[int, np.ndarray]:
@@ -329,8 +334,11 @@ def run_variant(data: Prepared, spec: dict, settings, seeds: int, ks: list[int],
                                              settings.CLASSIFIER_FALSE_REJECT_RATE)
             keep = np.setdiff1d(np.arange(len(data.labels)), chosen)
             directions = None
-            if spec.get("similarity") and k:
-                add_similarity(classifier, data, chosen, settings.CLASSIFIER_FALSE_REJECT_RATE)
+            if spec.get("similarity") and k:  # as train.py: validation goods are the first rows, labeled defects the last
+                n_rows = len(classifier.out_of_fold_margin)
+                add_similarity_stage(classifier, slice(0, data.n_validation), slice(n_rows - k, n_rows), data.peaks["good"],
+                                     data.peaks["test"][chosen], data.good_medians, data.test_medians[chosen],
+                                     settings.CLASSIFIER_FALSE_REJECT_RATE)
                 directions = data.peaks["test"][keep] if classifier.similarity is not None else None
             margin = classifier.margin(data.test[keep], data.test_scores[keep], directions)  # the verdict's log-odds, as test.py computes it
             threshold = np.log(classifier.threshold / (1 - classifier.threshold))
@@ -345,20 +353,6 @@ def run_variant(data: Prepared, spec: dict, settings, seeds: int, ks: list[int],
                       file=sys.stderr)
         results[k] = np.array(rows)
     return results
-
-
-def add_similarity(classifier, data: Prepared, chosen: np.ndarray, false_reject_rate: float) -> None:
-    """The second stage as train.py fits it: the validation goods (the first rows) and the labeled
-    defects (the last rows), their first-stage out-of-fold log-odds and peak directions."""
-    from classification_model.similarity import fit_defect_similarity
-
-    margins = classifier.out_of_fold_margin
-    goods, defects = margins[: data.n_validation], margins[len(margins) - len(chosen):]
-    usable = ~np.isnan(goods)
-    similarity, _ = fit_defect_similarity(goods[usable], data.peaks["good"][usable], defects, data.peaks["test"][chosen],
-                                          data.good_medians, data.test_medians[chosen])
-    if similarity is not None:
-        classifier.add_similarity(similarity, goods[usable], data.peaks["good"][usable], false_reject_rate)
 
 
 def ceiling(data: Prepared, repeats: int = 5) -> dict[str, float]:

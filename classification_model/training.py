@@ -230,20 +230,36 @@ class TrainingSet:
             weights, MONOTONE, image_scores=scores, **anchoring(settings),
         )
         if self.validation_directions is not None and self.real_directions is not None:
-            self._add_similarity(classifier, settings.CLASSIFIER_FALSE_REJECT_RATE)
+            medians, labels = np.concatenate(self.medians), np.concatenate(self.labels)
+            self.similarity_note = add_similarity_stage(
+                classifier, self.validation_rows, self.real_rows, self.validation_directions, self.real_directions,
+                medians[labels == 0], medians[self.real_rows], settings.CLASSIFIER_FALSE_REJECT_RATE,
+            )
         return classifier
 
-    def _add_similarity(self, classifier: DefectClassifier, false_reject_rate: float) -> None:
-        margins, medians = classifier.out_of_fold_margin, np.concatenate(self.medians)
-        labels = np.concatenate(self.labels)
-        good_margins, real_margins = margins[self.validation_rows], margins[self.real_rows]
-        usable, real = ~np.isnan(good_margins), ~np.isnan(real_margins)  # rows the cross-validation could not score are left out
-        similarity, self.similarity_note = fit_defect_similarity(
-            good_margins[usable], self.validation_directions[usable], real_margins[real], self.real_directions[real],
-            medians[labels == 0], medians[self.real_rows][real],
-        )
-        if similarity is not None:
-            classifier.add_similarity(similarity, good_margins[usable], self.validation_directions[usable], false_reject_rate)
+
+def add_similarity_stage(
+    classifier: DefectClassifier,
+    good_rows,
+    real_rows,
+    good_directions: np.ndarray,
+    real_directions: np.ndarray,
+    honest_medians: np.ndarray,
+    real_medians: np.ndarray,
+    false_reject_rate: float,
+) -> str:
+    """Fit the similarity stage on the classifier's out-of-fold log-odds of its training rows
+    `good_rows` (validation goods) and `real_rows` (labeled defects), with their peak directions and
+    map medians (`honest_medians`: every honest good's); add it to the classifier when it is kept.
+    Returns why it was not, or "". Rows the cross-validation could not score are left out."""
+    good_margins, real_margins = classifier.out_of_fold_margin[good_rows], classifier.out_of_fold_margin[real_rows]
+    goods, real = ~np.isnan(good_margins), ~np.isnan(real_margins)
+    similarity, note = fit_defect_similarity(
+        good_margins[goods], good_directions[goods], real_margins[real], real_directions[real], honest_medians, real_medians[real]
+    )
+    if similarity is not None:
+        classifier.add_similarity(similarity, good_margins[goods], good_directions[goods], false_reject_rate)
+    return note
 
 
 def anchoring(settings) -> dict:
