@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable, Iterable
 
+import choices
 import config
 
 
@@ -108,13 +109,10 @@ def text(empty: bool = True) -> Rule:
     return Rule(lambda v: isinstance(v, str) and (empty or v.strip() != ""), "text" if empty else "non-empty text")
 
 
-def choice(options: Iterable[str] | Callable[[], Iterable[str]]) -> Rule:
-    """One of `options`; a callable is asked at check time (for lists that live in other modules)."""
-
-    def current() -> list[str]:
-        return list(options() if callable(options) else options)
-
-    return Rule(lambda v: v in current(), lambda: "one of " + ", ".join(repr(o) for o in current()))
+def choice(options: Iterable[str]) -> Rule:
+    """One of `options` (a list from choices.py, or a registry's keys)."""
+    names = list(options)
+    return Rule(lambda v: v in names, "one of " + ", ".join(repr(o) for o in names))
 
 
 def folder_name() -> Rule:
@@ -155,42 +153,6 @@ def sequence(item: Rule, length: int | None = None, min_length: int = 1, max_len
         return True
 
     return Rule(test, words)
-
-
-def _anomaly_models() -> list[str]:
-    from anomaly_model.store import MODEL_TYPES
-
-    return list(MODEL_TYPES)
-
-
-def _padim_scores() -> list[str]:
-    from anomaly_model.chebyshev import SCORES
-
-    return list(SCORES)
-
-
-def _pixel_policies() -> list[str]:
-    from pipeline.training import PIXEL_THRESHOLD_POLICIES
-
-    return list(PIXEL_THRESHOLD_POLICIES)
-
-
-def _backbones() -> list[str]:
-    from anomaly_model.backbone import BACKBONES
-
-    return list(BACKBONES)
-
-
-def _precisions() -> list[str]:
-    from anomaly_model.backbone import PRECISIONS
-
-    return list(PRECISIONS)
-
-
-def _runtimes() -> list[str]:
-    from pipeline.detector import RUNTIMES
-
-    return list(RUNTIMES)
 
 
 def _devices_here() -> list[str]:
@@ -244,36 +206,36 @@ RULES: dict[str, Rule] = {
     "CENTER_CROP": number(above=0, maximum=1),
     "TILE_SIZE": integer(minimum=0),
     "TILE_OVERLAP": integer(minimum=0),
-    "TILE_STATISTICS": choice(("shared", "location")),
+    "TILE_STATISTICS": choice(choices.TILE_STATISTICS),
     "NORMALIZE_MEAN": sequence(number(), length=3),
     "NORMALIZE_STD": sequence(number(above=0), length=3),
     # anomaly model
-    "ANOMALY_MODEL": choice(_anomaly_models),
-    "BACKBONE": choice(_backbones),
+    "ANOMALY_MODEL": choice(choices.ANOMALY_MODELS),
+    "BACKBONE": choice(choices.BACKBONES),
     "WEIGHTS": weights(),
     "LAYERS": sequence(integer(1, 4), min_length=0, max_length=4, order="increasing"),  # () = the model's default stages
     "FEATURE_DIM": integer(minimum=0),
     "COVARIANCE_EPSILON": number(minimum=0),
     "BLUR_SIGMA": number(minimum=0),
-    "BACKBONE_PRECISION": choice(_precisions),
+    "BACKBONE_PRECISION": choice(choices.BACKBONE_PRECISIONS),
     "CORESET_RATIO": number(above=0, maximum=1),
     "PATCHCORE_NEIGHBORS": integer(minimum=0),
     "PATCHCORE_FEATURE_DIM": integer(minimum=0),
     "PATCHCORE_PROJECTION_DIM": integer(minimum=0),
-    "PADIM_SCORE": choice(_padim_scores),
+    "PADIM_SCORE": choice(choices.PADIM_SCORES),
     "CHEBYSHEV_WEIGHT": number(0, 1),
     "SEED": integer(0, 2**32 - 1),
     # thresholds
     "IMAGE_FALSE_REJECT_RATE": FRACTION,
     "PIXEL_FALSE_REJECT_RATE": FRACTION,
-    "PIXEL_THRESHOLD_POLICY": choice(_pixel_policies),
+    "PIXEL_THRESHOLD_POLICY": choice(choices.PIXEL_THRESHOLD_POLICIES),
     "OUT_OF_FOLD_FOLDS": Rule(lambda v: _is_int(v) and (v == 0 or v >= 2), "0 (off) or an integer >= 2"),
     # runtime
     "DEVICE": device(),
     "BATCH_SIZE": integer(minimum=1),
     "NUM_WORKERS": integer(minimum=0),
     "SAVE_PICTURES": flag(),
-    "RUNTIME": choice(_runtimes),
+    "RUNTIME": choice(choices.RUNTIMES),
     # export
     "EXPORT_CHECK_IMAGES": integer(minimum=1),
     # evaluation
@@ -282,7 +244,7 @@ RULES: dict[str, Rule] = {
     # classifier
     "CLASSIFIER": flag(),
     "CLASSIFIER_SYNTHETIC_DEFECTS": integer(minimum=0),
-    "CLASSIFIER_ANCHOR": choice(("shrink", "guard", "margin", "none")),
+    "CLASSIFIER_ANCHOR": choice(choices.CLASSIFIER_ANCHORS),
     "CLASSIFIER_SHRINK_GOODS": number(minimum=0),
     "CLASSIFIER_ENOUGH_REAL_DEFECTS": integer(minimum=0),
     "CLASSIFIER_REAL_DEFECT_WEIGHT": number(above=0),

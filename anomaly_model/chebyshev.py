@@ -40,7 +40,9 @@ import math
 
 import torch
 
-SCORES = ("mahalanobis", "hybrid", "chebyshev")
+from choices import PADIM_SCORES
+
+SCORES = PADIM_SCORES  # the patch scores PaDiM computes (PADIM_SCORE)
 _BELOW_ONE = 1.0 - 2.0**-24  # float32's largest value under 1
 
 

@@ -34,6 +34,7 @@ from anomaly_model.files import AtomicFolder, sweep, write_file_atomically
 from anomaly_model.padim import Padim
 from anomaly_model.patchcore import PatchCore
 from anomaly_model.schema import Each, Optional, SchemaError, check
+from choices import ANOMALY_MODELS
 from settings import RULES, Rule, choice, integer, number, sequence, text
 
 FORMAT_VERSION = 3  # 3: "anomaly_model" section with a type (2: PaDiM only, "padim" section)
@@ -54,7 +55,7 @@ _SIZE = Rule(
 # settings they came from, then its state through the model class) ...
 MODEL_SCHEMA = {
     "format_version": integer(FORMAT_VERSION, FORMAT_VERSION),
-    "anomaly_model": {"type": choice(MODEL_TYPES), "settings": _OBJECT, "state": _OBJECT, "backbone_sha256": _SHA256},
+    "anomaly_model": {"type": choice(ANOMALY_MODELS), "settings": _OBJECT, "state": _OBJECT, "backbone_sha256": _SHA256},
     "files": Each({"sha256": _SHA256, "bytes": integer(minimum=0), "header_bytes": Optional(integer(minimum=0))}),
 }
 # ... and what inspecting images with it needs (`pipeline.detector.Detector` checks it).

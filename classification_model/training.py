@@ -39,6 +39,7 @@ from classification_model.features import FEATURE_NAMES, MONOTONE, map_features
 from classification_model.similarity import fit_defect_similarity
 from classification_model.synthetic import DEFECT_TYPES, make_defect
 from classification_model.xgboost import ClassifierParams, DefectClassifier, train_classifier
+from choices import CLASSIFIER_ANCHORS
 from dataset_manager import DataError, ImageBatches, Preprocessor, read_rgb
 
 FEATURE_CHUNK = 64  # maps turned into features at once (64 maps of 224 x 224: 13 MB)
@@ -273,7 +274,7 @@ def anchoring(settings) -> dict:
         return {"shrink_goods": settings.CLASSIFIER_SHRINK_GOODS}
     if mode == "none":
         return {}
-    raise ModelError(f"CLASSIFIER_ANCHOR={mode!r} is not one of shrink, guard, margin, none")
+    raise ModelError(f"CLASSIFIER_ANCHOR={mode!r} is not one of {', '.join(CLASSIFIER_ANCHORS)}")
 
 
 def classifier_info(classifier: DefectClassifier, training_set: TrainingSet, settings) -> dict:

@@ -17,6 +17,7 @@ from anomaly_model.files import read_checked_bytes
 from anomaly_model.onnx_file import OnnxScorer
 from anomaly_model.store import DETECTOR_SCHEMA, check_description, load_model, model_class, model_file_guard, read_description
 from classification_model.features import FEATURE_NAMES, map_features
+from choices import RUNTIMES
 from classification_model.xgboost import DefectClassifier
 from dataset_manager import ImageBatches, Preprocessor
 from settings import SettingsError
@@ -30,7 +31,6 @@ PREPROCESSING_SETTINGS = {"IMAGE_SIZE": "image_size_setting", "CENTER_CROP": "ce
 MODEL_DEFAULT_SETTINGS = ("FEATURE_DIM", "PATCHCORE_FEATURE_DIM", "LAYERS")
 # What computes maps and image scores (RUNTIME): the model in torch, or its exported ONNX file in
 # onnxruntime (python export.py first). Everything else a Detector does is the same for both.
-RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass

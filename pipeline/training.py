@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from anomaly_model import distributed
+from choices import PIXEL_THRESHOLD_POLICIES
 from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.files import check_writable
@@ -25,7 +26,6 @@ from settings import SettingsError
 
 PIXEL_SAMPLE_STRIDE = 4  # validation maps are smooth (blur sigma 4): every 4th pixel each way suffices
 MIN_TRAIN_IMAGES = 2  # a covariance (and any spread of good features) needs at least two images
-PIXEL_THRESHOLD_POLICIES = ("validation", "chebyshev")
 
 
 @dataclass
