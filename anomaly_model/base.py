@@ -20,7 +20,6 @@ a Gaussian per position of each tile location).
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -30,6 +29,7 @@ from torch import nn
 from anomaly_model import distributed
 from anomaly_model.backbone import FeatureExtractor, ModelError
 from anomaly_model.maps import MapMaker, apply_operators
+from anomaly_model.memory import available_memory
 from anomaly_model.schema import check
 from settings import integer, sequence
 from anomaly_model.tiles import TileLayout, check_tile_settings
@@ -61,20 +61,6 @@ COMMON_SETTINGS = {
     "TILE_OVERLAP": "tile_overlap",
     "TILE_STATISTICS": "tile_statistics",
 }
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes free for new tensors on `device`: the GPU's free memory, else the OS's MemAvailable."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as file:
-            for line in file:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -26,9 +26,7 @@ and the triangle inequality skips every group that cannot hold a query's nearest
 from __future__ import annotations
 
 import math
-import os
 import sys
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -44,30 +42,6 @@ NEIGHBOR_BLOCK = 16 * 1024 * 1024
 # tire's Wide-ResNet bank; bench/coreset_speed.py --threads 1,2), and on an idle machine a second
 # thread gains little.
 PRUNED_THREADS = 1
-
-
-def available_memory() -> int:
-    """Bytes of RAM this process may still use: MemAvailable, or the cgroup's limit when lower."""
-    available = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if available is None:
-        try:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return sys.maxsize
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-            available = min(available, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return available
 
 
 def projection_matrix(in_dim: int, out_dim: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -27,7 +27,6 @@ from anomaly_model.base import AnomalyModel
 from anomaly_model.coreset import (
     NEIGHBOR_CANDIDATES,
     GroupedNeighbors,
-    available_memory,
     coreset_size,
     greedy_coreset,
     group_order,
@@ -36,6 +35,7 @@ from anomaly_model.coreset import (
     projection_matrix,
 )
 from anomaly_model.files import read_npy
+from anomaly_model.memory import available_memory
 from anomaly_model.schema import check
 from settings import integer, sequence
 
