@@ -1,24 +1,52 @@
-"""One available_memory for every fit: the cgroup's limit counts, as it is the one that kills."""
+"""The fit must be memory-flat: its accumulated state may not grow with the number of batches.
 
-from anomaly_model import memory
+A fit that kept every embedding (as the published implementation does) needs memory in
+proportion to the training set; the streaming fit keeps per-position sums only. Counting the
+bytes of the accumulator's tensors catches a regression deterministically, where a peak-RSS
+check would be flaky on a shared machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anomaly_model.gaussian import StreamingGaussian
+from anomaly_model.padim import Padim
 
 
-def test_a_cgroup_limit_below_mem_available_is_what_a_fit_may_use(tmp_path, monkeypatch):
-    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
-    limit.write_text("3000000000\n")
-    usage.write_text("1000000000\n")
-    monkeypatch.setattr(memory, "CGROUP_FILES", ((str(limit), str(usage)),))
-    monkeypatch.setattr(memory, "_mem_available", lambda: 20_000_000_000)
-    assert memory.available_memory() == 2_000_000_000
-    limit.write_text("max\n")
-    assert memory.available_memory() == 20_000_000_000
+def _state_bytes(accumulator: StreamingGaussian) -> int:
+    """Bytes of every tensor the accumulator holds (whatever attributes it has)."""
+    return sum(value.element_size() * value.nelement() for value in vars(accumulator).values() if isinstance(value, torch.Tensor))
 
 
-def test_cgroup_v1_files_are_read_when_v2_is_absent(tmp_path, monkeypatch):
-    limit, usage = tmp_path / "memory.limit_in_bytes", tmp_path / "memory.usage_in_bytes"
-    limit.write_text("1000\n")
-    usage.write_text("400\n")
-    monkeypatch.setattr(memory, "CGROUP_FILES", ((str(tmp_path / "absent"), str(tmp_path / "absent2")), (str(limit), str(usage))))
-    assert memory.cgroup_room() == 600
-    limit.write_text(str(2**63 - 4096))  # v1's "no limit"
-    assert memory.cgroup_room() is None
+@pytest.fixture(scope="module")
+def padim() -> Padim:
+    """One tiny random-init model for the module: building the backbone is the slow part."""
+    return Padim(backbone="resnet18", weights="none", layers=(1, 2), feature_dim=16, device="cpu")
+
+
+def test_fit_state_does_not_grow_with_batches(padim):
+    torch.manual_seed(0)
+    accumulator = StreamingGaussian()
+    sizes = []
+    for _ in range(6):
+        accumulator.update(padim.embed(torch.randn(4, 3, 32, 32))[0])
+        sizes.append(_state_bytes(accumulator))
+    assert accumulator.count == 24
+    assert sizes[0] > 0
+    assert sizes == [sizes[0]] * len(sizes), f"fit state grew with the number of batches: {sizes}"
+    positions, dim = 8 * 8, 16  # layer-1 grid of a 32 px image, d channels
+    # shift and sum (P, d) plus the sum of outer products (P, d, d): nothing per image
+    assert sizes[0] <= positions * dim * 8 * 2 + positions * dim * dim * 8
+
+
+def test_fit_with_more_batches_keeps_the_same_model_size(padim):
+    torch.manual_seed(1)
+    images = torch.randn(12, 3, 32, 32)
+    shapes = []
+    for batches in ([images[:4]], images.split(2)):
+        padim.fit(batches)
+        shapes.append((tuple(padim.mean_.shape), tuple(padim.cholesky_.shape)))
+    assert padim.n_train_images_ == 12
+    assert shapes[0] == shapes[1]
