@@ -18,7 +18,7 @@ MODEL_NAME = ""  # "" = the category folder's name (several categories: one mode
 TEST_DIR = ""  # folder test.py scores when given none; "" = the dataset's test folder
 VALIDATION_FRACTION = 0.1  # share of train images held out when there is no validation/good
 
-# --- Geometry: what the model inspects (README, "Image size and tiles") ------------------------
+# --- Geometry: what the model inspects (docs/geometry.md) -------------------------------------
 # Every image is resized to one working size, height x width in pixels; maps, thresholds and
 # eval.py's metrics are at that size, masks and pictures are put back at each image's own size.
 #   (224, 224): that size (with CENTER_CROP = 0.875: the published resize 256, crop 224);
@@ -47,7 +47,7 @@ NORMALIZE_STD = (0.229, 0.224, 0.225)
 
 # --- Anomaly model -------------------------------------------------------------------------------
 # "padim": a Gaussian per patch position (Defard et al. 2021); "patchcore": distance to the
-# nearest good patch feature of a coreset (Roth et al. 2022). See README, "PaDiM or PatchCore".
+# nearest good patch feature of a coreset (Roth et al. 2022). See docs/models.md.
 ANOMALY_MODEL = "padim"
 BACKBONE = "mobilenet_v2"  # "resnet18", "wide_resnet50_2" or "mobilenet_v2"
 # "imagenet": torchvision's ImageNet weights (downloaded once into torch's cache);
@@ -64,18 +64,18 @@ FEATURE_DIM = 0  # random channel subset size d; 0 = the backbone's default (100
 COVARIANCE_EPSILON = 0.01  # added to the covariance diagonal, as in the paper
 # PatchCore only (ANOMALY_MODEL = "patchcore"):
 CORESET_RATIO = 0.1  # share of the training patch features kept, by greedy k-center selection (paper: 0.1, 0.01)
-PATCHCORE_NEIGHBORS = 0  # b of the paper's eq. 7 image-score reweighting; 0 = plain max of the map (README: why)
+PATCHCORE_NEIGHBORS = 0  # b of the paper's eq. 7 image-score reweighting; 0 = plain max of the map (docs/models.md: why)
 PATCHCORE_FEATURE_DIM = 0  # features per patch; 0 = all channels of LAYERS, else channels averaged down to it
 PATCHCORE_PROJECTION_DIM = 128  # random projection the coreset is chosen on (paper: 128); 0 = the features themselves
 BLUR_SIGMA = 4.0  # Gaussian smoothing of the anomaly map, in pixels of the working (IMAGE_SIZE) map
 # PaDiM patch score: "mahalanobis" (the paper's distance M); "hybrid": w M + (1 - w) C, the hybrid
 # Gaussian-Chebyshev variant, C = max over channels of 1 - 1/k^2 (k: the patch's deviation from
-# the channel's mean in standard deviations); "chebyshev": C alone. README, Chebyshev: the hybrid
+# the channel's mean in standard deviations); "chebyshev": C alone. docs/models.md, Chebyshev: the hybrid
 # did not beat M on tire, gray tire, ksdd or the demo.
 PADIM_SCORE = "mahalanobis"
 CHEBYSHEV_WEIGHT = 0.5  # w, the Mahalanobis share of the hybrid score (0.5 as published; 1 = M alone)
 # Backbone arithmetic: "float32"; "bfloat16" is ~3x faster on GPUs and on CPUs with AMX or
-# AVX512-BF16 (much slower on other CPUs), "float16" on GPUs. See README, Performance.
+# AVX512-BF16 (much slower on other CPUs), "float16" on GPUs. See docs/performance.md.
 BACKBONE_PRECISION = "float32"
 SEED = 0  # seeds the channel subset, PatchCore's projection and coreset start, the validation split, synthetic defects
 
@@ -85,7 +85,7 @@ PIXEL_FALSE_REJECT_RATE = 0.005  # share of good validation pixels the pixel thr
 # Which pixel threshold the model uses: "validation" flags PIXEL_FALSE_REJECT_RATE of the good
 # validation pixels (measured); "chebyshev" is the level Chebyshev's inequality guarantees good
 # pixels exceed with probability at most PIXEL_FALSE_REJECT_RATE, whatever their distribution
-# (PaDiM; far higher, so it flags much less: README, Chebyshev). Both are saved and reported.
+# (PaDiM; far higher, so it flags much less: docs/models.md, Chebyshev). Both are saved and reported.
 PIXEL_THRESHOLD_POLICY = "validation"
 
 # --- Out-of-fold maps of the training images (cross-fitting) -----------------------------
@@ -125,14 +125,14 @@ CLASSIFIER_SYNTHETIC_DEFECTS = 300
 CLASSIFIER_ENOUGH_REAL_DEFECTS = 50  # with at least this many labeled defect images, no synthetic ones
 CLASSIFIER_REAL_DEFECT_WEIGHT = 4.0  # sample weight of a labeled defect relative to a synthetic one
 # With 3 or more labeled defects (untiled models): a second verdict stage learns in which way their worst
-# patches deviate from the good ones, and raises images whose worst patch deviates alike (README,
+# patches deviate from the good ones, and raises images whose worst patch deviates alike (docs/classifier.md,
 # "Labeled defects: the similarity stage"). train.py leaves it out, and says why, when the labeled
 # defects look taken differently from the goods or do not rank better with it. False: never.
 CLASSIFIER_DEFECT_SIMILARITY = True
 CLASSIFIER_DEFECT_SIZE = (0.03, 0.15)  # synthetic defect size range, as a fraction of the inspected side
 CLASSIFIER_DEFECT_STRENGTH = (0.3, 1.0)  # synthetic defect opacity range (faint to fully opaque)
 CLASSIFIER_FALSE_REJECT_RATE = 0.05  # share of the honest goods (out-of-fold probabilities) the verdict rejects
-# How the verdict relates to the model's image score (PaDiM: the map's maximum), README, Ablation:
+# How the verdict relates to the model's image score (PaDiM: the map's maximum), docs/classifier.md, Ablation:
 # "shrink": the trees are trained alone and the verdict's log-odds is share * trees + (1 - share) *
 #     the image score's log-odds, share = goods / (goods + CLASSIFIER_SHRINK_GOODS): with few good
 #     examples the image score keeps most of the say (the only mode never worse than the image
@@ -143,7 +143,7 @@ CLASSIFIER_FALSE_REJECT_RATE = 0.05  # share of the honest goods (out-of-fold pr
 # "none": the trees alone.
 CLASSIFIER_ANCHOR = "shrink"
 # "shrink": the number of good examples (validation + out-of-fold) at which the trees and the image
-# score count equally; 0 = the trees alone. Not swept: one value, measured (README, Ablation).
+# score count equally; 0 = the trees alone. Not swept: one value, measured (docs/classifier.md, Ablation).
 CLASSIFIER_SHRINK_GOODS = 200
 CLASSIFIER_FOLDS = 5  # grouped cross-validation folds: early stopping and the verdict threshold
 CLASSIFIER_MAX_DEPTH = 3  # XGBoost tree depth
