@@ -6,15 +6,25 @@ of the features (dimension PATCHCORE_PROJECTION_DIM, 128 in the paper). The sele
 only the work per step differs from a straightforward loop:
 
 * squared distances throughout (same argmax), with the squared norms computed once:
-  |x - c|^2 = |x|^2 - 2 x.c + |c|^2, one matrix-vector product per step; the projected bank is
-  centred first so that this expansion loses no precision;
-* on the GPU, one fused pass per step into preallocated buffers, no host synchronisation;
-* on the CPU, where a pass over the projected bank (84 MB for tire's 164,640 patches) is bound
-  by memory bandwidth, the triangle inequality skips points that cannot get closer: a point i
-  whose nearest center a(i) is at squared distance D_i satisfies |i - c| >= |a(i) - c| - |i - a(i)|,
-  so when |a(i) - c|^2 >= 4 D_i the new center c cannot be closer than a(i) and i is not
-  touched. The test reads the small per-point arrays (nearest center, distance) that stay in
-  cache; only the few points that pass it (about 2 % per step on tire) are read from the bank.
+  |x - c|^2 = |x|^2 - 2 x.c + |c|^2; the projected bank is centred first so that this expansion
+  loses no precision;
+* on the GPU ("dense"), one fused pass per step into preallocated buffers, no host synchronisation;
+* on the CPU ("blocked", the default there), lazily by blocks of bank rows. A point's distance to
+  its nearest chosen point only shrinks as points are chosen, so a block's largest distance as
+  last measured is an upper bound of its largest distance now. Each step brings up to date only
+  the block with the highest bound, against every point chosen since that block was last
+  measured (one matrix product of a cache-sized block by those points, instead of one pass over
+  the whole bank per chosen point); once the block brought up to date still has the highest
+  bound, its farthest point is the farthest of the bank. A pass over the bank per step is bound
+  by memory bandwidth (196,000 x 128 float32 = 100 MB, ~10 ms); the same arithmetic as matrix
+  products of a block by tens of points runs near the core's arithmetic speed, and blocks whose
+  bound is below the current radius are not read at all. It does not depend on how the data is
+  spread: the triangle-inequality test of "pruned" lets almost every point through on
+  homogeneous gray parts (ksdd: ~20 points per second against ~1,000 here, bench/coreset_speed.py);
+* "pruned" (the previous CPU default, kept for comparison): the triangle inequality skips points
+  that cannot get closer: a point i whose nearest center a(i) is at squared distance D_i
+  satisfies |i - c| >= |a(i) - c| - |i - a(i)|, so when |a(i) - c|^2 >= 4 D_i the new center c
+  cannot be closer than a(i) and i is not touched.
 
 Nearest neighbours: the distance of each query to its nearest coreset point, exactly.
 `nearest_neighbors` computes every distance, as blocked matrix products (`NEIGHBOR_BLOCK`
@@ -27,7 +37,9 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -42,6 +54,15 @@ NEIGHBOR_BLOCK = 16 * 1024 * 1024
 # tire's Wide-ResNet bank; bench/coreset_speed.py --threads 1,2), and on an idle machine a second
 # thread gains little.
 PRUNED_THREADS = 1
+# Bank rows per block of the blocked selection: 2048 x 128 float32 = 1 MB, the L2 cache of one
+# core here, and few enough blocks (96 for ksdd's 196,000 patches) that the per-step bookkeeping
+# stays far below the matrix product's time.
+SELECTION_BLOCK = 2048
+# Chosen points a block is measured against in one matrix product (bounds its scratch memory:
+# 2048 x 1024 float32 = 8 MB) when it was not brought up to date for many steps.
+SELECTION_CHUNK = 1024
+# CPU threads of the blocked selection (measured with bench/coreset_speed.py --threads 1,2).
+BLOCKED_THREADS = 1
 
 
 def projection_matrix(in_dim: int, out_dim: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -57,35 +78,51 @@ def coreset_size(n_points: int, ratio: float) -> int:
     return max(1, min(n_points, math.ceil(ratio * n_points - 1e-9)))
 
 
-def greedy_coreset(points: torch.Tensor, count: int, start: int, method: str = "auto", progress: bool = True) -> torch.Tensor:
+@dataclass
+class SelectionStats:
+    """What a selection read, for bench/coreset_speed.py: bank rows measured (each against one
+    or more chosen points) and steps taken."""
+
+    rows_touched: int = 0
+    steps: int = 0
+    products: int = 0  # matrix products of a block (or the bank) by chosen points
+
+
+def greedy_coreset(
+    points: torch.Tensor, count: int, start: int, method: str = "auto", progress: bool = True, stats: SelectionStats | None = None
+) -> torch.Tensor:
     """Indices (count,) of the greedy k-center selection on `points` (N, d), in selection order,
     starting from index `start`: each next point is the one farthest from all chosen so far.
 
-    `method`: "dense" (one full pass per step: the GPU's), "pruned" (triangle-inequality
-    skipping: the CPU's), or "auto" (by the points' device). Both give the same selection."""
+    `method`: "dense" (one full pass per step: the GPU's), "blocked" (lazy block updates: the
+    CPU's), "pruned" (triangle-inequality skipping), or "auto" (by the points' device). All give
+    the same selection (up to float32 rounding between points at equal distance). `stats`, if
+    given, is filled with what the selection read."""
     n_points = points.shape[0]
     if not 1 <= count <= n_points:
         raise ModelError(f"a coreset of {count} points cannot be chosen from {n_points}")
     if not 0 <= start < n_points:
         raise ValueError(f"start index {start} outside 0..{n_points - 1}")
     if method == "auto":
-        method = "pruned" if points.device.type == "cpu" else "dense"
+        method = "blocked" if points.device.type == "cpu" else "dense"
+    if method not in SELECTIONS:
+        raise ValueError(f"coreset method {method!r}: one of auto, {', '.join(SELECTIONS)}")
     points = points.float()
     points = (points - points.mean(dim=0)).contiguous()  # distances unchanged, the expansion stays precise
     norms = (points * points).sum(dim=1)
-    select = {"dense": _select_dense, "pruned": _select_pruned}[method]
     bar = tqdm(total=count, desc="coreset", unit="pt", file=sys.stderr, disable=not progress, mininterval=1.0)
+    stats = stats if stats is not None else SelectionStats()
     threads = torch.get_num_threads()
-    if method == "pruned":
-        torch.set_num_threads(PRUNED_THREADS)
+    if points.device.type == "cpu":
+        torch.set_num_threads(_cpu_threads(method))
     try:
         with torch.no_grad(), bar:
-            return select(points, norms, count, start, bar)
+            return SELECTIONS[method](points, norms, count, start, bar, stats)
     finally:
         torch.set_num_threads(threads)
 
 
-def _select_dense(points: torch.Tensor, norms: torch.Tensor, count: int, start: int, bar) -> torch.Tensor:
+def _select_dense(points: torch.Tensor, norms: torch.Tensor, count: int, start: int, bar, stats: SelectionStats) -> torch.Tensor:
     """One pass over the bank per step, into preallocated buffers; no host synchronisation, so a
     GPU runs the steps back to back."""
     selected = torch.empty(count, dtype=torch.long, device=points.device)
@@ -105,10 +142,13 @@ def _select_dense(points: torch.Tensor, norms: torch.Tensor, count: int, start: 
         if step % 256 == 255:
             bar.update(256)
     bar.update(count - bar.n)
+    stats.rows_touched += count * len(points)
+    stats.steps += count
+    stats.products += count
     return selected
 
 
-def _select_pruned(points: torch.Tensor, norms: torch.Tensor, count: int, start: int, bar) -> torch.Tensor:
+def _select_pruned(points: torch.Tensor, norms: torch.Tensor, count: int, start: int, bar, stats: SelectionStats) -> torch.Tensor:
     """Triangle-inequality skipping: each step reads the per-point (nearest center, 4 x squared
     distance) arrays and only the bank rows of the points the new center may be closer to."""
     n_points, dim = points.shape
@@ -133,6 +173,7 @@ def _select_pruned(points: torch.Tensor, norms: torch.Tensor, count: int, start:
             torch.index_select(center_distances, 0, owner, out=bound)
             torch.lt(bound, quadruple, out=candidate)
             indices = candidate.nonzero().squeeze(1)
+            stats.rows_touched += len(indices)
             distances = torch.addmv(norms.index_select(0, indices), points.index_select(0, indices), vector, alpha=-2.0)
             distances.add_(norm).mul_(4.0)
             closer = distances < quadruple.index_select(0, indices)
@@ -143,7 +184,61 @@ def _select_pruned(points: torch.Tensor, norms: torch.Tensor, count: int, start:
         if step % 256 == 255:
             bar.update(256)
     bar.update(count - bar.n)
+    stats.rows_touched += n_points
+    stats.steps += count
+    stats.products += count
     return selected
+
+
+def _select_blocked(points: torch.Tensor, norms: torch.Tensor, count: int, start: int, bar, stats: SelectionStats) -> torch.Tensor:
+    """Lazy block updates (module docstring): `nearest` holds each point's squared distance to
+    the chosen points its block was measured against (`measured[b]` of them, the first ones), and
+    `bound[b]` the block's largest such distance, an upper bound of its largest distance now."""
+    n_points, dim = points.shape
+    block = SELECTION_BLOCK
+    n_blocks = -(-n_points // block)
+    selected = torch.empty(count, dtype=torch.long)
+    centers = torch.empty(count, dim)  # the chosen points, in order
+    center_norms = torch.empty(count)
+    nearest = torch.full((n_points,), math.inf)
+    bound = np.full(n_blocks, np.inf)  # small arrays: numpy's per-call cost is a few times torch's lower
+    measured = np.zeros(n_blocks, dtype=np.int64)
+    chosen = start
+    for step in range(count):
+        selected[step] = chosen
+        centers[step], center_norms[step] = points[chosen], norms[chosen]
+        if step == count - 1:
+            break
+        while True:
+            number = int(bound.argmax())
+            first, last = number * block, min(n_points, (number + 1) * block)
+            rows, row_norms, row_nearest = points[first:last], norms[first:last], nearest[first:last]
+            for c0 in range(int(measured[number]), step + 1, SELECTION_CHUNK):
+                c1 = min(step + 1, c0 + SELECTION_CHUNK)
+                distances = torch.addmm(center_norms[c0:c1], rows, centers[c0:c1].T, alpha=-2.0).amin(dim=1)
+                torch.minimum(row_nearest, distances.add_(row_norms), out=row_nearest)
+                stats.products += 1
+            stats.rows_touched += last - first
+            measured[number] = step + 1
+            value, where = row_nearest.max(dim=0)
+            bound[number] = float(value)
+            if bound[number] >= bound.max():  # still the highest bound: its farthest point is the bank's
+                chosen = first + int(where)
+                break
+        if step % 256 == 255:
+            bar.update(256)
+    bar.update(count - bar.n)
+    stats.steps += count
+    return selected
+
+
+SELECTIONS = {"dense": _select_dense, "blocked": _select_blocked, "pruned": _select_pruned}
+
+
+def _cpu_threads(method: str) -> int:
+    """CPU threads a selection runs with (the module's constants read when called, so that a
+    benchmark may change them); the dense pass keeps the caller's."""
+    return {"pruned": PRUNED_THREADS, "blocked": BLOCKED_THREADS}.get(method, torch.get_num_threads())
 
 
 def nearest_neighbors(

@@ -63,7 +63,7 @@ def test_features_are_the_published_recipe(feature_dim):
     torch.testing.assert_close(embedding, torch.cat(rows, dim=1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["dense", "pruned"])
+@pytest.mark.parametrize("method", ["dense", "pruned", "blocked"])
 @pytest.mark.parametrize("n, dim, count", [(600, 16, 80), (1500, 6, 400), (200, 64, 200)])
 def test_coreset_equals_brute_force_greedy(method, n, dim, count):
     generator = torch.Generator().manual_seed(n)
