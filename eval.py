@@ -5,6 +5,9 @@
 Writes RESULTS_DIR/eval-<time>/: report.html (every table and picture on one page), metrics.md
 and metrics.json (a row per category and the mean, like PaDiM's tables) and, per category,
 <category>/metrics.json, ROC / PR / PRO curves, score histograms and localization sheets.
+IMAGE_FALSE_REJECT_RATE / CLASSIFIER_FALSE_REJECT_RATE on the command line evaluate another
+operating point, re-picked from the honest good scores the model stores (no retraining); the
+curves show the point in force.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from evaluation.plots import plot_pro, plot_roc
 from evaluation.report import write_report
 from evaluation.tables import markdown_category, markdown_summary, summary_table, terminal_table
 from pipeline.cli import load_categories, model_dir_for, run
-from pipeline.detector import Detector
 from pipeline.evaluation_run import CategoryEvaluation, evaluate_category
+from pipeline.inspection import load_for_settings
 from settings import SettingsError, load
 
 
@@ -49,8 +52,7 @@ def main(argv: list[str]) -> None:
     run_name = f"eval-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     with distributed.SharedFolder(Path(settings.RESULTS_DIR) / run_name, replace=False) as out:
         for category in categories:
-            detector = Detector(model_dir_for(settings, category.name, len(categories)), settings.DEVICE, settings.RUNTIME)
-            detector.report_differences(settings)
+            detector = load_for_settings(model_dir_for(settings, category.name, len(categories)), settings, argv).detector
             evaluations.append(evaluate_category(detector, category, settings, out.temporary / category.name))
         if not distributed.is_main():
             return  # under torchrun the other ranks only scored their shares: rank 0 writes

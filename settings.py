@@ -353,6 +353,12 @@ def _parse_value(key: str, text: str, default):
     )
 
 
+def command_line_keys(argv: Iterable[str]) -> set[str]:
+    """The settings a command line names (KEY=VALUE, spelled as `load` reads them): what a script
+    changes only when it was asked to, such as the operating point's false-reject rates."""
+    return {arg.split("=", 1)[0].strip().lstrip("-").upper() for arg in argv if "=" in arg}
+
+
 def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
     """Settings from config.py with KEY=VALUE overrides, all checked; returns them and the other arguments."""
     argv = sys.argv[1:] if argv is None else argv

@@ -4,6 +4,8 @@
 
 Without FOLDER: TEST_DIR, else the dataset's test folder. Writes RESULTS_DIR/<model>/test-.../
 predictions.csv and pictures/ (heat-map overlay with the defect contour, mask PNG at full size).
+IMAGE_FALSE_REJECT_RATE / CLASSIFIER_FALSE_REJECT_RATE on the command line move the operating
+point: the thresholds are re-picked from the honest good scores the model stores (no retraining).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.cli import load_categories, model_dir_for, run, single_category
-from pipeline.detector import Detector
+from pipeline.inspection import load_for_settings
 from pipeline.prediction import predict_folder
 from settings import SettingsError, load
 
@@ -38,9 +40,8 @@ def main(argv: list[str]) -> None:
     if len(extra) > 1:
         raise SettingsError(f"test.py takes one FOLDER and KEY=VALUE settings, got {extra}")
     for model_dir, folder, name in _jobs(settings, extra[0] if extra else None):
-        detector = Detector(model_dir, settings.DEVICE, settings.RUNTIME)
-        detector.report_differences(settings)
-        summary = predict_folder(detector, folder, Path(settings.RESULTS_DIR) / name, settings)
+        inspector = load_for_settings(model_dir, settings, argv)
+        summary = predict_folder(inspector, folder, Path(settings.RESULTS_DIR) / name, settings)
         print(
             f"{name}: {summary.n_images} images scored in {summary.seconds:.1f} s, {summary.n_defects} judged defect"
             + (f", {len(summary.skipped)} unreadable skipped" if summary.skipped else "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 import torch
@@ -64,26 +64,32 @@ def gray_to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
 
 
-def read_rgb(path: Path) -> np.ndarray:
+def read_rgb(path: Path | BinaryIO, name: str | None = None) -> np.ndarray:
     """The image as (H, W, 3) uint8, as a viewer shows it: turned by its EXIF orientation, and
     whatever its mode: gray, RGB, RGBA / LA / palette (composited on white), CMYK, YCbCr, LAB,
     16-bit, 32-bit integer or float (`gray_to_uint8`). What cannot be read or mapped is a
-    DataError naming the file and why: the loaders skip it and say so.
+    DataError naming the file (or `name`, for an open file such as a received body) and why:
+    the loaders skip it and say so.
     """
     try:
         with Image.open(path) as image:
             image.load()
-            image = _upright(image)
-            if image.mode in ("I", "F") or image.mode.startswith("I;"):
-                gray = gray_to_uint8(np.asarray(image))
-                return np.repeat(gray[:, :, None], 3, axis=2)
-            if image.mode in ("RGBA", "LA", "P", "PA", "RGBa"):
-                image = image.convert("RGBA")
-                white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(white, image)
-            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+            return pil_to_rgb(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read image {path}: {error}") from None
+        raise DataError(f"cannot read image {name or path}: {error}") from None
+
+
+def pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """A loaded PIL image as `read_rgb` gives files: (H, W, 3) uint8, upright, any mode mapped."""
+    image = _upright(image)
+    if image.mode in ("I", "F") or image.mode.startswith("I;"):
+        gray = gray_to_uint8(np.asarray(image))
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "P", "PA", "RGBa"):
+        image = image.convert("RGBA")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
 
 
 def read_mask(path: Path) -> np.ndarray:

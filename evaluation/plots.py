@@ -38,11 +38,14 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def plot_roc(curves: dict[str, tuple], title: str, path: Path) -> Path:
-    """One figure with a ROC curve per entry of `curves`: {name: (fpr, tpr, auc or None)}."""
+def plot_roc(curves: dict[str, tuple], title: str, path: Path, operating: tuple[float, float] | None = None) -> Path:
+    """One figure with a ROC curve per entry of `curves`: {name: (fpr, tpr, auc or None)}; the
+    operating point in force (false positive rate, recall) as a dot."""
     figure, axis = plt.subplots(figsize=(5, 5), dpi=100)
     for name, (fpr, tpr, auc) in curves.items():
         axis.plot(*thin(fpr, tpr), label=_label(name, auc, "AUC"))
+    if operating is not None:
+        axis.plot(*operating, "o", color="black", label=f"operating threshold (FPR {operating[0]:.2f}, R {operating[1]:.2f})")
     axis.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1)
     axis.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
     axis.legend(loc="lower right", fontsize=8)

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from anomaly_model.backbone import ModelError
-from anomaly_model.files import read_checked_bytes
+from anomaly_model.files import read_checked_bytes, reading
 from anomaly_model.onnx_file import OnnxScorer
 from anomaly_model.store import DETECTOR_SCHEMA, check_description, load_model, model_class, model_file_guard, read_description
 from classification_model.features import FEATURE_NAMES, map_features
@@ -78,7 +78,7 @@ def load_classifier(model_dir: Path, description: dict) -> tuple[DefectClassifie
     """The classifier train.py saved with the model, and the map levels its features are computed at;
     a classifier trained on another feature list than this code computes is refused."""
     entry = description["classifier"]
-    data = read_checked_bytes(model_dir, entry["booster_file"], description["files"])
+    data = read_checked_bytes(model_dir, entry["booster_file"], description["files"], "classifier.booster_file")
     classifier = DefectClassifier.from_bytes(
         data, entry["features"], entry["threshold"], FEATURE_NAMES, entry.get("anchor"), entry.get("tree_share"), entry.get("similarity")
     )
@@ -93,6 +93,12 @@ class Detector:
         if runtime not in RUNTIMES:
             raise SettingsError(f"RUNTIME={runtime!r} is not supported: choose one of {', '.join(RUNTIMES)}")
         self.runtime = runtime
+        with reading(self.model_dir):  # a retrain swapping the model in waits: the old or the new one, whole
+            self._load(device)
+
+    def _load(self, device: str) -> None:
+        """The model, its classifier and (RUNTIME=onnxruntime) its exported file, all of one version."""
+        runtime = self.runtime
         self.model = None  # the anomaly model, with RUNTIME=torch
         if runtime == "torch":
             self.model, self.description = load_model(self.model_dir, device)
@@ -140,6 +146,22 @@ class Detector:
                 file=sys.stderr,
             )
 
+    def score_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[float | None]]:
+        """Preprocessed (B, 3, H, W) images -> maps (B, H, W), image scores (B,) and the classifier's
+        defect probabilities (None each without a classifier): the one scoring step test.py, eval.py
+        and serve.py share."""
+        directions = None
+        if self.needs_peaks:
+            maps, scores, directions = self.model.score_with_peaks(images)
+            directions = directions.numpy()
+        else:
+            maps, scores = self.score(images)
+        probabilities: list[float | None] = [None] * int(images.shape[0])
+        if self.classifier is not None:
+            features = map_features(maps, self.classifier_levels)
+            probabilities = self.classifier.predict(features, scores.numpy(), directions).tolist()
+        return maps, scores, probabilities
+
     def inspect(
         self, paths: list[Path], batch_size: int, num_workers: int = 0, preview_size: int = 0, label: str = "scoring"
     ) -> tuple[Iterator[ImageResult], ImageBatches]:
@@ -149,16 +171,7 @@ class Detector:
         def results() -> Iterator[ImageResult]:
             with tqdm(total=len(paths), desc=label, unit="img", file=sys.stderr) as progress:
                 for batch in batches:
-                    directions = None
-                    if self.needs_peaks:
-                        maps, scores, directions = self.model.score_with_peaks(batch.images)
-                        directions = directions.numpy()
-                    else:
-                        maps, scores = self.score(batch.images)
-                    probabilities = [None] * len(batch.indices)
-                    if self.classifier is not None:
-                        features = map_features(maps, self.classifier_levels)
-                        probabilities = self.classifier.predict(features, scores.numpy(), directions).tolist()
+                    maps, scores, probabilities = self.score_images(batch.images)
                     for row, index in enumerate(batch.indices):
                         yield ImageResult(
                             index, maps[row], float(scores[row]), batch.sizes[row], batch.previews[row], probabilities[row]

@@ -317,11 +317,12 @@ def _draw(evaluation: CategoryEvaluation, detector: Detector, labels, scores, pr
         evaluation.image_curves["max score"] = (*roc_points(labels, scores), metrics["image_rocauc"])
         if probabilities is not None:
             evaluation.image_curves["classifier"] = (*roc_points(labels, probabilities), metrics["classifier_rocauc"])
-        figures["image ROC"] = plot_roc(evaluation.image_curves, f"{name}: image ROC", out_dir / "roc_image.png")
+        operating = metrics["operating"]
+        on_roc = (operating["false_reject_rate"], operating["recall"]) if operating["recall"] is not None and operating["false_reject_rate"] is not None else None
+        figures["image ROC"] = plot_roc(evaluation.image_curves, f"{name}: image ROC", out_dir / "roc_image.png", on_roc)
         pr = {"max score": (*pr_points(labels, scores), metrics["f1_max"]["image score"]["f1"])}
         if probabilities is not None:
             pr["classifier"] = (*pr_points(labels, probabilities), metrics["f1_max"]["classifier probability"]["f1"])
-        operating = metrics["operating"]
         point = (operating["recall"], operating["precision"]) if operating["precision"] is not None else None
         figures["PR curve"] = plot_pr(pr, point, f"{name}: image precision-recall", out_dir / "pr_image.png")
     if curves is not None:

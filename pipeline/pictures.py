@@ -5,6 +5,7 @@ Drawn with numpy and PIL, not a matplotlib figure per image: a few milliseconds 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,32 @@ def overlay(preview: np.ndarray, map_at_preview: torch.Tensor, pixel_threshold: 
     return blended.astype(np.uint8)
 
 
+def picture_arrays(
+    anomaly_map: torch.Tensor,
+    size: tuple[int, int],
+    preview: np.ndarray,
+    preprocessor: Preprocessor,
+    pixel_threshold: float,
+    scale: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(overlay (h, w, 3) uint8 at the preview's size, mask (H, W) bool at the original `size`).
+
+    The map is put back at the original size once; a preview of that same size (images up to
+    PREVIEW_SIZE) reuses it instead of interpolating a second time."""
+    height, width = size
+    full = preprocessor.map_to_original(anomaly_map, height, width)
+    same = preview.shape[:2] == (height, width)
+    small = full if same else preprocessor.map_to_original(anomaly_map, preview.shape[0], preview.shape[1])
+    return overlay(preview, small, pixel_threshold, scale), (full > pixel_threshold).numpy()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """An image array as PNG, fast compression (pictures are made per image, on demand)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", optimize=False, compress_level=1)
+    return buffer.getvalue()
+
+
 def write_pictures(
     folder: Path,
     stem: str,
@@ -59,11 +86,9 @@ def write_pictures(
     scale: tuple[float, float],
 ) -> tuple[Path, Path]:
     """`<stem>_overlay.jpg` at preview size and `<stem>_mask.png` at the original size."""
-    height, width = size
-    small = preprocessor.map_to_original(anomaly_map, preview.shape[0], preview.shape[1])
+    overlay_array, mask = picture_arrays(anomaly_map, size, preview, preprocessor, pixel_threshold, scale)
     overlay_path = folder / f"{stem}_overlay.jpg"
-    Image.fromarray(overlay(preview, small, pixel_threshold, scale)).save(overlay_path, quality=90)
-    full = preprocessor.map_to_original(anomaly_map, height, width) > pixel_threshold
+    Image.fromarray(overlay_array).save(overlay_path, quality=90)
     mask_path = folder / f"{stem}_mask.png"
-    Image.fromarray(full.numpy()).save(mask_path, optimize=False, compress_level=1)
+    Image.fromarray(mask).save(mask_path, optimize=False, compress_level=1)
     return overlay_path, mask_path

@@ -12,8 +12,8 @@ from pathlib import Path
 from anomaly_model import distributed
 from dataset_manager import DataError, find_images
 from dataset_manager.loader import skipped_summary
-from pipeline.detector import Detector
-from pipeline.pictures import color_range, write_pictures
+from pipeline.inspection import Inspection, Inspector
+from pipeline.pictures import write_pictures
 
 PREVIEW_SIZE = 640  # longest side of the overlay pictures, in pixels
 COLUMNS = ["path", "image_score", "normalized_score", "verdict", "defect_area_fraction", "overlay", "mask", "classifier_probability"]
@@ -40,7 +40,16 @@ def run_folder(folder: Path) -> str:
     return f"test-{folder.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def predict_folder(detector: Detector, folder: Path, results_dir: Path, settings) -> PredictionSummary:
+def csv_values(path: Path, inspection: Inspection, overlay_path: str, mask_path: str) -> list[str]:
+    """One predictions.csv row (COLUMNS) as test.py writes it, also the watched folder's (serve.py)."""
+    return [
+        str(path), f"{inspection.image_score:.6g}", f"{inspection.normalized_score:.4f}", inspection.verdict,
+        f"{inspection.defect_area_fraction:.6f}", overlay_path, mask_path,
+        "" if inspection.classifier_probability is None else f"{inspection.classifier_probability:.6f}",
+    ]
+
+
+def predict_folder(inspector: Inspector, folder: Path, results_dir: Path, settings) -> PredictionSummary:
     """Streams the images under `folder` through the model; outputs appear only once complete.
 
     Under torchrun each rank scores its shard and writes its pictures into rank 0's temporary
@@ -51,7 +60,7 @@ def predict_folder(detector: Detector, folder: Path, results_dir: Path, settings
     paths = find_images(folder)
     if not paths:
         raise DataError(f"no images under {folder}: expected files ending in .png, .jpg, .jpeg, .bmp, .tif or .tiff")
-    scale = color_range(detector.description)
+    detector = inspector.detector
     preview_size = PREVIEW_SIZE if settings.SAVE_PICTURES else 0
     mine = distributed.shard(len(paths), settings.BATCH_SIZE)
     with distributed.SharedFolder(results_dir / run_folder(folder), replace=False) as out:
@@ -60,25 +69,19 @@ def predict_folder(detector: Detector, folder: Path, results_dir: Path, settings
             out.check_visible()  # every rank writes the pictures of the images it scored
         if settings.SAVE_PICTURES or distributed.is_main():
             pictures.mkdir(exist_ok=True)
-        results, batches = detector.inspect([paths[i] for i in mine], settings.BATCH_SIZE, settings.NUM_WORKERS, preview_size)
+        results, batches = inspector.inspect_paths([paths[i] for i in mine], settings.BATCH_SIZE, settings.NUM_WORKERS, preview_size)
         rows = []
-        for result in distributed.watched(results):
+        for result, inspection in distributed.watched(results):
             index = mine[result.index]
             path = paths[index]
-            defect = detector.is_defect(result)
-            area = float((result.anomaly_map > detector.pixel_threshold).float().mean())
             overlay_path = mask_path = ""
             if settings.SAVE_PICTURES:
                 overlay_file, mask_file = write_pictures(
                     pictures, picture_stem(path, folder), result.anomaly_map, result.size, result.preview,
-                    detector.preprocessor, detector.pixel_threshold, scale,
+                    detector.preprocessor, detector.pixel_threshold, inspector.color_scale,
                 )
                 overlay_path, mask_path = f"pictures/{overlay_file.name}", f"pictures/{mask_file.name}"
-            rows.append((index, [
-                str(path), f"{result.score:.6g}", f"{result.score / detector.image_threshold:.4f}",
-                "defect" if defect else "good", f"{area:.6f}", overlay_path, mask_path,
-                "" if result.probability is None else f"{result.probability:.6f}",
-            ]))
+            rows.append((index, csv_values(path, inspection, overlay_path, mask_path)))
         position = {path: index for index, path in enumerate(paths)} if batches.skipped else {}
         skipped = distributed.gather_in_order([(position[path], (path, reason)) for path, reason in batches.skipped])
         rows = distributed.gather_in_order(rows)

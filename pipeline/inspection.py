@@ -1,0 +1,308 @@
+"""The Python API for line software: load a trained model once, then inspect images one at a time.
+
+    from pipeline.inspection import load
+    inspector = load("model/tire")            # MODEL_DIR/<name>, as train.py wrote it
+    result = inspector.inspect("part.png")    # a path, the file's bytes, a PIL image or a numpy array
+    print(result.verdict, result.image_score, result.fields())
+
+`test.py` and `serve.py` inspect through this module, so its numbers are theirs: one scoring step
+(`Detector.score_images`) and one way to turn a map into a verdict, a normalized score and a defect
+area (`Inspector.judge`). The operating point can be moved at run time (`OperatingPoint`): the
+thresholds are re-picked from the honest good scores the model stores, without retraining.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from anomaly_model.store import model_id
+from dataset_manager import DataError, ImageBatches, read_rgb
+from dataset_manager.images import gray_to_uint8, pil_to_rgb
+from pipeline.detector import Detector, ImageResult
+from pipeline.pictures import color_range, picture_arrays
+from settings import SettingsError, command_line_keys
+
+# What `inspect` accepts: a file path, the file's bytes, a PIL image, or an (H, W) / (H, W, 3|4) array.
+ImageInput = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray
+
+
+@dataclass
+class Inspection:
+    """What the model says about one image: the fields test.py's predictions.csv and serve.py's
+    JSON carry, and the map the pictures are drawn from."""
+
+    verdict: str  # "good" or "defect"
+    image_score: float  # the model's image score (PaDiM: max of the map)
+    normalized_score: float  # image_score / image threshold: >= 1 is above the threshold
+    classifier_probability: float | None  # the classifier's defect probability; None without a classifier
+    defect_area_fraction: float  # share of the working map above the pixel threshold
+    model: str  # the id of the model that judged it (anomaly_model.store.model_id)
+    seconds: float  # from preprocessing to verdict, this image's share of its batch included
+    anomaly_map: torch.Tensor  # (H, W) at the model's working size, on the CPU
+    size: tuple[int, int]  # the original (height, width)
+
+    @property
+    def is_defect(self) -> bool:
+        return self.verdict == "defect"
+
+    def fields(self) -> dict:
+        """The result as plain JSON-ready values."""
+        return {
+            "verdict": self.verdict,
+            "image_score": self.image_score,
+            "normalized_score": self.normalized_score,
+            "classifier_probability": self.classifier_probability,
+            "defect_area_fraction": self.defect_area_fraction,
+            "model": self.model,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class PreparedImage:
+    """An image decoded and preprocessed for one model (its preprocessing is the model's own)."""
+
+    rgb: np.ndarray  # (h, w, 3) uint8 as read
+    tensor: torch.Tensor  # (3, H, W) what the model sees
+    prepared_for: str  # model id whose preprocessing made `tensor`
+    started: float  # time.perf_counter() when preparation began
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """False-reject rates asked for at run time; None keeps the model's own threshold."""
+
+    image_false_reject_rate: float | None = None
+    classifier_false_reject_rate: float | None = None
+
+    @classmethod
+    def from_command_line(cls, argv: Sequence[str], settings) -> "OperatingPoint":
+        """The rates given as KEY=VALUE on this command line (config.py's values do not count:
+        without them on the command line the model's own operating point stands)."""
+        given = command_line_keys(argv)
+        return cls(
+            settings.IMAGE_FALSE_REJECT_RATE if "IMAGE_FALSE_REJECT_RATE" in given else None,
+            settings.CLASSIFIER_FALSE_REJECT_RATE if "CLASSIFIER_FALSE_REJECT_RATE" in given else None,
+        )
+
+
+def honest_good_scores(description: dict) -> np.ndarray:
+    """The image scores of the good images the model never fitted on (out-of-fold and validation;
+    validation alone for models trained without out-of-fold maps): what its threshold was set on."""
+    scores = description.get("out_of_fold", {}).get("image_scores") or description.get("validation", {}).get("image_scores")
+    return np.asarray(scores or [], dtype=np.float64)
+
+
+def apply_operating_point(detector: Detector, point: OperatingPoint) -> list[str]:
+    """Re-pick the thresholds `point` asks for from the honest good scores the model stores; returns
+    one line per threshold saying what changed (or why it could not)."""
+    lines = []
+    name = detector.model_dir.name
+    rate = point.image_false_reject_rate
+    if rate is not None:
+        scores = honest_good_scores(detector.description)
+        if scores.size == 0:
+            raise SettingsError(f"IMAGE_FALSE_REJECT_RATE: model {detector.model_dir} stores no honest good scores to re-pick from: retrain with python train.py")
+        old, detector.image_threshold = detector.image_threshold, float(np.quantile(scores, 1 - rate))
+        used = "the classifier decides the verdict; this threshold scales normalized_score" if detector.classifier is not None else "it decides the verdict"
+        lines.append(
+            f"operating point: {name}'s image threshold {old:.6g} -> {detector.image_threshold:.6g} "
+            f"(IMAGE_FALSE_REJECT_RATE={rate} of the {scores.size} honest good scores in the model, no retraining; {used})"
+        )
+    rate = point.classifier_false_reject_rate
+    if rate is not None:
+        entry = detector.description.get("classifier")
+        if detector.classifier is None or entry is None:
+            lines.append(f"operating point: {name} has no classifier, CLASSIFIER_FALSE_REJECT_RATE={rate} changes nothing")
+        elif not entry.get("good_probabilities"):
+            lines.append(
+                f"operating point: {name} was trained before models stored the classifier's out-of-fold good probabilities: "
+                f"retrain (python train.py) to re-pick CLASSIFIER_FALSE_REJECT_RATE; its threshold {detector.classifier.threshold:.6g} stands"
+            )
+        else:
+            goods = np.asarray(entry["good_probabilities"], dtype=np.float64)
+            old, detector.classifier.threshold = detector.classifier.threshold, float(np.quantile(goods, 1 - rate))
+            lines.append(
+                f"operating point: {name}'s classifier threshold {old:.6g} -> {detector.classifier.threshold:.6g} "
+                f"(CLASSIFIER_FALSE_REJECT_RATE={rate} of the {goods.size} out-of-fold good probabilities in the model, no retraining)"
+            )
+    return lines
+
+
+def to_rgb(image: ImageInput, name: str = "image") -> np.ndarray:
+    """(H, W, 3) uint8 from whatever `inspect` accepts, read as test.py reads files (EXIF
+    orientation, any mode and bit depth); undecodable input is a DataError naming `name`."""
+    if isinstance(image, (str, Path)):
+        return read_rgb(Path(image))
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        if len(image) == 0:
+            raise DataError(f"cannot read image {name}: it is empty (0 bytes)")
+        return read_rgb(io.BytesIO(bytes(image)), name)
+    if isinstance(image, Image.Image):
+        try:
+            return pil_to_rgb(image)
+        except (OSError, ValueError) as error:
+            raise DataError(f"cannot read {name}: {error}") from None
+    if isinstance(image, np.ndarray):
+        if image.ndim == 2:
+            gray = image if image.dtype == np.uint8 else gray_to_uint8(image)
+            return np.repeat(gray[:, :, None], 3, axis=2)
+        if image.ndim == 3 and image.shape[2] in (3, 4) and image.dtype == np.uint8:
+            return np.ascontiguousarray(image[:, :, :3])
+        raise DataError(f"cannot read {name}: a numpy image must be (H, W) or (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+    raise DataError(f"cannot read {name}: expected a path, bytes, a PIL image or a numpy array, got {type(image).__name__}")
+
+
+class Inspector:
+    """A loaded model that inspects images: `load(model_dir)` makes one."""
+
+    def __init__(self, detector: Detector, notes: list[str] | None = None, batch_size: int = 16) -> None:
+        self.detector = detector
+        self.name = detector.model_dir.name
+        self.model_id = model_id(detector.description)
+        self.notes = list(notes or [])  # what the operating point changed, for logs and /model
+        self.color_scale = color_range(detector.description)
+        self.batch_size = detector.preprocessor.batch_size(batch_size)  # most images scored together
+
+    # --- one image or a few, from memory (serve.py, users' line software) ---
+    def prepare(self, image: ImageInput, name: str = "image") -> PreparedImage:
+        """Decode and preprocess, apart from scoring, so a server can do it in request threads."""
+        started = time.perf_counter()
+        rgb = to_rgb(image, name)
+        return PreparedImage(rgb, self.detector.preprocessor.image_tensor(rgb), self.model_id, started)
+
+    def score(self, prepared: Sequence[PreparedImage]) -> list[Inspection]:
+        """Score prepared images together (a batch); one prepared for another model is prepared again."""
+        results: list[Inspection] = []
+        for start in range(0, len(prepared), self.batch_size):
+            chunk = list(prepared[start : start + self.batch_size])
+            tensors = [
+                item.tensor if item.prepared_for == self.model_id else self.detector.preprocessor.image_tensor(item.rgb) for item in chunk
+            ]
+            maps, scores, probabilities = self.detector.score_images(torch.stack(tensors))
+            finished = time.perf_counter()
+            for row, item in enumerate(chunk):
+                size = (int(item.rgb.shape[0]), int(item.rgb.shape[1]))
+                results.append(self.judge(maps[row], float(scores[row]), probabilities[row], size, finished - item.started))
+        return results
+
+    def inspect(self, image: ImageInput) -> Inspection:
+        """One image's verdict, scores and defect area (see `Inspection`)."""
+        return self.score([self.prepare(image)])[0]
+
+    def inspect_many(self, images: Sequence[ImageInput]) -> list[Inspection]:
+        """Several images scored in batches: faster per image than one `inspect` call each."""
+        return self.score([self.prepare(image, f"image {index}") for index, image in enumerate(images)])
+
+    # --- what every caller shares ---
+    def judge(self, anomaly_map: torch.Tensor, score: float, probability: float | None, size: tuple[int, int], seconds: float) -> Inspection:
+        """The verdict, normalized score and defect area of one scored image."""
+        detector = self.detector
+        defect = detector.is_defect(ImageResult(0, anomaly_map, score, size, None, probability))
+        return Inspection(
+            verdict="defect" if defect else "good",
+            image_score=score,
+            normalized_score=score / detector.image_threshold,
+            classifier_probability=probability,
+            defect_area_fraction=float((anomaly_map > detector.pixel_threshold).float().mean()),
+            model=self.model_id,
+            seconds=seconds,
+            anomaly_map=anomaly_map,
+            size=size,
+        )
+
+    def pictures(self, inspection: Inspection, rgb: np.ndarray, preview_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(overlay (h, w, 3) uint8 at most `preview_size` on its longer side, mask (H, W) bool at the original size)."""
+        return picture_arrays(
+            inspection.anomaly_map, inspection.size, preview(rgb, preview_size), self.detector.preprocessor,
+            self.detector.pixel_threshold, self.color_scale,
+        )
+
+    # --- a folder of files (test.py) ---
+    def inspect_paths(
+        self, paths: list[Path], batch_size: int, num_workers: int = 0, preview_size: int = 0
+    ) -> tuple[Iterator[tuple[ImageResult, Inspection]], ImageBatches]:
+        """Each readable file's result (with its index and preview) and inspection, streamed in
+        batches read by `num_workers` processes; the ImageBatches object lists skipped files once done."""
+        results, batches = self.detector.inspect(paths, batch_size, num_workers, preview_size)
+
+        def judged() -> Iterator[tuple[ImageResult, Inspection]]:
+            started = time.perf_counter()
+            for result in results:
+                now = time.perf_counter()
+                inspection = self.judge(result.anomaly_map, result.score, result.probability, result.size, now - started)
+                started = now
+                yield result, inspection
+
+        return judged(), batches
+
+    def description(self) -> dict:
+        """What GET /model shows: type, backbone, sizes, thresholds in force, when it was saved."""
+        description = self.detector.description
+        entry = description["anomaly_model"]
+        model_json = self.detector.model_dir / "model.json"
+        classifier = self.detector.classifier
+        return {
+            "name": self.name,
+            "id": self.model_id,
+            "type": entry["type"],
+            "backbone": entry["settings"].get("backbone"),
+            "weights": entry["settings"].get("weights"),
+            "image_size": description["preprocessing"].get("image_size") or description["preprocessing"].get("crop"),
+            "runtime": self.detector.runtime,
+            "thresholds": {
+                "image": self.detector.image_threshold,
+                "pixel": self.detector.pixel_threshold,
+                "classifier": None if classifier is None else classifier.threshold,
+                "model_image": float(description["thresholds"]["image"]),
+                "model_classifier": description.get("classifier", {}).get("threshold"),
+            },
+            "operating_point_notes": self.notes,
+            "trained_on": description.get("dataset", {}),
+            "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(model_json.stat().st_mtime)) if model_json.exists() else None,
+        }
+
+
+def preview(rgb: np.ndarray, preview_size: int) -> np.ndarray:
+    """A copy at most `preview_size` on its longer side (the image itself when it is smaller), as test.py's loader makes it."""
+    if max(rgb.shape[:2]) <= preview_size:
+        return rgb
+    pil = Image.fromarray(rgb)
+    pil.thumbnail((preview_size, preview_size), Image.BILINEAR)
+    return np.asarray(pil)
+
+
+def load(
+    model_dir: str | Path,
+    device: str = "auto",
+    runtime: str = "torch",
+    operating_point: OperatingPoint | None = None,
+    batch_size: int = 16,
+) -> Inspector:
+    """The model train.py saved in `model_dir` (MODEL_DIR/<name>), ready to inspect images.
+
+    `runtime`: "torch", or "onnxruntime" for the file export.py wrote. `operating_point`: false-reject
+    rates to re-pick the thresholds at (from the model's honest good scores; None keeps the model's).
+    `batch_size`: most images `score` and `inspect_many` run through the model at once."""
+    detector = Detector(Path(model_dir), device, runtime)
+    notes = apply_operating_point(detector, operating_point) if operating_point is not None else []
+    return Inspector(detector, notes, batch_size)
+
+
+def load_for_settings(model_dir: Path, settings, argv: Sequence[str]) -> Inspector:
+    """`load` as the scripts call it: DEVICE and RUNTIME from the settings, the operating point from
+    the command line, config.py's differences from the model and the re-picked thresholds said on stderr."""
+    inspector = load(model_dir, settings.DEVICE, settings.RUNTIME, OperatingPoint.from_command_line(argv, settings), settings.BATCH_SIZE)
+    inspector.detector.report_differences(settings)
+    for line in inspector.notes:
+        print(line, file=sys.stderr)
+    return inspector
