@@ -1,5 +1,5 @@
 """export.py and RUNTIME=onnxruntime: the exported file gives torch's maps for every backbone,
-test.py's verdicts, a runtime without torch (the README example), and clear errors.
+test.py's verdicts, a runtime without torch (the example in docs/deployment.md), and clear errors.
 
 Fast: tiny images, random weights (WEIGHTS=none), each export done once."""
 
@@ -31,7 +31,7 @@ from pipeline.detector import Detector
 from pipeline.exporting import MAX_RELATIVE_DIFFERENCE, check_paths, export_model, relative_differences
 
 CLASSIFIER_FAST = ["CLASSIFIER_SYNTHETIC_DEFECTS=12", "CLASSIFIER_MAX_ROUNDS=60", "CLASSIFIER_FOLDS=3"]
-# Imports of torch fail in the README example's process, as on a machine without PyTorch.
+# Imports of torch fail in the docs example's process, as on a machine without PyTorch.
 NO_TORCH = """
 import importlib.abc, runpy, sys
 class NoTorch(importlib.abc.MetaPathFinder):
@@ -115,7 +115,7 @@ def test_a_reduced_precision_model_is_not_exported():
         model.export_module((32, 32))
 
 
-# --- export.py, test.py RUNTIME=onnxruntime and the README example on a trained tiny model -------
+# --- export.py, test.py RUNTIME=onnxruntime and the docs example on a trained tiny model -------
 
 
 @pytest.fixture(scope="module")
@@ -171,16 +171,16 @@ def test_test_py_with_onnxruntime_gives_torch_verdicts(tmp_path, exported, onnx_
     assert decisions == {True, False}  # the blobs score above the image threshold, the goods below
 
 
-def _readme_example() -> str:
-    """The Python block of README's "Deploying without PyTorch" section."""
-    text = (ROOT / "README.md").read_text()
+def _docs_example() -> str:
+    """The Python block of docs/deployment.md's "Deploying without PyTorch" section."""
+    text = (ROOT / "docs" / "deployment.md").read_text()
     section = text[text.index("## Deploying without PyTorch") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_the_readme_example_scores_without_torch(tmp_path, exported, onnx_predictions):
+def test_the_docs_example_scores_without_torch(tmp_path, exported, onnx_predictions):
     example = tmp_path / "score_onnx.py"
-    example.write_text(_readme_example())
+    example.write_text(_docs_example())
     base, (_, rows) = exported[0], onnx_predictions
     for row in rows[:1] + rows[-1:]:  # a defect and a good image
         result = subprocess.run(
