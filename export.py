@@ -4,7 +4,7 @@
 
 Checks itself: a few good images of the dataset go through torch and onnxruntime, and nothing is
 written unless their maps agree. Then `python test.py FOLDER RUNTIME=onnxruntime` scores with the
-file; README "Deploying without PyTorch" scores an image with numpy, Pillow, onnxruntime and xgboost.
+file; docs/deployment.md "Deploying without PyTorch" scores an image with numpy, Pillow, onnxruntime and xgboost.
 """
 
 from __future__ import annotations

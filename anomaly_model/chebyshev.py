@@ -10,7 +10,7 @@ k_c; below k = 1 the bound says nothing, so C is 0 there; it stays below 1 (floa
 value under 1), so k = 0, sigma = 0 or an overflowing k never give NaN or inf. The variance
 sigma_c^2 is the fitted covariance's diagonal, COVARIANCE_EPSILON included (see gaussian.py).
 
-Two facts decide how far the Chebyshev term can help (README, "Chebyshev"):
+Two facts decide how far the Chebyshev term can help (docs/models.md, "Chebyshev"):
 - k_c <= M for every channel (Cauchy-Schwarz: (x_c - mu_c)^2 <= Sigma_cc * M^2), so C <= 1 - 1/M^2;
 - as tail probabilities the Gaussian's is always the smaller: P(chi2_d >= M^2) <= d / M^2
   (Markov) <= d / max_c k_c^2, the Chebyshev bound with a union over the d channels. A "min" or

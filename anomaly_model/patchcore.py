@@ -408,7 +408,7 @@ class PatchCore(AnomalyModel):
         self, batches: Callable[[], Iterable[tuple[torch.Tensor, list[int]]]], folds: np.ndarray
     ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
         """Each training image scored against the coreset without the points that came from
-        training images of its own fold (the coreset itself is not re-chosen: see README, PatchCore)."""
+        training images of its own fold (the coreset itself is not re-chosen: see docs/models.md, PatchCore)."""
         folds = np.asarray(folds)
         order = [index for _, indices in batches() for index in indices]  # fit position -> training index
         if len(order) != self.n_train_images_:

@@ -22,8 +22,8 @@ near-copies of the max, its trees do not spend every split on variants of the pe
 Everything is computed on the map at the model's resolution (the working size, IMAGE_SIZE), vectorized in numpy
 (sort once, read order statistics; sums in float64) and scipy.ndimage (connected regions, sizes
 via bincount): no Python loop touches pixels; the only loop is over images for the region labels.
-numpy and scipy only, no torch: a deployment with onnxruntime and xgboost (README, "Deploying
-without PyTorch") computes the classifier's features with this same module. scipy comes with
+numpy and scipy only, no torch: a deployment with onnxruntime and xgboost (docs/deployment.md,
+"Deploying without PyTorch") computes the classifier's features with this same module. scipy comes with
 xgboost.
 """
 

@@ -2,7 +2,7 @@
 
 Why: the map says *how* anomalous an image's worst patch is, never *in which way*. Where the
 map's features hold no more about a part's real defects than its maximum (KolektorSDD's thin
-cracks: classifiers trained on the test split itself do not beat the max, README, Ablation), no
+cracks: classifiers trained on the test split itself do not beat the max, docs/classifier.md, Ablation), no
 classifier on them can learn from labeled defects. The direction of the peak patch's whitened
 deviation from the good patches there (`AnomalyModel.score_with_peaks`) can: a part's defects of
 one kind deviate the same way, good parts' noise every way. On ksdd the cosine between a test

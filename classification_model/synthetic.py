@@ -7,7 +7,7 @@ Each type teaches the classifier a different way real defects show up in the ano
   In-distribution colours and texture in the wrong place (misplaced structure, cuts, folds):
   the map rises only moderately, so it teaches the classifier the faint end of the defect range,
   where the decision matters; on tire it is the type that makes the classifier beat the max score
-  (README, "Ablation"); scratches and textures are mostly far above the threshold.
+  (docs/classifier.md, "Ablation"); scratches and textures are mostly far above the threshold.
 - "scratch": a thin curved line, darker or brighter than the surface. Long, narrow regions
   (scratches, cracks, cuts): small areas above the levels.
 - "texture": a blob of smoothed-noise shape filled with a foreign noise texture and colour,

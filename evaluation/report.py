@@ -96,7 +96,7 @@ def write_report(folder: Path, rows: list[dict], overall_figures: dict[str, str]
     parts.append(
         "<p class='muted'>Image ROCAUC: the image score is the anomaly map's maximum. Pixel ROCAUC: all test pixels pooled. "
         "PRO: area under the per-region-overlap curve up to the FPR limit, divided by the limit (MVTec AD). "
-        "See README.md, section Evaluation.</p>"
+        "See docs/evaluation.md in the suite's folder.</p>"
     )
     parts.append("<h2>Summary</h2>" + _summary(rows))
     if overall_figures:

@@ -135,7 +135,7 @@ def _shift_note(good_scores: np.ndarray, description: dict) -> str | None:
     Why: such test goods were most likely taken differently (lighting, position, camera, batch).
     Then the image figures measure that shift as much as the defects, the verdicts reject more goods
     than the false-reject rate promises, and which score wins, the max or the classifier, depends
-    on which one the shift moves least (README, Good/defect classifier). A rank test, not a count
+    on which one the shift moves least (docs/classifier.md, tire's shifted test goods). A rank test, not a count
     above the threshold: with the usual 20-70 test goods a count cannot tell 5 % from 12 %."""
     honest = description.get("out_of_fold", {}).get("image_scores") or description.get("validation", {}).get("image_scores")
     if not honest or good_scores.size < 5:
@@ -160,7 +160,7 @@ CLASSIFIER_WORSE_SHARE = 0.95  # bootstrap resamples in which the classifier mus
 def _classifier_note(labels: np.ndarray, scores: np.ndarray, probabilities: np.ndarray | None) -> str | None:
     """A note when the classifier ranks this test set worse than the model's image score, beyond what
     resampling its images explains. Why: the classifier's gain depends on the part and on how its
-    test goods were taken (README, Good/defect classifier), and no training data can tell; the user's
+    test goods were taken (docs/classifier.md, tire's shifted test goods), and no training data can tell; the user's
     own labeled test set can, and this says when it does."""
     if probabilities is None:
         return None

@@ -24,7 +24,7 @@ def test_tire_patchcore_localizes_defects(tmp_path):
     (run_dir,) = [p for p in (tmp_path / "results").iterdir() if p.name.startswith("eval-")]
     metrics = json.loads((run_dir / "tire" / "metrics.json").read_text())
     assert metrics["n_good"] == 25 and metrics["n_defect"] == 87
-    # measured 0.985 / 0.932 / 0.765 (README, "PaDiM or PatchCore"); PaDiM gets 0.935 / 0.728 / 0.790
+    # measured 0.985 / 0.932 / 0.765 (docs/models.md, "PaDiM or PatchCore"); PaDiM gets 0.935 / 0.728 / 0.790
     assert metrics["pixel_rocauc"] >= 0.97
     assert metrics["pro"] >= 0.90
     assert metrics["image_rocauc"] >= 0.72

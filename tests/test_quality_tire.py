@@ -45,7 +45,7 @@ def test_ksdd_classifier_never_below_the_image_score_over_five_seeds():
     score - 0.005, mean over 5 seeds, measured as bench/classifier_ablation.py measures it: one
     fitted model, then per seed a new synthetic set and classifier seed, through train_classifier
     and DefectClassifier.margin as train.py and eval.py use them. A single seed is noisier than the
-    bar: seed 0 through train.py and eval.py measures -0.0052 (README, Ablation)."""
+    bar: seed 0 through train.py and eval.py measures -0.0052 (docs/classifier.md, Ablation)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import classifier_ablation as ablation
 
@@ -54,7 +54,7 @@ def test_ksdd_classifier_never_below_the_image_score_over_five_seeds():
     rocaucs = ablation.run_variant(data, ablation.VARIANTS[ablation.DEFAULT_VARIANT], settings, 5, [0])[0]
     image, classifier = rocaucs[:, 0], rocaucs[:, 1]
     assert image.min() >= 0.78 and len(classifier) == 5
-    assert (classifier - image).mean() >= -0.005  # measured -0.0026 (README, Ablation)
+    assert (classifier - image).mean() >= -0.005  # measured -0.0026 (docs/classifier.md, Ablation)
 
 
 def _ksdd_with_labeled_cracks(root, count: int, seed: int):
@@ -79,7 +79,7 @@ def _ksdd_with_labeled_cracks(root, count: int, seed: int):
 @pytest.mark.skipif(not (KSDD.is_dir() and WEIGHTS.is_file()), reason="../shared (ksdd data and weights) is absent")
 def test_ksdd_labeled_cracks_make_the_classifier_win_clearly(tmp_path):
     """Issue 9, point 4: with 10 labeled cracks the classifier must beat the max score clearly. On
-    ksdd the map features hold no more than the max (README, Ablation): the gain comes from the
+    ksdd the map features hold no more than the max (docs/classifier.md, Ablation): the gain comes from the
     similarity stage, which compares each image's worst patch with the labeled cracks' (ablation:
     +0.059 mean over 5 draws of 10 cracks)."""
     data = _ksdd_with_labeled_cracks(tmp_path / "data" / "ksdd", 10, seed=0)
