@@ -202,8 +202,7 @@ Below, each group of `config.py` in its order: the setting, its default, what it
 
 def render(call_machine_rules: bool = True) -> str:
     """The whole page."""
-    import config
-    import settings
+    import settings  # imports config.py too
 
     source = CONFIG_FILE.read_text(encoding="utf-8")
     groups = read_config(source)
@@ -238,7 +237,6 @@ def render(call_machine_rules: bool = True) -> str:
     missing = sorted(set(settings.defaults()) - {s.name for g in groups for s in g.settings})
     if missing:
         raise SystemExit(f"error: config.py settings the reader did not find: {', '.join(missing)}")
-    del config
     return "\n".join(out).rstrip() + "\n"
 
 
