@@ -24,10 +24,11 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -44,6 +45,7 @@ CHUNK_ROWS = 128  # rows per block read: ~78 MB of Wide-ResNet PaDiM factors
 
 # Write failures that are the disk's or the folder's, not the program's: one line, not a traceback.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+_MODEL_LOCK = re.compile(r"^\.(?P<name>.+)\.lock$")  # `model_lock`'s file beside a model folder
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|previous|lock|locking)-(?P<run>[0-9a-f-]+)$")
 
 
@@ -63,16 +65,81 @@ def storage_message(error: OSError, folder: Path | str | None = None) -> str:
     return f"cannot write {place} ({error.strerror})"
 
 
-def check_writable(folder: Path) -> None:
-    """Fail before any long work when results could not be written to `folder`."""
+def check_writable(folder: Path, keep: bool = False) -> list[Path]:
+    """Fail before any long work when results could not be written to `folder`. Folders made to
+    find out are removed again unless `keep` (a run that fails before saving leaves no empty
+    MODEL_DIR behind); with `keep`, returns the folders made, outermost last, for `remove_made`."""
     folder = Path(folder)
+    made, missing = [], folder
+    while not os.path.lexists(missing) and missing != missing.parent:
+        made.append(missing)
+        missing = missing.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{uuid.uuid4().hex}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
+        remove_made(made)
         raise StorageError(f"cannot write to {folder} ({error.strerror}): choose a writable folder") from None
+    if not keep:
+        remove_made(made)
+        return []
+    return made
+
+
+def remove_made(folders: list[Path]) -> None:
+    """Remove folders `check_writable` made, innermost first, where they are still empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
+def remove_entry(path: Path) -> None:
+    """Remove a leftover file, folder or symbolic link (a link itself, never what it points to)."""
+    if os.path.islink(path) or os.path.isfile(path):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --- file names that come from model.json: one checked way into a model folder -------------------
+
+
+def damaged_model(folder: Path | str, detail: str) -> ModelError:
+    """The one error for a model.json the code cannot use, naming the file and the entry."""
+    return ModelError(f"model {Path(folder) / 'model.json'} is damaged or incompatible ({detail}): retrain with python train.py")
+
+
+def name_problem(name: object) -> str | None:
+    """Why `name` is not a plain file name inside a folder (None when it is): a model.json entry
+    naming `../x`, `/etc/x` or `sub/x` must never reach a file outside its model folder."""
+    if not isinstance(name, str) or not name.strip():
+        return "not a file name"
+    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name or os.path.isabs(name) or (os.altsep and os.altsep in name):
+        return "not a plain file name inside the model folder"
+    return None
+
+
+def model_file(folder: Path, name: object, key: str) -> Path:
+    """The path of the file that model.json's entry `key` names in model folder `folder`.
+
+    The only way this code reads, hashes or deletes a file a model.json names: a name with a
+    separator or `..`, an absolute path, or a symbolic link leading out of the folder is refused
+    as a damaged model naming the entry, so nothing outside the folder is ever touched."""
+    problem = name_problem(name)
+    path = Path(folder) / str(name)
+    if problem is None and os.path.islink(path):
+        if Path(os.path.realpath(path)).parent != Path(os.path.realpath(folder)):
+            problem = "a symbolic link leading out of the model folder"
+    if problem is not None:
+        raise damaged_model(folder, f"{key} names {name!r:.80}, {problem}")
+    return path
 
 
 # --- locks --------------------------------------------------------------------------------------
@@ -94,15 +161,153 @@ def _take_lock(path: Path, wait: bool = False) -> int | None:
 
 
 @contextmanager
-def _folder_lock(folder: Path):
-    """Serializes swaps and sweeps in one folder (a lock on the folder itself), so neither ever
-    sees the other half done. Without lock support it only serializes nothing."""
-    descriptor = _take_lock(folder, wait=True) if fcntl is not None else None
+def _folder_lock(folder: Path, shared: bool = False):
+    """Serializes swaps and sweeps in one folder (an exclusive lock on the folder itself), so neither
+    ever sees the other half done; loads hold it shared (`reading`), so a swap waits until they
+    have read the whole model. Without lock support it only serializes nothing."""
+    descriptor = None
+    if fcntl is not None:
+        try:
+            descriptor = os.open(folder, os.O_RDONLY)
+            fcntl.flock(descriptor, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        except OSError:
+            if descriptor is not None:
+                os.close(descriptor)
+            descriptor = None
     try:
         yield
     finally:
         if descriptor is not None:
             os.close(descriptor)
+
+
+_reading: dict[str, int] = {}  # folders this process holds a lock on: sweeps there would wait for ourselves
+
+
+@contextmanager
+def reading(model_dir: Path):
+    """Hold while loading a model folder: a retrain's swap (old folder aside, new one in) waits
+    until the load is done, so a load sees the old or the new model whole, never files of one
+    with the checksums of the other. Leftovers are swept first (a sweep needs the lock alone)."""
+    parent = os.path.realpath(Path(model_dir).parent)
+    if parent not in _reading:
+        sweep_model(Path(model_dir))
+    _reading[parent] = _reading.get(parent, 0) + 1
+    try:
+        with _folder_lock(Path(parent), shared=True):
+            yield
+    finally:
+        _reading[parent] -= 1
+        if not _reading[parent]:
+            del _reading[parent]
+
+
+@contextmanager
+def swapping(model_dir: Path):
+    """Hold while replacing files inside a model folder (an export moving its file in and
+    recording it): loads (`reading`) wait, so they see the old files or the new ones whole."""
+    parent = os.path.realpath(Path(model_dir).parent)
+    _reading[parent] = _reading.get(parent, 0) + 1
+    try:
+        with _folder_lock(Path(parent)), _signals_held():
+            yield
+    finally:
+        _reading[parent] -= 1
+        if not _reading[parent]:
+            del _reading[parent]
+
+
+# --- one run at a time on a model: exports and the swap of a retrain ----------------------------
+
+EXPORT_STAGING_PREFIX = ".export-partial-"  # export.py's folder inside a model folder, while it checks its file
+
+
+class ModelBusy(ModelError):
+    """Another run holds the model's lock (exporting it, or swapping in a retrained one)."""
+
+
+def _lock_path(model_dir: Path) -> Path:
+    """`.<name>.lock` beside the folder a model's path leads to (through links): one lock per model."""
+    real = Path(os.path.realpath(model_dir))
+    return real.parent / f".{real.name}.lock"
+
+
+def _lock_owner(descriptor: int) -> str:
+    try:
+        text = os.pread(descriptor, 200, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    return text or "another run"
+
+
+@contextmanager
+def model_lock(model_dir: Path, purpose: str, wait: bool):
+    """Hold the model's lock: a lock file beside its folder holding the owner (pid and what it
+    does), removed when done. Busy: `ModelBusy` naming the owner, or with `wait` one line saying
+    whom we wait for, then the wait. The kernel drops the lock of a killed process, so a lock
+    file left by a kill is free and taken over."""
+    if fcntl is None:
+        yield
+        return
+    path = _lock_path(model_dir)
+    descriptor = None
+    while descriptor is None:
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # no folder to hold a model: nothing to guard (the load says what is missing)
+            yield
+            return
+        except OSError as error:
+            raise StorageError(storage_message(error, path.parent)) from None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = _lock_owner(descriptor)
+            if not wait:
+                os.close(descriptor)
+                raise ModelBusy(f"model {model_dir} is busy: {owner} (lock {path}); run this again when it has finished") from None
+            print(f"waiting for {owner} to finish with model {model_dir} (lock {path}) ...", file=sys.stderr)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        try:
+            current = os.stat(path).st_ino == os.fstat(descriptor).st_ino
+        except OSError:
+            current = False
+        if not current:  # the owner we waited for removed that file: lock the one there now
+            os.close(descriptor)
+            descriptor = None
+    try:
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"pid {os.getpid()} ({purpose})".encode(), 0)
+        yield
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        os.close(descriptor)
+
+
+def sweep_model(model_dir: Path) -> None:
+    """`sweep` beside the model folder, and inside it the staging folder of an export that was
+    killed (only when nobody holds the model's lock: a live export's folder is its own).
+    Best effort, like `sweep`."""
+    model_dir = Path(model_dir)
+    sweep(model_dir.parent)
+    real_parent = Path(os.path.realpath(model_dir)).parent
+    if real_parent != Path(os.path.realpath(model_dir.parent)):
+        sweep(real_parent)  # a linked model folder: its leftovers lie beside the link's target
+    try:
+        staged = [entry for entry in os.listdir(model_dir) if entry.startswith(EXPORT_STAGING_PREFIX)]
+    except OSError:
+        return
+    if not staged:
+        return
+    try:
+        with model_lock(model_dir, "sweeping leftovers", wait=False):
+            for entry in staged:
+                remove_entry(model_dir / entry)
+    except (ModelBusy, StorageError):
+        pass
 
 
 @contextmanager
@@ -142,7 +347,7 @@ def sweep(folder: Path) -> None:
     temporary folders are removed. Leftovers of live runs (their lock held) are left alone.
     Best effort: a folder we cannot change (read-only models) is left as it is."""
     folder = Path(folder)
-    if fcntl is None or not folder.is_dir():
+    if fcntl is None or not folder.is_dir() or os.path.realpath(folder) in _reading:
         return
     try:
         with _folder_lock(folder):
@@ -151,10 +356,24 @@ def sweep(folder: Path) -> None:
                 match = _LEFTOVER.match(entry)
                 if match:
                     runs.setdefault(match["run"], {})[match["kind"]] = (match["name"], folder / entry)
+                elif _MODEL_LOCK.match(entry):
+                    _remove_free_lock(folder / entry)
             for parts in runs.values():
                 _clean_run(folder, parts)
     except OSError:
         pass
+
+
+def _remove_free_lock(path: Path) -> None:
+    """A model lock file a killed run left (nobody holds its lock) is removed."""
+    descriptor = _take_lock(path)
+    if descriptor is None:
+        return
+    try:
+        if os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+            os.unlink(path)
+    finally:
+        os.close(descriptor)
 
 
 def _clean_run(folder: Path, parts: dict[str, tuple[str, Path]]) -> None:
@@ -171,9 +390,9 @@ def _clean_run(folder: Path, parts: dict[str, tuple[str, Path]]) -> None:
             if not os.path.lexists(folder / name):
                 os.replace(path, folder / name)  # killed between the two renames: the old one is back
             else:
-                shutil.rmtree(path, ignore_errors=True)
+                remove_entry(path)  # a link too (an older version swapped links aside)
         if "partial" in parts:
-            shutil.rmtree(parts["partial"][1], ignore_errors=True)
+            remove_entry(parts["partial"][1])
         for kind in ("lock", "locking"):
             if kind in parts:
                 parts[kind][1].unlink(missing_ok=True)
@@ -189,7 +408,9 @@ class AtomicFolder:
     """A folder written under a temporary name and renamed into place on success.
 
     replace=True (models): the previous folder of the same name is kept until the new one is
-    complete, then removed. replace=False (results): an existing folder is never touched; the
+    complete, then removed; the swap holds the model's lock (`model_lock`: it waits for an export
+    of the model to finish). A target that is a symbolic link is replaced where it leads: the
+    link stays and shows the new folder, and nothing is left beside it. replace=False (results): an existing folder is never touched; the
     new one gets the first free name `<name>-2`, `<name>-3`, ... (`target` says which, after the
     block; files are not flushed to disk one by one, so a power cut, unlike a kill, may leave
     a result folder with empty pictures). `checksums` records the sha256 and size of every file
@@ -200,7 +421,10 @@ class AtomicFolder:
 
     def __init__(self, target: Path, replace: bool = True) -> None:
         self.target = Path(target)
+        if replace and os.path.islink(self.target):
+            self.target = Path(os.path.realpath(self.target))  # the folder the link leads to is replaced
         self.replace = replace
+        self._made: list[Path] = []  # folders made for the target (removed again when nothing is saved)
         self.run = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         beside = {kind: self.target.parent / f".{self.target.name}.{kind}-{self.run}" for kind in ("partial", "previous", "lock", "locking")}
         self.temporary = beside["partial"]
@@ -209,13 +433,14 @@ class AtomicFolder:
         self._lock: int | None = None
 
     def __enter__(self) -> "AtomicFolder":
-        check_writable(self.target.parent)
+        self._made = check_writable(self.target.parent, keep=True)
         sweep(self.target.parent)
         try:
             self._hold_lock()
             self.temporary.mkdir()
         except OSError as error:
             self._release_lock()
+            remove_made(self._made)
             raise self._storage_error(error)
         return self
 
@@ -282,9 +507,11 @@ class AtomicFolder:
         self.write_npy_chunks(name, tuple(array.shape), [array], dtype)
 
     def __exit__(self, kind, value, traceback) -> None:
+        failed = False
         try:
             if kind is not None:
                 shutil.rmtree(self.temporary, ignore_errors=True)
+                failed = True
                 error = self._storage_error(value)
                 if error is not value:
                     raise error from None
@@ -292,16 +519,25 @@ class AtomicFolder:
             try:
                 if self.replace:
                     self._flush_unsynced()
-                with _folder_lock(self.target.parent), _signals_held():
+                with self._model_lock(), _folder_lock(self.target.parent), _signals_held():
                     previous = self._swap() if self.replace else self._place_new()
                     _fsync_path(self.target.parent)
-            except OSError as error:
+            except BaseException as error:
                 shutil.rmtree(self.temporary, ignore_errors=True)
-                raise self._storage_error(error) from None
+                failed = True
+                if isinstance(error, OSError):
+                    raise self._storage_error(error) from None
+                raise
             if previous is not None:
-                shutil.rmtree(previous, ignore_errors=True)
+                remove_entry(previous)
         finally:
             self._release_lock()
+            if failed:
+                remove_made(self._made)
+
+    def _model_lock(self):
+        """A model's swap waits for a run holding the model (an export); results need no lock."""
+        return model_lock(self.target, "saving a retrained model", wait=True) if self.replace else nullcontext()
 
     def _flush_unsynced(self) -> None:
         """Files other code wrote straight into a model's temporary folder reach the disk before
@@ -369,9 +605,10 @@ def file_checksum(path: Path) -> dict:
     return {"sha256": digest.hexdigest(), "bytes": size}
 
 
-def read_checked_bytes(folder: Path, name: str, files: dict) -> bytes:
-    """A file of a model folder, verified against its checksum in `files` (model.json's "files")."""
-    path = Path(folder) / name
+def read_checked_bytes(folder: Path, name: str, files: dict, key: str) -> bytes:
+    """A file of a model folder that model.json's entry `key` names, verified against its checksum
+    in `files` (model.json's "files")."""
+    path = model_file(folder, name, key)
     expected = files.get(name)
     if expected is None or not path.is_file():
         raise ModelError(f"model file {path} is missing: retrain with python train.py")
@@ -385,7 +622,7 @@ def read_npy_chunks(folder: Path, name: str, files: dict, shape: tuple, dtype: s
     """Row blocks of a .npy of a model folder, read with plain file reads and checked against the
     sha256 in `files` once all are read. Plain reads rather than a memory map: mapped pages would
     count toward the process's memory next to the unpacked state (+1.9 GB for Wide-ResNet)."""
-    path = Path(folder) / name
+    path = model_file(folder, name, f"files.{name}")
     if not path.is_file():
         raise ModelError(f"model file {path} is missing: retrain with python train.py")
     expected = files.get(name, {})

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from anomaly_model.backbone import ModelError
-from anomaly_model.files import file_checksum
+from anomaly_model.files import file_checksum, model_file
 from anomaly_model.store import EXPORT_SCHEMA, check_description, model_id
 
 ONNX_FILE = "model.onnx"
@@ -140,7 +140,7 @@ class OnnxScorer:
             raise ModelError(f"model {model_dir} has not been exported for RUNTIME=onnxruntime: run python export.py first")
         check_description(model_dir, description, EXPORT_SCHEMA)
         for name, expected in entry["files"].items():
-            file = Path(model_dir) / name
+            file = model_file(model_dir, name, f"export.files.{name}")
             if not file.is_file():
                 raise ModelError(f"{file} is missing: run python export.py")
             if file_checksum(file) != expected:

@@ -30,7 +30,7 @@ import torch
 
 from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
-from anomaly_model.files import AtomicFolder, sweep, write_file_atomically
+from anomaly_model.files import AtomicFolder, damaged_model, name_problem, reading, sweep_model, write_file_atomically
 from anomaly_model.padim import Padim
 from anomaly_model.patchcore import PatchCore
 from anomaly_model.schema import Each, Optional, SchemaError, check
@@ -144,7 +144,31 @@ def save_model(folder: Path, model: AnomalyModel, info: dict, extra_files: dict[
 
 def damaged(folder: Path, detail: str) -> ModelError:
     """The one error for a model.json the code cannot use, naming the file and the entry."""
-    return ModelError(f"model {Path(folder) / 'model.json'} is damaged or incompatible ({detail}): retrain with python train.py")
+    return damaged_model(folder, detail)
+
+
+def named_files(description, where: str = ""):
+    """(dotted key, name) of every file name model.json holds, in any section, present or future:
+    the keys of every "files" table and the values of every "..._file" entry."""
+    if not isinstance(description, dict):
+        return
+    for key, value in description.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key == "files" and isinstance(value, dict):
+            yield from ((f"{dotted}.{name}", name) for name in value)
+        elif str(key).endswith("_file"):
+            yield dotted, value
+        else:
+            yield from named_files(value, dotted)
+
+
+def check_file_names(folder: Path, description: dict) -> None:
+    """Every file name in model.json is a plain name inside the model folder (`files.model_file`
+    checks each again, links included, where it is read, hashed or deleted)."""
+    for key, name in named_files(description):
+        problem = name_problem(name)
+        if problem is not None:
+            raise damaged(folder, f"{key} names {name!r:.80}, {problem}")
 
 
 @contextmanager
@@ -186,7 +210,7 @@ def check_description(folder: Path, description: dict, schema: dict) -> None:
 def read_description(folder: Path) -> dict:
     """model.json of a model folder, checked; clear errors for a missing, old or damaged model."""
     folder = Path(folder)
-    sweep(folder.parent)  # a model stranded by a kill mid-swap is put back first
+    sweep_model(folder)  # a model stranded by a kill mid-swap is put back first; a killed export's folder goes
     path = folder / "model.json"
     if not path.is_file():
         raise ModelError(f"no trained model at {folder} (model.json missing): run python train.py first")
@@ -200,12 +224,18 @@ def read_description(folder: Path) -> dict:
             f"model {folder} has format {version}, this code reads format {FORMAT_VERSION}: retrain with python train.py"
         )
     check_description(folder, description, MODEL_SCHEMA)
+    check_file_names(folder, description)
     return description
 
 
 def load_model(folder: Path, device: str = "auto") -> tuple[AnomalyModel, dict]:
     """The fitted model (of the type it was saved as) and the model's description."""
     folder = Path(folder)
+    with reading(folder):  # a retrain swapping the model in waits until every file is read
+        return _load_model(folder, device)
+
+
+def _load_model(folder: Path, device: str) -> tuple[AnomalyModel, dict]:
     description = read_description(folder)
     entry = description["anomaly_model"]
     with model_file_guard(folder, "anomaly_model"):

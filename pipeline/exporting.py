@@ -25,14 +25,14 @@ import numpy as np
 import torch
 
 from anomaly_model.backbone import ModelError
-from anomaly_model.files import check_writable, file_checksum
+from anomaly_model.files import EXPORT_STAGING_PREFIX, check_writable, file_checksum, model_file, model_lock, remove_entry, swapping
 from anomaly_model.onnx_file import ONNX_FILE, open_session, require, run_session, write_onnx
 from anomaly_model.store import add_section, model_id, read_description
 from dataset_manager import Category, DataError, ImageBatches, Preprocessor
 from pipeline.detector import Detector, no_onnx_for_similarity
 
 MAX_RELATIVE_DIFFERENCE = 1e-4  # of a map's range (max - min): what "the same maps" means here
-STAGING_PREFIX = ".export-partial-"  # the hidden folder inside the model folder an export is checked in
+STAGING_PREFIX = EXPORT_STAGING_PREFIX  # the hidden folder inside the model folder an export is checked in
 PREPROCESSING_STEPS = (
     "read as 8-bit RGB; resize to resize = [height, width] (PIL bilinear); centre-crop to image_size = [height, width] "
     "(nothing to crop when they are equal); scale to [0, 1]; subtract mean and divide by std per channel; "
@@ -115,11 +115,18 @@ def _move_into_place(staging: Path, model_dir: Path, names: list[str]) -> None:
 
 def export_model(model_dir: Path, paths: list[Path]) -> ExportSummary:
     """Write model_dir/model.onnx (+ model.onnx.data past 2 GB) and record it in model.json, once
-    onnxruntime's maps on `paths` equal the torch model's; on any failure nothing is written."""
-    started = time.perf_counter()
+    onnxruntime's maps on `paths` equal the torch model's; on any failure nothing is written.
+
+    The export holds the model's lock throughout (`files.model_lock`): a second export of the same
+    model says it is busy, and a retrain's swap waits until this one is done."""
     for name in ("onnx", "onnxscript", "onnxruntime"):  # before any long work
         require(name)
-    model_dir = Path(model_dir)
+    with model_lock(model_dir, "export.py is exporting it", wait=False):
+        return _export_locked(Path(model_dir), paths)
+
+
+def _export_locked(model_dir: Path, paths: list[Path]) -> ExportSummary:
+    started = time.perf_counter()
     detector = Detector(model_dir, "cpu")
     description = detector.description
     if detector.needs_peaks:
@@ -130,9 +137,9 @@ def export_model(model_dir: Path, paths: list[Path]) -> ExportSummary:
     size = detector.preprocessor.size
     module = detector.model.export_module(size, release=True)  # the model's last use
     del detector
-    for leftover in model_dir.glob(f"{STAGING_PREFIX}*"):  # from an export that was killed
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging = model_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}"
+    for leftover in model_dir.glob(f"{STAGING_PREFIX}*"):  # from an export that was killed (we hold the lock)
+        remove_entry(leftover)
+    staging = model_dir / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         staging.mkdir()
         print(f"exporting {model_dir.name} to ONNX ...", file=sys.stderr)
@@ -150,22 +157,25 @@ def export_model(model_dir: Path, paths: list[Path]) -> ExportSummary:
         checksums = {name: file_checksum(staging / name) for name in names}
         if model_id(read_description(model_dir)) != metadata["model_id"]:
             raise ModelError(f"model {model_dir} was trained again while it was being exported: run python export.py again")
-        previous = description.get("export", {}).get("files", {})
-        _move_into_place(staging, model_dir, names)
-        add_section(model_dir, "export", {
-            "onnx_file": ONNX_FILE,
-            "files": checksums,
-            "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "check": {
-                "images": [str(path) for path in paths],
-                "max_relative_map_difference": map_difference,
-                "max_relative_score_difference": score_difference,
-                "limit": MAX_RELATIVE_DIFFERENCE,
-            },
-            "versions": export_versions(),
-        })
-        for name in set(previous) - set(names):  # e.g. external data a larger earlier export needed
-            (model_dir / name).unlink(missing_ok=True)
+        # files of the previous export this one does not write (e.g. external data a larger export
+        # needed): each name checked before anything moves, so no name in model.json reaches outside
+        stale = [model_file(model_dir, name, f"export.files.{name}") for name in description.get("export", {}).get("files", {}) if name not in names]
+        with swapping(model_dir):  # a load sees the old export or the new one, never half of each
+            _move_into_place(staging, model_dir, names)
+            add_section(model_dir, "export", {
+                "onnx_file": ONNX_FILE,
+                "files": checksums,
+                "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "check": {
+                    "images": [str(path) for path in paths],
+                    "max_relative_map_difference": map_difference,
+                    "max_relative_score_difference": score_difference,
+                    "limit": MAX_RELATIVE_DIFFERENCE,
+                },
+                "versions": export_versions(),
+            })
+            for path in stale:
+                path.unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportSummary(
