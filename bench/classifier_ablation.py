@@ -50,9 +50,9 @@ from anomaly_model.store import build_model  # noqa: E402
 from classification_model.features import FEATURE_NAMES, MONOTONE, levels_from_description, map_features  # noqa: E402
 from classification_model.synthetic import DEFECT_TYPES  # noqa: E402
 from classification_model.training import (  # noqa: E402
-    add_similarity_stage, anchoring, params_from_settings, synthetic_defect_maps, synthetic_plan,
+    DefectPainting, SimilarityEvidence, add_similarity_stage, anchoring, params_from_settings, synthetic_defect_maps, synthetic_plan,
 )
-from classification_model.xgboost import train_classifier  # noqa: E402
+from classification_model.xgboost import ClassifierRows, train_classifier  # noqa: E402
 from dataset_manager import IMAGE_EXTENSIONS, ImageBatches, find_categories  # noqa: E402
 from dataset_manager.demo import generate_demo_dataset  # noqa: E402
 from evaluation.metrics import image_rocauc  # noqa: E402
@@ -167,8 +167,8 @@ class MapSource:
         def compute():
             kinds = [[DEFECT_TYPES[(i + v) % len(DEFECT_TYPES)] for v in range(per_image)] for i in range(len(self.validation_paths))]
             maps, scores, sources, made = synthetic_defect_maps(
-                self.model, self.preprocessor, self.validation_paths, kinds, s.CLASSIFIER_DEFECT_SIZE, s.CLASSIFIER_DEFECT_STRENGTH,
-                np.random.default_rng(seed), s.BATCH_SIZE)
+                self.model, self.preprocessor, self.validation_paths, kinds,
+                DefectPainting(s.CLASSIFIER_DEFECT_SIZE, s.CLASSIFIER_DEFECT_STRENGTH, np.random.default_rng(seed), s.BATCH_SIZE))
             return {"maps": maps.half().numpy(), "scores": scores.numpy(), "sources": sources, "kinds": np.array(made)}
 
         arrays = self._cached(name, compute)
@@ -185,10 +185,9 @@ class MapSource:
             base, fitted = self.base(), self.fitted()
             n_validation = len(self.validation_paths)
             plan = synthetic_plan(n_validation + len(self.train_paths), s.CLASSIFIER_SYNTHETIC_DEFECTS, seed)
-            rng = np.random.default_rng(seed)
-            size, strength = s.CLASSIFIER_DEFECT_SIZE, s.CLASSIFIER_DEFECT_STRENGTH
+            painting = DefectPainting(s.CLASSIFIER_DEFECT_SIZE, s.CLASSIFIER_DEFECT_STRENGTH, np.random.default_rng(seed), s.BATCH_SIZE)
             maps, scores, sources, kinds = synthetic_defect_maps(
-                self.model, self.preprocessor, self.validation_paths, plan[:n_validation], size, strength, rng, s.BATCH_SIZE)
+                self.model, self.preprocessor, self.validation_paths, plan[:n_validation], painting)
             parts = [(maps.half().numpy(), scores.numpy(), sources, kinds)]
             order = base["oof_index"]
             for start in tqdm(range(0, len(order), 32), desc="synthetic on training images", file=sys.stderr):
@@ -196,7 +195,7 @@ class MapSource:
                 indices = order[rows]
                 maps, scores, owners, kinds = synthetic_defect_maps(
                     self.model, self.preprocessor, [self.train_paths[i] for i in indices], [plan[n_validation + i] for i in indices],
-                    size, strength, rng, s.BATCH_SIZE, honest_maps=torch.from_numpy(base["oof"][rows]),
+                    painting, honest_maps=torch.from_numpy(base["oof"][rows]),
                     fitted_maps=torch.from_numpy(fitted["maps"][indices]))
                 parts.append((maps.half().numpy(), scores.numpy(), n_validation + indices[owners], kinds))
             return {"maps": np.concatenate([p[0] for p in parts]), "scores": np.concatenate([p[1] for p in parts]),
@@ -326,9 +325,9 @@ def run_variant(data: Prepared, spec: dict, settings, seeds: int, ks: list[int],
             if spec.get("real_weight") == "balanced" and k:
                 real_weight = max(real_weight, len(synthetic[0]) / k)
             weights = np.r_[np.ones(n_good + len(synthetic[0])), np.full(k, real_weight)]
-            arguments = anchoring(SimpleNamespace(**{**vars(settings), "CLASSIFIER_ANCHOR": spec["mode"]}))  # as train.py does
-            classifier = train_classifier(features, labels, groups, FEATURE_NAMES, params, settings.CLASSIFIER_FALSE_REJECT_RATE,
-                                          weights, MONOTONE, image_scores=scores, **arguments)
+            anchor = anchoring(SimpleNamespace(**{**vars(settings), "CLASSIFIER_ANCHOR": spec["mode"]}))  # as train.py does
+            classifier = train_classifier(ClassifierRows(features, labels, groups, weights, scores), FEATURE_NAMES, params,
+                                          settings.CLASSIFIER_FALSE_REJECT_RATE, MONOTONE, anchor)
             if spec.get("share") == "real evidence" and k:
                 choose_share_on_real_defects(classifier, features, labels, groups, weights, scores, params, n_good + len(synthetic[0]),
                                              settings.CLASSIFIER_FALSE_REJECT_RATE)
@@ -336,9 +335,9 @@ def run_variant(data: Prepared, spec: dict, settings, seeds: int, ks: list[int],
             directions = None
             if spec.get("similarity") and k:  # as train.py: validation goods are the first rows, labeled defects the last
                 n_rows = len(classifier.out_of_fold_margin)
-                add_similarity_stage(classifier, slice(0, data.n_validation), slice(n_rows - k, n_rows), data.peaks["good"],
-                                     data.peaks["test"][chosen], data.good_medians, data.test_medians[chosen],
-                                     settings.CLASSIFIER_FALSE_REJECT_RATE)
+                evidence = SimilarityEvidence(slice(0, data.n_validation), slice(n_rows - k, n_rows), data.peaks["good"],
+                                              data.peaks["test"][chosen], data.good_medians, data.test_medians[chosen])
+                add_similarity_stage(classifier, evidence, settings.CLASSIFIER_FALSE_REJECT_RATE)
                 directions = data.peaks["test"][keep] if classifier.similarity is not None else None
             margin = classifier.margin(data.test[keep], data.test_scores[keep], directions)  # the verdict's log-odds, as test.py computes it
             threshold = np.log(classifier.threshold / (1 - classifier.threshold))
@@ -406,7 +405,8 @@ def choose_share_on_real_defects(classifier, features, labels, groups, weights, 
     from classification_model.xgboost import _fold_boosters, _group_folds, blend
 
     fold = _group_folds(groups, labels, classifier.report["folds"], params.seed)
-    trees, anchor, _ = _fold_boosters(features, labels, groups, weights, fold, params, MONOTONE if params.monotone else None, scores, False)
+    rows = ClassifierRows(features, labels, groups, weights, scores).checked()
+    trees, anchor, _ = _fold_boosters(rows, fold, params, MONOTONE if params.monotone else None, False)
     rows = (labels == 0) | (np.arange(len(labels)) >= first_real)
     rows &= ~np.isnan(trees)
     aucs = {share: image_rocauc(labels[rows], blend(trees[rows], anchor[rows], share)) for share in SHARES}

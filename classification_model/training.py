@@ -27,22 +27,42 @@ it arrives (`TrainingSet.add`): no map is kept, so memory does not grow with the
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
 from classification_model.features import FEATURE_NAMES, MONOTONE, map_features
 from classification_model.similarity import fit_defect_similarity
 from classification_model.synthetic import DEFECT_TYPES, make_defect
-from classification_model.xgboost import ClassifierParams, DefectClassifier, train_classifier
-from choices import CLASSIFIER_ANCHORS
+from classification_model.xgboost import Anchoring, ClassifierParams, ClassifierRows, DefectClassifier, train_classifier
 from dataset_manager import DataError, ImageBatches, Preprocessor, read_rgb
 
 FEATURE_CHUNK = 64  # maps turned into features at once (64 maps of 224 x 224: 13 MB)
+
+
+@dataclass
+class HonestGoods:
+    """Maps of good images the model was not fitted on, with what the classifier needs of them."""
+
+    paths: list[Path]  # the images (synthetic defects are painted on them)
+    hosts: list[int]  # host numbers: validation images first, then training images
+    maps: torch.Tensor  # (N, H, W) their honest maps
+    scores: torch.Tensor  # (N,) their image scores
+    out_of_fold: bool  # the model was fitted on these images and `maps` are their out-of-fold maps
+
+
+@dataclass
+class DefectPainting:
+    """How synthetic defects are painted (CLASSIFIER_DEFECT_SIZE / _STRENGTH) and scored."""
+
+    size_range: tuple[float, float]
+    strength_range: tuple[float, float]
+    rng: np.random.Generator
+    batch_size: int
 
 
 def params_from_settings(settings) -> ClassifierParams:
@@ -77,10 +97,7 @@ def synthetic_defect_maps(
     preprocessor: Preprocessor,
     hosts: list[Path],
     kinds: list[list[str]],
-    size_range: tuple[float, float],
-    strength_range: tuple[float, float],
-    rng: np.random.Generator,
-    batch_size: int,
+    painting: DefectPainting,
     honest_maps: torch.Tensor | None = None,
     fitted_maps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, list[str]]:
@@ -102,14 +119,15 @@ def synthetic_defect_maps(
             owners.append(position)
             defect_kinds.append(None)  # the host itself, scored by the fitted model
         for kind in host_kinds:
-            image = make_defect(rgb, kind, rng, size_range, strength_range, preprocessor.crop_box(rgb.shape[0], rgb.shape[1]))
+            box = preprocessor.crop_box(rgb.shape[0], rgb.shape[1])
+            image = make_defect(rgb, kind, painting.rng, painting.size_range, painting.strength_range, box)
             images.append(preprocessor.image_tensor(image))
             owners.append(position)
             defect_kinds.append(kind)
     if not images:
         return torch.zeros(0, *preprocessor.size), torch.zeros(0), np.zeros(0, dtype=int), []
     maps, scores = [], []
-    step = preprocessor.batch_size(batch_size)
+    step = preprocessor.batch_size(painting.batch_size)
     for start in range(0, len(images), step):
         batch_maps, batch_scores = model.score(torch.stack(images[start : start + step]))
         maps.append(batch_maps)
@@ -187,23 +205,20 @@ class TrainingSet:
         self.groups.append(np.asarray(groups, dtype=int))
         self.weights.append(np.full(maps.shape[0], float(weight)))
 
-    def add_goods_and_synthetic(
-        self, model, preprocessor, paths: list[Path], hosts: list[int], maps, scores, settings, out_of_fold: bool
-    ) -> None:
-        """Good maps of `paths` (host numbers `hosts`), and the synthetic defects planned for them.
-        `out_of_fold`: the model was fitted on these images and `maps` are their out-of-fold maps."""
-        if not out_of_fold:
-            self.validation_rows = slice(self.n_rows, self.n_rows + maps.shape[0])
-        self.add(maps, scores, 0, np.array(hosts))
-        self.counts["out_of_fold_goods" if out_of_fold else "validation_goods"] += maps.shape[0]
-        kinds = [self.plan[host] for host in hosts]
+    def add_goods_and_synthetic(self, model: AnomalyModel, preprocessor: Preprocessor, goods: HonestGoods, settings) -> None:
+        """Rows for honest good maps, and for the synthetic defects planned for their images."""
+        if not goods.out_of_fold:
+            self.validation_rows = slice(self.n_rows, self.n_rows + goods.maps.shape[0])
+        self.add(goods.maps, goods.scores, 0, np.array(goods.hosts))
+        self.counts["out_of_fold_goods" if goods.out_of_fold else "validation_goods"] += goods.maps.shape[0]
+        kinds = [self.plan[host] for host in goods.hosts]
         if not any(kinds):
             return
+        painting = DefectPainting(settings.CLASSIFIER_DEFECT_SIZE, settings.CLASSIFIER_DEFECT_STRENGTH, self.rng, settings.BATCH_SIZE)
         defect_maps, defect_scores, owners, defect_kinds = synthetic_defect_maps(
-            model, preprocessor, paths, kinds, settings.CLASSIFIER_DEFECT_SIZE, settings.CLASSIFIER_DEFECT_STRENGTH,
-            self.rng, settings.BATCH_SIZE, honest_maps=maps if out_of_fold else None,
+            model, preprocessor, goods.paths, kinds, painting, honest_maps=goods.maps if goods.out_of_fold else None,
         )
-        self.add(defect_maps, defect_scores, 1, np.array(hosts)[owners])
+        self.add(defect_maps, defect_scores, 1, np.array(goods.hosts)[owners])
         for kind in defect_kinds:
             self.counts[kind] += 1
 
@@ -226,55 +241,48 @@ class TrainingSet:
         """The classifier; with peak directions of the validation goods and the labeled defects, its
         similarity stage too (or `similarity_note` says why not)."""
         features, scores, labels, groups, weights = self.arrays()
+        rows = ClassifierRows(features, labels, groups, weights, scores)
         classifier = train_classifier(
-            features, labels, groups, FEATURE_NAMES, params_from_settings(settings), settings.CLASSIFIER_FALSE_REJECT_RATE,
-            weights, MONOTONE, image_scores=scores, **anchoring(settings),
-        )
+            rows, FEATURE_NAMES, params_from_settings(settings), settings.CLASSIFIER_FALSE_REJECT_RATE, MONOTONE, anchoring(settings))
         if self.validation_directions is not None and self.real_directions is not None:
             medians, labels = np.concatenate(self.medians), np.concatenate(self.labels)
-            self.similarity_note = add_similarity_stage(
-                classifier, self.validation_rows, self.real_rows, self.validation_directions, self.real_directions,
-                medians[labels == 0], medians[self.real_rows], settings.CLASSIFIER_FALSE_REJECT_RATE,
-            )
+            evidence = SimilarityEvidence(self.validation_rows, self.real_rows, self.validation_directions, self.real_directions,
+                                          medians[labels == 0], medians[self.real_rows])
+            self.similarity_note = add_similarity_stage(classifier, evidence, settings.CLASSIFIER_FALSE_REJECT_RATE)
         return classifier
 
 
-def add_similarity_stage(
-    classifier: DefectClassifier,
-    good_rows,
-    real_rows,
-    good_directions: np.ndarray,
-    real_directions: np.ndarray,
-    honest_medians: np.ndarray,
-    real_medians: np.ndarray,
-    false_reject_rate: float,
-) -> str:
-    """Fit the similarity stage on the classifier's out-of-fold log-odds of its training rows
-    `good_rows` (validation goods) and `real_rows` (labeled defects), with their peak directions and
-    map medians (`honest_medians`: every honest good's); add it to the classifier when it is kept.
-    Returns why it was not, or "". Rows the cross-validation could not score are left out."""
-    good_margins, real_margins = classifier.out_of_fold_margin[good_rows], classifier.out_of_fold_margin[real_rows]
+@dataclass
+class SimilarityEvidence:
+    """What the similarity stage learns from, beside the classifier's out-of-fold log-odds of its rows."""
+
+    good_rows: slice  # the validation goods' rows of the classifier's training set
+    real_rows: slice  # the labeled defects' rows
+    good_directions: np.ndarray  # their peak directions (AnomalyModel.score_with_peaks)
+    real_directions: np.ndarray
+    honest_medians: np.ndarray  # every honest good's map median: the shift check
+    real_medians: np.ndarray  # the labeled defects' map medians
+
+
+def add_similarity_stage(classifier: DefectClassifier, evidence: SimilarityEvidence, false_reject_rate: float) -> str:
+    """Fit the similarity stage on the classifier's out-of-fold log-odds of the evidence's rows, with
+    their peak directions and map medians; add it to the classifier when it is kept. Returns why it
+    was not, or "". Rows the cross-validation could not score are left out."""
+    good_margins = classifier.out_of_fold_margin[evidence.good_rows]
+    real_margins = classifier.out_of_fold_margin[evidence.real_rows]
     goods, real = ~np.isnan(good_margins), ~np.isnan(real_margins)
+    good_directions, real_directions = evidence.good_directions[goods], evidence.real_directions[real]
     similarity, note = fit_defect_similarity(
-        good_margins[goods], good_directions[goods], real_margins[real], real_directions[real], honest_medians, real_medians[real]
+        good_margins[goods], good_directions, real_margins[real], real_directions, evidence.honest_medians, evidence.real_medians[real]
     )
     if similarity is not None:
-        classifier.add_similarity(similarity, good_margins[goods], good_directions[goods], false_reject_rate)
+        classifier.add_similarity(similarity, good_margins[goods], good_directions, false_reject_rate)
     return note
 
 
-def anchoring(settings) -> dict:
-    """How the classifier relates to the image score (CLASSIFIER_ANCHOR): train_classifier's arguments."""
-    mode = settings.CLASSIFIER_ANCHOR
-    if mode == "margin":
-        return {"anchored": True}
-    if mode == "guard":
-        return {"guard": 0.0}
-    if mode == "shrink":
-        return {"shrink_goods": settings.CLASSIFIER_SHRINK_GOODS}
-    if mode == "none":
-        return {}
-    raise ModelError(f"CLASSIFIER_ANCHOR={mode!r} is not one of {', '.join(CLASSIFIER_ANCHORS)}")
+def anchoring(settings) -> Anchoring:
+    """How the classifier relates to the image score (CLASSIFIER_ANCHOR)."""
+    return Anchoring(settings.CLASSIFIER_ANCHOR, guard=0.0, shrink_goods=settings.CLASSIFIER_SHRINK_GOODS)
 
 
 def classifier_info(classifier: DefectClassifier, training_set: TrainingSet, settings) -> dict:

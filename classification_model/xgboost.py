@@ -23,6 +23,7 @@ import xgboost as xgb
 from sklearn.metrics import roc_auc_score
 
 from anomaly_model.backbone import ModelError
+from choices import CLASSIFIER_ANCHORS
 from classification_model.similarity import DefectSimilarity
 from evaluation.metrics import image_rocauc
 
@@ -232,10 +233,11 @@ def _group_folds(groups: np.ndarray, labels: np.ndarray, folds: int, seed: int) 
     return np.array([assignment[g] for g in groups])
 
 
-def _fold_boosters(features, labels, groups, weights, fold, params, monotone, image_scores, anchored):
+def _fold_boosters(rows: ClassifierRows, fold: np.ndarray, params: ClassifierParams, monotone: list[int] | None, anchored: bool):
     """Grouped cross-validation: per fold the anchor and the trees are fitted on the other folds,
     early-stopped on this one. Returns out-of-fold margins of the classifier and of the anchor
     alone, and the number of trees each fold kept (0 when no tree beat the anchor on held-out logloss)."""
+    features, labels, weights, image_scores = rows.features, rows.labels, rows.weights, rows.image_scores
     margins = np.full(len(labels), np.nan)
     anchor_margins = np.full(len(labels), np.nan)
     best_rounds = []
@@ -278,37 +280,57 @@ def _logloss(labels: np.ndarray, margin: np.ndarray, weights: np.ndarray, scale_
     return float((weights * losses).sum() / weights.sum())
 
 
+@dataclass
+class ClassifierRows:
+    """The classifier's training examples, one row each; `rows()` checks and converts them."""
+
+    features: np.ndarray  # (N, F) map features
+    labels: np.ndarray  # (N,) 0 good, 1 defect
+    groups: np.ndarray  # (N,) cross-validation groups: a good image and the defects painted on it
+    weights: np.ndarray | None = None  # (N,) sample weights, None = all 1
+    image_scores: np.ndarray | None = None  # (N,) the anomaly model's image score (the anchor's input)
+
+    def checked(self) -> "ClassifierRows":
+        """The same rows as float32 features, int labels, float64 weights and scores."""
+        labels = np.asarray(self.labels).astype(int)
+        weights = np.ones(len(labels)) if self.weights is None else np.asarray(self.weights, dtype=np.float64)
+        scores = None if self.image_scores is None else np.asarray(self.image_scores, dtype=np.float64)
+        return ClassifierRows(np.asarray(self.features, dtype=np.float32), labels, np.asarray(self.groups), weights, scores)
+
+
+@dataclass(frozen=True)
+class Anchoring:
+    """How the verdict relates to the image score (CLASSIFIER_ANCHOR): "none", the trees alone;
+    "margin", the trees start from the image score's log-odds (`Anchor`); "guard", the trees are kept
+    only if their out-of-fold ROCAUC beats the image score's by more than `guard`, else the verdict is
+    the image score's log-odds alone; "shrink", the trees are trained alone and the verdict is
+    `blend`ed with the anchor's log-odds, the trees' share `shrink_share(n_good, shrink_goods)`."""
+
+    mode: str = "none"
+    guard: float = 0.0
+    shrink_goods: float = 0.0
+
+
 def train_classifier(
-    features: np.ndarray,
-    labels: np.ndarray,
-    groups: np.ndarray,
+    rows: ClassifierRows,
     feature_names: list[str],
     params: ClassifierParams,
     false_reject_rate: float,
-    weights: np.ndarray | None = None,
     monotone: list[int] | None = None,
-    threshold_rows: np.ndarray | None = None,
-    image_scores: np.ndarray | None = None,
-    anchored: bool = False,
-    guard: float | None = None,
-    shrink_goods: float | None = None,
+    anchoring: Anchoring = Anchoring(),
 ) -> DefectClassifier:
     """Fit the classifier; the verdict threshold rejects `false_reject_rate` of the goods' out-of-fold
-    probabilities (`threshold_rows` picks which goods count). `image_scores`: the anomaly model's
-    score of each row; `anchored`: the trees start from its log-odds (`Anchor`); `guard`: keep the
-    trees only if their out-of-fold ROCAUC beats the image score's by more than this, else the
-    verdict is the image score's log-odds alone (an anchor with no trees); `shrink_goods`: the trees
-    are trained alone and the verdict is `blend`ed with the anchor's log-odds, the trees' share
-    `shrink_share(n_good, shrink_goods)` (out-of-fold: each fold's trees with that fold's anchor)."""
-    features = np.asarray(features, dtype=np.float32)
-    labels = np.asarray(labels).astype(int)
-    groups = np.asarray(groups)
-    weights = np.ones(len(labels)) if weights is None else np.asarray(weights, dtype=np.float64)
-    if sum((anchored, guard is not None, shrink_goods is not None)) > 1:
-        raise ModelError("internal: anchored, guard and shrink_goods are alternatives")
-    if (anchored or guard is not None or shrink_goods is not None) and image_scores is None:
+    probabilities. `anchoring`: how the verdict uses the rows' image scores (out-of-fold: each fold's
+    trees with that fold's anchor)."""
+    rows = rows.checked()
+    features, labels, groups, weights, image_scores = rows.features, rows.labels, rows.groups, rows.weights, rows.image_scores
+    if anchoring.mode not in CLASSIFIER_ANCHORS:
+        raise ModelError(f"CLASSIFIER_ANCHOR={anchoring.mode!r} is not one of {', '.join(CLASSIFIER_ANCHORS)}")
+    anchored = anchoring.mode == "margin"
+    guard = anchoring.guard if anchoring.mode == "guard" else None
+    shrink_goods = anchoring.shrink_goods if anchoring.mode == "shrink" else None
+    if anchoring.mode != "none" and image_scores is None:
         raise ModelError("internal: an anchored, guarded or shrunk classifier needs the image scores")
-    image_scores = None if image_scores is None else np.asarray(image_scores, dtype=np.float64)
     n_good, n_defect = int((labels == 0).sum()), int((labels == 1).sum())
     if n_good == 0 or n_defect == 0:
         raise ModelError(
@@ -324,9 +346,7 @@ def train_classifier(
         raise ModelError(f"the classifier needs at least 2 good validation images, got {len(good_groups)}: add validation images")
     fold = _group_folds(groups, labels, folds, params.seed)
     monotone = monotone if params.monotone else None
-    out_of_fold, anchor_out_of_fold, best_rounds = _fold_boosters(
-        features, labels, groups, weights, fold, params, monotone, image_scores, anchored
-    )
+    out_of_fold, anchor_out_of_fold, best_rounds = _fold_boosters(rows, fold, params, monotone, anchored)
     rounds = int(np.median(best_rounds)) if best_rounds else params.max_rounds
     scale = weights[labels == 0].sum() / weights[labels == 1].sum()
     scored = ~np.isnan(out_of_fold)
@@ -350,8 +370,6 @@ def train_classifier(
         num_boost_round=rounds,
     )
     chosen = (labels == 0) & ~np.isnan(out_of_fold)
-    if threshold_rows is not None:
-        chosen &= np.asarray(threshold_rows, dtype=bool)
     good_probabilities = _sigmoid(out_of_fold[chosen])
     threshold = float(np.quantile(good_probabilities, 1 - false_reject_rate)) if good_probabilities.size else 0.5
     report = {

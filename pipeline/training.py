@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from dataset_manager import Category, DataError, ImageBatches, Preprocessor
 from dataset_manager.images import image_size, resolve_image_size
 from dataset_manager.loader import skipped_summary
 from settings import SettingsError
+
+if TYPE_CHECKING:
+    from classification_model.training import TrainingSet
 
 PIXEL_SAMPLE_STRIDE = 4  # validation maps are smooth (blur sigma 4): every 4th pixel each way suffices
 MIN_TRAIN_IMAGES = 2  # a covariance (and any spread of good features) needs at least two images
@@ -257,17 +261,69 @@ def pixel_policies(model: AnomalyModel, maps: torch.Tensor, thresholds: dict, po
     thresholds["n_validation_pixels"] = int(maps.numel())
 
 
+@dataclass
+class TrainingImages:
+    """Which images a training run reads, fixed before the first is decoded."""
+
+    train: list[Path]  # the readable training images (the fit, and the out-of-fold maps)
+    validation: list[Path]  # held-out goods: validation/good, or a seeded share of train
+    skipped: list[tuple[Path, str]]  # unreadable files so far, with the reason (stages add theirs)
+    folds: int  # out-of-fold folds, 0 = none
+
+
+@dataclass
+class TrainingRun:
+    """One category's training as it moves through the stages of `train_category`: what the
+    settings and the data fixed first, then what each stage leaves for the next."""
+
+    category: Category
+    settings: SimpleNamespace
+    model_dir: Path
+    images: TrainingImages
+    model: AnomalyModel
+    preprocessor: Preprocessor
+    started: float  # perf_counter at the start: the summary's seconds
+    maps: torch.Tensor | None = field(default=None, init=False)  # the validation goods' maps (rank 0), dropped once used
+    scores: torch.Tensor | None = field(default=None, init=False)  # and their image scores
+    skipped_validation: list[tuple[Path, str]] = field(default_factory=list, init=False)
+    goods: GoodMapSample = field(default_factory=lambda: GoodMapSample(), init=False)  # every honest good: thresholds
+    training_set: TrainingSet | None = field(default=None, init=False)  # the classifier's rows (CLASSIFIER)
+    n_out_of_fold: int = field(default=0, init=False)  # training images scored out-of-fold
+    info: dict = field(default_factory=dict, init=False)  # model.json's sections, as the stages make them
+    extra_files: dict[str, bytes] = field(default_factory=dict, init=False)  # files saved beside the model
+
+    @property
+    def readable_validation(self) -> list[Path]:
+        unreadable = {path for path, _ in self.skipped_validation}
+        return [path for path in self.images.validation if path not in unreadable]
+
+
 def train_category(category: Category, settings, model_dir: Path) -> TrainingSummary:
     """Fit, calibrate and save one model; the previous model at `model_dir` survives any failure.
 
-    After the fit: the validation goods' maps; then, with OUT_OF_FOLD_FOLDS > 0, every training
-    image's out-of-fold map (cross-fitting). Thresholds are calibrated on all these honest goods;
-    the classifier (CLASSIFIER) learns from them, from synthetic defects painted on them and from
-    labeled defects, each map turned into features as it arrives.
+    The stages, in order: fit the anomaly model on the training images; score the validation goods;
+    then, on one process, collect every honest good (the validation maps and, with
+    OUT_OF_FOLD_FOLDS > 0, each training image's out-of-fold map), set the thresholds on them,
+    train the classifier (CLASSIFIER) on them, on synthetic and on labeled defects, and save.
 
-    Under torchrun every rank runs this: each fits on its shard of the training images and scores
-    its shard of the validation images; rank 0 then does the rest alone (out-of-fold maps,
-    calibration, classifier, save) and every rank returns rank 0's summary."""
+    Under torchrun every rank runs the first two stages on its shard of the images; rank 0 then
+    does the rest alone and every rank returns rank 0's summary."""
+    run = prepare(category, settings, model_dir)
+    fit(run)
+    score_validation_goods(run)
+    summary = None
+    if distributed.is_main():  # the validation maps and scores were gathered here
+        collect_honest_goods(run)
+        set_thresholds(run)
+        if settings.CLASSIFIER:
+            train_verdict(run)
+        summary = save(run)
+    return distributed.broadcast_object(summary)
+
+
+def prepare(category: Category, settings, model_dir: Path) -> TrainingRun:
+    """Everything checked before the first image is decoded: the validation split, readable headers,
+    enough images, the model and its working size, the pixel threshold policy."""
     started = time.perf_counter()
     if distributed.is_main():
         check_writable(model_dir.parent)
@@ -288,111 +344,137 @@ def train_category(category: Category, settings, model_dir: Path) -> TrainingSum
         print("note: out-of-fold maps are not made for tiled models; the classifier and thresholds use the validation goods", file=sys.stderr)
         folds = 0
     check_pixel_policy(model, settings.PIXEL_THRESHOLD_POLICY, settings.PIXEL_FALSE_REJECT_RATE)
+    images = TrainingImages(train_paths, validation_paths, skipped, folds)
+    return TrainingRun(category, settings, model_dir, images, model, preprocessor, started)
+
+
+def fit(run: TrainingRun) -> None:
+    """Fit the anomaly model on this rank's shard of the training images, streamed batch by batch."""
+    settings, train_paths = run.settings, run.images.train
     mine = distributed.shard(len(train_paths), settings.BATCH_SIZE)
-    batches = ImageBatches([train_paths[i] for i in mine], preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
+    batches = ImageBatches([train_paths[i] for i in mine], run.preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
     fitted: list[int] = []  # train_paths number of each image this rank fits, filled as they are read (plan_fit)
+    held_out = 0 if run.category.validation_images else len(run.images.validation)
+    n_files = len(train_paths) + len(run.images.skipped)
 
     def counted_images():
         """The batches' images; once they are all read, fewer than 2 is a DataError before any fit
         ends. Alone only: under torchrun a rank sees its shard, and the fit checks the total."""
         count = 0
-        for batch in distributed.watched(tqdm(batches, desc=f"fit {category.name}", unit="batch", file=sys.stderr)):
+        for batch in distributed.watched(tqdm(batches, desc=f"fit {run.category.name}", unit="batch", file=sys.stderr)):
             count += len(batch.indices)
             fitted.extend(mine[i] for i in batch.indices)
             yield batch.images
         if not distributed.active():
-            require_training_images(count, folder, n_files, held_out, skipped + batches.skipped)
+            require_training_images(count, folder_of(run.category.train_images), n_files, held_out, run.images.skipped + batches.skipped)
 
-    model.plan_fit(len(train_paths) * (layout.count if layout is not None else 1), fitted)  # backbone inputs: images or tiles
-    model.fit_images(counted_images())
-    skipped += skipped_in_order(batches.skipped, train_paths)
-    maps, scores, skipped_validation = validation_maps(model, validation_paths, preprocessor, settings)
-    skipped += skipped_validation
-    summary = None
-    if distributed.is_main():  # the validation maps and scores were gathered here
-        summary = _calibrate_and_save(category, settings, model_dir, model, preprocessor, train_paths, validation_paths, maps, scores,
-                                      skipped, skipped_validation, folds, started)
-    return distributed.broadcast_object(summary)
+    layout = run.model.tile_layout_
+    run.model.plan_fit(len(train_paths) * (layout.count if layout is not None else 1), fitted)  # backbone inputs: images or tiles
+    run.model.fit_images(counted_images())
+    run.images.skipped += skipped_in_order(batches.skipped, train_paths)
 
 
-def _calibrate_and_save(category, settings, model_dir, model, preprocessor, train_paths, validation_paths, maps, scores,
-                        skipped, skipped_validation, folds, started) -> TrainingSummary:
-    """After the fit, on one process: out-of-fold maps, thresholds, classifier, and the atomic save."""
-    _warn_skipped(skipped)
-    goods = GoodMapSample()
-    goods.add(maps, scores)
-    info = goods.calibrate(settings.IMAGE_FALSE_REJECT_RATE, settings.PIXEL_FALSE_REJECT_RATE)
-    training_set = None
+def score_validation_goods(run: TrainingRun) -> None:
+    """The validation goods' maps and image scores (gathered on rank 0), and their unreadable files."""
+    run.maps, run.scores, run.skipped_validation = validation_maps(run.model, run.images.validation, run.preprocessor, run.settings)
+    run.images.skipped += run.skipped_validation
+
+
+def collect_honest_goods(run: TrainingRun) -> None:
+    """Every map of a good image the model was not fitted on, into the threshold sample and (with
+    CLASSIFIER) the classifier's rows with the synthetic defects painted on them: the validation
+    goods, then each training image's out-of-fold map as it streams in (none is kept)."""
+    settings, model, images = run.settings, run.model, run.images
+    _warn_skipped(images.skipped)
+    run.goods.add(run.maps, run.scores)
+    run.info.update(run.goods.calibrate(settings.IMAGE_FALSE_REJECT_RATE, settings.PIXEL_FALSE_REJECT_RATE))  # the validation goods'
+    n_validation = int(run.maps.shape[0])
     if settings.CLASSIFIER:
-        training_set = _classifier_training_set(category, settings, info, len(maps), len(train_paths) if folds else 0)
-        unreadable = {path for path, _ in skipped_validation}
-        readable_validation = [path for path in validation_paths if path not in unreadable]
-        training_set.add_goods_and_synthetic(
-            model, preprocessor, readable_validation, list(range(len(readable_validation))), maps, scores, settings, False)
-    n_validation = int(maps.shape[0])
-    n_out_of_fold = 0
-    if folds:
-        try:
-            for indices, fold_maps, fold_scores in out_of_fold_maps(model, train_paths, preprocessor, settings, assign_folds(len(train_paths), folds, settings.SEED)):
-                goods.add(fold_maps, fold_scores)
-                n_out_of_fold += len(indices)
-                if training_set is not None:
-                    hosts = [n_validation + index for index in indices]
-                    training_set.add_goods_and_synthetic(
-                        model, preprocessor, [train_paths[i] for i in indices], hosts, fold_maps, fold_scores, settings, True
-                    )
-        except NotImplementedError:
-            print(f"note: {model.kind} has no out-of-fold maps; only the validation goods are used", file=sys.stderr)
-        if n_out_of_fold:
-            pooled = goods.calibrate(settings.IMAGE_FALSE_REJECT_RATE, settings.PIXEL_FALSE_REJECT_RATE)
-            info["thresholds"] = pooled["thresholds"]
-            info["out_of_fold"] = {
-                "folds": folds, "n_images": n_out_of_fold, "goods_for_thresholds": pooled["validation"]["n_images"],
-                "image_scores": pooled["validation"]["image_scores"],  # every honest good: eval.py's shift check
-            }
-    pixel_policies(model, maps, info["thresholds"], settings.PIXEL_THRESHOLD_POLICY)  # on the thresholds in force
-    del maps
-    info["preprocessing"] = preprocessor.description(settings.IMAGE_SIZE, settings.CENTER_CROP)
-    info["dataset"] = {
-        "category": category.name,
-        "dataset_dir": str(category.root),
-        "n_train_images": model.n_train_images_,
-        "n_validation_images": n_validation,
-        "skipped_files": [str(path) for path, _ in skipped],
-    }
-    extra_files = {}
-    if training_set is not None:
-        from classification_model.training import classifier_info, image_maps
+        from classification_model.training import HonestGoods  # xgboost is imported only when a classifier is trained
 
-        if category.train_defect_images:
-            peaks = _similarity_stage_possible(model, settings)
-            if peaks:  # the validation goods once more, for their peak directions (a few dozen images)
-                _, _, directions = image_maps(model, preprocessor, readable_validation, settings.BATCH_SIZE, "validation peaks", peaks=True)
-                if len(directions) == training_set.validation_rows.stop - training_set.validation_rows.start:
-                    training_set.validation_directions = directions.double().numpy()
-                else:
-                    training_set.similarity_note = "some validation images could not be read a second time for their peak directions"
-            real_maps, real_scores, real_directions = image_maps(
-                model, preprocessor, list(category.train_defect_images), settings.BATCH_SIZE, "labeled defects", peaks=peaks)
-            training_set.add_real_defects(real_maps, real_scores, settings.CLASSIFIER_REAL_DEFECT_WEIGHT, real_directions)
-        classifier = training_set.train(settings)
-        if training_set.similarity_note:
-            print(f"note: no labeled-defect similarity stage: {training_set.similarity_note}", file=sys.stderr)
-        info["classifier"] = classifier_info(classifier, training_set, settings)
-        extra_files[info["classifier"]["booster_file"]] = classifier.to_bytes()
-    model_bytes = save_model(model_dir, model, info, extra_files=extra_files)
+        run.training_set = _classifier_training_set(run.category, settings, run.info, n_validation, len(images.train) if images.folds else 0)
+        validation = run.readable_validation
+        run.training_set.add_goods_and_synthetic(
+            model, run.preprocessor, HonestGoods(validation, list(range(len(validation))), run.maps, run.scores, False), settings)
+    if not images.folds:
+        return
+    folds = assign_folds(len(images.train), images.folds, settings.SEED)
+    try:
+        for indices, fold_maps, fold_scores in out_of_fold_maps(model, images.train, run.preprocessor, settings, folds):
+            run.goods.add(fold_maps, fold_scores)
+            run.n_out_of_fold += len(indices)
+            if run.training_set is not None:
+                goods = HonestGoods([images.train[i] for i in indices], [n_validation + i for i in indices], fold_maps, fold_scores, True)
+                run.training_set.add_goods_and_synthetic(model, run.preprocessor, goods, settings)
+    except NotImplementedError:
+        print(f"note: {model.kind} has no out-of-fold maps; only the validation goods are used", file=sys.stderr)
+
+
+def set_thresholds(run: TrainingRun) -> None:
+    """The image and pixel thresholds at the configured false-reject rates, on every honest good;
+    both pixel policies are measured on every pixel of the validation maps, which are then dropped."""
+    settings = run.settings
+    if run.n_out_of_fold:
+        pooled = run.goods.calibrate(settings.IMAGE_FALSE_REJECT_RATE, settings.PIXEL_FALSE_REJECT_RATE)
+        run.info["thresholds"] = pooled["thresholds"]
+        run.info["out_of_fold"] = {
+            "folds": run.images.folds, "n_images": run.n_out_of_fold, "goods_for_thresholds": pooled["validation"]["n_images"],
+            "image_scores": pooled["validation"]["image_scores"],  # every honest good: eval.py's shift check
+        }
+    pixel_policies(run.model, run.maps, run.info["thresholds"], settings.PIXEL_THRESHOLD_POLICY)  # on the thresholds in force
+    run.maps = None
+
+
+def train_verdict(run: TrainingRun) -> None:
+    """The classifier on the collected goods and synthetic defects, plus the labeled defects
+    (train/defect/) and, from them, the similarity stage where it may be learned."""
+    from classification_model.training import classifier_info, image_maps
+
+    settings, model, training_set, category = run.settings, run.model, run.training_set, run.category
+    if category.train_defect_images:
+        peaks = _similarity_stage_possible(model, settings)
+        if peaks:  # the validation goods once more, for their peak directions (a few dozen images)
+            validation = run.readable_validation
+            _, _, directions = image_maps(model, run.preprocessor, validation, settings.BATCH_SIZE, "validation peaks", peaks=True)
+            if len(directions) == training_set.validation_rows.stop - training_set.validation_rows.start:
+                training_set.validation_directions = directions.double().numpy()
+            else:
+                training_set.similarity_note = "some validation images could not be read a second time for their peak directions"
+        real_maps, real_scores, real_directions = image_maps(
+            model, run.preprocessor, list(category.train_defect_images), settings.BATCH_SIZE, "labeled defects", peaks=peaks)
+        training_set.add_real_defects(real_maps, real_scores, settings.CLASSIFIER_REAL_DEFECT_WEIGHT, real_directions)
+    classifier = training_set.train(settings)
+    if training_set.similarity_note:
+        print(f"note: no labeled-defect similarity stage: {training_set.similarity_note}", file=sys.stderr)
+    run.info["classifier"] = classifier_info(classifier, training_set, settings)
+    run.extra_files[run.info["classifier"]["booster_file"]] = classifier.to_bytes()
+
+
+def save(run: TrainingRun) -> TrainingSummary:
+    """The model folder, written atomically, and what train.py reports of it."""
+    settings, model = run.settings, run.model
+    info = dict(run.info)
+    info["preprocessing"] = run.preprocessor.description(settings.IMAGE_SIZE, settings.CENTER_CROP)
+    info["dataset"] = {
+        "category": run.category.name,
+        "dataset_dir": str(run.category.root),
+        "n_train_images": model.n_train_images_,
+        "n_validation_images": run.goods.count - run.n_out_of_fold,
+        "skipped_files": [str(path) for path, _ in run.images.skipped],
+    }
+    model_bytes = save_model(run.model_dir, model, info, extra_files=run.extra_files)
     return TrainingSummary(
-        category=category.name,
-        model_dir=model_dir,
+        category=run.category.name,
+        model_dir=run.model_dir,
         n_train=model.n_train_images_,
-        n_validation=n_validation,
-        n_out_of_fold=n_out_of_fold,
-        seconds=time.perf_counter() - started,
+        n_validation=run.goods.count - run.n_out_of_fold,
+        n_out_of_fold=run.n_out_of_fold,
+        seconds=time.perf_counter() - run.started,
         model_bytes=model_bytes,
         image_threshold=info["thresholds"]["image"],
         pixel_threshold=info["thresholds"]["pixel"],
-        skipped=skipped,
-        image_size=preprocessor.size,
+        skipped=run.images.skipped,
+        image_size=run.preprocessor.size,
         tiles=model.tile_layout_.count if model.tile_layout_ is not None else 0,
     )
 

@@ -25,8 +25,8 @@ from settings import load
 from anomaly_model.backbone import ModelError
 from classification_model.features import FEATURE_NAMES, MONOTONE, map_features
 from classification_model.synthetic import DEFECT_TYPES, make_defect
-from classification_model.training import synthetic_defect_maps, synthetic_plan
-from classification_model.xgboost import Anchor, ClassifierParams, DefectClassifier, plot_feature_importance, shrink_share, train_classifier
+from classification_model.training import DefectPainting, synthetic_defect_maps, synthetic_plan
+from classification_model.xgboost import Anchor, Anchoring, ClassifierParams, ClassifierRows, DefectClassifier, plot_feature_importance, shrink_share, train_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = {"q99": 1.0, "q999": 2.0, "pixel": 1.5, "image": 4.0}
@@ -101,7 +101,7 @@ def _toy_classifier(seed: int = 0) -> tuple[DefectClassifier, np.ndarray, np.nda
     y = np.r_[np.zeros(30), np.ones(40)]
     groups = np.r_[np.arange(30), np.arange(40) % 30]
     params = ClassifierParams(max_rounds=50, folds=3)
-    return train_classifier(x, y, groups, FEATURE_NAMES, params, 0.05, monotone=MONOTONE), x, y
+    return train_classifier(ClassifierRows(x, y, groups), FEATURE_NAMES, params, 0.05, monotone=MONOTONE), x, y
 
 
 def test_training_separates_obvious_defects_and_saves_identically(tmp_path):
@@ -121,7 +121,7 @@ def test_training_separates_obvious_defects_and_saves_identically(tmp_path):
 def test_one_class_and_mismatched_features_are_refused():
     x = np.random.default_rng(0).random((10, len(FEATURE_NAMES)))
     with pytest.raises(ModelError, match="only good"):
-        train_classifier(x, np.zeros(10), np.arange(10), FEATURE_NAMES, ClassifierParams(), 0.05)
+        train_classifier(ClassifierRows(x, np.zeros(10), np.arange(10)), FEATURE_NAMES, ClassifierParams(), 0.05)
     classifier, _, _ = _toy_classifier()
     with pytest.raises(ModelError, match="retrain"):
         DefectClassifier.from_bytes(classifier.to_bytes(), FEATURE_NAMES[:-1], 0.5, FEATURE_NAMES)
@@ -150,7 +150,7 @@ def test_the_guard_falls_back_to_the_image_score_when_trees_do_not_help(tmp_path
     exactly as the image score does, and its threshold still comes from out-of-fold goods."""
     features, labels, groups, scores = _noise_and_score(0)
     params = ClassifierParams(max_rounds=60, folds=3)
-    classifier = train_classifier(features, labels, groups, FEATURE_NAMES, params, 0.05, image_scores=scores, guard=0.0)
+    classifier = train_classifier(ClassifierRows(features, labels, groups, image_scores=scores), FEATURE_NAMES, params, 0.05, anchoring=Anchoring("guard"))
     report = classifier.report
     assert report["rounds"] == 0 and report["out_of_fold_rocauc_trees"] < report["out_of_fold_rocauc_image_score"]
     test_features, _, _, test_scores = _noise_and_score(1)
@@ -168,9 +168,9 @@ def test_the_guard_keeps_trees_that_help_and_margin_anchoring_starts_from_the_sc
     scores = np.random.default_rng(3).normal(size=len(y)) + 0.5 * y  # a weak image score: the features see the defects far better
     params = ClassifierParams(max_rounds=50, folds=3)
     groups = np.r_[np.arange(30), np.arange(40) % 30]
-    guarded = train_classifier(x, y, groups, FEATURE_NAMES, params, 0.05, monotone=MONOTONE, image_scores=scores, guard=0.0)
+    guarded = train_classifier(ClassifierRows(x, y, groups, image_scores=scores), FEATURE_NAMES, params, 0.05, MONOTONE, Anchoring("guard"))
     assert guarded.anchor is None and guarded.report["rounds"] > 0
-    margin = train_classifier(x, y, groups, FEATURE_NAMES, params, 0.05, monotone=MONOTONE, image_scores=scores, anchored=True)
+    margin = train_classifier(ClassifierRows(x, y, groups, image_scores=scores), FEATURE_NAMES, params, 0.05, MONOTONE, Anchoring("margin"))
     assert margin.anchor is not None and margin.report["out_of_fold_rocauc"] > 0.95
 
 
@@ -181,7 +181,7 @@ def test_shrink_blends_the_trees_with_the_image_score_by_the_number_of_goods(tmp
     scores = np.random.default_rng(3).normal(size=len(y)) + 0.5 * y
     groups = np.r_[np.arange(30), np.arange(40) % 30]
     params = ClassifierParams(max_rounds=50, folds=3)
-    shrunk = train_classifier(x, y, groups, FEATURE_NAMES, params, 0.05, monotone=MONOTONE, image_scores=scores, shrink_goods=20)
+    shrunk = train_classifier(ClassifierRows(x, y, groups, image_scores=scores), FEATURE_NAMES, params, 0.05, MONOTONE, Anchoring("shrink", shrink_goods=20))
     assert shrunk.tree_share == pytest.approx(30 / 50) == shrink_share(30, 20) and shrunk.report["rounds"] == classifier.report["rounds"]
     anchor = Anchor.fit(scores, y, np.ones(len(y)))
     assert shrunk.anchor == anchor
@@ -233,12 +233,12 @@ def test_synthetic_defects_on_fitted_images_get_their_hosts_honest_background(tm
     honest = fitted + 2.0  # out-of-fold maps: here simply the fitted ones, raised
     plan = synthetic_plan(3, 5, seed=0)
     assert sorted(len(kinds) for kinds in plan) == [1, 2, 2] and sum(plan, []).count("cutpaste") == 2
-    made = synthetic_defect_maps(model, preprocessor, paths, plan, (0.2, 0.3), (1.0, 1.0), np.random.default_rng(1), 4, honest_maps=honest)
+    made = synthetic_defect_maps(model, preprocessor, paths, plan, DefectPainting((0.2, 0.3), (1.0, 1.0), np.random.default_rng(1), 4), honest_maps=honest)
     maps, scores, owners, kinds = made
-    again = synthetic_defect_maps(model, preprocessor, paths, plan, (0.2, 0.3), (1.0, 1.0), np.random.default_rng(1), 4,
+    again = synthetic_defect_maps(model, preprocessor, paths, plan, DefectPainting((0.2, 0.3), (1.0, 1.0), np.random.default_rng(1), 4),
                                   honest_maps=honest, fitted_maps=fitted)
     assert torch.allclose(again[0], maps) and list(again[2]) == list(owners)
-    plain, _, _, _ = synthetic_defect_maps(model, preprocessor, paths, plan, (0.2, 0.3), (1.0, 1.0), np.random.default_rng(1), 4)
+    plain, _, _, _ = synthetic_defect_maps(model, preprocessor, paths, plan, DefectPainting((0.2, 0.3), (1.0, 1.0), np.random.default_rng(1), 4))
     assert len(kinds) == 5 and sorted(owners.tolist()) == sorted(i for i, k in enumerate(plan) for _ in k)
     torch.testing.assert_close(maps, plain + 2.0)  # the defect's change on the honest background
     assert torch.equal(scores, maps.flatten(1).max(dim=1).values)

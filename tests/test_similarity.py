@@ -15,7 +15,7 @@ from anomaly_model.backbone import ModelError
 from anomaly_model.padim import Padim
 from classification_model.features import FEATURE_NAMES
 from classification_model.similarity import MIN_DEFECTS, DefectSimilarity, fit_defect_similarity, leave_one_out_similarities
-from classification_model.xgboost import ClassifierParams, DefectClassifier, train_classifier
+from classification_model.xgboost import Anchoring, ClassifierParams, ClassifierRows, DefectClassifier, train_classifier
 from conftest import TINY, error_line, outputs, run_script, save, texture
 from evaluation.metrics import image_rocauc
 
@@ -93,8 +93,8 @@ def _classifier_with_stage() -> tuple[DefectClassifier, np.ndarray, np.ndarray, 
     labels = np.r_[np.zeros(30), np.ones(30)]
     features[labels == 1] += 0.3
     scores = features[:, 0].astype(np.float64)
-    classifier = train_classifier(features, labels, np.arange(60), FEATURE_NAMES, ClassifierParams(max_rounds=20), 0.05,
-                                  image_scores=scores, shrink_goods=200)
+    classifier = train_classifier(ClassifierRows(features, labels, np.arange(60), image_scores=scores), FEATURE_NAMES,
+                                  ClassifierParams(max_rounds=20), 0.05, anchoring=Anchoring("shrink", shrink_goods=200))
     assert classifier.out_of_fold_margin.shape == (60,)  # what the second stage is fitted on
     similarity = DefectSimilarity(_unit(rng.standard_normal(DIM)), -1.0, 0.5, 3.0, 6)
     directions = _unit(rng.standard_normal((60, DIM)))
