@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import math
+import os
 import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -356,7 +357,31 @@ def _parse_value(key: str, text: str, default):
 def command_line_keys(argv: Iterable[str]) -> set[str]:
     """The settings a command line names (KEY=VALUE, spelled as `load` reads them): what a script
     changes only when it was asked to, such as the operating point's false-reject rates."""
-    return {arg.split("=", 1)[0].strip().lstrip("-").upper() for arg in argv if "=" in arg}
+    keys = set()
+    for arg in argv:
+        if arg == "--":
+            break
+        if "=" in arg and (arg.split("=", 1)[0].strip().lstrip("-").upper() in defaults() or not os.path.lexists(arg)):
+            keys.add(arg.split("=", 1)[0].strip().lstrip("-").upper())
+    return keys
+
+
+def _as_setting(arg: str, names: set[str]) -> tuple[str, str] | None:
+    """(KEY, value text) when a command-line argument is a setting, None when it is a path.
+
+    KEY=VALUE with a known KEY is a setting (a note when a file of that name exists too); an
+    existing file or folder is a path even with "=" in its name; anything else with "=" is a
+    setting, so a misspelt key is refused naming the closest ones."""
+    if "=" not in arg:
+        return None
+    key, text = arg.split("=", 1)
+    key = key.strip().lstrip("-").upper()
+    exists = os.path.lexists(arg)
+    if key in names:
+        if exists:
+            print(f"note: {arg} is read as the setting {key}; to mean the file of that name, write ./{arg} or put it after --", file=sys.stderr)
+        return key, text
+    return None if exists else (key, text)
 
 
 def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
@@ -366,12 +391,15 @@ def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
     old = {key: values.pop(key) for key in OLD_GEOMETRY if key in values}  # an old config.py
     given = set()
     positional = []
-    for arg in argv:
-        if "=" not in arg:
+    for number, arg in enumerate(argv):
+        if arg == "--":  # the rest are paths, whatever they hold
+            positional += argv[number + 1 :]
+            break
+        setting = _as_setting(arg, set(values) | set(OLD_GEOMETRY))
+        if setting is None:
             positional.append(arg)
             continue
-        key, text = arg.split("=", 1)
-        key = key.strip().lstrip("-").upper()
+        key, text = setting
         if key in OLD_GEOMETRY:
             old[key] = _parse_value(key, text.strip(), OLD_GEOMETRY[key])
             given.add(key)
@@ -380,7 +408,9 @@ def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
         if key not in values:
             close = [k for k in values if k.split("_")[0] == key.split("_")[0]]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise SettingsError(f"unknown setting {key}{hint}; the settings are listed in config.py")
+            raise SettingsError(
+                f"unknown setting {key}{hint}; the settings are listed in config.py (no file or folder {arg!r} exists either)"
+            )
         values[key] = _parse_value(key, text.strip(), values[key])
     if old:
         if given & {"IMAGE_SIZE", "CENTER_CROP"} and given & set(OLD_GEOMETRY):
