@@ -8,8 +8,10 @@ A root holding several MVTec categories gives one Category each.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from dataset_manager.images import IMAGE_EXTENSIONS, DataError
 
@@ -42,15 +44,38 @@ class Category:
     test_images: list[LabeledImage] = field(default_factory=list)
 
 
-def find_images(folder: Path, recursive: bool = True) -> list[Path]:
-    """Image files under `folder`, sorted; other files are ignored."""
+def find_images(folder: Path, recursive: bool = True, skip: Sequence[Path] = ()) -> list[Path]:
+    """Image files under `folder`, sorted; other files are ignored. Folders in `skip` (the tool's
+    own outputs: MODEL_DIR, RESULTS_DIR) and their temporary leftovers are not searched, so heat
+    maps and result pictures written inside a dataset are never read back as its images."""
     folder = Path(folder)
     if not folder.exists():
         raise DataError(f"folder {folder} does not exist: check the path")
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder: give a folder of images")
-    pattern = folder.rglob("*") if recursive else folder.glob("*")
-    return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    outputs = {os.path.realpath(path) for path in skip}
+    found = []
+    for root, folders, files in os.walk(folder):
+        folders[:] = sorted(name for name in folders if not _is_output(Path(root) / name, outputs)) if recursive else []
+        found += [Path(root) / name for name in files if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith(".")]
+    return sorted(path for path in found if path.is_file())
+
+
+def _is_output(path: Path, outputs: set[str]) -> bool:
+    """`path` is one of the tool's output folders, or a temporary leftover beside one of them
+    (`.<name>.partial-...`, `.<name>.previous-...`: files.AtomicFolder's names)."""
+    real = os.path.realpath(path)
+    if real in outputs:
+        return True
+    return path.name.startswith(".") and any(
+        os.path.dirname(output) == os.path.dirname(real) and path.name.startswith(f".{os.path.basename(output)}.") for output in outputs
+    )
+
+
+def outputs_inside(dataset_dir: Path, outputs: dict[str, str]) -> list[str]:
+    """The names of the output folders (setting name -> folder) that lie inside `dataset_dir`."""
+    root = os.path.realpath(dataset_dir)
+    return [name for name, path in outputs.items() if path and os.path.realpath(path).startswith(root + os.sep)]
 
 
 def _is_mvtec_category(folder: Path) -> bool:
@@ -67,13 +92,13 @@ def _require_images(images: list[Path], folder: Path) -> list[Path]:
     return images
 
 
-def _mvtec_test_images(category_dir: Path) -> list[LabeledImage]:
+def _mvtec_test_images(category_dir: Path, skip: Sequence[Path]) -> list[LabeledImage]:
     test_dir = category_dir / "test"
     if not test_dir.is_dir():
         return []
     labeled = []
-    for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
-        for path in find_images(type_dir):
+    for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not _is_output(p, _real(skip))):
+        for path in find_images(type_dir, skip=skip):
             mask = None
             if type_dir.name != GOOD:
                 candidate = category_dir / "ground_truth" / type_dir.name / f"{path.stem}_mask.png"
@@ -82,54 +107,59 @@ def _mvtec_test_images(category_dir: Path) -> list[LabeledImage]:
     return labeled
 
 
-def _mvtec_category(folder: Path) -> Category:
+def _real(paths: Sequence[Path]) -> set[str]:
+    return {os.path.realpath(path) for path in paths}
+
+
+def _mvtec_category(folder: Path, skip: Sequence[Path]) -> Category:
     validation_dir = folder / "validation" / GOOD
     return Category(
         name=folder.name,
         root=folder,
-        train_images=_require_images(find_images(folder / "train" / GOOD), folder / "train" / GOOD),
-        validation_images=find_images(validation_dir) if validation_dir.is_dir() else [],
-        train_defect_images=find_images(folder / "train" / "defect") if (folder / "train" / "defect").is_dir() else [],
+        train_images=_require_images(find_images(folder / "train" / GOOD, skip=skip), folder / "train" / GOOD),
+        validation_images=find_images(validation_dir, skip=skip) if validation_dir.is_dir() else [],
+        train_defect_images=find_images(folder / "train" / "defect", skip=skip) if (folder / "train" / "defect").is_dir() else [],
         test_dir=folder / "test" if (folder / "test").is_dir() else None,
-        test_images=_mvtec_test_images(folder),
+        test_images=_mvtec_test_images(folder, skip),
     )
 
 
-def _simple_category(folder: Path) -> Category:
+def _simple_category(folder: Path, skip: Sequence[Path]) -> Category:
     train_dir = folder / "train_dataset_folder"
     defect_dir = train_dir / "defect"
     good = find_images(train_dir, recursive=False)
     if (train_dir / GOOD).is_dir():
-        good += find_images(train_dir / GOOD)
+        good += find_images(train_dir / GOOD, skip=skip)
     test_dir = folder / "test_dataset_folder"
     test_images = []
     if test_dir.is_dir():
-        for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
-            test_images += [LabeledImage(path, type_dir.name) for path in find_images(type_dir)]
+        for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not _is_output(p, _real(skip))):
+            test_images += [LabeledImage(path, type_dir.name) for path in find_images(type_dir, skip=skip)]
     return Category(
         name=folder.resolve().name,
         root=folder,
         train_images=_require_images(sorted(good), train_dir),
-        train_defect_images=find_images(defect_dir) if defect_dir.is_dir() else [],
+        train_defect_images=find_images(defect_dir, skip=skip) if defect_dir.is_dir() else [],
         test_dir=test_dir if test_dir.is_dir() else None,
         test_images=test_images,
     )
 
 
-def find_categories(dataset_dir: Path) -> list[Category]:
-    """Every category found at `dataset_dir`, in either layout; a clear error when none is."""
+def find_categories(dataset_dir: Path, skip: Sequence[Path] = ()) -> list[Category]:
+    """Every category found at `dataset_dir`, in either layout; a clear error when none is.
+    Folders in `skip` (the tool's outputs, when they lie inside the dataset) are not searched."""
     root = Path(dataset_dir)
     if not root.exists():
         raise DataError(f"DATASET_DIR {root} does not exist: set DATASET_DIR in config.py or on the command line")
     if not root.is_dir():
         raise DataError(f"DATASET_DIR {root} is not a folder")
     if _is_mvtec_category(root):
-        return [_mvtec_category(root)]
+        return [_mvtec_category(root, skip)]
     if _is_simple_layout(root):
-        return [_simple_category(root)]
-    children = sorted(p for p in root.iterdir() if p.is_dir() and _is_mvtec_category(p))
+        return [_simple_category(root, skip)]
+    children = sorted(p for p in root.iterdir() if p.is_dir() and _is_mvtec_category(p) and not _is_output(p, _real(skip)))
     if children:
-        return [_mvtec_category(child) for child in children]
+        return [_mvtec_category(child, skip) for child in children]
     raise DataError(
         f"DATASET_DIR {root} holds no dataset: expected train_dataset_folder/ (simple layout), "
         "train/good/ (MVTec AD category) or category folders holding train/good/"

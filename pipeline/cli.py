@@ -14,7 +14,7 @@ from tqdm import tqdm
 from anomaly_model import distributed
 from anomaly_model.backbone import ModelError
 from anomaly_model.files import STORAGE_ERRNOS, StorageError, storage_message
-from dataset_manager import Category, DataError, find_categories
+from dataset_manager import Category, DataError, find_categories, outputs_inside
 from dataset_manager.demo import generate_demo_dataset
 from settings import SettingsError, defaults
 
@@ -95,7 +95,18 @@ def load_categories(settings) -> list[Category]:
             print(f"generating the synthetic demo dataset in {dataset_dir} ...", file=sys.stderr)
             generate_demo_dataset(dataset_dir, seed=settings.SEED)
         distributed.barrier()  # under torchrun the other ranks read it once rank 0 has written it
-    return find_categories(dataset_dir)
+    outputs = output_folders(settings)
+    inside = outputs_inside(dataset_dir, outputs)
+    if inside:
+        print(f"note: {' and '.join(inside)} lie{'s' if len(inside) == 1 else ''} inside DATASET_DIR {dataset_dir}: "
+              "what the tool wrote there is not read as dataset images", file=sys.stderr)
+    return find_categories(dataset_dir, skip=[Path(outputs[name]) for name in inside])
+
+
+def output_folders(settings) -> dict[str, str]:
+    """The folders the tool writes to or sorts into, by setting name (those set): never training data."""
+    names = ("MODEL_DIR", "RESULTS_DIR", "WATCH_DIR", "REVIEW_DIR")
+    return {name: str(getattr(settings, name)) for name in names if getattr(settings, name, "")}
 
 
 def model_dir_for(settings, category: str, n_categories: int) -> Path:
