@@ -105,6 +105,17 @@ SAVE_PICTURES = True  # test.py: heat-map overlay and mask PNG per image
 # is installed, else the CPU).
 RUNTIME = "torch"
 
+# --- Live inspection (serve.py: HTTP, a watched folder and the review page; docs/live_inspection.md) ---
+SERVE_HOST = "127.0.0.1"  # address serve.py listens on; anything but loopback needs SERVE_TOKEN
+SERVE_PORT = 8000
+SERVE_TOKEN = ""  # "" = none (loopback only); else every inspect and correction request must carry it
+SERVE_MAX_BYTES = 50_000_000  # largest image body accepted; a larger one gets 413 and the server goes on
+SERVE_RECENT = 50  # latest inspected images the review page shows (kept in memory with their maps)
+WATCH_DIR = ""  # a folder to inspect every image that lands in; "" = none
+WATCH_SORT = False  # True: each inspected file moves into good/, defect/ or unreadable/ inside WATCH_DIR
+WATCH_SETTLE_SECONDS = 2.0  # a file unchanged (size and time) this long is taken as completely written
+REVIEW_DIR = "review"  # the reviewer's corrections are copied into REVIEW_DIR/good/ and REVIEW_DIR/defect/
+
 # --- Export (export.py: the model as ONNX for runtimes without PyTorch) -------------------------
 EXPORT_CHECK_IMAGES = 4  # good images (validation, else train) run through torch and onnxruntime before writing
 

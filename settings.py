@@ -237,6 +237,16 @@ RULES: dict[str, Rule] = {
     "NUM_WORKERS": integer(minimum=0),
     "SAVE_PICTURES": flag(),
     "RUNTIME": choice(choices.RUNTIMES),
+    # live inspection (serve.py)
+    "SERVE_HOST": text(empty=False),
+    "SERVE_PORT": integer(1, 65535),
+    "SERVE_TOKEN": text(),
+    "SERVE_MAX_BYTES": integer(minimum=1),
+    "SERVE_RECENT": integer(minimum=1),
+    "WATCH_DIR": text(),
+    "WATCH_SORT": flag(),
+    "WATCH_SETTLE_SECONDS": number(above=0),
+    "REVIEW_DIR": text(empty=False),
     # export
     "EXPORT_CHECK_IMAGES": integer(minimum=1),
     # evaluation

@@ -14,6 +14,7 @@ thresholds are re-picked from the honest good scores the model stores, without r
 from __future__ import annotations
 
 import io
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -126,7 +127,7 @@ def apply_operating_point(detector: Detector, point: OperatingPoint) -> list[str
         elif not entry.get("good_probabilities"):
             lines.append(
                 f"operating point: {name} was trained before models stored the classifier's out-of-fold good probabilities: "
-                f"retrain (python train.py) to re-pick CLASSIFIER_FALSE_REJECT_RATE; its threshold {detector.classifier.threshold:.6g} stands"
+                f"retrain (python train.py) to re-pick CLASSIFIER_FALSE_REJECT_RATE={rate}; its threshold {detector.classifier.threshold:.6g} stands"
             )
         else:
             goods = np.asarray(entry["good_probabilities"], dtype=np.float64)
@@ -146,7 +147,10 @@ def to_rgb(image: ImageInput, name: str = "image") -> np.ndarray:
     if isinstance(image, (bytes, bytearray, memoryview)):
         if len(image) == 0:
             raise DataError(f"cannot read image {name}: it is empty (0 bytes)")
-        return read_rgb(io.BytesIO(bytes(image)), name)
+        try:
+            return read_rgb(io.BytesIO(bytes(image)), name)
+        except DataError as error:  # PIL names the in-memory file by its repr: not useful to anyone
+            raise DataError(re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))) from None
     if isinstance(image, Image.Image):
         try:
             return pil_to_rgb(image)

@@ -1,0 +1,153 @@
+"""What serve.py keeps running: the model in use (switched when a new one is saved in its folder)
+and one worker thread that scores queued images in batches.
+
+Requests and the watched folder decode and preprocess their images in their own threads
+(`Inspector.prepare`) and queue them here; the worker takes whatever is queued (up to the model's
+batch size) and scores it together, so concurrent requests share one backbone pass while one image
+alone goes straight through. Between batches it checks whether the model folder changed (a
+retrain or export swaps it atomically) and switches, so no batch mixes two models and no request
+is dropped; a new model that cannot be loaded keeps the old one serving and says why.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from anomaly_model.backbone import ModelError
+from anomaly_model.files import StorageError
+from dataset_manager import DataError
+from pipeline.inspection import Inspection, Inspector, PreparedImage
+from settings import SettingsError
+
+LOAD_ERRORS = (ModelError, DataError, SettingsError, StorageError, OSError)
+
+
+def log(line: str) -> None:
+    """One line of the server's log (stderr), with the time."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", file=sys.stderr, flush=True)
+
+
+def _folder_signature(model_dir: Path) -> tuple[int, int, int] | None:
+    """What changes when model.json is replaced (train.py's atomic swap, export.py's rewrite): None while absent."""
+    try:
+        stat = (model_dir / "model.json").stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+class ModelHolder:
+    """The Inspector in use, switched to the model saved later in the same folder."""
+
+    def __init__(self, model_dir: Path, load_model: Callable[[Path], Inspector]) -> None:
+        self.model_dir = Path(model_dir)
+        self._load = load_model
+        self.signature = _folder_signature(self.model_dir)
+        self.current = load_model(self.model_dir)
+        self.note = ""  # why a newer model in the folder is not the one in use ("" when it is)
+        self._refused: tuple | None = None  # signature of the model.json that could not be loaded
+
+    def refresh(self) -> Inspector:
+        """The model to score the next batch with: a new one when the folder changed and it loads."""
+        signature = _folder_signature(self.model_dir)
+        if signature is None or signature == self.signature or signature == self._refused:
+            return self.current
+        try:
+            new = self._load(self.model_dir)
+        except LOAD_ERRORS as error:
+            self._refused = signature
+            self.note = f"the model saved in {self.model_dir} could not be loaded ({' '.join(str(error).split())}); still serving {self.current.model_id[:12]}"
+            log(f"WARNING: {self.note}")
+            return self.current
+        old = self.current
+        self.current, self.signature, self.note, self._refused = new, signature, "", None
+        log(f"switched model {self.model_dir.name}: {old.model_id[:12]} -> {new.model_id[:12]}")
+        for line in new.notes:
+            log(line)
+        return new
+
+
+@dataclass
+class _Job:
+    prepared: PreparedImage
+    future: Future  # -> (Inspector that judged it, Inspection)
+
+
+class BatchingWorker:
+    """One thread that scores queued images, several at a time when they arrive together."""
+
+    def __init__(self, holder: ModelHolder) -> None:
+        self.holder = holder
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="inspection-worker", daemon=True)
+        self.n_batches = 0
+        self.n_images = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, prepared: PreparedImage) -> "Future[tuple[Inspector, Inspection]]":
+        future: Future = Future()
+        self._queue.put(_Job(prepared, future))
+        return future
+
+    def stop(self) -> None:
+        """Score what is queued, then end the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout=120)
+
+    @property
+    def mean_batch_size(self) -> float:
+        with self._lock:
+            return self.n_images / self.n_batches if self.n_batches else 0.0
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            job = self._queue.get()
+            if job is None:
+                break
+            jobs = [job]
+            limit = self.holder.current.batch_size
+            while len(jobs) < limit:  # whatever else is already waiting joins this batch; nothing waits for more
+                try:
+                    extra = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if extra is None:
+                    stopping = True
+                    break
+                jobs.append(extra)
+            self._score(jobs)
+
+    def _score(self, jobs: list[_Job]) -> None:
+        inspector = self.holder.refresh()
+        try:
+            results = inspector.score([job.prepared for job in jobs])
+        except Exception as error:  # a failure of this batch answers its requests; the worker goes on
+            for job in jobs:
+                job.future.set_exception(error)
+            return
+        with self._lock:
+            self.n_batches += 1
+            self.n_images += len(jobs)
+        for job, result in zip(jobs, results):
+            job.future.set_result((inspector, result))
+
+
+def process_memory_mb() -> float:
+    """Resident memory of this process now, in MB (Linux /proc; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as file:
+            return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except (OSError, ValueError):
+        return 0.0

@@ -1,0 +1,227 @@
+"""serve.py's HTTP side (FastAPI, run by uvicorn): inspect, health, model, the review page.
+
+Endpoints (docs/live_inspection.md):
+  POST /inspect            the image as the body (application/octet-stream or image/*) or as the
+                           multipart field `image`; ?pictures=true adds the overlay and mask PNGs
+  GET  /health             200 once the model is loaded: the model in use, batching, memory
+  GET  /model              the model's description and the thresholds in force
+  GET  /                   the review page; POST /review/<id> records a correction
+  GET  /pictures/<id>/overlay.png, /pictures/<id>/mask.png
+Bad input is a 4xx with a JSON `error` line; the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from dataset_manager import DataError
+from pipeline.inspection import Inspection, Inspector, PreparedImage
+from pipeline.live import BatchingWorker, ModelHolder, process_memory_mb
+from pipeline.pictures import png_bytes
+from pipeline.review_page import LABELS, RecentImages, render_page
+from pipeline.watching import FolderWatcher
+from settings import SettingsError
+
+ACCEPTED_TYPES = "application/octet-stream, image/* or multipart/form-data (field `image`)"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (SERVE_HOST) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from the network
+
+
+def check_exposure(host: str, token: str) -> None:
+    """Bound to anything but loopback, the server must have a token: refuse to start without one."""
+    if not is_loopback(host) and not token:
+        raise SettingsError(
+            f"SERVE_HOST={host!r} is reachable from other machines: set SERVE_TOKEN=<a secret> (every inspect and "
+            "correction request must then carry it), or serve on 127.0.0.1"
+        )
+
+
+class RequestError(Exception):
+    """A bad request: its HTTP status and the one-line `error` the client gets."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class LiveService:
+    """Everything one serve.py process runs: the model, the batching worker, the latest images,
+    the watched folder (or None), and the request limits."""
+
+    holder: ModelHolder
+    worker: BatchingWorker
+    recent: RecentImages
+    max_bytes: int
+    token: str = ""
+    watcher: FolderWatcher | None = None
+    started: float = field(default=0.0)
+
+    def prepare(self, data: bytes, name: str) -> PreparedImage:
+        """Decode and preprocess with the model in use (the worker prepares again if it changed meanwhile)."""
+        return self.holder.current.prepare(data, name)
+
+    def notify(self, source: str):
+        def add(name: str, data: bytes, inspection: Inspection, inspector: Inspector) -> str:
+            return self.recent.add(source, name, data, inspection, inspector)
+
+        return add
+
+    def health(self) -> dict:
+        inspector = self.holder.current
+        watch = None
+        if self.watcher is not None:
+            watch = {"folder": str(self.watcher.folder), "inspected": self.watcher.n_inspected, "unreadable": self.watcher.n_unreadable}
+        return {
+            "status": "ok",
+            "model": inspector.model_id,
+            "model_name": inspector.name,
+            "runtime": inspector.detector.runtime,
+            "note": self.holder.note,
+            "batches": self.worker.n_batches,
+            "images": self.worker.n_images,
+            "mean_batch_size": round(self.worker.mean_batch_size, 3),
+            "rss_mb": round(process_memory_mb(), 1),
+            "watch": watch,
+        }
+
+    def token_ok(self, request: Request, form_token: str | None = None) -> bool:
+        """No token configured, or the request carries it (Authorization: Bearer, X-Token, ?token= or a form field)."""
+        if not self.token:
+            return True
+        header = request.headers.get("authorization", "")
+        offered = (
+            header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-token") or request.query_params.get("token") or form_token or ""
+        )
+        return hmac.compare_digest(offered.encode(), self.token.encode())
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes (before reading it all
+    when Content-Length says so)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise RequestError(413, f"the body is {int(length)} bytes, over SERVE_MAX_BYTES={limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"the body is over SERVE_MAX_BYTES={limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _image_bytes(request: Request, limit: int) -> tuple[bytes, str]:
+    """The image's bytes and the name to show for it, from a raw body or a multipart field `image`."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not (content_type == "application/octet-stream" or content_type.startswith("image/") or content_type == "multipart/form-data"):
+        raise RequestError(415, f"content type {content_type or '(none)'!r} is not accepted: send {ACCEPTED_TYPES}")
+    body = await _read_body(request, limit)
+    if content_type != "multipart/form-data":
+        if not body:
+            raise RequestError(400, "the body is empty: send the image file's bytes")
+        return body, "the request body"
+    request._body = body  # starlette parses the form from the body already read (and capped) above
+    try:
+        form = await request.form(max_files=1, max_fields=10)
+    except Exception as error:  # malformed multipart: the parser's own words
+        raise RequestError(400, f"the multipart body cannot be read: {' '.join(str(error).split())}") from None
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise RequestError(400, "the multipart body has no file field `image`")
+    data = await upload.read()
+    if not data:
+        raise RequestError(400, "the multipart field `image` is empty: send the image file's bytes")
+    return data, upload.filename or "the multipart field image"
+
+
+def create_app(service: LiveService) -> FastAPI:
+    """The FastAPI application serving `service`."""
+    app = FastAPI(title="Defect inspection", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, error: RequestError) -> JSONResponse:
+        return JSONResponse({"error": str(error)}, status_code=error.status)
+
+    @app.post("/inspect")
+    async def inspect(request: Request, pictures: bool = False) -> JSONResponse:
+        if not service.token_ok(request):
+            raise RequestError(401, "this server needs its token: send Authorization: Bearer <SERVE_TOKEN>")
+        data, name = await _image_bytes(request, service.max_bytes)
+        try:
+            prepared = await run_in_threadpool(service.prepare, data, name)
+        except DataError as error:
+            raise RequestError(422, " ".join(str(error).split())) from None
+        inspector, inspection = await asyncio.wrap_future(service.worker.submit(prepared))
+        image_id = service.recent.add("http", name, data, inspection, inspector)
+        answer = {**inspection.fields(), "id": image_id}
+        if pictures:
+            overlay, mask = await run_in_threadpool(inspector.pictures, inspection, prepared.rgb, 640)
+            answer["overlay_png"] = base64.b64encode(png_bytes(overlay)).decode()
+            answer["mask_png"] = base64.b64encode(png_bytes(mask)).decode()
+        return JSONResponse(answer)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse(service.health())
+
+    @app.get("/model")
+    async def model() -> JSONResponse:
+        return JSONResponse(service.holder.current.description())
+
+    @app.get("/", response_class=HTMLResponse)
+    async def review(request: Request) -> HTMLResponse:
+        token = request.query_params.get("token", "")
+        inspector = service.holder.current
+        model_line = f"model {inspector.name} ({inspector.model_id[:12]}, {inspector.detector.runtime})"
+        return HTMLResponse(render_page(service.recent, model_line, token if service.token_ok(request) else "", bool(service.token), service.holder.note))
+
+    @app.post("/review/{image_id}")
+    async def correct(request: Request, image_id: str) -> Response:
+        form = await request.form(max_files=0, max_fields=5)
+        if not service.token_ok(request, str(form.get("token") or "")):
+            raise RequestError(401, "corrections need the server's token: open the page as /?token=<SERVE_TOKEN>")
+        label = str(form.get("label") or "")
+        if label not in LABELS:
+            raise RequestError(400, f"label {label!r} is not one of {', '.join(LABELS)}")
+        image = service.recent.get(image_id)
+        if image is None:
+            raise RequestError(404, f"image {image_id!r} is no longer kept (only the latest {service.recent.keep} are)")
+        await run_in_threadpool(service.recent.correct, image, label)
+        token = request.query_params.get("token") or str(form.get("token") or "")
+        location = f"/?token={token}#image-{image_id}" if token else f"/#image-{image_id}"
+        if "application/json" in request.headers.get("accept", ""):
+            return JSONResponse({"id": image_id, "label": label})
+        return RedirectResponse(location, status_code=303)
+
+    @app.get("/pictures/{image_id}/{kind}")
+    async def picture(image_id: str, kind: str) -> Response:
+        image = service.recent.get(image_id)
+        if image is None or kind not in ("overlay.png", "mask.png"):
+            raise RequestError(404, f"no picture {kind!r} of image {image_id!r} (only the latest {service.recent.keep} images are kept)")
+        draw = service.recent.overlay if kind == "overlay.png" else service.recent.mask
+        return Response(await run_in_threadpool(draw, image), media_type="image/png")
+
+    return app
+
+
+def model_results_dir(results_dir: str, inspector: Inspector) -> Path:
+    """RESULTS_DIR/<model name>, where test.py writes too."""
+    return Path(results_dir) / inspector.name

@@ -1,0 +1,297 @@
+"""serve.py's watched folder: every image that lands in WATCH_DIR is inspected once, whole.
+
+A file counts as completely written once its size and modification time have not changed for
+WATCH_SETTLE_SECONDS (a camera or a copy still writing keeps changing them). One that cannot be
+decoded then is tried again while it keeps still, and reported unreadable only after five times
+that long, so a writer that pauses is not caught half-way.
+
+Exactly once across restarts: a ledger (RESULTS_DIR/<model>/live-ledger.jsonl) records each file
+by name, size, modification time and content hash before its row is written; a restart skips what
+the ledger holds and scores the rest, and a new file reusing an old name differs in one of them.
+Rows go to RESULTS_DIR/<model>/live-<date>/predictions.csv (test.py's columns plus `error`), each
+appended whole and flushed to disk, so a crash loses at most the row in hand; pictures go beside
+it as test.py writes them. With WATCH_SORT the file then moves into good/, defect/ or unreadable/
+inside WATCH_DIR, which the watcher does not descend into.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Callable
+
+from dataset_manager import IMAGE_EXTENSIONS, DataError
+from pipeline.inspection import Inspection, Inspector, PreparedImage
+from pipeline.live import log
+from pipeline.prediction import COLUMNS, PREVIEW_SIZE, csv_values
+from pipeline.inspection import preview
+from pipeline.pictures import write_pictures
+
+LIVE_COLUMNS = COLUMNS + ["error"]
+SORT_FOLDERS = ("good", "defect", "unreadable")
+UNREADABLE_PATIENCE = 5  # an undecodable file is given up after this many settle times of keeping still
+GROUP = 8  # files read and queued together: the worker scores them as one batch
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What identifies one version of a file in the folder."""
+
+    name: str
+    size: int
+    mtime_ns: int
+
+
+class Ledger:
+    """The files already inspected (one JSON line each, appended and flushed to disk)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._records: dict[tuple, str] = {}  # (name, size, mtime_ns, sha256) -> verdict
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                    self._records[(entry["name"], entry["size"], entry["mtime_ns"], entry["sha256"])] = entry["verdict"]
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut by a crash: its file is scored again
+
+    def verdict(self, state: FileState, sha256: str) -> str | None:
+        return self._records.get((state.name, state.size, state.mtime_ns, sha256))
+
+    def add(self, state: FileState, sha256: str, verdict: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"name": state.name, "size": state.size, "mtime_ns": state.mtime_ns, "sha256": sha256, "verdict": verdict, "at": time.time()}
+        with open(self.path, "a") as file:
+            file.write(json.dumps(entry) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        self._records[(state.name, state.size, state.mtime_ns, sha256)] = verdict
+
+
+class LiveResults:
+    """RESULTS_DIR/<model>/live-<date>/: predictions.csv rows appended whole, and the pictures."""
+
+    def __init__(self, model_results: Path) -> None:
+        self.root = Path(model_results)
+
+    def folder(self) -> Path:
+        return self.root / f"live-{date.today().strftime('%Y%m%d')}"
+
+    def append(self, values: list[str]) -> Path:
+        """One row, written in one call and flushed to disk; the header starts a new file."""
+        folder = self.folder()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "predictions.csv"
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        if not path.exists() or path.stat().st_size == 0:
+            writer.writerow(LIVE_COLUMNS)
+        writer.writerow(values)
+        with open(path, "a", newline="") as file:
+            file.write(buffer.getvalue())
+            file.flush()
+            os.fsync(file.fileno())
+        return path
+
+
+@dataclass
+class _Ready:
+    state: FileState
+    data: bytes
+    sha256: str
+    still_for: float  # seconds the file has kept still
+    prepared: PreparedImage | None = None
+    future: Future | None = None
+    error: str = ""
+
+
+# what the watcher calls to inspect: (bytes, shown name) -> a prepared image (DataError when undecodable)
+Prepare = Callable[[bytes, str], PreparedImage]
+Submit = Callable[[PreparedImage], "Future[tuple[Inspector, Inspection]]"]
+# told of each inspected file: (shown name, bytes, inspection, inspector)
+Notify = Callable[[str, bytes, Inspection, Inspector], None]
+
+
+@dataclass
+class WatchSettings:
+    folder: Path
+    sort: bool
+    settle_seconds: float
+    model_results: Path  # RESULTS_DIR/<model name>
+    pictures: bool  # SAVE_PICTURES
+
+
+class FolderWatcher:
+    """Polls the folder in a thread; `stop()` lets the file in hand finish, then ends."""
+
+    def __init__(self, settings: WatchSettings, prepare: Prepare, submit: Submit, notify: Notify) -> None:
+        self.settings = settings
+        self.folder = Path(settings.folder)
+        self._prepare, self._submit, self._notify = prepare, submit, notify
+        self.ledger = Ledger(settings.model_results / "live-ledger.jsonl")
+        self.results = LiveResults(settings.model_results)
+        self._pending: dict[str, tuple[FileState, float]] = {}  # name -> (state last seen, since when unchanged)
+        self._done: dict[str, FileState] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="folder-watcher", daemon=True)
+        self.n_inspected = 0
+        self.n_unreadable = 0
+        self.poll_seconds = min(0.5, settings.settle_seconds / 2)
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if self.settings.sort:
+            for name in SORT_FOLDERS:
+                (self.folder / name).mkdir(exist_ok=True)
+        self._thread.start()
+        log(f"watching {self.folder} (files unchanged for {self.settings.settle_seconds:g} s are inspected; rows in {self.results.folder()})")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=300)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll()
+            except OSError as error:  # the folder vanished or a disk filled: say so, keep watching
+                log(f"WARNING: watched folder {self.folder}: {error}")
+            self._stop.wait(self.poll_seconds)
+
+    def _listing(self) -> dict[str, FileState]:
+        states = {}
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    stat = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                states[entry.name] = FileState(entry.name, stat.st_size, stat.st_mtime_ns)
+        return states
+
+    def poll(self) -> None:
+        """One look at the folder: inspect the files that have kept still long enough."""
+        now = time.monotonic()
+        states = self._listing()
+        for name in list(self._pending):
+            if name not in states:
+                del self._pending[name]
+        ready: list[tuple[FileState, float]] = []
+        for name in sorted(states):
+            state = states[name]
+            if self._done.get(name) == state:
+                continue
+            seen = self._pending.get(name)
+            if seen is None or seen[0] != state:
+                self._pending[name] = (state, now)
+            elif now - seen[1] >= self.settings.settle_seconds:
+                ready.append((state, now - seen[1]))
+        for start in range(0, len(ready), GROUP):
+            if self._stop.is_set():
+                return
+            self._inspect_group(ready[start : start + GROUP])
+
+    def _read(self, state: FileState, still_for: float) -> _Ready | None:
+        path = self.folder / state.name
+        try:
+            data = path.read_bytes()
+            stat = path.stat()
+        except OSError:
+            return None  # removed meanwhile
+        if (len(data), stat.st_size, stat.st_mtime_ns) != (state.size, state.size, state.mtime_ns):
+            self._pending.pop(state.name, None)  # still changing after all: start its wait again
+            return None
+        return _Ready(state, data, hashlib.sha256(data).hexdigest(), still_for)
+
+    def _inspect_group(self, group: list[tuple[FileState, float]]) -> None:
+        items = []
+        for state, still_for in group:
+            item = self._read(state, still_for)
+            if item is None:
+                continue
+            known = self.ledger.verdict(state, item.sha256)
+            if known is not None:  # inspected before a restart
+                self._finish(item, known)
+                continue
+            try:
+                item.prepared = self._prepare(item.data, state.name)
+                item.future = self._submit(item.prepared)
+            except DataError as error:
+                if still_for < UNREADABLE_PATIENCE * self.settings.settle_seconds:
+                    continue  # maybe still being written by a writer that paused: look again later
+                item.error = " ".join(str(error).split())
+            items.append(item)
+        for item in items:  # rows in folder order; stop between files
+            self._record(item)
+            if self._stop.is_set():
+                return
+
+    def _record(self, item: _Ready) -> None:
+        path = self.folder / item.state.name
+        if item.future is None:
+            self.ledger.add(item.state, item.sha256, "unreadable")
+            destination = self._destination(path, "unreadable")
+            self.results.append([str(destination)] + [""] * (len(COLUMNS) - 1) + [item.error])
+            self.n_unreadable += 1
+            log(f"unreadable {item.state.name}: {item.error}")
+            self._finish(item, "unreadable")
+            return
+        try:
+            inspector, inspection = item.future.result()
+        except Exception as error:  # scoring failed (out of memory, ...): not recorded, tried again next poll
+            log(f"WARNING: {item.state.name} could not be scored: {' '.join(str(error).split())}")
+            self._pending.pop(item.state.name, None)
+            return
+        destination = self._destination(path, inspection.verdict)
+        overlay_path = mask_path = ""
+        if self.settings.pictures:
+            pictures = self.results.folder() / "pictures"
+            pictures.mkdir(parents=True, exist_ok=True)
+            stem = f"{Path(item.state.name).stem}-{item.sha256[:8]}"
+            overlay_file, mask_file = write_pictures(
+                pictures, stem, inspection.anomaly_map, inspection.size, preview(item.prepared.rgb, PREVIEW_SIZE),
+                inspector.detector.preprocessor, inspector.detector.pixel_threshold, inspector.color_scale,
+            )
+            overlay_path, mask_path = f"pictures/{overlay_file.name}", f"pictures/{mask_file.name}"
+        self.ledger.add(item.state, item.sha256, inspection.verdict)
+        self.results.append(csv_values(destination, inspection, overlay_path, mask_path) + [""])
+        self.n_inspected += 1
+        self._notify(item.state.name, item.data, inspection, inspector)
+        self._finish(item, inspection.verdict)
+
+    def _destination(self, path: Path, verdict: str) -> Path:
+        """Where the file will be once sorted (where it is without WATCH_SORT); a name already taken there gets -2, -3, ..."""
+        if not self.settings.sort:
+            return path
+        folder = self.folder / verdict
+        target = folder / path.name
+        number = 2
+        while target.exists():
+            target = folder / f"{path.stem}-{number}{path.suffix}"
+            number += 1
+        return target
+
+    def _finish(self, item: _Ready, verdict: str) -> None:
+        """Sorted into its folder (WATCH_SORT), else remembered as done in this version."""
+        path = self.folder / item.state.name
+        if self.settings.sort:
+            try:
+                os.replace(path, self._destination(path, verdict))
+            except OSError as error:
+                log(f"WARNING: could not move {path} into {verdict}/: {error}")
+        self._done[item.state.name] = item.state
+        self._pending.pop(item.state.name, None)

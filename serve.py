@@ -1,0 +1,94 @@
+"""Serve: keep a model loaded and inspect images as they arrive, over HTTP and from a watched folder.
+
+    python serve.py [KEY=VALUE ...]
+
+Loads the model test.py would use (MODEL_DIR, MODEL_NAME, RUNTIME) once and serves on
+SERVE_HOST:SERVE_PORT: POST /inspect, GET /health, GET /model, and the review page at /.
+WATCH_DIR=<folder> also inspects every image that lands there (RESULTS_DIR/<model>/live-<date>/).
+IMAGE_FALSE_REJECT_RATE / CLASSIFIER_FALSE_REJECT_RATE on the command line move the operating
+point. Ctrl-C or SIGTERM finishes the image in hand and stops. See docs/live_inspection.md.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from pathlib import Path
+
+import uvicorn
+
+from pipeline.cli import load_categories, model_dir_for, run, single_category
+from pipeline.inspection import OperatingPoint, load
+from pipeline.live import BatchingWorker, ModelHolder, log
+from pipeline.review_page import RecentImages
+from pipeline.serving import LiveService, check_exposure, create_app, model_results_dir
+from pipeline.watching import FolderWatcher, WatchSettings
+from settings import SettingsError
+from settings import load as load_settings
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound here so a taken port is one line, not a traceback."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise SettingsError(f"cannot listen on {host}:{port} ({error.strerror or error}): choose another SERVE_PORT or SERVE_HOST") from None
+    sock.listen(128)
+    return sock
+
+
+def main(argv: list[str]) -> None:
+    settings, extra = load_settings(argv)
+    if extra:
+        raise SettingsError(f"serve.py takes only KEY=VALUE settings, not {extra[0]!r}")
+    check_exposure(settings.SERVE_HOST, settings.SERVE_TOKEN)
+    categories = load_categories(settings)
+    category = single_category(categories, settings, "to say which model serves,")
+    model_dir = model_dir_for(settings, category.name, len(categories))
+    point = OperatingPoint.from_command_line(argv, settings)
+
+    def load_model(folder: Path):
+        return load(folder, settings.DEVICE, settings.RUNTIME, point, settings.BATCH_SIZE)
+
+    holder = ModelHolder(model_dir, load_model)
+    holder.current.detector.report_differences(settings)
+    for line in holder.current.notes:
+        log(line)
+    worker = BatchingWorker(holder)
+    recent = RecentImages(settings.SERVE_RECENT, Path(settings.REVIEW_DIR))
+    service = LiveService(holder, worker, recent, settings.SERVE_MAX_BYTES, settings.SERVE_TOKEN, started=time.time())
+    if settings.WATCH_DIR:
+        watch = WatchSettings(
+            Path(settings.WATCH_DIR), settings.WATCH_SORT, settings.WATCH_SETTLE_SECONDS,
+            model_results_dir(settings.RESULTS_DIR, holder.current), settings.SAVE_PICTURES,
+        )
+        service.watcher = FolderWatcher(watch, service.prepare, worker.submit, service.notify("folder"))
+    sock = _listening_socket(settings.SERVE_HOST, settings.SERVE_PORT)
+    server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", access_log=False, timeout_graceful_shutdown=30))
+    received = []
+    # uvicorn stops on SIGINT / SIGTERM and hands the signal back afterwards: recorded here, so the
+    # worker and the watcher are stopped below and the process exits 0.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda number, frame: received.append(number))
+    worker.start()
+    if service.watcher is not None:
+        service.watcher.start()
+    inspector = holder.current
+    log(f"serving model {inspector.name} ({inspector.model_id[:12]}, {inspector.detector.runtime}) on http://{settings.SERVE_HOST}:{sock.getsockname()[1]}/")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if service.watcher is not None:
+            service.watcher.stop()  # the file in hand is finished first
+        worker.stop()
+        sock.close()
+    log(f"stopped: {worker.n_images} images in {worker.n_batches} batches (mean batch size {worker.mean_batch_size:.2f})")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,313 @@
+"""serve.py as a real process on 127.0.0.1 with a real HTTP client: the numbers test.py gives, bad
+requests answered and survived, the token, batching, a model swapped under the running server,
+the watched folder (slow writers, unreadable files, sorting, exactly once across restarts), and
+the Python API `pipeline.inspection.load` that both use."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TINY, error_line, make_mvtec_category, outputs, run_script
+from live_server import LiveServer, free_port
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def relative_close(a: float, b: float, tolerance: float) -> bool:
+    return abs(a - b) <= tolerance * max(abs(a), abs(b), 1e-12)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A tiny category, its model (with the classifier), and a second model of it for the swap."""
+    base = tmp_path_factory.mktemp("serve")
+    category = make_mvtec_category(base / "data" / "part")
+    result = run_script("train.py", f"DATASET_DIR={category}", *TINY, *outputs(base))
+    assert result.returncode == 0, result.stderr
+    # another version of it (as a retrain with other settings would give): its scores are the same, its
+    # image threshold, so its normalized scores, double; its id differs
+    second = base / "second" / "part"
+    shutil.copytree(base / "models" / "part", second)
+    description = json.loads((second / "model.json").read_text())
+    description["thresholds"]["image"] *= 2
+    (second / "model.json").write_text(json.dumps(description))
+    return {"base": base, "category": category, "model": base / "models" / "part", "second": second}
+
+
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory):
+    """One server for the HTTP tests, on a private copy of the model (the last test swaps it)."""
+    work = tmp_path_factory.mktemp("http")
+    shutil.copytree(trained["model"], work / "models" / "part")
+    live = LiveServer(
+        f"DATASET_DIR={trained['category']}", *TINY, f"MODEL_DIR={work / 'models'}", f"RESULTS_DIR={work / 'results'}",
+        f"SERVE_TOKEN={TOKEN}", "SERVE_MAX_BYTES=200000", f"REVIEW_DIR={work / 'review'}", log_path=work / "serve.log",
+    )
+    live.work = work
+    yield live
+    assert live.stop() == 0, live.log()
+
+
+def rows_of_test_py(trained) -> dict[str, dict]:
+    result = run_script("test.py", str(trained["category"] / "test"), f"DATASET_DIR={trained['category']}", *TINY,
+                        f"MODEL_DIR={trained['base'] / 'models'}", f"RESULTS_DIR={trained['base'] / 'results'}", "SAVE_PICTURES=False")
+    assert result.returncode == 0, result.stderr
+    run_dir = Path(result.stdout.split("predictions: ")[1].split()[0]).parent
+    with open(run_dir / "predictions.csv") as file:
+        return {Path(row["path"]).relative_to(trained["category"] / "test").as_posix(): row for row in csv.DictReader(file)}
+
+
+def test_inspect_gives_test_py_numbers_through_http_and_the_python_api(server, trained):
+    from pipeline.inspection import load
+
+    rows = rows_of_test_py(trained)
+    inspector = load(trained["model"], "cpu")
+    model_id = server.client.get("/health").json()["model"]
+    assert model_id == inspector.model_id
+    for name in ("good/000.png", "blob/000.png", "blob/001.png"):
+        path = trained["category"] / "test" / name
+        answer = server.client.post("/inspect", content=path.read_bytes(), headers={**AUTH, "Content-Type": "image/png"})
+        assert answer.status_code == 200, answer.text
+        got = answer.json()
+        row = rows[name]
+        assert got["verdict"] == row["verdict"] and got["model"] == model_id and got["seconds"] > 0
+        for field, column in (("image_score", "image_score"), ("normalized_score", "normalized_score"), ("classifier_probability", "classifier_probability")):
+            assert relative_close(got[field], float(row[column]), 1e-4), (name, field, got[field], row[column])  # the CSV rounds
+        assert abs(got["defect_area_fraction"] - float(row["defect_area_fraction"])) < 2e-6
+        rgb = np.asarray(Image.open(path).convert("RGB"))
+        for image in (path, str(path), path.read_bytes(), Image.open(path), rgb):
+            mine = inspector.inspect(image)
+            for field in ("image_score", "normalized_score", "classifier_probability", "defect_area_fraction"):
+                assert relative_close(mine.fields()[field], got[field], 1e-5), (name, type(image), field)
+            assert mine.verdict == got["verdict"]
+
+
+def test_multipart_and_pictures_only_when_asked(server, trained):
+    path = trained["category"] / "test" / "blob" / "000.png"
+    plain = server.client.post("/inspect", files={"image": ("../../etc/x.png", path.read_bytes(), "image/png")}, headers=AUTH)
+    assert plain.status_code == 200, plain.text
+    assert "overlay_png" not in plain.json()
+    pictured = server.client.post("/inspect?pictures=true", files={"image": ("x.png", path.read_bytes(), "image/png")}, headers=AUTH)
+    assert pictured.status_code == 200
+    overlay = Image.open(io.BytesIO(base64.b64decode(pictured.json()["overlay_png"])))
+    mask = Image.open(io.BytesIO(base64.b64decode(pictured.json()["mask_png"])))
+    assert overlay.format == mask.format == "PNG"
+    assert mask.size == Image.open(path).size and overlay.mode == "RGB"
+    assert np.asarray(mask).any()  # the painted defect is found
+    assert pictured.json()["image_score"] == plain.json()["image_score"]
+
+
+def test_bad_requests_get_a_4xx_line_and_the_server_goes_on(server, trained):
+    good = (trained["category"] / "test" / "good" / "000.png").read_bytes()
+    big = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(big, "BMP")
+    cases = [
+        ("text", {"content": b"hello", "headers": {**AUTH, "Content-Type": "text/plain"}}, 415, "content type"),
+        ("no type", {"content": good, "headers": AUTH}, 415, "content type"),
+        ("empty", {"content": b"", "headers": {**AUTH, "Content-Type": "image/png"}}, 400, "empty"),
+        ("garbage", {"content": b"not an image at all", "headers": {**AUTH, "Content-Type": "application/octet-stream"}}, 422, "cannot read"),
+        ("truncated", {"content": good[: len(good) // 2], "headers": {**AUTH, "Content-Type": "image/png"}}, 422, "truncated"),
+        ("oversize", {"content": big.getvalue(), "headers": {**AUTH, "Content-Type": "image/bmp"}}, 413, "SERVE_MAX_BYTES"),
+        ("no field", {"files": {"picture": ("a.png", good, "image/png")}, "headers": AUTH}, 400, "image"),
+        ("no token", {"content": good, "headers": {"Content-Type": "image/png"}}, 401, "token"),
+        ("wrong token", {"content": good, "headers": {"Authorization": "Bearer nope", "Content-Type": "image/png"}}, 401, "token"),
+    ]
+    for name, request, status, words in cases:
+        answer = server.client.post("/inspect", **request)
+        assert answer.status_code == status, (name, answer.status_code, answer.text)
+        assert words in answer.json()["error"], (name, answer.json())
+        after = server.client.post("/inspect", content=good, headers={**AUTH, "Content-Type": "image/png"})
+        assert after.status_code == 200, (name, after.text)
+
+
+def test_health_and_model_describe_the_model(server):
+    health = server.client.get("/health").json()
+    assert health["status"] == "ok" and health["model_name"] == "part" and health["note"] == ""
+    model = server.client.get("/model").json()
+    assert model["type"] == "padim" and model["backbone"] == "resnet18" and model["image_size"] == [64, 64]
+    assert model["thresholds"]["image"] > 0 and model["thresholds"]["classifier"] is not None and model["saved"]
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, trained):
+    images = {name: (trained["category"] / "test" / name).read_bytes() for name in ("good/000.png", "blob/000.png", "good/001.png", "blob/001.png")}
+    alone = {name: server.client.post("/inspect", content=data, headers={**AUTH, "Content-Type": "image/png"}).json()["image_score"] for name, data in images.items()}
+    before = server.client.get("/health").json()
+    answers, failures = [], []
+
+    def client(offset: int) -> None:
+        import httpx
+
+        with httpx.Client(base_url=server.url, timeout=60) as own:
+            for step in range(6):
+                name = list(images)[(offset + step) % len(images)]
+                reply = own.post("/inspect", content=images[name], headers={**AUTH, "Content-Type": "image/png"})
+                (answers if reply.status_code == 200 else failures).append((name, reply.json()))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures and len(answers) == 48
+    for name, answer in answers:
+        assert relative_close(answer["image_score"], alone[name], 1e-5), name
+    after = server.client.get("/health").json()
+    images_scored, batches = after["images"] - before["images"], after["batches"] - before["batches"]
+    assert images_scored == 48 and batches < images_scored  # some requests shared a backbone pass
+    assert after["mean_batch_size"] > 1.0 or before["mean_batch_size"] > 0
+
+
+def test_a_model_swapped_under_the_server_is_used_from_the_next_batch(server, trained):
+    """Last of the module's HTTP tests: it replaces the server's model."""
+    good = (trained["category"] / "test" / "blob" / "000.png").read_bytes()
+    old_id = server.client.get("/health").json()["model"]
+    from pipeline.inspection import load
+
+    expected = {old_id: load(trained["model"], "cpu").inspect(good).normalized_score}
+    new = load(trained["second"], "cpu")
+    expected[new.model_id] = new.inspect(good).normalized_score
+    assert new.model_id != old_id
+    answers, stop = [], threading.Event()
+
+    def keep_asking() -> None:
+        import httpx
+
+        with httpx.Client(base_url=server.url, timeout=60) as own:
+            while not stop.is_set() and len(answers) < 400:
+                answers.append(own.post("/inspect", content=good, headers={**AUTH, "Content-Type": "image/png"}))
+
+    asker = threading.Thread(target=keep_asking)
+    asker.start()
+    time.sleep(0.5)
+    target = server.work / "models" / "part"
+    staged = server.work / "models" / ".part.new"
+    shutil.copytree(trained["second"], staged)
+    os.rename(target, server.work / "models" / ".part.old")  # the swap train.py's AtomicFolder makes
+    os.rename(staged, target)
+    deadline = time.monotonic() + 60
+    while server.client.get("/health").json()["model"] != new.model_id and time.monotonic() < deadline:
+        server.client.post("/inspect", content=good, headers={**AUTH, "Content-Type": "image/png"})
+        time.sleep(0.2)
+    time.sleep(0.5)
+    stop.set()
+    asker.join(60)
+    assert server.client.get("/health").json()["model"] == new.model_id
+    assert answers and all(reply.status_code == 200 for reply in answers)
+    for reply in answers:  # every answer is wholly one model's
+        body = reply.json()
+        assert relative_close(body["normalized_score"], expected[body["model"]], 1e-5)
+    assert "switched model part" in server.log()
+
+
+def test_non_loopback_host_needs_a_token(trained, tmp_path):
+    result = run_script("serve.py", f"DATASET_DIR={trained['category']}", *TINY, *outputs(tmp_path), "SERVE_HOST=0.0.0.0", f"SERVE_PORT={free_port()}")
+    assert "SERVE_TOKEN" in error_line(result)
+
+
+def test_operating_point_on_the_command_line(trained, tmp_path):
+    """The thresholds re-picked from the model's honest good scores, said in one line; without the
+    rate on the command line the model's own point stands."""
+    from pipeline.inspection import OperatingPoint, honest_good_scores, load
+
+    model = json.loads((trained["model"] / "model.json").read_text())
+    scores = honest_good_scores(model)
+    point = OperatingPoint(image_false_reject_rate=0.5, classifier_false_reject_rate=0.25)
+    moved = load(trained["model"], "cpu", operating_point=point)
+    assert moved.detector.image_threshold == pytest.approx(float(np.quantile(scores, 0.5)))
+    assert any("IMAGE_FALSE_REJECT_RATE=0.5" in line and "no retraining" in line for line in moved.notes)
+    assert any("CLASSIFIER_FALSE_REJECT_RATE=0.25" in line for line in moved.notes)
+    goods = model["classifier"].get("good_probabilities")
+    if goods:  # models trained since they store them
+        assert moved.detector.classifier.threshold == pytest.approx(float(np.quantile(goods, 0.75)))
+    standing = load(trained["model"], "cpu")
+    assert standing.detector.image_threshold == model["thresholds"]["image"] and not standing.notes
+    result = run_script("test.py", str(trained["category"] / "test"), f"DATASET_DIR={trained['category']}", *TINY,
+                        f"MODEL_DIR={trained['base'] / 'models'}", f"RESULTS_DIR={tmp_path}", "SAVE_PICTURES=False", "IMAGE_FALSE_REJECT_RATE=0.5")
+    assert result.returncode == 0, result.stderr
+    assert sum("operating point:" in line for line in result.stderr.splitlines()) == 1
+    # an old model without the classifier's good probabilities says it needs a retrain
+    model["classifier"].pop("good_probabilities", None)
+    old = tmp_path / "old"
+    shutil.copytree(trained["model"], old)
+    (old / "model.json").write_text(json.dumps(model))
+    lines = load(old, "cpu", operating_point=OperatingPoint(classifier_false_reject_rate=0.25)).notes
+    assert len(lines) == 1 and "retrain" in lines[0]
+
+
+def _rows(results: Path) -> list[dict]:
+    rows = []
+    for path in sorted(results.glob("part/live-*/predictions.csv")):
+        with open(path) as file:
+            rows += list(csv.DictReader(file))
+    return rows
+
+
+def _wait_for_rows(results: Path, count: int, server: LiveServer, timeout: float = 60) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = _rows(results)
+        if len(rows) >= count:
+            return rows
+        time.sleep(0.3)
+    raise AssertionError(f"{len(_rows(results))} rows, expected {count}:\n{server.log()}")
+
+
+def test_watched_folder_inspects_each_file_once_whole_across_restarts(trained, tmp_path):
+    from pipeline.inspection import load
+
+    inspector = load(trained["model"], "cpu")
+    watch, results = tmp_path / "incoming", tmp_path / "results"
+    watch.mkdir()
+    sources = trained["category"] / "test"
+    shutil.copy(sources / "good" / "000.png", watch / "a.png")
+    shutil.copy(sources / "blob" / "000.png", watch / "b.png")
+    (watch / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is no image")
+    settings = [f"DATASET_DIR={trained['category']}", *TINY, f"MODEL_DIR={trained['base'] / 'models'}", f"RESULTS_DIR={results}",
+                f"WATCH_DIR={watch}", "WATCH_SETTLE_SECONDS=0.6", f"REVIEW_DIR={tmp_path / 'review'}"]
+    first = LiveServer(*settings, log_path=tmp_path / "first.log")
+    slow = (sources / "blob" / "001.png").read_bytes()
+    with open(watch / "slow.png", "wb") as file:  # a camera writing slowly, pausing under the settle time
+        for start in range(0, len(slow), max(1, len(slow) // 8)):
+            file.write(slow[start : start + max(1, len(slow) // 8)])
+            file.flush()
+            time.sleep(0.35)
+    rows = _wait_for_rows(results, 4, first)
+    assert first.stop() == 0, first.log()
+    by_name = {Path(row["path"]).name: row for row in rows}
+    assert sorted(by_name) == ["a.png", "b.png", "broken.png", "slow.png"] and len(rows) == 4
+    assert by_name["broken.png"]["error"] and by_name["broken.png"]["image_score"] == ""
+    whole = inspector.inspect(slow)
+    assert relative_close(float(by_name["slow.png"]["image_score"]), whole.image_score, 1e-4) and by_name["slow.png"]["error"] == ""
+    run_dir = next(results.glob("part/live-*"))
+    assert (run_dir / by_name["b.png"]["overlay"]).exists() and (run_dir / by_name["b.png"]["mask"]).exists()
+
+    # a restart (now sorting) scores nothing twice; a new file reusing a name is scored
+    second = LiveServer(*settings, "WATCH_SORT=True", log_path=tmp_path / "second.log")
+    deadline = time.monotonic() + 30
+    while (watch / "a.png").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    shutil.copy(sources / "blob" / "002.png", watch / "a.png")
+    rows = _wait_for_rows(results, 5, second)
+    time.sleep(1.5)  # a few more polls: nothing else may be scored
+    assert second.stop() == 0, second.log()
+    rows = _rows(results)
+    assert len(rows) == 5, rows
+    assert Path(rows[-1]["path"]).parent.name in ("good", "defect") and Path(rows[-1]["path"]).exists()
+    assert relative_close(float(rows[-1]["image_score"]), inspector.inspect(sources / "blob" / "002.png").image_score, 1e-4)
+    assert sorted(p.name for p in (watch / "unreadable").iterdir()) == ["broken.png"]
+    sorted_names = sorted(p.name for folder in ("good", "defect") for p in (watch / folder).iterdir())
+    assert sorted_names == ["a-2.png", "a.png", "b.png", "slow.png"] or sorted_names == ["a.png", "a.png", "b.png", "slow.png"]
+    assert not [p for p in watch.iterdir() if p.is_file()]
