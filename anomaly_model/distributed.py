@@ -16,21 +16,27 @@ job's store (torchrun's TCPStore): the failing rank writes its one-line error th
 wins); the others raise `PeerFailed` at their next wait or batch (`watched`) and unwind through
 their `with` blocks, which removes anything half-written; rank 0 prints the error; the other
 ranks exit only after rank 0 has (`finish`), so torchrun never kills rank 0 mid-cleanup.
+
+Values between ranks (`gather`, `all_gather`, `broadcast_object`) travel as JSON plus raw arrays
+in numpy's .npy format read with allow_pickle=False (`encode` / `decode`), like the model files:
+nothing is unpickled, so a rank reading another machine's bytes never runs code from them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import io
 import json
 import os
-import pickle
 import socket
 import sys
 import time
 from datetime import timedelta
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Iterable, Iterator, NoReturn, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -293,8 +299,97 @@ def barrier() -> None:
     all_reduce_sum_(torch.zeros(1))
 
 
+# --- values as data: JSON and .npy bytes -------------------------------------------------------
+
+# Dataclasses a rank may rebuild from another's bytes: this project's own, already imported (a
+# module is never imported because a peer named it).
+_OWN_PACKAGES = ("anomaly_model", "classification_model", "dataset_manager", "evaluation", "pipeline")
+
+
+def encode(value: Any) -> bytes:
+    """`value` as bytes: an 8-byte header length, a JSON tree, then each array's .npy bytes.
+    Holds None, bool, int, float, str, list, tuple, dict, paths, numpy arrays and scalars, CPU or
+    CUDA tensors (sent from the CPU) and dataclasses of this project; anything else is a TypeError."""
+    arrays: list[bytes] = []
+
+    def array(data: np.ndarray) -> int:
+        buffer = io.BytesIO()
+        np.save(buffer, data, allow_pickle=False)
+        arrays.append(buffer.getvalue())
+        return len(arrays) - 1
+
+    def tree(item: Any) -> Any:
+        if isinstance(item, np.generic):  # before float: numpy's float64 is one
+            return {"t": "scalar", "v": array(np.asarray(item))}
+        if item is None or isinstance(item, (bool, int, float, str)):
+            return item
+        if isinstance(item, (list, tuple)):
+            return {"t": type(item).__name__, "v": [tree(element) for element in item]}
+        if isinstance(item, dict):
+            return {"t": "dict", "v": [[tree(key), tree(element)] for key, element in item.items()]}
+        if isinstance(item, PurePath):
+            return {"t": "path", "v": str(item)}
+        if isinstance(item, torch.Tensor):
+            return {"t": "tensor", "v": array(item.detach().cpu().numpy())}
+        if isinstance(item, np.ndarray):
+            return {"t": "array", "v": array(item)}
+        if dataclasses.is_dataclass(item) and not isinstance(item, type):
+            fields = {field.name: tree(getattr(item, field.name)) for field in dataclasses.fields(item) if field.init}
+            return {"t": "dataclass", "v": [f"{type(item).__module__}:{type(item).__qualname__}", fields]}
+        raise TypeError(f"a {type(item).__name__} cannot be sent between ranks (only data: numbers, text, lists, arrays, ...)")
+
+    header = json.dumps({"value": tree(value), "arrays": [len(data) for data in arrays]}).encode()
+    return len(header).to_bytes(8, "little") + header + b"".join(arrays)
+
+
+def _own_dataclass(name: str) -> type:
+    module_name, _, qualname = name.partition(":")
+    module = sys.modules.get(module_name) if module_name.split(".")[0] in _OWN_PACKAGES else None
+    cls = module
+    for part in qualname.split(".") if module is not None else []:
+        cls = getattr(cls, part, None)
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise ValueError(f"{name!r} is not a dataclass of this project")
+    return cls
+
+
+def decode(data: bytes) -> Any:
+    """The value `encode` wrote; arrays are read with allow_pickle=False. Malformed bytes: ValueError."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    arrays, start = [], 8 + size
+    for length in header["arrays"]:
+        arrays.append(np.load(io.BytesIO(data[start : start + length]), allow_pickle=False))
+        start += length
+
+    def value(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        kind, content = node["t"], node["v"]
+        if kind in ("list", "tuple"):
+            items = [value(element) for element in content]
+            return items if kind == "list" else tuple(items)
+        if kind == "dict":
+            return {value(key): value(element) for key, element in content}
+        if kind == "path":
+            return Path(content)
+        if kind in ("array", "tensor", "scalar"):
+            loaded = arrays[content] if arrays[content].flags.writeable else arrays[content].copy()
+            return torch.from_numpy(loaded) if kind == "tensor" else loaded[()] if kind == "scalar" else loaded
+        if kind == "dataclass":
+            name, fields = content
+            return _own_dataclass(name)(**{key: value(element) for key, element in fields.items()})
+        raise ValueError(f"unknown kind {kind!r}")
+
+    return value(header["value"])
+
+
 def _to_bytes(value: Any) -> torch.Tensor:
-    return torch.frombuffer(bytearray(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(encode(value)), dtype=torch.uint8)
+
+
+def _from_bytes(data: torch.Tensor) -> Any:
+    return decode(data.numpy().tobytes())
 
 
 def _sizes(payload: torch.Tensor) -> list[int]:
@@ -310,9 +405,8 @@ def _padded(payload: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def gather(value: T) -> list[T] | None:
-    """Every rank's `value` (any picklable object: results of its shard) on rank 0, in rank order;
-    None on the other ranks. Alone: [value]. Values go pickled over Gloo: they come from the job's
-    own processes."""
+    """Every rank's `value` (data `encode` holds: results of its shard) on rank 0, in rank order;
+    None on the other ranks. Alone: [value]. Values travel as JSON and .npy bytes, never pickled."""
     if not active():
         return [value]
     payload = _to_bytes(value)
@@ -321,12 +415,12 @@ def gather(value: T) -> list[T] | None:
     _wait(dist.gather(_padded(payload, max(sizes)), received, dst=0, async_op=True))
     if not is_main():
         return None
-    return [pickle.loads(data[:size].numpy().tobytes()) for data, size in zip(received, sizes)]
+    return [_from_bytes(data[:size]) for data, size in zip(received, sizes)]
 
 
 def gather_rows(rows: torch.Tensor) -> list[torch.Tensor] | None:
     """Every rank's (n_r, ...) tensor on rank 0, in rank order; None on the other ranks. Alone:
-    [rows]. For large arrays: sent as they are (no pickling), each padded to the longest."""
+    [rows]. For large arrays: sent as they are (no encoding), each padded to the longest."""
     if not active():
         return [rows]
     counts = all_gather(len(rows))
@@ -345,7 +439,7 @@ def all_gather(value: T) -> list[T]:
     sizes = _sizes(payload)
     received = [torch.empty(max(sizes), dtype=torch.uint8) for _ in sizes]
     _wait(dist.all_gather(received, _padded(payload, max(sizes)), async_op=True))
-    return [pickle.loads(data[:size].numpy().tobytes()) for data, size in zip(received, sizes)]
+    return [_from_bytes(data[:size]) for data, size in zip(received, sizes)]
 
 
 def broadcast_object(value: T, source: int = 0) -> T:
@@ -355,7 +449,7 @@ def broadcast_object(value: T, source: int = 0) -> T:
     payload = _to_bytes(value) if _job.rank == source else torch.empty(0, dtype=torch.uint8)
     size = broadcast_(torch.tensor([payload.numel()]), source)
     data = broadcast_(_padded(payload, int(size)), source)
-    return pickle.loads(data.numpy().tobytes())
+    return _from_bytes(data)
 
 
 def first_given(value: T | None) -> tuple[int, T | None]:
@@ -389,8 +483,8 @@ def _in_order(parts: list[list[tuple[int, T]]]) -> list[T]:
 
 def gather_in_order(items: list[tuple[int, T]]) -> list[T] | None:
     """Rank 0: every rank's (index, item) pairs as one list of items sorted by index, the order one
-    process would have made them in; None on the other ranks. Items travel pickled: give numpy
-    arrays, not views of larger torch tensors (a pickled tensor view carries its whole storage)."""
+    process would have made them in; None on the other ranks. Items travel as JSON and .npy bytes
+    (`encode`): give numpy arrays, Paths, numbers and text."""
     parts = gather(items)
     return None if parts is None else _in_order(parts)
 
