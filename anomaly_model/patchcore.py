@@ -216,7 +216,7 @@ class PatchCore(AnomalyModel):
         raise ModelError(
             f"PatchCore's memory bank for {what} ({positions} patches x {self.feature_dim} features each) needs "
             f"{_size(needed)} of RAM{where}, only {_size(free)} is free: train on fewer images (about {fits} fit), "
-            "lower PATCHCORE_FEATURE_DIM or CROP (CORESET_RATIO and BATCH_SIZE do not change the bank's size)"
+            "lower IMAGE_SIZE (or TILE_SIZE) or PATCHCORE_FEATURE_DIM (CORESET_RATIO and BATCH_SIZE do not change the bank's size)"
         )
 
     def fit(self, batches: Iterable[torch.Tensor]) -> "PatchCore":
@@ -456,7 +456,8 @@ class PatchCore(AnomalyModel):
         self.bank_size_ = int(state["bank_size"])
         self.group_offsets_ = [int(offset) for offset in state["group_offsets"]]
         if self.group_offsets_[0] != 0 or self.group_offsets_[-1] != self._coreset_size or sorted(self.group_offsets_) != self.group_offsets_:
-            raise ModelError("model.json's coreset groups do not fit its coreset (damaged?): retrain with python train.py")
+            # a ValueError: the caller (store.model_file_guard) names the model's model.json and says retrain
+            raise ValueError(f"state.coreset_size {self._coreset_size} does not fit state.group_offsets (ending at {self.group_offsets_[-1]})")
 
     def save_arrays(self, out) -> None:
         out.write_npy("coreset.npy", self.memory_.cpu().numpy())

@@ -13,14 +13,22 @@ from tqdm import tqdm
 
 from anomaly_model import distributed
 from anomaly_model.backbone import ModelError
+from anomaly_model.base import AnomalyModel
 from anomaly_model.files import STORAGE_ERRNOS, StorageError, storage_message
 from dataset_manager import Category, DataError, find_categories, outputs_inside
 from dataset_manager.demo import generate_demo_dataset
 from settings import SettingsError, defaults
 
 USER_ERRORS = (SettingsError, DataError, ModelError, StorageError)
-# What to lower when memory runs out (a new setting that drives memory gets its name added here).
-MEMORY_SETTINGS = "BATCH_SIZE, IMAGE_SIZE (or TILE_SIZE) or FEATURE_DIM, or choose a smaller BACKBONE"
+# What to lower when memory runs out, per anomaly model (a new setting that drives memory gets
+# its name added here): PaDiM's statistics grow with FEATURE_DIM squared, PatchCore's bank with
+# every training patch, its search with the coreset (CORESET_RATIO) times the batch.
+MEMORY_SETTINGS = {
+    "padim": "BATCH_SIZE, IMAGE_SIZE (or TILE_SIZE) or FEATURE_DIM, or choose a smaller BACKBONE",
+    "patchcore": "CORESET_RATIO, IMAGE_SIZE (or TILE_SIZE), BATCH_SIZE or PATCHCORE_FEATURE_DIM, or train on fewer "
+    "images (PatchCore's memory bank holds every training patch)",
+}
+GENERAL_MEMORY_SETTINGS = "BATCH_SIZE or IMAGE_SIZE (or TILE_SIZE), or choose a smaller BACKBONE"
 # How allocators word running out of memory when they raise a RuntimeError (torch's CPU and CUDA
 # allocators, oneDNN) or a DataLoader worker the kernel's OOM killer ended.
 _MEMORY_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory", "killed by signal: killed")
@@ -43,9 +51,24 @@ def memory_message(error: BaseException) -> str | None:
         return None
     if "killed by signal" in words:
         return "out of memory: a worker reading images was killed; lower NUM_WORKERS or BATCH_SIZE"
+    kind = model_in_use(error)
+    levers = MEMORY_SETTINGS.get(kind, GENERAL_MEMORY_SETTINGS)
+    who = {"padim": "PaDiM ", "patchcore": "PatchCore "}.get(kind, "")
     if isinstance(error, torch.OutOfMemoryError) or "cuda" in words:
-        return f"out of GPU memory: lower {MEMORY_SETTINGS}, or set DEVICE=cpu"
-    return f"out of memory: lower {MEMORY_SETTINGS}"
+        return f"{who}out of GPU memory: lower {levers}, or set DEVICE=cpu"
+    return f"{who}out of memory: lower {levers}"
+
+
+def model_in_use(error: BaseException) -> str | None:
+    """The type name of the anomaly model whose code was running when `error` was raised (the
+    innermost model method on its traceback), so the advice fits that model; None outside one."""
+    kind, frame = None, error.__traceback__
+    while frame is not None:
+        owner = frame.tb_frame.f_locals.get("self")
+        if isinstance(owner, AnomalyModel):
+            kind = owner.kind
+        frame = frame.tb_next
+    return kind
 
 
 def _one_line(message) -> str:
