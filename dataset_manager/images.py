@@ -4,6 +4,7 @@ centre crop, normalize; and back from the model's view to the original image."""
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
@@ -126,6 +127,9 @@ def image_size(path: Path) -> tuple[int, int]:
 # "auto" image size: about the pixel count of the published 224 x 224 input, at the training
 # images' median aspect ratio, so a 2.5:1 part is not squashed into a square.
 AUTO_PIXELS = 224 * 224
+# The smallest side the backbones work on (IMAGE_SIZE's documented minimum): a computed size
+# below it ("auto" on a 4000 x 16 strip) is clamped up to it, with a note.
+MIN_SIDE = 32
 # The published PaDiM recipe, and what the old RESIZE / CROP settings default to.
 PUBLISHED_RESIZE, PUBLISHED_CROP = 256, 224
 # Most pixels of working images in one batch (~96 MB as float32 RGB): no cap at 224 x 224
@@ -170,9 +174,25 @@ def resolve_image_size(setting, paths: Sequence[Path], stride: int) -> tuple[int
         heights, widths = np.array(sizes, dtype=np.float64).T
         if setting == "auto":
             ratio = float(np.median(heights / widths))
-            return _round_to(math.sqrt(AUTO_PIXELS * ratio), stride), _round_to(math.sqrt(AUTO_PIXELS / ratio), stride)
-        return _round_to(float(np.median(heights)) * setting, stride), _round_to(float(np.median(widths)) * setting, stride)
+            size = _round_to(math.sqrt(AUTO_PIXELS * ratio), stride), _round_to(math.sqrt(AUTO_PIXELS / ratio), stride)
+        else:
+            size = _round_to(float(np.median(heights)) * setting, stride), _round_to(float(np.median(widths)) * setting, stride)
+        return _at_least_minimum(size, setting, stride)
     return _pair(setting, "IMAGE_SIZE")
+
+
+def _at_least_minimum(size: tuple[int, int], setting, stride: int) -> tuple[int, int]:
+    """`size` with each side clamped up to MIN_SIDE (rounded to `stride`), saying so on stderr:
+    a very elongated part would otherwise be inspected below the backbones' minimum."""
+    floor = math.ceil(MIN_SIDE / stride) * stride
+    clamped = (max(size[0], floor), max(size[1], floor))
+    if clamped != size:
+        print(
+            f"note: IMAGE_SIZE={setting!r} gives {size[0]} x {size[1]} px on these images, below the minimum of {MIN_SIDE} px: "
+            f"clamped to {clamped[0]} x {clamped[1]} (the images' aspect ratio is not kept; set IMAGE_SIZE=(height, width) to choose)",
+            file=sys.stderr,
+        )
+    return clamped
 
 
 class Preprocessor:
