@@ -294,6 +294,8 @@ def classifier_info(classifier: DefectClassifier, training_set: TrainingSet, set
         "levels": training_set.levels,
         "threshold": classifier.threshold,
         "false_reject_rate": settings.CLASSIFIER_FALSE_REJECT_RATE,
+        # what serve.py / test.py / eval.py re-pick the threshold from at another CLASSIFIER_FALSE_REJECT_RATE
+        "good_probabilities": [] if classifier.threshold_goods is None else [float(p) for p in classifier.threshold_goods],
         "anchor_mode": settings.CLASSIFIER_ANCHOR,
         **({"anchor": classifier.anchor.to_dict()} if classifier.anchor is not None else {}),
         **({"tree_share": classifier.tree_share} if classifier.tree_share is not None else {}),

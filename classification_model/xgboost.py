@@ -117,6 +117,9 @@ class DefectClassifier:
     similarity: DefectSimilarity | None = None  # the second stage learned from labeled defects
     # training only (not saved): each training row's out-of-fold log-odds, what the second stage is fitted on
     out_of_fold_margin: np.ndarray | None = field(default=None, repr=False)
+    # training only: the goods' out-of-fold probabilities the threshold was picked on; model.json keeps
+    # them so a run can re-pick it at another CLASSIFIER_FALSE_REJECT_RATE without retraining
+    threshold_goods: np.ndarray | None = field(default=None, repr=False)
 
     def margin(self, features: np.ndarray, image_scores: np.ndarray | None = None, directions: np.ndarray | None = None) -> np.ndarray:
         """Log-odds of "defect" of each row of `features` (columns in `feature_names` order); an
@@ -152,6 +155,7 @@ class DefectClassifier:
         self.similarity = similarity
         probabilities = _sigmoid(similarity.margin(good_margins, good_directions))
         self.threshold = float(np.quantile(probabilities, 1 - false_reject_rate))
+        self.threshold_goods = probabilities
 
     def to_bytes(self) -> bytes:
         """The booster in XGBoost's JSON format (no pickle), for `save_model(extra_files=...)`."""
@@ -387,7 +391,9 @@ def train_classifier(
         report["anchor"] = anchor.to_dict()
     if tree_share is not None:
         report["tree_share"] = tree_share
-    return DefectClassifier(booster, list(feature_names), threshold, report, anchor, tree_share, out_of_fold_margin=out_of_fold)
+    return DefectClassifier(
+        booster, list(feature_names), threshold, report, anchor, tree_share, out_of_fold_margin=out_of_fold, threshold_goods=good_probabilities
+    )
 
 
 def feature_importance(classifier: DefectClassifier) -> dict[str, float]:
