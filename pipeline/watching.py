@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import Callable
 
 from dataset_manager import IMAGE_EXTENSIONS, DataError
-from pipeline.inspection import Inspection, Inspector, PreparedImage
+from pipeline.inspection import Inspection, Inspector, PreparedImage, preview
 from pipeline.live import log
 from pipeline.prediction import COLUMNS, PREVIEW_SIZE, csv_values
-from pipeline.inspection import preview
 from pipeline.pictures import write_pictures
 
 LIVE_COLUMNS = COLUMNS + ["error"]
@@ -225,7 +224,7 @@ class FolderWatcher:
                 continue
             known = self.ledger.verdict(state, item.sha256)
             if known is not None:  # inspected before a restart
-                self._finish(item, known)
+                self._finish(item, self._destination(self.folder / state.name, known))
                 continue
             try:
                 item.prepared = self._prepare(item.data, state.name)
@@ -248,7 +247,7 @@ class FolderWatcher:
             self.results.append([str(destination)] + [""] * (len(COLUMNS) - 1) + [item.error])
             self.n_unreadable += 1
             log(f"unreadable {item.state.name}: {item.error}")
-            self._finish(item, "unreadable")
+            self._finish(item, destination)
             return
         try:
             inspector, inspection = item.future.result()
@@ -271,7 +270,7 @@ class FolderWatcher:
         self.results.append(csv_values(destination, inspection, overlay_path, mask_path) + [""])
         self.n_inspected += 1
         self._notify(item.state.name, item.data, inspection, inspector)
-        self._finish(item, inspection.verdict)
+        self._finish(item, destination)
 
     def _destination(self, path: Path, verdict: str) -> Path:
         """Where the file will be once sorted (where it is without WATCH_SORT); a name already taken there gets -2, -3, ..."""
@@ -285,13 +284,13 @@ class FolderWatcher:
             number += 1
         return target
 
-    def _finish(self, item: _Ready, verdict: str) -> None:
-        """Sorted into its folder (WATCH_SORT), else remembered as done in this version."""
+    def _finish(self, item: _Ready, destination: Path) -> None:
+        """Moved to `destination` (WATCH_SORT: its verdict's folder), and remembered as done in this version."""
         path = self.folder / item.state.name
-        if self.settings.sort:
+        if destination != path:
             try:
-                os.replace(path, self._destination(path, verdict))
+                os.replace(path, destination)
             except OSError as error:
-                log(f"WARNING: could not move {path} into {verdict}/: {error}")
+                log(f"WARNING: could not move {path} into {destination.parent}: {error}")
         self._done[item.state.name] = item.state
         self._pending.pop(item.state.name, None)
