@@ -18,6 +18,15 @@ MODEL_NAME = ""  # "" = the category folder's name (several categories: one mode
 TEST_DIR = ""  # folder test.py scores when given none; "" = the dataset's test folder
 VALIDATION_FRACTION = 0.1  # share of train images held out when there is no validation/good
 
+# --- Updating a trained model (train.py, docs/updating.md) --------------------------------------
+# Command line only (a value left here is refused: every later training would become an update):
+#   python train.py ADD_GOOD=review/good ADD_DEFECT=review/defect
+# updates MODEL_DIR/<name> in seconds with the good images (and labeled defects) of those folders,
+# without reading its training images again; images the model already holds are skipped.
+ADD_GOOD = ""  # a folder of good images the model should learn ("" = a normal training)
+ADD_DEFECT = ""  # a folder of labeled defect images the classifier should learn ("" = none)
+MODEL_BACKUPS = 3  # an update keeps this many earlier versions beside the model (<name>.backup-1 newest); 0 = none
+
 # --- Geometry: what the model inspects (docs/geometry.md) -------------------------------------
 # Every image is resized to one working size, height x width in pixels; maps, thresholds and
 # eval.py's metrics are at that size, masks and pictures are put back at each image's own size.

@@ -202,6 +202,9 @@ RULES: dict[str, Rule] = {
     "MODEL_NAME": folder_name(),
     "TEST_DIR": text(),
     "VALIDATION_FRACTION": FRACTION,
+    "ADD_GOOD": text(),
+    "ADD_DEFECT": text(),
+    "MODEL_BACKUPS": integer(0, 100),
     # preprocessing
     "IMAGE_SIZE": Rule(_is_image_size, "(height, width) in pixels, each >= 32, \"auto\", or a fraction of the images' own size in (0, 8]"),
     "CENTER_CROP": number(above=0, maximum=1),
@@ -394,6 +397,11 @@ def _as_setting(arg: str, names: set[str]) -> tuple[str, str] | None:
     return None if exists else (key, text)
 
 
+# Settings a user gives for one run only: left in config.py they would change every later run
+# (ADD_GOOD would turn every training into an update), so config.py must keep them empty.
+COMMAND_LINE_ONLY = ("ADD_GOOD", "ADD_DEFECT")
+
+
 def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
     """Settings from config.py with KEY=VALUE overrides, all checked; returns them and the other arguments."""
     argv = sys.argv[1:] if argv is None else argv
@@ -427,5 +435,8 @@ def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
             raise SettingsError("RESIZE / CROP are the old spelling of IMAGE_SIZE / CENTER_CROP: give one or the other, not both")
         if given & set(OLD_GEOMETRY) or "IMAGE_SIZE" not in values:
             _translate_old_geometry(values, old)
+    for key in COMMAND_LINE_ONLY:
+        if values.get(key) and key not in given:
+            raise SettingsError(f"{key}={_show(values[key])} is set in config.py: give it on the command line only (python train.py {key}=<folder>), and set it back to \"\" in config.py")
     validate(values)
     return SimpleNamespace(**values), positional

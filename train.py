@@ -1,13 +1,14 @@
 """Train: fit PaDiM on the good images of DATASET_DIR and save the model to MODEL_DIR/<name>/.
 
     python train.py [KEY=VALUE ...]      (settings: config.py)
+    python train.py ADD_GOOD=<folder> ADD_DEFECT=<folder>   (update the trained model: docs/updating.md)
 """
 
 from __future__ import annotations
 
 import sys
 
-from pipeline.cli import load_categories, model_dir_for, run
+from pipeline.cli import load_categories, model_dir_for, run, single_category
 from pipeline.training import train_category
 from settings import SettingsError, load
 
@@ -17,6 +18,9 @@ def main(argv: list[str]) -> None:
     if extra:
         raise SettingsError(f"train.py takes only KEY=VALUE settings, not {extra[0]!r}")
     categories = load_categories(settings)
+    if settings.ADD_GOOD or settings.ADD_DEFECT:
+        update(settings, categories)
+        return
     summaries = []
     for category in categories:
         summary = train_category(category, settings, model_dir_for(settings, category.name, len(categories)))
@@ -33,6 +37,27 @@ def main(argv: list[str]) -> None:
         )
     if len(summaries) > 1:
         print(f"{len(summaries)} models in {settings.MODEL_DIR}", file=sys.stderr)
+
+
+def update(settings, categories) -> None:
+    """ADD_GOOD / ADD_DEFECT: the model test.py would use learns those folders (pipeline/updating.py)."""
+    from pipeline.updating import update_model
+
+    category = single_category(categories, settings, "to say which model learns the images,")
+    model_dir = model_dir_for(settings, category.name, len(categories))
+    summary = update_model(model_dir, settings, settings.ADD_GOOD, settings.ADD_DEFECT)
+    if not summary.saved:
+        return
+    report = summary.model_report
+    radius = (f"; coreset +{report['coreset_added']} points, covering radius of the new patches "
+              f"{report['covering_radius_before']:.4g} -> {report['covering_radius_after']:.4g}") if "coreset_added" in report else ""
+    print(
+        f"{model_dir.name}: learned {summary.n_good} good and {summary.n_defect} defect images in {summary.seconds:.1f} s"
+        + (f" ({summary.n_known} already learned, skipped)" if summary.n_known else "")
+        + (f", {summary.n_unreadable} unreadable skipped" if summary.n_unreadable else "")
+        + f"{radius}; thresholds image {summary.image_threshold:.3f} pixel {summary.pixel_threshold:.3f}; model {model_dir}"
+        + (f" (previous kept as {model_dir.name}.backup-1)" if settings.MODEL_BACKUPS else "")
+    )
 
 
 if __name__ == "__main__":

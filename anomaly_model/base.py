@@ -301,21 +301,34 @@ class AnomalyModel:
         """Fit on batches of whole normalized working images (B, 3, H, W): what train.py calls.
         Untiled, the model's `fit` sees the images; tiled, it sees their tiles in bounded chunks."""
         seen = [0]
-
-        def inputs() -> Iterator[torch.Tensor]:
-            for images in batches:
-                size = tuple(images.shape[-2:])
-                layout = self.start_fit(size) if seen[0] == 0 else self.working_size(size)
-                seen[0] += len(images)
-                if layout is None:
-                    yield images
-                    continue
-                for tiles, _, _ in layout.chunks(images, TILE_CHUNK, whole_images=self.statistics_locations > 1):
-                    yield tiles
-
-        self.fit(inputs())
+        self.fit(self._model_inputs(batches, seen, starting=True))
         self.n_train_images_ = sum(distributed.all_gather(seen[0]))  # under torchrun: every rank's images
         return self
+
+    def update(self, batches: Iterable[torch.Tensor]) -> dict:
+        """Add batches of good inputs to the fitted model without its training images (train.py
+        ADD_GOOD); returns what the model reports of the update. Models that cannot say no."""
+        raise ModelError(f"{self.kind} models cannot learn new images without a retrain: run python train.py")
+
+    def update_images(self, batches: Iterable[torch.Tensor]) -> dict:
+        """`update` with batches of whole working images of the fitted size (tiled as `fit_images` tiles them)."""
+        seen = [0]
+        report = self.update(self._model_inputs(batches, seen, starting=False))
+        self.n_train_images_ += seen[0]
+        return report
+
+    def _model_inputs(self, batches: Iterable[torch.Tensor], seen: list[int], starting: bool) -> Iterator[torch.Tensor]:
+        """The model's inputs for batches of working images: the images, or their tiles in bounded
+        chunks; `seen[0]` counts the images. `starting`: the first batch fixes the working size (a fit)."""
+        for images in batches:
+            size = tuple(images.shape[-2:])
+            layout = self.start_fit(size) if starting and seen[0] == 0 else self.working_size(size)
+            seen[0] += len(images)
+            if layout is None:
+                yield images
+                continue
+            for tiles, _, _ in layout.chunks(images, TILE_CHUNK, whole_images=self.statistics_locations > 1):
+                yield tiles
 
     def image_patch_scores(self, images: torch.Tensor) -> torch.Tensor:
         """(B, h, w) patch scores of whole working images on their own patch grid: the model's

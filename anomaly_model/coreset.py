@@ -372,3 +372,33 @@ class GroupedNeighbors:
         chosen = chosen[nearer]
         best.index_copy_(0, chosen, distances[nearer])
         row.index_copy_(0, chosen, where[nearer] + start)
+
+
+def continue_coreset(
+    chosen: torch.Tensor, points: torch.Tensor, count: int, progress: bool = True
+) -> tuple[torch.Tensor, float, float]:
+    """The greedy k-center selection continued over new `points` (N, d) from an existing coreset
+    `chosen` (K, d), both projected alike: each new point starts at its distance to the coreset,
+    then at most `count` of them are picked, each the point farthest from everything chosen so far
+    (fewer when every new point is already chosen or a duplicate). Returns (indices into `points`
+    in selection order, the new points' covering radius before, and after): the radius is the
+    largest distance of a new point to its nearest chosen point, the quantity the paper's
+    guarantee bounds. One pass over the new points per pick (they are few: an update's images)."""
+    with torch.no_grad():
+        center = points.float().mean(dim=0)
+        points = (points.float() - center).contiguous()
+        nearest, _ = nearest_neighbors(points, (chosen.float() - center).contiguous())
+        nearest = nearest.square_()
+        before = float(nearest.max().sqrt()) if len(nearest) else 0.0
+        norms = (points * points).sum(dim=1)
+        picked: list[int] = []
+        for _ in tqdm(range(min(count, len(points))), desc="coreset update", unit="pt", file=sys.stderr, disable=not progress, mininterval=1.0):
+            index = int(nearest.argmax())
+            if nearest[index] <= 0:
+                break
+            picked.append(index)
+            distance = torch.addmv(norms, points, points[index], alpha=-2.0).add_(norms[index])
+            torch.minimum(nearest, distance.clamp_min_(0), out=nearest)
+            nearest[index] = 0.0
+        after = float(nearest.max().sqrt()) if len(nearest) else 0.0
+    return torch.tensor(picked, dtype=torch.long), before, after

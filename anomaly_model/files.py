@@ -419,8 +419,9 @@ class AtomicFolder:
     naming the folder; the temporary folder is removed and an earlier folder survives.
     """
 
-    def __init__(self, target: Path, replace: bool = True) -> None:
+    def __init__(self, target: Path, replace: bool = True, backups: int = 0) -> None:
         self.target = Path(target)
+        self.backups = int(backups)  # replace=True: earlier versions kept as <name>.backup-1 (newest) ... -<backups>
         if replace and os.path.islink(self.target):
             self.target = Path(os.path.realpath(self.target))  # the folder the link leads to is replaced
         self.replace = replace
@@ -521,6 +522,8 @@ class AtomicFolder:
                     self._flush_unsynced()
                 with self._model_lock(), _folder_lock(self.target.parent), _signals_held():
                     previous = self._swap() if self.replace else self._place_new()
+                    if previous is not None and self.backups:
+                        previous = self._keep_backup(previous)
                     _fsync_path(self.target.parent)
             except BaseException as error:
                 shutil.rmtree(self.temporary, ignore_errors=True)
@@ -534,6 +537,20 @@ class AtomicFolder:
             self._release_lock()
             if failed:
                 remove_made(self._made)
+
+    def _keep_backup(self, previous: Path) -> Path | None:
+        """The replaced folder becomes `<name>.backup-1`, older backups move up one number; returns
+        the one that falls off the end (renamed to this run's temporary name, removed after the swap)."""
+        backup = lambda number: self.target.parent / f"{self.target.name}.backup-{number}"  # noqa: E731
+        dropped = None
+        if os.path.lexists(backup(self.backups)):
+            dropped = self.temporary  # free since the swap; a kill before its removal leaves it to `sweep`
+            os.replace(backup(self.backups), dropped)
+        for number in range(self.backups - 1, 0, -1):
+            if os.path.lexists(backup(number)):
+                os.replace(backup(number), backup(number + 1))
+        os.replace(previous, backup(1))
+        return dropped
 
     def _model_lock(self):
         """A model's swap waits for a run holding the model (an export); results need no lock."""

@@ -23,6 +23,8 @@ are associative, so the result is one process's up to float32 rounding of the or
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from anomaly_model import distributed
@@ -41,14 +43,49 @@ _DISTANCE_CHUNK_POSITIONS = 256
 VARIANCE_FLOOR = 1e-12
 
 
+def lower_triangle_index(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Flat indices of a d x d matrix's lower triangle, row by row: the packed layout on disk."""
+    rows, cols = torch.tril_indices(dim, dim, device=device)
+    return rows * dim + cols
+
+
+@dataclass
+class GaussianSums:
+    """The running sums of a finished fit, kept so that images can be added later exactly: a fit
+    resumed from them (`StreamingGaussian.resumed`) ends with the statistics of one fit on the old
+    and the new images together (up to float32 rounding), without the old images."""
+
+    count: int
+    shift: torch.Tensor  # (P, d) float32
+    total: torch.Tensor  # (P, d) float64 sum of x - shift
+    outer: torch.Tensor  # (P, d(d+1)/2) float32 packed lower triangles of the sum of (x - shift)(x - shift)^T, on the CPU
+
+
 class StreamingGaussian:
     """Accumulates per-position mean and covariance of (P, N, d) embedding batches."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_sums: bool = False) -> None:
         self.count = 0
         self.shift: torch.Tensor | None = None  # (P, d)
         self.sum: torch.Tensor | None = None  # (P, d) float64, of x - shift
         self.sum_outer: torch.Tensor | None = None  # (P, d, d) float32, of (x - shift)(x - shift)^T
+        self.keep_sums = keep_sums  # finalize keeps the sums (`kept`) for a later update
+        self.kept: GaussianSums | None = None
+
+    @classmethod
+    def resumed(cls, sums: GaussianSums, device: torch.device) -> "StreamingGaussian":
+        """An accumulator holding a finished fit's sums, to add more images to (it keeps its sums too)."""
+        accumulator = cls(keep_sums=True)
+        positions, dim = sums.shift.shape
+        lower = lower_triangle_index(dim)
+        upper = (lower % dim) * dim + lower // dim  # the same entries, transposed
+        outer = torch.zeros(positions, dim * dim, dtype=torch.float32)
+        outer.index_copy_(1, lower, sums.outer).index_copy_(1, upper, sums.outer)
+        accumulator.count = int(sums.count)
+        accumulator.shift = sums.shift.float().to(device)
+        accumulator.sum = sums.total.double().to(device)
+        accumulator.sum_outer = outer.view(positions, dim, dim).to(device)
+        return accumulator
 
     def start(self, shift: torch.Tensor) -> None:
         """Empty sums around `shift` (P, d)."""
@@ -97,6 +134,10 @@ class StreamingGaussian:
     def _factorize(self, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
         if self.count < 2:
             raise ModelError(f"a covariance needs at least 2 training images, got {self.count} that could be read: add good images")
+        if self.keep_sums:  # packed before the sums become the factors (half the (P, d, d) memory)
+            positions, dim = self.sum.shape
+            packed = self.sum_outer.view(positions, dim * dim).index_select(1, lower_triangle_index(dim, self.sum.device))
+            self.kept = GaussianSums(self.count, self.shift.cpu(), self.sum.cpu().clone(), packed.cpu())
         offset = self.sum / self.count  # (P, d) float64
         mean = (self.shift.double() + offset).float()
         offset = offset.float()

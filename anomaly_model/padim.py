@@ -21,8 +21,10 @@ from anomaly_model.backbone import DEFAULT_FEATURE_DIM, ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.chebyshev import SCORES, chebyshev_term, pixel_threshold, pixel_threshold_rule
 from anomaly_model.files import CHUNK_ROWS, read_npy, read_npy_chunks
-from anomaly_model.gaussian import StreamingGaussian, deviations, inverse_factors, leave_out, mahalanobis, scatter_from_factor
-from anomaly_model.schema import check
+from anomaly_model.gaussian import (
+    GaussianSums, StreamingGaussian, deviations, inverse_factors, leave_out, lower_triangle_index, mahalanobis, scatter_from_factor,
+)
+from anomaly_model.schema import Optional, check
 from settings import integer, sequence
 
 # Held-out embeddings (P, m, d) kept at once by `out_of_fold_scores`: the folds whose embeddings fit
@@ -48,10 +50,7 @@ def _nearest_source(source: int, target: int, device: torch.device) -> torch.Ten
     return F.interpolate(positions, size=target, mode="nearest").view(-1).long()
 
 
-def _lower_triangle_index(dim: int, device: torch.device) -> torch.Tensor:
-    """Flat indices of a d x d matrix's lower triangle, row by row: the packed layout on disk."""
-    rows, cols = torch.tril_indices(dim, dim, device=device)
-    return rows * dim + cols
+_lower_triangle_index = lower_triangle_index  # the packed layout of cholesky.npy and sums_outer.npy
 
 
 def write_embedding(features: list[torch.Tensor], layer_channels: list[torch.Tensor], out: torch.Tensor) -> None:
@@ -94,6 +93,11 @@ class Padim(AnomalyModel):
         "CHEBYSHEV_WEIGHT": "chebyshev_weight",
     }
     TILE_STATISTICS_KINDS = ("shared", "location")
+    # The fit's running sums (`gaussian.GaussianSums`), saved as sums_*.npy: what `update` resumes
+    # from, so images added later give exactly the statistics of one fit on all. None: a model saved
+    # before models kept them (it cannot be updated).
+    sums_: GaussianSums | None = None
+    _sums_count: int | None = None  # model.json's state.sums_count, read before the arrays
 
     def __init__(
         self,
@@ -155,7 +159,7 @@ class Padim(AnomalyModel):
 
         Under torchrun every rank calls this with the batches of its own shard (maybe none) and
         every rank ends with the same model, that of all ranks' images (`gaussian.py`)."""
-        accumulator = StreamingGaussian()
+        accumulator = StreamingGaussian(keep_sums=True)
         batches = iter(batches)
         first = next(batches, None)
         embedding, grid = self.embed(first) if first is not None else (None, None)
@@ -174,9 +178,29 @@ class Padim(AnomalyModel):
             accumulator.update(self._by_location(embedding))
         del embedding
         self.mean_, self.cholesky_ = accumulator.finalize(self.epsilon)
+        self.sums_ = accumulator.kept
         self.grid_size_ = grid
         self.n_train_images_ = accumulator.count
         return self
+
+    def update(self, batches: Iterable[torch.Tensor]) -> dict:
+        """Add batches of normalized good images to the fitted model, exactly: the fit's saved sums
+        are resumed, the new images' embeddings added and the Gaussians factorized again, so the
+        statistics are those of one fit on the old and the new images (up to float32 rounding). The
+        time depends on the new images (and the factorization), not on the old ones. One process."""
+        if self.sums_ is None:
+            raise ModelError("this PaDiM model was saved before models kept their running sums: retrain it once with python train.py; later updates are exact and take seconds")
+        accumulator = StreamingGaussian.resumed(self.sums_, self.device)
+        added = 0
+        for images in batches:
+            embedding, grid = self.embed(images)
+            self.check_grid(grid)
+            accumulator.update(self._by_location(embedding))
+            added += len(images)
+            del embedding
+        self.mean_, self.cholesky_ = accumulator.finalize(self.epsilon)
+        self.sums_ = accumulator.kept
+        return {"added_inputs": added}
 
     def layer_channels(self) -> list[torch.Tensor]:
         """Per backbone layer, the indices of its channels in the random subset: plain Python on the
@@ -222,7 +246,7 @@ class Padim(AnomalyModel):
 
     def statistics_bytes(self, positions: int) -> int:
         """The fit's (P, d, d) float32 sums, which become the Cholesky factors, and the (P, d) rest."""
-        return positions * self.feature_dim * (4 * self.feature_dim + 20)
+        return positions * self.feature_dim * (6 * self.feature_dim + 30)  # + the packed sums kept for updates
 
     def patch_score_module(self, release: bool = False) -> "PadimPatchScores":
         if self.score_kind != "mahalanobis" and not (self.score_kind == "hybrid" and self.chebyshev_weight == 1):
@@ -340,13 +364,18 @@ class Padim(AnomalyModel):
         }
 
     def fitted_state(self) -> dict:
-        return {**super().fitted_state(), "channel_indices": self.channel_indices_.tolist()}
+        state = {**super().fitted_state(), "channel_indices": self.channel_indices_.tolist()}
+        if self.sums_ is not None:
+            state["sums_count"] = int(self.sums_.count)  # sums_*.npy hold the fit's running sums (`update`)
+        return state
 
     def load_fitted_state(self, state: dict) -> None:
         super().load_fitted_state(state)
         total = sum(self.extractor.channels)
         check(state, {"channel_indices": sequence(integer(0, total - 1), length=self.feature_dim, order="increasing")}, "state")
         self.channel_indices_ = torch.tensor(state["channel_indices"], dtype=torch.long)
+        check(state, {"sums_count": Optional(integer(minimum=2))}, "state")
+        self._sums_count = state.get("sums_count")
 
     def save_arrays(self, out) -> None:
         """mean.npy, and cholesky.npy packed by one index_select per block of positions while the
@@ -361,6 +390,11 @@ class Padim(AnomalyModel):
             for start in range(0, positions, CHUNK_ROWS)
         )
         out.write_npy_chunks("cholesky.npy", (positions, lower.numel()), packed)
+        if self.sums_ is not None:
+            out.write_npy("sums_shift.npy", self.sums_.shift.numpy())
+            out.write_npy("sums_total.npy", self.sums_.total.numpy(), dtype="<f8")
+            outer = self.sums_.outer
+            out.write_npy_chunks("sums_outer.npy", tuple(outer.shape), (outer[i : i + CHUNK_ROWS].numpy() for i in range(0, positions, CHUNK_ROWS)))
 
     def load_arrays(self, folder, files: dict) -> None:
         positions, dim = self.grid_size_[0] * self.grid_size_[1] * self.statistics_locations, self.feature_dim
@@ -373,6 +407,16 @@ class Padim(AnomalyModel):
             start += block.shape[0]
         self.mean_ = torch.from_numpy(np.ascontiguousarray(mean)).to(self.device)
         self.cholesky_ = factors.view(positions, dim, dim)
+        self.sums_ = None
+        if self._sums_count:
+            packed = dim * (dim + 1) // 2
+            outer = torch.from_numpy(np.concatenate(list(read_npy_chunks(folder, "sums_outer.npy", files, (positions, packed)))))
+            self.sums_ = GaussianSums(
+                int(self._sums_count),
+                torch.from_numpy(read_npy(folder, "sums_shift.npy", files, (positions, dim)).copy()),
+                torch.from_numpy(read_npy(folder, "sums_total.npy", files, (positions, dim), dtype="<f8").copy()),
+                outer,
+            )
 
 
 class PadimPatchScores(nn.Module):

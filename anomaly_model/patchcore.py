@@ -25,6 +25,7 @@ from anomaly_model import distributed
 from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.coreset import (
+    continue_coreset,
     NEIGHBOR_CANDIDATES,
     GroupedNeighbors,
     coreset_size,
@@ -287,6 +288,45 @@ class PatchCore(AnomalyModel):
         self.n_train_images_ = self.bank_size_ // positions
         self.fit_seconds_ = {"features": features_done - started, "coreset": time.perf_counter() - features_done}
         return self
+
+    def update(self, batches: Iterable[torch.Tensor]) -> dict:
+        """Add batches of normalized good inputs to the fitted coreset without the training images: the
+        greedy k-center selection continues from the existing coreset over the new inputs' patches
+        (`coreset.continue_coreset`, on the same projection), adding at most CORESET_RATIO times their
+        number; the new points join the group of their nearest group center. One process."""
+        if self.memory_ is None:
+            raise ModelError("the model is not fitted: run train.py first")
+        started, chunks, positions = time.perf_counter(), [], 0
+        for images in batches:
+            embedding, grid = self.embed(images)
+            self.check_grid(grid)
+            positions = grid[0] * grid[1]
+            chunks.append(embedding.cpu())
+        if not chunks:
+            raise ModelError("no new images could be read: nothing to add")
+        new = torch.cat(chunks)
+        del chunks
+        width = self.projection_dim if 0 < self.projection_dim < self.feature_dim else self.feature_dim
+        projection = projection_matrix(self.feature_dim, width, self.seed, self.device) if width < self.feature_dim else None
+        project = (lambda rows: rows) if projection is None else (lambda rows: rows @ projection)  # noqa: E731
+        count = coreset_size(len(new), self.coreset_ratio)
+        picked, before, after = continue_coreset(project(self.memory_ + self.memory_mean_), project(new.to(self.device)), count)
+        rows = new.index_select(0, picked).to(self.device) - self.memory_mean_
+        starts = torch.tensor(self.group_offsets_[:-1], device=self.device)
+        _, new_group = nearest_neighbors(rows, self.memory_.index_select(0, starts))
+        old_group = torch.repeat_interleave(torch.arange(len(starts), device=self.device), torch.tensor(self.group_offsets_).diff().to(self.device))
+        group = torch.cat([old_group, new_group])
+        order = torch.argsort(group, stable=True)  # each group: its rows as before (center first), then the new ones
+        sources = torch.cat([self.memory_sources_, (self.bank_size_ // positions + picked // positions).to(torch.int32).to(self.device)])
+        self.memory_ = torch.cat([self.memory_, rows])[order].contiguous()
+        self.memory_sources_ = sources[order]
+        self.group_offsets_ = [0] + torch.bincount(group, minlength=len(starts)).cumsum(0).tolist()
+        self.bank_size_ += len(new)
+        self._prepare_scoring()
+        return {
+            "new_patches": int(len(new)), "coreset_added": int(len(picked)), "coreset_size": int(len(self.memory_)),
+            "covering_radius_before": before, "covering_radius_after": after, "seconds": time.perf_counter() - started,
+        }
 
     def _fit_order(self, n_images: int) -> list[torch.Tensor] | None:
         """Under torchrun, per rank, the position each of its images has in one process's fit order

@@ -120,9 +120,11 @@ def build_model(settings) -> AnomalyModel:
     return cls(**arguments, device=settings.DEVICE)
 
 
-def save_model(folder: Path, model: AnomalyModel, info: dict, extra_files: dict[str, bytes] | None = None) -> int:
-    """Write the fitted model and `info` (thresholds, preprocessing, ...) atomically; returns bytes written."""
-    with AtomicFolder(folder) as out:
+def save_model(folder: Path, model: AnomalyModel, info: dict, extra_files: dict[str, bytes] | None = None, backups: int = 0) -> int:
+    """Write the fitted model and `info` (thresholds, preprocessing, ...) atomically; returns bytes
+    written. `backups` > 0: the model replaced is kept as `<name>.backup-1`, earlier ones renumbered
+    (MODEL_BACKUPS, for updates)."""
+    with AtomicFolder(folder, backups=backups) as out:
         model.save_arrays(out)
         for name, data in (extra_files or {}).items():
             out.write_bytes(name, data)

@@ -26,6 +26,7 @@ it arrives (`TrainingSet.add`): no map is kept, so memory does not grow with the
 
 from __future__ import annotations
 
+import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from classification_model.xgboost import Anchoring, ClassifierParams, Classifier
 from dataset_manager import DataError, ImageBatches, Preprocessor, read_rgb
 
 FEATURE_CHUNK = 64  # maps turned into features at once (64 maps of 224 x 224: 13 MB)
+CLASSIFIER_ROWS_FILE = "classifier_rows.npz"  # a model's classifier rows (`TrainingSet.to_bytes`): what an update retrains on
 
 
 @dataclass
@@ -191,6 +193,7 @@ class TrainingSet:
         self.validation_directions: np.ndarray | None = None
         self.real_directions: np.ndarray | None = None
         self.similarity_note = ""  # why the similarity stage was not used, when labeled defects could have taught it
+        self.held_real: dict[str, np.ndarray] | None = None  # a restored set's labeled-defect rows, put back last (`restored`)
 
     def add(self, maps: torch.Tensor, scores: torch.Tensor, label: int, groups: np.ndarray, weight: float = 1.0) -> None:
         """Rows for (N, H, W) maps and their image scores (features computed here, maps not kept)."""
@@ -223,13 +226,85 @@ class TrainingSet:
             self.counts[kind] += 1
 
     def add_real_defects(self, maps: torch.Tensor, scores: torch.Tensor, weight: float, directions: torch.Tensor | None = None) -> None:
-        """Labeled defects' maps (last rows), and their peak directions when the similarity stage may use them."""
+        """Labeled defects' maps (last rows, after those of a restored set), and their peak directions
+        when the similarity stage may use them."""
+        start, had_held = self.n_rows, self.held_real is not None
+        held_directions = self.put_back_real_defects()
         groups = self._next_real_group + np.arange(maps.shape[0])
         self._next_real_group += maps.shape[0]
-        self.real_rows = slice(self.n_rows, self.n_rows + maps.shape[0])
         self.add(maps, scores, 1, groups, weight)
+        self.real_rows = slice(start, self.n_rows)
         self.counts["real_defects"] += maps.shape[0]
-        self.real_directions = None if directions is None else directions.double().numpy()
+        new_directions = None if directions is None else directions.double().numpy()
+        if not had_held:
+            self.real_directions = new_directions
+        else:  # the earlier defects' directions and the new ones', or none when either is missing
+            both = held_directions is not None and new_directions is not None
+            self.real_directions = np.concatenate([held_directions, new_directions]) if both else None
+
+    def add_goods(self, maps: torch.Tensor, scores: torch.Tensor) -> None:
+        """Honest good maps added to a restored set (a model update): rows of their own groups, no synthetic defects."""
+        groups = self._next_real_group + np.arange(maps.shape[0])
+        self._next_real_group += maps.shape[0]
+        self.add(maps, scores, 0, groups)
+        self.counts["added_goods"] = self.counts.get("added_goods", 0) + maps.shape[0]
+
+    def to_bytes(self) -> bytes:
+        """Every row (features, image scores, map medians, labels, groups, weights), which rows are the
+        validation goods and the labeled defects, and their peak directions: CLASSIFIER_ROWS_FILE, what
+        `restored` reads back so an update retrains the classifier in seconds, without painting defects again."""
+        self.put_back_real_defects()
+        features, scores, labels, groups, weights = self.arrays()
+        arrays = {
+            "features": features, "image_scores": scores, "labels": labels, "groups": groups, "weights": weights,
+            "medians": np.concatenate(self.medians) if self.medians else np.zeros(0),
+            "validation_rows": np.array([self.validation_rows.start, self.validation_rows.stop]),
+            "real_rows": np.array([self.real_rows.start, self.real_rows.stop]), "next_group": np.array([self._next_real_group]),
+        }
+        for name in ("validation_directions", "real_directions"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        return buffer.getvalue()
+
+    @classmethod
+    def restored(cls, levels: dict[str, float], data: bytes, counts: dict[str, int], seed: int) -> "TrainingSet":
+        """The set `to_bytes` saved (no pickled objects are read). Its labeled-defect rows are held back
+        and put back last (`put_back_real_defects`), so that goods added now come before them and the
+        labeled defects, old and new, stay the last rows, as the similarity stage reads them."""
+        training_set = cls(levels, 0, 0, 0, seed)
+        with np.load(io.BytesIO(data), allow_pickle=False) as stored:
+            rows = {name: stored[name] for name in stored.files}
+        real = slice(*(int(v) for v in rows["real_rows"]))
+        keep = np.ones(len(rows["labels"]), dtype=bool)
+        keep[real] = False
+        columns = ("features", "image_scores", "medians", "labels", "groups", "weights")
+        for name in columns:
+            getattr(training_set, name).append(rows[name][keep])
+        training_set.n_rows = int(keep.sum())
+        training_set.validation_rows = slice(*(int(v) for v in rows["validation_rows"]))
+        training_set.validation_directions = rows.get("validation_directions")
+        training_set._next_real_group = int(rows["next_group"][0])
+        if real.stop > real.start:
+            training_set.held_real = {name: rows[name][real] for name in columns}
+            if "real_directions" in rows:
+                training_set.held_real["directions"] = rows["real_directions"]
+        training_set.counts.update(counts)
+        return training_set
+
+    def put_back_real_defects(self) -> np.ndarray | None:
+        """The held-back labeled-defect rows of a restored set, appended now (once); returns their peak directions."""
+        held, self.held_real = self.held_real, None
+        if held is None:
+            return None
+        start = self.n_rows
+        for name in ("features", "image_scores", "medians", "labels", "groups", "weights"):
+            getattr(self, name).append(held[name])
+        self.n_rows += len(held["labels"])
+        self.real_rows = slice(start, self.n_rows)
+        self.real_directions = held.get("directions")
+        return self.real_directions
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(features, image scores, labels, groups, weights)."""
@@ -240,6 +315,7 @@ class TrainingSet:
     def train(self, settings) -> DefectClassifier:
         """The classifier; with peak directions of the validation goods and the labeled defects, its
         similarity stage too (or `similarity_note` says why not)."""
+        self.put_back_real_defects()
         features, scores, labels, groups, weights = self.arrays()
         rows = ClassifierRows(features, labels, groups, weights, scores)
         classifier = train_classifier(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 import sys
 import time
@@ -28,6 +31,11 @@ from settings import SettingsError
 if TYPE_CHECKING:
     from classification_model.training import TrainingSet
 
+# Files a model keeps for `pipeline.updating` (train.py ADD_GOOD / ADD_DEFECT): the sha256 of every
+# image it learned (an image added again is skipped), and its honest goods' image scores and
+# sampled pixels (the thresholds are re-picked on them and the new goods' maps).
+LEARNED_IMAGES_FILE = "learned_images.json"
+HONEST_GOODS_FILE = "honest_goods.npz"
 PIXEL_SAMPLE_STRIDE = 4  # validation maps are smooth (blur sigma 4): every 4th pixel each way suffices
 MIN_TRAIN_IMAGES = 2  # a covariance (and any spread of good features) needs at least two images
 
@@ -192,6 +200,21 @@ class GoodMapSample:
     def count(self) -> int:
         return int(sum(len(scores) for scores in self.scores))
 
+    def to_bytes(self) -> bytes:
+        """The sample as an .npz (HONEST_GOODS_FILE): what a model update re-picks its thresholds on."""
+        buffer = io.BytesIO()
+        np.savez(buffer, scores=np.concatenate(self.scores), pixels=np.concatenate(self.pixels).astype(np.float32))
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "GoodMapSample":
+        """The sample `to_bytes` saved (no pickled objects are read)."""
+        with np.load(io.BytesIO(data), allow_pickle=False) as stored:
+            sample = cls()
+            sample.scores.append(stored["scores"].astype(np.float64))
+            sample.pixels.append(stored["pixels"].astype(np.float64))
+        return sample
+
     def calibrate(self, image_rate: float, pixel_rate: float) -> dict:
         """Thresholds that reject the given shares of these good images / pixels, and their statistics."""
         for name, rate in (("IMAGE_FALSE_REJECT_RATE", image_rate), ("PIXEL_FALSE_REJECT_RATE", pixel_rate)):
@@ -213,6 +236,29 @@ class GoodMapSample:
                 "pixel_quantiles": {str(q): float(np.quantile(pixels, q)) for q in (0.5, 0.9, 0.99, 0.999)},
             },
         }
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of an image file's bytes: the same picture under another name is the same image."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def learned_images(good: list[Path], defect: list[Path], before: dict | None = None) -> bytes:
+    """LEARNED_IMAGES_FILE: the content digests of the goods and labeled defects a model learned
+    (`before`: an earlier list, extended), so that an update skips what the model already holds."""
+    learned = {"good": list((before or {}).get("good", [])), "defect": list((before or {}).get("defect", []))}
+    for kind, paths in (("good", good), ("defect", defect)):
+        known = set(learned[kind])
+        for path in paths:
+            digest = content_digest(path)
+            if digest not in known:
+                learned[kind].append(digest)
+                known.add(digest)
+    return json.dumps(learned).encode()
 
 
 def calibrate(maps: torch.Tensor, image_scores: torch.Tensor, image_rate: float, pixel_rate: float) -> dict:
@@ -428,7 +474,7 @@ def set_thresholds(run: TrainingRun) -> None:
 def train_verdict(run: TrainingRun) -> None:
     """The classifier on the collected goods and synthetic defects, plus the labeled defects
     (train/defect/) and, from them, the similarity stage where it may be learned."""
-    from classification_model.training import classifier_info, image_maps
+    from classification_model.training import CLASSIFIER_ROWS_FILE, classifier_info, image_maps
 
     settings, model, training_set, category = run.settings, run.model, run.training_set, run.category
     if category.train_defect_images:
@@ -448,6 +494,7 @@ def train_verdict(run: TrainingRun) -> None:
         print(f"note: no labeled-defect similarity stage: {training_set.similarity_note}", file=sys.stderr)
     run.info["classifier"] = classifier_info(classifier, training_set, settings)
     run.extra_files[run.info["classifier"]["booster_file"]] = classifier.to_bytes()
+    run.extra_files[CLASSIFIER_ROWS_FILE] = training_set.to_bytes()  # what an update retrains it on
 
 
 def save(run: TrainingRun) -> TrainingSummary:
@@ -462,6 +509,10 @@ def save(run: TrainingRun) -> TrainingSummary:
         "n_validation_images": run.goods.count - run.n_out_of_fold,
         "skipped_files": [str(path) for path, _ in run.images.skipped],
     }
+    unreadable = {path for path, _ in run.images.skipped}
+    goods = [path for path in run.images.train + run.images.validation if path not in unreadable]
+    run.extra_files[LEARNED_IMAGES_FILE] = learned_images(goods, list(run.category.train_defect_images) if settings.CLASSIFIER else [])
+    run.extra_files[HONEST_GOODS_FILE] = run.goods.to_bytes()
     model_bytes = save_model(run.model_dir, model, info, extra_files=run.extra_files)
     return TrainingSummary(
         category=run.category.name,

@@ -1,0 +1,244 @@
+"""train.py ADD_GOOD=<folder> / ADD_DEFECT=<folder>: a trained model learns a reviewer's corrections in
+seconds, without its training images.
+
+Good images: their maps under the model as it is are honest goods (it never saw them), so they join
+the honest goods the thresholds were set on (HONEST_GOODS_FILE) and, with a classifier, its rows;
+then the anomaly model learns them (`AnomalyModel.update_images`: PaDiM exactly, from its saved
+running sums; PatchCore by continuing the greedy coreset over their patches). Labeled defects: the
+classifier's rows gain theirs and it is retrained (the anomaly model is left as it is). Images the
+model already holds (same bytes, LEARNED_IMAGES_FILE) are skipped. The thresholds are re-picked at
+the model's own rates. The new model replaces the old one atomically; the old one is kept as
+`<name>.backup-1` (MODEL_BACKUPS of them), and model.json's "updates" lists every update.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from anomaly_model import distributed
+from anomaly_model.backbone import ModelError
+from anomaly_model.base import AnomalyModel
+from anomaly_model.files import read_checked_bytes
+from anomaly_model.store import load_model, model_id, read_description, save_model
+from dataset_manager import ImageBatches, Preprocessor
+from dataset_manager.layouts import find_images
+from pipeline.training import (
+    HONEST_GOODS_FILE, LEARNED_IMAGES_FILE, GoodMapSample, content_digest, learned_images, pixel_policies,
+)
+from settings import SettingsError
+
+# model.json sections the update rewrites from scratch (save_model writes them) or drops (an
+# export of the old model does not fit the new one).
+REWRITTEN_SECTIONS = ("format_version", "anomaly_model", "versions", "files", "export")
+
+
+@dataclass
+class NewImages:
+    """The images of one folder an update learns, after those the model holds were set aside."""
+
+    folder: Path
+    paths: list[Path]  # not yet learned, each content once
+    known: int  # skipped: the model already holds them (or the folder holds them twice)
+
+
+@dataclass
+class Scored:
+    """Maps of readable images under the model as it was before the update."""
+
+    paths: list[Path]
+    maps: torch.Tensor
+    scores: torch.Tensor
+    directions: torch.Tensor | None
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+@dataclass
+class UpdateSummary:
+    model_dir: Path
+    n_good: int = 0
+    n_defect: int = 0
+    n_known: int = 0
+    n_unreadable: int = 0
+    seconds: float = 0.0
+    image_threshold: float = 0.0
+    pixel_threshold: float = 0.0
+    model_report: dict = field(default_factory=dict)  # what the anomaly model said of its update (PatchCore: covering radius)
+    saved: bool = False
+
+
+def new_images(folder: str, learned: list[str]) -> NewImages:
+    """The images under `folder` whose content the model does not hold yet (a missing folder: DataError)."""
+    known, paths = set(learned), []
+    skipped = 0
+    for path in find_images(Path(folder)):
+        digest = content_digest(path)
+        if digest in known:
+            skipped += 1
+            continue
+        known.add(digest)
+        paths.append(path)
+    return NewImages(Path(folder), paths, skipped)
+
+
+def score_files(model: AnomalyModel, preprocessor: Preprocessor, paths: list[Path], batch_size: int, label: str, peaks: bool = False) -> Scored:
+    """Maps, image scores (and peak directions when `peaks`) of the readable files among `paths`."""
+    batches = ImageBatches(paths, preprocessor, batch_size, 0)
+    readable, maps, scores, directions = [], [], [], []
+    for batch in tqdm(batches, desc=label, unit="batch", file=sys.stderr):
+        result = model.score_with_peaks(batch.images) if peaks else model.score(batch.images)
+        readable += [paths[i] for i in batch.indices]
+        maps.append(result[0])
+        scores.append(result[1])
+        if peaks:
+            directions.append(result[2])
+    for path, reason in batches.skipped:
+        print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
+    if not readable:
+        return Scored([], torch.zeros(0, *preprocessor.size), torch.zeros(0), None, list(batches.skipped))
+    return Scored(readable, torch.cat(maps), torch.cat(scores), torch.cat(directions) if peaks else None, list(batches.skipped))
+
+
+def _old_model(model_dir: Path) -> ModelError:
+    return ModelError(
+        f"model {model_dir} was saved before models could be updated (it lacks what an exact update needs): "
+        "retrain it once with python train.py; later updates take seconds"
+    )
+
+
+def update_model(model_dir: Path, settings, good_folder: str, defect_folder: str) -> UpdateSummary:
+    """Teach the model at `model_dir` the good images of `good_folder` and the labeled defects of
+    `defect_folder` (either may be ""), save it atomically beside numbered backups."""
+    started = time.perf_counter()
+    if distributed.active():
+        raise SettingsError("ADD_GOOD / ADD_DEFECT update a model on one process: run python train.py without torchrun")
+    model, description = load_model(model_dir, settings.DEVICE)
+    loaded = model_id(description)
+    files = description["files"]
+    if HONEST_GOODS_FILE not in files or LEARNED_IMAGES_FILE not in files:
+        raise _old_model(model_dir)
+    learned = json.loads(read_checked_bytes(model_dir, LEARNED_IMAGES_FILE, files, f"files.{LEARNED_IMAGES_FILE}"))
+    goods = new_images(good_folder, learned.get("good", [])) if good_folder else None
+    defects = new_images(defect_folder, learned.get("defect", [])) if defect_folder else None
+    summary = UpdateSummary(model_dir, n_known=sum(part.known for part in (goods, defects) if part is not None))
+    has_classifier = "classifier" in description
+    if defects is not None and not has_classifier:
+        raise ModelError(f"model {model_dir} has no classifier (trained with CLASSIFIER=False): labeled defects teach only the classifier; retrain with CLASSIFIER=True")
+    if model.kind == "padim" and goods is not None and goods.paths and model.sums_ is None:
+        raise _old_model(model_dir)
+    for part, kind in ((goods, "good"), (defects, "defect")):
+        if part is not None and part.known:
+            print(f"{part.known} {kind} image{'s' if part.known != 1 else ''} in {part.folder} already learned by the model: skipped", file=sys.stderr)
+    if not any(part is not None and part.paths for part in (goods, defects)):
+        print(f"nothing new to learn: model {model_dir} is unchanged", file=sys.stderr)
+        summary.seconds = time.perf_counter() - started
+        return summary
+
+    preprocessor = Preprocessor.from_description(description["preprocessing"])
+    info = copy.deepcopy({key: value for key, value in description.items() if key not in REWRITTEN_SECTIONS})
+    extra_files: dict[str, bytes] = {}
+    training_set = _restored_training_set(model_dir, description) if has_classifier else None
+    history = list(description.get("updates", []))
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    sample = GoodMapSample.from_bytes(read_checked_bytes(model_dir, HONEST_GOODS_FILE, files, f"files.{HONEST_GOODS_FILE}"))
+    good_scored = None
+    if goods is not None and goods.paths:
+        good_scored = score_files(model, preprocessor, goods.paths, settings.BATCH_SIZE, "new goods")  # honest: not learned yet
+        summary.n_unreadable += len(good_scored.skipped)
+        if good_scored.paths:
+            batches = ImageBatches(good_scored.paths, preprocessor, settings.BATCH_SIZE, 0)
+            summary.model_report = model.update_images(batch.images for batch in tqdm(batches, desc="learn goods", unit="batch", file=sys.stderr))
+            sample.add(good_scored.maps, good_scored.scores)
+            _set_thresholds(model, description, info, sample)
+            if training_set is not None:
+                training_set.add_goods(good_scored.maps, good_scored.scores)
+            summary.n_good = len(good_scored.paths)
+            history.append({"kind": "good", "folder": str(goods.folder), "images": summary.n_good, "already_learned": goods.known, "when": when, **summary.model_report})
+            info.setdefault("dataset", {})["n_train_images"] = model.n_train_images_
+    defect_scored = None
+    if defects is not None and defects.paths:
+        peaks = bool(settings.CLASSIFIER_DEFECT_SIMILARITY and model.has_peak_directions and training_set.validation_directions is not None)
+        defect_scored = score_files(model, preprocessor, defects.paths, settings.BATCH_SIZE, "labeled defects", peaks)
+        summary.n_unreadable += len(defect_scored.skipped)
+        if defect_scored.paths:
+            training_set.add_real_defects(defect_scored.maps, defect_scored.scores, settings.CLASSIFIER_REAL_DEFECT_WEIGHT, defect_scored.directions)
+            summary.n_defect = len(defect_scored.paths)
+            history.append({"kind": "defect", "folder": str(defects.folder), "images": summary.n_defect, "already_learned": defects.known, "when": when})
+    if not (summary.n_good or summary.n_defect):
+        print(f"none of the new images could be read: model {model_dir} is unchanged", file=sys.stderr)
+        summary.seconds = time.perf_counter() - started
+        return summary
+    if training_set is not None:
+        _retrain_classifier(training_set, description["classifier"], settings, info, extra_files)
+    extra_files[HONEST_GOODS_FILE] = sample.to_bytes()
+    extra_files[LEARNED_IMAGES_FILE] = learned_images(
+        good_scored.paths if good_scored is not None else [], defect_scored.paths if defect_scored is not None else [], learned)
+    info["updates"] = history
+    if "export" in description:
+        print(f"note: model {model_dir}'s ONNX export was of the model before this update: run python export.py again", file=sys.stderr)
+    if model_id(read_description(model_dir)) != loaded:
+        raise ModelError(f"model {model_dir} was replaced while this update ran: run the update again")
+    save_model(model_dir, model, info, extra_files, backups=settings.MODEL_BACKUPS)
+    summary.saved = True
+    summary.image_threshold, summary.pixel_threshold = info["thresholds"]["image"], info["thresholds"]["pixel"]
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _set_thresholds(model: AnomalyModel, description: dict, info: dict, sample: GoodMapSample) -> None:
+    """The thresholds re-picked at the model's own rates and pixel policy on `sample`: the stored
+    honest goods plus the new goods' maps (scored before the model learned them)."""
+    old = description["thresholds"]
+    pooled = sample.calibrate(old["image_false_reject_rate"], old["pixel_false_reject_rate"])
+    pixels = torch.from_numpy(np.concatenate(sample.pixels))[None]  # the sampled pixels stand for the maps
+    pixel_policies(model, pixels, pooled["thresholds"], old.get("pixel_policy", "validation"))
+    info["thresholds"] = pooled["thresholds"]
+    if "out_of_fold" in info:
+        info["out_of_fold"] = {**info["out_of_fold"], "goods_for_thresholds": pooled["validation"]["n_images"],
+                               "image_scores": pooled["validation"]["image_scores"]}
+    else:
+        info["validation"] = pooled["validation"]
+
+
+def _restored_training_set(model_dir: Path, description: dict):
+    """The classifier's stored rows (CLASSIFIER_ROWS_FILE), ready for new goods and defects."""
+    from classification_model.training import CLASSIFIER_ROWS_FILE, TrainingSet  # xgboost only for models with a classifier
+
+    files, entry = description["files"], description["classifier"]
+    if CLASSIFIER_ROWS_FILE not in files:
+        raise _old_model(model_dir)
+    counts = {
+        "validation_goods": entry.get("n_validation_goods", 0), "out_of_fold_goods": entry.get("n_out_of_fold_goods", 0),
+        "real_defects": entry.get("n_real_defects", 0), "added_goods": entry.get("n_added_goods", 0), **entry.get("n_synthetic_defects", {}),
+    }
+    data = read_checked_bytes(model_dir, CLASSIFIER_ROWS_FILE, files, f"files.{CLASSIFIER_ROWS_FILE}")
+    levels = {key: float(value) for key, value in entry["levels"].items()}
+    return TrainingSet.restored(levels, data, counts, int(description["anomaly_model"]["settings"].get("seed", 0)))
+
+
+def _retrain_classifier(training_set, entry: dict, settings, info: dict, extra_files: dict[str, bytes]) -> None:
+    """The classifier retrained on its rows at the model's own verdict rate and anchoring."""
+    from classification_model.training import CLASSIFIER_ROWS_FILE, classifier_info
+
+    values = vars(settings).copy()
+    values["CLASSIFIER_FALSE_REJECT_RATE"] = entry.get("false_reject_rate", settings.CLASSIFIER_FALSE_REJECT_RATE)
+    values["CLASSIFIER_ANCHOR"] = entry.get("anchor_mode", settings.CLASSIFIER_ANCHOR)
+    own = SimpleNamespace(**values)
+    classifier = training_set.train(own)
+    if training_set.similarity_note:
+        print(f"note: no labeled-defect similarity stage: {training_set.similarity_note}", file=sys.stderr)
+    info["classifier"] = classifier_info(classifier, training_set, own)
+    info["classifier"]["n_added_goods"] = int(training_set.counts.get("added_goods", 0))
+    extra_files[info["classifier"]["booster_file"]] = classifier.to_bytes()
+    extra_files[CLASSIFIER_ROWS_FILE] = training_set.to_bytes()
+

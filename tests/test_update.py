@@ -1,0 +1,178 @@
+"""train.py ADD_GOOD / ADD_DEFECT: a trained model learns new images without its training images.
+
+Tiny random-weight models on the synthetic striped parts; the update runs in process (pipeline.updating,
+what train.py calls) except where the command line itself is what is tested."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from anomaly_model.store import load_model
+from dataset_manager import Preprocessor, find_categories
+from dataset_manager.layouts import find_images
+from pipeline.training import train_category
+from pipeline.updating import score_files, update_model
+from settings import load
+
+from conftest import TINY, error_line, outputs, run_script, save, texture, with_defect
+
+PLAIN = TINY + ["CLASSIFIER=False", "OUT_OF_FOLD_FOLDS=0", "FEATURE_DIM=40"]
+
+
+def _dataset(root: Path, n_train: int, n_new: int, seed: int = 0) -> tuple[Path, Path]:
+    """A category of `n_train` training goods and a folder of `n_new` further goods, all alike."""
+    rng = np.random.default_rng(seed)
+    for number in range(n_train):
+        save(texture(rng), root / "part" / "train" / "good" / f"{number:03d}.png")
+    for number in range(4):
+        save(texture(rng), root / "part" / "validation" / "good" / f"{number:03d}.png")
+    for number in range(3):
+        image, mask = with_defect(rng)
+        save(image, root / "part" / "test" / "blob" / f"{number:03d}.png")
+        save(mask.astype(float), root / "part" / "ground_truth" / "blob" / f"{number:03d}_mask.png")
+    for number in range(n_new):
+        save(texture(rng), root / "new" / f"new{number:03d}.png")
+    return root / "part", root / "new"
+
+
+def _train(category_dir: Path, model_dir: Path, extra: list[str]):
+    settings, _ = load([*extra, f"DATASET_DIR={category_dir}", f"MODEL_DIR={model_dir.parent}"])
+    train_category(find_categories(category_dir)[0], settings, model_dir)
+    return settings
+
+
+def _maps(model_dir: Path, paths: list[Path]) -> torch.Tensor:
+    model, description = load_model(model_dir, "cpu")
+    return score_files(model, Preprocessor.from_description(description["preprocessing"]), paths, 8, "test").maps
+
+
+def test_padim_update_equals_a_full_fit(tmp_path: Path) -> None:
+    part, new = _dataset(tmp_path / "data", 10, 6)
+    settings = _train(part, tmp_path / "models" / "part", PLAIN)
+    summary = update_model(tmp_path / "models" / "part", settings, str(new), "")
+    assert summary.saved and summary.n_good == 6
+    everything = tmp_path / "all"
+    shutil.copytree(part, everything)
+    for path in find_images(new):
+        shutil.copy(path, everything / "train" / "good" / path.name)
+    _train(everything, tmp_path / "full" / "part", PLAIN)
+    probes = find_images(part / "test") + find_images(part / "validation")
+    updated, full = _maps(tmp_path / "models" / "part", probes), _maps(tmp_path / "full" / "part", probes)
+    assert torch.allclose(updated, full, rtol=1e-4, atol=1e-5 * float(full.abs().max()))
+    description = json.loads((tmp_path / "models" / "part" / "model.json").read_text())
+    assert description["anomaly_model"]["state"]["n_train_images"] == 16
+    assert description["updates"][-1]["images"] == 6 and description["updates"][-1]["folder"] == str(new)
+    # the 6 new goods, scored before they were learned, joined the 4 validation goods the thresholds stand on
+    assert description["validation"]["n_images"] == 10
+
+    again = update_model(tmp_path / "models" / "part", settings, str(new), "")  # the same images: nothing to learn
+    assert not again.saved and again.n_known == 6
+
+
+def test_backups_history_and_the_command_line(tmp_path: Path) -> None:
+    part, new = _dataset(tmp_path / "data", 8, 6)
+    models = tmp_path / "models"
+    _train(part, models / "part", PLAIN)
+    base = [*PLAIN, f"DATASET_DIR={part}", *outputs(tmp_path), "MODEL_BACKUPS=2"]
+    batches = [new / f"batch{number}" for number in range(3)]
+    for number, folder in enumerate(batches):
+        folder.mkdir()
+        for path in sorted(new.glob("*.png"))[2 * number : 2 * number + 2]:
+            shutil.copy(path, folder / path.name)
+    ids, settings = [], load([*base])[0]
+    for folder in batches:
+        ids.append(json.loads((models / "part" / "model.json").read_text())["files"]["mean.npy"]["sha256"])
+        assert update_model(models / "part", settings, str(folder), "").n_good == 2
+    history = json.loads((models / "part" / "model.json").read_text())["updates"]
+    assert [entry["folder"] for entry in history] == [str(folder) for folder in batches]
+    assert sorted(path.name for path in models.iterdir() if not path.name.startswith(".")) == ["part", "part.backup-1", "part.backup-2"]
+    # the backups are the two models before the last update, whole and loadable
+    assert json.loads((models / "part.backup-1" / "model.json").read_text())["files"]["mean.npy"]["sha256"] == ids[2]
+    assert json.loads((models / "part.backup-2" / "model.json").read_text())["files"]["mean.npy"]["sha256"] == ids[1]
+    load_model(models / "part.backup-2", "cpu")
+
+    result = run_script("train.py", *base, f"ADD_GOOD={new}")  # the command line: its 12 files (6 in batch folders) learned already: skipped, counted
+    assert result.returncode == 0, result.stderr
+    assert "12 good images in" in result.stderr and "already learned" in result.stderr and "unchanged" in result.stderr
+
+
+def test_add_good_left_in_config_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import config
+    import settings as settings_module
+
+    monkeypatch.setattr(config, "ADD_GOOD", "review/good")
+    with pytest.raises(settings_module.SettingsError, match="ADD_GOOD.*command line only"):
+        load([])
+    assert load(["ADD_GOOD=review/good"])[0].ADD_GOOD == "review/good"
+
+
+def test_a_model_saved_before_updates_is_refused(tmp_path: Path) -> None:
+    part, new = _dataset(tmp_path / "data", 6, 2)
+    model_dir = tmp_path / "models" / "part"
+    _train(part, model_dir, PLAIN)
+    description = json.loads((model_dir / "model.json").read_text())  # as an older version saved it: no sums, no honest goods
+    for name in ("sums_shift.npy", "sums_total.npy", "sums_outer.npy", "honest_goods.npz", "learned_images.json"):
+        (model_dir / name).unlink()
+        del description["files"][name]
+    del description["anomaly_model"]["state"]["sums_count"]
+    (model_dir / "model.json").write_text(json.dumps(description))
+    before = (model_dir / "model.json").read_bytes()
+    result = run_script("train.py", *PLAIN, f"DATASET_DIR={part}", *outputs(tmp_path), f"ADD_GOOD={new}")
+    assert "retrain it once with python train.py" in error_line(result)
+    assert (model_dir / "model.json").read_bytes() == before
+
+
+def test_patchcore_update_covers_the_new_patches(tmp_path: Path) -> None:
+    part, new = _dataset(tmp_path / "data", 8, 6)
+    model_dir = tmp_path / "models" / "part"
+    settings = _train(part, model_dir, [*PLAIN, "ANOMALY_MODEL=patchcore", "CORESET_RATIO=0.1"])
+    new_paths = find_images(new)
+    before = _maps(model_dir, new_paths).flatten(1).amax(1)
+    summary = update_model(model_dir, settings, str(new), "")
+    report = summary.model_report
+    assert 0 < report["coreset_added"] <= int(np.ceil(0.1 * report["new_patches"]))
+    assert report["covering_radius_after"] < report["covering_radius_before"]
+    model, _ = load_model(model_dir, "cpu")
+    assert model.n_train_images_ == 14 and len(model.memory_) == json.loads((model_dir / "model.json").read_text())["anomaly_model"]["state"]["coreset_size"]
+    after = _maps(model_dir, new_paths).flatten(1).amax(1)
+    assert float(after.mean()) < float(before.mean())  # learned images now lie closer to the coreset
+    defects, goods = _maps(model_dir, find_images(part / "test")), _maps(model_dir, find_images(part / "validation"))
+    assert float(defects.flatten(1).amax(1).min()) > float(goods.flatten(1).amax(1).max())  # ROCAUC 1 on the tiny set still
+
+
+def test_add_defect_retrains_the_classifier_only(tmp_path: Path) -> None:
+    part, new = _dataset(tmp_path / "data", 8, 4)
+    rng = np.random.default_rng(5)
+    defects = tmp_path / "data" / "defects"
+    for number in range(4):
+        save(with_defect(rng)[0], defects / f"d{number}.png")
+    model_dir = tmp_path / "models" / "part"
+    settings = _train(part, model_dir, [*TINY, "FEATURE_DIM=40", "CLASSIFIER_SYNTHETIC_DEFECTS=12"])
+    before = json.loads((model_dir / "model.json").read_text())
+    summary = update_model(model_dir, settings, "", str(defects))
+    assert summary.saved and summary.n_defect == 4
+    after = json.loads((model_dir / "model.json").read_text())
+    for name in ("mean.npy", "cholesky.npy", "sums_outer.npy", "honest_goods.npz"):
+        assert after["files"][name] == before["files"][name]
+    assert after["anomaly_model"] == before["anomaly_model"] and after["thresholds"] == before["thresholds"]
+    assert after["classifier"]["n_real_defects"] == 4 and before["classifier"]["n_real_defects"] == 0
+    assert after["files"]["classifier.json"] != before["files"]["classifier.json"]
+    # goods and defects in one run (the review page's two folders): the defects stay the classifier's last rows
+    summary = update_model(model_dir, settings, str(new), str(defects))
+    assert summary.n_good == 4 and summary.n_defect == 0 and summary.n_known == 4
+    final = json.loads((model_dir / "model.json").read_text())
+    assert final["classifier"]["n_added_goods"] == 4 and final["classifier"]["n_real_defects"] == 4
+
+
+def test_add_defect_needs_a_classifier(tmp_path: Path) -> None:
+    part, new = _dataset(tmp_path / "data", 6, 2)
+    model_dir = tmp_path / "models" / "part"
+    settings = _train(part, model_dir, PLAIN)
+    with pytest.raises(Exception, match="no classifier"):
+        update_model(model_dir, settings, "", str(new))
