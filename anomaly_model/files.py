@@ -126,6 +126,12 @@ def name_problem(name: object) -> str | None:
     return None
 
 
+def shown_name(name: object) -> str:
+    """A file name as an error shows it: quoted, cut after 200 characters."""
+    text = repr(name)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def model_file(folder: Path, name: object, key: str) -> Path:
     """The path of the file that model.json's entry `key` names in model folder `folder`.
 
@@ -138,7 +144,7 @@ def model_file(folder: Path, name: object, key: str) -> Path:
         if Path(os.path.realpath(path)).parent != Path(os.path.realpath(folder)):
             problem = "a symbolic link leading out of the model folder"
     if problem is not None:
-        raise damaged_model(folder, f"{key} names {name!r:.80}, {problem}")
+        raise damaged_model(folder, f"{key} names {shown_name(name)}, {problem}")
     return path
 
 
@@ -161,21 +167,22 @@ def _take_lock(path: Path, wait: bool = False) -> int | None:
 
 
 @contextmanager
-def _folder_lock(folder: Path, shared: bool = False):
+def _folder_lock(folder: Path, shared: bool = False, wait: bool = True):
     """Serializes swaps and sweeps in one folder (an exclusive lock on the folder itself), so neither
     ever sees the other half done; loads hold it shared (`reading`), so a swap waits until they
     have read the whole model. Without lock support it only serializes nothing."""
-    descriptor = None
+    descriptor, locked = None, True
     if fcntl is not None:
         try:
             descriptor = os.open(folder, os.O_RDONLY)
-            fcntl.flock(descriptor, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        except OSError:
+            fcntl.flock(descriptor, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB))
+        except OSError as error:
+            locked = not isinstance(error, BlockingIOError)  # held by another: False; no lock support: go on
             if descriptor is not None:
                 os.close(descriptor)
             descriptor = None
     try:
-        yield
+        yield locked
     finally:
         if descriptor is not None:
             os.close(descriptor)
@@ -189,7 +196,7 @@ def reading(model_dir: Path):
     """Hold while loading a model folder: a retrain's swap (old folder aside, new one in) waits
     until the load is done, so a load sees the old or the new model whole, never files of one
     with the checksums of the other. Leftovers are swept first (a sweep needs the lock alone)."""
-    parent = os.path.realpath(Path(model_dir).parent)
+    parent = os.path.dirname(os.path.realpath(model_dir))  # where a swap of it happens, through links too
     if parent not in _reading:
         sweep_model(Path(model_dir))
     _reading[parent] = _reading.get(parent, 0) + 1
@@ -206,7 +213,7 @@ def reading(model_dir: Path):
 def swapping(model_dir: Path):
     """Hold while replacing files inside a model folder (an export moving its file in and
     recording it): loads (`reading`) wait, so they see the old files or the new ones whole."""
-    parent = os.path.realpath(Path(model_dir).parent)
+    parent = os.path.dirname(os.path.realpath(model_dir))
     _reading[parent] = _reading.get(parent, 0) + 1
     try:
         with _folder_lock(Path(parent)), _signals_held():
@@ -292,10 +299,11 @@ def sweep_model(model_dir: Path) -> None:
     killed (only when nobody holds the model's lock: a live export's folder is its own).
     Best effort, like `sweep`."""
     model_dir = Path(model_dir)
-    sweep(model_dir.parent)
+    wait = not os.path.lexists(model_dir)  # missing: maybe stranded by a kill mid-swap, to be put back first
+    sweep(model_dir.parent, wait)  # else best effort: not behind another run's load
     real_parent = Path(os.path.realpath(model_dir)).parent
     if real_parent != Path(os.path.realpath(model_dir.parent)):
-        sweep(real_parent)  # a linked model folder: its leftovers lie beside the link's target
+        sweep(real_parent, wait)  # a linked model folder: its leftovers lie beside the link's target
     try:
         staged = [entry for entry in os.listdir(model_dir) if entry.startswith(EXPORT_STAGING_PREFIX)]
     except OSError:
@@ -341,7 +349,7 @@ def _fsync_path(path: Path) -> None:
         os.close(descriptor)
 
 
-def sweep(folder: Path) -> None:
+def sweep(folder: Path, wait: bool = True) -> None:
     """Clean up after killed runs in `folder`: a stranded previous folder goes back to its name
     when that is empty (the old model survives a kill between the two renames of a swap), other
     temporary folders are removed. Leftovers of live runs (their lock held) are left alone.
@@ -350,7 +358,9 @@ def sweep(folder: Path) -> None:
     if fcntl is None or not folder.is_dir() or os.path.realpath(folder) in _reading:
         return
     try:
-        with _folder_lock(folder):
+        with _folder_lock(folder, wait=wait) as locked:
+            if not locked:
+                return  # another run is loading or swapping here: the next sweep cleans up
             runs: dict[str, dict[str, tuple[str, Path]]] = {}
             for entry in os.listdir(folder):
                 match = _LEFTOVER.match(entry)

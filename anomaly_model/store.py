@@ -30,7 +30,7 @@ import torch
 
 from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
-from anomaly_model.files import AtomicFolder, damaged_model, name_problem, reading, sweep_model, write_file_atomically
+from anomaly_model.files import AtomicFolder, damaged_model, name_problem, reading, shown_name, sweep_model, write_file_atomically
 from anomaly_model.padim import Padim
 from anomaly_model.patchcore import PatchCore
 from anomaly_model.schema import Each, Optional, SchemaError, check
@@ -170,7 +170,7 @@ def check_file_names(folder: Path, description: dict) -> None:
     for key, name in named_files(description):
         problem = name_problem(name)
         if problem is not None:
-            raise damaged(folder, f"{key} names {name!r:.80}, {problem}")
+            raise damaged(folder, f"{key} names {shown_name(name)}, {problem}")
 
 
 @contextmanager
