@@ -61,7 +61,9 @@ SELECTION_BLOCK = 2048
 # Chosen points a block is measured against in one matrix product (bounds its scratch memory:
 # 2048 x 1024 float32 = 8 MB) when it was not brought up to date for many steps.
 SELECTION_CHUNK = 1024
-# CPU threads of the blocked selection (measured with bench/coreset_speed.py --threads 1,2).
+# CPU threads of the blocked selection. Its matrix products are small (a 1 MB block by tens to
+# hundreds of points); on this 2-core machine shared with other jobs, two threads made the whole
+# ksdd selection 5x slower than one (132 s against 25 s; bench/coreset_speed.py --threads 1,2).
 BLOCKED_THREADS = 1
 
 

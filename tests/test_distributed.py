@@ -28,6 +28,7 @@ from conftest import ROOT, make_mvtec_category
 from dataset_manager import find_categories
 from pipeline.detector import Detector
 from pipeline.evaluation_run import evaluate_category
+from pipeline.inspection import Inspector
 from pipeline.prediction import predict_folder
 from pipeline.training import train_category
 from settings import load
@@ -75,7 +76,7 @@ def one_process(tmp_path_factory):
     (category,) = find_categories(category_dir)
     single_threaded(train_category, category, settings, base / "one" / "part")
     detector = Detector(base / "one" / "part", "cpu")
-    summary = single_threaded(predict_folder, detector, category.test_dir, base / "one-results", settings)
+    summary = single_threaded(predict_folder, Inspector(detector), category.test_dir, base / "one-results", settings)
     evaluation = single_threaded(evaluate_category, detector, category, settings, base / "one-eval" / "part")
     return base, category_dir, summary.run_dir, json.loads(json.dumps(evaluation.metrics))
 
@@ -199,7 +200,7 @@ def test_torchrun_patchcore_keeps_one_process_coreset(one_process, tmp_path):
     assert saved_three["anomaly_model"]["state"] == saved_one["anomaly_model"]["state"]  # sizes, groups, 12 images
     assert saved_three["thresholds"]["image"] == pytest.approx(saved_one["thresholds"]["image"], rel=1e-6)
     assert saved_three["thresholds"]["pixel"] == pytest.approx(saved_one["thresholds"]["pixel"], rel=1e-6)
-    rows = [read_rows(single_threaded(predict_folder, Detector(model, "cpu"), category.test_dir, tmp_path / f"results-{model.parent.name}", settings).run_dir)
+    rows = [read_rows(single_threaded(predict_folder, Inspector(Detector(model, "cpu")), category.test_dir, tmp_path / f"results-{model.parent.name}", settings).run_dir)
             for model in (one, three)]
     assert [row["image_score"] for row in rows[0]] == [row["image_score"] for row in rows[1]] and len(rows[0]) == 8
 
