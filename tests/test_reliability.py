@@ -388,6 +388,7 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, trained):
 def test_two_test_runs_in_the_same_second_keep_both_results(tmp_path, trained, monkeypatch):
     from pipeline import prediction
     from pipeline.detector import Detector
+    from pipeline.inspection import Inspector
 
     class FrozenClock(datetime):
         @classmethod
@@ -402,7 +403,7 @@ def test_two_test_runs_in_the_same_second_keep_both_results(tmp_path, trained, m
     for line in ("a", "b"):
         folder = tmp_path / line / "incoming"  # two folders of the same name
         save(texture(np.random.default_rng(1)), folder / f"{line}.png")
-        written.append(prediction.predict_folder(detector, folder, results, settings).run_dir)
+        written.append(prediction.predict_folder(Inspector(detector), folder, results, settings).run_dir)
     assert [p.name for p in written] == ["test-incoming-20260102-030405", "test-incoming-20260102-030405-2"]
     for run_dir, name in zip(written, ("a.png", "b.png")):
         rows = list(csv.DictReader(open(run_dir / "predictions.csv")))
