@@ -129,6 +129,38 @@ def backbone_latency(model_dir: Path, repeats: int) -> dict:
     return {"p50_ms": 1000 * percentile(times, 50), "p99_ms": 1000 * percentile(times, 99), "repeats": repeats}
 
 
+def stage_breakdown(model_dir: Path, image: Path, repeats: int) -> dict:
+    """Where one image's time goes in-process (p50 ms): decoding and preprocessing, the backbone,
+    the anomaly model's whole scoring (backbone, patch scores, map upsampling and blur), the
+    classifier added (Detector.score_images), and Inspector.inspect end to end."""
+    import torch
+
+    from pipeline.inspection import load
+
+    inspector = load(model_dir, "cpu")
+    detector = inspector.detector
+    data = image.read_bytes()
+    tensor = inspector.prepare(data).tensor[None]
+
+    def p50(step) -> float:
+        step()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - started)
+        return 1000 * percentile(times, 50)
+
+    with torch.inference_mode():
+        return {
+            "decode_and_preprocess_ms": p50(lambda: inspector.prepare(data)),
+            "backbone_ms": p50(lambda: detector.model.extractor(tensor)),
+            "anomaly_model_score_ms": p50(lambda: detector.score(tensor)),
+            "score_with_classifier_ms": p50(lambda: detector.score_images(tensor)),
+            "inspect_end_to_end_ms": p50(lambda: inspector.inspect(data)),
+        }
+
+
 def scoring_rate(model_dir: Path, images: list[Path], batch_size: int, workers: int) -> dict:
     """test.py's scoring alone (start-up and pictures excluded): its Inspector.inspect_paths over the images."""
     from pipeline.inspection import load
@@ -289,6 +321,7 @@ def main() -> None:
     parser.add_argument("--watch-files", type=int, default=1000)
     parser.add_argument("--latency-requests", type=int, default=300)
     parser.add_argument("--per-client", type=int, default=60, help="requests per client in the throughput runs")
+    parser.add_argument("--only-breakdown", action="store_true", help="print where one image's time goes in-process, and stop")
     args = parser.parse_args()
     from dataset_manager import find_images
 
@@ -299,6 +332,9 @@ def main() -> None:
         f"RESULTS_DIR={OUT / 'serve-results'}", "DEVICE=cpu",
     ])
     model_dir = ensure_model(run, args.dataset.name)
+    if args.only_breakdown:
+        print(json.dumps(stage_breakdown(model_dir, run.images[0], 50), indent=2))
+        return
     payloads = [path.read_bytes() for path in run.images]
     figures: dict = {"machine": f"{os.cpu_count()} CPUs, shared with other jobs (not quiet)", "load_average_start": load_average(),
                      "dataset": str(args.dataset), "backbone": args.backbone, "weights": args.weights, "image_size": [224, 224],
@@ -306,6 +342,7 @@ def main() -> None:
     import config
 
     figures["backbone_one_image"] = backbone_latency(model_dir, 100)
+    figures["in_process_breakdown"] = stage_breakdown(model_dir, run.images[0], 50)
     figures["test_py_scoring"] = scoring_rate(model_dir, run.images, config.BATCH_SIZE, config.NUM_WORKERS)
     figures["picture_cost"] = picture_cost(model_dir, run.images, 60)
     server = Server(run, f"REVIEW_DIR={OUT / 'serve-review'}")
