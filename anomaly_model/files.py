@@ -375,12 +375,14 @@ def sweep(folder: Path, wait: bool = True) -> None:
 
 
 def _remove_free_lock(path: Path) -> None:
-    """A model lock file a killed run left (nobody holds its lock) is removed."""
+    """A model lock file a killed run left (nobody holds its lock, and it holds `model_lock`'s
+    "pid N (...)": never a user's own `.x.lock`) is removed."""
     descriptor = _take_lock(path)
     if descriptor is None:
         return
     try:
-        if os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+        ours = os.pread(descriptor, 4, 0) == b"pid "
+        if ours and os.stat(path).st_ino == os.fstat(descriptor).st_ino:
             os.unlink(path)
     finally:
         os.close(descriptor)

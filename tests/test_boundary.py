@@ -284,13 +284,15 @@ def test_a_linked_model_folder_is_replaced_where_it_leads_and_leaves_nothing(cop
     shutil.move(model_dir, real)
     model_dir.symlink_to(real)
     (model_dir.parent / ".part.previous-1234-abcdef01").symlink_to(real)  # what an older version left beside a link
+    (real.parent / ".notes.lock").write_bytes(SECRET)  # the user's own, beside the real folder: never swept
     model, description = load_model(model_dir, "cpu")
     info = {k: v for k, v in description.items() if k not in ("format_version", "anomaly_model", "versions", "files", "export", "classifier")}
     info["thresholds"]["image"] += 1.0
     save_model(model_dir, model, info)
     assert model_dir.is_symlink() and os.path.realpath(model_dir) == str(real)
     assert load_model(model_dir, "cpu")[1]["thresholds"]["image"] == info["thresholds"]["image"]
-    assert hidden(model_dir.parent) == [] and hidden(real.parent) == [] and real.is_dir()
+    assert hidden(model_dir.parent) == [] and hidden(real.parent) == [".notes.lock"] and real.is_dir()
+    assert (real.parent / ".notes.lock").read_bytes() == SECRET
 
 
 # --- 5. paths are paths -------------------------------------------------------------------------
