@@ -28,6 +28,7 @@ from pipeline.inspection import Inspection, Inspector, PreparedImage
 from settings import SettingsError
 
 LOAD_ERRORS = (ModelError, DataError, SettingsError, StorageError, OSError)
+IDLE_CHECK_SECONDS = 1.0  # how often an idle worker looks for a new model in the folder
 
 
 def log(line: str) -> None:
@@ -113,7 +114,11 @@ class BatchingWorker:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            job = self._queue.get()
+            try:
+                job = self._queue.get(timeout=IDLE_CHECK_SECONDS)
+            except queue.Empty:
+                self.holder.refresh()  # idle: a swapped model is loaded now, and /health names it
+                continue
             if job is None:
                 break
             jobs = [job]
