@@ -21,7 +21,7 @@ from anomaly_model import distributed
 from choices import PIXEL_THRESHOLD_POLICIES
 from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
-from anomaly_model.files import check_writable
+from anomaly_model.files import check_writable, sweep_model
 from anomaly_model.store import build_model, save_model
 from dataset_manager import Category, DataError, ImageBatches, Preprocessor
 from dataset_manager.images import image_size, resolve_image_size
@@ -373,6 +373,7 @@ def prepare(category: Category, settings, model_dir: Path) -> TrainingRun:
     started = time.perf_counter()
     if distributed.is_main():
         check_writable(model_dir.parent)
+        sweep_model(model_dir)  # a killed run's leftovers beside the model, a killed export's folder inside it
     train_paths, validation_paths = split_validation(category, settings.VALIDATION_FRACTION, settings.SEED)
     folder, n_files = folder_of(category.train_images), len(train_paths)
     held_out = 0 if category.validation_images else len(validation_paths)

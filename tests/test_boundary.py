@@ -244,8 +244,8 @@ def test_a_load_during_a_swap_sees_the_old_or_the_new_model_whole(copy):
     assert hidden(model_dir.parent) == []
 
 
-def test_a_killed_export_s_folder_is_swept_by_the_next_load_but_not_a_live_one(copy):
-    model_dir, _ = copy
+def test_a_killed_export_s_folder_is_swept_by_the_next_load_but_not_a_live_one(copy, tmp_path):
+    model_dir, settings = copy
     staging = model_dir / ".export-partial-999999-deadbeef"
     staging.mkdir()
     (staging / "model.onnx").write_bytes(b"half an export")
@@ -254,6 +254,11 @@ def test_a_killed_export_s_folder_is_swept_by_the_next_load_but_not_a_live_one(c
         assert staging.is_dir()
     Detector(model_dir, "cpu")  # test.py's load, once the export is gone
     assert not staging.exists() and hidden(model_dir) == [] and hidden(model_dir.parent) == []
+    staging.mkdir()  # and train.py, before it trains (a run that then fails still cleans up)
+    save(texture(np.random.default_rng(0)), tmp_path / "few" / "part" / "train" / "good" / "000.png")
+    result = run_script("train.py", f"DATASET_DIR={tmp_path / 'few' / 'part'}", *settings[1:])
+    assert "at least" in error_line(result) and not staging.exists()
+    assert (model_dir / "model.json").is_file()  # the model itself is left as it was
 
 
 # --- 3. training data is never what the tool wrote ----------------------------------------------
