@@ -23,6 +23,7 @@ are associative, so the result is one process's up to float32 rounding of the or
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,27 @@ from anomaly_model.backbone import ModelError
 # far below the backbone's activations, so finalizing never raises the fit's peak memory;
 # chunks still hold several positions for d = 550 (fewer LAPACK calls).
 _FACTOR_CHUNK_ELEMENTS = 2_000_000
+# CPU threads of the batched Cholesky factorization. MKL factorizes each small (d x d) matrix of a
+# batch with OpenMP threads; on this 2-core machine shared with other jobs, two threads made a
+# block of 86 MobileNetV2 covariances (d = 152) 25-40x slower than one (1.3-2.0 s against 0.05 s:
+# the barriers wait for a descheduled thread), which made the factorization most of a PaDiM fit
+# on tire (~35 s of it). One thread: ~2 s for the 3136 positions (bench/update_speed.py).
+# The batched triangular solves of the distances behave alike (256 positions x 16 images: 0.02-0.04 s
+# with one thread against 1.8-3.9 s with two on the busy machine).
+FACTOR_THREADS = 1
+
+
+@contextmanager
+def small_matrix_threads(device: torch.device):
+    """FACTOR_THREADS CPU threads for batched small-matrix LAPACK calls (Cholesky, triangular solves);
+    the caller's number is restored. Nothing changes on a GPU."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(FACTOR_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 # Positions scored at once: the (chunk, N, d) difference and its solved copy stay a few tens of
 # MB for Wide-ResNet at batch 32, instead of two (P, N, d) copies (~450 MB).
 _DISTANCE_CHUNK_POSITIONS = 256
@@ -157,10 +179,12 @@ class StreamingGaussian:
 
 def cholesky_factor(covariances: torch.Tensor, first_position: int, count: int) -> torch.Tensor:
     """Lower Cholesky factors of (p, d, d) covariances (positions first_position..., fitted on `count`
-    images); float64 is retried for a block float32 rounding finds not positive definite."""
-    lower, failed = torch.linalg.cholesky_ex(covariances)
-    if failed.any():  # float32 rounding on a nearly singular covariance: retry in float64
-        lower, failed = torch.linalg.cholesky_ex(covariances.double())
+    images); float64 is retried for a block float32 rounding finds not positive definite. On the CPU
+    with FACTOR_THREADS threads (the caller's number is restored)."""
+    with small_matrix_threads(covariances.device):
+        lower, failed = torch.linalg.cholesky_ex(covariances)
+        if failed.any():  # float32 rounding on a nearly singular covariance: retry in float64
+            lower, failed = torch.linalg.cholesky_ex(covariances.double())
         if failed.any():
             position = first_position + int(failed.nonzero()[0, 0])
             raise ModelError(
@@ -231,7 +255,8 @@ def deviations(
             variance = torch.linalg.vector_norm(cholesky[block], dim=2).square_().clamp_min_(VARIANCE_FLOOR)  # (p, d)
             largest[block] = delta.square().div_(variance[:, None, :]).amax(dim=2)
         if distance:
-            solved = torch.linalg.solve_triangular(cholesky[block], delta.transpose(1, 2), upper=False)  # (p, d, N)
+            with small_matrix_threads(features.device):
+                solved = torch.linalg.solve_triangular(cholesky[block], delta.transpose(1, 2), upper=False)  # (p, d, N)
             squared[block] = solved.square_().sum(dim=1)
     distances = squared.clamp_min_(0).sqrt_().T.contiguous() if distance else None
     return distances, largest.T.contiguous() if channel_max else None
