@@ -19,6 +19,8 @@ a Gaussian per position of each tile location).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import math
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -78,6 +80,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+@dataclass(frozen=True)
+class ModelSettings:
+    """What every anomaly model is built from: the config.py settings of COMMON_SETTINGS, under their
+    constructor names. A model class extends it with its own (`SETTINGS`); model.json saves the
+    fields flat (`AnomalyModel.settings`), and `SETTINGS(**saved)` builds the same model again."""
+
+    backbone: str = "resnet18"
+    weights: str = "imagenet"
+    layers: tuple[int, ...] = ()  # () = the model's DEFAULT_LAYERS
+    blur_sigma: float = 4.0
+    seed: int = 0
+    precision: str = "float32"
+    tile_size: int = 0
+    tile_overlap: int = 0
+    tile_statistics: str = "shared"
+
+
 class AnomalyModel:
     """Base of the anomaly models: fit on good images, then maps and scores for any image.
 
@@ -90,26 +109,18 @@ class AnomalyModel:
     kind = ""
     HAS_PEAK_DIRECTIONS = False  # True where `score_with_peaks` works (untiled): PaDiM through `patch_scores_and_peaks`, PatchCore its own
     OWN_SETTINGS: dict[str, str] = {}
+    SETTINGS: type[ModelSettings] = ModelSettings  # the settings dataclass of this model class
     DEFAULT_LAYERS: tuple[int, ...] = (1, 2, 3)  # the stages LAYERS = () stands for (PaDiM 1-3, PatchCore 2-3)
     TILE_STATISTICS_KINDS: tuple[str, ...] = ("shared",)  # "location" too where the model has statistics per position
 
-    def __init__(
-        self,
-        backbone: str = "resnet18",
-        weights: str = "imagenet",
-        layers: tuple[int, ...] = (),
-        blur_sigma: float = 4.0,
-        seed: int = 0,
-        device: str = "auto",
-        precision: str = "float32",
-        tile_size: int = 0,
-        tile_overlap: int = 0,
-        tile_statistics: str = "shared",
-    ) -> None:
+    def __init__(self, settings: ModelSettings | None = None, device: str = "auto") -> None:
+        settings = settings if settings is not None else self.SETTINGS()
+        backbone, weights, seed, precision = settings.backbone, settings.weights, settings.seed, settings.precision
+        tile_size, tile_overlap, tile_statistics = settings.tile_size, settings.tile_overlap, settings.tile_statistics
         self.backbone = backbone
         self.weights = weights
-        self.layers = tuple(layers) or self.DEFAULT_LAYERS
-        self.blur_sigma = float(blur_sigma)
+        self.layers = tuple(settings.layers) or self.DEFAULT_LAYERS
+        self.blur_sigma = float(settings.blur_sigma)
         self.seed = int(seed)
         self.device = resolve_device(device)
         if precision == "float16" and self.device.type != "cuda":

@@ -9,6 +9,7 @@ variant scores it, that distance beside a per-channel Chebyshev term (`chebyshev
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -18,7 +19,7 @@ from torch import nn
 
 from anomaly_model import distributed
 from anomaly_model.backbone import DEFAULT_FEATURE_DIM, ModelError
-from anomaly_model.base import AnomalyModel
+from anomaly_model.base import AnomalyModel, ModelSettings
 from anomaly_model.chebyshev import SCORES, chebyshev_term, pixel_threshold, pixel_threshold_rule
 from anomaly_model.files import CHUNK_ROWS, read_npy, read_npy_chunks
 from anomaly_model.gaussian import (
@@ -71,6 +72,16 @@ def write_embedding(features: list[torch.Tensor], layer_channels: list[torch.Ten
             column += chosen.numel()
 
 
+@dataclass(frozen=True)
+class PadimSettings(ModelSettings):
+    """PaDiM's own settings (OWN_SETTINGS) beside every model's."""
+
+    feature_dim: int = 0  # d, the random channel subset; 0 = the backbone's default
+    epsilon: float = 0.01  # added to the covariance diagonal
+    score_kind: str = "mahalanobis"  # PADIM_SCORE
+    chebyshev_weight: float = 0.5  # the Mahalanobis share of the hybrid score
+
+
 class Padim(AnomalyModel):
     """Patch distribution model: one Gaussian per patch position.
 
@@ -98,24 +109,12 @@ class Padim(AnomalyModel):
     # before models kept them (it cannot be updated).
     sums_: GaussianSums | None = None
     _sums_count: int | None = None  # model.json's state.sums_count, read before the arrays
+    SETTINGS = PadimSettings
 
-    def __init__(
-        self,
-        backbone: str = "resnet18",
-        weights: str = "imagenet",
-        layers: tuple[int, ...] = (),
-        feature_dim: int = 0,
-        epsilon: float = 0.01,
-        blur_sigma: float = 4.0,
-        seed: int = 0,
-        device: str = "auto",
-        precision: str = "float32",
-        score_kind: str = "mahalanobis",
-        chebyshev_weight: float = 0.5,
-        tile_size: int = 0,
-        tile_overlap: int = 0,
-        tile_statistics: str = "shared",
-    ) -> None:
+    def __init__(self, settings: PadimSettings | None = None, device: str = "auto") -> None:
+        settings = settings if settings is not None else PadimSettings()
+        epsilon, score_kind, chebyshev_weight = settings.epsilon, settings.score_kind, settings.chebyshev_weight
+        feature_dim, backbone = settings.feature_dim, settings.backbone
         self.epsilon = float(epsilon)
         if not self.epsilon >= 0:
             raise ModelError(f"COVARIANCE_EPSILON={epsilon} must be >= 0 (the paper uses 0.01)")
@@ -128,7 +127,7 @@ class Padim(AnomalyModel):
                 f"CHEBYSHEV_WEIGHT={chebyshev_weight} must be between 0 and 1 "
                 "(the Mahalanobis share of the hybrid score: 0.5 as published, 1 = Mahalanobis alone)"
             )
-        super().__init__(backbone, weights, layers, blur_sigma, seed, device, precision, tile_size, tile_overlap, tile_statistics)
+        super().__init__(settings, device)
         total = sum(self.extractor.channels)
         self.feature_dim = int(feature_dim) or min(DEFAULT_FEATURE_DIM[backbone], total)
         if not 0 < self.feature_dim <= total:

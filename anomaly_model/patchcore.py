@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -23,7 +24,7 @@ from torch import nn
 
 from anomaly_model import distributed
 from anomaly_model.backbone import ModelError
-from anomaly_model.base import AnomalyModel
+from anomaly_model.base import AnomalyModel, ModelSettings
 from anomaly_model.coreset import (
     continue_coreset,
     NEIGHBOR_CANDIDATES,
@@ -96,6 +97,17 @@ def _size(count: int) -> str:
     return f"{count / 1e9:.1f} GB" if count >= 1e9 else f"{count / 1e6:.0f} MB"
 
 
+@dataclass(frozen=True)
+class PatchCoreSettings(ModelSettings):
+    """PatchCore's own settings (OWN_SETTINGS) beside every model's."""
+
+    layers: tuple[int, ...] = ()  # () = (2, 3), the paper's
+    coreset_ratio: float = 0.1  # share of the training patches kept
+    neighbors: int = 0  # b of eq. 7; 0 = the plain max of the map
+    feature_dim: int = 0  # features per patch; 0 = all channels of the layers
+    projection_dim: int = 128  # the random projection the coreset is chosen on; 0 = none
+
+
 class PatchCore(AnomalyModel):
     """Memory bank of good patch features, kept as a greedy coreset; score = nearest-neighbour distance.
 
@@ -114,24 +126,12 @@ class PatchCore(AnomalyModel):
         "PATCHCORE_FEATURE_DIM": "feature_dim",
         "PATCHCORE_PROJECTION_DIM": "projection_dim",
     }
+    SETTINGS = PatchCoreSettings
 
-    def __init__(
-        self,
-        backbone: str = "resnet18",
-        weights: str = "imagenet",
-        layers: tuple[int, ...] = (),
-        coreset_ratio: float = 0.1,
-        neighbors: int = 0,
-        feature_dim: int = 0,
-        projection_dim: int = 128,
-        blur_sigma: float = 4.0,
-        seed: int = 0,
-        device: str = "auto",
-        precision: str = "float32",
-        tile_size: int = 0,
-        tile_overlap: int = 0,
-        tile_statistics: str = "shared",
-    ) -> None:
+    def __init__(self, settings: PatchCoreSettings | None = None, device: str = "auto") -> None:
+        settings = settings if settings is not None else PatchCoreSettings()
+        coreset_ratio, neighbors, projection_dim = settings.coreset_ratio, settings.neighbors, settings.projection_dim
+        feature_dim, backbone = settings.feature_dim, settings.backbone
         self.coreset_ratio = float(coreset_ratio)
         if not 0 < self.coreset_ratio <= 1:
             raise ModelError(f"CORESET_RATIO={coreset_ratio} must be in (0, 1]: the share of training patches kept (paper: 0.1 or 0.01)")
@@ -141,7 +141,7 @@ class PatchCore(AnomalyModel):
         self.projection_dim = int(projection_dim)
         if self.projection_dim < 0:
             raise ModelError(f"PATCHCORE_PROJECTION_DIM={projection_dim} must be >= 0 (0: select the coreset on the features themselves)")
-        super().__init__(backbone, weights, layers, blur_sigma, seed, device, precision, tile_size, tile_overlap, tile_statistics)
+        super().__init__(settings, device)
         channels = self.extractor.channels
         self.feature_dim = int(feature_dim) or sum(channels)
         if not len(channels) <= self.feature_dim <= sum(channels):

@@ -117,7 +117,7 @@ def build_model(settings) -> AnomalyModel:
     """A new, unfitted model of type settings.ANOMALY_MODEL built from config.py's settings."""
     cls = model_class(settings.ANOMALY_MODEL)
     arguments = {argument: getattr(settings, key) for key, argument in cls.setting_names().items()}
-    return cls(**arguments, device=settings.DEVICE)
+    return cls(cls.SETTINGS(**arguments), device=settings.DEVICE)
 
 
 def save_model(folder: Path, model: AnomalyModel, info: dict, extra_files: dict[str, bytes] | None = None, backups: int = 0) -> int:
@@ -241,7 +241,8 @@ def _load_model(folder: Path, device: str) -> tuple[AnomalyModel, dict]:
     description = read_description(folder)
     entry = description["anomaly_model"]
     with model_file_guard(folder, "anomaly_model"):
-        model = model_class(entry["type"])(**entry["settings"], device=device)
+        cls = model_class(entry["type"])
+        model = cls(cls.SETTINGS(**entry["settings"]), device=device)
         if backbone_fingerprint(model) != entry["backbone_sha256"]:
             raise ModelError(
                 f"the backbone weights {entry['settings']['weights']!r} differ from those model {folder} was trained with: "

@@ -141,11 +141,12 @@ def _model_path(args) -> Path:
 def fit_patchcore(args, images) -> dict:
     """PatchCore's fit, timed in its three parts: features (backbone and bank), coreset, save."""
     if args.impl == "ours":
-        from anomaly_model.patchcore import PatchCore
+        from anomaly_model.patchcore import PatchCore, PatchCoreSettings
         from anomaly_model.store import save_model
 
-        model = PatchCore(args.backbone, args.weights, (), args.coreset_ratio, args.neighbors, args.feature_dim,
-                          device=args.device, precision=args.precision)
+        settings = PatchCoreSettings(backbone=args.backbone, weights=args.weights, coreset_ratio=args.coreset_ratio,
+                                     neighbors=args.neighbors, feature_dim=args.feature_dim, precision=args.precision)
+        model = PatchCore(settings, device=args.device)
         model.fit(images)
         started = time.perf_counter()
         nbytes = save_model(_model_path(args), model, {}) if args.save else 0
@@ -180,10 +181,10 @@ def work_fit(args) -> dict:
         result = fit_patchcore(args, images)
         return {**result, "fit_s": time.perf_counter() - started, "fit_peak_rss": peak_rss_bytes(), "n_train": len(train)}
     if args.impl == "ours":
-        from anomaly_model.padim import Padim
+        from anomaly_model.padim import Padim, PadimSettings
         from anomaly_model.store import save_model
 
-        model = Padim(args.backbone, args.weights, (1, 2, 3), 0, 0.01, 4.0, 0, args.device, args.precision)
+        model = Padim(PadimSettings(backbone=args.backbone, weights=args.weights, layers=(1, 2, 3), precision=args.precision), device=args.device)
         model.fit(images)
         nbytes = save_model(_model_path(args), model, {}) if args.save else 0
     else:

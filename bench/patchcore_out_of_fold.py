@@ -23,7 +23,7 @@ from scipy.stats import spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from anomaly_model.patchcore import PatchCore  # noqa: E402
+from anomaly_model.patchcore import PatchCore, PatchCoreSettings  # noqa: E402
 from anomaly_model.store import load_model  # noqa: E402
 from dataset_manager import ImageBatches, Preprocessor, find_categories  # noqa: E402
 from pipeline.training import split_validation  # noqa: E402
@@ -66,7 +66,7 @@ def main() -> None:
     for fold in range(args.refit_folds):
         kept = [path for path, f in zip(train, folds) if f != fold]
         left = [i for i, f in enumerate(folds) if f == fold]
-        refit = PatchCore(**entry["settings"], device="cpu")
+        refit = PatchCore(PatchCoreSettings(**entry["settings"]), device="cpu")
         refit.fit(b.images for b in ImageBatches(kept, preprocessor, 16, 0))
         honest = np.concatenate([refit.score(b.images)[1].numpy() for b in ImageBatches([train[i] for i in left], preprocessor, 16, 0)])
         excluded = oof[left]

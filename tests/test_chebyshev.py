@@ -12,7 +12,7 @@ from anomaly_model.backbone import ModelError
 from anomaly_model.chebyshev import pixel_threshold
 from anomaly_model.gaussian import mahalanobis
 from anomaly_model.maps import MapMaker
-from anomaly_model.padim import Padim
+from anomaly_model.padim import Padim, PadimSettings
 from anomaly_model.store import load_model, save_model
 from conftest import SHARED, TINY, error_line, make_mvtec_category, outputs, run_script
 from dataset_manager import ImageBatches, find_categories
@@ -28,7 +28,7 @@ WEIGHTS = SHARED / "weights" / "mobilenet_v2_imagenet_features.pt"
 def model() -> Padim:
     """A small PaDiM, fitted on random images; tests switch its score (one backbone for them all)."""
     images = torch.randn(10, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    return Padim("resnet18", "none", feature_dim=16, device="cpu").fit([images[:6], images[6:]])
+    return Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=16), device="cpu").fit([images[:6], images[6:]])
 
 
 def _scores(model: Padim, kind: str, weight: float, embedding, mean, cholesky) -> torch.Tensor:
@@ -97,9 +97,9 @@ def test_hybrid_model_round_trip_gives_identical_maps(tmp_path, model):
 
 def test_bad_score_settings_are_refused():
     with pytest.raises(ModelError, match="PADIM_SCORE='gauss'"):
-        Padim("resnet18", "none", device="cpu", score_kind="gauss")
+        Padim(PadimSettings(backbone="resnet18", weights="none", score_kind="gauss"), device="cpu")
     with pytest.raises(ModelError, match="CHEBYSHEV_WEIGHT=1.5 must be between 0 and 1"):
-        Padim("resnet18", "none", device="cpu", score_kind="hybrid", chebyshev_weight=1.5)
+        Padim(PadimSettings(backbone="resnet18", weights="none", score_kind="hybrid", chebyshev_weight=1.5), device="cpu")
 
 
 def test_thresholds_follow_the_bound():
@@ -128,7 +128,7 @@ def test_good_tire_validation_patches_respect_chebyshev():
     settings, _ = load([f"DATASET_DIR={TIRE}", "BACKBONE=mobilenet_v2", f"WEIGHTS={WEIGHTS}", "NUM_WORKERS=0"])
     (category,) = find_categories(TIRE)
     train, validation = split_validation(category, settings.VALIDATION_FRACTION, settings.SEED)
-    model = Padim("mobilenet_v2", str(WEIGHTS), device="cpu")
+    model = Padim(PadimSettings(backbone="mobilenet_v2", weights=str(WEIGHTS)), device="cpu")
     preprocessor = make_preprocessor(settings, train, model.stride)
     model.fit(batch.images for batch in ImageBatches(train[::3], preprocessor, 16, 0))
     embedding = torch.cat([model.embed(batch.images)[0] for batch in ImageBatches(validation, preprocessor, 16, 0)], dim=1)

@@ -11,7 +11,7 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from anomaly_model.backbone import ModelError
 from anomaly_model.gaussian import StreamingGaussian, mahalanobis
 from anomaly_model.maps import gaussian_blur
-from anomaly_model.padim import Padim
+from anomaly_model.padim import Padim, PadimSettings
 
 
 def _random_embeddings(n: int = 40, d: int = 6, positions: int = 5, seed: int = 0) -> torch.Tensor:
@@ -55,7 +55,7 @@ def test_padim_maps_do_not_depend_on_training_batch_size():
     probe = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     maps = []
     for batch_size in (12, 5):
-        model = Padim("resnet18", "none", feature_dim=20, device="cpu")
+        model = Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=20), device="cpu")
         model.fit(images[start : start + batch_size] for start in range(0, 12, batch_size))
         maps.append(model.anomaly_maps(probe))
     torch.testing.assert_close(maps[0], maps[1], rtol=1e-4, atol=1e-4)
@@ -70,7 +70,7 @@ def test_blur_matches_scipy_gaussian_filter():
 def test_anomaly_map_is_highest_where_the_image_differs():
     generator = torch.Generator().manual_seed(0)
     good = 0.1 * torch.randn(16, 3, 64, 64, generator=generator)
-    model = Padim("resnet18", "none", feature_dim=30, device="cpu").fit([good[:8], good[8:]])
+    model = Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=30), device="cpu").fit([good[:8], good[8:]])
     odd = 0.1 * torch.randn(1, 3, 64, 64, generator=generator)
     odd[:, :, 40:56, 40:56] = 3.0
     heat = model.anomaly_maps(odd)[0]
@@ -86,14 +86,14 @@ def test_singular_covariance_names_the_setting_to_change():
 
 def test_negative_epsilon_is_refused():
     with pytest.raises(ModelError, match="COVARIANCE_EPSILON=-0.1"):
-        Padim("resnet18", "none", feature_dim=8, epsilon=-0.1, device="cpu")
+        Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=8, epsilon=-0.1), device="cpu")
 
 
 def test_backbone_precision_is_checked():
     with pytest.raises(ModelError, match="BACKBONE_PRECISION='float8'"):
-        Padim("resnet18", "none", feature_dim=8, device="cpu", precision="float8")
+        Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=8, precision="float8"), device="cpu")
     with pytest.raises(ModelError, match="float16 needs a CUDA GPU"):
-        Padim("resnet18", "none", feature_dim=8, device="cpu", precision="float16")
+        Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=8, precision="float16"), device="cpu")
 
 
 def test_bfloat16_backbone_keeps_maps_close_to_float32():
@@ -101,7 +101,7 @@ def test_bfloat16_backbone_keeps_maps_close_to_float32():
     generator = torch.Generator().manual_seed(5)
     good = torch.randn(12, 3, 64, 64, generator=generator)
     probe = torch.randn(3, 3, 64, 64, generator=generator)
-    maps = [Padim("resnet18", "none", feature_dim=20, device="cpu", precision=p).fit([good]).anomaly_maps(probe)
+    maps = [Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=20, precision=p), device="cpu").fit([good]).anomaly_maps(probe)
             for p in ("float32", "bfloat16")]
     assert maps[1].dtype == torch.float32
     relative = (maps[1] - maps[0]).abs().max() / maps[0].abs().max()
@@ -110,7 +110,7 @@ def test_bfloat16_backbone_keeps_maps_close_to_float32():
 
 def test_embedding_of_a_batch_equals_each_image_embedded_alone():
     """The backbone runs in slices and writes into one buffer: every image's columns must be its own."""
-    model = Padim("resnet18", "none", feature_dim=24, device="cpu")
+    model = Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=24), device="cpu")
     images = torch.randn(11, 3, 64, 64, generator=torch.Generator().manual_seed(6))  # slices of 8 and 3
     batch, grid = model.embed(images)
     assert batch.shape == (grid[0] * grid[1], 11, 24)
@@ -120,6 +120,6 @@ def test_embedding_of_a_batch_equals_each_image_embedded_alone():
 
 
 def test_images_of_another_size_than_the_fit_name_the_image_size_setting():
-    model = Padim("resnet18", "none", feature_dim=16, device="cpu").fit([torch.randn(6, 3, 64, 64)])
+    model = Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=16), device="cpu").fit([torch.randn(6, 3, 64, 64)])
     with pytest.raises(ModelError, match="IMAGE_SIZE"):
         model.anomaly_maps(torch.randn(1, 3, 96, 96))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from anomaly_model.backbone import ModelError
-from anomaly_model.padim import Padim
+from anomaly_model.padim import Padim, PadimSettings
 from anomaly_model.store import load_model, save_model
 from pipeline.detector import settings_differences
 from settings import defaults
@@ -20,7 +20,7 @@ INFO = {"preprocessing": {"image_size": [64, 64], "resize": [64, 64], "image_siz
 @pytest.fixture(scope="module")
 def fitted() -> Padim:
     images = torch.randn(10, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    return Padim("resnet18", "none", feature_dim=16, device="cpu").fit([images[:6], images[6:]])
+    return Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=16), device="cpu").fit([images[:6], images[6:]])
 
 
 @pytest.fixture()
@@ -40,7 +40,7 @@ def test_round_trip_gives_identical_maps(saved, fitted):
 
 def test_a_bfloat16_model_is_scored_in_bfloat16_after_loading(tmp_path):
     images = torch.randn(10, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    fitted = Padim("resnet18", "none", feature_dim=16, device="cpu", precision="bfloat16").fit([images])
+    fitted = Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=16, precision="bfloat16"), device="cpu").fit([images])
     save_model(tmp_path / "model", fitted, INFO)
     loaded, description = load_model(tmp_path / "model", "cpu")
     assert description["anomaly_model"]["settings"]["precision"] == loaded.precision == "bfloat16"

@@ -23,7 +23,7 @@ from PIL import Image
 from anomaly_model import distributed
 from anomaly_model import patchcore as patchcore_module
 from anomaly_model.backbone import ModelError
-from anomaly_model.patchcore import PatchCore
+from anomaly_model.patchcore import PatchCore, PatchCoreSettings
 from conftest import ROOT, make_mvtec_category
 from dataset_manager import find_categories
 from pipeline.detector import Detector
@@ -207,7 +207,7 @@ def test_torchrun_patchcore_keeps_one_process_coreset(one_process, tmp_path):
 
 def test_patchcore_memory_check_counts_the_projection_rank_0_gathers(monkeypatch):
     """Rank 0 holds every rank's projected rows for the selection, the other ranks only their own bank."""
-    model = PatchCore("resnet18", "none", device="cpu")  # 384 features, projected to 128
+    model = PatchCore(PatchCoreSettings(backbone="resnet18", weights="none"), device="cpu")  # 384 features, projected to 128
     alone = model.fit_memory_bytes(100, 3136)
     monkeypatch.setattr(distributed, "active", lambda: True)
     monkeypatch.setattr(distributed._job, "world_size", 2)

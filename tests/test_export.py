@@ -23,8 +23,8 @@ import anomaly_model.padim as padim
 import anomaly_model.patchcore as patchcore
 from anomaly_model.backbone import ModelError
 from anomaly_model.onnx_file import ONNX_FILE, open_session, require, run_session, write_onnx
-from anomaly_model.padim import Padim
-from anomaly_model.patchcore import PatchCore
+from anomaly_model.padim import Padim, PadimSettings
+from anomaly_model.patchcore import PatchCore, PatchCoreSettings
 from conftest import ROOT, TINY, make_mvtec_category, outputs, run_script
 from dataset_manager import find_categories
 from pipeline.detector import Detector
@@ -53,7 +53,7 @@ def _error_line(result: subprocess.CompletedProcess) -> str:
 
 def _fitted(backbone: str, size: int = 32) -> Padim:
     torch.manual_seed(0)
-    model = Padim(backbone, "none", device="cpu")
+    model = Padim(PadimSettings(backbone=backbone, weights="none"), device="cpu")
     images = torch.randn(10, 3, size, size)
     return model.fit([images[:5], images[5:]])
 
@@ -81,7 +81,7 @@ def test_onnxruntime_patchcore_maps_and_reweighted_scores_equal_torch(tmp_path, 
     """PatchCore's graph: pooled features, the nearest coreset row over every block of the coreset,
     eq. 7 weights (PATCHCORE_NEIGHBORS=3) and averaged-down channels (PATCHCORE_FEATURE_DIM)."""
     torch.manual_seed(0)
-    model = PatchCore("resnet18", "none", neighbors=3, feature_dim=200, coreset_ratio=0.25, device="cpu")
+    model = PatchCore(PatchCoreSettings(backbone="resnet18", weights="none", neighbors=3, feature_dim=200, coreset_ratio=0.25), device="cpu")
     images = torch.randn(10, 3, 32, 32)
     model.fit([images[:5], images[5:]])
     monkeypatch.setattr(patchcore, "EXPORT_BLOCK_ELEMENTS", 16 * 7)  # 16 patches per image: blocks of 7 of the 40 rows
@@ -109,7 +109,7 @@ def test_the_export_module_computes_the_model_s_maps_and_release_takes_its_facto
 
 
 def test_a_reduced_precision_model_is_not_exported():
-    model = Padim("resnet18", "none", layers=(1,), device="cpu", precision="bfloat16")
+    model = Padim(PadimSettings(backbone="resnet18", weights="none", layers=(1,), precision="bfloat16"), device="cpu")
     model.fit([torch.randn(4, 3, 32, 32)])
     with pytest.raises(ModelError, match="BACKBONE_PRECISION=float32"):
         model.export_module((32, 32))

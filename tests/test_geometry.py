@@ -15,9 +15,9 @@ from PIL import Image
 
 from anomaly_model import base
 from anomaly_model.backbone import ModelError
-from anomaly_model.base import TILE_CHUNK, AnomalyModel
+from anomaly_model.base import TILE_CHUNK, AnomalyModel, ModelSettings
 from anomaly_model.maps import MapMaker, blur_matrix, upsample_matrix
-from anomaly_model.padim import Padim
+from anomaly_model.padim import Padim, PadimSettings
 from anomaly_model.store import load_model, save_model
 from anomaly_model.tiles import TileLayout
 from conftest import outputs, run_script, save, texture
@@ -32,7 +32,7 @@ def _images(count: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
 
 
 def _padim(**tiling) -> Padim:
-    return Padim("resnet18", "none", feature_dim=16, device="cpu", **tiling)
+    return Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=16, **tiling), device="cpu")
 
 
 class CellMean(AnomalyModel):
@@ -54,7 +54,7 @@ class CellMean(AnomalyModel):
 
 
 def _cell_mean(**tiling) -> CellMean:
-    model = CellMean("resnet18", "none", device="cpu", **tiling)
+    model = CellMean(ModelSettings(backbone="resnet18", weights="none", **tiling), device="cpu")
     model.calls = []
     return model
 
@@ -239,7 +239,7 @@ def test_tile_setting_errors():
 
 def test_statistics_too_large_for_memory_say_the_estimate_and_what_to_lower(monkeypatch):
     monkeypatch.setattr(base, "available_memory", lambda device: 1_000_000_000)
-    model = lambda **tiling: Padim("resnet18", "none", feature_dim=100, device="cpu", **tiling)  # noqa: E731 42 kB per position
+    model = lambda **tiling: Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=100, **tiling), device="cpu")  # noqa: E731 42 kB per position
     with pytest.raises(ModelError, match=r"about 44\.0 GB \(1048576 patch positions\) but 1\.0 GB .*lower IMAGE_SIZE or FEATURE_DIM"):
         model().start_fit((4096, 4096))
     with pytest.raises(ModelError, match=r"\(313600 patch positions\).*use TILE_STATISTICS='shared'"):

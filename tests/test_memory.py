@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from anomaly_model.gaussian import StreamingGaussian
-from anomaly_model.padim import Padim
+from anomaly_model.padim import Padim, PadimSettings
 
 
 def _state_bytes(accumulator: StreamingGaussian) -> int:
@@ -23,7 +23,7 @@ def _state_bytes(accumulator: StreamingGaussian) -> int:
 @pytest.fixture(scope="module")
 def padim() -> Padim:
     """One tiny random-init model for the module: building the backbone is the slow part."""
-    return Padim(backbone="resnet18", weights="none", layers=(1, 2), feature_dim=16, device="cpu")
+    return Padim(PadimSettings(backbone="resnet18", weights="none", layers=(1, 2), feature_dim=16), device="cpu")
 
 
 def test_fit_state_does_not_grow_with_batches(padim):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly_model.padim import Padim
+from anomaly_model.padim import Padim, PadimSettings
 from pipeline.training import assign_folds
 
 IMAGES = 26
@@ -20,7 +20,7 @@ def _images() -> torch.Tensor:
 
 
 def _model() -> Padim:
-    return Padim("resnet18", "none", (1, 2), feature_dim=40, device="cpu")
+    return Padim(PadimSettings(backbone="resnet18", weights="none", layers=(1, 2), feature_dim=40), device="cpu")
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -15,8 +15,8 @@ import anomaly_model.coreset as coreset_module
 import anomaly_model.patchcore as patchcore_module
 from anomaly_model.backbone import ModelError
 from anomaly_model.coreset import GroupedNeighbors, greedy_coreset, group_order, nearest_neighbors, projection_matrix
-from anomaly_model.padim import Padim
-from anomaly_model.patchcore import PatchCore
+from anomaly_model.padim import Padim, PadimSettings
+from anomaly_model.patchcore import PatchCore, PatchCoreSettings
 from anomaly_model.store import load_model, save_model
 
 INFO = {"preprocessing": {"resize": 64, "crop": 64, "mean": [0.5] * 3, "std": [0.2] * 3}}
@@ -43,7 +43,7 @@ def train_images() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def fitted(train_images) -> PatchCore:
-    model = PatchCore("resnet18", "none", neighbors=3, device="cpu")
+    model = PatchCore(PatchCoreSettings(backbone="resnet18", weights="none", neighbors=3), device="cpu")
     return model.fit([train_images[:6], train_images[6:]])
 
 
@@ -51,7 +51,7 @@ def fitted(train_images) -> PatchCore:
 def test_features_are_the_published_recipe(feature_dim):
     """3x3 average pooling per stage, the deeper stage bilinearly upsampled to the first one's grid,
     concatenated; a PATCHCORE_FEATURE_DIM averages each stage down to an equal share of channels."""
-    model = PatchCore("resnet18", "none", feature_dim=feature_dim, device="cpu")
+    model = PatchCore(PatchCoreSettings(backbone="resnet18", weights="none", feature_dim=feature_dim), device="cpu")
     probe = images(3, 9)
     layer2, layer3 = (F.avg_pool2d(f.float(), 3, 1, 1) for f in model.extractor(probe))
     layer3 = F.interpolate(layer3, size=layer2.shape[-2:], mode="bilinear", align_corners=False)
@@ -174,7 +174,7 @@ def test_a_patchcore_model_is_never_read_as_padim(tmp_path, fitted):
 
 
 def test_a_padim_model_is_never_read_as_patchcore(tmp_path, train_images):
-    padim = Padim("resnet18", "none", feature_dim=16, device="cpu").fit([train_images])
+    padim = Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=16), device="cpu").fit([train_images])
     save_model(tmp_path / "model", padim, INFO)
     path = tmp_path / "model" / "model.json"
     description = json.loads(path.read_text())
@@ -188,7 +188,7 @@ def test_a_padim_model_is_never_read_as_patchcore(tmp_path, train_images):
 def test_out_of_fold_scores_exclude_the_images_own_fold(train_images):
     """With every patch in the coreset an image's own score is ~0; out of fold it is clearly not,
     and it equals the score against the coreset rows of the other folds only."""
-    model = PatchCore("resnet18", "none", coreset_ratio=1.0, device="cpu").fit([train_images[:6], train_images[6:]])
+    model = PatchCore(PatchCoreSettings(backbone="resnet18", weights="none", coreset_ratio=1.0), device="cpu").fit([train_images[:6], train_images[6:]])
     before = model.memory_.clone()
     folds = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
     batches = lambda: [(train_images[:4], [0, 1, 2, 3]), (train_images[4:], list(range(4, 10)))]  # noqa: E731
@@ -210,7 +210,7 @@ def test_out_of_fold_scores_exclude_the_images_own_fold(train_images):
 
 
 def test_out_of_fold_scores_need_the_fit_images_and_two_folds(train_images):
-    model = PatchCore("resnet18", "none", coreset_ratio=1.0, device="cpu").fit([train_images])
+    model = PatchCore(PatchCoreSettings(backbone="resnet18", weights="none", coreset_ratio=1.0), device="cpu").fit([train_images])
     with pytest.raises(ModelError, match="got 4 training images, the model was fitted on 10"):
         list(model.out_of_fold_scores(lambda: [(train_images[:4], [0, 1, 2, 3])], np.zeros(10, int)))
     with pytest.raises(ModelError, match="at least 2 folds"):
@@ -220,25 +220,25 @@ def test_out_of_fold_scores_need_the_fit_images_and_two_folds(train_images):
 @pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5])
 def test_coreset_ratio_outside_0_1(ratio):
     with pytest.raises(ModelError, match=f"CORESET_RATIO={ratio} must be in \\(0, 1\\]"):
-        PatchCore("resnet18", "none", coreset_ratio=ratio, device="cpu")
+        PatchCore(PatchCoreSettings(backbone="resnet18", weights="none", coreset_ratio=ratio), device="cpu")
 
 
 def test_bad_neighbour_count_and_feature_dim():
     with pytest.raises(ModelError, match="PATCHCORE_NEIGHBORS=1"):
-        PatchCore("resnet18", "none", neighbors=1, device="cpu")
+        PatchCore(PatchCoreSettings(backbone="resnet18", weights="none", neighbors=1), device="cpu")
     with pytest.raises(ModelError, match="PATCHCORE_FEATURE_DIM=5000 must be 0 .*384"):
-        PatchCore("resnet18", "none", feature_dim=5000, device="cpu")
+        PatchCore(PatchCoreSettings(backbone="resnet18", weights="none", feature_dim=5000), device="cpu")
 
 
 def test_too_few_coreset_points_for_the_reweighting(train_images):
-    model = PatchCore("resnet18", "none", coreset_ratio=0.001, neighbors=9, device="cpu")
+    model = PatchCore(PatchCoreSettings(backbone="resnet18", weights="none", coreset_ratio=0.001, neighbors=9), device="cpu")
     with pytest.raises(ModelError, match="CORESET_RATIO=0.001 keeps 1 of 640 training patches.*PATCHCORE_NEIGHBORS=9"):
         model.fit([train_images])
 
 
 def test_a_bank_too_large_for_memory_is_refused_before_the_fit(monkeypatch, train_images):
     monkeypatch.setattr(patchcore_module, "available_memory", lambda: 50_000_000)
-    model = PatchCore("resnet18", "none", device="cpu")
+    model = PatchCore(PatchCoreSettings(backbone="resnet18", weights="none"), device="cpu")
     model.plan_fit(100_000)
     fed = []
 
@@ -255,7 +255,7 @@ def test_a_bank_too_large_for_memory_is_refused_before_the_fit(monkeypatch, trai
 def test_a_bank_outgrowing_memory_without_a_plan_is_refused(monkeypatch, train_images):
     monkeypatch.setattr(patchcore_module, "available_memory", lambda: 500_000)  # 2 images fit, 10 do not
     with pytest.raises(ModelError, match="memory bank for the first 10 training images .* needs 2 MB of RAM, only 0 MB"):
-        PatchCore("resnet18", "none", device="cpu").fit([train_images[:2], train_images[2:]])
+        PatchCore(PatchCoreSettings(backbone="resnet18", weights="none"), device="cpu").fit([train_images[:2], train_images[2:]])
 
 
 def test_images_of_another_size_than_the_fit(fitted):

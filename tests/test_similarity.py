@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from anomaly_model.backbone import ModelError
-from anomaly_model.padim import Padim
+from anomaly_model.padim import Padim, PadimSettings
 from classification_model.features import FEATURE_NAMES
 from classification_model.similarity import MIN_DEFECTS, DefectSimilarity, fit_defect_similarity, leave_one_out_similarities
 from classification_model.xgboost import Anchoring, ClassifierParams, ClassifierRows, DefectClassifier, train_classifier
@@ -118,7 +118,7 @@ def test_a_classifier_with_the_stage_saves_and_reloads_the_same_verdicts_and_nee
 
 def test_padim_peak_directions_are_unit_whitened_deviations_of_the_worst_patch_and_leave_maps_unchanged():
     torch.manual_seed(0)
-    model = Padim("resnet18", "none", device="cpu", feature_dim=16)
+    model = Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=16), device="cpu")
     train, new = torch.randn(6, 3, 64, 64), torch.randn(3, 3, 64, 64)
     model.fit_images([train])
     maps, scores = model.score(new)
@@ -181,10 +181,10 @@ def test_a_stage_that_does_not_fit_the_anomaly_model_is_refused_in_one_line(tmp_
 
 
 def test_patchcore_peak_directions_point_from_the_nearest_coreset_feature_and_keep_eq7_scores():
-    from anomaly_model.patchcore import PatchCore
+    from anomaly_model.patchcore import PatchCore, PatchCoreSettings
 
     torch.manual_seed(0)
-    model = PatchCore("resnet18", "none", device="cpu", coreset_ratio=0.5, neighbors=3)
+    model = PatchCore(PatchCoreSettings(backbone="resnet18", weights="none", coreset_ratio=0.5, neighbors=3), device="cpu")
     model.fit_images([torch.randn(6, 3, 64, 64)])
     new = torch.randn(3, 3, 64, 64)
     maps, scores = model.score(new)
