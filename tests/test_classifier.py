@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from dataset_manager import find_categories
-from pipeline.detector import Detector
+from pipeline.inspection import load as load_model_folder
 from pipeline.prediction import predict_folder
 from pipeline.training import train_category
 from settings import load
@@ -324,8 +324,8 @@ def test_without_the_classifier_the_column_is_empty(tmp_path):
     (category,) = find_categories(data)
     settings = _settings(tmp_path, data, "CLASSIFIER=False")
     train_category(category, settings, tmp_path / "models" / "parts")
-    detector = Detector(tmp_path / "models" / "parts", "cpu")
-    assert detector.classifier is None
-    summary = predict_folder(detector, data / "test", tmp_path / "results", settings)
+    inspector = load_model_folder(tmp_path / "models" / "parts", "cpu")
+    assert inspector.detector.classifier is None
+    summary = predict_folder(inspector, data / "test", tmp_path / "results", settings)
     rows = list(csv.DictReader((summary.run_dir / "predictions.csv").open()))
     assert len(rows) == 12 and all(row["classifier_probability"] == "" for row in rows)
