@@ -243,15 +243,15 @@ def work_test(args) -> dict:
         if batch_scores is None:
             batch_scores = maps.flatten(1).max(dim=1).values
         if args.draw_pictures:
-            from pipeline.pictures import write_pictures
+            from pipeline.pictures import picture_arrays, write_pictures
 
             if threshold is None:  # any fixed values do: this measures the drawing cost
                 threshold = float(torch.quantile(maps[:, ::4, ::4].flatten(), 0.99))
                 scale = (float(maps.median()), float(maps.max()))
             tick = time.perf_counter()
             for row, index in enumerate(batch.indices):
-                write_pictures(pictures, test[index][0].stem + f"_{index}", maps[row], batch.sizes[row],
-                               batch.previews[row], prep, threshold, scale)
+                arrays = picture_arrays(maps[row], batch.sizes[row], batch.previews[row], prep, threshold, scale)
+                write_pictures(pictures, test[index][0].stem + f"_{index}", arrays)
             picture_seconds += time.perf_counter() - tick
         for row, index in enumerate(batch.indices):
             path, mask_path, defect = test[index]

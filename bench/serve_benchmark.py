@@ -288,7 +288,7 @@ def watched_folder(run: Run, files: int, settle: float) -> dict:
 def picture_cost(model_dir: Path, images: list[Path], repeats: int) -> dict:
     """test.py's pictures for one image (preview, overlay JPEG and mask PNG written), and the PNG pair serve.py returns."""
     from pipeline.inspection import load, preview, to_rgb
-    from pipeline.pictures import png_bytes, write_pictures
+    from pipeline.pictures import picture_arrays, png_bytes, write_pictures
     from pipeline.prediction import PREVIEW_SIZE
 
     inspector = load(model_dir, "cpu")
@@ -299,8 +299,9 @@ def picture_cost(model_dir: Path, images: list[Path], repeats: int) -> dict:
         rgb = to_rgb(images[number % len(images)])
         inspection = inspector.inspect(rgb)
         started = time.perf_counter()
-        write_pictures(folder, f"p{number}", inspection.anomaly_map, inspection.size, preview(rgb, PREVIEW_SIZE),
-                       detector.preprocessor, detector.pixel_threshold, inspector.color_scale)
+        arrays = picture_arrays(inspection.anomaly_map, inspection.size, preview(rgb, PREVIEW_SIZE),
+                                detector.preprocessor, detector.pixel_threshold, inspector.color_scale)
+        write_pictures(folder, f"p{number}", arrays)
         written.append(time.perf_counter() - started)
         started = time.perf_counter()
         overlay, mask = inspector.pictures(inspection, rgb, PREVIEW_SIZE)

@@ -75,18 +75,10 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_pictures(
-    folder: Path,
-    stem: str,
-    anomaly_map: torch.Tensor,
-    size: tuple[int, int],
-    preview: np.ndarray,
-    preprocessor: Preprocessor,
-    pixel_threshold: float,
-    scale: tuple[float, float],
-) -> tuple[Path, Path]:
-    """`<stem>_overlay.jpg` at preview size and `<stem>_mask.png` at the original size."""
-    overlay_array, mask = picture_arrays(anomaly_map, size, preview, preprocessor, pixel_threshold, scale)
+def write_pictures(folder: Path, stem: str, arrays: tuple[np.ndarray, np.ndarray]) -> tuple[Path, Path]:
+    """`<stem>_overlay.jpg` at preview size and `<stem>_mask.png` at the original size, from
+    `picture_arrays`' (overlay, mask)."""
+    overlay_array, mask = arrays
     overlay_path = folder / f"{stem}_overlay.jpg"
     Image.fromarray(overlay_array).save(overlay_path, quality=90)
     mask_path = folder / f"{stem}_mask.png"

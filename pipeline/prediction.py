@@ -13,7 +13,7 @@ from anomaly_model import distributed
 from dataset_manager import DataError, find_images
 from dataset_manager.loader import skipped_summary
 from pipeline.inspection import Inspection, Inspector
-from pipeline.pictures import write_pictures
+from pipeline.pictures import picture_arrays, write_pictures
 
 PREVIEW_SIZE = 640  # longest side of the overlay pictures, in pixels
 COLUMNS = ["path", "image_score", "normalized_score", "verdict", "defect_area_fraction", "overlay", "mask", "classifier_probability"]
@@ -76,10 +76,9 @@ def predict_folder(inspector: Inspector, folder: Path, results_dir: Path, settin
             path = paths[index]
             overlay_path = mask_path = ""
             if settings.SAVE_PICTURES:
-                overlay_file, mask_file = write_pictures(
-                    pictures, picture_stem(path, folder), result.anomaly_map, result.size, result.preview,
-                    detector.preprocessor, detector.pixel_threshold, inspector.color_scale,
-                )
+                arrays = picture_arrays(result.anomaly_map, result.size, result.preview,
+                                        detector.preprocessor, detector.pixel_threshold, inspector.color_scale)
+                overlay_file, mask_file = write_pictures(pictures, picture_stem(path, folder), arrays)
                 overlay_path, mask_path = f"pictures/{overlay_file.name}", f"pictures/{mask_file.name}"
             rows.append((index, csv_values(path, inspection, overlay_path, mask_path)))
         position = {path: index for index, path in enumerate(paths)} if batches.skipped else {}

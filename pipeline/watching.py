@@ -33,7 +33,7 @@ from dataset_manager import IMAGE_EXTENSIONS, DataError
 from pipeline.inspection import Inspection, Inspector, PreparedImage, preview
 from pipeline.live import log
 from pipeline.prediction import COLUMNS, PREVIEW_SIZE, csv_values
-from pipeline.pictures import write_pictures
+from pipeline.pictures import picture_arrays, write_pictures
 
 LIVE_COLUMNS = COLUMNS + ["error"]
 SORT_FOLDERS = ("good", "defect", "unreadable")
@@ -261,10 +261,11 @@ class FolderWatcher:
             pictures = self.results.folder() / "pictures"
             pictures.mkdir(parents=True, exist_ok=True)
             stem = f"{Path(item.state.name).stem}-{item.sha256[:8]}"
-            overlay_file, mask_file = write_pictures(
-                pictures, stem, inspection.anomaly_map, inspection.size, preview(item.prepared.rgb, PREVIEW_SIZE),
+            arrays = picture_arrays(
+                inspection.anomaly_map, inspection.size, preview(item.prepared.rgb, PREVIEW_SIZE),
                 inspector.detector.preprocessor, inspector.detector.pixel_threshold, inspector.color_scale,
             )
+            overlay_file, mask_file = write_pictures(pictures, stem, arrays)
             overlay_path, mask_path = f"pictures/{overlay_file.name}", f"pictures/{mask_file.name}"
         self.ledger.add(item.state, item.sha256, inspection.verdict)
         self.results.append(csv_values(destination, inspection, overlay_path, mask_path) + [""])

@@ -18,18 +18,9 @@ from anomaly_model.coreset import GroupedNeighbors, greedy_coreset, group_order,
 from anomaly_model.padim import Padim, PadimSettings
 from anomaly_model.patchcore import PatchCore, PatchCoreSettings
 from anomaly_model.store import load_model, save_model
+from test_coreset import brute_force_greedy
 
 INFO = {"preprocessing": {"resize": 64, "crop": 64, "mean": [0.5] * 3, "std": [0.2] * 3}}
-
-
-def brute_force_greedy(points: torch.Tensor, count: int, start: int) -> list[int]:
-    """The paper's Algorithm 1 as written: full float64 distance matrix, min over chosen points."""
-    distances = torch.cdist(points.double(), points.double())
-    chosen, nearest = [start], distances[start].clone()
-    for _ in range(count - 1):
-        chosen.append(int(nearest.argmax()))
-        nearest = torch.minimum(nearest, distances[chosen[-1]])
-    return chosen
 
 
 def images(count: int, seed: int, size: int = 64) -> torch.Tensor:
