@@ -239,8 +239,8 @@ def test_tile_setting_errors():
 
 def test_statistics_too_large_for_memory_say_the_estimate_and_what_to_lower(monkeypatch):
     monkeypatch.setattr(base, "available_memory", lambda device: 1_000_000_000)
-    model = lambda **tiling: Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=100, **tiling), device="cpu")  # noqa: E731 42 kB per position
-    with pytest.raises(ModelError, match=r"about 44\.0 GB \(1048576 patch positions\) but 1\.0 GB .*lower IMAGE_SIZE or FEATURE_DIM"):
+    model = lambda **tiling: Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=100, **tiling), device="cpu")  # noqa: E731 63 kB per position (sums kept for updates)
+    with pytest.raises(ModelError, match=r"about 66\.1 GB \(1048576 patch positions\) but 1\.0 GB .*lower IMAGE_SIZE or FEATURE_DIM"):
         model().start_fit((4096, 4096))
     with pytest.raises(ModelError, match=r"\(313600 patch positions\).*use TILE_STATISTICS='shared'"):
         model(tile_size=224, tile_statistics="location").start_fit((2048, 2048))  # 10 x 10 tile locations
