@@ -13,7 +13,7 @@ where a float is expected; a list or tuple where a tuple is expected).
 # The default is a synthetic demo set that is generated on first use.
 DATASET_DIR = "dataset/demo"
 MODEL_DIR = "model"  # trained models go to MODEL_DIR/<model name>/
-RESULTS_DIR = "results"  # test.py and eval.py write to RESULTS_DIR/<model name>/<run>/
+RESULTS_DIR = "results"  # test.py writes RESULTS_DIR/<model name>/<run>/, eval.py RESULTS_DIR/eval-<time>/
 MODEL_NAME = ""  # "" = the category folder's name (several categories: one model each)
 TEST_DIR = ""  # folder test.py scores when given none; "" = the dataset's test folder
 VALIDATION_FRACTION = 0.1  # share of train images held out when there is no validation/good
