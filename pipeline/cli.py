@@ -118,12 +118,18 @@ def load_categories(settings) -> list[Category]:
             print(f"generating the synthetic demo dataset in {dataset_dir} ...", file=sys.stderr)
             generate_demo_dataset(dataset_dir, seed=settings.SEED)
         distributed.barrier()  # under torchrun the other ranks read it once rank 0 has written it
+    return find_categories(dataset_dir, skip=outputs_to_skip(dataset_dir, "DATASET_DIR", settings))
+
+
+def outputs_to_skip(folder: Path, purpose: str, settings) -> list[Path]:
+    """The tool's own output folders that lie inside `folder` (the dataset, or the folder test.py
+    scores), said in one note: heat maps and sorted or corrected copies are never read as inputs."""
     outputs = output_folders(settings)
-    inside = outputs_inside(dataset_dir, outputs)
+    inside = outputs_inside(folder, outputs)
     if inside:
-        print(f"note: {' and '.join(inside)} lie{'s' if len(inside) == 1 else ''} inside DATASET_DIR {dataset_dir}: "
-              "what the tool wrote there is not read as dataset images", file=sys.stderr)
-    return find_categories(dataset_dir, skip=[Path(outputs[name]) for name in inside])
+        print(f"note: {' and '.join(inside)} lie{'s' if len(inside) == 1 else ''} inside {purpose} {folder}: "
+              "what the tool wrote there is not read as input images", file=sys.stderr)
+    return [Path(outputs[name]) for name in inside]
 
 
 def output_folders(settings) -> dict[str, str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from anomaly_model import distributed
 from dataset_manager import DataError, find_images
 from dataset_manager.loader import skipped_summary
+from pipeline.cli import outputs_to_skip
 from pipeline.inspection import Inspection, Inspector
 from pipeline.pictures import picture_arrays, write_pictures
 
@@ -51,13 +52,14 @@ def csv_values(path: Path, inspection: Inspection, overlay_path: str, mask_path:
 
 def predict_folder(inspector: Inspector, folder: Path, results_dir: Path, settings) -> PredictionSummary:
     """Streams the images under `folder` through the model; outputs appear only once complete.
+    The tool's own output folders inside `folder` (RESULTS_DIR, MODEL_DIR, ...) are not scored.
 
     Under torchrun each rank scores its shard and writes its pictures into rank 0's temporary
     folder (`distributed.SharedFolder`); rank 0 writes predictions.csv in path order, as one
     process would; every rank returns rank 0's summary."""
     started = time.perf_counter()
     folder = Path(folder)
-    paths = find_images(folder)
+    paths = find_images(folder, skip=outputs_to_skip(folder, "the folder", settings))
     if not paths:
         raise DataError(f"no images under {folder}: expected files ending in .png, .jpg, .jpeg, .bmp, .tif or .tiff")
     detector = inspector.detector

@@ -264,7 +264,7 @@ def test_a_killed_export_s_folder_is_swept_by_the_next_load_but_not_a_live_one(c
 # --- 3. training data is never what the tool wrote ----------------------------------------------
 
 
-def test_results_inside_the_training_folder_do_not_change_the_model(copy, tmp_path, exported):
+def test_results_inside_the_training_or_tested_folder_are_not_read_as_images(copy, tmp_path, exported):
     model_dir, settings = copy
     good = tmp_path / "data" / "part" / "train" / "good"
     inside = [s for s in settings if not s.startswith("RESULTS_DIR=")] + [f"RESULTS_DIR={good / 'results'}", "CLASSIFIER=False"]
@@ -277,6 +277,11 @@ def test_results_inside_the_training_folder_do_not_change_the_model(copy, tmp_pa
     assert f"note: RESULTS_DIR lies inside DATASET_DIR {tmp_path / 'data' / 'part'}" in result.stderr
     assert "trained on 8 images" in result.stdout
     assert (model_dir / "mean.npy").read_bytes() == (exported / "models" / "part" / "mean.npy").read_bytes()
+    scored = run_script("test.py", str(good), *inside)  # and test.py on that folder scores the 8 images only
+    assert scored.returncode == 0, scored.stderr
+    assert f"note: RESULTS_DIR lies inside the folder {good}" in scored.stderr
+    (table,) = (good / "results" / "part").glob("test-good-*/predictions.csv")
+    assert len(table.read_text().splitlines()) == 1 + 8
 
 
 # --- 4. links behave ----------------------------------------------------------------------------
