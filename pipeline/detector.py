@@ -82,6 +82,10 @@ def load_classifier(model_dir: Path, description: dict) -> tuple[DefectClassifie
     classifier = DefectClassifier.from_bytes(
         data, entry["features"], entry["threshold"], FEATURE_NAMES, entry.get("anchor"), entry.get("tree_share"), entry.get("similarity")
     )
+    # A loaded classifier only predicts a batch's few rows (microseconds each): one thread. XGBoost's
+    # default, every core, made one image's prediction take 48 ms instead of 0.3 ms on the busy 2-core
+    # machine (its OpenMP threads wait for each other); the probabilities are the same.
+    classifier.booster.set_param({"nthread": 1})
     return classifier, {key: float(value) for key, value in entry["levels"].items()}
 
 

@@ -9,7 +9,7 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from anomaly_model.backbone import ModelError
-from anomaly_model.gaussian import StreamingGaussian, mahalanobis
+from anomaly_model.gaussian import StreamingGaussian, mahalanobis, whitening_factors
 from anomaly_model.maps import gaussian_blur
 from anomaly_model.padim import Padim, PadimSettings
 
@@ -26,15 +26,33 @@ def test_mahalanobis_matches_per_position_numpy():
     accumulator = StreamingGaussian()
     accumulator.update(train.clone())
     mean, factor = accumulator.finalize(epsilon=0.01)
-    distances = mahalanobis(test, mean, factor).numpy()  # (N, P)
+    solved = mahalanobis(test, mean, factor).numpy()  # (N, P)
+    multiplied = mahalanobis(test, mean, factor, whitening_factors(factor)).numpy()  # the inverses in row blocks (d = 6: 4 blocks of 2, 1, 1, 2 rows)
 
     data = train.double().numpy()
-    for position in range(data.shape[0]):
-        samples = data[position]
-        covariance = np.cov(samples, rowvar=False) + 0.01 * np.eye(samples.shape[1])
-        precision = np.linalg.inv(covariance)
-        expected = [scipy_mahalanobis(x, samples.mean(axis=0), precision) for x in test.double().numpy()[position]]
-        np.testing.assert_allclose(distances[:, position], expected, rtol=1e-4)
+    for distances in (solved, multiplied):
+        for position in range(data.shape[0]):
+            samples = data[position]
+            covariance = np.cov(samples, rowvar=False) + 0.01 * np.eye(samples.shape[1])
+            precision = np.linalg.inv(covariance)
+            expected = [scipy_mahalanobis(x, samples.mean(axis=0), precision) for x in test.double().numpy()[position]]
+            np.testing.assert_allclose(distances[:, position], expected, rtol=1e-4)
+    np.testing.assert_allclose(multiplied, solved, rtol=1e-5)
+
+
+def test_padim_scores_with_the_inverses_of_its_current_factors():
+    """The fitted model scores by products with its factors' inverses, built once and rebuilt when the
+    factors are replaced (an update, a load): the same maps as the triangular solves, never stale ones."""
+    images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    model = Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=12), device="cpu").fit([images[:6]])
+    embedding, _ = model.embed(images[6:])
+    solved = mahalanobis(embedding, model.mean_, model.cholesky_)
+    whitening = model.whitening()
+    assert whitening is not None and model.whitening() is whitening
+    torch.testing.assert_close(model.embedding_scores(embedding, model.mean_, model.cholesky_), solved, rtol=1e-5, atol=0)
+    model.cholesky_ = model.cholesky_ * 2  # new factors: every distance halves
+    assert model.whitening() is not whitening
+    torch.testing.assert_close(model.embedding_scores(embedding, model.mean_, model.cholesky_), solved / 2, rtol=1e-5, atol=0)
 
 
 def test_streaming_fit_equals_one_shot_for_any_batch_size():
