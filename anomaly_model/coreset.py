@@ -338,26 +338,44 @@ class GroupedNeighbors:
         parts = [self._search(queries[start : start + step]) for start in range(0, len(queries), step)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def _search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def search_traced(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`__call__` for a traced graph: every query at once (the traced batch is free), the groups
+        a query cannot reach skipped by data-dependent selections (NonZero in ONNX), not by Python tests."""
+        return self._search(queries, traced=True)
+
+    def _search(self, queries: torch.Tensor, traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """`traced`: the same search written for a traced graph (`patchcore.PatchCoreScores`, the
+        ONNX export): no Python test on the data (a traced `if` would freeze the example's answer),
+        each query's own group chosen by a mask per group instead of one sort, and empty selections
+        computed through (onnxruntime runs an empty matrix product in no time)."""
         query_norms = (queries * queries).sum(dim=1)
         to_centers = torch.addmm(self.center_norms, queries, self.centers.T, alpha=-2.0)
-        to_centers.add_(query_norms[:, None]).clamp_min_(0).sqrt_()  # (Q, G) distances
-        best, own = to_centers.min(dim=1)
+        to_centers = (to_centers + query_norms[:, None]).clamp_min(0).sqrt()  # (Q, G) distances
+        _, own = to_centers.min(dim=1)
+        # the nearest center's distance measured from the difference: the expansion's can be far too
+        # small for a query almost on a center (cancellation, then a square root), and nearer rows
+        # would then be rejected by `_update`'s comparison against it
+        best = torch.linalg.vector_norm(queries - self.centers.index_select(0, own), dim=1)
         row = self.center_rows[own]
         # lower bound of every member's distance, group-major so each group's column is contiguous
         bounds = (to_centers - self.radius[None, :]).T.contiguous()
         del to_centers
-        by_group = torch.argsort(own)
-        counts = torch.bincount(own, minlength=len(self.offsets) - 1).tolist()
-        start = 0
-        for group, count in enumerate(counts):  # first each query's own group: a tight u for the rest
-            if count:
-                self._update(queries, query_norms, by_group[start : start + count], group, best, row)
-                start += count
-        for group in range(len(counts)):
+        groups = len(self.offsets) - 1
+        if traced:
+            for group in range(groups):  # first each query's own group: a tight u for the rest
+                self._update(queries, query_norms, (own == group).nonzero().squeeze(1), group, best, row)
+        else:
+            by_group = torch.argsort(own)
+            counts = torch.bincount(own, minlength=groups).tolist()
+            start = 0
+            for group, count in enumerate(counts):  # first each query's own group: a tight u for the rest
+                if count:
+                    self._update(queries, query_norms, by_group[start : start + count], group, best, row)
+                    start += count
+        for group in range(groups):
             limit = best * (1 + PRUNE_SLACK) + PRUNE_SLACK
             candidates = ((bounds[group] <= limit) & (own != group)).nonzero().squeeze(1)
-            if candidates.numel():
+            if traced or candidates.numel():
                 self._update(queries, query_norms, candidates, group, best, row)
         return best, row
 

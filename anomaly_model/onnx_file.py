@@ -59,18 +59,47 @@ def write_onnx(module: nn.Module, image_size: tuple[int, int], folder: Path, met
         require(name)
     module.eval()
     example = torch.zeros(2, 3, *image_size)  # a batch of 2: torch.export would fix a batch of 1
-    batch = torch.export.Dim("batch", min=1)
-    with torch.no_grad():
-        program = torch.onnx.export(
-            module, (example,), dynamo=True, input_names=[INPUT], output_names=list(OUTPUTS),
-            dynamic_shapes={"images": {0: batch}}, verbose=False,
-        )
-    program.model.metadata_props[METADATA_KEY] = json.dumps(metadata)
-    program.model.doc_string = "anomaly maps and image scores; see the metadata entry 'anomaly_detector'"
     tensor_bytes = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
     before = {path.name for path in Path(folder).iterdir()}
-    program.save(Path(folder) / ONNX_FILE, external_data=tensor_bytes > EXTERNAL_DATA_BYTES)
+    if any(getattr(part, "DATA_DEPENDENT_SHAPES", False) for part in module.modules()):
+        _write_traced(module, example, Path(folder) / ONNX_FILE, metadata, tensor_bytes > EXTERNAL_DATA_BYTES)
+    else:
+        batch = torch.export.Dim("batch", min=1)
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module, (example,), dynamo=True, input_names=[INPUT], output_names=list(OUTPUTS),
+                dynamic_shapes={"images": {0: batch}}, verbose=False,
+            )
+        program.model.metadata_props[METADATA_KEY] = json.dumps(metadata)
+        program.model.doc_string = DOC_STRING
+        program.save(Path(folder) / ONNX_FILE, external_data=tensor_bytes > EXTERNAL_DATA_BYTES)
     return sorted({path.name for path in Path(folder).iterdir()} - before)
+
+
+DOC_STRING = "anomaly maps and image scores; see the metadata entry 'anomaly_detector'"
+
+
+def _write_traced(module: nn.Module, example: torch.Tensor, path: Path, metadata: dict, external_data: bool) -> None:
+    """A module whose graph has data-dependent shapes (PatchCore's grouped search: which queries
+    read a group depends on the data) written by torch.onnx's tracing exporter: torch.export
+    reasons symbolically about every such shape (hundreds of NonZero for a coreset's groups; it
+    did not finish a 128-group search in 30 minutes), the tracer records the operations as they
+    run (about 20 s). The batch axis is declared free; the traced graph has no Python branch on
+    the data (`GroupedNeighbors.search_traced`)."""
+    onnx = require("onnx")
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer warns about every shape it records as a value
+        torch.onnx.export(
+            module, (example,), str(path), dynamo=False, opset_version=17, input_names=[INPUT], output_names=list(OUTPUTS),
+            dynamic_axes={INPUT: {0: "batch"}, OUTPUTS[0]: {0: "batch"}, OUTPUTS[1]: {0: "batch"}},
+        )
+    model = onnx.load(str(path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+    model.doc_string = DOC_STRING
+    onnx.save(model, str(path), save_as_external_data=external_data, location=f"{ONNX_FILE}.data" if external_data else None)
 
 
 def execution_providers(device: str) -> list:

@@ -27,12 +27,10 @@ from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel, ModelSettings
 from anomaly_model.coreset import (
     continue_coreset,
-    NEIGHBOR_CANDIDATES,
     GroupedNeighbors,
     coreset_size,
     greedy_coreset,
     group_order,
-    nearest_candidate,
     nearest_neighbors,
     projection_matrix,
 )
@@ -521,20 +519,17 @@ class PatchCore(AnomalyModel):
         return self
 
 
-# Query x coreset distances the exported graph computes at once, per image (float32: 16 MB): the
-# coreset is read in blocks of this many / patches-per-image rows, so onnxruntime's memory for the
-# distances stays bounded whatever the coreset's size (about 16 MB x the batch's images).
-EXPORT_BLOCK_ELEMENTS = 4 * 1024 * 1024
-
-
 class PatchCoreScores(nn.Module):
     """Layer features -> (N, h, w) patch scores of a fitted PatchCore, in operations ONNX has (the
     model's part of `AnomalyModel.export_module`), and with PATCHCORE_NEIGHBORS > 0 the (N,) eq. 7
-    weights of the image scores. The distance to the nearest coreset row is exact, as the model's,
-    but every row is read (the model's grouped search skips groups by data-dependent tests that a
-    static graph does not express): blocked matrix products |m|^2 - 2 q.m find each query's
-    NEIGHBOR_CANDIDATES nearest rows, of which `coreset.nearest_candidate` keeps the truly nearest
-    (as the model's grouped search does). `release`: the module takes the model's coreset instead of a copy."""
+    weights of the image scores. The nearest coreset row is found by the model's own grouped search
+    (`GroupedNeighbors.search_traced`): groups that cannot hold a query's nearest row are skipped
+    by data-dependent selections (ONNX NonZero), so onnxruntime reads about as little of the
+    coreset as torch does; a dense search over every row was 2-5x slower than torch. Such a graph
+    is written by tracing (`DATA_DEPENDENT_SHAPES`, see `onnx_file.write_onnx`).
+    `release`: the module takes the model's coreset instead of a copy."""
+
+    DATA_DEPENDENT_SHAPES = True
 
     def __init__(self, model: PatchCore, release: bool = False) -> None:
         super().__init__()
@@ -543,30 +538,20 @@ class PatchCoreScores(nn.Module):
         memory = model.memory_.cpu()
         self.register_buffer("memory", memory if release else memory.clone())
         self.register_buffer("memory_mean", model.memory_mean_.cpu().clone())
-        self.register_buffer("memory_norms", (memory * memory).sum(dim=1))
+        self.search = GroupedNeighbors(self.memory, model.group_offsets_)
+        self.register_buffer("memory_norms", self.search.norms)
         if release:
             model.memory_ = None
+            model._neighbors = None
         self.pooling_count = 0 if model._pooling is None else len(model._pooling)
         for index in range(self.pooling_count):
             self.register_buffer(f"pooling_{index}", model._pooling[index].cpu().clone())
-        self.block_rows = max(1, EXPORT_BLOCK_ELEMENTS // (self.grid[0] * self.grid[1]))
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         count, (height, width) = features[0].shape[0], self.grid
         pooling = [getattr(self, f"pooling_{index}") for index in range(self.pooling_count)] or None
         queries = patch_features(features, pooling) - self.memory_mean
-        values, rows = [], []  # per block: each query's NEIGHBOR_CANDIDATES nearest rows by the fast expansion
-        for start in range(0, self.memory.shape[0], self.block_rows):
-            block = self.memory[start : start + self.block_rows]
-            squared = torch.addmm(self.memory_norms[start : start + self.block_rows], queries, block.T, alpha=-2.0)
-            value, where = squared.topk(min(NEIGHBOR_CANDIDATES, block.shape[0]), dim=1, largest=False)
-            values.append(value)
-            rows.append(where + start)
-        values, rows = torch.cat(values, dim=1), torch.cat(rows, dim=1)
-        if values.shape[1] > NEIGHBOR_CANDIDATES:
-            rows = rows.gather(1, values.topk(NEIGHBOR_CANDIDATES, dim=1, largest=False).indices)
-        distances, column = nearest_candidate(queries, self.memory, rows)
-        nearest = rows.gather(1, column[:, None]).squeeze(1)
+        distances, nearest = self.search.search_traced(queries)
         scores = distances.view(count, height, width)
         if not self.neighbors:
             return scores

@@ -20,7 +20,6 @@ from torch import nn
 
 import anomaly_model.onnx_file as onnx_file
 import anomaly_model.padim as padim
-import anomaly_model.patchcore as patchcore
 from anomaly_model.backbone import ModelError
 from anomaly_model.onnx_file import ONNX_FILE, open_session, require, run_session, write_onnx
 from anomaly_model.padim import Padim, PadimSettings
@@ -77,24 +76,26 @@ def test_onnxruntime_maps_equal_torch_maps(tmp_path, monkeypatch, backbone):
         assert max(differences) <= MAX_RELATIVE_DIFFERENCE, differences
 
 
-def test_onnxruntime_patchcore_maps_and_reweighted_scores_equal_torch(tmp_path, monkeypatch):
-    """PatchCore's graph: pooled features, the nearest coreset row over every block of the coreset,
-    eq. 7 weights (PATCHCORE_NEIGHBORS=3) and averaged-down channels (PATCHCORE_FEATURE_DIM)."""
+def test_onnxruntime_patchcore_maps_and_reweighted_scores_equal_torch(tmp_path):
+    """PatchCore's graph: pooled features, the grouped nearest-row search with its data-dependent
+    group skipping (traced on zeros, run on other images and batch sizes: no branch frozen at the
+    trace), eq. 7 weights (PATCHCORE_NEIGHBORS=3) and averaged-down channels (PATCHCORE_FEATURE_DIM)."""
     torch.manual_seed(0)
     model = PatchCore(PatchCoreSettings(backbone="resnet18", weights="none", neighbors=3, feature_dim=200, coreset_ratio=0.25), device="cpu")
     images = torch.randn(10, 3, 32, 32)
     model.fit([images[:5], images[5:]])
-    monkeypatch.setattr(patchcore, "EXPORT_BLOCK_ELEMENTS", 16 * 7)  # 16 patches per image: blocks of 7 of the 40 rows
     images = 1.5 * torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     images[0, :, 8:16, 8:16] = 3.0
-    reference_maps, reference_scores = model.score(images)
+    references = [model.score(batch) for batch in (images, images[:1])]
     module = model.export_module((32, 32), release=True)
-    assert module.patch_scores.block_rows == 7 and model.memory_ is None  # released: no second copy of the coreset
+    assert len(module.patch_scores.search.offsets) > 3 and model.memory_ is None  # several groups; released: no second coreset
     write_onnx(module, (32, 32), tmp_path, {"model_id": "test"})
-    maps, scores = run_session(open_session(tmp_path / ONNX_FILE, "cpu"), images.numpy())
-    differences = relative_differences(maps, scores, reference_maps.double().numpy(), reference_scores.double().numpy())
-    assert max(differences) <= MAX_RELATIVE_DIFFERENCE, differences
-    assert (scores < 0.9 * maps.reshape(3, -1).max(axis=1)).all()  # eq. 7 weights (< 1) in the graph, not the plain max
+    session = open_session(tmp_path / ONNX_FILE, "cpu")
+    for batch, (reference_maps, reference_scores) in zip((images, images[:1]), references):
+        maps, scores = run_session(session, batch.numpy())
+        differences = relative_differences(maps, scores, reference_maps.double().numpy(), reference_scores.double().numpy())
+        assert max(differences) <= MAX_RELATIVE_DIFFERENCE, differences
+        assert (scores < 0.9 * maps.reshape(len(batch), -1).max(axis=1)).all()  # eq. 7 weights (< 1) in the graph, not the plain max
 
 
 def test_the_export_module_computes_the_model_s_maps_and_release_takes_its_factors():

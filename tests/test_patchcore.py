@@ -252,3 +252,18 @@ def test_a_bank_outgrowing_memory_without_a_plan_is_refused(monkeypatch, train_i
 def test_images_of_another_size_than_the_fit(fitted):
     with pytest.raises(ModelError, match="patch grid.*use the model's IMAGE_SIZE"):
         fitted.score(images(1, 2, size=96))
+
+
+def test_grouped_search_finds_a_member_nearer_than_a_center_the_query_almost_touches():
+    """Far from the origin (norms ~100) a query 0.002 from its group's center has that distance lost
+    to float32 cancellation in |q|^2 - 2 q.c + |c|^2; the search must still find the member 1e-5 away
+    (groups of 3 rows: all of them among the NEIGHBOR_CANDIDATES measured exactly)."""
+    generator = torch.Generator().manual_seed(3)
+    centers = 100 + torch.randn(8, 16, generator=generator)
+    members = centers.repeat_interleave(3, dim=0) + 0.002 * torch.randn(24, 16, generator=generator)
+    members[::3] = centers  # each group's first row is its center
+    offsets = list(range(0, 25, 3))
+    queries = members[1::3] + 1e-5 * torch.randn(8, 16, generator=generator)
+    distances, rows = GroupedNeighbors(members, offsets)(queries)
+    assert torch.equal(rows, torch.arange(1, 24, 3))
+    assert (distances < 1e-4).all()
