@@ -35,17 +35,44 @@ def _mem_available() -> int:
         return sys.maxsize
 
 
+def own_cgroup_files() -> list[tuple[str, str]]:
+    """(limit, usage) files of the process's own memory cgroup and of its ancestors below the
+    mount's root, as /proc/self/cgroup names them (v2 "0::/path", v1 "N:memory:/path"): a limit
+    set on a child cgroup (`systemd-run -p MemoryMax=`, a container's own cgroup, a job's) is not
+    in the root's files. Paths that do not exist here (another namespace's names) are skipped."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    files = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            root, names = "/sys/fs/cgroup", ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            root, names = "/sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        parts = [part for part in path.split("/") if part and part not in (".", "..")]
+        for depth in range(len(parts), 0, -1):
+            folder = Path(root, *parts[:depth])
+            files.append((str(folder / names[0]), str(folder / names[1])))
+    return files
+
+
 def cgroup_room() -> int | None:
-    """Bytes the process's cgroup still allows (its limit less its usage), None without a limit."""
-    for limit_file, usage_file in CGROUP_FILES:
+    """Bytes the process's cgroups still allow (the least of limit less usage over its own cgroup,
+    its ancestors and the mount's root), None without a limit."""
+    rooms = []
+    for limit_file, usage_file in [*own_cgroup_files(), *CGROUP_FILES]:
         try:
             limit = Path(limit_file).read_text().strip()
             if limit == "max" or int(limit) >= 2**60:  # v1 writes a huge number for "no limit"
-                return None
-            return max(0, int(limit) - int(Path(usage_file).read_text()))
+                continue
+            rooms.append(max(0, int(limit) - int(Path(usage_file).read_text())))
         except (OSError, ValueError):
             continue
-    return None
+    return min(rooms) if rooms else None
 
 
 def available_memory(device: torch.device | str = "cpu") -> int:

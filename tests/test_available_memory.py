@@ -1,5 +1,7 @@
 """One available_memory for every fit: the cgroup's limit counts, as it is the one that kills."""
 
+from pathlib import Path
+
 from anomaly_model import memory
 
 
@@ -8,6 +10,7 @@ def test_a_cgroup_limit_below_mem_available_is_what_a_fit_may_use(tmp_path, monk
     limit.write_text("3000000000\n")
     usage.write_text("1000000000\n")
     monkeypatch.setattr(memory, "CGROUP_FILES", ((str(limit), str(usage)),))
+    monkeypatch.setattr(memory, "own_cgroup_files", lambda: [])  # the test machine's own limit, if any, aside
     monkeypatch.setattr(memory, "_mem_available", lambda: 20_000_000_000)
     assert memory.available_memory() == 2_000_000_000
     limit.write_text("max\n")
@@ -19,6 +22,31 @@ def test_cgroup_v1_files_are_read_when_v2_is_absent(tmp_path, monkeypatch):
     limit.write_text("1000\n")
     usage.write_text("400\n")
     monkeypatch.setattr(memory, "CGROUP_FILES", ((str(tmp_path / "absent"), str(tmp_path / "absent2")), (str(limit), str(usage))))
+    monkeypatch.setattr(memory, "own_cgroup_files", lambda: [])
     assert memory.cgroup_room() == 600
     limit.write_text(str(2**63 - 4096))  # v1's "no limit"
     assert memory.cgroup_room() is None
+
+
+def test_the_least_room_of_the_process_s_own_cgroup_and_its_ancestors_counts(tmp_path, monkeypatch):
+    """A limit on the process's own cgroup (what systemd-run -p MemoryMax= sets) is found from
+    /proc/self/cgroup's path under the mount, an ancestor's limit counts too, absent folders are skipped."""
+    root = tmp_path / "memory"
+    for folder, limit, usage in (("job", "5000", "1000"), ("job/step", "9000", "1000")):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "memory.limit_in_bytes").write_text(limit)
+        (root / folder / "memory.usage_in_bytes").write_text(usage)
+    cgroup = tmp_path / "cgroup"
+    cgroup.write_text("5:cpu:/other\n4:memory:/job/step\n")
+    real = Path
+
+    def redirected(*parts):  # the module's Path, with the two system paths pointed into tmp_path
+        text = str(real(*parts))
+        text = text.replace("/proc/self/cgroup", str(cgroup)).replace("/sys/fs/cgroup/memory", str(root))
+        return real(text)
+
+    monkeypatch.setattr(memory, "Path", redirected)
+    monkeypatch.setattr(memory, "CGROUP_FILES", ())
+    assert memory.cgroup_room() == 4000  # the parent's 5000 - 1000, below the child's 8000
+    (root / "job" / "memory.limit_in_bytes").write_text("max")
+    assert memory.cgroup_room() == 8000
