@@ -13,6 +13,7 @@ image score is the map's maximum, optionally reweighted by the paper's eq. 7
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
@@ -160,6 +161,7 @@ class PatchCore(AnomalyModel):
         self.group_offsets_: list[int] = []  # memory_ rows of each group of GroupedNeighbors (coreset.py)
         self._neighbors: GroupedNeighbors | None = None
         self.bank_size_ = 0  # training patches the coreset was chosen from
+        self.bank_precision_ = "float32"  # of the bank while fitting: "float16" when float32 did not fit
         self.fit_seconds_: dict[str, float] = {}
 
     # --- features -----------------------------------------------------------------------------
@@ -187,26 +189,34 @@ class PatchCore(AnomalyModel):
         self._planned_images = int(n_images)
         self._fit_numbers = numbers
 
-    def fit_memory_bytes(self, n_images: int, positions: int, job_images: int = 0) -> int:
-        """RAM the fit needs for `n_images` images of `positions` patches: the bank and its projection,
-        and on the process that selects the coreset (one process, or rank 0 of a torchrun job of
-        `job_images` images) the projection of every image twice (a copy in fit order, the centred
-        copy the selection works on) and the per-point selection arrays."""
+    def fit_memory_bytes(self, n_images: int, positions: int, job_images: int = 0, bank_bytes: int = 4) -> int:
+        """RAM the fit needs for `n_images` images of `positions` patches: the bank (`bank_bytes` per
+        value: 4 float32, 2 float16) and its projection, and on the process that selects the coreset
+        (one process, or rank 0 of a torchrun job of `job_images` images) the projection of every
+        image twice (a copy in fit order, the centred copy the selection works on) and the per-point
+        selection arrays."""
         patches, job_patches = n_images * positions, max(job_images, n_images) * positions
         projected = min(self.projection_dim or self.feature_dim, self.feature_dim)
         selecting = job_patches if distributed.is_main() else 0
         kept = coreset_size(job_patches, self.coreset_ratio)
-        return 4 * patches * (self.feature_dim + projected) + 4 * selecting * (projected + 4) + 4 * kept * (self.feature_dim + projected)
+        bank = bank_bytes * patches * self.feature_dim + 4 * patches * projected
+        return bank + 4 * selecting * (projected + 4) + 4 * kept * (self.feature_dim + projected)
 
-    def _check_memory(self, n_images: int, positions: int, planned: bool) -> None:
-        """`n_images`: all the job's images when `planned` (a rank holds about 1/N of them), else this
+    def _check_memory(self, n_images: int, positions: int, planned: bool) -> int:
+        """Bytes per bank value the fit can afford: 4 (float32) when that fits in the memory available
+        (`memory.available_memory`: RAM, lowered to the cgroup's room), else 2 (float16: the bank is
+        half, the projection the coreset is chosen on stays float32, so the same coreset is chosen and
+        only its kept rows are rounded, about 5e-4 of their size); a ModelError when neither fits.
+        `n_images`: all the job's images when `planned` (a rank holds about 1/N of them), else this
         process's so far (under torchrun: of a job of at least the planned images)."""
         ranks = distributed.world_size()
         own, job = (math.ceil(n_images / ranks), n_images) if planned else (n_images, max(n_images, self._planned_images * (ranks > 1)))
-        needed, free = self.fit_memory_bytes(own, positions, job), available_memory()
-        if needed <= MEMORY_HEADROOM * free:
-            return
-        per_image = self.fit_memory_bytes(round(1000 * own / job), positions, 1000) / 1000
+        free = available_memory()
+        for bank_bytes in (4, 2):
+            if self.fit_memory_bytes(own, positions, job, bank_bytes) <= MEMORY_HEADROOM * free:
+                return bank_bytes
+        needed = self.fit_memory_bytes(own, positions, job, 2)
+        per_image = self.fit_memory_bytes(round(1000 * own / job), positions, 1000, 2) / 1000
         fits = int(MEMORY_HEADROOM * free / per_image)
         what = f"{n_images} training images" if planned else f"the first {n_images} training images"
         where = ""
@@ -214,7 +224,7 @@ class PatchCore(AnomalyModel):
             where = f" on rank {distributed.rank()}" + (" (it gathers every rank's projected patches)" if distributed.is_main() else "")
         raise ModelError(
             f"PatchCore's memory bank for {what} ({positions} patches x {self.feature_dim} features each) needs "
-            f"{_size(needed)} of RAM{where}, only {_size(free)} is free: train on fewer images (about {fits} fit), "
+            f"{_size(needed)} of RAM{where} even kept in float16, only {_size(free)} is free: train on fewer images (about {fits} fit), "
             "lower IMAGE_SIZE (or TILE_SIZE) or PATCHCORE_FEATURE_DIM (CORESET_RATIO and BATCH_SIZE do not change the bank's size)"
         )
 
@@ -229,18 +239,27 @@ class PatchCore(AnomalyModel):
         started = time.perf_counter()
         chunks: list[torch.Tensor] = []  # the bank, one (b * P, D) block per batch, in RAM
         projected: list[torch.Tensor] = []  # the same rows projected, on the device
-        projection, grid, n_images = None, None, 0
+        projection, grid, n_images, bank_bytes = None, None, 0, 4
+        self.bank_precision_ = "float32"
         width = self.projection_dim if 0 < self.projection_dim < self.feature_dim else self.feature_dim
         for images in batches:
             embedding, grid = self.embed(images)
             positions = grid[0] * grid[1]
             if n_images == 0 and self._planned_images:
-                self._check_memory(self._planned_images, positions, planned=True)
-            self._check_memory(n_images + len(images), positions, planned=False)
+                bank_bytes = self._check_memory(self._planned_images, positions, planned=True)
+            bank_bytes = min(bank_bytes, self._check_memory(n_images + len(images), positions, planned=False))
+            if bank_bytes == 2 and self.bank_precision_ == "float32":
+                self.bank_precision_ = "float16"
+                chunks[:] = [chunk.to(torch.float16) for chunk in chunks]
+                print(
+                    f"note: PatchCore's memory bank is kept in float16: in float32 it would not fit in the "
+                    f"{_size(available_memory())} available (RAM or the cgroup's limit); the coreset is chosen as in float32, "
+                    "its features rounded to float16", file=sys.stderr,
+                )
             if projection is None and width < self.feature_dim:
                 projection = projection_matrix(self.feature_dim, self.projection_dim, self.seed, self.device)
             projected.append(embedding if projection is None else embedding @ projection)
-            chunks.append(embedding.cpu())
+            chunks.append(embedding.to("cpu", torch.float16 if bank_bytes == 2 else torch.float32))
             n_images += len(images)
             del embedding
         if distributed.active():
@@ -376,7 +395,7 @@ class PatchCore(AnomalyModel):
         for number, chunk in enumerate(chunks):
             where = (block == number).nonzero().squeeze(1)
             if where.numel():
-                coreset[where] = chunk.index_select(0, selected[where] - offsets[number])
+                coreset[where] = chunk.index_select(0, selected[where] - offsets[number]).float()
         return coreset.to(self.device)
 
     # --- scoring ------------------------------------------------------------------------------

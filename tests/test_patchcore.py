@@ -238,14 +238,14 @@ def test_a_bank_too_large_for_memory_is_refused_before_the_fit(monkeypatch, trai
             fed.append(len(part))
             yield part
 
-    with pytest.raises(ModelError, match="memory bank for 100000 training images .* needs 17.8 GB of RAM, only 50 MB is free: train on fewer images \\(about 252 fit\\)"):
+    with pytest.raises(ModelError, match="memory bank for 100000 training images .* needs 12.9 GB of RAM even kept in float16, only 50 MB is free: train on fewer images \\(about 349 fit\\)"):
         model.fit(batches())
     assert fed == [2]  # refused at the first batch
 
 
 def test_a_bank_outgrowing_memory_without_a_plan_is_refused(monkeypatch, train_images):
     monkeypatch.setattr(patchcore_module, "available_memory", lambda: 500_000)  # 2 images fit, 10 do not
-    with pytest.raises(ModelError, match="memory bank for the first 10 training images .* needs 2 MB of RAM, only 0 MB"):
+    with pytest.raises(ModelError, match="memory bank for the first 10 training images .* needs 1 MB of RAM even kept in float16, only 0 MB"):
         PatchCore(PatchCoreSettings(backbone="resnet18", weights="none"), device="cpu").fit([train_images[:2], train_images[2:]])
 
 
@@ -267,3 +267,26 @@ def test_grouped_search_finds_a_member_nearer_than_a_center_the_query_almost_tou
     distances, rows = GroupedNeighbors(members, offsets)(queries)
     assert torch.equal(rows, torch.arange(1, 24, 3))
     assert (distances < 1e-4).all()
+
+
+def test_a_bank_that_does_not_fit_in_float32_is_kept_in_float16_with_the_same_coreset(monkeypatch, capsys):
+    """Memory for the float32 bank of the first batch but not of both: the bank goes to float16 at the
+    second batch (the first one's rows converted), the same points are chosen (the projection stays
+    float32) and the kept features are float32's rounded to float16."""
+    train = images(6, 0)
+    reference = PatchCore(PatchCoreSettings(backbone="resnet18", weights="none", coreset_ratio=0.2), device="cpu").fit([train[:3], train[3:]])
+    model = PatchCore(PatchCoreSettings(backbone="resnet18", weights="none", coreset_ratio=0.2), device="cpu")
+    positions = 8 * 8  # 64 px: ResNet18's layer 2 grid
+    between = (model.fit_memory_bytes(6, positions, bank_bytes=2) + model.fit_memory_bytes(6, positions)) / 2
+    monkeypatch.setattr(patchcore_module, "available_memory", lambda: int(between / patchcore_module.MEMORY_HEADROOM))
+    model.fit([train[:3], train[3:]])
+    assert model.bank_precision_ == "float16" and reference.bank_precision_ == "float32"
+    assert "kept in float16" in capsys.readouterr().err
+    assert torch.equal(model.memory_sources_, reference.memory_sources_) and model.group_offsets_ == reference.group_offsets_
+    kept, expected = model.memory_ + model.memory_mean_, reference.memory_ + reference.memory_mean_
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(kept, expected.half().float(), rtol=1e-3, atol=1e-6 * scale)  # float32's rounded to float16 (to an ulp)
+    probe = images(2, 5)
+    (maps, scores), (reference_maps, reference_scores) = model.score(probe), reference.score(probe)
+    torch.testing.assert_close(maps, reference_maps, rtol=0, atol=2e-3 * float(reference_maps.max()))
+    torch.testing.assert_close(scores, reference_scores, rtol=2e-3, atol=0)
