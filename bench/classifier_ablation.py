@@ -50,7 +50,7 @@ from anomaly_model.store import build_model  # noqa: E402
 from classification_model.features import FEATURE_NAMES, MONOTONE, levels_from_description, map_features  # noqa: E402
 from classification_model.synthetic import DEFECT_TYPES  # noqa: E402
 from classification_model.training import (  # noqa: E402
-    DefectPainting, SimilarityEvidence, add_similarity_stage, anchoring, params_from_settings, synthetic_defect_maps, synthetic_plan,
+    DefectPainting, VerdictRows, anchoring, decide_verdict, params_from_settings, synthetic_defect_maps, synthetic_plan,
 )
 from classification_model.xgboost import ClassifierRows, train_classifier  # noqa: E402
 from dataset_manager import IMAGE_EXTENSIONS, ImageBatches, find_categories  # noqa: E402
@@ -58,6 +58,8 @@ from dataset_manager.demo import generate_demo_dataset  # noqa: E402
 from evaluation.metrics import image_rocauc  # noqa: E402
 from pipeline.training import GoodMapSample, assign_folds, make_preprocessor, out_of_fold_maps, split_validation  # noqa: E402
 from settings import load  # noqa: E402
+
+from ablation_sets import ksdd_crop, large_area_set  # noqa: E402  (bench/, beside this script)
 
 MODEL_KEYS = ("ANOMALY_MODEL", "BACKBONE", "WEIGHTS", "LAYERS", "FEATURE_DIM", "COVARIANCE_EPSILON", "BLUR_SIGMA", "SEED", "IMAGE_SIZE", "CENTER_CROP",
               "TILE_SIZE", "TILE_OVERLAP", "TILE_STATISTICS", "NORMALIZE_MEAN", "NORMALIZE_STD", "VALIDATION_FRACTION")
@@ -209,7 +211,11 @@ SETS = {  # name -> where its images come from (the derived ones are made under 
     "tire-gray": "tire, every image converted to gray (L)",
     "ksdd": "../shared/data/ksdd (already gray: there is no separate gray ksdd)",
     "demo": "dataset_manager.demo.generate_demo_dataset(seed 0)",
+    "ksdd-crop": "ksdd cut to 500 x 500 windows (bench/ablation_sets.py)",
+    "tire-large": "tire's training goods, 67 held out as test goods and hosts of large-area defects (bench/ablation_sets.py)",
+    "ksdd-large": "the same from ksdd's training goods (gray)",
 }
+DEFAULT_SETS = ("tire", "tire-gray", "ksdd", "demo")
 
 
 def gray_copy(source: Path, target: Path) -> Path:
@@ -240,6 +246,10 @@ def set_folder(name: str, work: Path) -> Path:
         return ROOT.parent / "shared" / "data" / "ksdd"
     if name == "tire-gray":
         return gray_copy(ROOT.parent / "shared" / "data" / "tire", work / "tire-gray")
+    if name == "ksdd-crop":
+        return ksdd_crop(ROOT.parent / "shared" / "data" / "ksdd", work / "ksdd-crop")
+    if name in ("tire-large", "ksdd-large"):
+        return large_area_set(ROOT.parent / "shared" / "data" / name.split("-")[0], work / name)
     if name == "demo":
         target = work / "demo"
         return target if target.is_dir() else generate_demo_dataset(target, seed=0)
@@ -259,11 +269,18 @@ VARIANTS = {  # name -> how the classifier is trained (see run_variant); "mode":
     # ... and, in addition, the trees' share is the one (of 0, 1/4, .., 1) that ranks them best out-of-fold.
     "shrink, balanced, share chosen on real defects": {"goods": "all", "synthetic": "all hosts", "mode": "shrink", "real_weight": "balanced",
                                                        "share": "real evidence"},
-    # shrink, then the labeled defects' peak-direction similarity as a second stage (classification_model/similarity.py)
-    "shrink + labeled-defect similarity": {"goods": "all", "synthetic": "all hosts", "mode": "shrink", "similarity": True},
+    # shrink, then the labeled defects' peak-direction similarity as a second stage (classification_model/similarity.py), always kept
+    "shrink + labeled-defect similarity, always kept": {"goods": "all", "synthetic": "all hosts", "mode": "shrink", "similarity": "always"},
+    # what train.py does: the held-out evidence keeps the first stage, the similarity stage or the image score (classification_model/evidence.py)
+    "held-out evidence decides (default)": {"goods": "all", "synthetic": "all hosts", "mode": "shrink", "similarity": "evidence"},
 }
-DEFAULT_VARIANT = "cross-fitted, shrink toward image score (default)"  # what train.py does with synthetic defects only
+DEFAULT_VARIANT = "held-out evidence decides (default)"  # what train.py does
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the "share chosen on real defects" candidates
+
+
+def _medians(maps: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.median(maps[i : i + 64].reshape(len(maps[i : i + 64]), -1).astype(np.float32), axis=1)
+                           for i in range(0, len(maps), 64)] or [np.zeros(0)]).astype(np.float64)
 
 
 def _features(maps: np.ndarray, levels: dict) -> np.ndarray:
@@ -289,19 +306,17 @@ class Prepared:
             "out_of_fold": (_features(base["oof"], self.levels), base["oof_scores"], n_validation + base["oof_index"]),
         }
         self.test = _features(base["test"], self.levels)
+        self.medians = {name: _medians(base[name]) for name in ("good", "oof", "test")}  # each map's median (the evidence's kernel)
         makers = {"validation hosts": source.synthetic_before, "all hosts": source.synthetic}
         self.synthetic = {kind: [] for kind in synthetic_kinds}  # only the synthetic sets the chosen variants train on
         for seed in range(seeds):
             for kind in synthetic_kinds:
                 arrays = makers[kind](seed)
-                self.synthetic[kind].append((_features(arrays["maps"], self.levels), arrays["scores"], arrays["hosts"]))
+                self.synthetic[kind].append((_features(arrays["maps"], self.levels), arrays["scores"], arrays["hosts"], _medians(arrays["maps"])))
         self.n_train, self.n_validation = len(base["oof"]), n_validation
         self.peaks = None  # {"good": validation goods', "test": test images' peak directions}, for the similarity stage
         if peaks:
             self.peaks = source.peaks()
-            honest = np.concatenate([base["good"], base["oof"]])
-            self.good_medians = np.median(honest.reshape(len(honest), -1).astype(np.float32), axis=1)  # every honest good's map median
-            self.test_medians = np.median(base["test"].reshape(len(base["test"]), -1).astype(np.float32), axis=1)
 
 
 def run_variant(data: Prepared, spec: dict, settings, seeds: int, ks: list[int], verbose: bool = False) -> dict[int, np.ndarray]:
@@ -333,17 +348,23 @@ def run_variant(data: Prepared, spec: dict, settings, seeds: int, ks: list[int],
                                              settings.CLASSIFIER_FALSE_REJECT_RATE)
             keep = np.setdiff1d(np.arange(len(data.labels)), chosen)
             directions = None
-            if spec.get("similarity") and k:  # as train.py: validation goods are the first rows, labeled defects the last
-                n_rows = len(classifier.out_of_fold_margin)
-                evidence = SimilarityEvidence(slice(0, data.n_validation), slice(n_rows - k, n_rows), data.peaks["good"],
-                                              data.peaks["test"][chosen], data.good_medians, data.test_medians[chosen])
-                add_similarity_stage(classifier, evidence, settings.CLASSIFIER_FALSE_REJECT_RATE)
+            if spec.get("similarity"):  # as train.py: validation goods are the first rows, labeled defects the last
+                medians = np.concatenate([data.medians["good"]] + ([data.medians["oof"]] if spec["goods"] == "all" else [])
+                                         + [synthetic[3], data.medians["test"][chosen]])
+                n_rows = len(labels)
+                with_peaks = data.peaks is not None and k > 0
+                rows_weighed = VerdictRows(labels, scores, weights, medians, slice(n_rows - k, n_rows), slice(0, data.n_validation),
+                                           data.peaks["good"] if with_peaks else None, data.peaks["test"][chosen] if with_peaks else None)
+                if spec["similarity"] == "evidence":
+                    decide_verdict(classifier, rows_weighed, settings.CLASSIFIER_FALSE_REJECT_RATE, seed)
+                elif with_peaks:
+                    always_keep_similarity(classifier, rows_weighed, settings.CLASSIFIER_FALSE_REJECT_RATE)
                 directions = data.peaks["test"][keep] if classifier.similarity is not None else None
             margin = classifier.margin(data.test[keep], data.test_scores[keep], directions)  # the verdict's log-odds, as test.py computes it
             threshold = np.log(classifier.threshold / (1 - classifier.threshold))
             labels_kept = data.labels[keep]
             image_auc, classifier_auc = image_rocauc(labels_kept, data.test_scores[keep]), image_rocauc(labels_kept, margin)
-            trees = float(classifier.report["rounds"] > 0) if not spec.get("similarity") else float(classifier.similarity is not None)
+            trees = float(classifier.report["rounds"] > 0 and classifier.tree_share != 0.0) if not spec.get("similarity") else verdict_code(classifier)
             rows.append((image_auc, classifier_auc, trees, float((margin[labels_kept == 0] >= threshold).mean())))
             if verbose:
                 r = classifier.report
@@ -352,6 +373,24 @@ def run_variant(data: Prepared, spec: dict, settings, seeds: int, ks: list[int],
                       file=sys.stderr)
         results[k] = np.array(rows)
     return results
+
+
+def verdict_code(classifier) -> float:
+    """What a verdict kept: 0 the image score's ranking, 1 the first stage, 2 with the similarity stage."""
+    if classifier.similarity is not None:
+        return 2.0
+    return 0.0 if classifier.tree_share == 0.0 else 1.0
+
+
+def always_keep_similarity(classifier, rows: VerdictRows, false_reject_rate: float) -> None:
+    """The "always kept" variant: the similarity stage added whenever it can be fitted, no evidence asked."""
+    from classification_model.similarity import fit_defect_similarity
+
+    good_margins, real_margins = classifier.out_of_fold_margin[rows.good_rows], classifier.out_of_fold_margin[rows.real_rows]
+    goods, real = ~np.isnan(good_margins), ~np.isnan(real_margins)
+    similarity, _, _ = fit_defect_similarity(good_margins[goods], rows.good_directions[goods], real_margins[real], rows.real_directions[real])
+    if similarity is not None:
+        classifier.add_similarity(similarity, good_margins[goods], rows.good_directions[goods], false_reject_rate)
 
 
 def ceiling(data: Prepared, repeats: int = 5) -> dict[str, float]:
@@ -447,7 +486,7 @@ def summary(results: dict[str, dict[str, dict[int, np.ndarray]]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sets", nargs="*", default=list(SETS))
+    parser.add_argument("sets", nargs="*", default=list(DEFAULT_SETS))
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--ks", default="5,10", help="numbers of real test defects added to the training set")
     parser.add_argument("--cache", type=Path, default=None, help="folder for cached maps (.npz)")
@@ -458,7 +497,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "classifier_ablation.json")
     args, overrides = parser.parse_known_args()
     overrides += [a for a in args.sets if "=" in a]  # KEY=VALUE settings may come anywhere
-    args.sets = [a for a in args.sets if "=" not in a] or list(SETS)
+    args.sets = [a for a in args.sets if "=" not in a] or list(DEFAULT_SETS)
     settings, _ = load(["NUM_WORKERS=0", *overrides])
     torch.set_num_threads(2)
     chosen = [list(VARIANTS)[int(i) - 1] for i in args.variants.split(",") if i] or list(VARIANTS)

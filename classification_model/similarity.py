@@ -17,20 +17,14 @@ honest as a new defect's) gives the final log-odds. Its ridge penalty keeps the 
 weight small unless the labeled defects clearly stand out by it.
 
 Only labeled defects can teach this (synthetic ones deviate the way the generator paints, not the
-way the part fails), and only labeled defects taken like the goods. On tire the labeled defects
-come from a test split photographed differently from the training goods: every patch of theirs
-deviates in that acquisition's direction, so the stage learned the acquisition rather than the
-defects and ranked tire's test images 0.10-0.13 worse than the max. A defect raises part of the
-map; an acquisition change raises all of it. So the stage is dropped (`fit_defect_similarity`
-says why) when:
-- the labeled defects' map *medians* lie above the honest goods' (one-sided Mann-Whitney,
-  p < SHIFT_P_VALUE): tire p <= 0.0002, ksdd p >= 0.45, the demo p >= 0.86 (5 or 10 defects);
-- the fit gives the similarity no positive weight, or the final log-odds does not rank the
-  labeled defects above the goods better than the first stage alone, each row scored by a fit
-  without that row (in-sample, a two-weight fit always looks better: on the demo it lifted 26
-  training rows from 0.988 to 1.0 and then lost 0.016 on the test images). A held-out row is
-  scored by the refit's unit weight direction alone: its intercept moves against the class left
-  out (fewer defects: lower), which would bias leave-one-out ROCAUC down for any stage.
+way the part fails). Whether the verdict keeps the stage is not decided here: `fit_defect_similarity`
+also returns each row's held-out score (the two numbers weighed by a fit without that row: its unit
+weight direction only, since a refit's intercept moves against the class left out and would bias any
+held-out ROCAUC down), and `classification_model.evidence` keeps the stage only when those scores
+beat the image score clearly. Labeled defects taken differently from the goods (tire's ablation
+draws them from a test split photographed differently) deviate in that acquisition's direction in
+every patch; the evidence then compares them with goods whose maps lie as high overall, which is
+where such a stage shows whether it learned the defects or the acquisition.
 """
 
 from __future__ import annotations
@@ -43,7 +37,6 @@ from anomaly_model.backbone import ModelError
 
 MIN_DEFECTS = 3  # fewer labeled defects: each one's leave-one-out prototype is one or two images, too noisy to weigh
 RIDGE = 1.0  # L2 penalty on the two standardized weights (inverse of sklearn's C); 1 = a prior of unit scale, not tuned
-SHIFT_P_VALUE = 0.01  # labeled defects' map medians above the goods' at this significance: taken differently (any level in 0.0002-0.45 splits the sets the same way)
 
 
 @dataclass
@@ -104,25 +97,15 @@ def fit_defect_similarity(
     good_directions: np.ndarray,
     defect_margins: np.ndarray,
     defect_directions: np.ndarray,
-    good_medians: np.ndarray,
-    defect_medians: np.ndarray,
-) -> tuple[DefectSimilarity | None, str]:
-    """(the second stage, "") from goods and labeled defects (first-stage out-of-fold log-odds and
-    peak directions of each); or (None, why not). `good_medians`, `defect_medians`: the median of
-    each honest good's (any number of them) and each labeled defect's anomaly map."""
-    from scipy.stats import mannwhitneyu
+) -> tuple[DefectSimilarity | None, np.ndarray | None, str]:
+    """(the second stage, each row's held-out score (goods first, then defects), "") from goods and
+    labeled defects (first-stage out-of-fold log-odds and peak directions of each); or (None, None,
+    why not)."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
 
     k, n_good = len(defect_directions), len(good_directions)
     if k < MIN_DEFECTS or n_good < 2:
-        return None, f"it needs at least {MIN_DEFECTS} labeled defects and 2 validation goods, got {k} and {n_good}"
-    shift = float(mannwhitneyu(np.asarray(defect_medians, np.float64), np.asarray(good_medians, np.float64), alternative="greater").pvalue)
-    if shift < SHIFT_P_VALUE:
-        return None, (
-            f"the {k} labeled defects' maps lie higher overall than the {len(good_medians)} good images' (median of the map, "
-            f"p = {shift:.2g}): they look taken differently, and the stage would learn that difference rather than the defects"
-        )
+        return None, None, f"it needs at least {MIN_DEFECTS} labeled defects and 2 validation goods, got {k} and {n_good}"
     prototype, defect_similarity = leave_one_out_similarities(defect_directions)
     margins = np.r_[np.asarray(good_margins, dtype=np.float64), np.asarray(defect_margins, dtype=np.float64)]
     similarity = np.r_[_unit(good_directions) @ prototype, defect_similarity]
@@ -140,13 +123,10 @@ def fit_defect_similarity(
     everything = fit(np.ones(len(labels), dtype=bool))
     verdict_weight, similarity_weight = everything.coef_[0] / scale
     if similarity_weight <= 0 or verdict_weight < 0:
-        return None, "the labeled defects do not stand out from the goods by their peak directions"
+        return None, None, "the labeled defects do not stand out from the goods by their peak directions"
     held_out = np.empty(len(labels))
     for row in range(len(labels)):
         weights_without = fit(np.arange(len(labels)) != row).coef_[0]
         held_out[row] = standardized[row] @ weights_without / max(np.linalg.norm(weights_without), 1e-12)
-    with_stage, without = roc_auc_score(labels, held_out), roc_auc_score(labels, margins)
-    if with_stage <= without:
-        return None, f"it ranks the labeled defects above the goods no better than the first stage alone (ROCAUC {with_stage:.3f} vs {without:.3f}, leave-one-out)"
     intercept = float(everything.intercept_[0] - (everything.coef_[0] * center / scale).sum())
-    return DefectSimilarity(prototype, intercept, float(verdict_weight), float(similarity_weight), k), ""
+    return DefectSimilarity(prototype, intercept, float(verdict_weight), float(similarity_weight), k), held_out, ""

@@ -18,9 +18,13 @@ the fitted model's own map (bench/classifier_ablation.py, README).
 
 Labeled defects also teach a second stage (`classification_model.similarity`, CLASSIFIER_DEFECT_SIMILARITY):
 how much an image's worst patch deviates the way theirs do. It is fitted on the validation goods and
-the labeled defects, from their first-stage out-of-fold log-odds and their peak directions.
+the labeled defects, from their first-stage out-of-fold log-odds and their peak directions. Which
+verdict the model keeps (the first stage, with the similarity stage, or the image score's ranking)
+is decided by each one's held-out gain over the image score on the honest goods and the labeled
+defects (`decide_verdict`, `classification_model.evidence`).
 
-Every map becomes one row of features (and its median, for the similarity stage's shift check) as
+Every map becomes one row of features (and its median: the evidence compares defects with goods
+whose maps lie as high overall) as
 it arrives (`TrainingSet.add`): no map is kept, so memory does not grow with the number of training images.
 """
 
@@ -37,9 +41,10 @@ from tqdm import tqdm
 
 from anomaly_model.base import AnomalyModel
 from classification_model.features import FEATURE_NAMES, MONOTONE, map_features
+from classification_model.evidence import FIRST_STAGE, IMAGE_SCORE, WITH_SIMILARITY, HeldOutRows, VerdictChoice, choose_verdict
 from classification_model.similarity import fit_defect_similarity
 from classification_model.synthetic import DEFECT_TYPES, make_defect
-from classification_model.xgboost import Anchoring, ClassifierParams, ClassifierRows, DefectClassifier, train_classifier
+from classification_model.xgboost import Anchor, Anchoring, ClassifierParams, ClassifierRows, DefectClassifier, train_classifier
 from dataset_manager import DataError, ImageBatches, Preprocessor, read_rgb
 
 FEATURE_CHUNK = 64  # maps turned into features at once (64 maps of 224 x 224: 13 MB)
@@ -193,6 +198,7 @@ class TrainingSet:
         self.validation_directions: np.ndarray | None = None
         self.real_directions: np.ndarray | None = None
         self.similarity_note = ""  # why the similarity stage was not used, when labeled defects could have taught it
+        self.verdict: VerdictChoice | None = None  # which verdict `train` kept, and the held-out evidence why
         self.held_real: dict[str, np.ndarray] | None = None  # a restored set's labeled-defect rows, put back last (`restored`)
 
     def add(self, maps: torch.Tensor, scores: torch.Tensor, label: int, groups: np.ndarray, weight: float = 1.0) -> None:
@@ -313,47 +319,71 @@ class TrainingSet:
         return tuple(np.concatenate(parts) for parts in (self.features, self.image_scores, self.labels, self.groups, self.weights))
 
     def train(self, settings) -> DefectClassifier:
-        """The classifier; with peak directions of the validation goods and the labeled defects, its
-        similarity stage too (or `similarity_note` says why not)."""
+        """The classifier and the verdict its held-out evidence keeps (`decide_verdict`: the first
+        stage, its similarity stage, or the image score's ranking); `similarity_note` says why the
+        similarity stage is not used when labeled defects could have taught it, `verdict` what was kept and why."""
         self.put_back_real_defects()
         features, scores, labels, groups, weights = self.arrays()
         rows = ClassifierRows(features, labels, groups, weights, scores)
         classifier = train_classifier(
             rows, FEATURE_NAMES, params_from_settings(settings), settings.CLASSIFIER_FALSE_REJECT_RATE, MONOTONE, anchoring(settings))
-        if self.validation_directions is not None and self.real_directions is not None:
-            medians, labels = np.concatenate(self.medians), np.concatenate(self.labels)
-            evidence = SimilarityEvidence(self.validation_rows, self.real_rows, self.validation_directions, self.real_directions,
-                                          medians[labels == 0], medians[self.real_rows])
-            self.similarity_note = add_similarity_stage(classifier, evidence, settings.CLASSIFIER_FALSE_REJECT_RATE)
+        directions = self.validation_directions is not None and self.real_directions is not None
+        evidence = VerdictRows(labels, scores, weights, np.concatenate(self.medians) if self.medians else np.zeros(0), self.real_rows,
+                               self.validation_rows, self.validation_directions if directions else None, self.real_directions if directions else None)
+        self.verdict, note = decide_verdict(classifier, evidence, settings.CLASSIFIER_FALSE_REJECT_RATE, settings.SEED)
+        self.similarity_note = self.similarity_note or note
         return classifier
 
 
 @dataclass
-class SimilarityEvidence:
-    """What the similarity stage learns from, beside the classifier's out-of-fold log-odds of its rows."""
+class VerdictRows:
+    """What `decide_verdict` weighs, beside the classifier's out-of-fold log-odds of every row."""
 
-    good_rows: slice  # the validation goods' rows of the classifier's training set
+    labels: np.ndarray  # (N,) every row of the classifier's training set: 0 honest good, 1 defect (synthetic or labeled)
+    image_scores: np.ndarray  # (N,)
+    weights: np.ndarray  # (N,) training weights (the image score's anchor is fitted with them)
+    medians: np.ndarray  # (N,) each row's map median
     real_rows: slice  # the labeled defects' rows
-    good_directions: np.ndarray  # their peak directions (AnomalyModel.score_with_peaks)
-    real_directions: np.ndarray
-    honest_medians: np.ndarray  # every honest good's map median: the shift check
-    real_medians: np.ndarray  # the labeled defects' map medians
+    good_rows: slice  # the validation goods' rows (the goods with peak directions)
+    good_directions: np.ndarray | None  # their peak directions (AnomalyModel.score_with_peaks); None: no similarity stage
+    real_directions: np.ndarray | None
 
 
-def add_similarity_stage(classifier: DefectClassifier, evidence: SimilarityEvidence, false_reject_rate: float) -> str:
-    """Fit the similarity stage on the classifier's out-of-fold log-odds of the evidence's rows, with
-    their peak directions and map medians; add it to the classifier when it is kept. Returns why it
-    was not, or "". Rows the cross-validation could not score are left out."""
-    good_margins = classifier.out_of_fold_margin[evidence.good_rows]
-    real_margins = classifier.out_of_fold_margin[evidence.real_rows]
-    goods, real = ~np.isnan(good_margins), ~np.isnan(real_margins)
-    good_directions, real_directions = evidence.good_directions[goods], evidence.real_directions[real]
-    similarity, note = fit_defect_similarity(
-        good_margins[goods], good_directions, real_margins[real], real_directions, evidence.honest_medians, evidence.real_medians[real]
-    )
-    if similarity is not None:
-        classifier.add_similarity(similarity, good_margins[goods], good_directions, false_reject_rate)
-    return note
+def decide_verdict(classifier: DefectClassifier, rows: VerdictRows, false_reject_rate: float, seed: int) -> tuple[VerdictChoice, str]:
+    """Fit the similarity stage where it may be learned, weigh every candidate verdict's held-out gain
+    over the image score on the honest goods and the labeled defects (`classification_model.evidence`),
+    and make `classifier` the one kept: the first stage as trained, with the similarity stage added,
+    or ranking like the image score. Returns the choice (also in `classifier.report["verdict"]`) and,
+    when a similarity stage was possible but is not used, why."""
+    labels = np.asarray(rows.labels).astype(int)
+    scores, medians = np.asarray(rows.image_scores, np.float64), np.asarray(rows.medians, np.float64)
+    out_of_fold = classifier.out_of_fold_margin
+    taught = np.zeros(len(labels), dtype=bool)
+    taught[rows.real_rows] = True
+    honest = ((labels == 0) | taught) & ~np.isnan(out_of_fold)
+    candidates = {FIRST_STAGE: HeldOutRows(labels[honest], out_of_fold[honest], scores[honest], medians[honest])}
+    similarity, note = None, ""
+    if rows.good_directions is not None and rows.real_directions is not None:
+        good_index = np.arange(rows.good_rows.start, rows.good_rows.stop)
+        real_index = np.arange(rows.real_rows.start, rows.real_rows.stop)
+        good_ok, real_ok = ~np.isnan(out_of_fold[good_index]), ~np.isnan(out_of_fold[real_index])
+        good_directions = rows.good_directions[good_ok]
+        similarity, held_out, note = fit_defect_similarity(
+            out_of_fold[good_index][good_ok], good_directions, out_of_fold[real_index][real_ok], rows.real_directions[real_ok])
+        if similarity is not None:
+            index = np.r_[good_index[good_ok], real_index[real_ok]]
+            candidates[WITH_SIMILARITY] = HeldOutRows(labels[index], held_out, scores[index], medians[index])
+    choice = choose_verdict(candidates, seed)
+    goods = labels == 0
+    if choice.verdict == WITH_SIMILARITY:
+        classifier.add_similarity(similarity, out_of_fold[good_index][good_ok], good_directions, false_reject_rate)
+    elif choice.verdict == IMAGE_SCORE:
+        anchor = classifier.anchor or Anchor.fit(scores, labels, rows.weights)
+        classifier.rank_like_image_score(anchor, scores[goods], false_reject_rate)
+    if similarity is not None and choice.verdict != WITH_SIMILARITY:
+        note = f"its held-out gain over the image score is not clearly positive (the verdict is the {choice.verdict})"
+    classifier.report["verdict"] = choice.to_dict()
+    return choice, note
 
 
 def anchoring(settings) -> Anchoring:
@@ -377,6 +407,7 @@ def classifier_info(classifier: DefectClassifier, training_set: TrainingSet, set
         **({"tree_share": classifier.tree_share} if classifier.tree_share is not None else {}),
         **({"similarity": classifier.similarity.to_dict()} if classifier.similarity is not None else {}),
         **({"similarity_note": training_set.similarity_note} if training_set.similarity_note else {}),
+        # "verdict" (from the report): what was kept and the held-out evidence behind it (classification_model.evidence)
         "n_validation_goods": counts["validation_goods"],
         "n_out_of_fold_goods": counts["out_of_fold_goods"],
         "n_real_defects": counts["real_defects"],

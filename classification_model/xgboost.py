@@ -157,6 +157,18 @@ class DefectClassifier:
         self.threshold = float(np.quantile(probabilities, 1 - false_reject_rate))
         self.threshold_goods = probabilities
 
+    def rank_like_image_score(self, anchor: Anchor, good_scores: np.ndarray, false_reject_rate: float) -> None:
+        """Make the verdict the image score's log-odds alone (`anchor`, no trees, no second stage): it then
+        ranks images exactly as the image score does; the threshold rejects `false_reject_rate` of the
+        honest goods (`good_scores`: their image scores)."""
+        if anchor.slope <= 0:  # a flat anchor would tie every image: keep the image score's order
+            anchor = Anchor(anchor.center, anchor.scale, anchor.intercept, 1e-6)
+        self.anchor, self.tree_share, self.similarity = anchor, 0.0, None
+        probabilities = _sigmoid(anchor.margin(good_scores))
+        self.threshold = float(np.quantile(probabilities, 1 - false_reject_rate))
+        self.threshold_goods = probabilities
+        self.report["anchor"], self.report["tree_share"] = anchor.to_dict(), 0.0
+
     def to_bytes(self) -> bytes:
         """The booster in XGBoost's JSON format (no pickle), for `save_model(extra_files=...)`."""
         return bytes(self.booster.save_raw(raw_format="json"))

@@ -491,6 +491,7 @@ def train_verdict(run: TrainingRun) -> None:
             model, run.preprocessor, list(category.train_defect_images), settings.BATCH_SIZE, "labeled defects", peaks=peaks)
         training_set.add_real_defects(real_maps, real_scores, settings.CLASSIFIER_REAL_DEFECT_WEIGHT, real_directions)
     classifier = training_set.train(settings)
+    print(f"verdict: {training_set.verdict.verdict} ({training_set.verdict.why})", file=sys.stderr)
     if training_set.similarity_note:
         print(f"note: no labeled-defect similarity stage: {training_set.similarity_note}", file=sys.stderr)
     run.info["classifier"] = classifier_info(classifier, training_set, settings)

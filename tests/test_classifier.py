@@ -25,7 +25,8 @@ from settings import load
 from anomaly_model.backbone import ModelError
 from classification_model.features import FEATURE_NAMES, MONOTONE, map_features
 from classification_model.synthetic import DEFECT_TYPES, make_defect
-from classification_model.training import DefectPainting, synthetic_defect_maps, synthetic_plan
+from classification_model.evidence import FIRST_STAGE, IMAGE_SCORE
+from classification_model.training import DefectPainting, VerdictRows, decide_verdict, synthetic_defect_maps, synthetic_plan
 from classification_model.xgboost import Anchor, Anchoring, ClassifierParams, ClassifierRows, DefectClassifier, plot_feature_importance, shrink_share, train_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,6 +207,47 @@ def test_shrink_blends_the_trees_with_the_image_score_by_the_number_of_goods(tmp
     assert shrink_share(30, 0) == 1.0  # CLASSIFIER_SHRINK_GOODS = 0: the trees alone
 
 
+def _with_labeled_defects(image_score_quality: float, k: int):
+    """The toy goods and synthetic defects plus `k` labeled defects (the last rows, groups of their own),
+    an image score of the given strength, a "shrink" classifier and the rows `decide_verdict` weighs."""
+    _, x, y = _toy_classifier()
+    rng = np.random.default_rng(5)
+    real = map_features(_toy_maps(rng, k, True), LEVELS) if k else np.zeros((0, x.shape[1]), np.float32)
+    features, labels = np.concatenate([x, real]), np.r_[y, np.ones(k)]
+    groups = np.r_[np.arange(30), np.arange(40) % 30, 100 + np.arange(k)]
+    scores = rng.normal(size=len(labels)) + image_score_quality * labels
+    weights = np.r_[np.ones(70), np.full(k, 4.0)]
+    classifier = train_classifier(ClassifierRows(features, labels, groups, weights, scores), FEATURE_NAMES, ClassifierParams(max_rounds=50, folds=3),
+                                  0.05, MONOTONE, Anchoring("shrink", shrink_goods=20))
+    rows = VerdictRows(labels, scores, weights, np.zeros(len(labels)), slice(70, 70 + k), slice(0, 30), None, None)
+    return classifier, rows, features, scores
+
+
+def test_held_out_evidence_keeps_a_classifier_that_ranks_labeled_defects_better():
+    """The labeled defects, each scored by trees that never saw it, rank far above the goods by the
+    features and barely by the weak image score: the first stage is kept, with the numbers behind it."""
+    classifier, rows, _, _ = _with_labeled_defects(0.3, 12)
+    choice, _ = decide_verdict(classifier, rows, 0.05, seed=0)
+    assert choice.verdict == FIRST_STAGE, choice.why
+    evidence = classifier.report["verdict"]["evidence"][FIRST_STAGE]
+    assert evidence["lower_bound"] > 0 and evidence["n_defects"] == 12 and evidence["n_goods"] == 30
+    assert 0 < classifier.tree_share < 1 and "beats the image score" in choice.why
+
+
+def test_without_clear_held_out_evidence_the_verdict_ranks_exactly_like_the_image_score():
+    """No labeled defects (synthetic ones held out are no evidence about real ones), or a perfect image
+    score the trees cannot beat: the verdict is the image score's log-odds, the threshold from the goods."""
+    for quality, k, reason in ((0.3, 0, "no labeled defects"), (20.0, 12, "no candidate beats the image score clearly")):
+        classifier, rows, features, scores = _with_labeled_defects(quality, k)
+        choice, _ = decide_verdict(classifier, rows, 0.05, seed=0)
+        assert choice.verdict == IMAGE_SCORE and reason in choice.why
+        assert classifier.tree_share == 0.0 and classifier.report["verdict"]["verdict"] == IMAGE_SCORE
+        probability = classifier.predict(features, scores)
+        assert np.array_equal(np.argsort(probability, kind="stable"), np.argsort(scores, kind="stable"))
+        goods = probability[rows.labels == 0]
+        assert np.mean(goods > classifier.threshold) <= 0.05 + 1 / len(goods) and 0 < classifier.threshold < 1  # one good of interpolation
+
+
 class _MeanModel:
     """A stand-in anomaly model whose map is the image's channel mean: enough to check how synthetic
     defect maps are made honest."""
@@ -279,7 +321,10 @@ def test_scripts_end_to_end_with_the_classifier(tmp_path):
     entry = description["classifier"]
     assert entry["features"] == FEATURE_NAMES and "classifier.json" in description["files"]
     assert 0 <= entry["threshold"] <= 1 and sum(entry["n_synthetic_defects"].values()) == 27
-    assert entry["anchor_mode"] == "shrink" and 0 < entry["tree_share"] < 1 and set(entry["anchor"]) == {"center", "scale", "intercept", "slope"}
+    assert entry["anchor_mode"] == "shrink" and set(entry["anchor"]) == {"center", "scale", "intercept", "slope"}
+    # synthetic defects only: no evidence about real defects, the verdict ranks like the image score (and train.py says so)
+    assert entry["tree_share"] == 0.0 and entry["verdict"]["verdict"] == "image score" and "no labeled defects" in entry["verdict"]["why"]
+    assert "verdict: image score (no labeled defects" in trained.stderr
 
     tested = _script("test.py", *common)
     assert tested.returncode == 0, tested.stderr[-2000:]

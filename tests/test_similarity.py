@@ -1,7 +1,9 @@
 """The verdict's second stage, learned from labeled defects (classification_model/similarity.py):
-kept when the labeled defects' worst patches deviate alike and that ranks them better, dropped (with
-the reason) when they look taken differently, are too few, or gain nothing; saved and reloaded as
-trained; and refused where the peak directions cannot be computed (onnxruntime, export)."""
+fitted when the labeled defects' worst patches deviate alike, with held-out scores that show it
+ranks them better; kept by the held-out evidence (classification_model/evidence.py) only when that
+gain over the image score is clear, not when the defects' whole maps lie above every good's, are
+too few, or the first stage leaves nothing to add; saved and reloaded as trained; and refused where
+the peak directions cannot be computed (onnxruntime, export)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from anomaly_model.backbone import ModelError
 from anomaly_model.padim import Padim, PadimSettings
 from classification_model.features import FEATURE_NAMES
+from classification_model.evidence import IMAGE_SCORE, WITH_SIMILARITY, HeldOutRows, choose_verdict
 from classification_model.similarity import MIN_DEFECTS, DefectSimilarity, fit_defect_similarity, leave_one_out_similarities
 from classification_model.xgboost import Anchoring, ClassifierParams, ClassifierRows, DefectClassifier, train_classifier
 from conftest import TINY, error_line, outputs, run_script, save, texture
@@ -34,16 +37,31 @@ def _examples(seed: int = 0, n_good: int = 40, k: int = 8, alike: float = 1.5):
     good_directions = _unit(rng.standard_normal((n_good, DIM)))
     defect_directions = _unit(alike * shared + rng.standard_normal((k, DIM)) / np.sqrt(DIM))
     good_margins, defect_margins = rng.normal(0, 1, n_good), rng.normal(0.8, 1, k)
-    good_medians, defect_medians = rng.normal(5, 0.2, 200), rng.normal(5, 0.2, k)
-    return shared, (good_margins, good_directions, defect_margins, defect_directions, good_medians, defect_medians)
+    return shared, (good_margins, good_directions, defect_margins, defect_directions)
+
+
+def _evidence(held_out: np.ndarray, arguments, shift: float = 0.0, seed: int = 0):
+    """The similarity candidate's held-out evidence against an image score that ranks like the first
+    stage; the defects' map medians `shift` above the goods' (which spread with std 0.2)."""
+    good_margins, _, defect_margins, _ = arguments
+    rng = np.random.default_rng(seed)
+    n_good, k = len(good_margins), len(defect_margins)
+    labels = np.r_[np.zeros(n_good), np.ones(k)]
+    medians = np.r_[rng.normal(5, 0.2, n_good), rng.normal(5 + shift, 0.2, k)]
+    rows = HeldOutRows(labels, held_out, np.r_[good_margins, defect_margins], medians)
+    return choose_verdict({WITH_SIMILARITY: rows}, seed)
 
 
 def test_the_stage_is_kept_when_labeled_defects_deviate_alike_and_ranks_new_ones_higher():
-    shared, arguments = _examples()
-    similarity, why = fit_defect_similarity(*arguments)
+    shared, arguments = _examples(k=12)
+    similarity, held_out, why = fit_defect_similarity(*arguments)
     assert similarity is not None, why
-    assert why == "" and similarity.similarity_weight > 0 and similarity.verdict_weight >= 0 and similarity.n_defects == 8
+    assert why == "" and similarity.similarity_weight > 0 and similarity.verdict_weight >= 0 and similarity.n_defects == 12
     assert similarity.prototype @ shared > 0.9  # the prototype found the defects' shared direction
+    choice = _evidence(held_out, arguments)
+    assert choice.verdict == WITH_SIMILARITY, choice.why
+    entry = choice.evidence[WITH_SIMILARITY]
+    assert entry.lower_bound > 0 and entry.gain > entry.lower_bound and entry.n_defects == 12 and entry.n_goods == 40
     # new images: the same first-stage overlap, defects deviating the shared way
     rng = np.random.default_rng(1)
     goods, defects = _unit(rng.standard_normal((50, DIM))), _unit(1.5 * shared + rng.standard_normal((50, DIM)) / np.sqrt(DIM))
@@ -53,29 +71,35 @@ def test_the_stage_is_kept_when_labeled_defects_deviate_alike_and_ranks_new_ones
     assert image_rocauc(labels, final) > image_rocauc(labels, first) + 0.1
 
 
-def test_labeled_defects_whose_whole_maps_lie_higher_are_taken_as_another_acquisition_and_dropped():
-    _, arguments = _examples()
-    shifted = (*arguments[:5], arguments[5] + 2.0)  # every labeled defect's map median above every good's
-    similarity, why = fit_defect_similarity(*shifted)
-    assert similarity is None
-    assert "taken differently" in why and "8 labeled defects" in why and "200 good images" in why
+def test_labeled_defects_whose_whole_maps_lie_above_every_goods_are_thin_evidence_and_fall_back():
+    """Defects whose maps lie higher overall than every good's (another acquisition, or a kind that
+    raises the whole map) meet few goods taken like them: the same gain no longer counts as clear."""
+    _, arguments = _examples(k=12)
+    _, held_out, _ = fit_defect_similarity(*arguments)
+    shifted = _evidence(held_out, arguments, shift=2.0)
+    assert shifted.verdict == IMAGE_SCORE and "no candidate beats the image score clearly" in shifted.why
+    assert shifted.evidence[WITH_SIMILARITY].effective_goods < 2 < _evidence(held_out, arguments).evidence[WITH_SIMILARITY].effective_goods
 
 
-def test_too_few_labeled_defects_or_no_shared_direction_drop_the_stage():
+def test_too_few_labeled_defects_or_no_shared_direction_leave_no_stage():
     _, arguments = _examples(k=MIN_DEFECTS - 1)
-    similarity, why = fit_defect_similarity(*arguments)
-    assert similarity is None and f"at least {MIN_DEFECTS} labeled defects" in why
+    similarity, held_out, why = fit_defect_similarity(*arguments)
+    assert similarity is None and held_out is None and f"at least {MIN_DEFECTS} labeled defects" in why
     _, arguments = _examples(alike=0.0)  # defects deviate every way, like the goods
-    similarity, why = fit_defect_similarity(*arguments)
-    assert similarity is None and why
+    similarity, _, why = fit_defect_similarity(*arguments)
+    if similarity is not None:  # a fit may still weigh the noise a little: held out, it is no clear gain
+        assert _evidence(fit_defect_similarity(*arguments)[1], arguments).verdict == IMAGE_SCORE
+    else:
+        assert why
 
 
-def test_a_stage_that_only_looks_better_in_sample_is_dropped():
+def test_a_stage_that_only_looks_better_in_sample_is_not_kept():
     """A perfect first stage leaves the similarity nothing to add: held out, it ranks no better."""
-    _, (good_margins, good_directions, _, defect_directions, good_medians, defect_medians) = _examples()
+    _, (good_margins, good_directions, _, defect_directions) = _examples()
     perfect = np.full(len(defect_directions), 10.0)  # every labeled defect far above every good
-    similarity, why = fit_defect_similarity(good_margins, good_directions, perfect, defect_directions, good_medians, defect_medians)
-    assert similarity is None and "no better than the first stage alone" in why
+    arguments = (good_margins, good_directions, perfect, defect_directions)
+    similarity, held_out, why = fit_defect_similarity(*arguments)
+    assert similarity is None or _evidence(held_out, arguments).verdict == IMAGE_SCORE
 
 
 def test_leave_one_out_similarity_leaves_each_defect_out_of_its_own_prototype():
