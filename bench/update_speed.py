@@ -8,7 +8,7 @@ updated model's maps lie from the full fit's (max relative difference over the t
 image and pixel ROCAUCs of both and their thresholds. Two sizes show that the update's time follows
 the new images, not the training set.
 
-    flock /tmp/bench.lock .venv/bin/python bench/update_speed.py --dataset ../shared/data/tire \\
+    flock /tmp/bench.lock .venv/bin/python bench/update_speed.py --dataset tire \\
         --sizes 90,180 -- ANOMALY_MODEL=padim BACKBONE=mobilenet_v2 WEIGHTS=imagenet-offline CLASSIFIER=False OUT_OF_FOLD_FOLDS=0
 """
 
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from anomaly_model.store import load_model  # noqa: E402
 from dataset_manager import Preprocessor, find_categories, read_mask  # noqa: E402
@@ -36,6 +37,7 @@ from evaluation.metrics import image_rocauc  # noqa: E402
 from pipeline.training import train_category  # noqa: E402
 from pipeline.updating import score_files, update_model  # noqa: E402
 from settings import load  # noqa: E402
+from classifier_ablation import set_folder  # noqa: E402  (tire, ksdd, demo: the demo is generated on first use)
 
 
 def category_with(root: Path, source: Path, train: list[Path]) -> Path:
@@ -104,18 +106,22 @@ def run_size(dataset: Path, extra: list[str], size: int, hold: int, seed: int, w
         "map_relative_difference": relative, "statistics": statistics_difference(updated["model"], full["model"]),
         "rocauc_updated": (updated["image_rocauc"], updated["pixel_rocauc"]), "rocauc_full": (full["image_rocauc"], full["pixel_rocauc"]),
         "thresholds_updated": updated["thresholds"], "thresholds_full": full["thresholds"], "model_report": summary.model_report,
+        "update_stages": summary.stage_seconds,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", type=Path, required=True)
+    parser.add_argument("--dataset", required=True, help="a category folder, or tire, ksdd, demo (the demo is generated under --work)")
+    parser.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "out" / "update_speed", help="where the demo is generated")
     parser.add_argument("--sizes", default="90,180", help="training-set sizes (before the update)")
     parser.add_argument("--hold", type=int, default=30, help="training goods held out and added by the update")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("settings", nargs="*", help="KEY=VALUE settings (after --)")
     args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.dataset = set_folder(args.dataset, args.work)
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for size in (int(s) for s in args.sizes.split(",")):
@@ -132,6 +138,7 @@ def main() -> None:
               f"| {r['map_relative_difference']:.1e} | {r['statistics']} | {r['rocauc_updated'][0]:.4f} / {r['rocauc_full'][0]:.4f} "
               f"| {r['rocauc_updated'][1]:.4f} / {r['rocauc_full'][1]:.4f} | {r['thresholds_updated'][0]:.3f} / {r['thresholds_full'][0]:.3f} "
               f"| {r['thresholds_updated'][1]:.3f} / {r['thresholds_full'][1]:.3f} |")
+        print(f"  update stages N={r['size']}: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in r["update_stages"].items()))
         if "coreset_added" in r["model_report"]:
             m = r["model_report"]
             print(f"  PatchCore N={r['size']}: +{m['coreset_added']} coreset points for {m['new_patches']} new patches; covering radius of the new patches {m['covering_radius_before']:.3f} -> {m['covering_radius_after']:.3f}")

@@ -75,6 +75,13 @@ class UpdateSummary:
     pixel_threshold: float = 0.0
     model_report: dict = field(default_factory=dict)  # what the anomaly model said of its update (PatchCore: covering radius)
     saved: bool = False
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # where the time went (bench/update_speed.py prints it)
+
+    def lap(self, stage: str, since: float) -> float:
+        """Record the seconds `stage` took since `since`; returns now (the next stage's start)."""
+        now = time.perf_counter()
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + now - since
+        return now
 
 
 def new_images(folder: str, learned: list[str]) -> NewImages:
@@ -123,6 +130,7 @@ def update_model(model_dir: Path, settings, good_folder: str, defect_folder: str
     if distributed.active():
         raise SettingsError("ADD_GOOD / ADD_DEFECT update a model on one process: run python train.py without torchrun")
     model, description = load_model(model_dir, settings.DEVICE)
+    loaded_at = time.perf_counter()
     loaded = model_id(description)
     files = description["files"]
     if HONEST_GOODS_FILE not in files or LEARNED_IMAGES_FILE not in files:
@@ -131,6 +139,8 @@ def update_model(model_dir: Path, settings, good_folder: str, defect_folder: str
     goods = new_images(good_folder, learned.get("good", [])) if good_folder else None
     defects = new_images(defect_folder, learned.get("defect", [])) if defect_folder else None
     summary = UpdateSummary(model_dir, n_known=sum(part.known for part in (goods, defects) if part is not None))
+    summary.stage_seconds["load model"] = loaded_at - started
+    lap = summary.lap("find new images", loaded_at)
     has_classifier = "classifier" in description
     if defects is not None and not has_classifier:
         raise ModelError(f"model {model_dir} has no classifier (trained with CLASSIFIER=False): labeled defects teach only the classifier; retrain with CLASSIFIER=True")
@@ -152,12 +162,15 @@ def update_model(model_dir: Path, settings, good_folder: str, defect_folder: str
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     sample = GoodMapSample.from_bytes(read_checked_bytes(model_dir, HONEST_GOODS_FILE, files, f"files.{HONEST_GOODS_FILE}"))
     good_scored = None
+    lap = summary.lap("read stored rows", lap)
     if goods is not None and goods.paths:
         good_scored = score_files(model, preprocessor, goods.paths, settings.BATCH_SIZE, "new goods")  # honest: not learned yet
+        lap = summary.lap("score new goods", lap)
         summary.n_unreadable += len(good_scored.skipped)
         if good_scored.paths:
             batches = ImageBatches(good_scored.paths, preprocessor, settings.BATCH_SIZE, 0)
             summary.model_report = model.update_images(batch.images for batch in tqdm(batches, desc="learn goods", unit="batch", file=sys.stderr))
+            lap = summary.lap("learn new goods", lap)
             sample.add(good_scored.maps, good_scored.scores)
             _set_thresholds(model, description, info, sample)
             if training_set is not None:
@@ -178,8 +191,10 @@ def update_model(model_dir: Path, settings, good_folder: str, defect_folder: str
         print(f"none of the new images could be read: model {model_dir} is unchanged", file=sys.stderr)
         summary.seconds = time.perf_counter() - started
         return summary
+    lap = summary.lap("thresholds, defects", lap)
     if training_set is not None:
         _retrain_classifier(training_set, description["classifier"], settings, info, extra_files)
+        lap = summary.lap("retrain classifier", lap)
     extra_files[HONEST_GOODS_FILE] = sample.to_bytes()
     extra_files[LEARNED_IMAGES_FILE] = learned_images(
         good_scored.paths if good_scored is not None else [], defect_scored.paths if defect_scored is not None else [], learned)
@@ -189,6 +204,7 @@ def update_model(model_dir: Path, settings, good_folder: str, defect_folder: str
     if model_id(read_description(model_dir)) != loaded:
         raise ModelError(f"model {model_dir} was replaced while this update ran: run the update again")
     save_model(model_dir, model, info, extra_files, backups=settings.MODEL_BACKUPS)
+    summary.lap("save with backup", lap)
     summary.saved = True
     summary.image_threshold, summary.pixel_threshold = info["thresholds"]["image"], info["thresholds"]["pixel"]
     summary.seconds = time.perf_counter() - started
