@@ -146,8 +146,9 @@ CLASSIFIER_ENOUGH_REAL_DEFECTS = 50  # with at least this many labeled defect im
 CLASSIFIER_REAL_DEFECT_WEIGHT = 4.0  # sample weight of a labeled defect relative to a synthetic one
 # With 3 or more labeled defects (untiled models): a second verdict stage learns in which way their worst
 # patches deviate from the good ones, and raises images whose worst patch deviates alike (docs/classifier.md,
-# "Labeled defects: the similarity stage"). train.py leaves it out, and says why, when the labeled
-# defects look taken differently from the goods or do not rank better with it. False: never.
+# "Labeled defects: the similarity stage"). Whether the verdict keeps it, the first stage alone or the
+# image score's ranking is decided by each one's held-out gain over the image score (classification_model/
+# evidence.py; train.py prints the decision, model.json keeps the numbers). False: never.
 CLASSIFIER_DEFECT_SIMILARITY = True
 CLASSIFIER_DEFECT_SIZE = (0.03, 0.15)  # synthetic defect size range, as a fraction of the inspected side
 CLASSIFIER_DEFECT_STRENGTH = (0.3, 1.0)  # synthetic defect opacity range (faint to fully opaque)
