@@ -158,6 +158,10 @@ class AnomalyModel:
         """(B, h, w) anomaly score of each patch of each image, on the model's feature grid."""
         raise NotImplementedError
 
+    def prepare_scoring(self) -> None:
+        """Precompute what scoring will reuse for every image (a loaded model about to inspect many:
+        `pipeline.inspection.Inspector`), so the first image does not pay for it. Nothing by default."""
+
     def plan_fit(self, n_images: int, numbers: Sequence[int] | None = None) -> None:
         """Told the number of training images before `fit`, so that a model whose memory grows
         with it (PatchCore's bank) can refuse at once rather than after minutes; under torchrun

@@ -9,9 +9,10 @@ the covariance is (sum of (x-K)(x-K)^T - n m m^T) / (n - 1) with m the mean of x
 so forming it needs no float64.
 
 The fitted state is the mean and the lower Cholesky factor L of each covariance (Sigma = L L^T);
-the squared distance is |L^-1 (x - mu)|^2, one batched triangular solve. Solving with L costs
-the same per image as a product with a stored L^-1 (half the multiplications), and the fit
-skips inverting 3136 triangles (~7 s of Wide-ResNet's fit at d = 550).
+the squared distance is |L^-1 (x - mu)|^2, one batched triangular solve, or, where the model
+has inverted its factors once for scoring (`WhiteningFactors`, d <= 256), batched products with
+L^-1: for one or a few images the solve reads the factors several times slower than a product
+does. The fit itself never inverts them (Wide-ResNet's 3136 triangles at d = 550: ~30 s).
 
 Under torchrun the sums split over processes: each rank accumulates its own images around one
 shift (`share_shift`: the first batch's mean, from the first rank that has images, rank 0 when it

@@ -286,6 +286,10 @@ class Padim(AnomalyModel):
                 return term
             return distance.mul_(weight).add_(term, alpha=1 - weight)
 
+    def prepare_scoring(self) -> None:
+        """The inverted factors (`whitening`), built now rather than on the first image."""
+        self.whitening()
+
     def whitening(self) -> WhiteningFactors | None:
         """The inverses of the fitted factors (`gaussian.WhiteningFactors`), with which the fitted
         Gaussians' distances are matrix products: built on the first scoring after the factors were

@@ -176,6 +176,8 @@ class Inspector:
         self.notes = list(notes or [])  # what the operating point changed, for logs and /model
         self.color_scale = color_range(detector.description)
         self.batch_size = detector.preprocessor.batch_size(batch_size)  # most images scored together
+        if detector.model is not None:  # RUNTIME=torch: what scoring reuses is built now, not on the first image
+            detector.model.prepare_scoring()
 
     # --- one image or a few, from memory (serve.py, users' line software) ---
     def prepare(self, image: ImageInput, name: str = "image") -> PreparedImage:
