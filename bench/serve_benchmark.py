@@ -174,20 +174,28 @@ def scoring_rate(model_dir: Path, images: list[Path], batch_size: int, workers: 
     return {"images": count, "seconds": seconds, "images_per_second": count / seconds, "batch_size": batch_size, "num_workers": workers}
 
 
-def send(client: httpx.Client, data: bytes, pictures: bool = False) -> float:
+def send(client: httpx.Client, data: bytes, pictures: bool = False, seconds: list[float] | None = None) -> float:
+    """One request's latency; the server's own `seconds` field is appended to `seconds` when given."""
     started = time.perf_counter()
     reply = client.post("/inspect" + ("?pictures=true" if pictures else ""), content=data, headers={"Content-Type": "image/png"})
     if reply.status_code != 200:
         raise SystemExit(f"inspect failed: {reply.status_code} {reply.text}")
-    return time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    if seconds is not None:
+        seconds.append(reply.json()["seconds"])
+    return elapsed
 
 
 def one_client_latency(server: Server, payloads: list[bytes], count: int) -> dict:
+    """One client's requests back to back: the client's latency, and the server's own `seconds`
+    (decoding to verdict), so that what HTTP and the queue add is their difference."""
+    inside: list[float] = []
     with httpx.Client(base_url=server.url, timeout=60) as client:
         for data in payloads[:10]:
             send(client, data)
-        times = [send(client, payloads[i % len(payloads)]) for i in tqdm(range(count), desc="one client", file=sys.stderr)]
-    return {"requests": count, "p50_ms": 1000 * percentile(times, 50), "p99_ms": 1000 * percentile(times, 99), "mean_ms": 1000 * statistics.mean(times)}
+        times = [send(client, payloads[i % len(payloads)], seconds=inside) for i in tqdm(range(count), desc="one client", file=sys.stderr)]
+    return {"requests": count, "p50_ms": 1000 * percentile(times, 50), "p99_ms": 1000 * percentile(times, 99), "mean_ms": 1000 * statistics.mean(times),
+            "server_seconds_p50_ms": 1000 * percentile(inside, 50)}
 
 
 def concurrent(server: Server, payloads: list[bytes], clients: int, per_client: int, pictures: bool = False) -> dict:
@@ -323,6 +331,8 @@ def main() -> None:
     parser.add_argument("--latency-requests", type=int, default=300)
     parser.add_argument("--per-client", type=int, default=60, help="requests per client in the throughput runs")
     parser.add_argument("--only-breakdown", action="store_true", help="print where one image's time goes in-process, and stop")
+    parser.add_argument("--only-one-client", action="store_true",
+                        help="print the backbone, the in-process breakdown and one client's latency (with the server's own seconds), and stop")
     args = parser.parse_args()
     from dataset_manager import find_images
 
@@ -337,6 +347,16 @@ def main() -> None:
         print(json.dumps(stage_breakdown(model_dir, run.images[0], 50), indent=2))
         return
     payloads = [path.read_bytes() for path in run.images]
+    if args.only_one_client:
+        quick = {"load_average": load_average(), "backbone_one_image": backbone_latency(model_dir, 100),
+                 "in_process_breakdown": stage_breakdown(model_dir, run.images[0], 50)}
+        server = Server(run, f"REVIEW_DIR={OUT / 'serve-review'}")
+        try:
+            quick["one_client"] = one_client_latency(server, payloads, args.latency_requests)
+        finally:
+            server.stop()
+        print(json.dumps({**quick, "load_average_end": load_average()}, indent=2))
+        return
     figures: dict = {"machine": f"{os.cpu_count()} CPUs, shared with other jobs (not quiet)", "load_average_start": load_average(),
                      "dataset": str(args.dataset), "backbone": args.backbone, "weights": args.weights, "image_size": [224, 224],
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -367,7 +387,8 @@ def report(figures: dict) -> str:
         f"{figures['backbone']} ({figures['weights']}) at 224 x 224 on {figures['dataset']}, {figures['date']}; {figures['machine']}, "
         f"load {figures['load_average_start']} -> {figures['load_average_end']}",
         f"backbone feature stack, one image: p50 {backbone['p50_ms']:.1f} ms",
-        f"serve.py one client: p50 {one['p50_ms']:.1f} ms ({one['p50_ms'] / backbone['p50_ms']:.2f}x the backbone), p99 {one['p99_ms']:.1f} ms",
+        f"serve.py one client: p50 {one['p50_ms']:.1f} ms ({one['p50_ms'] / backbone['p50_ms']:.2f}x the backbone), p99 {one['p99_ms']:.1f} ms, "
+        f"the server's own seconds (decoding to verdict) p50 {one['server_seconds_p50_ms']:.1f} ms",
         f"test.py scoring alone: {rate:.1f} images/s",
     ]
     for row in figures["throughput"]:
