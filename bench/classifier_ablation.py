@@ -456,6 +456,12 @@ def choose_share_on_real_defects(classifier, features, labels, groups, weights, 
     classifier.threshold = float(np.quantile(probabilities, 1 - false_reject_rate))
 
 
+def kept(codes: np.ndarray) -> str:
+    """How many seeds' verdicts use any tree ("trees kept"), and how many of those the similarity stage (`verdict_code` 2)."""
+    stage = int((codes == 2).sum())
+    return f"{int((codes >= 1).sum())}/{len(codes)}" + (f", {stage} with the similarity stage" if stage else "")
+
+
 def table(results: dict[str, dict[str, dict[int, np.ndarray]]]) -> str:
     """The README table: one row per set, variant and k."""
     lines = ["| set | variant | classifier training defects | image score | classifier | difference (worst seed) | trees kept |",
@@ -467,7 +473,7 @@ def table(results: dict[str, dict[str, dict[int, np.ndarray]]]) -> str:
                 training = "synthetic only" if k == 0 else f"synthetic + {k} real"
                 lines.append(f"| {set_name} | {variant} | {training} | {array[:, 0].mean():.4f} ± {array[:, 0].std():.4f} | "
                              f"{array[:, 1].mean():.4f} ± {array[:, 1].std():.4f} | {diff.mean():+.4f} ± {diff.std():.4f} ({diff.min():+.4f}) | "
-                             f"{int(array[:, 2].sum())}/{len(array)} |")
+                             f"{kept(array[:, 2])} |")
     return "\n".join(lines)
 
 

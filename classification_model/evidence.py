@@ -28,7 +28,11 @@ training time:
   verdict falls back more often, instead of reading an acquisition difference as a gain. This
   replaces the shift gate, which dropped the similarity stage outright when the labeled defects'
   medians lay higher as a group (and so also on a texture set whose real defects raise the whole map).
-- **Clearly**: the lower bound must exceed `MIN_GAIN`.
+- **Clearly**: the lower bound must exceed `MIN_GAIN`, and the defects must meet at least
+  `MIN_ALIKE_GOODS` goods taken like them on average: a percentile bootstrap of a ROCAUC against a
+  handful of goods is no bound at all (this rule was added after seeing the ablation's tire draws,
+  whose labeled defects met about 3 such goods and passed a bound of +0.003 to +0.009, then lost
+  0.12-0.22 on the test split; it is the one rule chosen after a measurement, and docs/classifier.md says so).
 
 With no labeled defects there is no evidence about real defects: the verdict ranks like the image
 score (its probability and threshold still come from the classifier's training set).
@@ -41,6 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 CONFIDENCE = 0.95  # a candidate is kept when its held-out gain is positive in this share of the bootstrap resamples
+MIN_ALIKE_GOODS = 10.0  # fewer goods taken like each defect (on average, `Evidence.effective_goods`): too few for a bootstrap bound to mean anything
 MIN_GAIN = 0.001  # ROCAUC: a lower bound below this is no clear gain (a vanishing kernel weight must not count as one)
 RESAMPLES = 2000  # bootstrap resamples of the defects and the goods (a 10 x 300 pair matrix: milliseconds)
 IMAGE_SCORE = "image score"
@@ -126,7 +131,7 @@ class VerdictChoice:
     evidence: dict[str, Evidence] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"verdict": self.verdict, "why": self.why, "confidence": CONFIDENCE, "min_gain": MIN_GAIN, "resamples": RESAMPLES,
+        return {"verdict": self.verdict, "why": self.why, "confidence": CONFIDENCE, "min_gain": MIN_GAIN, "min_alike_goods": MIN_ALIKE_GOODS, "resamples": RESAMPLES,
                 "evidence": {name: entry.to_dict() for name, entry in self.evidence.items()}}
 
 
@@ -135,7 +140,7 @@ def choose_verdict(candidates: dict[str, HeldOutRows], seed: int) -> VerdictChoi
     evidence = {name: held_out_gain(rows, seed) for name, rows in candidates.items()}
     if not evidence or all(entry.n_defects == 0 for entry in evidence.values()):
         return VerdictChoice(IMAGE_SCORE, "no labeled defects: nothing shows how the classifier ranks real defects, so the verdict ranks like the image score", evidence)
-    kept = {name: entry for name, entry in evidence.items() if entry.lower_bound > MIN_GAIN}
+    kept = {name: entry for name, entry in evidence.items() if entry.lower_bound > MIN_GAIN and entry.effective_goods >= MIN_ALIKE_GOODS}
     described = "; ".join(
         f"{name}: held-out gain {entry.gain:+.3f}, lower bound {entry.lower_bound:+.3f} ({entry.n_defects} labeled defects, "
         f"{entry.n_goods} goods, {entry.effective_goods:.0f} alike per defect)" for name, entry in evidence.items())

@@ -54,7 +54,7 @@ def test_ksdd_classifier_never_below_the_image_score_over_five_seeds():
     rocaucs = ablation.run_variant(data, ablation.VARIANTS[ablation.DEFAULT_VARIANT], settings, 5, [0])[0]
     image, classifier = rocaucs[:, 0], rocaucs[:, 1]
     assert image.min() >= 0.78 and len(classifier) == 5
-    assert (classifier - image).mean() >= -0.005  # measured -0.0026 (docs/classifier.md, Ablation)
+    assert (classifier - image).mean() >= -0.005  # 0 exactly since issue 24: no labeled defects, the verdict ranks like the image score
 
 
 def _ksdd_with_labeled_cracks(root, count: int, seed: int):
@@ -77,16 +77,18 @@ def _ksdd_with_labeled_cracks(root, count: int, seed: int):
 
 
 @pytest.mark.skipif(not (KSDD.is_dir() and WEIGHTS.is_file()), reason="../shared (ksdd data and weights) is absent")
-def test_ksdd_labeled_cracks_make_the_classifier_win_clearly(tmp_path):
-    """Issue 9, point 4: with 10 labeled cracks the classifier must beat the max score clearly. On
-    ksdd the map features hold no more than the max (docs/classifier.md, Ablation): the gain comes from the
-    similarity stage, which compares each image's worst patch with the labeled cracks' (ablation:
-    +0.059 mean over 5 draws of 10 cracks)."""
+def test_ksdd_labeled_cracks_never_make_the_verdict_worse_than_the_image_score(tmp_path):
+    """Issue 24, point 4: with 10 labeled cracks the verdict must not lose to the image score, and the
+    model says which verdict its held-out evidence kept and why. This asserted a gain of +0.03 before,
+    from the similarity stage that gates designed on the test splits let through; the held-out
+    evidence (classification_model/evidence.py) cannot show that gain from 10 cracks against 28
+    validation goods (its lower bound stays below 0 on every ablation draw: docs/classifier.md,
+    held-out evidence), so the verdict then ranks like the image score: the issue's safety bar."""
     data = _ksdd_with_labeled_cracks(tmp_path / "data" / "ksdd", 10, seed=0)
     metrics, stdout = _train_and_evaluate(tmp_path, data, "ksdd")
     description = json.loads((tmp_path / "models" / "ksdd" / "model.json").read_text())
-    assert description["classifier"]["n_real_defects"] == 10
-    assert description["classifier"]["similarity"]["n_defects"] == 10, description["classifier"].get("similarity_note")
+    entry = description["classifier"]
+    assert entry["n_real_defects"] == 10
+    assert entry["verdict"]["evidence"]["classifier"]["n_defects"] == 10 and entry["verdict"]["why"]
     assert metrics["n_good"] == 70 and metrics["n_defect"] == 42 and metrics["image_rocauc"] >= 0.78
-    assert "similarity stage learned from 10 labeled defects" in metrics["operating"]["source"]
-    assert metrics["classifier_rocauc"] >= metrics["image_rocauc"] + 0.03
+    assert metrics["classifier_rocauc"] >= metrics["image_rocauc"] - 0.005
