@@ -4,8 +4,9 @@ classifier, for every variant of the classifier that was tried (README, "Good/de
     .venv/bin/python bench/classifier_ablation.py [SET ...] [--seeds 5] [--ks 5,10] [--cache DIR] [--work DIR] [--ceiling]
 
 SET: tire, tire-gray (tire converted to gray, made under --work), ksdd (already gray: there is no
-separate gray ksdd), demo (generate_demo_dataset, made under --work), or a category folder in
-MVTec layout; default: all four named sets. The anomaly model (config.py defaults: MobileNetV2,
+separate gray ksdd), demo (generate_demo_dataset, made under --work), ksdd-crop, tire-large,
+ksdd-large (built from the shared data by bench/ablation_sets.py, under --work), or a category
+folder in MVTec layout; default: the first four. The anomaly model (config.py defaults: MobileNetV2,
 offline ImageNet weights) is fitted once per set on its training images and reused. Per seed: a
 new synthetic set and classifier seed; for "+ k real", k test defects drawn with that seed join
 the classifier's training set and are removed from the evaluation of both columns. Nothing is
