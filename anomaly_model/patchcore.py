@@ -202,16 +202,17 @@ class PatchCore(AnomalyModel):
         bank = bank_bytes * patches * self.feature_dim + 4 * patches * projected
         return bank + 4 * selecting * (projected + 4) + 4 * kept * (self.feature_dim + projected)
 
-    def _check_memory(self, n_images: int, positions: int, planned: bool) -> int:
+    def _check_memory(self, n_images: int, positions: int, planned: bool, held: int = 0) -> int:
         """Bytes per bank value the fit can afford: 4 (float32) when that fits in the memory available
         (`memory.available_memory`: RAM, lowered to the cgroup's room), else 2 (float16: the bank is
         half, the projection the coreset is chosen on stays float32, so the same coreset is chosen and
         only its kept rows are rounded, about 5e-4 of their size); a ModelError when neither fits.
         `n_images`: all the job's images when `planned` (a rank holds about 1/N of them), else this
-        process's so far (under torchrun: of a job of at least the planned images)."""
+        process's so far (under torchrun: of a job of at least the planned images). `held`: bytes of
+        the bank this fit already holds, counted in what it needs and so added to what is free."""
         ranks = distributed.world_size()
         own, job = (math.ceil(n_images / ranks), n_images) if planned else (n_images, max(n_images, self._planned_images * (ranks > 1)))
-        free = available_memory()
+        free = available_memory() + held
         for bank_bytes in (4, 2):
             if self.fit_memory_bytes(own, positions, job, bank_bytes) <= MEMORY_HEADROOM * free:
                 return bank_bytes
@@ -247,7 +248,8 @@ class PatchCore(AnomalyModel):
             positions = grid[0] * grid[1]
             if n_images == 0 and self._planned_images:
                 bank_bytes = self._check_memory(self._planned_images, positions, planned=True)
-            bank_bytes = min(bank_bytes, self._check_memory(n_images + len(images), positions, planned=False))
+            held = sum(part.numel() * part.element_size() for part in (*chunks, *projected))
+            bank_bytes = min(bank_bytes, self._check_memory(n_images + len(images), positions, planned=False, held=held))
             if bank_bytes == 2 and self.bank_precision_ == "float32":
                 self.bank_precision_ = "float16"
                 chunks[:] = [chunk.to(torch.float16) for chunk in chunks]

@@ -245,7 +245,8 @@ def test_a_bank_too_large_for_memory_is_refused_before_the_fit(monkeypatch, trai
 
 def test_a_bank_outgrowing_memory_without_a_plan_is_refused(monkeypatch, train_images):
     monkeypatch.setattr(patchcore_module, "available_memory", lambda: 500_000)  # 2 images fit, 10 do not
-    with pytest.raises(ModelError, match="memory bank for the first 10 training images .* needs 1 MB of RAM even kept in float16, only 0 MB"):
+    # what is free counts the bank already held (2 images' worth), not only what is left beside it
+    with pytest.raises(ModelError, match="memory bank for the first 10 training images .* needs 1 MB of RAM even kept in float16, only 1 MB"):
         PatchCore(PatchCoreSettings(backbone="resnet18", weights="none"), device="cpu").fit([train_images[:2], train_images[2:]])
 
 
@@ -270,15 +271,16 @@ def test_grouped_search_finds_a_member_nearer_than_a_center_the_query_almost_tou
 
 
 def test_a_bank_that_does_not_fit_in_float32_is_kept_in_float16_with_the_same_coreset(monkeypatch, capsys):
-    """Memory for the float32 bank of the first batch but not of both: the bank goes to float16 at the
-    second batch (the first one's rows converted), the same points are chosen (the projection stays
-    float32) and the kept features are float32's rounded to float16."""
+    """Memory for the float16 bank but not the float32 one (planned, as train.py plans): the bank is
+    float16, the same points are chosen (the projection stays float32) and the kept features are
+    float32's rounded to float16."""
     train = images(6, 0)
     reference = PatchCore(PatchCoreSettings(backbone="resnet18", weights="none", coreset_ratio=0.2), device="cpu").fit([train[:3], train[3:]])
     model = PatchCore(PatchCoreSettings(backbone="resnet18", weights="none", coreset_ratio=0.2), device="cpu")
     positions = 8 * 8  # 64 px: ResNet18's layer 2 grid
     between = (model.fit_memory_bytes(6, positions, bank_bytes=2) + model.fit_memory_bytes(6, positions)) / 2
     monkeypatch.setattr(patchcore_module, "available_memory", lambda: int(between / patchcore_module.MEMORY_HEADROOM))
+    model.plan_fit(6)
     model.fit([train[:3], train[3:]])
     assert model.bank_precision_ == "float16" and reference.bank_precision_ == "float32"
     assert "kept in float16" in capsys.readouterr().err
