@@ -290,7 +290,7 @@ def test_watched_folder_inspects_each_file_once_whole_across_restarts(trained, t
     assert by_name["broken.png"]["error"] and by_name["broken.png"]["image_score"] == ""
     whole = inspector.inspect(slow)
     assert relative_close(float(by_name["slow.png"]["image_score"]), whole.image_score, 1e-4) and by_name["slow.png"]["error"] == ""
-    run_dir = next(results.glob("part/live-*"))
+    run_dir = next(path for path in results.glob("part/live-*") if path.is_dir())  # not live-ledger.jsonl
     assert (run_dir / by_name["b.png"]["overlay"]).exists() and (run_dir / by_name["b.png"]["mask"]).exists()
 
     # a restart (now sorting) scores nothing twice; a new file reusing a name is scored
