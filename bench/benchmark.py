@@ -38,6 +38,13 @@ NAIVE_NOTE = "naive model size: float32 mean + full inverse covariances, as np.s
 # helpers shared by the workers
 
 
+def gpu_peak_bytes() -> int | None:
+    """Peak GPU memory torch allocated in this process (None on the CPU)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size, from the kernel (VmHWM)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -164,8 +171,10 @@ def fit_patchcore(args, images) -> dict:
             model.save(str(_model_path(args) / "naive.pt"))
         bank = None
     timings = model.fit_seconds_ if args.impl == "ours" else model.timings
+    selected = model.bank_size_ if args.impl == "ours" else None
     return {"features_s": timings["features"], "coreset_s": timings["coreset"], "save_s": time.perf_counter() - started,
-            "model_bytes": nbytes, "bank_bytes": bank}
+            "model_bytes": nbytes, "bank_bytes": bank,
+            "coreset_points_per_s": selected / timings["coreset"] if selected and timings["coreset"] else None}
 
 
 def work_fit(args) -> dict:
@@ -179,7 +188,8 @@ def work_fit(args) -> dict:
     started = time.perf_counter()
     if args.model == "patchcore":
         result = fit_patchcore(args, images)
-        return {**result, "fit_s": time.perf_counter() - started, "fit_peak_rss": peak_rss_bytes(), "n_train": len(train)}
+        return {**result, "fit_s": time.perf_counter() - started, "fit_peak_rss": peak_rss_bytes(), "n_train": len(train),
+                "fit_gpu_peak": gpu_peak_bytes()}
     if args.impl == "ours":
         from anomaly_model.padim import Padim, PadimSettings
         from anomaly_model.store import save_model
@@ -198,7 +208,8 @@ def work_fit(args) -> dict:
             model.save(str(_model_path(args) / "naive"))
             (_model_path(args) / "grid.json").write_text(json.dumps(list(model.grid)))
     seconds = time.perf_counter() - started
-    return {"fit_s": seconds, "fit_peak_rss": peak_rss_bytes(), "model_bytes": nbytes, "n_train": len(train)}
+    return {"fit_s": seconds, "fit_peak_rss": peak_rss_bytes(), "model_bytes": nbytes, "n_train": len(train),
+            "fit_gpu_peak": gpu_peak_bytes()}
 
 
 def work_test(args) -> dict:
@@ -265,7 +276,7 @@ def work_test(args) -> dict:
     image, pixel = rocaucs(labels, scores, masks, maps_kept) if not args.big_dir else (None, None)
     n = len(scores)
     return {"test_s_per_image": seconds / n, "picture_s_per_image": picture_seconds / n if args.draw_pictures else None,
-            "test_peak_rss": peak_rss_bytes(), "image_rocauc": image, "pixel_rocauc": pixel, "n_test": n}
+            "test_peak_rss": peak_rss_bytes(), "test_gpu_peak": gpu_peak_bytes(), "image_rocauc": image, "pixel_rocauc": pixel, "n_test": n}
 
 
 WORKERS = {"backbone": work_backbone, "read": work_read, "fit": work_fit, "test": work_test}
@@ -324,7 +335,7 @@ def fmt(value, pattern: str) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| impl | backbone | train imgs | fit s | fit peak RSS GB | test s/img | test img/s | "
-            "img/s with pictures | pictures ms/img | test peak RSS GB | model MB | image ROCAUC | pixel ROCAUC |")
+            "img/s with pictures | pictures ms/img | test peak RSS GB | GPU peak GB fit / test | model MB | image ROCAUC | pixel ROCAUC |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         per = r.get("test_s_per_image")
@@ -334,23 +345,26 @@ def table(rows: list[dict]) -> str:
             f"{gb(r.get('fit_peak_rss'))} | {fmt(per, '.3f')} | {fmt(1 / per if per else None, '.1f')} | "
             f"{fmt(1 / with_pictures if with_pictures else None, '.1f')} | "
             f"{fmt(r['picture_s_per_image'] * 1000 if r.get('picture_s_per_image') else None, '.1f')} | "
-            f"{gb(r.get('test_peak_rss'))} | {fmt(r['model_bytes'] / 1e6 if r.get('model_bytes') else None, '.1f')} | "
+            f"{gb(r.get('test_peak_rss'))} | {gb(r.get('fit_gpu_peak'))} / {gb(r.get('test_gpu_peak'))} | "
+            f"{fmt(r['model_bytes'] / 1e6 if r.get('model_bytes') else None, '.1f')} | "
             f"{fmt(r.get('image_rocauc'), '.4f')} | {fmt(r.get('pixel_rocauc'), '.4f')} |"
         )
     return "\n".join(lines)
 
 
 def patchcore_table(rows: list[dict], floors: dict[str, float]) -> str:
-    head = ("| impl | backbone | train imgs | features s | coreset s | save s | fit s | fit peak RSS GB | bank GB | "
-            "test s/img | test / backbone | test peak RSS GB | model MB | image ROCAUC | pixel ROCAUC |")
+    head = ("| impl | backbone | train imgs | features s | coreset s | coreset points/s | save s | fit s | fit peak RSS GB | "
+            "bank GB | test s/img | test / backbone | test peak RSS GB | GPU peak GB fit / test | model MB | image ROCAUC | "
+            "pixel ROCAUC |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         per, floor = r.get("test_s_per_image"), floors.get(r["backbone"])
         lines.append(
             f"| {r['impl']} | {r['backbone']} | {r.get('n_train', '—')} | {fmt(r.get('features_s'), '.1f')} | "
-            f"{fmt(r.get('coreset_s'), '.1f')} | {fmt(r.get('save_s'), '.2f')} | {fmt(r.get('fit_s'), '.1f')} | "
-            f"{gb(r.get('fit_peak_rss'))} | {gb(r.get('bank_bytes'))} | {fmt(per, '.3f')} | "
+            f"{fmt(r.get('coreset_s'), '.1f')} | {fmt(r.get('coreset_points_per_s'), '.0f')} | {fmt(r.get('save_s'), '.2f')} | "
+            f"{fmt(r.get('fit_s'), '.1f')} | {gb(r.get('fit_peak_rss'))} | {gb(r.get('bank_bytes'))} | {fmt(per, '.3f')} | "
             f"{fmt(per / floor if per and floor else None, '.2f')} | {gb(r.get('test_peak_rss'))} | "
+            f"{gb(r.get('fit_gpu_peak'))} / {gb(r.get('test_gpu_peak'))} | "
             f"{fmt(r['model_bytes'] / 1e6 if r.get('model_bytes') else None, '.1f')} | "
             f"{fmt(r.get('image_rocauc'), '.4f')} | {fmt(r.get('pixel_rocauc'), '.4f')} |"
         )
