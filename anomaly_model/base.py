@@ -112,6 +112,7 @@ class AnomalyModel:
     SETTINGS: type[ModelSettings] = ModelSettings  # the settings dataclass of this model class
     DEFAULT_LAYERS: tuple[int, ...] = (1, 2, 3)  # the stages LAYERS = () stands for (PaDiM 1-3, PatchCore 2-3)
     TILE_STATISTICS_KINDS: tuple[str, ...] = ("shared",)  # "location" too where the model has statistics per position
+    _learning: object | None = None  # while `update_images` runs: the `start_update` state its scoring feeds
 
     def __init__(self, settings: ModelSettings | None = None, device: str = "auto") -> None:
         settings = settings if settings is not None else self.SETTINGS()
@@ -316,28 +317,49 @@ class AnomalyModel:
         """Fit on batches of whole normalized working images (B, 3, H, W): what train.py calls.
         Untiled, the model's `fit` sees the images; tiled, it sees their tiles in bounded chunks."""
         seen = [0]
-        self.fit(self._model_inputs(batches, seen, starting=True))
+        self.fit(self._model_inputs(batches, seen))
         self.n_train_images_ = sum(distributed.all_gather(seen[0]))  # under torchrun: every rank's images
         return self
 
-    def update(self, batches: Iterable[torch.Tensor]) -> dict:
-        """Add batches of good inputs to the fitted model without its training images (train.py
-        ADD_GOOD); returns what the model reports of the update. Models that cannot say no."""
+    def start_update(self) -> object:
+        """The state of an update of the fitted model (train.py ADD_GOOD) that its scoring feeds while
+        `update_images` runs: each model's scoring hands what it computed of its inputs (PaDiM: the
+        embeddings, PatchCore: the patch features) to `_learning`, and `finish_update` learns it.
+        Models that cannot learn without a retrain say so."""
         raise ModelError(f"{self.kind} models cannot learn new images without a retrain: run python train.py")
 
-    def update_images(self, batches: Iterable[torch.Tensor]) -> dict:
-        """`update` with batches of whole working images of the fitted size (tiled as `fit_images` tiles them)."""
-        seen = [0]
-        report = self.update(self._model_inputs(batches, seen, starting=False))
-        self.n_train_images_ += seen[0]
+    def finish_update(self, update: object) -> dict:
+        """Make what `update` (from `start_update`) gathered part of the model; returns what the model
+        reports of its update (PatchCore: the covering radius of the new patches)."""
+        raise NotImplementedError
+
+    def update_images(self, batches: Iterable[torch.Tensor], scored: Callable[[torch.Tensor, torch.Tensor], None]) -> dict:
+        """Learn batches of good working images of the fitted size without the training images
+        (train.py ADD_GOOD), one backbone pass each: the pass that scores a batch under the model as
+        it was before the update (`score`, tiled as it tiles; its (maps, image scores) on the CPU go
+        to `scored`: honest goods, as the validation images are) also hands its features to the
+        update, which the model learns after the last batch. Returns the model's report ({} when
+        no batch came: the model is unchanged)."""
+        update = self.start_update()
+        self._learning, count = update, 0
+        try:
+            for images in batches:
+                scored(*self.score(images))
+                count += len(images)
+        finally:
+            self._learning = None
+        if not count:
+            return {}
+        report = self.finish_update(update)
+        self.n_train_images_ += count
         return report
 
-    def _model_inputs(self, batches: Iterable[torch.Tensor], seen: list[int], starting: bool) -> Iterator[torch.Tensor]:
+    def _model_inputs(self, batches: Iterable[torch.Tensor], seen: list[int]) -> Iterator[torch.Tensor]:
         """The model's inputs for batches of working images: the images, or their tiles in bounded
-        chunks; `seen[0]` counts the images. `starting`: the first batch fixes the working size (a fit)."""
+        chunks; `seen[0]` counts the images. The first batch fixes the working size (a fit)."""
         for images in batches:
             size = tuple(images.shape[-2:])
-            layout = self.start_fit(size) if starting and seen[0] == 0 else self.working_size(size)
+            layout = self.start_fit(size) if seen[0] == 0 else self.working_size(size)
             seen[0] += len(images)
             if layout is None:
                 yield images

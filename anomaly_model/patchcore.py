@@ -308,29 +308,27 @@ class PatchCore(AnomalyModel):
         self.fit_seconds_ = {"features": features_done - started, "coreset": time.perf_counter() - features_done}
         return self
 
-    def update(self, batches: Iterable[torch.Tensor]) -> dict:
-        """Add batches of normalized good inputs to the fitted coreset without the training images: the
-        greedy k-center selection continues from the existing coreset over the new inputs' patches
-        (`coreset.continue_coreset`, on the same projection), adding at most CORESET_RATIO times their
-        number; the new points join the group of their nearest group center. One process."""
+    def start_update(self) -> list[torch.Tensor]:
+        """An update (`AnomalyModel.update_images`): the new images' patch features, centred on the
+        coreset's mean, as `nearest_patches` scores them under the coreset as it was (one backbone
+        pass each), gathered on the CPU for `finish_update`. One process."""
         if self.memory_ is None:
             raise ModelError("the model is not fitted: run train.py first")
-        started, chunks, positions = time.perf_counter(), [], 0
-        for images in batches:
-            embedding, grid = self.embed(images)
-            self.check_grid(grid)
-            positions = grid[0] * grid[1]
-            chunks.append(embedding.cpu())
-        if not chunks:
-            raise ModelError("no new images could be read: nothing to add")
-        new = torch.cat(chunks)
-        del chunks
+        return []
+
+    def finish_update(self, update: list[torch.Tensor]) -> dict:
+        """The greedy k-center selection continued from the existing coreset over the new patches
+        (`coreset.continue_coreset`, on the same projection), adding at most CORESET_RATIO times their
+        number; the new points join the group of their nearest group center."""
+        started, positions = time.perf_counter(), self.grid_size_[0] * self.grid_size_[1]
+        new = torch.cat(update)  # centred: distances, and so the selection, do not depend on the centre
+        update.clear()
         width = self.projection_dim if 0 < self.projection_dim < self.feature_dim else self.feature_dim
         projection = projection_matrix(self.feature_dim, width, self.seed, self.device) if width < self.feature_dim else None
         project = (lambda rows: rows) if projection is None else (lambda rows: rows @ projection)  # noqa: E731
         count = coreset_size(len(new), self.coreset_ratio)
-        picked, before, after = continue_coreset(project(self.memory_ + self.memory_mean_), project(new.to(self.device)), count)
-        rows = new.index_select(0, picked).to(self.device) - self.memory_mean_
+        picked, before, after = continue_coreset(project(self.memory_), project(new.to(self.device)), count)
+        rows = new.index_select(0, picked).to(self.device)
         starts = torch.tensor(self.group_offsets_[:-1], device=self.device)
         _, new_group = nearest_neighbors(rows, self.memory_.index_select(0, starts))
         old_group = torch.repeat_interleave(torch.arange(len(starts), device=self.device), torch.tensor(self.group_offsets_).diff().to(self.device))
@@ -422,6 +420,8 @@ class PatchCore(AnomalyModel):
             _, nearest = self._neighbors(embedding)
         else:
             _, nearest = self._search_without(excluded)(embedding)
+        if self._learning is not None:  # an update in progress learns what was just scored (`start_update`)
+            self._learning.append(embedding.cpu())
         return embedding, nearest_distances(embedding, self.memory_, nearest), nearest, grid
 
     def _search_without(self, excluded: torch.Tensor) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:

@@ -3,8 +3,9 @@ seconds, without its training images.
 
 Good images: their maps under the model as it is are honest goods (it never saw them), so they join
 the honest goods the thresholds were set on (HONEST_GOODS_FILE) and, with a classifier, its rows;
-then the anomaly model learns them (`AnomalyModel.update_images`: PaDiM exactly, from its saved
-running sums; PatchCore by continuing the greedy coreset over their patches). Labeled defects: the
+the anomaly model learns them from the same backbone pass (`AnomalyModel.update_images`: PaDiM
+exactly, from its saved running sums; PatchCore by continuing the greedy coreset over their
+patches), each new image read and passed through the backbone once. Labeled defects: the
 classifier's rows gain theirs and it is retrained (the anomaly model is left as it is). Images the
 model already holds (same bytes, LEARNED_IMAGES_FILE) are skipped. The thresholds are re-picked at
 the model's own rates. The new model replaces the old one atomically; the old one is kept as
@@ -61,6 +62,7 @@ class Scored:
     scores: torch.Tensor
     directions: torch.Tensor | None
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    learned: dict | None = None  # what the anomaly model reported of learning them (`score_files(learn=True)`)
 
 
 @dataclass
@@ -98,22 +100,36 @@ def new_images(folder: str, learned: list[str]) -> NewImages:
     return NewImages(Path(folder), paths, skipped)
 
 
-def score_files(model: AnomalyModel, preprocessor: Preprocessor, paths: list[Path], batch_size: int, label: str, peaks: bool = False) -> Scored:
-    """Maps, image scores (and peak directions when `peaks`) of the readable files among `paths`."""
+def score_files(model: AnomalyModel, preprocessor: Preprocessor, paths: list[Path], batch_size: int, label: str, peaks: bool = False,
+                learn: bool = False) -> Scored:
+    """Maps, image scores (and peak directions when `peaks`) of the readable files among `paths`
+    under the model as it is; with `learn` the model also learns them from the same backbone pass
+    (`AnomalyModel.update_images`: the maps are those before it learned them), its report in `learned`."""
     batches = ImageBatches(paths, preprocessor, batch_size, 0)
     readable, maps, scores, directions = [], [], [], []
-    for batch in tqdm(batches, desc=label, unit="batch", file=sys.stderr):
-        result = model.score_with_peaks(batch.images) if peaks else model.score(batch.images)
-        readable += [paths[i] for i in batch.indices]
+
+    def images():  # each batch's images; the paths of those read, in order
+        for batch in tqdm(batches, desc=label, unit="batch", file=sys.stderr):
+            readable.extend(paths[i] for i in batch.indices)
+            yield batch.images
+
+    def keep(*result: torch.Tensor) -> None:
         maps.append(result[0])
         scores.append(result[1])
         if peaks:
             directions.append(result[2])
+
+    learned = None
+    if learn:
+        learned = model.update_images(images(), keep)
+    else:
+        for batch_images in images():
+            keep(*(model.score_with_peaks(batch_images) if peaks else model.score(batch_images)))
     for path, reason in batches.skipped:
         print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
     if not readable:
         return Scored([], torch.zeros(0, *preprocessor.size), torch.zeros(0), None, list(batches.skipped))
-    return Scored(readable, torch.cat(maps), torch.cat(scores), torch.cat(directions) if peaks else None, list(batches.skipped))
+    return Scored(readable, torch.cat(maps), torch.cat(scores), torch.cat(directions) if peaks else None, list(batches.skipped), learned)
 
 
 def _old_model(model_dir: Path) -> ModelError:
@@ -164,13 +180,12 @@ def update_model(model_dir: Path, settings, good_folder: str, defect_folder: str
     good_scored = None
     lap = summary.lap("read stored rows", lap)
     if goods is not None and goods.paths:
-        good_scored = score_files(model, preprocessor, goods.paths, settings.BATCH_SIZE, "new goods")  # honest: not learned yet
-        lap = summary.lap("score new goods", lap)
+        # one backbone pass: the maps are honest (scored before the model learned them), the same features learned
+        good_scored = score_files(model, preprocessor, goods.paths, settings.BATCH_SIZE, "new goods", learn=True)
+        lap = summary.lap("score and learn new goods", lap)
         summary.n_unreadable += len(good_scored.skipped)
         if good_scored.paths:
-            batches = ImageBatches(good_scored.paths, preprocessor, settings.BATCH_SIZE, 0)
-            summary.model_report = model.update_images(batch.images for batch in tqdm(batches, desc="learn goods", unit="batch", file=sys.stderr))
-            lap = summary.lap("learn new goods", lap)
+            summary.model_report = good_scored.learned
             sample.add(good_scored.maps, good_scored.scores)
             _set_thresholds(model, description, info, sample)
             if training_set is not None:
