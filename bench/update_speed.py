@@ -138,7 +138,9 @@ def main() -> None:
               f"| {r['map_relative_difference']:.1e} | {r['statistics']} | {r['rocauc_updated'][0]:.4f} / {r['rocauc_full'][0]:.4f} "
               f"| {r['rocauc_updated'][1]:.4f} / {r['rocauc_full'][1]:.4f} | {r['thresholds_updated'][0]:.3f} / {r['thresholds_full'][0]:.3f} "
               f"| {r['thresholds_updated'][1]:.3f} / {r['thresholds_full'][1]:.3f} |")
-        print(f"  update stages N={r['size']}: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in r["update_stages"].items()))
+        learning = r["model_report"].get("seconds")  # the model's own learning (PaDiM: the factorization), within "score and learn"
+        print(f"  update stages N={r['size']}: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in r["update_stages"].items())
+              + (f" (of which the anomaly model's learning after the pass {learning:.2f} s)" if learning is not None else ""))
         if "coreset_added" in r["model_report"]:
             m = r["model_report"]
             print(f"  PatchCore N={r['size']}: +{m['coreset_added']} coreset points for {m['new_patches']} new patches; covering radius of the new patches {m['covering_radius_before']:.3f} -> {m['covering_radius_after']:.3f}")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from anomaly_model.base import AnomalyModel
 from anomaly_model.store import load_model
 from dataset_manager import Preprocessor, find_categories
 from dataset_manager.layouts import find_images
@@ -52,11 +53,16 @@ def _maps(model_dir: Path, paths: list[Path]) -> torch.Tensor:
     return score_files(model, Preprocessor.from_description(description["preprocessing"]), paths, 8, "test").maps
 
 
-def test_padim_update_equals_a_full_fit(tmp_path: Path) -> None:
+def test_padim_update_equals_a_full_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     part, new = _dataset(tmp_path / "data", 10, 6)
     settings = _train(part, tmp_path / "models" / "part", PLAIN)
+    through_backbone = []
+    slices = AnomalyModel.backbone_slices  # every backbone pass over images goes through it
+    monkeypatch.setattr(AnomalyModel, "backbone_slices", lambda self, images: through_backbone.append(len(images)) or slices(self, images))
     summary = update_model(tmp_path / "models" / "part", settings, str(new), "")
+    monkeypatch.undo()
     assert summary.saved and summary.n_good == 6
+    assert sum(through_backbone) == 6  # one backbone pass per new image: its honest map and what the model learns
     everything = tmp_path / "all"
     shutil.copytree(part, everything)
     for path in find_images(new):
