@@ -63,6 +63,11 @@ WHITENING_BLOCKS = 4
 # Positions scored at once: the (chunk, N, d) difference and its solved copy stay a few tens of
 # MB for Wide-ResNet at batch 32, instead of two (P, N, d) copies (~450 MB).
 _DISTANCE_CHUNK_POSITIONS = 256
+# With `WhiteningFactors` (d <= 256) the chunk is as many positions as keep the (chunk, N, d)
+# difference within this many values (16 MB): one image's 3136 MobileNetV2 positions are then one
+# chunk, 4 products instead of 13 x 4 (~1 ms of its ~10 ms of distances on the busy 2-core machine,
+# the same values: each position's product does not depend on its neighbours).
+_WHITENED_CHUNK_ELEMENTS = 2**22
 # Smallest channel variance a per-channel deviation divides by ((1e-6)^2): a channel that never
 # varied gives a huge but finite k, not inf or NaN. The fit's COVARIANCE_EPSILON (0.01) already
 # keeps every fitted variance far above it; the floor guards other statistics and epsilon = 0.
@@ -301,9 +306,12 @@ def deviations(
     positions, count, _ = features.shape
     squared = torch.empty(positions, count, dtype=torch.float32, device=features.device) if distance else None
     largest = torch.empty(positions, count, dtype=torch.float32, device=features.device) if channel_max else None
+    step = _DISTANCE_CHUNK_POSITIONS
+    if whitening is not None:
+        step = max(step, _WHITENED_CHUNK_ELEMENTS // max(1, count * features.shape[2]))
     with small_matrix_threads(features.device):  # set once: switching thread counts per chunk costs too
-        for start in range(0, positions, _DISTANCE_CHUNK_POSITIONS):
-            block = slice(start, start + _DISTANCE_CHUNK_POSITIONS)
+        for start in range(0, positions, step):
+            block = slice(start, start + step)
             delta = features[block] - mean[block, None, :]  # (p, N, d)
             if channel_max:
                 variance = torch.linalg.vector_norm(cholesky[block], dim=2).square_().clamp_min_(VARIANCE_FLOOR)  # (p, d)

@@ -97,10 +97,16 @@ def map_features(maps, levels: dict[str, float]) -> np.ndarray:
     n = maps.shape[0]
     flat = maps.reshape(n, -1)
     pixels = flat.shape[1]
-    ordered = np.sort(flat, axis=1)[:, ::-1]  # descending
+    counts = {name: min(pixels, max(1, int(round(share * pixels)))) for name, share in TOP_FRACTIONS.items()}
+    # only the highest pixels are ordered: a partition, then a sort of the top 5 % (a sort of the
+    # whole map was half of these features' time for one 224 x 224 map); the same values in the
+    # same order as a full sort gives them, so the same means
+    kept = max(counts.values())
+    top = np.partition(flat, pixels - kept, axis=1)[:, pixels - kept :]
+    ordered = np.sort(top, axis=1)[:, ::-1]  # descending
     columns: dict[str, np.ndarray] = {"max": ordered[:, 0]}
-    for name, share in TOP_FRACTIONS.items():
-        columns[f"mean_{name}"] = ordered[:, : min(pixels, max(1, int(round(share * pixels))))].mean(axis=1, dtype=np.float64)
+    for name, count in counts.items():
+        columns[f"mean_{name}"] = ordered[:, :count].mean(axis=1, dtype=np.float64)
     columns["mean"] = flat.mean(axis=1, dtype=np.float64)
     columns["std"] = flat.std(axis=1, dtype=np.float64)
     for level_key in LEVEL_KEYS:
