@@ -32,21 +32,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from anomaly_model.store import load_model  # noqa: E402
 from dataset_manager import Preprocessor, find_categories, read_mask  # noqa: E402
-from dataset_manager.layouts import find_images  # noqa: E402
 from evaluation.metrics import image_rocauc  # noqa: E402
 from pipeline.training import train_category  # noqa: E402
 from pipeline.updating import score_files, update_model  # noqa: E402
 from settings import load  # noqa: E402
-from classifier_ablation import set_folder  # noqa: E402  (tire, ksdd, demo: the demo is generated on first use)
+from classifier_ablation import set_folder  # noqa: E402
+from config import VALIDATION_FRACTION  # noqa: E402  (tire, ksdd, demo: the demo is generated on first use)
 
 
-def category_with(root: Path, source: Path, train: list[Path]) -> Path:
-    """A category folder of links: `train` as train/good, the source's validation, test and masks."""
-    (root / "train" / "good").mkdir(parents=True)
-    for path in train:
-        os.symlink(path.resolve(), root / "train" / "good" / path.name)
+def category_with(root: Path, source: Path, train: list[Path], validation: list[Path]) -> Path:
+    """A category folder of links: `train` as train/good, the source's test and masks, and its
+    validation folder, or `validation` as validation/good where it has none (so that the model
+    updated and the one fitted on all have the same validation goods, not a share of each's training set)."""
+    folders = {"train": train, "validation": validation} if validation else {"train": train}
+    for name, paths in folders.items():
+        (root / name / "good").mkdir(parents=True)
+        for path in paths:
+            os.symlink(path.resolve(), root / name / "good" / path.name)
     for name in ("validation", "test", "ground_truth"):
-        if (source / name).exists():
+        if (source / name).exists() and not (root / name).exists():
             os.symlink((source / name).resolve(), root / name)
     return root
 
@@ -80,9 +84,14 @@ def run_size(dataset: Path, extra: list[str], size: int, hold: int, seed: int, w
     source = find_categories(dataset)[0]
     order = np.random.default_rng(seed).permutation(len(source.train_images))
     held = [source.train_images[i] for i in order[:hold]]
-    kept = [source.train_images[i] for i in order[hold : hold + size]]
-    base_dir = category_with(work / f"base{size}" / source.name, dataset, kept)
-    full_dir = category_with(work / f"full{size}" / source.name, dataset, kept + held)
+    # no validation folder: the same VALIDATION_FRACTION of the training goods validates both models
+    validating = 0 if (dataset / "validation").exists() else round(VALIDATION_FRACTION * len(source.train_images))
+    validation = [source.train_images[i] for i in order[hold : hold + validating]]
+    kept = [source.train_images[i] for i in order[hold + validating : hold + validating + size]]
+    if len(kept) < size:
+        raise SystemExit(f"{dataset} has {len(source.train_images)} training goods: at most {len(kept)} are left for --sizes after {hold} held out and {validating} validating")
+    base_dir = category_with(work / f"base{size}" / source.name, dataset, kept, validation)
+    full_dir = category_with(work / f"full{size}" / source.name, dataset, kept + held, validation)
     held_dir = work / f"held{size}"
     held_dir.mkdir()
     for path in held:
