@@ -110,7 +110,7 @@ class StreamingGaussian:
         positions, dim = sums.shift.shape
         lower = lower_triangle_index(dim)
         upper = (lower % dim) * dim + lower // dim  # the same entries, transposed
-        outer = torch.zeros(positions, dim * dim, dtype=torch.float32)
+        outer = torch.empty(positions, dim * dim, dtype=torch.float32)  # every entry is in the triangle or its transpose
         outer.index_copy_(1, lower, sums.outer).index_copy_(1, upper, sums.outer)
         accumulator.count = int(sums.count)
         accumulator.shift = sums.shift.float().to(device)
