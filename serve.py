@@ -60,7 +60,7 @@ def main(argv: list[str]) -> None:
     holder.current.detector.report_differences(settings)
     for line in holder.current.notes:
         log(line)
-    worker = BatchingWorker(holder)
+    worker = BatchingWorker(holder, settings.SERVE_THREADS)
     recent = RecentImages(settings.SERVE_RECENT, Path(settings.REVIEW_DIR))
     service = LiveService(holder, worker, recent, settings.SERVE_MAX_BYTES, settings.SERVE_TOKEN, started=time.time())
     if settings.WATCH_DIR:

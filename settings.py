@@ -246,6 +246,7 @@ RULES: dict[str, Rule] = {
     "SERVE_TOKEN": text(),
     "SERVE_MAX_BYTES": integer(minimum=1),
     "SERVE_RECENT": integer(minimum=1),
+    "SERVE_THREADS": integer(minimum=0),
     "WATCH_DIR": text(),
     "WATCH_SORT": flag(),
     "WATCH_SETTLE_SECONDS": number(above=0),

@@ -3,12 +3,14 @@
 receiving many files, and what the pictures cost.
 
     flock /tmp/bench.lock .venv/bin/python bench/serve_benchmark.py [--dataset ../shared/data/tire]
-        [--backbone mobilenet_v2] [--weights imagenet-offline] [--soak 10000] [--watch-files 1000]
+        [--backbone mobilenet_v2] [--weights imagenet-offline] [--soak 10000] [--watch-files 1000] [--threads N]
 
 Trains the model once into bench/out/serve-models/<backbone>-<weights>/ (IMAGE_SIZE 224 x 224,
 config.py's other defaults) unless it is there. Every figure comes from this one run on this
 machine: the server is a real `python serve.py` process on 127.0.0.1 driven by HTTP clients in
 threads of this process. Writes bench/out/serve-<backbone>-<weights>.json and prints a table.
+The backbone and the in-process steps are timed with the server's torch threads (SERVE_THREADS,
+config.py's unless --threads), the backbone also with torch's default; test.py's rate with its own.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,8 +112,24 @@ def ensure_model(run: Run, category: str) -> Path:
     return model_dir
 
 
+@contextmanager
+def torch_threads(threads: int):
+    """torch's CPU threads set to `threads` (0: left at torch's default) inside, restored after: the
+    in-process figures run with the server's SERVE_THREADS, test.py's scoring with torch's default."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def backbone_latency(model_dir: Path, repeats: int) -> dict:
-    """The backbone's feature stack (every stage the model uses) on one preprocessed 224 x 224 image."""
+    """The backbone's feature stack (every stage the model uses) on one preprocessed 224 x 224 image,
+    with the caller's torch threads."""
     import torch
 
     from pipeline.inspection import load
@@ -126,7 +145,7 @@ def backbone_latency(model_dir: Path, repeats: int) -> dict:
             started = time.perf_counter()
             extractor(image)
             times.append(time.perf_counter() - started)
-    return {"p50_ms": 1000 * percentile(times, 50), "p99_ms": 1000 * percentile(times, 99), "repeats": repeats}
+    return {"p50_ms": 1000 * percentile(times, 50), "p99_ms": 1000 * percentile(times, 99), "repeats": repeats, "threads": torch.get_num_threads()}
 
 
 def stage_breakdown(model_dir: Path, image: Path, repeats: int) -> dict:
@@ -330,12 +349,17 @@ def main() -> None:
     parser.add_argument("--watch-files", type=int, default=1000)
     parser.add_argument("--latency-requests", type=int, default=300)
     parser.add_argument("--per-client", type=int, default=60, help="requests per client in the throughput runs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="SERVE_THREADS for the server, and torch's threads for the backbone and breakdown figures (default: config.py's)")
     parser.add_argument("--only-breakdown", action="store_true", help="print where one image's time goes in-process, and stop")
     parser.add_argument("--only-one-client", action="store_true",
                         help="print the backbone, the in-process breakdown and one client's latency (with the server's own seconds), and stop")
     args = parser.parse_args()
     from dataset_manager import find_images
 
+    import config
+
+    threads = config.SERVE_THREADS if args.threads is None else args.threads
     tag = f"{args.backbone}-{args.weights}"
     model_root = OUT / "serve-models" / tag
     run = Run(args.dataset, model_root, find_images(args.dataset / "test"), [
@@ -344,29 +368,34 @@ def main() -> None:
     ])
     model_dir = ensure_model(run, args.dataset.name)
     if args.only_breakdown:
-        print(json.dumps(stage_breakdown(model_dir, run.images[0], 50), indent=2))
+        with torch_threads(threads):
+            print(json.dumps(stage_breakdown(model_dir, run.images[0], 50), indent=2))
         return
     payloads = [path.read_bytes() for path in run.images]
     if args.only_one_client:
-        quick = {"load_average": load_average(), "backbone_one_image": backbone_latency(model_dir, 100),
-                 "in_process_breakdown": stage_breakdown(model_dir, run.images[0], 50)}
-        server = Server(run, f"REVIEW_DIR={OUT / 'serve-review'}")
+        quick = {"load_average": load_average(), "serve_threads": threads, "backbone_one_image_default_threads": backbone_latency(model_dir, 100)}
+        with torch_threads(threads):  # the backbone as the server runs it, on one image
+            quick["backbone_one_image"] = backbone_latency(model_dir, 100)
+            quick["in_process_breakdown"] = stage_breakdown(model_dir, run.images[0], 50)
+        server = Server(run, f"REVIEW_DIR={OUT / 'serve-review'}", f"SERVE_THREADS={threads}")
         try:
             quick["one_client"] = one_client_latency(server, payloads, args.latency_requests)
         finally:
             server.stop()
+        one = quick["one_client"]
+        quick["one_client"]["p50_over_backbone"] = one["p50_ms"] / quick["backbone_one_image"]["p50_ms"]
         print(json.dumps({**quick, "load_average_end": load_average()}, indent=2))
         return
     figures: dict = {"machine": f"{os.cpu_count()} CPUs, shared with other jobs (not quiet)", "load_average_start": load_average(),
                      "dataset": str(args.dataset), "backbone": args.backbone, "weights": args.weights, "image_size": [224, 224],
-                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    import config
-
-    figures["backbone_one_image"] = backbone_latency(model_dir, 100)
-    figures["in_process_breakdown"] = stage_breakdown(model_dir, run.images[0], 50)
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "serve_threads": threads}
+    figures["backbone_one_image_default_threads"] = backbone_latency(model_dir, 100)
+    with torch_threads(threads):  # the backbone and the in-process steps as the server runs them
+        figures["backbone_one_image"] = backbone_latency(model_dir, 100)
+        figures["in_process_breakdown"] = stage_breakdown(model_dir, run.images[0], 50)
     figures["test_py_scoring"] = scoring_rate(model_dir, run.images, config.BATCH_SIZE, config.NUM_WORKERS)
     figures["picture_cost"] = picture_cost(model_dir, run.images, 60)
-    server = Server(run, f"REVIEW_DIR={OUT / 'serve-review'}")
+    server = Server(run, f"REVIEW_DIR={OUT / 'serve-review'}", f"SERVE_THREADS={threads}")
     try:
         figures["one_client"] = one_client_latency(server, payloads, args.latency_requests)
         figures["throughput"] = [concurrent(server, payloads, clients, args.per_client) for clients in (1, 4, 8)]
@@ -386,7 +415,8 @@ def report(figures: dict) -> str:
     lines = [
         f"{figures['backbone']} ({figures['weights']}) at 224 x 224 on {figures['dataset']}, {figures['date']}; {figures['machine']}, "
         f"load {figures['load_average_start']} -> {figures['load_average_end']}",
-        f"backbone feature stack, one image: p50 {backbone['p50_ms']:.1f} ms",
+        f"backbone feature stack, one image: p50 {backbone['p50_ms']:.1f} ms with the server's {figures['serve_threads']} thread(s) (SERVE_THREADS), "
+        f"{figures['backbone_one_image_default_threads']['p50_ms']:.1f} ms with torch's default {figures['backbone_one_image_default_threads']['threads']}",
         f"serve.py one client: p50 {one['p50_ms']:.1f} ms ({one['p50_ms'] / backbone['p50_ms']:.2f}x the backbone), p99 {one['p99_ms']:.1f} ms, "
         f"the server's own seconds (decoding to verdict) p50 {one['server_seconds_p50_ms']:.1f} ms",
         f"test.py scoring alone: {rate:.1f} images/s",

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from anomaly_model.backbone import ModelError
 from anomaly_model.files import StorageError
 from dataset_manager import DataError
@@ -85,8 +87,9 @@ class _Job:
 class BatchingWorker:
     """One thread that scores queued images, several at a time when they arrive together."""
 
-    def __init__(self, holder: ModelHolder) -> None:
+    def __init__(self, holder: ModelHolder, threads: int = 0) -> None:
         self.holder = holder
+        self.threads = threads  # torch's CPU threads for scoring (SERVE_THREADS), set once in the worker; 0 = torch's default
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="inspection-worker", daemon=True)
         self.n_batches = 0
@@ -112,6 +115,8 @@ class BatchingWorker:
             return self.n_images / self.n_batches if self.n_batches else 0.0
 
     def _run(self) -> None:
+        if self.threads:  # once, here: request threads run no torch operations (their preprocessing is numpy)
+            torch.set_num_threads(self.threads)
         stopping = False
         while not stopping:
             try:
