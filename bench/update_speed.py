@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from anomaly_model.store import load_model  # noqa: E402
 from dataset_manager import Preprocessor, find_categories, read_mask  # noqa: E402
 from evaluation.metrics import image_rocauc  # noqa: E402
-from pipeline.training import train_category  # noqa: E402
+from pipeline.training import content_digest, train_category  # noqa: E402
 from pipeline.updating import score_files, update_model  # noqa: E402
 from settings import load  # noqa: E402
 from classifier_ablation import set_folder  # noqa: E402
@@ -82,14 +82,21 @@ def statistics_difference(updated, full) -> str:
 
 def run_size(dataset: Path, extra: list[str], size: int, hold: int, seed: int, work: Path) -> dict:
     source = find_categories(dataset)[0]
-    order = np.random.default_rng(seed).permutation(len(source.train_images))
-    held = [source.train_images[i] for i in order[:hold]]
+    # each picture once (ksdd holds 15 twice): an update skips a picture the model already holds, which
+    # a fit on all would learn twice, so a duplicate split across both sides would not compare the same sets
+    digests, train = set(), []
+    for path in source.train_images:
+        if (digest := content_digest(path)) not in digests:
+            digests.add(digest)
+            train.append(path)
+    order = np.random.default_rng(seed).permutation(len(train))
+    held = [train[i] for i in order[:hold]]
     # no validation folder: the same VALIDATION_FRACTION of the training goods validates both models
-    validating = 0 if (dataset / "validation").exists() else round(VALIDATION_FRACTION * len(source.train_images))
-    validation = [source.train_images[i] for i in order[hold : hold + validating]]
-    kept = [source.train_images[i] for i in order[hold + validating : hold + validating + size]]
+    validating = 0 if (dataset / "validation").exists() else round(VALIDATION_FRACTION * len(train))
+    validation = [train[i] for i in order[hold : hold + validating]]
+    kept = [train[i] for i in order[hold + validating : hold + validating + size]]
     if len(kept) < size:
-        raise SystemExit(f"{dataset} has {len(source.train_images)} training goods: at most {len(kept)} are left for --sizes after {hold} held out and {validating} validating")
+        raise SystemExit(f"{dataset} has {len(train)} distinct training goods: at most {len(kept)} are left for --sizes after {hold} held out and {validating} validating")
     base_dir = category_with(work / f"base{size}" / source.name, dataset, kept, validation)
     full_dir = category_with(work / f"full{size}" / source.name, dataset, kept + held, validation)
     held_dir = work / f"held{size}"
