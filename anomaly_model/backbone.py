@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
+from anomaly_model.networks import build_network
 from choices import BACKBONES
 
 # Channel subset size d by backbone: the paper's 100 and 550. MobileNetV2 has only 152 channels
@@ -71,10 +71,14 @@ def _read_state_dict(path: Path) -> dict:
     return {key.removeprefix("module."): value for key, value in state.items()}
 
 
-def _imagenet_model(name: str) -> nn.Module:
+def _imagenet_state_dict(name: str) -> dict:
+    """torchvision's default ImageNet weights for `name`, downloaded (or from torch's cache).
+    torchvision is imported here only: its import costs ~170 MB and ~1.2 s (`networks.py`)."""
+    import torchvision
+
     weights = torchvision.models.get_model_weights(name).DEFAULT
     try:
-        return torchvision.models.get_model(name, weights=weights)
+        return weights.get_state_dict(progress=True)
     except Exception as error:  # URLError, HTTPError, hash mismatch, ...
         raise ModelError(
             f"cannot download torchvision's ImageNet weights for {name} ({type(error).__name__}: {error}); "
@@ -83,13 +87,11 @@ def _imagenet_model(name: str) -> nn.Module:
 
 
 def build_backbone(name: str, weights: str, seed: int = 0) -> nn.Module:
-    """A torchvision model with the requested weights, in eval mode."""
+    """The network (torchvision's architecture and parameter names) with the requested weights, in eval mode."""
     if name not in BACKBONES:
         raise ModelError(f"BACKBONE={name!r} is not supported: choose one of {', '.join(BACKBONES)}")
-    if weights == "imagenet":
-        return _imagenet_model(name).eval()
     torch.manual_seed(seed)
-    model = torchvision.models.get_model(name, weights=None)
+    model = build_network(name)
     if weights == "none":
         print(
             f"WARNING: WEIGHTS=none: {name} has random weights; detection quality will be poor. "
@@ -97,7 +99,9 @@ def build_backbone(name: str, weights: str, seed: int = 0) -> nn.Module:
             file=sys.stderr,
         )
         return model.eval()
-    if weights == "imagenet-offline":
+    if weights == "imagenet":
+        state = _imagenet_state_dict(name)
+    elif weights == "imagenet-offline":
         if name != "mobilenet_v2":
             raise ModelError(f"WEIGHTS=imagenet-offline exists for mobilenet_v2 only, not {name}: use 'imagenet' or a file")
         state = _offline_state_dict(model)

@@ -20,6 +20,7 @@ for its state. Anything missing or wrong is one line: damaged or incompatible, r
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import platform
 from contextlib import contextmanager
@@ -92,9 +93,12 @@ EXPORT_SCHEMA = {
 
 
 def library_versions() -> dict:
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__}
+    """Versions recorded in model.json (torchvision's read from its metadata: importing it is costly, `networks.py`)."""
+    try:
+        torchvision = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
+        torchvision = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision, "numpy": np.__version__}
 
 
 def backbone_fingerprint(model: AnomalyModel) -> str:
