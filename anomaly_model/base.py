@@ -102,8 +102,9 @@ class AnomalyModel:
 
     Subclasses set `kind` (saved as the model's type), `OWN_SETTINGS`, and implement `fit`,
     `patch_scores`, `settings`, `fitted_state`, `save_arrays` and `load_arrays`; optionally
-    `statistics_bytes` (the memory check) and TILE_STATISTICS_KINDS. Callers use `fit_images`,
-    `anomaly_maps` and `score`, which take whole working images, tiled or not.
+    `statistics_bytes` (the memory check), TILE_STATISTICS_KINDS, and `start_update` / `finish_update`
+    with their scoring feeding `_learning` (train.py ADD_GOOD). Callers use `fit_images`,
+    `anomaly_maps`, `score` and `update_images`, which take whole working images, tiled or not.
     """
 
     kind = ""
