@@ -33,10 +33,11 @@ from anomaly_model.schema import Optional, check
 from settings import integer, sequence
 
 # Held-out embeddings (P, m, d) kept at once by `out_of_fold_scores`: the folds whose embeddings fit
-# in this many bytes share one pass over the images (and one rebuild of the scatter), larger
-# sets take more passes. MobileNetV2 at 224 px: ~270 images per pass; Wide-ResNet50 (d = 550):
-# ~75, below the fit's peak memory (the (P, d, d) statistics alone are 3.8 GB there).
-OUT_OF_FOLD_BYTES = 512 * 2**20
+# in this many bytes share one pass over the images (and one rebuild of the scatter); a fold larger
+# than this is still held whole. Small, because the pass is cheap and the memory is not: each
+# further pass only decodes the other folds' images again (~0.7 s on tire's 210), while 512 MB
+# held 263 MB for ResNet18 on tire and put train.py's peak at 1.5 GB (64 MB: one fold per pass).
+OUT_OF_FOLD_BYTES = 64 * 2**20
 # Covariance entries rebuilt and refactorized at once (per chunk of positions): a few (chunk, d, d)
 # working copies of ~8 MB, never a second (P, d, d) copy of the statistics.
 _LEAVE_OUT_CHUNK_ELEMENTS = 2_000_000
@@ -123,6 +124,7 @@ class Padim(AnomalyModel):
     _sums_count: int | None = None  # model.json's state.sums_count, read before the arrays
     # (a weak reference to the factors they invert, `whitening`'s result): rebuilt when cholesky_ is replaced
     _whitening: tuple[weakref.ref, WhiteningFactors | None] | None = None
+    _inspecting = False  # set by `prepare_scoring`: only a model loaded to inspect builds the inverted factors
     SETTINGS = PadimSettings
 
     def __init__(self, settings: PadimSettings | None = None, device: str = "auto") -> None:
@@ -280,7 +282,7 @@ class Padim(AnomalyModel):
         checks that the two agree.)"""
         with torch.no_grad():
             kind, weight = self.score_kind, self.chebyshev_weight
-            whitening = self.whitening(build=self._learning is None) if cholesky is self.cholesky_ and kind != "chebyshev" else None
+            whitening = self.whitening(build=self._inspecting and self._learning is None) if cholesky is self.cholesky_ and kind != "chebyshev" else None
             if kind == "mahalanobis" or (kind == "hybrid" and weight == 1):
                 return mahalanobis(embedding, mean, cholesky, whitening)
             distance, largest = deviations(embedding, mean, cholesky, distance=kind == "hybrid", channel_max=True, whitening=whitening)
@@ -290,13 +292,17 @@ class Padim(AnomalyModel):
             return distance.mul_(weight).add_(term, alpha=1 - weight)
 
     def prepare_scoring(self) -> None:
-        """The inverted factors (`whitening`), built now rather than on the first image."""
+        """A model loaded to inspect images: its scoring uses the inverted factors (`whitening`),
+        built now rather than on the first image. A model in train.py scores with triangular solves:
+        there the inverses would cost their (P, d, d) memory at the run's peak (125 MB for ResNet18 at
+        224 px) for no measurable gain over its few hundred images (docs/performance.md, "Lean training run")."""
+        self._inspecting = True
         self.whitening()
 
     def whitening(self, build: bool = True) -> WhiteningFactors | None:
         """The inverses of the fitted factors (`gaussian.WhiteningFactors`), with which the fitted
         Gaussians' distances are matrix products: built on the first scoring after the factors were
-        set (fit, update, load) and kept while they are; None (triangular solves) above
+        set (after `prepare_scoring`: a model loaded to inspect) and kept while they are; None (triangular solves) above
         WHITENING_MAX_DIM or when they would take more than WHITENING_MEMORY_SHARE of the free memory.
         Leave-fold-out statistics are solved against: they are used once each. `build=False`: only
         inverses already built; an update (`start_update`) scores its few new images once under

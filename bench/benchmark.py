@@ -229,6 +229,7 @@ def work_test(args) -> dict:
         from anomaly_model.store import load_model
 
         model, _ = load_model(_model_path(args), args.device)
+        model.prepare_scoring()  # as test.py's Inspector does: what scoring reuses is built before timing
         to_maps = lambda images: model.score(images)  # noqa: E731
     elif args.model == "patchcore":
         from bench.naive_patchcore import NaivePatchCore

@@ -17,10 +17,16 @@ goods the classifier learned from (`shrink_goods`, the default: README, Ablation
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xgboost as xgb
-from sklearn.metrics import roc_auc_score
+
+if TYPE_CHECKING:
+    import xgboost as xgb
+
+# xgboost (and the sklearn it pulls in) are imported inside the functions that use them: ~80 MB
+# that train.py would otherwise hold from the start of its out-of-fold pass, the run's memory peak
+# (docs/performance.md, "Lean training run").
 
 from anomaly_model.backbone import ModelError
 from choices import CLASSIFIER_ANCHORS
@@ -133,6 +139,7 @@ class DefectClassifier:
         return self.similarity.margin(first, directions)
 
     def _first_stage_margin(self, features: np.ndarray, image_scores: np.ndarray | None) -> np.ndarray:
+        import xgboost as xgb
         features = np.asarray(features, dtype=np.float32)
         anchor_margin = None
         if self.anchor is not None:
@@ -187,6 +194,8 @@ class DefectClassifier:
         """Load a booster saved by `to_bytes` (and its anchor, `Anchor.to_dict`, and the trees' share
         of a "shrink" verdict and the labeled-defect similarity stage, from model.json); refuse one
         trained on other features than this code computes."""
+        import xgboost as xgb
+
         if tree_share is not None and anchor is None:
             raise ModelError("model.json's classifier has a tree_share but no anchor to blend with: retrain with python train.py")
         if list(feature_names) != list(expected_names):
@@ -253,6 +262,7 @@ def _fold_boosters(rows: ClassifierRows, fold: np.ndarray, params: ClassifierPar
     """Grouped cross-validation: per fold the anchor and the trees are fitted on the other folds,
     early-stopped on this one. Returns out-of-fold margins of the classifier and of the anchor
     alone, and the number of trees each fold kept (0 when no tree beat the anchor on held-out logloss)."""
+    import xgboost as xgb
     features, labels, weights, image_scores = rows.features, rows.labels, rows.weights, rows.image_scores
     margins = np.full(len(labels), np.nan)
     anchor_margins = np.full(len(labels), np.nan)
@@ -285,6 +295,8 @@ def _fold_boosters(rows: ClassifierRows, fold: np.ndarray, params: ClassifierPar
 
 def _weighted_rocauc(labels: np.ndarray, scores: np.ndarray, weights: np.ndarray) -> float:
     """ROCAUC with sample weights (a labeled defect counts as much as its training weight)."""
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(labels, scores, sample_weight=weights))
 
 
@@ -338,6 +350,7 @@ def train_classifier(
     """Fit the classifier; the verdict threshold rejects `false_reject_rate` of the goods' out-of-fold
     probabilities. `anchoring`: how the verdict uses the rows' image scores (out-of-fold: each fold's
     trees with that fold's anchor)."""
+    import xgboost as xgb
     rows = rows.checked()
     features, labels, groups, weights, image_scores = rows.features, rows.labels, rows.groups, rows.weights, rows.image_scores
     if anchoring.mode not in CLASSIFIER_ANCHORS:

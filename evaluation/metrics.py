@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.ndimage import label
-from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
+
+# sklearn is imported inside the functions that use it: ~60 MB that train.py would otherwise hold
+# through its out-of-fold pass, its memory peak (docs/performance.md, "Lean training run").
 
 # Pixels sorted and accumulated per chunk: bounds the temporaries for a few hundred maps.
 _CHUNK = 1 << 22
@@ -24,6 +26,8 @@ def image_rocauc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     labels = np.asarray(labels).astype(bool)
     if labels.all() or not labels.any():
         return None
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(labels, scores))
 
 
@@ -54,12 +58,16 @@ def bootstrap_rocauc_gain(labels: np.ndarray, baseline: np.ndarray, other: np.nd
 
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(false positive rates, true positive rates) of the ROC curve."""
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, _ = roc_curve(np.asarray(labels).astype(bool), scores)
     return fpr, tpr
 
 
 def pr_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(recall, precision) of the precision-recall curve of image scores."""
+    from sklearn.metrics import precision_recall_curve
+
     precision, recall, _ = precision_recall_curve(np.asarray(labels).astype(bool), scores)
     return recall, precision
 
@@ -73,6 +81,8 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> dict | None:
     labels = np.asarray(labels).astype(bool)
     if not labels.any():
         return None
+    from sklearn.metrics import precision_recall_curve
+
     precision, recall, thresholds = precision_recall_curve(labels, scores)
     f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)[:-1]
     best = int(np.argmax(f1))
