@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from anomaly_model.networks import build_network
+from anomaly_model.threads import cpu_threads
 from choices import BACKBONES
 
 # Channel subset size d by backbone: the paper's 100 and 550. MobileNetV2 has only 152 channels
@@ -131,17 +132,21 @@ class FeatureExtractor(nn.Module):
         self.autocast_dtype = PRECISIONS[precision]
         if not layers or any(layer not in (1, 2, 3, 4) for layer in layers) or list(layers) != sorted(set(layers)):
             raise ModelError(f"LAYERS={tuple(layers)} must be increasing numbers from 1 to 4, like (1, 2, 3)")
-        model = build_backbone(name, weights, seed)
-        self.layers = tuple(layers)
-        self.stages = nn.ModuleList(_stages(name, model)[: max(layers)])
-        for parameter in self.parameters():
-            parameter.requires_grad_(False)
-        # Channels-last convolutions run 17-39 % faster on the CPU here (oneDNN), and each patch's
-        # channels come out contiguous: the layout the per-position Gaussian products read.
-        self.to(memory_format=torch.channels_last)
-        self.eval()
-        with torch.no_grad():
-            shapes = [f.shape for f in self(torch.zeros(1, 3, 64, 64))]
+        # Built and probed (a 64 px image) with one thread: small operations, which two threads made
+        # 0.7-1.2 s instead of ~0.1 s on the busy 2-core machine (`threads.py`); every fit, update,
+        # test and server start builds one. Images then run with the caller's threads.
+        with cpu_threads(1):
+            model = build_backbone(name, weights, seed)
+            self.layers = tuple(layers)
+            self.stages = nn.ModuleList(_stages(name, model)[: max(layers)])
+            for parameter in self.parameters():
+                parameter.requires_grad_(False)
+            # Channels-last convolutions run 17-39 % faster on the CPU here (oneDNN), and each patch's
+            # channels come out contiguous: the layout the per-position Gaussian products read.
+            self.to(memory_format=torch.channels_last)
+            self.eval()
+            with torch.no_grad():
+                shapes = [f.shape for f in self(torch.zeros(1, 3, 64, 64))]
         self.channels = [shape[1] for shape in shapes]
         self.strides = [64 // shape[-1] for shape in shapes]  # pixels per cell of each layer's grid: 4, 8, 16, 32
 

@@ -24,13 +24,14 @@ are associative, so the result is one process's up to float32 rounding of the or
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 
 from anomaly_model import distributed
 from anomaly_model.backbone import ModelError
+from anomaly_model.threads import cpu_threads
 
 # Covariance entries factorized at once: each chunk's factor and working copies stay ~8 MB,
 # far below the backbone's activations, so finalizing never raises the fit's peak memory;
@@ -46,17 +47,10 @@ _FACTOR_CHUNK_ELEMENTS = 2_000_000
 FACTOR_THREADS = 1
 
 
-@contextmanager
-def small_matrix_threads(device: torch.device):
+def small_matrix_threads(device: torch.device) -> AbstractContextManager:
     """FACTOR_THREADS CPU threads for batched small-matrix LAPACK calls (Cholesky, triangular solves);
     the caller's number is restored. Nothing changes on a GPU."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(FACTOR_THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return cpu_threads(FACTOR_THREADS, device)
 # Row blocks of the whitening factors L^-1 (`WhiteningFactors`): more blocks store fewer of the
 # triangle's zeros ((k + 1) / 2k of the full matrix) but make smaller products.
 WHITENING_BLOCKS = 4
