@@ -34,9 +34,9 @@ from settings import integer, sequence
 
 # Held-out embeddings (P, m, d) kept at once by `out_of_fold_scores`: the folds whose embeddings fit
 # in this many bytes share one pass over the images (and one rebuild of the scatter); a fold larger
-# than this is still held whole. Small, because the pass is cheap and the memory is not: each
-# further pass only decodes the other folds' images again (~0.7 s on tire's 210), while 512 MB
-# held 263 MB for ResNet18 on tire and put train.py's peak at 1.5 GB (64 MB: one fold per pass).
+# than this is still held whole. Small, because a pass is cheap (it reads only its folds' images)
+# and the memory is not: 512 MB held 263 MB for ResNet18 on tire and put train.py's peak at 1.5 GB
+# (64 MB: one fold per pass).
 OUT_OF_FOLD_BYTES = 64 * 2**20
 # Covariance entries rebuilt and refactorized at once (per chunk of positions): a few (chunk, d, d)
 # working copies of ~8 MB, never a second (P, d, d) copy of the statistics.
@@ -326,7 +326,7 @@ class Padim(AnomalyModel):
         level = pixel_threshold(self.score_kind, self.chebyshev_weight, self.feature_dim, rate)
         return level, pixel_threshold_rule(self.score_kind, self.chebyshev_weight)
 
-    def out_of_fold_scores(self, batches: Callable[[], Iterable[tuple[torch.Tensor, list[int]]]], folds: np.ndarray) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    def out_of_fold_scores(self, batches: Callable[..., Iterable[tuple[torch.Tensor, list[int]]]], folds: np.ndarray) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
         """After `fit` on the same images: honest anomaly maps of the training images themselves.
         `batches()` returns a fresh iterable over exactly the training images the model was fitted on,
         in the fit's order, as (images (B, 3, H, W), their indices in the training list); `folds[i]` is
@@ -335,8 +335,8 @@ class Padim(AnomalyModel):
 
         PaDiM's leave-fold-out Gaussians are exact: per chunk of positions the scatter is rebuilt from
         the stored factor, the fold's own scatter and the moved mean are taken out, and the result is
-        factorized (`gaussian.leave_out`). The fold's embeddings come from a second backbone pass;
-        folds whose embeddings fit in OUT_OF_FOLD_BYTES share a pass and a rebuild."""
+        factorized (`gaussian.leave_out`). The fold's embeddings come from a second backbone pass over
+        its images only; folds whose embeddings fit in OUT_OF_FOLD_BYTES share a pass and a rebuild."""
         self.check_grid(self.grid_size_)
         folds = np.asarray(folds)
         positions = self.grid_size_[0] * self.grid_size_[1]
@@ -365,7 +365,7 @@ class Padim(AnomalyModel):
         buffers = {fold: torch.empty(positions, int((folds == fold).sum()), self.feature_dim, device=self.device) for fold in group}
         indices: dict = {fold: [] for fold in group}
         image_size = None
-        for images, batch_indices in batches():
+        for images, batch_indices in batches(np.flatnonzero(np.isin(folds, group)).tolist()):  # the group's images only
             batch_folds = folds[np.asarray(batch_indices, dtype=int)]
             rows = np.flatnonzero(np.isin(batch_folds, group))
             if rows.size == 0:

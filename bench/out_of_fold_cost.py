@@ -47,8 +47,9 @@ def main() -> None:
     model = build_model(settings)
     preprocessor = make_preprocessor(settings, train_paths, model.stride)
 
-    def batches():
-        return ((b.images, b.indices) for b in ImageBatches(train_paths, preprocessor, settings.BATCH_SIZE, 0))
+    def batches(wanted=None):
+        chosen = list(range(len(train_paths))) if wanted is None else wanted
+        return ((b.images, [chosen[i] for i in b.indices]) for b in ImageBatches([train_paths[i] for i in chosen], preprocessor, settings.BATCH_SIZE, 0))
 
     started = time.perf_counter()
     model.fit_images(images for images, _ in batches())

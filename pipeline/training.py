@@ -174,9 +174,10 @@ def out_of_fold_maps(
     """(indices into train_paths, maps, image scores) of the training images, each scored by the model
     fitted without its fold (`AnomalyModel.out_of_fold_scores`), streamed batch by batch."""
 
-    def batches():
-        loader = ImageBatches(train_paths, preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
-        return ((batch.images, batch.indices) for batch in loader)
+    def batches(wanted: list[int] | None = None):
+        chosen = list(range(len(train_paths))) if wanted is None else wanted
+        loader = ImageBatches([train_paths[i] for i in chosen], preprocessor, settings.BATCH_SIZE, settings.NUM_WORKERS)
+        return ((batch.images, [chosen[i] for i in batch.indices]) for batch in loader)
 
     with tqdm(total=model.n_train_images_, desc="out-of-fold maps", unit="img", file=sys.stderr) as progress:
         for indices, maps, scores in model.out_of_fold_scores(batches, folds):

@@ -30,9 +30,10 @@ def test_out_of_fold_maps_equal_a_model_refitted_without_the_fold(monkeypatch):
     kept = [i for i in range(IMAGES) if i != skipped]
     folds = assign_folds(IMAGES, 3, seed=1)
 
-    def batches():
-        for start in range(0, len(kept), 8):
-            rows = kept[start : start + 8]
+    def batches(wanted=None):
+        chosen = [i for i in kept if wanted is None or i in wanted]
+        for start in range(0, len(chosen), 8):
+            rows = chosen[start : start + 8]
             yield images[rows], rows
 
     model = _model().fit(b for b, _ in batches())
