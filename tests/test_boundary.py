@@ -417,6 +417,7 @@ from pathlib import Path
 from anomaly_model import files
 from anomaly_model.store import load_model, save_model
 from pipeline.cli import run
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal: a background job (`.ci/run &`) inherits SIGINT ignored
 folder = Path(sys.argv[1])
 model, description = load_model(folder, "cpu")
 info = {k: v for k, v in description.items() if k not in ("format_version", "anomaly_model", "versions", "files")}
