@@ -60,16 +60,30 @@ def own_cgroup_files() -> list[tuple[str, str]]:
     return files
 
 
+def reclaimable_cache(usage_file: str) -> int:
+    """Bytes of the cgroup's usage that are inactive file cache (`memory.stat` beside `usage_file`:
+    v1's hierarchical total_inactive_file, else inactive_file): pages the kernel drops before it
+    refuses an allocation. Usage counts the page cache, so reading a few hundred training images
+    (~0.9 GB of tire's at full size) would otherwise look like memory the fit cannot have; the
+    "working set" that container runtimes compare with the limit leaves them out in the same way."""
+    try:
+        fields = dict(line.split() for line in Path(usage_file).with_name("memory.stat").read_text().splitlines() if line.count(" ") == 1)
+        return int(fields.get("total_inactive_file", fields.get("inactive_file", 0)))
+    except (OSError, ValueError):
+        return 0
+
+
 def cgroup_room() -> int | None:
     """Bytes the process's cgroups still allow (the least of limit less usage over its own cgroup,
-    its ancestors and the mount's root), None without a limit."""
+    its ancestors and the mount's root; usage without its inactive file cache), None without a limit."""
     rooms = []
     for limit_file, usage_file in [*own_cgroup_files(), *CGROUP_FILES]:
         try:
             limit = Path(limit_file).read_text().strip()
             if limit == "max" or int(limit) >= 2**60:  # v1 writes a huge number for "no limit"
                 continue
-            rooms.append(max(0, int(limit) - int(Path(usage_file).read_text())))
+            usage = max(0, int(Path(usage_file).read_text()) - reclaimable_cache(usage_file))
+            rooms.append(max(0, int(limit) - usage))
         except (OSError, ValueError):
             continue
     return min(rooms) if rooms else None

@@ -50,3 +50,19 @@ def test_the_least_room_of_the_process_s_own_cgroup_and_its_ancestors_counts(tmp
     assert memory.cgroup_room() == 4000  # the parent's 5000 - 1000, below the child's 8000
     (root / "job" / "memory.limit_in_bytes").write_text("max")
     assert memory.cgroup_room() == 8000
+
+
+def test_inactive_file_cache_in_the_usage_counts_as_room(tmp_path, monkeypatch):
+    """Reading the training images fills the page cache, which a cgroup's usage counts: the kernel
+    drops its inactive part before refusing memory, so a fit may have it (v1 total_inactive_file,
+    v2 inactive_file)."""
+    limit, usage = tmp_path / "memory.limit_in_bytes", tmp_path / "memory.usage_in_bytes"
+    limit.write_text("3000\n")
+    usage.write_text("2000\n")
+    monkeypatch.setattr(memory, "CGROUP_FILES", ((str(limit), str(usage)),))
+    monkeypatch.setattr(memory, "own_cgroup_files", lambda: [])
+    assert memory.cgroup_room() == 1000
+    (tmp_path / "memory.stat").write_text("cache 900\ninactive_file 300\ntotal_inactive_file 700\nactive_file 200\n")
+    assert memory.cgroup_room() == 1700
+    (tmp_path / "memory.stat").write_text("file 900\ninactive_file 300\n")
+    assert memory.cgroup_room() == 1300
