@@ -46,11 +46,6 @@ _FACTOR_CHUNK_ELEMENTS = 2_000_000
 # with one thread against 1.8-3.9 s with two on the busy machine).
 FACTOR_THREADS = 1
 
-
-def small_matrix_threads(device: torch.device) -> AbstractContextManager:
-    """FACTOR_THREADS CPU threads for batched small-matrix LAPACK calls (Cholesky, triangular solves);
-    the caller's number is restored. Nothing changes on a GPU."""
-    return cpu_threads(FACTOR_THREADS, device)
 # Row blocks of the whitening factors L^-1 (`WhiteningFactors`): more blocks store fewer of the
 # triangle's zeros ((k + 1) / 2k of the full matrix) but make smaller products.
 WHITENING_BLOCKS = 4
@@ -66,6 +61,12 @@ _WHITENED_CHUNK_ELEMENTS = 2**22
 # varied gives a huge but finite k, not inf or NaN. The fit's COVARIANCE_EPSILON (0.01) already
 # keeps every fitted variance far above it; the floor guards other statistics and epsilon = 0.
 VARIANCE_FLOOR = 1e-12
+
+
+def small_matrix_threads(device: torch.device) -> AbstractContextManager:
+    """FACTOR_THREADS CPU threads for batched small-matrix LAPACK calls (Cholesky, triangular solves);
+    the caller's number is restored. Nothing changes on a GPU."""
+    return cpu_threads(FACTOR_THREADS, device)
 
 
 def lower_triangle_index(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
