@@ -25,6 +25,7 @@ from torch import nn
 
 from anomaly_model import distributed
 from anomaly_model.backbone import ModelError
+from anomaly_model.bank import BYTES_IN_RAM, KINDS, PatchBank, disk_folder, size_text
 from anomaly_model.base import AnomalyModel, ModelSettings
 from anomaly_model.coreset import (
     continue_coreset,
@@ -92,10 +93,6 @@ def eq7_weights(queries: torch.Tensor, matches: torch.Tensor, memory: torch.Tens
     return 1.0 - torch.softmax(distances, dim=1)[:, 0]
 
 
-def _size(count: int) -> str:
-    return f"{count / 1e9:.1f} GB" if count >= 1e9 else f"{count / 1e6:.0f} MB"
-
-
 @dataclass(frozen=True)
 class PatchCoreSettings(ModelSettings):
     """PatchCore's own settings (OWN_SETTINGS) beside every model's."""
@@ -161,7 +158,7 @@ class PatchCore(AnomalyModel):
         self.group_offsets_: list[int] = []  # memory_ rows of each group of GroupedNeighbors (coreset.py)
         self._neighbors: GroupedNeighbors | None = None
         self.bank_size_ = 0  # training patches the coreset was chosen from
-        self.bank_precision_ = "float32"  # of the bank while fitting: "float16" when float32 did not fit
+        self.bank_precision_ = "float32"  # where the bank was kept while fitting (bank.KINDS): "float16" or "disk" when float32 did not fit
         self.fit_seconds_: dict[str, float] = {}
 
     # --- features -----------------------------------------------------------------------------
@@ -191,10 +188,10 @@ class PatchCore(AnomalyModel):
 
     def fit_memory_bytes(self, n_images: int, positions: int, job_images: int = 0, bank_bytes: int = 4) -> int:
         """RAM the fit needs for `n_images` images of `positions` patches: the bank (`bank_bytes` per
-        value: 4 float32, 2 float16) and its projection, and on the process that selects the coreset
-        (one process, or rank 0 of a torchrun job of `job_images` images) the projection of every
-        image twice (a copy in fit order, the centred copy the selection works on) and the per-point
-        selection arrays."""
+        value: 4 float32, 2 float16, 0 on disk) and its projection, and on the process that selects
+        the coreset (one process, or rank 0 of a torchrun job of `job_images` images) the projection
+        of every image twice (a copy in fit order, the centred copy the selection works on) and the
+        per-point selection arrays."""
         patches, job_patches = n_images * positions, max(job_images, n_images) * positions
         projected = min(self.projection_dim or self.feature_dim, self.feature_dim)
         selecting = job_patches if distributed.is_main() else 0
@@ -202,30 +199,32 @@ class PatchCore(AnomalyModel):
         bank = bank_bytes * patches * self.feature_dim + 4 * patches * projected
         return bank + 4 * selecting * (projected + 4) + 4 * kept * (self.feature_dim + projected)
 
-    def _check_memory(self, n_images: int, positions: int, planned: bool, held: int = 0) -> int:
-        """Bytes per bank value the fit can afford: 4 (float32) when that fits in the memory available
-        (`memory.available_memory`: RAM, lowered to the cgroup's room), else 2 (float16: the bank is
+    def _check_memory(self, n_images: int, positions: int, planned: bool, held: int = 0) -> str:
+        """Where the bank can be kept (bank.KINDS): "float32" when that fits in the memory available
+        (`memory.available_memory`: RAM, lowered to the cgroup's room), else "float16" (the bank is
         half, the projection the coreset is chosen on stays float32, so the same coreset is chosen and
-        only its kept rows are rounded, about 5e-4 of their size); a ModelError when neither fits.
-        `n_images`: all the job's images when `planned` (a rank holds about 1/N of them), else this
-        process's so far (under torchrun: of a job of at least the planned images). `held`: bytes of
-        the bank this fit already holds, counted in what it needs and so added to what is free."""
+        only its kept rows are rounded, about 5e-4 of their size), else "disk" (a temporary file:
+        RAM holds the projection and the selection only; the same features as float32); a
+        ModelError when not even that fits. `n_images`: all the job's images when `planned` (a rank
+        holds about 1/N of them), else this process's so far (under torchrun: of a job of at least
+        the planned images). `held`: bytes of the bank this fit already holds in RAM, counted in
+        what it needs and so added to what is free."""
         ranks = distributed.world_size()
         own, job = (math.ceil(n_images / ranks), n_images) if planned else (n_images, max(n_images, self._planned_images * (ranks > 1)))
         free = available_memory() + held
-        for bank_bytes in (4, 2):
+        for kind, bank_bytes in BYTES_IN_RAM.items():
             if self.fit_memory_bytes(own, positions, job, bank_bytes) <= MEMORY_HEADROOM * free:
-                return bank_bytes
-        needed = self.fit_memory_bytes(own, positions, job, 2)
-        per_image = self.fit_memory_bytes(round(1000 * own / job), positions, 1000, 2) / 1000
+                return kind
+        needed = self.fit_memory_bytes(own, positions, job, 0)
+        per_image = self.fit_memory_bytes(round(1000 * own / job), positions, 1000, 0) / 1000
         fits = int(MEMORY_HEADROOM * free / per_image)
         what = f"{n_images} training images" if planned else f"the first {n_images} training images"
         where = ""
         if distributed.active():
             where = f" on rank {distributed.rank()}" + (" (it gathers every rank's projected patches)" if distributed.is_main() else "")
         raise ModelError(
-            f"PatchCore's memory bank for {what} ({positions} patches x {self.feature_dim} features each) needs "
-            f"{_size(needed)} of RAM{where} even kept in float16, only {_size(free)} is free: train on fewer images (about {fits} fit), "
+            f"PatchCore's fit for {what} ({positions} patches x {self.feature_dim} features each) needs "
+            f"{size_text(needed)} of RAM{where} even with its memory bank on disk, only {size_text(free)} is free: train on fewer images (about {fits} fit), "
             "lower IMAGE_SIZE (or TILE_SIZE) or PATCHCORE_FEATURE_DIM (CORESET_RATIO and BATCH_SIZE do not change the bank's size)"
         )
 
@@ -238,30 +237,23 @@ class PatchCore(AnomalyModel):
         if distributed.active() and self.tile_layout_ is not None:  # tiles of a batch are not in image order
             raise ModelError(f"TILE_SIZE={self.tile_size}: a tiled PatchCore is not fitted under torchrun (its ranks' tiles are not put back in order): set TILE_SIZE=0 or run python train.py")
         started = time.perf_counter()
-        chunks: list[torch.Tensor] = []  # the bank, one (b * P, D) block per batch, in RAM
+        bank = PatchBank(self.feature_dim)  # every patch's features, in RAM or on disk (bank.py)
         projected: list[torch.Tensor] = []  # the same rows projected, on the device
-        projection, grid, n_images, bank_bytes = None, None, 0, 4
-        self.bank_precision_ = "float32"
+        projection, grid, n_images, kind = None, None, 0, "float32"
         width = self.projection_dim if 0 < self.projection_dim < self.feature_dim else self.feature_dim
         for images in batches:
             embedding, grid = self.embed(images)
             positions = grid[0] * grid[1]
             if n_images == 0 and self._planned_images:
-                bank_bytes = self._check_memory(self._planned_images, positions, planned=True)
-            held = sum(part.numel() * part.element_size() for part in (*chunks, *projected))
-            bank_bytes = min(bank_bytes, self._check_memory(n_images + len(images), positions, planned=False, held=held))
-            if bank_bytes == 2 and self.bank_precision_ == "float32":
-                self.bank_precision_ = "float16"
-                chunks[:] = [chunk.to(torch.float16) for chunk in chunks]
-                print(
-                    f"note: PatchCore's memory bank is kept in float16: in float32 it would not fit in the "
-                    f"{_size(available_memory())} available (RAM or the cgroup's limit); the coreset is chosen as in float32, "
-                    "its features rounded to float16", file=sys.stderr,
-                )
+                kind = self._check_memory(self._planned_images, positions, planned=True)
+            held = bank.ram_bytes() + sum(part.numel() * part.element_size() for part in projected)
+            kind = max(kind, self._check_memory(n_images + len(images), positions, planned=False, held=held), key=KINDS.index)
+            if kind != bank.kind:
+                self._keep_bank_as(bank, kind, positions * max(self._planned_images, n_images + len(images)))
             if projection is None and width < self.feature_dim:
                 projection = projection_matrix(self.feature_dim, self.projection_dim, self.seed, self.device)
             projected.append(embedding if projection is None else embedding @ projection)
-            chunks.append(embedding.to("cpu", torch.float16 if bank_bytes == 2 else torch.float32))
+            bank.append(embedding)
             n_images += len(images)
             del embedding
         if distributed.active():
@@ -293,10 +285,11 @@ class PatchCore(AnomalyModel):
             distributed.broadcast_(selected)
         del points
         if fit_order is None:
-            coreset = self._gather(chunks, selected)
+            coreset = bank.gather(selected).to(self.device)
         else:
-            coreset = self._gather_from_ranks(chunks, selected, fit_order[distributed.rank()], positions)
-        del chunks
+            coreset = self._gather_from_ranks(bank, selected, fit_order[distributed.rank()], positions)
+        self.bank_precision_ = bank.kind
+        bank.close()
         self.memory_mean_ = coreset.mean(dim=0)
         coreset -= self.memory_mean_
         order, self.group_offsets_ = group_order(coreset)
@@ -345,6 +338,23 @@ class PatchCore(AnomalyModel):
             "covering_radius_before": before, "covering_radius_after": after, "seconds": time.perf_counter() - started,
         }
 
+    def _keep_bank_as(self, bank: PatchBank, kind: str, planned_rows: int) -> None:
+        """Move the bank to `kind` (what the memory check chose) and say so in one line."""
+        bank.keep_as(kind, planned_rows)
+        free = size_text(available_memory())
+        if kind == "float16":
+            print(
+                f"note: PatchCore's memory bank is kept in float16: in float32 it would not fit in the {free} available "
+                "(RAM or the cgroup's limit); the coreset is chosen as in float32, its features rounded to float16",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"note: PatchCore's memory bank is kept on disk, in a temporary file in {disk_folder()} ({size_text(4 * planned_rows * self.feature_dim)}): "
+                f"in RAM it would not fit in the {free} available (RAM or the cgroup's limit); the coreset and its features are the same as in RAM",
+                file=sys.stderr,
+            )
+
     def _fit_order(self, n_images: int) -> list[torch.Tensor] | None:
         """Under torchrun, per rank, the position each of its images has in one process's fit order
         (training-list order of the images every rank fitted), known to every rank; alone, None."""
@@ -373,7 +383,7 @@ class PatchCore(AnomalyModel):
             received[number] = None  # freed as it is placed
         return ordered
 
-    def _gather_from_ranks(self, chunks: list[torch.Tensor], selected: torch.Tensor, mine: torch.Tensor, positions: int) -> torch.Tensor:
+    def _gather_from_ranks(self, bank: PatchBank, selected: torch.Tensor, mine: torch.Tensor, positions: int) -> torch.Tensor:
         """(K, D) bank rows `selected` (fit-order row numbers) on every rank: each rank fills in the
         rows of its own images (`mine`: their fit positions), zeros elsewhere, and a sum over the
         ranks completes them exactly (x + 0 = x)."""
@@ -384,19 +394,8 @@ class PatchCore(AnomalyModel):
         coreset = torch.zeros(len(selected), self.feature_dim, device=self.device)
         if owned.numel():
             rows = image[owned] * positions + selected[owned] % positions
-            coreset[owned.to(self.device)] = self._gather(chunks, rows)
+            coreset[owned.to(self.device)] = bank.gather(rows).to(self.device)
         return distributed.all_reduce_sum_(coreset)
-
-    def _gather(self, chunks: list[torch.Tensor], selected: torch.Tensor) -> torch.Tensor:
-        """(K, D) bank rows `selected` (in that order) from the per-batch blocks, on the device."""
-        coreset = torch.empty(len(selected), self.feature_dim)
-        offsets = torch.tensor([0] + [len(chunk) for chunk in chunks]).cumsum(0)
-        block = torch.searchsorted(offsets, selected, right=True) - 1
-        for number, chunk in enumerate(chunks):
-            where = (block == number).nonzero().squeeze(1)
-            if where.numel():
-                coreset[where] = chunk.index_select(0, selected[where] - offsets[number]).float()
-        return coreset.to(self.device)
 
     # --- scoring ------------------------------------------------------------------------------
 

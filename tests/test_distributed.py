@@ -218,10 +218,10 @@ def test_patchcore_memory_check_counts_the_projection_rank_0_gathers(monkeypatch
     assert needs[1] < needs[0] < alone
     assert needs[0] - needs[1] == 4 * 100 * 3136 * (128 + 4)  # the gathered projection (and its centred copy's share)
     monkeypatch.setattr(patchcore_module, "available_memory", lambda: int((needs[0] + needs[1]) / 2 / patchcore_module.MEMORY_HEADROOM))
-    assert model._check_memory(100, 3136, planned=True) == 4  # rank 1: fits in float32
+    assert model._check_memory(100, 3136, planned=True) == "float32"  # rank 1: fits in float32
     monkeypatch.setattr(distributed._job, "rank", 0)
-    assert model._check_memory(100, 3136, planned=True) == 2  # rank 0: its bank in float16
-    half = model.fit_memory_bytes(50, 3136, 100, bank_bytes=2)
-    monkeypatch.setattr(patchcore_module, "available_memory", lambda: int(0.99 * half / patchcore_module.MEMORY_HEADROOM))
-    with pytest.raises(ModelError, match="memory bank for 100 training images .* of RAM on rank 0 \\(it gathers every rank's projected patches\\) even kept in float16"):
+    assert model._check_memory(100, 3136, planned=True) == "float16"  # rank 0: its bank in float16
+    on_disk = model.fit_memory_bytes(50, 3136, 100, bank_bytes=0)
+    monkeypatch.setattr(patchcore_module, "available_memory", lambda: int(0.99 * on_disk / patchcore_module.MEMORY_HEADROOM))
+    with pytest.raises(ModelError, match="fit for 100 training images .* of RAM on rank 0 \\(it gathers every rank's projected patches\\) even with its memory bank on disk"):
         model._check_memory(100, 3136, planned=True)

@@ -4,6 +4,8 @@ out-of-fold scores, saved models, and every bad input giving one clear error."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 import torch.nn.functional as F
 
+import anomaly_model.bank as bank_module
 import anomaly_model.coreset as coreset_module
 import anomaly_model.patchcore as patchcore_module
 from anomaly_model.backbone import ModelError
@@ -238,7 +241,7 @@ def test_a_bank_too_large_for_memory_is_refused_before_the_fit(monkeypatch, trai
             fed.append(len(part))
             yield part
 
-    with pytest.raises(ModelError, match="memory bank for 100000 training images .* needs 12.9 GB of RAM even kept in float16, only 50 MB is free: train on fewer images \\(about 349 fit\\)"):
+    with pytest.raises(ModelError, match="fit for 100000 training images .* needs 8.0 GB of RAM even with its memory bank on disk, only 50 MB is free: train on fewer images \\(about 564 fit\\)"):
         model.fit(batches())
     assert fed == [2]  # refused at the first batch
 
@@ -246,8 +249,34 @@ def test_a_bank_too_large_for_memory_is_refused_before_the_fit(monkeypatch, trai
 def test_a_bank_outgrowing_memory_without_a_plan_is_refused(monkeypatch, train_images):
     monkeypatch.setattr(patchcore_module, "available_memory", lambda: 500_000)  # 2 images fit, 10 do not
     # what is free counts the bank already held (2 images' worth), not only what is left beside it
-    with pytest.raises(ModelError, match="memory bank for the first 10 training images .* needs 1 MB of RAM even kept in float16, only 1 MB"):
+    with pytest.raises(ModelError, match="fit for the first 10 training images .* needs 1 MB of RAM even with its memory bank on disk, only 1 MB"):
         PatchCore(PatchCoreSettings(backbone="resnet18", weights="none"), device="cpu").fit([train_images[:2], train_images[2:]])
+
+
+def test_a_bank_that_fits_in_no_ram_is_kept_on_disk_with_the_same_model(monkeypatch, capsys, tmp_path):
+    """Memory for the projection and the selection but not for the bank even in float16: the bank
+    goes to an unnamed file in TMPDIR and the fit is the RAM fit's, bit for bit; nothing is left
+    in the folder; a folder without room for the bank gives one line naming TMPDIR."""
+    train = images(6, 0)
+    settings = PatchCoreSettings(backbone="resnet18", weights="none", coreset_ratio=0.2)
+    reference = PatchCore(settings, device="cpu").fit([train[:3], train[3:]])
+    model = PatchCore(settings, device="cpu")
+    positions = 8 * 8
+    between = (model.fit_memory_bytes(6, positions, bank_bytes=0) + model.fit_memory_bytes(6, positions, bank_bytes=2)) / 2
+    monkeypatch.setattr(patchcore_module, "available_memory", lambda: int(between / patchcore_module.MEMORY_HEADROOM))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model.plan_fit(6)
+    model.fit([train[:3], train[3:]])
+    assert model.bank_precision_ == "disk"
+    assert f"kept on disk, in a temporary file in {tmp_path}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert torch.equal(model.memory_sources_, reference.memory_sources_) and model.group_offsets_ == reference.group_offsets_
+    assert torch.equal(model.memory_, reference.memory_) and torch.equal(model.memory_mean_, reference.memory_mean_)
+    monkeypatch.setattr(bank_module.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    refused = PatchCore(settings, device="cpu")
+    refused.plan_fit(6)
+    with pytest.raises(ModelError, match=f"fits in neither RAM nor the temporary folder {tmp_path} .*: set TMPDIR to a folder with room"):
+        refused.fit([train[:3], train[3:]])
 
 
 def test_images_of_another_size_than_the_fit(fitted):
