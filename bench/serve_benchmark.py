@@ -70,6 +70,12 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -228,17 +234,23 @@ def concurrent(server: Server, payloads: list[bytes], clients: int, per_client: 
                 latencies.append(send(client, payloads[(offset * 7 + step) % len(payloads)], pictures))
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(clients)]
+    server_cpu, client_cpu = cpu_seconds(server.process.pid), time.process_time()
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - started
+    server_cpu, client_cpu = cpu_seconds(server.process.pid) - server_cpu, time.process_time() - client_cpu
     after = server.health()
     images, batches = after["images"] - before["images"], after["batches"] - before["batches"]
+    requests = clients * per_client
     return {
-        "clients": clients, "requests": clients * per_client, "seconds": seconds, "images_per_second": clients * per_client / seconds,
+        "clients": clients, "requests": requests, "seconds": seconds, "images_per_second": requests / seconds,
         "mean_batch_size": images / batches if batches else 0.0, "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
+        # where the machine's CPU went: the server's per image, and the benchmark's own HTTP clients' (on the same cores)
+        "server_cpu_ms_per_image": 1000 * server_cpu / requests, "client_cpu_ms_per_image": 1000 * client_cpu / requests,
+        "client_cpu_share": client_cpu / (seconds * (os.cpu_count() or 1)),
     }
 
 
@@ -352,6 +364,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="SERVE_THREADS for the server, and torch's threads for the backbone and breakdown figures (default: config.py's)")
     parser.add_argument("--only-breakdown", action="store_true", help="print where one image's time goes in-process, and stop")
+    parser.add_argument("--only-throughput", action="store_true",
+                        help="print test.py's scoring rate and the 1 / 4 / 8 client throughput (with CPU per image), and stop")
     parser.add_argument("--only-one-client", action="store_true",
                         help="print the backbone, the in-process breakdown and one client's latency (with the server's own seconds), and stop")
     args = parser.parse_args()
@@ -384,6 +398,18 @@ def main() -> None:
             server.stop()
         one = quick["one_client"]
         quick["one_client"]["p50_over_backbone"] = one["p50_ms"] / quick["backbone_one_image"]["p50_ms"]
+        print(json.dumps({**quick, "load_average_end": load_average()}, indent=2))
+        return
+    if args.only_throughput:
+        quick = {"load_average": load_average(), "serve_threads": threads,
+                 "test_py_scoring": scoring_rate(model_dir, run.images, config.BATCH_SIZE, config.NUM_WORKERS)}
+        server = Server(run, f"REVIEW_DIR={OUT / 'serve-review'}", f"SERVE_THREADS={threads}")
+        try:
+            quick["throughput"] = [concurrent(server, payloads, clients, args.per_client) for clients in (1, 4, 8)]
+        finally:
+            server.stop()
+        for row in quick["throughput"]:
+            row["over_test_py"] = row["images_per_second"] / quick["test_py_scoring"]["images_per_second"]
         print(json.dumps({**quick, "load_average_end": load_average()}, indent=2))
         return
     figures: dict = {"machine": f"{os.cpu_count()} CPUs, shared with other jobs (not quiet)", "load_average_start": load_average(),
@@ -423,7 +449,9 @@ def report(figures: dict) -> str:
     ]
     for row in figures["throughput"]:
         lines.append(f"  {row['clients']} clients: {row['images_per_second']:.1f} images/s ({row['images_per_second'] / rate:.2f}x test.py), "
-                     f"mean batch {row['mean_batch_size']:.2f}, p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms")
+                     f"mean batch {row['mean_batch_size']:.2f}, p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms; CPU per image: "
+                     f"server {row['server_cpu_ms_per_image']:.1f} ms, the benchmark's clients {row['client_cpu_ms_per_image']:.1f} ms "
+                     f"({100 * row['client_cpu_share']:.0f} % of the machine)")
     soaked = figures["soak"]
     lines.append(f"soak {soaked['requests']} requests: RSS {soaked['rss_start_mb']:.0f} -> peak {soaked['rss_peak_mb']:.0f} MB (growth {soaked['growth_mb']:.1f} MB)")
     watched = figures["watched_folder"]
