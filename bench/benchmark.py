@@ -171,7 +171,7 @@ def fit_patchcore(args, images) -> dict:
             model.save(str(_model_path(args) / "naive.pt"))
         bank = None
     timings = model.fit_seconds_ if args.impl == "ours" else model.timings
-    selected = model.bank_size_ if args.impl == "ours" else None
+    selected = len(model.memory_) if args.impl == "ours" else None  # coreset points chosen
     return {"features_s": timings["features"], "coreset_s": timings["coreset"], "save_s": time.perf_counter() - started,
             "model_bytes": nbytes, "bank_bytes": bank,
             "coreset_points_per_s": selected / timings["coreset"] if selected and timings["coreset"] else None}
