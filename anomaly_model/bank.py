@@ -29,7 +29,7 @@ BYTES_IN_RAM = {"float32": 4, "float16": 2, "disk": 0}  # per bank value
 
 def size_text(count: float) -> str:
     """Bytes as "2.4 GB" or "613 MB"."""
-    return f"{count / 1e9:.1f} GB" if count >= 1e8 else f"{count / 1e6:.0f} MB"
+    return f"{count / 1e9:.1f} GB" if count >= 1e9 else f"{count / 1e6:.0f} MB"
 
 
 def disk_folder() -> str:

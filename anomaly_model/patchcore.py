@@ -249,7 +249,8 @@ class PatchCore(AnomalyModel):
             held = bank.ram_bytes() + sum(part.numel() * part.element_size() for part in projected)
             kind = max(kind, self._check_memory(n_images + len(images), positions, planned=False, held=held), key=KINDS.index)
             if kind != bank.kind:
-                self._keep_bank_as(bank, kind, positions * max(self._planned_images, n_images + len(images)))
+                own_planned = math.ceil(self._planned_images / distributed.world_size())  # this rank's share of the job
+                self._keep_bank_as(bank, kind, positions * max(own_planned, n_images + len(images)))
             if projection is None and width < self.feature_dim:
                 projection = projection_matrix(self.feature_dim, self.projection_dim, self.seed, self.device)
             projected.append(embedding if projection is None else embedding @ projection)
