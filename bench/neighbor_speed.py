@@ -42,10 +42,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--groups", default="0,64,128,256,512")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dense-shares", default=str(coreset.DENSE_SHARE),
+                        help="coreset.DENSE_SHARE values to try (1 = never a dense pass, the search before it existed)")
     args = parser.parse_args()
     model, description = load_model(Path(args.model_dir), "cpu")
-    prep = description["preprocessing"]
-    preprocessor = Preprocessor(prep["resize"], prep["crop"], tuple(prep["mean"]), tuple(prep["std"]))
+    preprocessor = Preprocessor.from_description(description["preprocessing"])
     (category,) = find_categories(Path(args.category_dir))
     paths = [item.path for item in category.test_images][: args.images]
     images = torch.cat([batch.images for batch in ImageBatches(paths, preprocessor, len(paths), 0)])
@@ -57,16 +58,18 @@ def main() -> None:
     print(f"{category.name}, {description['anomaly_model']['settings']['backbone']}: coreset {tuple(memory.shape)}, "
           f"{count} images, {len(queries)} patches, torch threads {torch.get_num_threads()}")
     print(f"backbone forward alone: {backbone / count * 1e3:.1f} ms/img; every distance: {full / count * 1e3:.1f} ms/img\n")
-    print("| groups | ms/img | faster than every distance | coreset share read per patch | same rows |")
-    print("|---|---|---|---|---|")
+    print("| groups | DENSE_SHARE | ms/img | faster than every distance | coreset share read per patch | same rows |")
+    print("|---|---|---|---|---|---|")
     read = []
-    original = coreset.GroupedNeighbors._update
+    original = coreset.GroupedNeighbors._keep_nearer  # called once per product, with the rows it read
 
-    def counting(self, queries, query_norms, chosen, group, best, row):
-        read.append(len(chosen) * (self.offsets[group + 1] - self.offsets[group]))
-        return original(self, queries, query_norms, chosen, group, best, row)
+    def counting(block, chosen, rows, candidates, start, best, row):
+        read.append(len(chosen) * len(rows))
+        return original(block, chosen, rows, candidates, start, best, row)
 
-    for groups in (int(g) for g in args.groups.split(",")):
+    variants = [(int(g), float(share)) for g in args.groups.split(",") for share in args.dense_shares.split(",")]
+    for groups, share in variants:
+        coreset.DENSE_SHARE = share
         if groups:
             order, offsets = coreset.group_order(memory, groups)
             bank = memory[order].contiguous()
@@ -74,14 +77,14 @@ def main() -> None:
             order, offsets, bank = torch.arange(len(memory)), model.group_offsets_, memory
         index = coreset.GroupedNeighbors(bank, offsets)
         seconds = best_of(lambda: index(queries), args.repeats)
-        coreset.GroupedNeighbors._update = counting
+        coreset.GroupedNeighbors._keep_nearer = staticmethod(counting)
         read.clear()
         _, rows = index(queries)
-        coreset.GroupedNeighbors._update = original
+        coreset.GroupedNeighbors._keep_nearer = staticmethod(original)
         same = bool(torch.equal(order[rows], expected))
-        share = sum(read) / (len(queries) * len(memory))
-        print(f"| {len(offsets) - 1}{' (model)' if not groups else ''} | {seconds / count * 1e3:.1f} | {full / seconds:.1f}x | "
-              f"{share * 100:.1f} % | {same} |")
+        read_share = sum(read) / (len(queries) * len(memory))
+        print(f"| {len(offsets) - 1}{' (model)' if not groups else ''} | {share:g} | {seconds / count * 1e3:.1f} | {full / seconds:.1f}x | "
+              f"{read_share * 100:.1f} % | {same} |")
 
 
 if __name__ == "__main__":

@@ -39,8 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = defaults()
     model, description = load_model(Path(args.model_dir), "cpu")
-    prep = description["preprocessing"]
-    preprocessor = Preprocessor(prep["resize"], prep["crop"], tuple(prep["mean"]), tuple(prep["std"]))
+    preprocessor = Preprocessor.from_description(description["preprocessing"])
     (category,) = find_categories(Path(args.category_dir))
     train, validation = split_validation(category, settings["VALIDATION_FRACTION"], settings["SEED"])
     folds = np.random.default_rng(0).permutation(len(train)) % args.folds

@@ -97,10 +97,14 @@ def test_nearest_neighbours_equal_cdist_across_blocks(monkeypatch):
     assert not excluded[index].any()
 
 
-@pytest.mark.parametrize("groups", [0, 1, 7])
-def test_grouped_search_equals_cdist(monkeypatch, groups):
-    """The triangle-inequality search skips groups, never the nearest point: same rows as brute force."""
+@pytest.mark.parametrize("groups, dense_share", [(0, 0.25), (1, 0.25), (7, 0.25), (0, 1.0), (0, 0.0)])
+def test_grouped_search_equals_cdist(monkeypatch, groups, dense_share):
+    """The triangle-inequality search skips groups, never the nearest point: same rows as brute force,
+    whether queries are searched group by group (DENSE_SHARE 1), all densely (0) or mixed."""
     monkeypatch.setattr(coreset_module, "NEIGHBOR_BLOCK", 8192)  # several query chunks
+    monkeypatch.setattr(coreset_module, "DENSE_SHARE", dense_share)
+    monkeypatch.setattr(coreset_module, "DENSE_ROWS", 96)  # several bank chunks, the last one short
+    monkeypatch.setattr(coreset_module, "DENSE_QUERIES", 50)
     generator = torch.Generator().manual_seed(groups)
     clusters = torch.randn(12, 24, generator=generator) * 4
     points = clusters[torch.randint(12, (3000,), generator=generator)] + torch.randn(3000, 24, generator=generator)
