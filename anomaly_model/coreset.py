@@ -285,9 +285,10 @@ NEIGHBOR_CANDIDATES = 4
 # skip a group holding the nearest point; it only lets a few more groups through.
 PRUNE_SLACK = 1e-3
 # A query whose triangle-inequality bounds leave more than this share of the coreset to read is
-# measured against every row in one product instead: on homogeneous parts (ksdd's gray patches)
-# the bounds rule out almost nothing, and the per-group products then cost several times one dense
-# pass (bench/neighbor_speed.py). Same rows either way: both measure their best candidates exactly.
+# measured against every row in a few large products instead: on homogeneous parts (ksdd's gray
+# patches) the bounds rule out almost nothing, and the per-group products then cost several times
+# one dense pass (bench/neighbor_speed.py: 0.25 is about where the two cost the same on tire).
+# Same rows either way: both measure their best candidates exactly.
 DENSE_SHARE = 0.25
 # Chunk of the dense pass: DENSE_QUERIES x DENSE_ROWS float32 products (16 MB, reused), bank chunks
 # of 4096 x 128 float32 = 2 MB that stay in cache: 1.6x faster than one product over the whole
@@ -382,7 +383,7 @@ class GroupedNeighbors:
                 if count:
                     self._update(queries, query_norms, by_group[start : start + count], group, best, row)
                     start += count
-            self._search_densely(queries, bounds, best, row)
+        bounds = self._search_densely(queries, bounds, best, row, traced)
         for group in range(groups):
             limit = best * (1 + PRUNE_SLACK) + PRUNE_SLACK
             candidates = ((bounds[group] <= limit) & (own != group)).nonzero().squeeze(1)
@@ -390,54 +391,47 @@ class GroupedNeighbors:
                 self._update(queries, query_norms, candidates, group, best, row)
         return best, row
 
-    def _search_densely(self, queries, bounds, best, row) -> None:
+    def _search_densely(self, queries, bounds, best, row, traced: bool = False) -> torch.Tensor:
         """Measures the queries the bounds prune poorly (more than DENSE_SHARE of the rows left to
-        read) against every row, then sets their bounds to +inf so the group loop skips them.
+        read) against every row; returns `bounds` with theirs set to +inf, so the group loop skips them.
 
-        The bank is read in cache-sized chunks of DENSE_ROWS rows into one reused scratch product;
-        each chunk's NEIGHBOR_CANDIDATES nearest by the expansion are kept, the overall best few of
-        those measured exactly (`nearest_candidate`), as `_measure` does within a group."""
+        The bank is read in chunks of DENSE_ROWS rows, each measured like a group (`_measure`): the
+        chunks stay in cache and their products go into one reused scratch array. `traced`: all
+        such queries at once, with no Python test on how many there are (the graph then holds the
+        coreset twice, as the groups' and as the chunks' constants)."""
         sizes = torch.tensor(self.offsets, device=queries.device).diff().to(queries.dtype)
         limit = best * (1 + PRUNE_SLACK) + PRUNE_SLACK
         reads = sizes @ (bounds <= limit[None, :]).to(queries.dtype)  # (Q,) rows each query would read
-        dense = (reads > DENSE_SHARE * len(self.bank)).nonzero().squeeze(1)
-        if not dense.numel():
-            return
-        count, keep = len(self.bank), min(NEIGHBOR_CANDIDATES, len(self.bank))
-        scratch = torch.empty(min(DENSE_QUERIES, len(dense)), min(DENSE_ROWS, count), device=queries.device)
-        for first in range(0, len(dense), DENSE_QUERIES):
-            chosen = dense[first : first + DENSE_QUERIES]
-            block = queries.index_select(0, chosen)
-            values, columns = [], []
-            for start in range(0, count, DENSE_ROWS):
-                end = min(start + DENSE_ROWS, count)
-                products = scratch[: len(chosen), : end - start]
-                torch.addmm(self.norms[start:end], block, self.bank[start:end].T, alpha=-2.0, out=products)
-                nearest = products.topk(min(keep, end - start), dim=1, largest=False)
-                values.append(nearest.values)
-                columns.append(nearest.indices + start)
-            values, columns = torch.cat(values, dim=1), torch.cat(columns, dim=1)
-            candidates = columns.gather(1, values.topk(keep, dim=1, largest=False).indices)
-            self._keep_nearer(block, chosen, self.bank, candidates, 0, best, row)
-        bounds.index_fill_(1, dense, math.inf)
+        dense = reads > DENSE_SHARE * len(self.bank)
+        chosen = dense.nonzero().squeeze(1)
+        count = len(self.bank)
+        chunks = [(start, min(start + DENSE_ROWS, count)) for start in range(0, count, DENSE_ROWS)]
+        if traced:
+            for start, end in chunks:
+                self._measure(queries, chosen, start, end, best, row)
+        elif chosen.numel():
+            scratch = torch.empty(min(DENSE_QUERIES, len(chosen)), min(DENSE_ROWS, count), device=queries.device)
+            for first in range(0, len(chosen), DENSE_QUERIES):
+                for start, end in chunks:
+                    self._measure(queries, chosen[first : first + DENSE_QUERIES], start, end, best, row, scratch)
+        return bounds.masked_fill(dense[None, :], math.inf)
 
     def _update(self, queries, query_norms, chosen, group, best, row) -> None:
         """Exact distances of queries `chosen` to the rows of `group`; keeps any nearer row found."""
         self._measure(queries, chosen, self.offsets[group], self.offsets[group + 1], best, row)
 
-    def _measure(self, queries, chosen, start, end, best, row) -> None:
+    def _measure(self, queries, chosen, start, end, best, row, scratch: torch.Tensor | None = None) -> None:
         """Exact distances of queries `chosen` to bank rows start..end-1 (the NEIGHBOR_CANDIDATES the
-        expansion ranks first, measured by `nearest_candidate`); keeps any nearer row found."""
+        expansion ranks first, measured by `nearest_candidate`); keeps any nearer row found. The
+        expansion's products go into `scratch` when given (a reused array, no allocation)."""
         block = queries.index_select(0, chosen)
-        squared = torch.addmm(self.norms[start:end], block, self.bank[start:end].T, alpha=-2.0)
+        if scratch is None:
+            squared = torch.addmm(self.norms[start:end], block, self.bank[start:end].T, alpha=-2.0)
+        else:
+            squared = torch.addmm(self.norms[start:end], block, self.bank[start:end].T, alpha=-2.0,
+                                  out=scratch[: len(chosen), : end - start])
         candidates = squared.topk(min(NEIGHBOR_CANDIDATES, end - start), dim=1, largest=False).indices
-        self._keep_nearer(block, chosen, self.bank[start:end], candidates, start, best, row)
-
-    @staticmethod
-    def _keep_nearer(block, chosen, rows, candidates, start, best, row) -> None:
-        """Measures queries `chosen` (their features `block`) exactly against their candidate
-        `rows` (bank rows start.. on); where the nearest is nearer than `best`, keeps it."""
-        distances, pick = nearest_candidate(block, rows, candidates)
+        distances, pick = nearest_candidate(block, self.bank[start:end], candidates)
         where = candidates.gather(1, pick[:, None]).squeeze(1)
         nearer = distances < best.index_select(0, chosen)
         chosen = chosen[nearer]

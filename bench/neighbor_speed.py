@@ -61,11 +61,11 @@ def main() -> None:
     print("| groups | DENSE_SHARE | ms/img | faster than every distance | coreset share read per patch | same rows |")
     print("|---|---|---|---|---|---|")
     read = []
-    original = coreset.GroupedNeighbors._keep_nearer  # called once per product, with the rows it read
+    original = coreset.GroupedNeighbors._measure  # every product of the search goes through it
 
-    def counting(block, chosen, rows, candidates, start, best, row):
-        read.append(len(chosen) * len(rows))
-        return original(block, chosen, rows, candidates, start, best, row)
+    def counting(self, queries, chosen, start, end, best, row, scratch=None):
+        read.append(len(chosen) * (end - start))
+        return original(self, queries, chosen, start, end, best, row, scratch)
 
     variants = [(int(g), float(share)) for g in args.groups.split(",") for share in args.dense_shares.split(",")]
     for groups, share in variants:
@@ -77,10 +77,10 @@ def main() -> None:
             order, offsets, bank = torch.arange(len(memory)), model.group_offsets_, memory
         index = coreset.GroupedNeighbors(bank, offsets)
         seconds = best_of(lambda: index(queries), args.repeats)
-        coreset.GroupedNeighbors._keep_nearer = staticmethod(counting)
+        coreset.GroupedNeighbors._measure = counting
         read.clear()
         _, rows = index(queries)
-        coreset.GroupedNeighbors._keep_nearer = staticmethod(original)
+        coreset.GroupedNeighbors._measure = original
         same = bool(torch.equal(order[rows], expected))
         read_share = sum(read) / (len(queries) * len(memory))
         print(f"| {len(offsets) - 1}{' (model)' if not groups else ''} | {share:g} | {seconds / count * 1e3:.1f} | {full / seconds:.1f}x | "

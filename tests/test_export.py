@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+import anomaly_model.coreset as coreset_module
 import anomaly_model.onnx_file as onnx_file
 import anomaly_model.padim as padim
 from anomaly_model.backbone import ModelError
@@ -76,10 +77,14 @@ def test_onnxruntime_maps_equal_torch_maps(tmp_path, monkeypatch, backbone):
         assert max(differences) <= MAX_RELATIVE_DIFFERENCE, differences
 
 
-def test_onnxruntime_patchcore_maps_and_reweighted_scores_equal_torch(tmp_path):
+@pytest.mark.parametrize("dense_share", [coreset_module.DENSE_SHARE, 0.0, 1.0])
+def test_onnxruntime_patchcore_maps_and_reweighted_scores_equal_torch(tmp_path, monkeypatch, dense_share):
     """PatchCore's graph: pooled features, the grouped nearest-row search with its data-dependent
     group skipping (traced on zeros, run on other images and batch sizes: no branch frozen at the
-    trace), eq. 7 weights (PATCHCORE_NEIGHBORS=3) and averaged-down channels (PATCHCORE_FEATURE_DIM)."""
+    trace) and its dense pass for the queries the groups prune poorly (DENSE_SHARE 0: every query,
+    1: none), eq. 7 weights (PATCHCORE_NEIGHBORS=3) and averaged-down channels (PATCHCORE_FEATURE_DIM)."""
+    monkeypatch.setattr(coreset_module, "DENSE_SHARE", dense_share)
+    monkeypatch.setattr(coreset_module, "DENSE_ROWS", 64)  # several bank chunks in the graph too
     torch.manual_seed(0)
     model = PatchCore(PatchCoreSettings(backbone="resnet18", weights="none", neighbors=3, feature_dim=200, coreset_ratio=0.25), device="cpu")
     images = torch.randn(10, 3, 32, 32)
