@@ -291,8 +291,8 @@ PRUNE_SLACK = 1e-3
 # Same rows either way: both measure their best candidates exactly.
 DENSE_SHARE = 0.25
 # Chunk of the dense pass: DENSE_QUERIES x DENSE_ROWS float32 products (16 MB, reused), bank chunks
-# of 4096 x 128 float32 = 2 MB that stay in cache: 1.6x faster than one product over the whole
-# coreset on ksdd's MobileNetV2 bank (47 against 29 ms per image, bench/neighbor_speed.py).
+# of 4096 x 128 float32 = 2 MB that stay in cache; one product over the whole coreset, allocated
+# anew each time, made the dense pass about 1.5x slower on ksdd's MobileNetV2 bank.
 DENSE_QUERIES = 1024
 DENSE_ROWS = 4096
 
