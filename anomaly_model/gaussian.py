@@ -240,7 +240,8 @@ class WhiteningFactors:
     Each block is stored transposed, (columns, rows): the product is then the deviations' rows times
     a contiguous matrix, which MKL streams at memory speed; with the block as the left factor and
     the deviations as a transposed view it ran at less than half of that for a few images
-    (MobileNetV2 at 224 px, one thread: 16.7 against 36.6 ms for one image, 46.6 against 64.0 for 16).
+    (`bench/serve_benchmark.py --only-breakdown --threads 1`, MobileNetV2 at 224 px: the anomaly
+    model's scoring of one image, backbone included, 49.8 -> 30.7 ms on this 2-core machine).
     """
 
     blocks: list[torch.Tensor]  # (P, bounds[i + 1], rows of block i) float32: row block i of L^-1, transposed
