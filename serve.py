@@ -56,11 +56,11 @@ def main(argv: list[str]) -> None:
     def load_model(folder: Path):
         return load(folder, settings.DEVICE, settings.RUNTIME, point, settings.BATCH_SIZE)
 
-    holder = ModelHolder(model_dir, load_model)
+    worker = BatchingWorker(settings.SERVE_THREADS)
+    holder = worker.start(lambda: ModelHolder(model_dir, load_model))  # loaded on the worker's thread: see BatchingWorker
     holder.current.detector.report_differences(settings)
     for line in holder.current.notes:
         log(line)
-    worker = BatchingWorker(holder, settings.SERVE_THREADS)
     recent = RecentImages(settings.SERVE_RECENT, Path(settings.REVIEW_DIR))
     service = LiveService(holder, worker, recent, settings.SERVE_MAX_BYTES, settings.SERVE_TOKEN, started=time.time())
     if settings.WATCH_DIR:
@@ -76,7 +76,6 @@ def main(argv: list[str]) -> None:
     # worker and the watcher are stopped below and the process exits 0.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda number, frame: received.append(number))
-    worker.start()
     if service.watcher is not None:
         service.watcher.start()
     inspector = holder.current

@@ -85,19 +85,31 @@ class _Job:
 
 
 class BatchingWorker:
-    """One thread that scores queued images, several at a time when they arrive together."""
+    """One thread that loads the model and scores queued images, several at a time when they
+    arrive together.
 
-    def __init__(self, holder: ModelHolder, threads: int = 0) -> None:
-        self.holder = holder
+    Torch's parallel work runs on this thread only, the model's loading included: once another
+    thread has run a parallel region, OpenMP (libgomp) ran this one's at half speed on the 2-core
+    machine (the MobileNetV2 backbone 17.8 against 7.5 ms per image, when serve.py loaded the
+    model on its main thread and scored here; docs/live_inspection.md)."""
+
+    def __init__(self, threads: int = 0) -> None:
+        self.holder: ModelHolder | None = None  # set by `start`
         self.threads = threads  # torch's CPU threads for scoring (SERVE_THREADS), set once in the worker; 0 = torch's default
         self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="inspection-worker", daemon=True)
+        self._thread: threading.Thread | None = None
         self.n_batches = 0
         self.n_images = 0
         self._lock = threading.Lock()
 
-    def start(self) -> None:
+    def start(self, make_holder: Callable[[], ModelHolder]) -> ModelHolder:
+        """Starts the thread, which first builds the holder (loads the model) with `make_holder`;
+        returns it once loaded, or raises here what loading raised (the thread has then ended)."""
+        loaded: Future = Future()
+        self._thread = threading.Thread(target=self._run, args=(make_holder, loaded), name="inspection-worker", daemon=True)
         self._thread.start()
+        self.holder = loaded.result()
+        return self.holder
 
     def submit(self, prepared: PreparedImage) -> "Future[tuple[Inspector, Inspection]]":
         future: Future = Future()
@@ -107,16 +119,23 @@ class BatchingWorker:
     def stop(self) -> None:
         """Score what is queued, then end the thread."""
         self._queue.put(None)
-        self._thread.join(timeout=120)
+        if self._thread is not None:
+            self._thread.join(timeout=120)
 
     @property
     def mean_batch_size(self) -> float:
         with self._lock:
             return self.n_images / self.n_batches if self.n_batches else 0.0
 
-    def _run(self) -> None:
+    def _run(self, make_holder: Callable[[], ModelHolder], loaded: Future) -> None:
         if self.threads:  # once, here: request threads run no torch operations (their preprocessing is numpy)
             torch.set_num_threads(self.threads)
+        try:
+            self.holder = make_holder()
+        except BaseException as error:  # serve.py's main thread reports it and exits
+            loaded.set_exception(error)
+            return
+        loaded.set_result(self.holder)
         stopping = False
         while not stopping:
             try:

@@ -310,3 +310,27 @@ def test_watched_folder_inspects_each_file_once_whole_across_restarts(trained, t
     sorted_names = sorted(p.name for folder in ("good", "defect") for p in (watch / folder).iterdir())
     assert sorted_names == ["a-2.png", "a.png", "b.png", "slow.png"] or sorted_names == ["a.png", "a.png", "b.png", "slow.png"]
     assert not [p for p in watch.iterdir() if p.is_file()]
+
+
+def test_the_worker_loads_the_model_on_its_own_thread_and_hands_back_a_load_error():
+    """serve.py's torch work runs on the scoring thread only, the model's loading included (a
+    parallel region run on another thread first halved its speed); a model that cannot be loaded
+    is reported where serve.py starts it."""
+    from pipeline.live import BatchingWorker
+
+    threads = []
+
+    def loading():
+        threads.append(threading.current_thread())
+        return SimpleNamespace(current=SimpleNamespace(batch_size=4), refresh=lambda: None)
+
+    worker = BatchingWorker()
+    holder = worker.start(loading)
+    assert holder is worker.holder and threads[0] is not threading.current_thread() and threads[0].name == "inspection-worker"
+    worker.stop()
+
+    def broken():
+        raise OSError("model.json: not found")
+
+    with pytest.raises(OSError, match="model.json"):
+        BatchingWorker().start(broken)
