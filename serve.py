@@ -61,14 +61,14 @@ def main(argv: list[str]) -> None:
     holder.current.detector.report_differences(settings)
     for line in holder.current.notes:
         log(line)
-    recent = RecentImages(settings.SERVE_RECENT, Path(settings.REVIEW_DIR))
+    recent = RecentImages(settings.SERVE_RECENT, Path(settings.REVIEW_DIR), worker.pictures)
     service = LiveService(holder, worker, recent, settings.SERVE_MAX_BYTES, settings.SERVE_TOKEN, started=time.time())
     if settings.WATCH_DIR:
         watch = WatchSettings(
             Path(settings.WATCH_DIR), settings.WATCH_SORT, settings.WATCH_SETTLE_SECONDS,
             model_results_dir(settings.RESULTS_DIR, holder.current), settings.SAVE_PICTURES,
         )
-        service.watcher = FolderWatcher(watch, service.prepare, worker.submit, service.notify("folder"))
+        service.watcher = FolderWatcher(watch, service.prepare, worker, service.notify("folder"))
     sock = _listening_socket(settings.SERVE_HOST, settings.SERVE_PORT)
     server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", access_log=False, timeout_graceful_shutdown=30))
     received = []

@@ -1,5 +1,5 @@
 """What serve.py keeps running: the model in use (switched when a new one is saved in its folder)
-and one worker thread that scores queued images in batches.
+and one worker thread that scores queued images in batches (and runs serve.py's other torch work).
 
 Requests and the watched folder decode and preprocess their images in their own threads
 (`Inspector.prepare`) and queue them here; the worker takes whatever is queued (up to the model's
@@ -84,19 +84,26 @@ class _Job:
     future: Future  # -> (Inspector that judged it, Inspection)
 
 
+@dataclass
+class _Call:
+    function: Callable[[], object]  # torch work for another thread (pictures), run between batches
+    future: Future  # -> what it returns
+
+
 class BatchingWorker:
     """One thread that loads the model and scores queued images, several at a time when they
     arrive together.
 
-    Torch's parallel work runs on this thread only, the model's loading included: once another
-    thread has run a parallel region, OpenMP (libgomp) ran this one's at half speed on the 2-core
-    machine (the MobileNetV2 backbone 17.8 against 7.5 ms per image, when serve.py loaded the
-    model on its main thread and scored here; docs/live_inspection.md)."""
+    Torch's parallel work runs on this thread only, the model's loading and the pictures' map
+    resizing included (`call`): while another living thread had run a parallel region, OpenMP
+    (libgomp) ran this one's at about half speed on the 2-core machine (the MobileNetV2 backbone
+    17.8 against 7.5 ms per image when serve.py loaded the model on its main thread; one client's
+    latency 28.7 -> 40.6 ms after one picture was drawn in a request thread; docs/live_inspection.md)."""
 
     def __init__(self, threads: int = 0) -> None:
         self.holder: ModelHolder | None = None  # set by `start`
         self.threads = threads  # torch's CPU threads for scoring (SERVE_THREADS), set once in the worker; 0 = torch's default
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._queue: queue.Queue[_Job | _Call | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self.n_batches = 0
         self.n_images = 0
@@ -115,6 +122,17 @@ class BatchingWorker:
         future: Future = Future()
         self._queue.put(_Job(prepared, future))
         return future
+
+    def call(self, function: Callable[..., object], *args) -> Future:
+        """Runs `function(*args)` on this thread, after the batch in hand: torch work that other
+        threads would otherwise run themselves (the pictures' map resizing)."""
+        future: Future = Future()
+        self._queue.put(_Call(lambda: function(*args), future))
+        return future
+
+    def pictures(self, inspector: Inspector, inspection: Inspection, rgb, preview_size: int):
+        """`Inspector.pictures`, computed on this thread; waits for it."""
+        return self.call(inspector.pictures, inspection, rgb, preview_size).result()
 
     def stop(self) -> None:
         """Score what is queued, then end the thread."""
@@ -145,18 +163,28 @@ class BatchingWorker:
                 continue
             if job is None:
                 break
-            jobs = [job]
+            jobs, calls = [], []
             limit = self.holder.current.batch_size
-            while len(jobs) < limit:  # whatever else is already waiting joins this batch; nothing waits for more
+            while job is not None:  # whatever else is already waiting joins this batch; nothing waits for more
+                (calls if isinstance(job, _Call) else jobs).append(job)
+                if len(jobs) >= limit:
+                    break
                 try:
-                    extra = self._queue.get_nowait()
+                    job = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if extra is None:
-                    stopping = True
-                    break
-                jobs.append(extra)
-            self._score(jobs)
+                stopping = job is None
+            if jobs:
+                self._score(jobs)
+            for call in calls:
+                self._run_call(call)
+
+    @staticmethod
+    def _run_call(call: _Call) -> None:
+        try:
+            call.future.set_result(call.function())
+        except Exception as error:  # answered to the caller; the worker goes on
+            call.future.set_exception(error)
 
     def _score(self, jobs: list[_Job]) -> None:
         inspector = self.holder.refresh()

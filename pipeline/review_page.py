@@ -17,7 +17,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 from PIL import Image
 
 from pipeline.inspection import Inspection, Inspector, to_rgb
@@ -56,8 +58,9 @@ class RecentImage:
 class RecentImages:
     """The latest inspected images (both sources), the verdict counts, and corrections."""
 
-    def __init__(self, keep: int, review_dir: Path) -> None:
+    def __init__(self, keep: int, review_dir: Path, draw: Callable[[Inspector, Inspection, np.ndarray, int], tuple]) -> None:
         self.keep = keep
+        self._draw = draw  # (inspector, inspection, rgb, preview size) -> `Inspector.pictures`' arrays, made where torch runs
         self.review_dir = Path(review_dir)
         self._images: OrderedDict[str, RecentImage] = OrderedDict()
         self._counter = itertools.count(1)
@@ -86,13 +89,13 @@ class RecentImages:
     def overlay(self, image: RecentImage) -> bytes:
         """The heat-map overlay of a kept image as PNG, drawn once."""
         if not image.overlay_png:
-            overlay, _ = image.inspector.pictures(image.inspection, to_rgb(image.data, image.id), PAGE_PREVIEW_SIZE)
+            overlay, _ = self._draw(image.inspector, image.inspection, to_rgb(image.data, image.id), PAGE_PREVIEW_SIZE)
             image.overlay_png = png_bytes(overlay)
         return image.overlay_png
 
     def mask(self, image: RecentImage) -> bytes:
         """The predicted defect mask of a kept image at its own size, as PNG."""
-        _, mask = image.inspector.pictures(image.inspection, to_rgb(image.data, image.id), 64)
+        _, mask = self._draw(image.inspector, image.inspection, to_rgb(image.data, image.id), 64)
         return png_bytes(mask)
 
     def correct(self, image: RecentImage, label: str) -> Path:

@@ -173,7 +173,7 @@ def create_app(service: LiveService) -> FastAPI:
         image_id = service.recent.add("http", name, data, inspection, inspector)
         answer = {**inspection.fields(), "id": image_id}
         if pictures:
-            overlay, mask = await run_in_threadpool(inspector.pictures, inspection, prepared.rgb, 640)
+            overlay, mask = await asyncio.wrap_future(service.worker.call(inspector.pictures, inspection, prepared.rgb, 640))
             answer["overlay_png"] = base64.b64encode(png_bytes(overlay)).decode()
             answer["mask_png"] = base64.b64encode(png_bytes(mask)).decode()
         return JSONResponse(answer)

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Callable
 
 from dataset_manager import IMAGE_EXTENSIONS, DataError
-from pipeline.inspection import Inspection, Inspector, PreparedImage, preview
-from pipeline.live import log
+from pipeline.inspection import Inspection, Inspector, PreparedImage
+from pipeline.live import BatchingWorker, log
 from pipeline.prediction import COLUMNS, PREVIEW_SIZE, csv_values
-from pipeline.pictures import picture_arrays, write_pictures
+from pipeline.pictures import write_pictures
 
 LIVE_COLUMNS = COLUMNS + ["error"]
 SORT_FOLDERS = ("good", "defect", "unreadable")
@@ -116,7 +116,6 @@ class _Ready:
 
 # what the watcher calls to inspect: (bytes, shown name) -> a prepared image (DataError when undecodable)
 Prepare = Callable[[bytes, str], PreparedImage]
-Submit = Callable[[PreparedImage], "Future[tuple[Inspector, Inspection]]"]
 # told of each inspected file: (shown name, bytes, inspection, inspector)
 Notify = Callable[[str, bytes, Inspection, Inspector], None]
 
@@ -133,10 +132,11 @@ class WatchSettings:
 class FolderWatcher:
     """Polls the folder in a thread; `stop()` lets the file in hand finish, then ends."""
 
-    def __init__(self, settings: WatchSettings, prepare: Prepare, submit: Submit, notify: Notify) -> None:
+    def __init__(self, settings: WatchSettings, prepare: Prepare, worker: BatchingWorker, notify: Notify) -> None:
         self.settings = settings
         self.folder = Path(settings.folder)
-        self._prepare, self._submit, self._notify = prepare, submit, notify
+        self._prepare, self._notify = prepare, notify
+        self._worker = worker  # scores the files, and makes their pictures (torch runs on its thread only)
         self.ledger = Ledger(settings.model_results / "live-ledger.jsonl")
         self.results = LiveResults(settings.model_results)
         self._pending: dict[str, tuple[FileState, float]] = {}  # name -> (state last seen, since when unchanged)
@@ -228,7 +228,7 @@ class FolderWatcher:
                 continue
             try:
                 item.prepared = self._prepare(item.data, state.name)
-                item.future = self._submit(item.prepared)
+                item.future = self._worker.submit(item.prepared)
             except DataError as error:
                 if still_for < UNREADABLE_PATIENCE * self.settings.settle_seconds:
                     continue  # maybe still being written by a writer that paused: look again later
@@ -261,10 +261,7 @@ class FolderWatcher:
             pictures = self.results.folder() / "pictures"
             pictures.mkdir(parents=True, exist_ok=True)
             stem = f"{Path(item.state.name).stem}-{item.sha256[:8]}"
-            arrays = picture_arrays(
-                inspection.anomaly_map, inspection.size, preview(item.prepared.rgb, PREVIEW_SIZE),
-                inspector.detector.preprocessor, inspector.detector.pixel_threshold, inspector.color_scale,
-            )
+            arrays = self._worker.pictures(inspector, inspection, item.prepared.rgb, PREVIEW_SIZE)
             overlay_file, mask_file = write_pictures(pictures, stem, arrays)
             overlay_path, mask_path = f"pictures/{overlay_file.name}", f"pictures/{mask_file.name}"
         self.ledger.add(item.state, item.sha256, inspection.verdict)

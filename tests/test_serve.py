@@ -313,9 +313,9 @@ def test_watched_folder_inspects_each_file_once_whole_across_restarts(trained, t
 
 
 def test_the_worker_loads_the_model_on_its_own_thread_and_hands_back_a_load_error():
-    """serve.py's torch work runs on the scoring thread only, the model's loading included (a
-    parallel region run on another thread first halved its speed); a model that cannot be loaded
-    is reported where serve.py starts it."""
+    """serve.py's torch work runs on the scoring thread only, the model's loading and the pictures
+    included (a parallel region run on another living thread halved its speed); a model that
+    cannot be loaded is reported where serve.py starts it."""
     from pipeline.live import BatchingWorker
 
     threads = []
@@ -327,6 +327,10 @@ def test_the_worker_loads_the_model_on_its_own_thread_and_hands_back_a_load_erro
     worker = BatchingWorker()
     holder = worker.start(loading)
     assert holder is worker.holder and threads[0] is not threading.current_thread() and threads[0].name == "inspection-worker"
+    assert worker.call(threading.current_thread).result(timeout=10) is threads[0]  # pictures' torch work goes there too
+    with pytest.raises(ZeroDivisionError):
+        worker.call(lambda: 1 / 0).result(timeout=10)  # answered to the caller; the worker goes on
+    assert worker.call(sum, [1, 2]).result(timeout=10) == 3
     worker.stop()
 
     def broken():
