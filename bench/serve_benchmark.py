@@ -394,6 +394,10 @@ def main() -> None:
         server = Server(run, f"REVIEW_DIR={OUT / 'serve-review'}", f"SERVE_THREADS={threads}")
         try:
             quick["one_client"] = one_client_latency(server, payloads, args.latency_requests)
+            with httpx.Client(base_url=server.url, timeout=60) as client:  # pictures must not slow what follows
+                for data in payloads[:10]:
+                    send(client, data, True)
+            quick["one_client_after_10_pictures"] = one_client_latency(server, payloads, args.latency_requests)
         finally:
             server.stop()
         one = quick["one_client"]
