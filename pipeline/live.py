@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from anomaly_model.backbone import ModelError
@@ -130,7 +131,7 @@ class BatchingWorker:
         self._queue.put(_Call(lambda: function(*args), future))
         return future
 
-    def pictures(self, inspector: Inspector, inspection: Inspection, rgb, preview_size: int):
+    def pictures(self, inspector: Inspector, inspection: Inspection, rgb: np.ndarray, preview_size: int) -> tuple[np.ndarray, np.ndarray]:
         """`Inspector.pictures`, computed on this thread; waits for it."""
         return self.call(inspector.pictures, inspection, rgb, preview_size).result()
 
