@@ -120,8 +120,8 @@ SERVE_PORT = 8000
 SERVE_TOKEN = ""  # "" = none (loopback only); else every inspect and correction request must carry it
 SERVE_MAX_BYTES = 50_000_000  # largest image body accepted; a larger one gets 413 and the server goes on
 SERVE_RECENT = 50  # latest inspected images the review page shows (kept in memory with their maps)
-# CPU threads torch uses in serve.py's scoring thread; 0 = torch's default (one per core). On the
-# busy 2-core machine 1 answered MobileNetV2 faster and ResNet18 slower than 2 (docs/live_inspection.md,
+# CPU threads torch uses in serve.py's scoring thread; 0 = torch's default (one per core). On a quiet
+# 2-core machine the default answered MobileNetV2 faster than 1 (29.2 against 40.7 ms, docs/live_inspection.md,
 # "Measured figures"): set it from a `bench/serve_benchmark.py --only-one-client --threads N` run.
 SERVE_THREADS = 0
 WATCH_DIR = ""  # a folder to inspect every image that lands in; "" = none
