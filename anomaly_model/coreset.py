@@ -328,7 +328,9 @@ class GroupedNeighbors:
     every member of g at least D_g - rho_g away; once a row at distance u is known (the nearest
     center to begin with, then the best in the query's own group), a group with D_g - rho_g > u
     cannot hold a nearer row and is skipped. Same distances as `nearest_neighbors`, fewer read
-    (on tire, Wide-ResNet seeded: about a tenth of the coreset per query with 256 groups).
+    (on tire, Wide-ResNet seeded: about a tenth of the coreset per query with 256 groups). A query
+    the bounds leave more than DENSE_SHARE of the coreset to read is measured against every row
+    in a few large products instead (`_search_densely`: ksdd's gray patches).
     """
 
     def __init__(self, bank: torch.Tensor, offsets: list[int]) -> None:
@@ -342,6 +344,9 @@ class GroupedNeighbors:
         self.radius = torch.stack([
             (bank[start:end] - bank[start]).norm(dim=1).max() for start, end in zip(self.offsets[:-1], self.offsets[1:])
         ])
+        self.sizes = torch.tensor(self.offsets, device=bank.device).diff().to(bank.dtype)  # (G,) rows per group
+        count = len(bank)
+        self.chunks = [(start, min(start + DENSE_ROWS, count)) for start in range(0, count, DENSE_ROWS)]  # the dense pass's
 
     def __call__(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(distance (Q,), row (Q,)) of each query's nearest bank row."""
@@ -399,20 +404,17 @@ class GroupedNeighbors:
         chunks stay in cache and their products go into one reused scratch array. `traced`: all
         such queries at once, with no Python test on how many there are (the graph then holds the
         coreset twice, as the groups' and as the chunks' constants)."""
-        sizes = torch.tensor(self.offsets, device=queries.device).diff().to(queries.dtype)
         limit = best * (1 + PRUNE_SLACK) + PRUNE_SLACK
-        reads = sizes @ (bounds <= limit[None, :]).to(queries.dtype)  # (Q,) rows each query would read
+        reads = self.sizes @ (bounds <= limit[None, :]).to(self.sizes.dtype)  # (Q,) rows each query would read
         dense = reads > DENSE_SHARE * len(self.bank)
         chosen = dense.nonzero().squeeze(1)
-        count = len(self.bank)
-        chunks = [(start, min(start + DENSE_ROWS, count)) for start in range(0, count, DENSE_ROWS)]
         if traced:
-            for start, end in chunks:
+            for start, end in self.chunks:
                 self._measure(queries, chosen, start, end, best, row)
         elif chosen.numel():
-            scratch = torch.empty(min(DENSE_QUERIES, len(chosen)), min(DENSE_ROWS, count), device=queries.device)
+            scratch = torch.empty(min(DENSE_QUERIES, len(chosen)), min(DENSE_ROWS, len(self.bank)), device=queries.device)
             for first in range(0, len(chosen), DENSE_QUERIES):
-                for start, end in chunks:
+                for start, end in self.chunks:
                     self._measure(queries, chosen[first : first + DENSE_QUERIES], start, end, best, row, scratch)
         return bounds.masked_fill(dense[None, :], math.inf)
 

@@ -566,7 +566,8 @@ class PatchCoreScores(nn.Module):
     weights of the image scores. The nearest coreset row is found by the model's own grouped search
     (`GroupedNeighbors.search_traced`): groups that cannot hold a query's nearest row are skipped
     by data-dependent selections (ONNX NonZero), so onnxruntime reads about as little of the
-    coreset as torch does; a dense search over every row was 2-5x slower than torch. Such a graph
+    coreset as torch does, and queries the groups prune poorly take the same dense pass as in torch;
+    a dense search of every query over every row was 2-5x slower than torch. Such a graph
     is written by tracing (`DATA_DEPENDENT_SHAPES`, see `onnx_file.write_onnx`).
     `release`: the module takes the model's coreset instead of a copy."""
 
