@@ -160,7 +160,7 @@ def update_model(model_dir: Path, settings, good_folder: str, defect_folder: str
     has_classifier = "classifier" in description
     if defects is not None and not has_classifier:
         raise ModelError(f"model {model_dir} has no classifier (trained with CLASSIFIER=False): labeled defects teach only the classifier; retrain with CLASSIFIER=True")
-    if model.kind == "padim" and goods is not None and goods.paths and model.sums_ is None:
+    if model.kind == "padim" and goods is not None and goods.paths and not model.has_sums:
         raise _old_model(model_dir)
     for part, kind in ((goods, "good"), (defects, "defect")):
         if part is not None and part.known:

@@ -38,6 +38,17 @@ def test_round_trip_gives_identical_maps(saved, fitted):
     assert torch.equal(loaded.channel_indices_, fitted.channel_indices_)
 
 
+def test_inspection_never_reads_the_sums_and_a_loaded_model_saved_again_keeps_them(saved, tmp_path):
+    loaded, description = load_model(saved, "cpu")
+    assert loaded.sums_ is None and loaded.has_sums  # read only when an update (or a save) needs them
+    loaded.anomaly_maps(torch.randn(1, 3, 64, 64))
+    assert loaded.sums_ is None
+    save_model(tmp_path / "again", loaded, INFO)
+    again = json.loads((tmp_path / "again" / "model.json").read_text())["files"]
+    for name in ("sums_outer.npy", "sums_shift.npy", "sums_total.npy", "cholesky.npy"):
+        assert again[name] == description["files"][name]
+
+
 def test_a_bfloat16_model_is_scored_in_bfloat16_after_loading(tmp_path):
     images = torch.randn(10, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     fitted = Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=16, precision="bfloat16"), device="cpu").fit([images])
