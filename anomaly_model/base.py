@@ -171,14 +171,15 @@ class AnomalyModel:
         this rank fits (PatchCore puts the ranks' patches in one process's order). Default: nothing."""
 
     def out_of_fold_scores(
-        self, batches: Callable[..., Iterable[tuple[torch.Tensor, list[int]]]], folds: np.ndarray
-    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        self, batches: Callable[..., Iterable[tuple[torch.Tensor, list[int]]]], folds: np.ndarray, peaks: bool = False
+    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """After `fit` on the same images: honest anomaly maps of the training images themselves.
         `batches()` returns a fresh iterable over exactly the training images the model was fitted on,
         in the fit's order, as (images (B, 3, H, W), their indices in the training list);
         `batches(wanted)` only those of the training indices `wanted` (increasing). `folds[i]` is
         the fold of training image i. Yields (indices, maps (b, H, W) on the CPU, image scores (b,) on
-        the CPU), each image scored by a model that did not see its fold. The fitted model is unchanged."""
+        the CPU, with `peaks` their peak directions (b, d) on the CPU as `score_with_peaks` gives them,
+        else None), each image scored by a model that did not see its fold. The fitted model is unchanged."""
         raise NotImplementedError(f"{type(self).__name__} has no out-of-fold scores")
 
     def patch_scores_and_peaks(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

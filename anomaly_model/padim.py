@@ -354,17 +354,21 @@ class Padim(AnomalyModel):
         level = pixel_threshold(self.score_kind, self.chebyshev_weight, self.feature_dim, rate)
         return level, pixel_threshold_rule(self.score_kind, self.chebyshev_weight)
 
-    def out_of_fold_scores(self, batches: Callable[..., Iterable[tuple[torch.Tensor, list[int]]]], folds: np.ndarray) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    def out_of_fold_scores(
+        self, batches: Callable[..., Iterable[tuple[torch.Tensor, list[int]]]], folds: np.ndarray, peaks: bool = False
+    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """After `fit` on the same images: honest anomaly maps of the training images themselves.
         `batches()` returns a fresh iterable over exactly the training images the model was fitted on,
         in the fit's order, as (images (B, 3, H, W), their indices in the training list); `folds[i]` is
         the fold of training image i. Yields (indices, maps (b, H, W) on the CPU, image scores (b,) on
-        the CPU), each image scored by a model that did not see its fold. The fitted model is unchanged.
+        the CPU, with `peaks` their peak directions (b, d) on the CPU, else None), each image scored by a
+        model that did not see its fold. The fitted model is unchanged.
 
         PaDiM's leave-fold-out Gaussians are exact: per chunk of positions the scatter is rebuilt from
         the stored factor, the fold's own scatter and the moved mean are taken out, and the result is
         factorized (`gaussian.leave_out`). The fold's embeddings come from a second backbone pass over
-        its images only; folds whose embeddings fit in OUT_OF_FOLD_BYTES share a pass and a rebuild."""
+        its images only; folds whose embeddings fit in OUT_OF_FOLD_BYTES share a pass and a rebuild.
+        The peak directions are those a model fitted without the fold would give (`_leave_out_peaks`)."""
         self.check_grid(self.grid_size_)
         folds = np.asarray(folds)
         positions = self.grid_size_[0] * self.grid_size_[1]
@@ -381,10 +385,12 @@ class Padim(AnomalyModel):
             embeddings, indices, image_size = self._held_out_embeddings(batches, folds, group)
             scores = self._leave_out_scores(embeddings)
             for fold in embeddings:
+                directions = self._leave_out_peaks(embeddings[fold], scores[fold]).cpu() if peaks else None
                 for start in range(0, len(indices[fold]), BATCH_OF_MAPS):
                     patch = scores[fold][start : start + BATCH_OF_MAPS].view(-1, *self.grid_size_)
                     maps = self.map_maker(patch, image_size)
-                    yield indices[fold][start : start + BATCH_OF_MAPS], maps.cpu(), self.image_scores(maps).cpu()
+                    chosen = None if directions is None else directions[start : start + BATCH_OF_MAPS]
+                    yield indices[fold][start : start + BATCH_OF_MAPS], maps.cpu(), self.image_scores(maps).cpu(), chosen
 
     def _held_out_embeddings(self, batches, folds: np.ndarray, group: list) -> tuple[dict, dict, tuple[int, int]]:
         """One pass over the training images: {fold: (P, m, d) embeddings}, {fold: their indices}, image size.
@@ -411,6 +417,23 @@ class Padim(AnomalyModel):
             del embedding
         embeddings = {fold: buffers[fold][:, : len(indices[fold])] for fold in group if indices[fold]}
         return embeddings, indices, image_size
+
+    def _leave_out_peaks(self, held: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """(m, d) unit peak directions of a fold's images (embeddings `held` (P, m, d), patch scores
+        (m, P)) under the Gaussians fitted without the fold, as `patch_scores_and_peaks` computes
+        them for a fitted model: only each image's peak position is left out and factorized again
+        (its Gaussian needs the whole fold's embeddings there), in chunks of BATCH_OF_MAPS images."""
+        count, directions = self.n_train_images_, []
+        with torch.no_grad():
+            for start in range(0, held.shape[1], BATCH_OF_MAPS):
+                images = torch.arange(start, min(start + BATCH_OF_MAPS, held.shape[1]), device=held.device)
+                peak = scores[images].argmax(dim=1)  # (b,) each image's highest-scoring position
+                scatter = scatter_from_factor(self.cholesky_[peak], count, self.epsilon)
+                mean, lower = leave_out(self.mean_[peak], scatter, count, held[peak], self.epsilon)
+                deviation = held[peak, images] - mean  # (b, d)
+                whitened = torch.linalg.solve_triangular(lower, deviation[:, :, None], upper=False)[:, :, 0]
+                directions.append(whitened / whitened.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        return torch.cat(directions)
 
     def _leave_out_scores(self, embeddings: dict) -> dict:
         """{fold: (m, P) patch scores of its images under the Gaussians fitted without that fold}."""

@@ -484,8 +484,8 @@ class PatchCore(AnomalyModel):
         return eq7_weights(queries, matches, self.memory_, norms, neighbors or self.neighbors)
 
     def out_of_fold_scores(
-        self, batches: Callable[[], Iterable[tuple[torch.Tensor, list[int]]]], folds: np.ndarray
-    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        self, batches: Callable[[], Iterable[tuple[torch.Tensor, list[int]]]], folds: np.ndarray, peaks: bool = False
+    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Each training image scored against the coreset without the points that came from
         training images of its own fold (the coreset itself is not re-chosen: see docs/models.md, PatchCore)."""
         folds = np.asarray(folds)
@@ -503,8 +503,8 @@ class PatchCore(AnomalyModel):
                         "needs at least 2 folds of training images"
                     )
                 rows = np.nonzero(image_folds == fold)[0]
-                maps, scores, _ = self._score(images[torch.as_tensor(rows)], excluded)
-                yield [indices[row] for row in rows], maps.cpu(), scores.cpu()
+                maps, scores, directions = self._score(images[torch.as_tensor(rows)], excluded, peaks)
+                yield [indices[row] for row in rows], maps.cpu(), scores.cpu(), None if directions is None else directions.cpu()
 
     def patch_score_module(self, release: bool = False) -> "PatchCoreScores":
         return PatchCoreScores(self, release)

@@ -124,7 +124,7 @@ class MapSource:
             test, test_scores = self._score([i.path for i in self.category.test_images], "test")
             folds = assign_folds(len(self.train_paths), s.OUT_OF_FOLD_FOLDS, s.SEED)
             oof_index, oof, oof_scores = [], [], []
-            for indices, maps, scores in out_of_fold_maps(self.model, self.train_paths, self.preprocessor, s, folds):
+            for indices, maps, scores, _ in out_of_fold_maps(self.model, self.train_paths, self.preprocessor, s, folds):
                 oof_index += indices
                 oof.append(maps.half().numpy())
                 oof_scores.append(scores.numpy())
@@ -139,15 +139,23 @@ class MapSource:
         return self._cached("base", compute)
 
     def peaks(self) -> dict[str, np.ndarray]:
-        """Peak directions (`AnomalyModel.score_with_peaks`) of the validation goods and the test images."""
+        """Peak directions (`AnomalyModel.score_with_peaks`) of the validation goods and the test images,
+        and the training images' out-of-fold ones ("oof", in the order of `base()["oof_index"]`)."""
         model_class = type(self._model)
         code = inspect.getsource(model_class.score_with_peaks) + inspect.getsource(model_class.patch_scores_and_peaks)
+        code += inspect.getsource(model_class.out_of_fold_scores) + inspect.getsource(getattr(model_class, "_leave_out_peaks", _key))
 
         def compute():
             directions = {}
             for name, paths in (("good", self.validation_paths), ("test", [i.path for i in self.category.test_images])):
                 batches = ImageBatches(paths, self.preprocessor, self.settings.BATCH_SIZE, 0)
                 directions[name] = np.concatenate([self.model.score_with_peaks(b.images)[2].numpy() for b in tqdm(batches, desc=f"{name} peaks", file=sys.stderr)])
+            s = self.settings
+            folds = assign_folds(len(self.train_paths), s.OUT_OF_FOLD_FOLDS, s.SEED)
+            found = {}
+            for indices, _, _, oof_directions in out_of_fold_maps(self.model, self.train_paths, self.preprocessor, s, folds, peaks=True):
+                found.update(zip(indices, oof_directions.numpy()))
+            directions["oof"] = np.stack([found[int(i)] for i in self.base()["oof_index"]])
             return directions
 
         return self._cached("peaks-" + _key(code), compute)
@@ -274,6 +282,11 @@ VARIANTS = {  # name -> how the classifier is trained (see run_variant); "mode":
     "shrink + labeled-defect similarity, always kept": {"goods": "all", "synthetic": "all hosts", "mode": "shrink", "similarity": "always"},
     # what train.py does: the held-out evidence keeps the first stage, the similarity stage or the image score (classification_model/evidence.py)
     "held-out evidence decides (default)": {"goods": "all", "synthetic": "all hosts", "mode": "shrink", "similarity": "evidence"},
+    # the same, the out-of-fold goods' peak directions weighed too (not only the validation goods')
+    "held-out evidence, out-of-fold goods' directions too": {"goods": "all", "synthetic": "all hosts", "mode": "shrink", "similarity": "evidence",
+                                                             "good_peaks": "all"},
+    "similarity always kept, out-of-fold goods' directions too": {"goods": "all", "synthetic": "all hosts", "mode": "shrink", "similarity": "always",
+                                                                  "good_peaks": "all"},
 }
 DEFAULT_VARIANT = "held-out evidence decides (default)"  # what train.py does
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the "share chosen on real defects" candidates
@@ -354,8 +367,11 @@ def run_variant(data: Prepared, spec: dict, settings, seeds: int, ks: list[int],
                                          + [synthetic[3], data.medians["test"][chosen]])
                 n_rows = len(labels)
                 with_peaks = data.peaks is not None and k > 0
-                rows_weighed = VerdictRows(labels, scores, weights, medians, slice(n_rows - k, n_rows), slice(0, data.n_validation),
-                                           data.peaks["good"] if with_peaks else None, data.peaks["test"][chosen] if with_peaks else None)
+                good_rows, good_peaks = slice(0, data.n_validation), data.peaks["good"] if with_peaks else None
+                if with_peaks and spec.get("good_peaks") == "all" and spec["goods"] == "all":  # validation then out-of-fold goods
+                    good_rows, good_peaks = slice(0, n_good), np.concatenate([data.peaks["good"], data.peaks["oof"]])
+                rows_weighed = VerdictRows(labels, scores, weights, medians, slice(n_rows - k, n_rows), good_rows,
+                                           good_peaks, data.peaks["test"][chosen] if with_peaks else None)
                 if spec["similarity"] == "evidence":
                     decide_verdict(classifier, rows_weighed, settings.CLASSIFIER_FALSE_REJECT_RATE, seed)
                 elif with_peaks:

@@ -57,7 +57,7 @@ def main() -> None:
     fit_peak = peak_gb()
     started = time.perf_counter()
     count = 0
-    for indices, maps, scores in model.out_of_fold_scores(batches, assign_folds(len(train_paths), folds, settings.SEED)):
+    for indices, maps, scores, _ in model.out_of_fold_scores(batches, assign_folds(len(train_paths), folds, settings.SEED)):
         count += len(indices)
     oof_seconds = time.perf_counter() - started
     print(

@@ -49,7 +49,7 @@ def main() -> None:
 
     started = time.perf_counter()
     oof = np.full(len(train), np.nan)
-    for indices, _, scores in model.out_of_fold_scores(batches, folds):
+    for indices, _, scores, _ in model.out_of_fold_scores(batches, folds):
         oof[indices] = scores.numpy()
     oof_seconds = time.perf_counter() - started
     in_sample = np.concatenate([model.score(b.images)[1].numpy() for b in ImageBatches(train, preprocessor, 16, 0)])

@@ -105,7 +105,7 @@ def fit_defect_similarity(
 
     k, n_good = len(defect_directions), len(good_directions)
     if k < MIN_DEFECTS or n_good < 2:
-        return None, None, f"it needs at least {MIN_DEFECTS} labeled defects and 2 validation goods, got {k} and {n_good}"
+        return None, None, f"it needs at least {MIN_DEFECTS} labeled defects and 2 goods with peak directions, got {k} and {n_good}"
     prototype, defect_similarity = leave_one_out_similarities(defect_directions)
     margins = np.r_[np.asarray(good_margins, dtype=np.float64), np.asarray(defect_margins, dtype=np.float64)]
     similarity = np.r_[_unit(good_directions) @ prototype, defect_similarity]

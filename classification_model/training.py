@@ -60,6 +60,7 @@ class HonestGoods:
     maps: torch.Tensor  # (N, H, W) their honest maps
     scores: torch.Tensor  # (N,) their image scores
     out_of_fold: bool  # the model was fitted on these images and `maps` are their out-of-fold maps
+    directions: torch.Tensor | None = None  # (N, d) their peak directions (the similarity stage), from the same honest model
 
 
 @dataclass
@@ -175,8 +176,9 @@ class TrainingSet:
 
     Groups tie a good image and the synthetic defects painted on it together (the classifier's
     cross-validation never scores a defect whose host it trained on); real defects are groups of
-    their own. Hosts are numbered validation images first, then training images. The validation
-    goods' rows come first and the labeled defects' last: the similarity stage reads both."""
+    their own. Hosts are numbered validation images first, then training images. The labeled
+    defects' rows come last; the goods with peak directions are listed by row (`good_direction_rows`):
+    the similarity stage reads both."""
 
     def __init__(self, levels: dict[str, float], n_validation: int, n_train: int, synthetic_total: int, seed: int) -> None:
         self.levels = levels
@@ -194,8 +196,9 @@ class TrainingSet:
         self.n_rows = 0
         self.validation_rows = slice(0, 0)  # the validation goods' rows
         self.real_rows = slice(0, 0)  # the labeled defects' rows
-        # peak directions (AnomalyModel.score_with_peaks) of the validation goods and the labeled defects, for the similarity stage
-        self.validation_directions: np.ndarray | None = None
+        # peak directions (AnomalyModel.score_with_peaks) of honest goods (their rows) and of the labeled defects, for the similarity stage
+        self.good_direction_rows: list[np.ndarray] = []
+        self.good_directions: list[np.ndarray] = []
         self.real_directions: np.ndarray | None = None
         self.similarity_note = ""  # why the similarity stage was not used, when labeled defects could have taught it
         self.verdict: VerdictChoice | None = None  # which verdict `train` kept, and the held-out evidence why
@@ -218,6 +221,8 @@ class TrainingSet:
         """Rows for honest good maps, and for the synthetic defects planned for their images."""
         if not goods.out_of_fold:
             self.validation_rows = slice(self.n_rows, self.n_rows + goods.maps.shape[0])
+        if goods.directions is not None:
+            self.add_good_directions(np.arange(self.n_rows, self.n_rows + goods.maps.shape[0]), goods.directions)
         self.add(goods.maps, goods.scores, 0, np.array(goods.hosts))
         self.counts["out_of_fold_goods" if goods.out_of_fold else "validation_goods"] += goods.maps.shape[0]
         kinds = [self.plan[host] for host in goods.hosts]
@@ -230,6 +235,20 @@ class TrainingSet:
         self.add(defect_maps, defect_scores, 1, np.array(goods.hosts)[owners])
         for kind in defect_kinds:
             self.counts[kind] += 1
+
+    def add_good_directions(self, rows: np.ndarray, directions: torch.Tensor | np.ndarray) -> None:
+        """Peak directions (N, d) of the honest goods at rows `rows` (N,), for the similarity stage."""
+        self.good_direction_rows.append(np.asarray(rows, dtype=np.int64))
+        self.good_directions.append(torch.as_tensor(directions).double().numpy())
+
+    @property
+    def has_good_directions(self) -> bool:
+        """Whether some honest goods carry peak directions (a similarity stage can be weighed)."""
+        return any(len(rows) for rows in self.good_direction_rows)
+
+    def directions_of_goods(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows (N,), peak directions (N, d)) of the goods that have them, in the order they were added."""
+        return np.concatenate(self.good_direction_rows), np.concatenate(self.good_directions)
 
     def add_real_defects(self, maps: torch.Tensor, scores: torch.Tensor, weight: float, directions: torch.Tensor | None = None) -> None:
         """Labeled defects' maps (last rows, after those of a restored set), and their peak directions
@@ -257,7 +276,7 @@ class TrainingSet:
 
     def to_bytes(self) -> bytes:
         """Every row (features, image scores, map medians, labels, groups, weights), which rows are the
-        validation goods and the labeled defects, and their peak directions: CLASSIFIER_ROWS_FILE, what
+        validation goods and the labeled defects, and the peak directions of goods and defects: CLASSIFIER_ROWS_FILE, what
         `restored` reads back so an update retrains the classifier in seconds, without painting defects again."""
         self.put_back_real_defects()
         features, scores, labels, groups, weights = self.arrays()
@@ -267,9 +286,10 @@ class TrainingSet:
             "validation_rows": np.array([self.validation_rows.start, self.validation_rows.stop]),
             "real_rows": np.array([self.real_rows.start, self.real_rows.stop]), "next_group": np.array([self._next_real_group]),
         }
-        for name in ("validation_directions", "real_directions"):
-            if getattr(self, name) is not None:
-                arrays[name] = getattr(self, name)
+        if self.has_good_directions:
+            arrays["good_direction_rows"], arrays["good_directions"] = self.directions_of_goods()
+        if self.real_directions is not None:
+            arrays["real_directions"] = self.real_directions
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         return buffer.getvalue()
@@ -290,7 +310,11 @@ class TrainingSet:
             getattr(training_set, name).append(rows[name][keep])
         training_set.n_rows = int(keep.sum())
         training_set.validation_rows = slice(*(int(v) for v in rows["validation_rows"]))
-        training_set.validation_directions = rows.get("validation_directions")
+        if "good_directions" in rows:
+            training_set.add_good_directions(rows["good_direction_rows"], rows["good_directions"])
+        elif "validation_directions" in rows:  # saved before the out-of-fold goods had peak directions
+            validation = training_set.validation_rows
+            training_set.add_good_directions(np.arange(validation.start, validation.stop), rows["validation_directions"])
         training_set._next_real_group = int(rows["next_group"][0])
         if real.stop > real.start:
             training_set.held_real = {name: rows[name][real] for name in columns}
@@ -327,9 +351,10 @@ class TrainingSet:
         rows = ClassifierRows(features, labels, groups, weights, scores)
         classifier = train_classifier(
             rows, FEATURE_NAMES, params_from_settings(settings), settings.CLASSIFIER_FALSE_REJECT_RATE, MONOTONE, anchoring(settings))
-        directions = self.validation_directions is not None and self.real_directions is not None
+        good_rows, good_directions = self.directions_of_goods() if self.has_good_directions else (np.zeros(0, np.int64), None)
+        directions = good_directions is not None and self.real_directions is not None
         evidence = VerdictRows(labels, scores, weights, np.concatenate(self.medians) if self.medians else np.zeros(0), self.real_rows,
-                               self.validation_rows, self.validation_directions if directions else None, self.real_directions if directions else None)
+                               good_rows, good_directions if directions else None, self.real_directions if directions else None)
         self.verdict, note = decide_verdict(classifier, evidence, settings.CLASSIFIER_FALSE_REJECT_RATE, settings.SEED)
         self.similarity_note = self.similarity_note or note
         return classifier
@@ -344,7 +369,7 @@ class VerdictRows:
     weights: np.ndarray  # (N,) training weights (the image score's anchor is fitted with them)
     medians: np.ndarray  # (N,) each row's map median
     real_rows: slice  # the labeled defects' rows
-    good_rows: slice  # the validation goods' rows (the goods with peak directions)
+    good_rows: np.ndarray | slice  # the rows of the honest goods with peak directions
     good_directions: np.ndarray | None  # their peak directions (AnomalyModel.score_with_peaks); None: no similarity stage
     real_directions: np.ndarray | None
 
@@ -364,7 +389,7 @@ def decide_verdict(classifier: DefectClassifier, rows: VerdictRows, false_reject
     candidates = {FIRST_STAGE: HeldOutRows(labels[honest], out_of_fold[honest], scores[honest], medians[honest])}
     similarity, note = None, ""
     if rows.good_directions is not None and rows.real_directions is not None:
-        good_index = np.arange(rows.good_rows.start, rows.good_rows.stop)
+        good_index = np.arange(len(labels))[rows.good_rows]
         real_index = np.arange(rows.real_rows.start, rows.real_rows.stop)
         good_ok, real_ok = ~np.isnan(out_of_fold[good_index]), ~np.isnan(out_of_fold[real_index])
         good_directions = rows.good_directions[good_ok]

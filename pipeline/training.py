@@ -169,10 +169,11 @@ def assign_folds(count: int, folds: int, seed: int) -> np.ndarray:
 
 
 def out_of_fold_maps(
-    model: AnomalyModel, train_paths: list[Path], preprocessor: Preprocessor, settings, folds: np.ndarray
-) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-    """(indices into train_paths, maps, image scores) of the training images, each scored by the model
-    fitted without its fold (`AnomalyModel.out_of_fold_scores`), streamed batch by batch."""
+    model: AnomalyModel, train_paths: list[Path], preprocessor: Preprocessor, settings, folds: np.ndarray, peaks: bool = False
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """(indices into train_paths, maps, image scores, peak directions if `peaks` else None) of the
+    training images, each scored by the model fitted without its fold (`AnomalyModel.out_of_fold_scores`),
+    streamed batch by batch."""
 
     def batches(wanted: list[int] | None = None):
         chosen = list(range(len(train_paths))) if wanted is None else wanted
@@ -180,9 +181,9 @@ def out_of_fold_maps(
         return ((batch.images, [chosen[i] for i in batch.indices]) for batch in loader)
 
     with tqdm(total=model.n_train_images_, desc="out-of-fold maps", unit="img", file=sys.stderr) as progress:
-        for indices, maps, scores in model.out_of_fold_scores(batches, folds):
+        for indices, maps, scores, directions in model.out_of_fold_scores(batches, folds, peaks):
             progress.update(len(indices))
-            yield indices, maps, scores
+            yield indices, maps, scores, directions
 
 
 class GoodMapSample:
@@ -336,6 +337,7 @@ class TrainingRun:
     goods: GoodMapSample = field(default_factory=lambda: GoodMapSample(), init=False)  # every honest good: thresholds
     training_set: TrainingSet | None = field(default=None, init=False)  # the classifier's rows (CLASSIFIER)
     n_out_of_fold: int = field(default=0, init=False)  # training images scored out-of-fold
+    peaks: bool = field(default=False, init=False)  # the validation goods and labeled defects get peak directions (the similarity stage)
     info: dict = field(default_factory=dict, init=False)  # model.json's sections, as the stages make them
     extra_files: dict[str, bytes] = field(default_factory=dict, init=False)  # files saved beside the model
 
@@ -434,6 +436,7 @@ def collect_honest_goods(run: TrainingRun) -> None:
     goods, then each training image's out-of-fold map as it streams in (none is kept)."""
     settings, model, images = run.settings, run.model, run.images
     _warn_skipped(images.skipped)
+    run.peaks = _peak_directions_wanted(model, settings, bool(run.category.train_defect_images))
     run.goods.add(run.maps, run.scores)
     run.info.update(run.goods.calibrate(settings.IMAGE_FALSE_REJECT_RATE, settings.PIXEL_FALSE_REJECT_RATE))  # the validation goods'
     n_validation = int(run.maps.shape[0])
@@ -448,7 +451,7 @@ def collect_honest_goods(run: TrainingRun) -> None:
         return
     folds = assign_folds(len(images.train), images.folds, settings.SEED)
     try:
-        for indices, fold_maps, fold_scores in out_of_fold_maps(model, images.train, run.preprocessor, settings, folds):
+        for indices, fold_maps, fold_scores, _ in out_of_fold_maps(model, images.train, run.preprocessor, settings, folds):
             run.goods.add(fold_maps, fold_scores)
             run.n_out_of_fold += len(indices)
             if run.training_set is not None:
@@ -479,17 +482,16 @@ def train_verdict(run: TrainingRun) -> None:
     from classification_model.training import CLASSIFIER_ROWS_FILE, classifier_info, image_maps
 
     settings, model, training_set, category = run.settings, run.model, run.training_set, run.category
+    if run.peaks:  # the validation goods once more, for their peak directions (a few dozen images)
+        validation, rows = run.readable_validation, training_set.validation_rows
+        _, _, directions = image_maps(model, run.preprocessor, validation, settings.BATCH_SIZE, "validation peaks", peaks=True)
+        if len(directions) == rows.stop - rows.start:
+            training_set.add_good_directions(np.arange(rows.start, rows.stop), directions)
+        elif not training_set.has_good_directions:
+            training_set.similarity_note = "some validation images could not be read a second time for their peak directions"
     if category.train_defect_images:
-        peaks = _similarity_stage_possible(model, settings)
-        if peaks:  # the validation goods once more, for their peak directions (a few dozen images)
-            validation = run.readable_validation
-            _, _, directions = image_maps(model, run.preprocessor, validation, settings.BATCH_SIZE, "validation peaks", peaks=True)
-            if len(directions) == training_set.validation_rows.stop - training_set.validation_rows.start:
-                training_set.validation_directions = directions.double().numpy()
-            else:
-                training_set.similarity_note = "some validation images could not be read a second time for their peak directions"
         real_maps, real_scores, real_directions = image_maps(
-            model, run.preprocessor, list(category.train_defect_images), settings.BATCH_SIZE, "labeled defects", peaks=peaks)
+            model, run.preprocessor, list(category.train_defect_images), settings.BATCH_SIZE, "labeled defects", peaks=run.peaks)
         training_set.add_real_defects(real_maps, real_scores, settings.CLASSIFIER_REAL_DEFECT_WEIGHT, real_directions)
     classifier = training_set.train(settings)
     print(f"verdict: {training_set.verdict.verdict} ({training_set.verdict.why})", file=sys.stderr)
@@ -533,13 +535,18 @@ def save(run: TrainingRun) -> TrainingSummary:
     )
 
 
-def _similarity_stage_possible(model: AnomalyModel, settings) -> bool:
-    """Whether the classifier may learn the labeled defects' peak directions (a note when the model cannot give them)."""
-    if not settings.CLASSIFIER_DEFECT_SIMILARITY:
+def _peak_directions_wanted(model: AnomalyModel, settings, labeled: bool) -> bool:
+    """Whether the validation goods (and labeled defects) get peak directions: the similarity stage may
+    be learned, from `labeled` defects in train/defect/ now or from a later ADD_DEFECT (the review
+    page's corrections), which needs the goods' directions stored. A note when labeled defects are
+    given and the model cannot give directions. (The out-of-fold goods' directions are not used: with
+    them the evidence kept the stage where labeled defects were taken unlike the goods, docs/classifier.md.)"""
+    if not (settings.CLASSIFIER and settings.CLASSIFIER_DEFECT_SIMILARITY):
         return False
     if not model.has_peak_directions:
-        what = f"{model.kind} models{' with tiles' if model.tile_size else ''}"
-        print(f"note: {what} give no peak directions: the labeled defects train the classifier's first stage only", file=sys.stderr)
+        if labeled:
+            what = f"{model.kind} models{' with tiles' if model.tile_size else ''}"
+            print(f"note: {what} give no peak directions: the labeled defects train the classifier's first stage only", file=sys.stderr)
         return False
     return True
 

@@ -195,7 +195,7 @@ def update_model(model_dir: Path, settings, good_folder: str, defect_folder: str
             info.setdefault("dataset", {})["n_train_images"] = model.n_train_images_
     defect_scored = None
     if defects is not None and defects.paths:
-        peaks = bool(settings.CLASSIFIER_DEFECT_SIMILARITY and model.has_peak_directions and training_set.validation_directions is not None)
+        peaks = bool(settings.CLASSIFIER_DEFECT_SIMILARITY and model.has_peak_directions and training_set.has_good_directions)
         defect_scored = score_files(model, preprocessor, defects.paths, settings.BATCH_SIZE, "labeled defects", peaks)
         summary.n_unreadable += len(defect_scored.skipped)
         if defect_scored.paths:

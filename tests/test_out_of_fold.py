@@ -42,19 +42,22 @@ def test_out_of_fold_maps_equal_a_model_refitted_without_the_fold(monkeypatch):
 
     monkeypatch.setattr(padim, "OUT_OF_FOLD_BYTES", 1)  # one fold per pass: the multi-pass path too
     results = {}
-    for indices, maps, scores in model.out_of_fold_scores(batches, folds):
+    for indices, maps, scores, directions in model.out_of_fold_scores(batches, folds, peaks=True):
         assert maps.device.type == "cpu" and maps.shape == (len(indices), 64, 64) and scores.shape == (len(indices),)
-        results.update({index: (maps[row], scores[row]) for row, index in enumerate(indices)})
+        assert directions.device.type == "cpu" and directions.shape == (len(indices), 40)
+        results.update({index: (maps[row], scores[row], directions[row]) for row, index in enumerate(indices)})
     assert sorted(results) == kept
     assert torch.equal(model.mean_, mean) and torch.equal(model.cholesky_, factor)
     for fold in range(3):
         held = [i for i in kept if folds[i] == fold]
         refit = _model().fit([images[[i for i in kept if folds[i] != fold]]])
-        expected_maps, expected_scores = refit.score(images[held])
+        expected_maps, expected_scores, expected_directions = refit.score_with_peaks(images[held])
         got_maps = torch.stack([results[i][0] for i in held])
         got_scores = torch.stack([results[i][1] for i in held])
         torch.testing.assert_close(got_maps, expected_maps, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(got_scores, expected_scores, rtol=1e-4, atol=1e-4)
+        # the peak directions the similarity stage weighs the goods by: those of the refitted model
+        torch.testing.assert_close(torch.stack([results[i][2] for i in held]), expected_directions, rtol=1e-3, atol=1e-4)
         # and not merely the full model's maps: the training images' own maps are cleaner
         assert model.score(images[held])[1].mean() < got_scores.mean()
 

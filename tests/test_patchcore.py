@@ -190,12 +190,13 @@ def test_out_of_fold_scores_exclude_the_images_own_fold(train_images):
     before = model.memory_.clone()
     folds = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
     batches = lambda: [(train_images[:4], [0, 1, 2, 3]), (train_images[4:], list(range(4, 10)))]  # noqa: E731
-    results = list(model.out_of_fold_scores(batches, folds))
-    seen = sorted(index for indices, _, _ in results for index in indices)
+    results = list(model.out_of_fold_scores(batches, folds, peaks=True))
+    seen = sorted(index for indices, *_ in results for index in indices)
     assert seen == list(range(10))
     in_sample = model.score(train_images)[1]
     assert in_sample.max() < 0.05
-    for indices, maps, scores in results:
+    for indices, maps, scores, directions in results:
+        torch.testing.assert_close(directions.norm(dim=1), torch.ones(len(indices)))
         assert maps.shape == (len(indices), 64, 64) and maps.device.type == "cpu"
         assert scores.min() > 20 * in_sample.max() + 0.5
         fold = folds[indices[0]]

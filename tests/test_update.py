@@ -182,3 +182,37 @@ def test_add_defect_needs_a_classifier(tmp_path: Path) -> None:
     settings = _train(part, model_dir, PLAIN)
     with pytest.raises(Exception, match="no classifier"):
         update_model(model_dir, settings, "", str(new))
+
+
+def test_every_honest_good_keeps_its_peak_direction_so_reviewed_defects_can_teach_the_similarity_stage(tmp_path: Path) -> None:
+    """A model trained without labeled defects stores its validation goods' peak directions, so that
+    defects added later (ADD_DEFECT, the review page's corrections) can teach the similarity stage;
+    an update with goods keeps those rows and directions."""
+    from classification_model.training import CLASSIFIER_ROWS_FILE, TrainingSet
+
+    part, new = _dataset(tmp_path / "data", 9, 3)
+    rng = np.random.default_rng(7)
+    defects = tmp_path / "data" / "defects"
+    for number in range(4):
+        save(with_defect(rng)[0], defects / f"d{number}.png")
+    model_dir = tmp_path / "models" / "part"
+    settings = _train(part, model_dir, [*TINY, "FEATURE_DIM=40", "OUT_OF_FOLD_FOLDS=3", "CLASSIFIER_SYNTHETIC_DEFECTS=12"])
+
+    def stored_rows() -> tuple[TrainingSet, dict]:
+        description = json.loads((model_dir / "model.json").read_text())
+        return TrainingSet.restored({}, (model_dir / CLASSIFIER_ROWS_FILE).read_bytes(), {}, 0), description
+
+    training_set, _ = stored_rows()
+    rows, directions = training_set.directions_of_goods()
+    labels = np.concatenate(training_set.labels)
+    assert np.array_equal(rows, np.arange(training_set.validation_rows.start, training_set.validation_rows.stop)) and len(rows) == 4
+    assert (labels[rows] == 0).all() and np.allclose(np.linalg.norm(directions, axis=1), 1)
+    assert training_set.real_directions is None
+    assert update_model(model_dir, settings, "", str(defects)).n_defect == 4
+    taught, description = stored_rows()
+    taught.put_back_real_defects()
+    assert taught.real_directions.shape == (4, 40) and np.array_equal(taught.directions_of_goods()[0], rows)
+    assert description["classifier"]["verdict"]["evidence"]["classifier"]["n_defects"] == 4  # the evidence weighed them
+    assert update_model(model_dir, settings, str(new), "").n_good == 3
+    updated, _ = stored_rows()
+    assert np.array_equal(updated.directions_of_goods()[0], rows) and np.allclose(updated.directions_of_goods()[1], directions)
