@@ -286,6 +286,7 @@ def soak(server: Server, payloads: list[bytes], total: int, clients: int = 4) ->
     return {
         "requests": total, "clients": clients, "seconds": time.perf_counter() - started, "rss_start_mb": start_rss,
         "rss_peak_mb": max(samples), "rss_end_mb": samples[-1], "growth_mb": max(samples) - start_rss,
+        "rss_samples_mb": samples,  # every 250 requests: a plateau (allocator pools filling) or a slope (a leak)
     }
 
 
