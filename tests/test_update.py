@@ -216,3 +216,26 @@ def test_every_honest_good_keeps_its_peak_direction_so_reviewed_defects_can_teac
     assert update_model(model_dir, settings, str(new), "").n_good == 3
     updated, _ = stored_rows()
     assert np.array_equal(updated.directions_of_goods()[0], rows) and np.allclose(updated.directions_of_goods()[1], directions)
+
+
+def test_classifier_rows_saved_before_every_good_kept_its_direction_still_restore() -> None:
+    """A rows file written before `good_direction_rows` existed (its validation goods' directions under
+    "validation_directions") restores them on the validation rows, so its updates keep the similarity stage."""
+    import io
+
+    from classification_model.training import TrainingSet
+
+    rng = np.random.default_rng(3)
+    directions = rng.standard_normal((3, 8))
+    old = {
+        "features": rng.standard_normal((7, 5)).astype(np.float32), "image_scores": rng.random(7), "labels": np.array([0, 0, 0, 1, 1, 0, 1]),
+        "groups": np.arange(7), "weights": np.ones(7), "medians": rng.random(7), "validation_rows": np.array([0, 3]),
+        "real_rows": np.array([6, 7]), "next_group": np.array([7]), "validation_directions": directions,
+        "real_directions": rng.standard_normal((1, 8)),
+    }
+    buffer = io.BytesIO()
+    np.savez(buffer, **old)
+    restored = TrainingSet.restored({}, buffer.getvalue(), {}, 0)
+    rows, kept = restored.directions_of_goods()
+    assert np.array_equal(rows, [0, 1, 2]) and np.allclose(kept, directions)
+    assert np.allclose(restored.put_back_real_defects(), old["real_directions"])
