@@ -143,7 +143,9 @@ class MapSource:
         and the training images' out-of-fold ones ("oof", in the order of `base()["oof_index"]`)."""
         model_class = type(self._model)
         code = inspect.getsource(model_class.score_with_peaks) + inspect.getsource(model_class.patch_scores_and_peaks)
-        code += inspect.getsource(model_class.out_of_fold_scores) + inspect.getsource(getattr(model_class, "_leave_out_peaks", _key))
+        code += inspect.getsource(model_class.out_of_fold_scores)
+        if hasattr(model_class, "_leave_out_peaks"):  # PaDiM's out-of-fold peak directions
+            code += inspect.getsource(model_class._leave_out_peaks)
 
         def compute():
             directions = {}
