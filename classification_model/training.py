@@ -60,7 +60,6 @@ class HonestGoods:
     maps: torch.Tensor  # (N, H, W) their honest maps
     scores: torch.Tensor  # (N,) their image scores
     out_of_fold: bool  # the model was fitted on these images and `maps` are their out-of-fold maps
-    directions: torch.Tensor | None = None  # (N, d) their peak directions (the similarity stage), from the same honest model
 
 
 @dataclass
@@ -221,8 +220,6 @@ class TrainingSet:
         """Rows for honest good maps, and for the synthetic defects planned for their images."""
         if not goods.out_of_fold:
             self.validation_rows = slice(self.n_rows, self.n_rows + goods.maps.shape[0])
-        if goods.directions is not None:
-            self.add_good_directions(np.arange(self.n_rows, self.n_rows + goods.maps.shape[0]), goods.directions)
         self.add(goods.maps, goods.scores, 0, np.array(goods.hosts))
         self.counts["out_of_fold_goods" if goods.out_of_fold else "validation_goods"] += goods.maps.shape[0]
         kinds = [self.plan[host] for host in goods.hosts]

@@ -42,6 +42,14 @@ def _dataset(root: Path, n_train: int, n_new: int, seed: int = 0) -> tuple[Path,
     return root / "part", root / "new"
 
 
+def _defect_folder(folder: Path, count: int, seed: int) -> Path:
+    """`count` labeled defect images (a blob on the striped part) in `folder`, as the review page saves them."""
+    rng = np.random.default_rng(seed)
+    for number in range(count):
+        save(with_defect(rng)[0], folder / f"d{number}.png")
+    return folder
+
+
 def _train(category_dir: Path, model_dir: Path, extra: list[str]):
     settings, _ = load([*extra, f"DATASET_DIR={category_dir}", f"MODEL_DIR={model_dir.parent}"])
     train_category(find_categories(category_dir)[0], settings, model_dir)
@@ -154,10 +162,7 @@ def test_patchcore_update_covers_the_new_patches(tmp_path: Path) -> None:
 
 def test_add_defect_retrains_the_classifier_only(tmp_path: Path) -> None:
     part, new = _dataset(tmp_path / "data", 8, 4)
-    rng = np.random.default_rng(5)
-    defects = tmp_path / "data" / "defects"
-    for number in range(4):
-        save(with_defect(rng)[0], defects / f"d{number}.png")
+    defects = _defect_folder(tmp_path / "data" / "defects", 4, seed=5)
     model_dir = tmp_path / "models" / "part"
     settings = _train(part, model_dir, [*TINY, "FEATURE_DIM=40", "CLASSIFIER_SYNTHETIC_DEFECTS=12"])
     before = json.loads((model_dir / "model.json").read_text())
@@ -184,17 +189,14 @@ def test_add_defect_needs_a_classifier(tmp_path: Path) -> None:
         update_model(model_dir, settings, "", str(new))
 
 
-def test_every_honest_good_keeps_its_peak_direction_so_reviewed_defects_can_teach_the_similarity_stage(tmp_path: Path) -> None:
+def test_validation_goods_keep_their_peak_directions_so_reviewed_defects_can_teach_the_similarity_stage(tmp_path: Path) -> None:
     """A model trained without labeled defects stores its validation goods' peak directions, so that
     defects added later (ADD_DEFECT, the review page's corrections) can teach the similarity stage;
     an update with goods keeps those rows and directions."""
     from classification_model.training import CLASSIFIER_ROWS_FILE, TrainingSet
 
     part, new = _dataset(tmp_path / "data", 9, 3)
-    rng = np.random.default_rng(7)
-    defects = tmp_path / "data" / "defects"
-    for number in range(4):
-        save(with_defect(rng)[0], defects / f"d{number}.png")
+    defects = _defect_folder(tmp_path / "data" / "defects", 4, seed=7)
     model_dir = tmp_path / "models" / "part"
     settings = _train(part, model_dir, [*TINY, "FEATURE_DIM=40", "OUT_OF_FOLD_FOLDS=3", "CLASSIFIER_SYNTHETIC_DEFECTS=12"])
 
