@@ -21,8 +21,8 @@ training time:
   with the highest bound wins; none kept: the verdict is the image score's log-odds alone.
 - **Defects taken like the goods**: a pair of a labeled defect and a good counts by a Gaussian
   kernel on how far apart their maps lie overall (the map medians; bandwidth: the goods' own spread
-  of medians), and the gain is scaled so that defects whose medians are distributed like the goods'
-  count fully. A defect whose whole map lies far above every good's (another acquisition, or a
+  of medians), scaled so that defects whose medians are distributed like the goods' count fully,
+  and capped there: no pair counts more than fully, so the kernel only ever thins the evidence. A defect whose whole map lies far above every good's (another acquisition, or a
   defect kind that raises the whole map) then adds next to nothing, for or against: the goods say
   nothing about how it would rank among goods taken like it. The evidence is thinner, and the
   verdict falls back more often, instead of reading an acquisition difference as a gain. This
@@ -112,9 +112,12 @@ def held_out_gain(rows: HeldOutRows, seed: int) -> Evidence:
     candidate, scores, medians = (np.asarray(a, dtype=np.float64) for a in (rows.candidate, rows.image_scores, rows.medians))
     difference = _pair_order(candidate[defects], candidate[goods]) - _pair_order(scores[defects], scores[goods])
     weights, expected = median_kernel(medians[defects], medians[goods])
-    weighted = weights * difference / expected
+    # A pair counts at most fully: a defect whose median sits where the goods' medians crowd would
+    # otherwise count up to 1 / expected times, inflating the gain and counting more goods alike than there are.
+    share = np.minimum(weights / expected, 1.0)
+    weighted = share * difference
     gain = float(weighted.mean())
-    alike = float(np.mean(weights.sum(axis=1) / expected))  # goods per defect, counted as a defect taken like them would count them
+    alike = float(np.mean(share.sum(axis=1)))  # goods per defect (at most n), counted as a defect taken like them would count them
     rng = np.random.default_rng(seed)
     defect_counts = rng.multinomial(k, np.full(k, 1.0 / k), size=RESAMPLES).astype(np.float64)  # (B, k)
     good_counts = rng.multinomial(n, np.full(n, 1.0 / n), size=RESAMPLES).astype(np.float64)  # (B, n)

@@ -251,14 +251,21 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
             warn(note)
     unmasked = ok & labels & ~scored.has_mask
     pixel_set = ok & (~labels | scored.has_mask)
-    if unmasked.any():
+    masked, defects = int((ok & labels & scored.has_mask).sum()), int((ok & labels).sum())
+    if unmasked.any() and masked:
         notes.append(
-            f"{int(unmasked.sum())} of {int((ok & labels).sum())} defect images have no ground-truth mask: "
-            f"pixel ROCAUC and PRO use the {int(pixel_set.sum())} images that have one (and the goods)"
+            f"{int(unmasked.sum())} of {defects} defect images have no ground-truth mask: "
+            f"pixel ROCAUC and PRO use the {masked} that have one and the {int((ok & ~labels).sum())} good images"
+        )
+        warn(notes[-1])
+    elif unmasked.any():
+        notes.append(
+            f"none of the {defects} defect images has a ground-truth mask (MVTec layout: ground_truth/<type>/<stem>_mask.png): "
+            "pixel ROCAUC and PRO are not computed"
         )
         warn(notes[-1])
     pixel_values, curves = _pixel_metrics(_take(scored.masks, pixel_set), _take(scored.maps, pixel_set), limit)
-    if curves is None:
+    if curves is None and (masked or not defects):  # "none ... has a mask" was said above
         notes.append("pixel ROCAUC and PRO are undefined: no defect image has a ground-truth mask with defect pixels")
     source = "classifier verdict" if detector.classifier is not None else f"image score >= threshold {detector.image_threshold:.4g}"
     if detector.needs_peaks:

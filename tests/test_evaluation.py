@@ -271,7 +271,15 @@ def test_missing_masks_use_the_masked_images_and_say_how_many(tmp_path, capsys):
     assert metrics["n_defects_without_mask"] == 2 and metrics["n_pixel_images"] == 3  # 2 goods + 1 masked defect
     assert metrics["per_defect"]["spot"]["n_masked"] == 1
     assert metrics["pixel_rocauc"] == pytest.approx(1.0)
-    assert "2 of 3 defect images have no ground-truth mask" in capsys.readouterr().err
+    assert "2 of 3 defect images have no ground-truth mask: pixel ROCAUC and PRO use the 1 that have one and the 2 good images" in capsys.readouterr().err
+
+
+def test_no_masks_at_all_say_the_pixel_figures_are_not_computed(tmp_path, capsys):
+    """The simple layout has no masks: one line says so, not a count of images that have one."""
+    metrics = evaluate_category(FakeDetector(), _category(tmp_path / "data", 2, 3, masked=0), _settings(), tmp_path / "out").metrics
+    assert metrics["pixel_rocauc"] is None and metrics["pro"] is None
+    err = capsys.readouterr().err
+    assert "none of the 3 defect images has a ground-truth mask" in err and "pixel ROCAUC and PRO are not computed" in err
 
 
 def test_model_of_another_category_warns(tmp_path, capsys):

@@ -81,6 +81,24 @@ def test_labeled_defects_whose_whole_maps_lie_above_every_goods_are_thin_evidenc
     assert shifted.evidence[WITH_SIMILARITY].effective_goods < 2 < _evidence(held_out, arguments).evidence[WITH_SIMILARITY].effective_goods
 
 
+def test_defects_among_the_goods_count_at_most_fully_and_never_more_goods_than_there_are():
+    """A defect whose map median sits where the goods' medians crowd weighs no more than a plain
+    pair: the held-out gain is at most the plain ROCAUC difference, the goods counted alike at most
+    the goods there are, so a handful of goods cannot pass MIN_ALIKE_GOODS."""
+    rng = np.random.default_rng(3)
+    for n_good in (8, 60):
+        medians = np.r_[rng.normal(5, 0.2, n_good), np.full(10, 5.0)]  # every defect at the goods' centre
+        labels = np.r_[np.zeros(n_good), np.ones(10)]
+        image_scores = rng.normal(0, 1, n_good + 10)
+        candidate = np.r_[rng.normal(0, 1, n_good), np.full(10, 9.0)]  # ranks every defect first
+        rows = HeldOutRows(labels, candidate, image_scores, medians)
+        evidence = choose_verdict({WITH_SIMILARITY: rows}, 0).evidence[WITH_SIMILARITY]
+        plain = 1.0 - image_rocauc(labels, image_scores)
+        assert 0 < evidence.gain <= plain + 1e-12
+        assert evidence.effective_goods <= n_good
+    assert choose_verdict({WITH_SIMILARITY: HeldOutRows(labels[-18:], candidate[-18:], image_scores[-18:], medians[-18:])}, 0).verdict == IMAGE_SCORE
+
+
 def test_too_few_labeled_defects_or_no_shared_direction_leave_no_stage():
     _, arguments = _examples(k=MIN_DEFECTS - 1)
     similarity, held_out, why = fit_defect_similarity(*arguments)
