@@ -137,7 +137,7 @@ async def _image_bytes(request: Request, limit: int) -> tuple[bytes, str]:
     if content_type != "multipart/form-data":
         if not body:
             raise RequestError(400, "the body is empty: send the image file's bytes")
-        return body, "the request body"
+        return body, "(request body)"
     request._body = body  # starlette parses the form from the body already read (and capped) above
     try:
         form = await request.form(max_files=1, max_fields=10)
@@ -149,7 +149,7 @@ async def _image_bytes(request: Request, limit: int) -> tuple[bytes, str]:
     data = await upload.read()
     if not data:
         raise RequestError(400, "the multipart field `image` is empty: send the image file's bytes")
-    return data, upload.filename or "the multipart field image"
+    return data, upload.filename or "(multipart field image)"
 
 
 def create_app(service: LiveService) -> FastAPI:
