@@ -22,8 +22,9 @@ training time:
 - **Defects taken like the goods**: a pair of a labeled defect and a good counts by a Gaussian
   kernel on how far apart their maps lie overall (the map medians; bandwidth: the goods' own spread
   of medians), scaled so that defects whose medians are distributed like the goods' count fully,
-  and capped there: no pair counts more than fully, so the kernel only ever thins the evidence. A defect whose whole map lies far above every good's (another acquisition, or a
-  defect kind that raises the whole map) then adds next to nothing, for or against: the goods say
+  and capped there: no pair counts more than fully, so the kernel only ever thins the evidence. A
+  defect whose whole map lies far above every good's (another acquisition, or a defect kind that
+  raises the whole map) then adds next to nothing, for or against: the goods say
   nothing about how it would rank among goods taken like it. The evidence is thinner, and the
   verdict falls back more often, instead of reading an acquisition difference as a gain. This
   replaces the shift gate, which dropped the similarity stage outright when the labeled defects'
