@@ -127,10 +127,17 @@ class DefectClassifier:
     # them so a run can re-pick it at another CLASSIFIER_FALSE_REJECT_RATE without retraining
     threshold_goods: np.ndarray | None = field(default=None, repr=False)
 
-    def margin(self, features: np.ndarray, image_scores: np.ndarray | None = None, directions: np.ndarray | None = None) -> np.ndarray:
-        """Log-odds of "defect" of each row of `features` (columns in `feature_names` order); an
-        anchored or shrunk classifier also needs the model's image score of each row, one with a
-        `similarity` stage each image's peak direction (`AnomalyModel.score_with_peaks`)."""
+    @property
+    def uses_trees(self) -> bool:
+        """Whether the verdict reads the trees, and so the map features: not when it is the image
+        score's log-odds alone (`rank_like_image_score`, the verdict of every model whose evidence kept
+        no candidate), where a share of 0 would weigh the trees' margin by exactly nothing."""
+        return not (self.tree_share == 0.0 and self.anchor is not None)
+
+    def margin(self, features: np.ndarray | None, image_scores: np.ndarray | None = None, directions: np.ndarray | None = None) -> np.ndarray:
+        """Log-odds of "defect" of each row of `features` (columns in `feature_names` order; None
+        when not `uses_trees`); an anchored or shrunk classifier also needs the model's image score of
+        each row, one with a `similarity` stage each image's peak direction (`AnomalyModel.score_with_peaks`)."""
         first = self._first_stage_margin(features, image_scores)
         if self.similarity is None:
             return first
@@ -138,21 +145,25 @@ class DefectClassifier:
             raise ModelError("internal: a classifier with a defect similarity stage needs the images' peak directions")
         return self.similarity.margin(first, directions)
 
-    def _first_stage_margin(self, features: np.ndarray, image_scores: np.ndarray | None) -> np.ndarray:
+    def _first_stage_margin(self, features: np.ndarray | None, image_scores: np.ndarray | None) -> np.ndarray:
         import xgboost as xgb
-        features = np.asarray(features, dtype=np.float32)
         anchor_margin = None
         if self.anchor is not None:
             if image_scores is None:
                 raise ModelError("internal: an anchored classifier needs the image scores")
             anchor_margin = self.anchor.margin(image_scores)
+            if self.tree_share == 0.0:  # the image score's log-odds alone: what blend() would give, bit for bit
+                return anchor_margin
+        if features is None:
+            raise ModelError("internal: this classifier's verdict needs the map features")
+        features = np.asarray(features, dtype=np.float32)
         if self.tree_share is None:
             matrix = xgb.DMatrix(features, feature_names=self.feature_names, base_margin=anchor_margin)
             return self.booster.predict(matrix, output_margin=True).astype(np.float64)
         trees = self.booster.predict(xgb.DMatrix(features, feature_names=self.feature_names), output_margin=True)
         return blend(trees.astype(np.float64), anchor_margin, self.tree_share)
 
-    def predict(self, features: np.ndarray, image_scores: np.ndarray | None = None, directions: np.ndarray | None = None) -> np.ndarray:
+    def predict(self, features: np.ndarray | None, image_scores: np.ndarray | None = None, directions: np.ndarray | None = None) -> np.ndarray:
         """Defect probability of each row of `features` (and its image score and peak direction, when needed)."""
         return _sigmoid(self.margin(features, image_scores, directions))
 

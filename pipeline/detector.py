@@ -162,7 +162,7 @@ class Detector:
             maps, scores = self.score(images)
         probabilities: list[float | None] = [None] * int(images.shape[0])
         if self.classifier is not None:
-            features = map_features(maps, self.classifier_levels)
+            features = map_features(maps, self.classifier_levels) if self.classifier.uses_trees else None
             probabilities = self.classifier.predict(features, scores.numpy(), directions).tolist()
         return maps, scores, probabilities
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xgboost as xgb
 from PIL import Image
 
 from dataset_manager import find_categories
@@ -27,7 +28,7 @@ from classification_model.features import FEATURE_NAMES, MONOTONE, map_features
 from classification_model.synthetic import DEFECT_TYPES, make_defect
 from classification_model.evidence import FIRST_STAGE, IMAGE_SCORE
 from classification_model.training import DefectPainting, VerdictRows, decide_verdict, synthetic_defect_maps, synthetic_plan
-from classification_model.xgboost import Anchor, Anchoring, ClassifierParams, ClassifierRows, DefectClassifier, plot_feature_importance, shrink_share, train_classifier
+from classification_model.xgboost import Anchor, Anchoring, ClassifierParams, ClassifierRows, DefectClassifier, blend, plot_feature_importance, shrink_share, train_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = {"q99": 1.0, "q999": 2.0, "pixel": 1.5, "image": 4.0}
@@ -246,6 +247,10 @@ def test_without_clear_held_out_evidence_the_verdict_ranks_exactly_like_the_imag
         assert np.array_equal(np.argsort(probability, kind="stable"), np.argsort(scores, kind="stable"))
         goods = probability[rows.labels == 0]
         assert np.mean(goods > classifier.threshold) <= 0.05 + 1 / len(goods) and 0 < classifier.threshold < 1  # one good of interpolation
+        # such a verdict reads no trees, so test.py and serve.py skip the map features: the same probabilities, bit for bit
+        assert not classifier.uses_trees and np.array_equal(classifier.predict(None, scores), probability)
+        trees = classifier.booster.predict(xgb.DMatrix(np.asarray(features, dtype=np.float32), feature_names=classifier.feature_names), output_margin=True)
+        assert np.array_equal(classifier.margin(None, scores), blend(trees.astype(np.float64), classifier.anchor.margin(scores), 0.0))
 
 
 class _MeanModel:
