@@ -133,16 +133,22 @@ def torch_threads(threads: int):
         torch.set_num_threads(before)
 
 
-def backbone_latency(model_dir: Path, repeats: int) -> dict:
-    """The backbone's feature stack (every stage the model uses) on one preprocessed 224 x 224 image,
-    with the caller's torch threads."""
+def feature_stack(model_dir: Path):
+    """(the model's backbone feature stack, one random preprocessed image of its working size)."""
     import torch
 
     from pipeline.inspection import load
 
     inspector = load(model_dir, "cpu")
-    extractor = inspector.detector.model.extractor
-    image = torch.randn(1, 3, *inspector.detector.preprocessor.size)
+    return inspector.detector.model.extractor, torch.randn(1, 3, *inspector.detector.preprocessor.size)
+
+
+def backbone_latency(model_dir: Path, repeats: int) -> dict:
+    """The backbone's feature stack (every stage the model uses) on one preprocessed 224 x 224 image,
+    with the caller's torch threads."""
+    import torch
+
+    extractor, image = feature_stack(model_dir)
     times = []
     with torch.inference_mode():
         for _ in range(5):
@@ -221,11 +227,7 @@ def one_client_latency(server: Server, payloads: list[bytes], count: int, model_
     `round_ratios` each block's, to show the spread."""
     import torch
 
-    from pipeline.inspection import load
-
-    inspector = load(model_dir, "cpu")
-    extractor = inspector.detector.model.extractor
-    image = torch.randn(1, 3, *inspector.detector.preprocessor.size)
+    extractor, image = feature_stack(model_dir)
     inside: list[float] = []
     times: list[float] = []
     backbone: list[float] = []
