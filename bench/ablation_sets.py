@@ -123,3 +123,22 @@ def large_area_set(source: Path, target: Path, seed: int = 0) -> Path:
         _save(Image.fromarray(mask.astype(np.uint8) * 255), staging / "ground_truth" / kind / f"{path.stem}_mask.png")
     staging.rename(target)
     return target
+
+
+def flipped_set(source: Path, target: Path) -> Path:
+    """`source` with four times its training goods: each as it is and flipped left-right, top-bottom
+    and both (bench/update_speed.py: a full fit on several hundred real images, where the shared sets
+    hold about 200); its validation and test folders and masks linked, not copied."""
+    if target.is_dir():
+        return target
+    staging = target.parent / f".{target.name}.partial"
+    flips = {"": None, "-lr": Image.Transpose.FLIP_LEFT_RIGHT, "-tb": Image.Transpose.FLIP_TOP_BOTTOM, "-both": Image.Transpose.ROTATE_180}
+    for path in _images(source / "train" / "good"):
+        image = Image.open(path)
+        for suffix, flip in flips.items():
+            _save(image if flip is None else image.transpose(flip), staging / "train" / "good" / f"{path.stem}{suffix}.png")
+    for name in ("validation", "test", "ground_truth"):
+        if (source / name).is_dir():
+            (staging / name).symlink_to((source / name).resolve())
+    staging.rename(target)
+    return target

@@ -36,6 +36,7 @@ from evaluation.metrics import image_rocauc  # noqa: E402
 from pipeline.training import content_digest, train_category  # noqa: E402
 from pipeline.updating import score_files, update_model  # noqa: E402
 from settings import load  # noqa: E402
+from ablation_sets import flipped_set  # noqa: E402
 from classifier_ablation import set_folder  # noqa: E402
 from config import VALIDATION_FRACTION  # noqa: E402  (tire, ksdd, demo: the demo is generated on first use)
 
@@ -128,7 +129,7 @@ def run_size(dataset: Path, extra: list[str], size: int, hold: int, seed: int, w
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, help="a category folder, or tire, ksdd, demo (the demo is generated under --work)")
+    parser.add_argument("--dataset", required=True, help="a category folder, or tire, ksdd, demo, tire-flipped (the last two are made under --work)")
     parser.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "out" / "update_speed", help="where the demo is generated")
     parser.add_argument("--sizes", default="90,180", help="training-set sizes (before the update)")
     parser.add_argument("--hold", type=int, default=30, help="training goods held out and added by the update")
@@ -137,7 +138,10 @@ def main() -> None:
     parser.add_argument("settings", nargs="*", help="KEY=VALUE settings (after --)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    args.dataset = set_folder(args.dataset, args.work)
+    if args.dataset == "tire-flipped":  # tire's 210 training goods and their flips: 840
+        args.dataset = flipped_set(set_folder("tire", args.work), args.work / "tire-flipped")
+    else:
+        args.dataset = set_folder(args.dataset, args.work)
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for size in (int(s) for s in args.sizes.split(",")):
