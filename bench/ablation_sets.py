@@ -12,6 +12,8 @@ written once under the ablation's --work folder (MVTec layout, with masks):
   images), *blur* (such an ellipse blurred with a Gaussian of 3-7 px: texture lost) and *grain*
   (such an ellipse with strong pixel noise, sigma 20-40). The defects cover a large share of the
   image (many raise the whole map); tire-large is colour, ksdd-large gray.
+- **ksdd-shifted**: ksdd whose test images (goods and cracks) are 15 % darker and blurred (radius
+  1 px): labeled defects drawn from them come from another acquisition than the training goods.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image, ImageEnhance, ImageFilter
 
 LARGE_KINDS = ("wash", "blur", "grain")
 HELD_OUT_GOODS = 25
@@ -138,6 +140,25 @@ def flipped_set(source: Path, target: Path) -> Path:
         for suffix, flip in flips.items():
             _save(image if flip is None else image.transpose(flip), staging / "train" / "good" / f"{path.stem}{suffix}.png")
     for name in ("validation", "test", "ground_truth"):
+        if (source / name).is_dir():
+            (staging / name).symlink_to((source / name).resolve())
+    staging.rename(target)
+    return target
+
+
+def shifted_test_set(source: Path, target: Path) -> Path:
+    """`source` whose test split, goods and defects alike, is taken differently from its training goods:
+    every test image 15 % darker and blurred (Gaussian, radius 1 px), saved as PNG; the training goods
+    and masks linked. A self-built case of labeled defects (drawn from the test split) that come from
+    another acquisition than the goods the model and its evidence know, chosen before it was scored."""
+    if target.is_dir():
+        return target
+    staging = target.parent / f".{target.name}.partial"
+    for folder in sorted(p for p in (source / "test").iterdir() if p.is_dir()):
+        for path in _images(folder):
+            image = ImageEnhance.Brightness(Image.open(path)).enhance(0.85).filter(ImageFilter.GaussianBlur(1.0))
+            _save(image, staging / "test" / folder.name / f"{path.stem}.png")
+    for name in ("train", "validation", "ground_truth"):
         if (source / name).is_dir():
             (staging / name).symlink_to((source / name).resolve())
     staging.rename(target)

@@ -60,7 +60,7 @@ from evaluation.metrics import image_rocauc  # noqa: E402
 from pipeline.training import GoodMapSample, assign_folds, make_preprocessor, out_of_fold_maps, split_validation  # noqa: E402
 from settings import load  # noqa: E402
 
-from ablation_sets import ksdd_crop, large_area_set  # noqa: E402  (bench/, beside this script)
+from ablation_sets import ksdd_crop, large_area_set, shifted_test_set  # noqa: E402  (bench/, beside this script)
 
 MODEL_KEYS = ("ANOMALY_MODEL", "BACKBONE", "WEIGHTS", "LAYERS", "FEATURE_DIM", "COVARIANCE_EPSILON", "BLUR_SIGMA", "SEED", "IMAGE_SIZE", "CENTER_CROP",
               "TILE_SIZE", "TILE_OVERLAP", "TILE_STATISTICS", "NORMALIZE_MEAN", "NORMALIZE_STD", "VALIDATION_FRACTION")
@@ -225,6 +225,7 @@ SETS = {  # name -> where its images come from (the derived ones are made under 
     "ksdd-crop": "ksdd cut to 500 x 500 windows (bench/ablation_sets.py)",
     "tire-large": "tire's training goods, 67 held out as test goods and hosts of large-area defects (bench/ablation_sets.py)",
     "ksdd-large": "the same from ksdd's training goods (gray)",
+    "ksdd-shifted": "ksdd, its test split 15 % darker and blurred (bench/ablation_sets.py)",
 }
 DEFAULT_SETS = ("tire", "tire-gray", "ksdd", "demo")
 
@@ -259,6 +260,8 @@ def set_folder(name: str, work: Path) -> Path:
         return gray_copy(ROOT.parent / "shared" / "data" / "tire", work / "tire-gray")
     if name == "ksdd-crop":
         return ksdd_crop(ROOT.parent / "shared" / "data" / "ksdd", work / "ksdd-crop")
+    if name == "ksdd-shifted":
+        return shifted_test_set(ROOT.parent / "shared" / "data" / "ksdd", work / "ksdd-shifted")
     if name in ("tire-large", "ksdd-large"):
         return large_area_set(ROOT.parent / "shared" / "data" / name.split("-")[0], work / name)
     if name == "demo":
