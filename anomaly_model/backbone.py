@@ -6,12 +6,14 @@ for MobileNetV2 the ends of the blocks with the same strides (features[3], [6], 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from anomaly_model.networks import build_network
 from anomaly_model.threads import cpu_threads
@@ -122,6 +124,36 @@ def build_backbone(name: str, weights: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def fold_batch_norms(module: nn.Module) -> None:
+    """Folds every BatchNorm2d into the convolution before it, in place (eval mode: a batch norm is
+    then a fixed scale and shift per channel, which the convolution's weights and bias can carry).
+    The features agree with the unfolded network's to ~3e-6 relative; MobileNetV2's feature stack ran
+    in half the time (6.5 against 13 ms per 224 px image on this 2-core CPU: its batch norms on
+    channels-last tensors cost as much as its convolutions), ResNet18's 10 % faster
+    (docs/performance.md). Pairs: consecutive (Conv2d, BatchNorm2d) in a Sequential, and a block's
+    conv1/bn1, conv2/bn2, conv3/bn3."""
+    for child in module.children():
+        fold_batch_norms(child)
+    if isinstance(module, nn.Sequential):
+        for index in range(len(module) - 1):
+            if isinstance(module[index], nn.Conv2d) and isinstance(module[index + 1], nn.BatchNorm2d):
+                module[index], module[index + 1] = fuse_conv_bn_eval(module[index], module[index + 1]), nn.Identity()
+    for number in (1, 2, 3):
+        conv, norm = getattr(module, f"conv{number}", None), getattr(module, f"bn{number}", None)
+        if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+            setattr(module, f"conv{number}", fuse_conv_bn_eval(conv, norm))
+            setattr(module, f"bn{number}", nn.Identity())
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 of a module's tensors with their names (model.json's backbone_sha256)."""
+    digest = hashlib.sha256()
+    for key, value in module.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 class FeatureExtractor(nn.Module):
     """Runs the backbone only as far as the deepest requested layer and returns those layers."""
 
@@ -141,6 +173,10 @@ class FeatureExtractor(nn.Module):
             self.stages = nn.ModuleList(_stages(name, model)[: max(layers)])
             for parameter in self.parameters():
                 parameter.requires_grad_(False)
+            self.eval()
+            # of the weights as loaded, before the folding below: what models saved before it recorded
+            self.fingerprint = weights_fingerprint(self)
+            fold_batch_norms(self.stages)
             # Channels-last convolutions run 17-39 % faster on the CPU here (oneDNN), and each patch's
             # channels come out contiguous: the layout the per-position Gaussian products read.
             self.to(memory_format=torch.channels_last)

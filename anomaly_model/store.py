@@ -102,12 +102,9 @@ def library_versions() -> dict:
 
 
 def backbone_fingerprint(model: AnomalyModel) -> str:
-    """sha256 of the backbone tensors in use, to notice weights that changed since training."""
-    digest = hashlib.sha256()
-    for key, value in model.extractor.state_dict().items():
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    """sha256 of the backbone's weights as loaded (before its batch norms are folded), to notice
+    weights that changed since training."""
+    return model.extractor.fingerprint
 
 
 def model_class(kind: str) -> type[AnomalyModel]:

@@ -155,6 +155,42 @@ def test_our_networks_are_torchvisions_without_importing_it(name):
         assert torch.equal(ours(images), reference(images))
 
 
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_folded_batch_norms_give_the_same_features_and_the_same_fingerprint(tmp_path, name):
+    """The extractor folds each batch norm into its convolution (MobileNetV2's features in half the
+    time): its features are the unfolded network's up to float rounding, and model.json's
+    backbone fingerprint is still that of the weights as loaded, so models saved before still load."""
+    from torch import nn
+
+    from anomaly_model.backbone import _stages, build_backbone, weights_fingerprint
+    from anomaly_model.networks import build_network
+
+    torch.manual_seed(7)
+    network = build_network(name)
+    for module in network.modules():  # batch norms that do something (a random network's are near identities)
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    weights = tmp_path / "weights.pt"
+    torch.save(network.state_dict(), weights)
+    extractor = FeatureExtractor(name, str(weights), (1, 2, 3))
+    assert not any(isinstance(module, nn.BatchNorm2d) for module in extractor.modules())
+    unfolded = nn.Module()
+    unfolded.stages = nn.ModuleList(_stages(name, build_backbone(name, str(weights)))[:3])
+    assert extractor.fingerprint == weights_fingerprint(unfolded)
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        expected, x = [], images
+        for stage in unfolded.stages:
+            x = stage(x)
+            expected.append(x)
+    for ours, reference in zip(extractor(images), expected):
+        assert ours.shape == reference.shape
+        assert float((ours - reference).abs().max() / reference.abs().max()) < 1e-5
+
+
 def test_the_scripts_do_not_import_torchvision():
     """It brings torch._dynamo: ~170 MB of memory and ~1.2 s at every start, for nothing used."""
     import subprocess
