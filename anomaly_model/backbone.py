@@ -127,11 +127,11 @@ def build_backbone(name: str, weights: str, seed: int = 0) -> nn.Module:
 def fold_batch_norms(module: nn.Module) -> None:
     """Folds every BatchNorm2d into the convolution before it, in place (eval mode: a batch norm is
     then a fixed scale and shift per channel, which the convolution's weights and bias can carry).
-    The features agree with the unfolded network's to ~3e-6 relative; MobileNetV2's feature stack ran
-    in half the time (6.5 against 13 ms per 224 px image on this 2-core CPU: its batch norms on
-    channels-last tensors cost as much as its convolutions), ResNet18's 10 % faster
-    (docs/performance.md). Pairs: consecutive (Conv2d, BatchNorm2d) in a Sequential, and a block's
-    conv1/bn1, conv2/bn2, conv3/bn3."""
+    The features agree with the unfolded network's to ~3e-6 relative; MobileNetV2's feature stack
+    runs 1.6-1.8x faster (7.0 against 12.8 ms per 224 px image on this 2-core CPU: its batch norms on
+    channels-last tensors cost about as much as its convolutions), the ResNets' 0-14 %
+    (bench/backbone_speed.py, docs/performance.md). Pairs: consecutive (Conv2d, BatchNorm2d) in a
+    Sequential, and a block's conv1/bn1, conv2/bn2, conv3/bn3."""
     for child in module.children():
         fold_batch_norms(child)
     if isinstance(module, nn.Sequential):
