@@ -36,11 +36,13 @@ from anomaly_model.schema import check
 from settings import integer, sequence
 from anomaly_model.tiles import TileLayout, check_tile_settings
 
-# Images per backbone pass on the CPU. The layer maps of 8 images take a quarter of a 32-image
-# batch's memory (~0.5 GB less for Wide-ResNet at 224 px), and oneDNN is no slower per image
-# at 8 (Wide-ResNet 0.159-0.163 s/image against 0.165-0.185 at 32 in two bench/benchmark.py runs,
-# 2-core CPU). GPUs take the whole batch.
-BACKBONE_SLICE = 8
+# Images per backbone pass on the CPU, by backbone. The layer maps of 8 images take a quarter of a
+# 32-image batch's memory (~0.5 GB less for Wide-ResNet at 224 px), and oneDNN is no slower per
+# image at 8 (Wide-ResNet 0.159-0.163 s/image against 0.165-0.185 at 32 in two bench/benchmark.py
+# runs, 2-core CPU). MobileNetV2, whose expanded early layers are the largest maps per image, runs
+# 18-40 % faster per image in slices of 4 than of 8; the ResNets 2-4 % slower
+# (`bench/backbone_speed.py --slices 8,4,2`, docs/performance.md). GPUs take the whole batch.
+BACKBONE_SLICE = {"resnet18": 8, "wide_resnet50_2": 8, "mobilenet_v2": 4}
 # Tiles handed to the model at once: bounds the memory of tiling whatever the image size (a
 # chunk's embedding is that of a 32-image batch at 224 px). With TILE_STATISTICS="location" a
 # chunk holds whole images (every location of each, at least one image): bounded too, since the
@@ -253,7 +255,7 @@ class AnomalyModel:
         """(start index, layer features) per slice of BACKBONE_SLICE images on the CPU (the whole
         batch on a GPU): the layer maps of a whole batch never exist at once."""
         images = images.to(self.device)
-        step = BACKBONE_SLICE if self.device.type == "cpu" else len(images)
+        step = BACKBONE_SLICE[self.backbone] if self.device.type == "cpu" else len(images)
         with torch.no_grad():
             for start in range(0, len(images), step):
                 yield start, self.extractor(images[start : start + step])

@@ -112,7 +112,7 @@ def work_backbone(args) -> dict:
     device = resolve_device(args.device)
     extractor = FeatureExtractor(args.backbone, args.weights, (1, 2, 3), 0, args.precision).to(device)
     batches = [b.images.to(device) for b in ImageBatches(paths, preprocessor(), args.batch_size, 0)]
-    step = BACKBONE_SLICE if device.type == "cpu" else args.batch_size
+    step = BACKBONE_SLICE[args.backbone] if device.type == "cpu" else args.batch_size
     result = {"n": len(paths), "slice": step}
     with torch.inference_mode():
         extractor(batches[0][:2])  # warm-up

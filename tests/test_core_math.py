@@ -126,13 +126,14 @@ def test_bfloat16_backbone_keeps_maps_close_to_float32():
     assert 0 < relative < 0.05, relative
 
 
-def test_embedding_of_a_batch_equals_each_image_embedded_alone():
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])  # slices of 8 + 3, and of 4 + 4 + 3
+def test_embedding_of_a_batch_equals_each_image_embedded_alone(backbone):
     """The backbone runs in slices and writes into one buffer: every image's columns must be its own."""
-    model = Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=24), device="cpu")
-    images = torch.randn(11, 3, 64, 64, generator=torch.Generator().manual_seed(6))  # slices of 8 and 3
+    model = Padim(PadimSettings(backbone=backbone, weights="none", feature_dim=24), device="cpu")
+    images = torch.randn(11, 3, 64, 64, generator=torch.Generator().manual_seed(6))
     batch, grid = model.embed(images)
     assert batch.shape == (grid[0] * grid[1], 11, 24)
-    for index in (0, 7, 8, 10):
+    for index in (0, 3, 4, 7, 8, 10):  # each side of a slice boundary (ResNet18: 8; MobileNetV2: 4)
         alone, _ = model.embed(images[index : index + 1])
         torch.testing.assert_close(batch[:, index], alone[:, 0], rtol=1e-4, atol=1e-4)
 
