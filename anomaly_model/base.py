@@ -39,8 +39,8 @@ from anomaly_model.tiles import TileLayout, check_tile_settings
 # Images per backbone pass on the CPU, by backbone. The layer maps of 8 images take a quarter of a
 # 32-image batch's memory (~0.5 GB less for Wide-ResNet at 224 px), and oneDNN is no slower per
 # image at 8 (Wide-ResNet 0.159-0.163 s/image against 0.165-0.185 at 32 in two bench/benchmark.py
-# runs, 2-core CPU). MobileNetV2, whose expanded early layers are the largest maps per image, runs
-# 18-40 % faster per image in slices of 4 than of 8; the ResNets 2-4 % slower
+# runs, 2-core CPU). MobileNetV2, whose expanded early layers are the largest maps per image, takes
+# 18-42 % less time per image in slices of 4 than of 8; the ResNets 0-4 % more
 # (`bench/backbone_speed.py --slices 8,4,2`, docs/performance.md). GPUs take the whole batch.
 BACKBONE_SLICE = {"resnet18": 8, "wide_resnet50_2": 8, "mobilenet_v2": 4}
 # Tiles handed to the model at once: bounds the memory of tiling whatever the image size (a
