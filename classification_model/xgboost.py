@@ -152,7 +152,7 @@ class DefectClassifier:
             if image_scores is None:
                 raise ModelError("internal: an anchored classifier needs the image scores")
             anchor_margin = self.anchor.margin(image_scores)
-            if self.tree_share == 0.0:  # the image score's log-odds alone: what blend() would give, bit for bit
+            if not self.uses_trees:  # the image score's log-odds alone: what blend() would give, bit for bit
                 return anchor_margin
         if features is None:
             raise ModelError("internal: this classifier's verdict needs the map features")
