@@ -18,7 +18,7 @@ from pathlib import Path
 
 import uvicorn
 
-from pipeline.cli import load_categories, model_dir_for, run, single_category
+from pipeline.cli import chosen_model_dir, run
 from pipeline.inspection import OperatingPoint, load
 from pipeline.live import BatchingWorker, ModelHolder, log
 from pipeline.review_page import RecentImages
@@ -48,9 +48,7 @@ def main(argv: list[str]) -> None:
     if extra:
         raise SettingsError(f"serve.py takes only KEY=VALUE settings, not {extra[0]!r}")
     check_exposure(settings.SERVE_HOST, settings.SERVE_TOKEN)
-    categories = load_categories(settings)
-    category = single_category(categories, settings, "to say which model serves,")
-    model_dir = model_dir_for(settings, category.name, len(categories))
+    model_dir = chosen_model_dir(settings, "to say which model serves,")
     point = OperatingPoint.from_command_line(argv, settings)
 
     def load_model(folder: Path):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cli import load_categories, model_dir_for, run, single_category
+from pipeline.cli import chosen_model_dir, load_categories, model_dir_for, run
 from pipeline.inspection import load_for_settings
 from pipeline.prediction import predict_folder
 from settings import SettingsError, load
@@ -20,12 +20,11 @@ from settings import SettingsError, load
 
 def _jobs(settings, folder_arg: str | None) -> list[tuple[Path, Path, str]]:
     """(model dir, folder to score, model name) for each model this run uses."""
-    categories = load_categories(settings)
     folder = folder_arg or settings.TEST_DIR
     if folder:
-        category = single_category(categories, settings, "to say which model scores the folder,")
-        name = model_dir_for(settings, category.name, len(categories)).name
-        return [(model_dir_for(settings, category.name, len(categories)), Path(folder), name)]
+        model_dir = chosen_model_dir(settings, "to say which model scores the folder,")
+        return [(model_dir, Path(folder), model_dir.name)]
+    categories = load_categories(settings)
     jobs = []
     for category in categories:
         if category.test_dir is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import load_categories, model_dir_for, run, single_category
+from pipeline.cli import chosen_model_dir, load_categories, model_dir_for, run
 from pipeline.training import train_category
 from settings import SettingsError, load
 
@@ -17,16 +17,16 @@ def main(argv: list[str]) -> None:
     settings, extra = load(argv)
     if extra:
         raise SettingsError(f"train.py takes only KEY=VALUE settings, not {extra[0]!r}")
-    categories = load_categories(settings)
     if settings.ADD_GOOD or settings.ADD_DEFECT:
-        update(settings, categories)
+        update(settings)
         return
+    categories = load_categories(settings)
     summaries = []
     for category in categories:
         summary = train_category(category, settings, model_dir_for(settings, category.name, len(categories)))
         summaries.append(summary)
         print(
-            f"{summary.category}: trained on {summary.n_train} images, calibrated on {summary.n_validation} validation images"
+            f"{summary.model_dir.name}: trained on {summary.n_train} images, calibrated on {summary.n_validation} validation images"
             + (f" and {summary.n_out_of_fold} training images out-of-fold" if summary.n_out_of_fold else "")
             + f" in {summary.seconds:.1f} s at {summary.image_size[0]} x {summary.image_size[1]}"
             + (f" in {summary.tiles} tiles" if summary.tiles else "")
@@ -39,12 +39,11 @@ def main(argv: list[str]) -> None:
         print(f"{len(summaries)} models in {settings.MODEL_DIR}", file=sys.stderr)
 
 
-def update(settings, categories) -> None:
+def update(settings) -> None:
     """ADD_GOOD / ADD_DEFECT: the model test.py would use learns those folders (pipeline/updating.py)."""
     from pipeline.updating import update_model
 
-    category = single_category(categories, settings, "to say which model learns the images,")
-    model_dir = model_dir_for(settings, category.name, len(categories))
+    model_dir = chosen_model_dir(settings, "to say which model learns the images,")
     summary = update_model(model_dir, settings, settings.ADD_GOOD, settings.ADD_DEFECT)
     if not summary.saved:
         return

@@ -114,7 +114,7 @@ def _real(paths: Sequence[Path]) -> set[str]:
 def _mvtec_category(folder: Path, skip: Sequence[Path]) -> Category:
     validation_dir = folder / "validation" / GOOD
     return Category(
-        name=folder.name,
+        name=folder.resolve().name,  # "." or ".." name the folder they stand for
         root=folder,
         train_images=_require_images(find_images(folder / "train" / GOOD, skip=skip), folder / "train" / GOOD),
         validation_images=find_images(validation_dir, skip=skip) if validation_dir.is_dir() else [],

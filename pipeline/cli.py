@@ -141,7 +141,21 @@ def output_folders(settings) -> dict[str, str]:
 def model_dir_for(settings, category: str, n_categories: int) -> Path:
     """MODEL_DIR/<MODEL_NAME or category>; with several categories always MODEL_DIR/<category>."""
     root = Path(settings.MODEL_DIR)
-    return root / category if n_categories > 1 else root / (settings.MODEL_NAME or category)
+    name = category if n_categories > 1 else (settings.MODEL_NAME or category)
+    if name in ("", ".", "..") or "/" in name or "\\" in name:  # the model folder would be MODEL_DIR itself or lie outside it
+        raise SettingsError(f"DATASET_DIR {settings.DATASET_DIR} gives no folder name to name its model: set MODEL_NAME=<name>")
+    return root / name
+
+
+def chosen_model_dir(settings, purpose: str) -> Path:
+    """The one model a command uses (test.py FOLDER, serve.py, an update): MODEL_DIR/MODEL_NAME when
+    MODEL_NAME is set, without reading DATASET_DIR (a plain folder needs no dataset, and the demo
+    set is not generated for it); else the one category's model, or MODEL_NAME must pick one."""
+    if settings.MODEL_NAME:
+        return model_dir_for(settings, settings.MODEL_NAME, 1)
+    categories = load_categories(settings)
+    category = single_category(categories, settings, purpose)
+    return model_dir_for(settings, category.name, len(categories))
 
 
 def single_category(categories: list[Category], settings, purpose: str) -> Category:

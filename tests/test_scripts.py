@@ -81,6 +81,28 @@ def test_model_settings_win_over_config_and_say_so(tmp_path, trained):
     assert "IMAGE_SIZE: model has [64, 64], config has (32, 32)" in result.stderr
 
 
+def test_a_dataset_given_as_dot_names_its_model_after_its_folder(tmp_path, tiny_category, trained):
+    """DATASET_DIR=. from inside the category: the model is MODEL_DIR/<folder name>, never MODEL_DIR
+    itself (whose other models a swap would have replaced)."""
+    settings = [arg for arg in trained if not arg.startswith("DATASET_DIR=")]
+    shutil.copytree(tmp_path / "models" / "part", tmp_path / "models" / "other")
+    result = run_script("train.py", "DATASET_DIR=.", *settings, cwd=tiny_category)
+    assert result.returncode == 0, result.stderr
+    assert f"model {tmp_path / 'models' / 'part'} " in result.stdout
+    assert (tmp_path / "models" / "other" / "model.json").is_file()
+    assert not (tmp_path / "models" / "model.json").exists()
+
+
+def test_test_py_on_a_folder_with_model_name_reads_no_dataset(tmp_path, tiny_category, trained):
+    """test.py FOLDER MODEL_NAME=<name> needs the model only: no DATASET_DIR, no demo set generated."""
+    settings = [arg for arg in trained if not arg.startswith("DATASET_DIR=")]
+    result = run_script("test.py", str(tiny_category / "test"), "MODEL_NAME=part", *settings, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "demo" not in result.stderr and not (tmp_path / "dataset").exists()
+    (run_dir,) = (tmp_path / "results" / "part").iterdir()
+    assert len(list(csv.DictReader(open(run_dir / "predictions.csv")))) == 8
+
+
 def test_missing_dataset_path(tmp_path):
     line = error_line(run_script("train.py", f"DATASET_DIR={tmp_path / 'nowhere'}", *TINY, *outputs(tmp_path)))
     assert "nowhere does not exist" in line
