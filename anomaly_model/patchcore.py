@@ -26,7 +26,7 @@ from torch import nn
 from anomaly_model import distributed
 from anomaly_model.backbone import ModelError
 from anomaly_model.bank import BYTES_IN_RAM, KINDS, PatchBank, disk_folder, size_text
-from anomaly_model.base import AnomalyModel, ModelSettings
+from anomaly_model.base import TILE_CHUNK, AnomalyModel, ModelSettings
 from anomaly_model.coreset import (
     continue_coreset,
     GroupedNeighbors,
@@ -464,19 +464,46 @@ class PatchCore(AnomalyModel):
 
     def _score(self, images: torch.Tensor, excluded: torch.Tensor | None = None, peaks: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`score` without the coreset rows `excluded` (K,) bool, if given, and the peak directions if asked."""
-        embedding, distances, nearest, grid = self.nearest_patches(images, excluded)
+        patch_scores, worst_embedding, worst_nearest = self._patch_scores_and_worst(images, excluded)
         norms = self.memory_norms_ if excluded is None else self.memory_norms_.masked_fill(excluded, math.inf)
-        count, positions = len(images), grid[0] * grid[1]
-        maps = self.map_maker(distances.view(count, *grid), tuple(images.shape[-2:]))
+        maps = self.map_maker(patch_scores, tuple(images.shape[-2:]))
         scores = self.image_scores(maps)
-        worst = distances.view(count, positions).argmax(dim=1) + torch.arange(count, device=distances.device) * positions
         if self.neighbors:
-            scores = scores * self.reweighting(embedding[worst], nearest[worst], norms)
+            scores = scores * self.reweighting(worst_embedding, worst_nearest, norms)
         directions = None
         if peaks:
-            deviation = embedding[worst] - self.memory_[nearest[worst]]
+            deviation = worst_embedding - self.memory_[worst_nearest]
             directions = deviation / torch.linalg.vector_norm(deviation, dim=1, keepdim=True).clamp_min(1e-12)
         return maps, scores, directions
+
+    def _patch_scores_and_worst(self, images: torch.Tensor, excluded: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """((B, h, w) patch scores of whole working images, (B, D) each image's worst patch's feature
+        (minus memory_mean_), (B,) its nearest coreset row). With tiles, the patch scores are the
+        tiles' stitched (overlaps averaged) and the worst patch is the farthest of all its tiles' patches."""
+        layout = self.working_size(images.shape[-2:])
+        if layout is None:
+            embedding, distances, nearest, grid = self.nearest_patches(images, excluded)
+            count, positions = len(images), grid[0] * grid[1]
+            worst = distances.view(count, positions).argmax(dim=1) + torch.arange(count, device=distances.device) * positions
+            return distances.view(count, *grid), embedding[worst], nearest[worst]
+        count = len(images)
+        sums = torch.zeros(count, *layout.grid, dtype=torch.float32, device=self.device)
+        worst_distance = torch.full((count,), -math.inf, device=self.device)
+        worst_embedding = torch.zeros(count, self.memory_.shape[1], dtype=torch.float32, device=self.device)
+        worst_nearest = torch.zeros(count, dtype=torch.long, device=self.device)
+        for tiles, image_index, location in layout.chunks(images, TILE_CHUNK, whole_images=False):
+            embedding, distances, nearest, grid = self.nearest_patches(tiles, excluded)
+            per_tile = distances.view(len(tiles), grid[0] * grid[1])
+            layout.add(sums, per_tile.view(len(tiles), *grid), image_index, location)
+            best, row = per_tile.max(dim=1)
+            row = row + torch.arange(len(tiles), device=row.device) * per_tile.shape[1]
+            image_index = image_index.to(self.device)
+            now = worst_distance.scatter_reduce(0, image_index, best, reduce="amax")
+            wins = best.ge(now[image_index]) & best.gt(worst_distance[image_index])  # this tile holds its image's new worst patch
+            worst_embedding[image_index[wins]] = embedding[row[wins]].float()
+            worst_nearest[image_index[wins]] = nearest[row[wins]].long()
+            worst_distance = now
+        return sums.div_(layout.coverage(sums.device)), worst_embedding, worst_nearest
 
     def reweighting(self, queries: torch.Tensor, matches: torch.Tensor, norms: torch.Tensor, neighbors: int = 0) -> torch.Tensor:
         """(B,) eq. 7 weights (`eq7_weights`) with this model's coreset; `neighbors` replaces

@@ -18,6 +18,7 @@ from anomaly_model.backbone import ModelError
 from anomaly_model.base import TILE_CHUNK, AnomalyModel, ModelSettings
 from anomaly_model.maps import MapMaker, blur_matrix, upsample_matrix
 from anomaly_model.padim import Padim, PadimSettings
+from anomaly_model.patchcore import PatchCore, PatchCoreSettings
 from anomaly_model.store import load_model, save_model
 from anomaly_model.tiles import TileLayout
 from conftest import outputs, run_script, save, texture
@@ -164,6 +165,23 @@ def test_one_tile_covering_the_image_gives_the_untiled_map(statistics):
     torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-5)
 
 
+def test_a_tiled_patchcore_scores_like_the_untiled_one_when_one_tile_covers_the_image():
+    """PatchCore's own scoring (eq. 7 on the worst patch, out-of-fold exclusion) goes through tiles too."""
+    def patchcore(**tiling) -> PatchCore:
+        settings = PatchCoreSettings(backbone="resnet18", weights="none", coreset_ratio=0.5, neighbors=3, **tiling)
+        return PatchCore(settings, device="cpu").fit_images([_images(6, 64, 64)])
+
+    probe = _images(3, 64, 64, seed=3)
+    whole, tiled = patchcore(), patchcore(tile_size=64, tile_overlap=16)
+    assert tiled.tile_layout_ is not None
+    for got, expected in zip(tiled.score(probe), whole.score(probe)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    excluded = torch.zeros(whole.memory_.shape[0], dtype=torch.bool)
+    excluded[::2] = True
+    for got, expected in zip(tiled._score(probe, excluded)[:2], whole._score(probe, excluded)[:2]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("overlap", [0, 8, 24])
 def test_stitched_patch_scores_equal_the_whole_image_where_scores_need_no_context(overlap):
     """Placement and averaging: a context-free score must come out of the tiles as from the whole image."""
@@ -265,10 +283,11 @@ def _non_square_category(root: Path) -> Path:
     return root
 
 
-def test_tiled_non_square_model_end_to_end(tmp_path):
+@pytest.mark.parametrize("model", ["padim", "patchcore"])
+def test_tiled_non_square_model_end_to_end(tmp_path, model):
     category = _non_square_category(tmp_path / "data" / "wide")
     settings = [
-        f"DATASET_DIR={category}", *outputs(tmp_path), "BACKBONE=resnet18", "WEIGHTS=none", "BATCH_SIZE=8", "NUM_WORKERS=0",
+        f"DATASET_DIR={category}", *outputs(tmp_path), f"ANOMALY_MODEL={model}", "BACKBONE=resnet18", "WEIGHTS=none", "BATCH_SIZE=8", "NUM_WORKERS=0",
         "IMAGE_SIZE=1.0", "CENTER_CROP=1.0", "TILE_SIZE=32", "TILE_OVERLAP=8", "VALIDATION_FRACTION=0.25",
         "CLASSIFIER_SYNTHETIC_DEFECTS=12", "CLASSIFIER_MAX_ROUNDS=30", "CLASSIFIER_FOLDS=3",
     ]
