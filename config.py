@@ -117,7 +117,7 @@ RUNTIME = "torch"
 # --- Live inspection (serve.py: HTTP, a watched folder and the review page; docs/live_inspection.md) ---
 SERVE_HOST = "127.0.0.1"  # address serve.py listens on; anything but loopback needs SERVE_TOKEN
 SERVE_PORT = 8000
-SERVE_TOKEN = ""  # "" = none (loopback only); else every inspect and correction request must carry it
+SERVE_TOKEN = ""  # "" = none (loopback only); else every request but /health must carry it
 SERVE_MAX_BYTES = 50_000_000  # largest image body accepted; a larger one gets 413 and the server goes on
 SERVE_RECENT = 50  # latest inspected images the review page shows (kept in memory with their maps)
 # CPU threads torch uses in serve.py's scoring thread; 0 = torch's default (one per core). On a quiet

@@ -118,8 +118,25 @@ def _number(value: float | None, digits: int = 4) -> str:
     return "" if value is None else f"{value:.{digits}g}"
 
 
-def render_page(recent: RecentImages, model_line: str, token: str, token_required: bool, note: str) -> str:
-    """The review page as one HTML document: counts, then one card per image, newest first."""
+_STYLE = (
+    "body{font-family:sans-serif;margin:1em}.card{display:inline-block;vertical-align:top;margin:.5em;padding:.5em;"
+    "border:3px solid #999;width:" + str(PAGE_PREVIEW_SIZE) + "px}.card.defect{border-color:#c00}.card.good{border-color:#080}"
+    ".verdict{font-weight:bold;font-size:1.2em}form{display:inline}.note{color:#a60}"
+)
+
+
+def render_refusal() -> str:
+    """What a server with SERVE_TOKEN answers a page request without it (status 401)."""
+    return (
+        f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Inspection review</title><style>{_STYLE}</style></head><body>"
+        "<h1>Inspection review</h1><p class=\"note\">This server needs its token: open this page as /?token=&lt;SERVE_TOKEN&gt;</p>"
+        "</body></html>"
+    )
+
+
+def render_page(recent: RecentImages, model_line: str, token: str, note: str) -> str:
+    """The review page as one HTML document: counts, then one card per image, newest first. `token`
+    (the server's, "" when it has none) is carried by the buttons and the pictures' addresses."""
     hidden = f'<input type="hidden" name="token" value="{html.escape(token)}">' if token else ""
     query = f"?token={html.escape(token)}" if token else ""
     cards = []
@@ -135,7 +152,7 @@ def render_page(recent: RecentImages, model_line: str, token: str, token_require
         corrected = f'<p class="correction">reviewer: {image.correction}</p>' if image.correction else ""
         cards.append(
             f'<div class="card {result.verdict}" id="image-{image.id}" data-verdict="{result.verdict}">'
-            f'<img src="/pictures/{image.id}/overlay.png" alt="heat map of {html.escape(image.name)}" width="{PAGE_PREVIEW_SIZE}">'
+            f'<img src="/pictures/{image.id}/overlay.png{query}" alt="heat map of {html.escape(image.name)}" width="{PAGE_PREVIEW_SIZE}">'
             f'<p class="verdict">{result.verdict}</p>'
             f'<p>score {_number(result.image_score)} ({_number(result.normalized_score, 3)} x threshold)'
             + (f", classifier {_number(result.classifier_probability, 3)}" if result.classifier_probability is not None else "")
@@ -143,15 +160,9 @@ def render_page(recent: RecentImages, model_line: str, token: str, token_require
             f"{time.strftime('%H:%M:%S', time.localtime(image.received))}</p>{corrected}{buttons}</div>"
         )
     warning = f'<p class="note">{html.escape(note)}</p>' if note else ""
-    if token_required and not token:
-        warning += '<p class="note">Corrections need the server\'s token: open this page as /?token=...</p>'
     body = "".join(cards) or "<p>No image inspected yet.</p>"
     return (
-        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Inspection review</title><style>"
-        "body{font-family:sans-serif;margin:1em}.card{display:inline-block;vertical-align:top;margin:.5em;padding:.5em;"
-        "border:3px solid #999;width:" + str(PAGE_PREVIEW_SIZE) + "px}.card.defect{border-color:#c00}.card.good{border-color:#080}"
-        ".verdict{font-weight:bold;font-size:1.2em}form{display:inline}.note{color:#a60}"
-        "</style></head><body>"
+        f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>Inspection review</title><style>{_STYLE}</style></head><body>"
         f"<h1>Inspection review</h1><p>{html.escape(model_line)}</p>"
         f'<p class="counts">good <span id="count-good">{recent.counts["good"]}</span> &middot; '
         f'defect <span id="count-defect">{recent.counts["defect"]}</span> &middot; <a href="/{query}">refresh</a></p>'

@@ -27,7 +27,7 @@ from dataset_manager import DataError
 from pipeline.inspection import Inspection, Inspector, PreparedImage
 from pipeline.live import BatchingWorker, ModelHolder, process_memory_mb
 from pipeline.pictures import png_bytes
-from pipeline.review_page import LABELS, RecentImages, render_page
+from pipeline.review_page import LABELS, RecentImages, render_page, render_refusal
 from pipeline.watching import FolderWatcher
 from settings import SettingsError
 
@@ -183,15 +183,18 @@ def create_app(service: LiveService) -> FastAPI:
         return JSONResponse(service.health())
 
     @app.get("/model")
-    async def model() -> JSONResponse:
+    async def model(request: Request) -> JSONResponse:
+        if not service.token_ok(request):
+            raise RequestError(401, "this server needs its token: send Authorization: Bearer <SERVE_TOKEN>")
         return JSONResponse(service.holder.current.description())
 
     @app.get("/", response_class=HTMLResponse)
     async def review(request: Request) -> HTMLResponse:
-        token = request.query_params.get("token", "")
+        if not service.token_ok(request):  # the page shows the inspected parts: as private as inspecting them
+            return HTMLResponse(render_refusal(), status_code=401)
         inspector = service.holder.current
         model_line = f"model {inspector.name} ({inspector.model_id[:12]}, {inspector.detector.runtime})"
-        return HTMLResponse(render_page(service.recent, model_line, token if service.token_ok(request) else "", bool(service.token), service.holder.note))
+        return HTMLResponse(render_page(service.recent, model_line, service.token, service.holder.note))  # the request proved it holds it
 
     @app.post("/review/{image_id}")
     async def correct(request: Request, image_id: str) -> Response:
@@ -212,7 +215,9 @@ def create_app(service: LiveService) -> FastAPI:
         return RedirectResponse(location, status_code=303)
 
     @app.get("/pictures/{image_id}/{kind}")
-    async def picture(image_id: str, kind: str) -> Response:
+    async def picture(request: Request, image_id: str, kind: str) -> Response:
+        if not service.token_ok(request):
+            raise RequestError(401, "this server needs its token: open the review page as /?token=<SERVE_TOKEN>")
         image = service.recent.get(image_id)
         if image is None or kind not in ("overlay.png", "mask.png"):
             raise RequestError(404, f"no picture {kind!r} of image {image_id!r} (only the latest {service.recent.keep} images are kept)")

@@ -68,6 +68,9 @@ def test_review_page_shows_verdicts_and_records_corrections(tmp_path):
             while server.client.get("/health").json()["watch"]["inspected"] < 1 and time.monotonic() < deadline:
                 time.sleep(0.2)
 
+            driver.get(f"{server.url}/")  # without the token the page shows no part
+            assert "needs its token" in driver.find_element(By.TAG_NAME, "body").text
+            assert not driver.find_elements(By.CSS_SELECTOR, ".card")
             driver.get(f"{server.url}/?token={TOKEN}")
             cards = driver.find_elements(By.CSS_SELECTOR, ".card")
             assert len(cards) == 2

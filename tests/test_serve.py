@@ -134,10 +134,24 @@ def test_bad_requests_get_a_4xx_line_and_the_server_goes_on(server, trained):
         assert after.status_code == 200, (name, after.text)
 
 
+def test_with_a_token_only_health_answers_without_it(server, trained):
+    """The page and the pictures show the inspected parts, /model the thresholds: each needs the token."""
+    good = (trained["category"] / "test" / "good" / "000.png").read_bytes()
+    image_id = server.client.post("/inspect", content=good, headers={**AUTH, "Content-Type": "image/png"}).json()["id"]
+    for path in ("/", "/model", f"/pictures/{image_id}/overlay.png"):
+        refused = server.client.get(path)
+        assert refused.status_code == 401 and "token" in refused.text, path
+        assert server.client.get(path, headers=AUTH).status_code == 200, path
+    page = server.client.get(f"/?token={TOKEN}").text
+    assert f"/pictures/{image_id}/overlay.png?token={TOKEN}" in page  # the page's pictures carry it
+    assert server.client.get(f"/pictures/{image_id}/overlay.png?token={TOKEN}").headers["content-type"] == "image/png"
+    assert server.client.get("/health").status_code == 200
+
+
 def test_health_and_model_describe_the_model(server):
     health = server.client.get("/health").json()
     assert health["status"] == "ok" and health["model_name"] == "part" and health["note"] == ""
-    model = server.client.get("/model").json()
+    model = server.client.get("/model", headers=AUTH).json()
     assert model["type"] == "padim" and model["backbone"] == "resnet18" and model["image_size"] == [64, 64]
     assert model["thresholds"]["image"] > 0 and model["thresholds"]["classifier"] is not None and model["saved"]
 
