@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -29,10 +31,17 @@ class PredictionSummary:
     seconds: float
 
 
-def picture_stem(path: Path, folder: Path) -> str:
-    """A unique file stem from the path under `folder` (good/001.png and cut/001.png differ)."""
-    relative = path.relative_to(folder) if path.is_relative_to(folder) else Path(path.name)
-    return "__".join(relative.with_suffix("").parts)
+def picture_stems(paths: list[Path], folder: Path) -> list[str]:
+    """Each path's picture file stem, from its path under `folder` (good/001.png -> good__001).
+    Stems that two paths would share (001.png beside 001.jpg, a/b__c.png and a__b/c.png) get a short
+    hash of their relative path appended, so no picture overwrites another's."""
+    relatives = [path.relative_to(folder) if path.is_relative_to(folder) else Path(path.name) for path in paths]
+    stems = ["__".join(relative.with_suffix("").parts) for relative in relatives]
+    taken = Counter(stems)
+    return [
+        stem if taken[stem] == 1 else f"{stem}-{hashlib.sha1(relative.as_posix().encode()).hexdigest()[:8]}"
+        for stem, relative in zip(stems, relatives)
+    ]
 
 
 def run_folder(folder: Path) -> str:
@@ -73,6 +82,7 @@ def predict_folder(inspector: Inspector, folder: Path, results_dir: Path, settin
             pictures.mkdir(exist_ok=True)
         results, batches = inspector.inspect_paths([paths[i] for i in mine], settings.BATCH_SIZE, settings.NUM_WORKERS, preview_size)
         rows = []
+        stems = picture_stems(paths, folder) if settings.SAVE_PICTURES else []
         for result, inspection in distributed.watched(results):
             index = mine[result.index]
             path = paths[index]
@@ -80,7 +90,7 @@ def predict_folder(inspector: Inspector, folder: Path, results_dir: Path, settin
             if settings.SAVE_PICTURES:
                 arrays = picture_arrays(result.anomaly_map, result.size, result.preview,
                                         detector.preprocessor, detector.pixel_threshold, inspector.color_scale)
-                overlay_file, mask_file = write_pictures(pictures, picture_stem(path, folder), arrays)
+                overlay_file, mask_file = write_pictures(pictures, stems[index], arrays)
                 overlay_path, mask_path = f"pictures/{overlay_file.name}", f"pictures/{mask_file.name}"
             rows.append((index, csv_values(path, inspection, overlay_path, mask_path)))
         position = {path: index for index, path in enumerate(paths)} if batches.skipped else {}

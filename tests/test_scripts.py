@@ -103,6 +103,24 @@ def test_test_py_on_a_folder_with_model_name_reads_no_dataset(tmp_path, tiny_cat
     assert len(list(csv.DictReader(open(run_dir / "predictions.csv")))) == 8
 
 
+def test_pictures_of_files_sharing_a_stem_do_not_overwrite_each_other(tmp_path, tiny_category, trained):
+    folder = tmp_path / "line"
+    (folder / "good").mkdir(parents=True)
+    source = Image.open(tiny_category / "test" / "blob" / "000.png")
+    source.save(folder / "good" / "a.png")
+    source.convert("L").save(folder / "good" / "a.jpg")
+    Image.open(tiny_category / "test" / "good" / "000.png").save(folder / "good__a.png")  # the folder joined to the name
+    result = run_script("test.py", str(folder), *trained)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (tmp_path / "results" / "part").iterdir()
+    rows = list(csv.DictReader(open(run_dir / "predictions.csv")))
+    assert len(rows) == 3
+    for column in ("overlay", "mask"):
+        assert len({row[column] for row in rows}) == 3
+        assert all((run_dir / row[column]).is_file() for row in rows)
+    assert len(list((run_dir / "pictures").iterdir())) == 6
+
+
 def test_missing_dataset_path(tmp_path):
     line = error_line(run_script("train.py", f"DATASET_DIR={tmp_path / 'nowhere'}", *TINY, *outputs(tmp_path)))
     assert "nowhere does not exist" in line
