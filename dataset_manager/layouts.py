@@ -92,6 +92,11 @@ def _require_images(images: list[Path], folder: Path) -> list[Path]:
     return images
 
 
+def _test_type(type_dir: Path) -> str:
+    """The label a test folder gives its images: "good" in any case (Good, GOOD) is good, else its name."""
+    return GOOD if type_dir.name.lower() == GOOD else type_dir.name
+
+
 def _mvtec_test_images(category_dir: Path, skip: Sequence[Path]) -> list[LabeledImage]:
     test_dir = category_dir / "test"
     if not test_dir.is_dir():
@@ -100,10 +105,10 @@ def _mvtec_test_images(category_dir: Path, skip: Sequence[Path]) -> list[Labeled
     for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not _is_output(p, _real(skip))):
         for path in find_images(type_dir, skip=skip):
             mask = None
-            if type_dir.name != GOOD:
+            if _test_type(type_dir) != GOOD:
                 candidate = category_dir / "ground_truth" / type_dir.name / f"{path.stem}_mask.png"
                 mask = candidate if candidate.is_file() else None
-            labeled.append(LabeledImage(path, type_dir.name, mask))
+            labeled.append(LabeledImage(path, _test_type(type_dir), mask))
     return labeled
 
 
@@ -134,7 +139,7 @@ def _simple_category(folder: Path, skip: Sequence[Path]) -> Category:
     test_images = []
     if test_dir.is_dir():
         for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not _is_output(p, _real(skip))):
-            test_images += [LabeledImage(path, type_dir.name) for path in find_images(type_dir, skip=skip)]
+            test_images += [LabeledImage(path, _test_type(type_dir)) for path in find_images(type_dir, skip=skip)]
     return Category(
         name=folder.resolve().name,
         root=folder,

@@ -221,7 +221,11 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
     Under torchrun every rank scores its shard of the test images; rank 0 computes, draws and
     writes everything and returns the evaluation, the other ranks return None."""
     if not category.test_images:
-        raise DataError(f"no labeled test images for {category.name}: expected {category.root}/test/<type>/ folders")
+        simple = (category.root / "train_dataset_folder").is_dir()
+        test_dir = category.test_dir or category.root / ("test_dataset_folder" if simple else "test")
+        raise DataError(
+            f"no labeled test images for {category.name}: expected images in {test_dir}/good/ and {test_dir}/<defect type>/ folders"
+        )
     check_masks(category)
     limit = float(settings.EVAL_PRO_FPR_LIMIT)
     if not 0 < limit <= 1:

@@ -44,6 +44,18 @@ def test_simple_layout(tmp_path):
     assert all(item.mask_path is None for item in category.test_images)
 
 
+def test_a_test_folder_named_good_in_any_case_holds_goods(tmp_path):
+    rng = np.random.default_rng(0)
+    save(texture(rng), tmp_path / "simple" / "train_dataset_folder" / "0.png")
+    save(texture(rng), tmp_path / "simple" / "test_dataset_folder" / "Good" / "0.png")
+    save(texture(rng), tmp_path / "simple" / "test_dataset_folder" / "Defect" / "0.png")
+    save(texture(rng), tmp_path / "mvtec" / "train" / "good" / "0.png")
+    save(texture(rng), tmp_path / "mvtec" / "test" / "GOOD" / "0.png")
+    for layout in ("simple", "mvtec"):
+        (category,) = find_categories(tmp_path / layout)
+        assert [item.is_defect for item in category.test_images if item.path.parent.name.lower() == "good"] == [False]
+
+
 def test_missing_and_empty_dataset_dirs(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         find_categories(tmp_path / "absent")
