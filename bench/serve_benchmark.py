@@ -163,7 +163,10 @@ def backbone_latency(model_dir: Path, repeats: int) -> dict:
 def stage_breakdown(model_dir: Path, image: Path, repeats: int) -> dict:
     """Where one image's time goes in-process (p50 ms): decoding and preprocessing, the backbone,
     the anomaly model's whole scoring (backbone, patch scores, map upsampling and blur), the
-    classifier added (Detector.score_images), and Inspector.inspect end to end."""
+    classifier added (Detector.score_images), and Inspector.inspect end to end. For PaDiM also the
+    floor of its distances on this machine: the inverted factors' size, one plain pass over them (a
+    sum: memory speed), and that pass scaled to a packed triangle, the fewest float32 bytes an exact
+    distance can read."""
     import torch
 
     from pipeline.inspection import load
@@ -183,13 +186,29 @@ def stage_breakdown(model_dir: Path, image: Path, repeats: int) -> dict:
         return 1000 * percentile(times, 50)
 
     with torch.inference_mode():
-        return {
+        figures = {
             "decode_and_preprocess_ms": p50(lambda: inspector.prepare(data)),
             "backbone_ms": p50(lambda: detector.model.extractor(tensor)),
             "anomaly_model_score_ms": p50(lambda: detector.score(tensor)),
             "score_with_classifier_ms": p50(lambda: detector.score_images(tensor)),
             "inspect_end_to_end_ms": p50(lambda: inspector.inspect(data)),
         }
+        whitening = detector.model.whitening() if hasattr(detector.model, "whitening") else None
+        if whitening is not None:  # PaDiM's distances must read every factor once per image (or batch)
+            bytes_read = sum(block.numel() * block.element_size() for block in whitening.blocks)
+            figures["factors_mb"] = bytes_read / 1e6
+            figures["factors_read_once_ms"] = p50(lambda: [block.sum() for block in whitening.blocks])
+            packed = figures["factors_read_once_ms"] * whitening_packed_share(whitening)
+            figures["distances_floor_ms"] = packed  # the triangle alone, read at the speed just measured
+    return figures
+
+
+def whitening_packed_share(whitening) -> float:
+    """The share of the stored factor bytes that a perfectly packed triangle would hold, d(d+1)/2 of
+    each position's d x d: the least any exact float32 distance can read per image."""
+    dim = whitening.bounds[-1]
+    stored = sum((end - start) * end for start, end in zip(whitening.bounds, whitening.bounds[1:]))
+    return dim * (dim + 1) / 2 / stored
 
 
 def scoring_rate(model_dir: Path, images: list[Path], batch_size: int, workers: int) -> dict:
