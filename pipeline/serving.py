@@ -16,6 +16,7 @@ import asyncio
 import base64
 import hmac
 import ipaddress
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,6 +156,9 @@ async def _image_bytes(request: Request, limit: int) -> tuple[bytes, str]:
 def create_app(service: LiveService) -> FastAPI:
     """The FastAPI application serving `service`."""
     app = FastAPI(title="Defect inspection", docs_url=None, redoc_url=None, openapi_url=None)
+    # the multipart parser logs each malformed body as a bare warning line ("Expected boundary
+    # character ..."); the client's 400 already says it, and the server's log keeps its own lines
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError) -> JSONResponse:
