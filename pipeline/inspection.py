@@ -142,6 +142,14 @@ def apply_operating_point(detector: Detector, point: OperatingPoint) -> list[str
 def to_rgb(image: ImageInput, name: str = "image") -> np.ndarray:
     """(H, W, 3) uint8 from whatever `inspect` accepts, read as test.py reads files (EXIF
     orientation, any mode and bit depth); undecodable input is a DataError naming `name`."""
+    rgb = _decoded(image, name)
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise DataError(f"cannot read {name}: it has no pixels ({rgb.shape[0]} x {rgb.shape[1]})")
+    return rgb
+
+
+def _decoded(image: ImageInput, name: str) -> np.ndarray:
+    """`to_rgb`'s conversion, by the input's type."""
     if isinstance(image, (str, Path)):
         return read_rgb(Path(image))
     if isinstance(image, (bytes, bytearray, memoryview)):
@@ -158,7 +166,10 @@ def to_rgb(image: ImageInput, name: str = "image") -> np.ndarray:
             raise DataError(f"cannot read {name}: {error}") from None
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
-            gray = image if image.dtype == np.uint8 else gray_to_uint8(image)
+            try:
+                gray = image if image.dtype == np.uint8 else gray_to_uint8(image)
+            except ValueError as error:  # NaN or infinite values, no pixels: bad input, not a bug
+                raise DataError(f"cannot read {name}: {error}") from None
             return np.repeat(gray[:, :, None], 3, axis=2)
         if image.ndim == 3 and image.shape[2] in (3, 4) and image.dtype == np.uint8:
             return np.ascontiguousarray(image[:, :, :3])

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from conftest import TINY, error_line, make_mvtec_category, outputs, run_script
+from dataset_manager import DataError
 from live_server import LiveServer, free_port
 
 TOKEN = "s3cret-token"
@@ -94,6 +95,9 @@ def test_inspect_gives_test_py_numbers_through_http_and_the_python_api(server, t
             for field in ("image_score", "normalized_score", "classifier_probability", "defect_area_fraction"):
                 assert relative_close(mine.fields()[field], got[field], 1e-5), (name, type(image), field)
             assert mine.verdict == got["verdict"]
+    for empty in (np.zeros((0, 0), np.uint8), np.zeros((0, 5, 3), np.uint8), Image.new("RGB", (0, 0)), np.full((4, 4), np.nan, np.float32)):
+        with pytest.raises(DataError, match="cannot read image"):  # bad input, named: never a verdict on no pixels
+            inspector.inspect(empty)
 
 
 def test_multipart_and_pictures_only_when_asked(server, trained):
