@@ -86,18 +86,46 @@ class UpdateSummary:
         return now
 
 
-def new_images(folder: str, learned: list[str]) -> NewImages:
-    """The images under `folder` whose content the model does not hold yet (a missing folder: DataError)."""
-    known, paths = set(learned), []
-    skipped = 0
-    for path in find_images(Path(folder)):
+# Subfolders that hold sorted or corrected images of the other kinds (REVIEW_DIR's good/ and
+# defect/, a sorted WATCH_DIR's good/, defect/ and unreadable/): a folder holding one of them is
+# not a folder of one kind of image, and learning it whole would teach defects as goods.
+SORTED_FOLDERS = ("good", "defect", "unreadable")
+
+
+def new_images(folder: str, learned: dict, kind: str) -> NewImages:
+    """The `kind` ("good" or "defect") images under `folder` whose content the model does not hold
+    yet. Refused in one line: a missing folder (DataError), a folder that holds sorted subfolders
+    (give the one of this kind). Skipped with a note: mask files (`*_mask.*`). Noted: images the
+    model learned before as the other kind (it then holds them as both; a backup undoes an update)."""
+    root = Path(folder)
+    setting = "ADD_GOOD" if kind == "good" else "ADD_DEFECT"
+    mixed = [name for name in SORTED_FOLDERS if (root / name).is_dir()]
+    if mixed:
+        hint = f"e.g. {setting}={root / kind}" if kind in mixed else f"a folder of {kind} images only"
+        raise SettingsError(f"{setting}={folder} holds sorted folders ({', '.join(name + '/' for name in mixed)}): give {hint}")
+    known, other = set(learned.get(kind, [])), set(learned.get("defect" if kind == "good" else "good", []))
+    paths, skipped, masks, relabeled = [], 0, [], []
+    for path in find_images(root):
+        if path.stem.lower().endswith("_mask"):
+            masks.append(path)
+            continue
         digest = content_digest(path)
         if digest in known:
             skipped += 1
             continue
+        if digest in other:
+            relabeled.append(path)
         known.add(digest)
         paths.append(path)
-    return NewImages(Path(folder), paths, skipped)
+    if masks:
+        print(f"note: {len(masks)} mask file{'s' if len(masks) != 1 else ''} in {folder} (e.g. {masks[0].name}) not learned as images", file=sys.stderr)
+    if relabeled:
+        print(
+            f"note: {len(relabeled)} image{'s' if len(relabeled) != 1 else ''} in {folder} (e.g. {relabeled[0]}) the model learned before as "
+            f"{'defects' if kind == 'good' else 'goods'}: it now holds them as both; to undo, restore the backup made before that update",
+            file=sys.stderr,
+        )
+    return NewImages(root, paths, skipped)
 
 
 def score_files(model: AnomalyModel, preprocessor: Preprocessor, paths: list[Path], batch_size: int, label: str, peaks: bool = False,
@@ -152,8 +180,8 @@ def update_model(model_dir: Path, settings, good_folder: str, defect_folder: str
     if HONEST_GOODS_FILE not in files or LEARNED_IMAGES_FILE not in files:
         raise _old_model(model_dir)
     learned = json.loads(read_checked_bytes(model_dir, LEARNED_IMAGES_FILE, files, f"files.{LEARNED_IMAGES_FILE}"))
-    goods = new_images(good_folder, learned.get("good", [])) if good_folder else None
-    defects = new_images(defect_folder, learned.get("defect", [])) if defect_folder else None
+    goods = new_images(good_folder, learned, "good") if good_folder else None
+    defects = new_images(defect_folder, learned, "defect") if defect_folder else None
     summary = UpdateSummary(model_dir, n_known=sum(part.known for part in (goods, defects) if part is not None))
     summary.stage_seconds["load model"] = loaded_at - started
     lap = summary.lap("find new images", loaded_at)

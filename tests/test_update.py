@@ -19,7 +19,7 @@ from dataset_manager import Preprocessor, find_categories
 from dataset_manager.layouts import find_images
 from pipeline.training import train_category
 from pipeline.updating import score_files, update_model
-from settings import load
+from settings import SettingsError, load
 
 from conftest import TINY, error_line, outputs, run_script, save, texture, with_defect
 
@@ -179,6 +179,27 @@ def test_add_defect_retrains_the_classifier_only(tmp_path: Path) -> None:
     assert summary.n_good == 4 and summary.n_defect == 0 and summary.n_known == 4
     final = json.loads((model_dir / "model.json").read_text())
     assert final["classifier"]["n_added_goods"] == 4 and final["classifier"]["n_real_defects"] == 4
+
+
+def test_update_folders_are_checked_for_what_they_hold(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A review folder given whole is refused (its defect/ would be learned as goods); mask files are
+    not images of parts; an image learned before as the other kind is learned with a note."""
+    part, new = _dataset(tmp_path / "data", 8, 2)
+    model_dir = tmp_path / "models" / "part"
+    settings = _train(part, model_dir, [*TINY, "FEATURE_DIM=40", "CLASSIFIER_SYNTHETIC_DEFECTS=12"])
+    review = tmp_path / "review"
+    _defect_folder(review / "defect", 2, seed=3)
+    shutil.copytree(new, review / "good")
+    with pytest.raises(SettingsError, match=f"ADD_GOOD={review} holds sorted folders \\(good/, defect/\\): give e.g. ADD_GOOD={review / 'good'}"):
+        update_model(model_dir, settings, str(review), "")
+    shutil.copy(part / "ground_truth" / "blob" / "000_mask.png", review / "defect" / "000_mask.png")
+    shutil.copy(part / "train" / "good" / "000.png", review / "defect" / "was_good.png")  # a training good, now called a defect
+    capsys.readouterr()
+    summary = update_model(model_dir, settings, str(review / "good"), str(review / "defect"))
+    assert summary.n_good == 2 and summary.n_defect == 3  # two defects and the relabeled good; not the mask
+    notes = capsys.readouterr().err
+    assert "1 mask file in" in notes and "000_mask.png" in notes
+    assert "1 image in" in notes and "was_good.png" in notes and "learned before as goods" in notes
 
 
 def test_add_defect_needs_a_classifier(tmp_path: Path) -> None:
