@@ -247,16 +247,20 @@ def _lock_owner(descriptor: int) -> str:
     return text or "another run"
 
 
+_held_locks: set[Path] = set()  # model locks this process holds: taking one again is a no-op, not a deadlock
+
+
 @contextmanager
 def model_lock(model_dir: Path, purpose: str, wait: bool):
     """Hold the model's lock: a lock file beside its folder holding the owner (pid and what it
     does), removed when done. Busy: `ModelBusy` naming the owner, or with `wait` one line saying
     whom we wait for, then the wait. The kernel drops the lock of a killed process, so a lock
-    file left by a kill is free and taken over."""
-    if fcntl is None:
+    file left by a kill is free and taken over. Re-entrant within a process (an update holds it
+    from loading the model to its save, whose swap asks for it again)."""
+    path = _lock_path(model_dir)
+    if fcntl is None or path in _held_locks:
         yield
         return
-    path = _lock_path(model_dir)
     descriptor = None
     while descriptor is None:
         try:
@@ -282,11 +286,13 @@ def model_lock(model_dir: Path, purpose: str, wait: bool):
         if not current:  # the owner we waited for removed that file: lock the one there now
             os.close(descriptor)
             descriptor = None
+    _held_locks.add(path)
     try:
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"pid {os.getpid()} ({purpose})".encode(), 0)
         yield
     finally:
+        _held_locks.discard(path)
         try:
             os.unlink(path)
         except OSError:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from anomaly_model import distributed
 from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
-from anomaly_model.files import read_checked_bytes
+from anomaly_model.files import model_lock, read_checked_bytes
 from anomaly_model.store import load_model, model_id, read_description, save_model
 from dataset_manager import ImageBatches, Preprocessor
 from dataset_manager.layouts import find_images
@@ -169,10 +169,17 @@ def _old_model(model_dir: Path) -> ModelError:
 
 def update_model(model_dir: Path, settings, good_folder: str, defect_folder: str) -> UpdateSummary:
     """Teach the model at `model_dir` the good images of `good_folder` and the labeled defects of
-    `defect_folder` (either may be ""), save it atomically beside numbered backups."""
-    started = time.perf_counter()
+    `defect_folder` (either may be ""), save it atomically beside numbered backups. Holds the
+    model's lock from loading to saving: a second update of the same model waits and then learns
+    on top of the first's (two at once each saved its own, and the first one's images were lost)."""
     if distributed.active():
         raise SettingsError("ADD_GOOD / ADD_DEFECT update a model on one process: run python train.py without torchrun")
+    with model_lock(model_dir, "train.py ADD_GOOD / ADD_DEFECT is updating it", wait=True):
+        return _update_locked(model_dir, settings, good_folder, defect_folder)
+
+
+def _update_locked(model_dir: Path, settings, good_folder: str, defect_folder: str) -> UpdateSummary:
+    started = time.perf_counter()
     model, description = load_model(model_dir, settings.DEVICE)
     loaded_at = time.perf_counter()
     loaded = model_id(description)

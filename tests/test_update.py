@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from pipeline.training import train_category
 from pipeline.updating import score_files, update_model
 from settings import SettingsError, load
 
-from conftest import TINY, error_line, outputs, run_script, save, texture, with_defect
+from conftest import ROOT, TINY, error_line, outputs, run_script, save, texture, with_defect
 
 PLAIN = TINY + ["CLASSIFIER=False", "OUT_OF_FOLD_FOLDS=0", "FEATURE_DIM=40"]
 
@@ -114,6 +116,26 @@ def test_backups_history_and_the_command_line(tmp_path: Path) -> None:
     result = run_script("train.py", *base, f"ADD_GOOD={new}")  # the command line: its 12 files (6 in batch folders) learned already: skipped, counted
     assert result.returncode == 0, result.stderr
     assert "12 good images in" in result.stderr and "already learned" in result.stderr and "unchanged" in result.stderr
+
+
+def test_two_updates_at_once_both_reach_the_model(tmp_path: Path) -> None:
+    """Two train.py ADD_GOOD runs on one model: the second waits for the first, then learns on top of it."""
+    part, new = _dataset(tmp_path / "data", 8, 4)
+    models = tmp_path / "models"
+    _train(part, models / "part", PLAIN)
+    folders = [new / "first", new / "second"]
+    for number, folder in enumerate(folders):
+        folder.mkdir()
+        for path in sorted(new.glob("*.png"))[2 * number : 2 * number + 2]:
+            shutil.copy(path, folder / path.name)
+    command = [sys.executable, str(ROOT / "train.py"), *PLAIN, f"DATASET_DIR={part}", *outputs(tmp_path)]
+    runs = [subprocess.Popen([*command, f"ADD_GOOD={folder}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for folder in folders]
+    for run in runs:
+        _, err = run.communicate(timeout=240)
+        assert run.returncode == 0, err
+    history = json.loads((models / "part" / "model.json").read_text())["updates"]
+    assert sorted(entry["folder"] for entry in history) == sorted(str(folder) for folder in folders)
+    assert all(entry["images"] == 2 for entry in history)
 
 
 def test_add_good_left_in_config_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
