@@ -320,6 +320,8 @@ def test_watched_folder_inspects_each_file_once_whole_across_restarts(trained, t
         time.sleep(0.2)
     shutil.copy(sources / "blob" / "002.png", watch / "a.png")
     rows = _wait_for_rows(results, 5, second)
+    third = run_script("serve.py", *settings, f"SERVE_PORT={free_port()}")  # would score every file a second time
+    assert "is watched by another serve.py" in error_line(third)
     time.sleep(1.5)  # a few more polls: nothing else may be scored
     assert second.stop() == 0, second.log()
     rows = _rows(results)
