@@ -437,9 +437,9 @@ class AtomicFolder:
     naming the folder; the temporary folder is removed and an earlier folder survives.
     """
 
-    def __init__(self, target: Path, replace: bool = True, backups: int = 0) -> None:
+    def __init__(self, target: Path, replace: bool = True, backups: int | None = None) -> None:
         self.target = Path(target)
-        self.backups = int(backups)  # replace=True: earlier versions kept as <name>.backup-1 (newest) ... -<backups>
+        self.backups = backups  # replace=True: earlier versions kept as <name>.backup-1 (newest) ... -<backups>; None: untouched
         if replace and os.path.islink(self.target):
             self.target = Path(os.path.realpath(self.target))  # the folder the link leads to is replaced
         self.replace = replace
@@ -540,8 +540,9 @@ class AtomicFolder:
                     self._flush_unsynced()
                 with self._model_lock(), _folder_lock(self.target.parent), _signals_held():
                     previous = self._swap() if self.replace else self._place_new()
-                    if previous is not None and self.backups:
-                        previous = self._keep_backup(previous)
+                    dropped = [previous] if previous is not None else []
+                    if previous is not None and self.backups is not None:
+                        dropped = self._keep_backups(previous)
                     _fsync_path(self.target.parent)
             except BaseException as error:
                 shutil.rmtree(self.temporary, ignore_errors=True)
@@ -549,25 +550,41 @@ class AtomicFolder:
                 if isinstance(error, OSError):
                     raise self._storage_error(error) from None
                 raise
-            if previous is not None:
-                remove_entry(previous)
+            for entry in dropped:
+                remove_entry(entry)
         finally:
             self._release_lock()
             if failed:
                 remove_made(self._made)
 
-    def _keep_backup(self, previous: Path) -> Path | None:
-        """The replaced folder becomes `<name>.backup-1`, older backups move up one number; returns
-        the one that falls off the end (renamed to this run's temporary name, removed after the swap)."""
+    def _keep_backups(self, previous: Path) -> list[Path]:
+        """The replaced folder becomes `<name>.backup-1` and the existing backups follow it in their
+        order, renumbered 2, 3, ... without gaps (a restored backup-1 leaves one); the newest
+        `self.backups` are kept. Returns the folders to remove after the swap: those past the count,
+        each first renamed to a temporary name of this run (a kill before their removal leaves them
+        to `sweep`)."""
+        pattern = re.compile(rf"^{re.escape(self.target.name)}\.backup-(\d+)$")
+        numbered = sorted(
+            (int(match.group(1)), self.target.parent / entry)
+            for entry in os.listdir(self.target.parent) if (match := pattern.match(entry))
+        )
+        order = [previous] + [path for _, path in numbered]  # newest first
+        dropped = []
+        for index, path in enumerate(order[self.backups :]):
+            aside = Path(f"{self.temporary}-{index}")
+            os.replace(path, aside)
+            dropped.append(aside)
         backup = lambda number: self.target.parent / f"{self.target.name}.backup-{number}"  # noqa: E731
-        dropped = None
-        if os.path.lexists(backup(self.backups)):
-            dropped = self.temporary  # free since the swap; a kill before its removal leaves it to `sweep`
-            os.replace(backup(self.backups), dropped)
-        for number in range(self.backups - 1, 0, -1):
-            if os.path.lexists(backup(number)):
-                os.replace(backup(number), backup(number + 1))
-        os.replace(previous, backup(1))
+        current = dict((path, number) for number, path in numbered)
+        moves = [(path, target) for target, path in enumerate(order[: self.backups], start=1) if path is not previous]
+        # a backup moving up one (backup-1 .. -m, packed) goes oldest first into the free name above
+        # it; one moving down (past a gap) newest first; the replaced model takes backup-1 last
+        for path, target in sorted((move for move in moves if current[move[0]] < move[1]), key=lambda move: -move[1]):
+            os.replace(path, backup(target))
+        for path, target in sorted((move for move in moves if current[move[0]] > move[1]), key=lambda move: move[1]):
+            os.replace(path, backup(target))
+        if self.backups:
+            os.replace(previous, backup(1))
         return dropped
 
     def _model_lock(self):

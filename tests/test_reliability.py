@@ -408,3 +408,30 @@ def test_two_test_runs_in_the_same_second_keep_both_results(tmp_path, trained, m
     for run_dir, name in zip(written, ("a.png", "b.png")):
         rows = list(csv.DictReader(open(run_dir / "predictions.csv")))
         assert [Path(row["path"]).name for row in rows] == [name]
+
+
+@pytest.mark.parametrize(
+    "existing, keep, expected",
+    [
+        ([1, 2, 3], 3, {1: "v4", 2: "v3", 3: "v2"}),  # the oldest falls off
+        ([1, 2, 3], 1, {1: "v4"}),  # a lowered MODEL_BACKUPS keeps the newest, not the oldest
+        ([2, 3], 3, {1: "v4", 2: "v3", 3: "v2"}),  # backup-1 restored by hand: the gap closes
+        ([3, 4], 3, {1: "v4", 2: "v3", 3: "v2"}),  # two gaps: renamed without overwriting one another
+        ([1, 2], 0, {}),  # MODEL_BACKUPS=0: none kept, none stale left behind as backup-1
+    ],
+)
+def test_backups_stay_newest_first_without_gaps(tmp_path, existing, keep, expected):
+    """backup-1 is always the model before the last save, backup-2 the one before that, ...: so the
+    documented restore (rename backup-1) gives the previous model whatever was kept or restored before."""
+    models = tmp_path / "models"
+    (models / "part").mkdir(parents=True)
+    (models / "part" / "version").write_text("v4")  # the model being replaced
+    for number, version in zip(existing, ("v3", "v2", "v1")):
+        (models / f"part.backup-{number}").mkdir()
+        (models / f"part.backup-{number}" / "version").write_text(version)
+    with AtomicFolder(models / "part", backups=keep) as out:
+        out.write_bytes("version", b"v5")
+    assert (models / "part" / "version").read_text() == "v5"
+    found = {int(path.name.rsplit("-", 1)[1]): (path / "version").read_text() for path in models.glob("part.backup-*")}
+    assert found == expected
+    assert not [path for path in models.iterdir() if path.name.startswith(".")]  # nothing left aside
