@@ -251,14 +251,20 @@ _held_locks: set[Path] = set()  # model locks this process holds: taking one aga
 
 
 @contextmanager
-def model_lock(model_dir: Path, purpose: str, wait: bool):
+def model_lock(model_dir: Path, purpose: str, wait: bool, reentrant: bool = False):
     """Hold the model's lock: a lock file beside its folder holding the owner (pid and what it
     does), removed when done. Busy: `ModelBusy` naming the owner, or with `wait` one line saying
     whom we wait for, then the wait. The kernel drops the lock of a killed process, so a lock
-    file left by a kill is free and taken over. Re-entrant within a process (an update holds it
-    from loading the model to its save, whose swap asks for it again)."""
+    file left by a kill is free and taken over. Held by this process already: `reentrant` goes on
+    under it (a save's swap inside an update, which holds it from loading to saving), anything
+    else is busy (a sweep must not remove this run's own export staging)."""
     path = _lock_path(model_dir)
-    if fcntl is None or path in _held_locks:
+    if fcntl is None:
+        yield
+        return
+    if path in _held_locks:
+        if not reentrant:
+            raise ModelBusy(f"model {model_dir} is busy: this run holds it ({purpose})")
         yield
         return
     descriptor = None
@@ -589,7 +595,7 @@ class AtomicFolder:
 
     def _model_lock(self):
         """A model's swap waits for a run holding the model (an export); results need no lock."""
-        return model_lock(self.target, "saving a retrained model", wait=True) if self.replace else nullcontext()
+        return model_lock(self.target, "saving a retrained model", wait=True, reentrant=True) if self.replace else nullcontext()
 
     def _flush_unsynced(self) -> None:
         """Files other code wrote straight into a model's temporary folder reach the disk before
