@@ -14,7 +14,7 @@ where a float is expected; a list or tuple where a tuple is expected).
 DATASET_DIR = "dataset/demo"
 MODEL_DIR = "model"  # trained models go to MODEL_DIR/<model name>/
 RESULTS_DIR = "results"  # test.py writes RESULTS_DIR/<model name>/<run>/, eval.py RESULTS_DIR/eval-<time>/
-MODEL_NAME = ""  # "" = the category folder's name (several categories: one model each)
+MODEL_NAME = ""  # "" = the category folder's name (several categories: one model each; a name picks that category's)
 TEST_DIR = ""  # folder test.py scores when given none; "" = the dataset's test folder
 VALIDATION_FRACTION = 0.1  # share of train images held out when there is no validation/good
 

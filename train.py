@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import chosen_model_dir, load_categories, model_dir_for, run
-from pipeline.training import train_category
+from pipeline.cli import chosen_model_dir, load_categories, model_dir_for, run, single_category
+from pipeline.training import train_category, warn_of_updates
 from settings import SettingsError, load
 
 
@@ -21,9 +21,13 @@ def main(argv: list[str]) -> None:
         update(settings)
         return
     categories = load_categories(settings)
+    if len(categories) > 1 and settings.MODEL_NAME:  # MODEL_NAME picks one category's model, here too
+        categories = [single_category(categories, settings, "to say which model to train,")]
     summaries = []
     for category in categories:
-        summary = train_category(category, settings, model_dir_for(settings, category.name, len(categories)))
+        model_dir = model_dir_for(settings, category.name, len(categories))
+        warn_of_updates(model_dir)
+        summary = train_category(category, settings, model_dir)
         summaries.append(summary)
         print(
             f"{summary.model_dir.name}: trained on {summary.n_train} images, calibrated on {summary.n_validation} validation images"

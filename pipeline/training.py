@@ -22,7 +22,7 @@ from choices import PIXEL_THRESHOLD_POLICIES
 from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.files import check_writable, sweep_model
-from anomaly_model.store import build_model, save_model
+from anomaly_model.store import build_model, read_description, save_model
 from dataset_manager import Category, DataError, ImageBatches, Preprocessor
 from dataset_manager.images import image_size, resolve_image_size
 from dataset_manager.loader import skipped_summary
@@ -565,3 +565,20 @@ def _classifier_training_set(category: Category, settings, info: dict, n_validat
     enough = len(category.train_defect_images) >= settings.CLASSIFIER_ENOUGH_REAL_DEFECTS
     synthetic = 0 if enough else settings.CLASSIFIER_SYNTHETIC_DEFECTS
     return TrainingSet(levels_from_description(info), n_validation, n_train, synthetic, settings.SEED)
+
+
+def warn_of_updates(model_dir: Path) -> None:
+    """A retrain replaces the model with one fitted on DATASET_DIR alone: say which images it had
+    learned through updates (ADD_GOOD / ADD_DEFECT), so they can be added again."""
+    try:
+        updates = read_description(model_dir).get("updates") or []
+    except (ModelError, OSError, ValueError):  # no model yet, or one that cannot be read: nothing learned to lose
+        return
+    if updates:
+        folders = sorted({str(entry.get("folder")) for entry in updates})
+        learned = sum(int(entry.get("images", 0)) for entry in updates)
+        print(
+            f"note: model {model_dir} learned {learned} images in {len(updates)} updates (from {', '.join(folders)}); this training "
+            "replaces it without them: put them in the training folders, or run train.py ADD_GOOD= / ADD_DEFECT= again afterwards",
+            file=sys.stderr,
+        )

@@ -121,6 +121,14 @@ def test_pictures_of_files_sharing_a_stem_do_not_overwrite_each_other(tmp_path, 
     assert len(list((run_dir / "pictures").iterdir())) == 6
 
 
+def test_model_name_picks_one_category_of_a_root_to_train(tmp_path):
+    for name in ("alpha", "beta"):
+        make_mvtec_category(tmp_path / "data" / name, n_train=6, n_test=1)
+    result = run_script("train.py", f"DATASET_DIR={tmp_path / 'data'}", "MODEL_NAME=beta", *TINY, *outputs(tmp_path), "CLASSIFIER=False")
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in (tmp_path / "models").iterdir() if not path.name.startswith(".")) == ["beta"]
+
+
 def test_missing_dataset_path(tmp_path):
     line = error_line(run_script("train.py", f"DATASET_DIR={tmp_path / 'nowhere'}", *TINY, *outputs(tmp_path)))
     assert "nowhere does not exist" in line

@@ -117,6 +117,10 @@ def test_backups_history_and_the_command_line(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "12 good images in" in result.stderr and "already learned" in result.stderr and "unchanged" in result.stderr
 
+    retrained = run_script("train.py", *base)  # a full training replaces the updated model: said, with the folders
+    assert retrained.returncode == 0, retrained.stderr
+    assert "learned 6 images in 3 updates" in retrained.stderr and str(batches[0]) in retrained.stderr
+
 
 def test_two_updates_at_once_both_reach_the_model(tmp_path: Path) -> None:
     """Two train.py ADD_GOOD runs on one model: the second waits for the first, then learns on top of it."""
