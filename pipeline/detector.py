@@ -122,6 +122,7 @@ class Detector:
         self.preprocessor = Preprocessor.from_description(self.description["preprocessing"])
         self.image_threshold = float(self.description["thresholds"]["image"])
         self.pixel_threshold = float(self.description["thresholds"]["pixel"])
+        self.operating_notes: list[str] = []  # what an operating point given at run time changed (eval.py reports it)
 
     @property
     def needs_peaks(self) -> bool:

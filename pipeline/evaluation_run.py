@@ -230,7 +230,7 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
     limit = float(settings.EVAL_PRO_FPR_LIMIT)
     if not 0 < limit <= 1:
         raise DataError(f"EVAL_PRO_FPR_LIMIT={limit}: must be in (0, 1], e.g. 0.3 as in MVTec AD")
-    notes: list[str] = []
+    notes: list[str] = list(detector.operating_notes)  # the thresholds re-picked on the command line, if any
     trained_on = detector.description.get("dataset", {}).get("category")
     if trained_on and trained_on != category.name:
         notes.append(f"the model {detector.model_dir} was trained on category {trained_on!r}, evaluated here on {category.name!r}")
@@ -274,6 +274,8 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
     source = "classifier verdict" if detector.classifier is not None else f"image score >= threshold {detector.image_threshold:.4g}"
     if detector.needs_peaks:
         source += f" (with the similarity stage learned from {detector.classifier.similarity.n_defects} labeled defects)"
+    if detector.operating_notes:
+        source += ", at the operating point given on the command line (notes)"
     metrics = {
         "category": category.name,
         "trained_category": trained_on,
@@ -291,7 +293,10 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
         "n_regions": curves.n_regions if curves is not None else 0,
         "pixel_thresholds": _pixel_thresholds(detector.description["thresholds"], scored.maps, scored.masks, ok & ~labels, ok & labels & scored.has_mask),
         "per_defect": _per_defect(types[ok], scores[ok], probabilities[ok] if probabilities is not None else None, pixel_set[ok], _subset(scored, ok), limit),
-        "operating": {"source": source, "image_threshold": detector.image_threshold, **verdict_metrics(labels[ok], scored.verdicts[ok])},
+        "operating": {
+            "source": source, "image_threshold": detector.image_threshold,
+            "classifier_threshold": getattr(detector.classifier, "threshold", None), **verdict_metrics(labels[ok], scored.verdicts[ok]),
+        },
         "f1_max": {"image score": f1_max(labels[ok], scores[ok])},
         "notes": notes,
         "skipped_files": [str(path) for path, _ in scored.skipped],

@@ -171,6 +171,7 @@ class FakeDetector:
     """Scores an image by its brightness: bright pixels are the defect. Enough to exercise eval."""
 
     needs_peaks = False  # no labeled-defect similarity stage (pipeline.detector.Detector.needs_peaks)
+    operating_notes: list[str] = []  # the model's own operating point
 
     def __init__(self, category: str = "parts", probabilities: bool = False, classifier=None) -> None:
         self.preprocessor = Preprocessor(SIZE, SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

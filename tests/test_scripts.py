@@ -57,6 +57,15 @@ def test_train_test_eval_end_to_end(tmp_path, tiny_category, trained):
     assert metrics["pixel_rocauc"] > 0.9
     assert metrics["per_defect"]["blob"]["count"] == 4
     assert (eval_dir / "part" / "roc_image.png").is_file() and (eval_dir / "part" / "roc_pixel.png").is_file()
+    assert metrics["notes"] == [] and "command line" not in metrics["operating"]["source"]
+
+    moved = run_script("eval.py", *trained, "IMAGE_FALSE_REJECT_RATE=0.5")  # the report says which point it measured
+    assert moved.returncode == 0, moved.stderr
+    (eval_dir,) = [p for p in (tmp_path / "results").iterdir() if p.name.startswith("eval-") and p != eval_dir]
+    metrics = json.loads((eval_dir / "part" / "metrics.json").read_text())
+    assert "command line" in metrics["operating"]["source"]
+    assert any("IMAGE_FALSE_REJECT_RATE=0.5" in note for note in metrics["notes"])
+    assert "IMAGE_FALSE_REJECT_RATE=0.5" in (eval_dir / "report.html").read_text()
 
 
 def test_test_py_scores_a_plain_folder_and_skips_bad_files(tmp_path, tiny_category, trained):
