@@ -134,7 +134,7 @@ def apply_operating_point(detector: Detector, point: OperatingPoint) -> list[str
             old, detector.classifier.threshold = detector.classifier.threshold, float(np.quantile(goods, 1 - rate))
             lines.append(
                 f"operating point: {name}'s classifier threshold {old:.6g} -> {detector.classifier.threshold:.6g} "
-                f"(CLASSIFIER_FALSE_REJECT_RATE={rate} of the {goods.size} out-of-fold good probabilities in the model, no retraining)"
+                f"(CLASSIFIER_FALSE_REJECT_RATE={rate} of the {goods.size} honest (held-out) good probabilities in the model, no retraining)"
             )
     detector.operating_notes += lines
     return lines
