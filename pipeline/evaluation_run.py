@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from anomaly_model import distributed
+from anomaly_model.files import read_checked_bytes
 from dataset_manager import Category, DataError, read_mask
 from dataset_manager.images import image_size
 from evaluation.metrics import (
@@ -32,6 +33,7 @@ from evaluation.metrics import (
 from evaluation.plots import plot_histogram, plot_pr, plot_pro, plot_roc, thin
 from evaluation.sheets import SheetImage, choose, draw_sheet
 from pipeline.detector import Detector
+from pipeline.training import LEARNED_IMAGES_FILE, content_digest
 from pipeline.pictures import color_range
 
 
@@ -215,6 +217,17 @@ def _pixel_thresholds(thresholds: dict, maps: np.ndarray, masks: np.ndarray, goo
     return table
 
 
+def learned_test_images(detector: Detector, category: Category) -> list[Path]:
+    """The test images whose bytes the model learned (LEARNED_IMAGES_FILE: training and added goods,
+    labeled defects); none for a model saved before it kept that list."""
+    files = detector.description.get("files", {})
+    if LEARNED_IMAGES_FILE not in files:
+        return []
+    learned = json.loads(read_checked_bytes(detector.model_dir, LEARNED_IMAGES_FILE, files, f"files.{LEARNED_IMAGES_FILE}"))
+    digests = set(learned.get("good", [])) | set(learned.get("defect", []))
+    return [item.path for item in category.test_images if content_digest(item.path) in digests]
+
+
 def evaluate_category(detector: Detector, category: Category, settings, out_dir: Path) -> CategoryEvaluation | None:
     """Metrics of one category, written with its pictures to `out_dir` (relative paths in metrics.json).
 
@@ -234,6 +247,13 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
     trained_on = detector.description.get("dataset", {}).get("category")
     if trained_on and trained_on != category.name:
         notes.append(f"the model {detector.model_dir} was trained on category {trained_on!r}, evaluated here on {category.name!r}")
+        warn(notes[-1])
+    learned = learned_test_images(detector, category)
+    if learned:
+        notes.append(
+            f"{len(learned)} test image{'s' if len(learned) != 1 else ''} (e.g. {learned[0]}) the model learned (training goods, "
+            "updates or labeled defects, same bytes): its figures on them are not those of new parts"
+        )
         warn(notes[-1])
     scored = _score(detector, category, settings)
     if scored is None:

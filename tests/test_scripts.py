@@ -58,6 +58,7 @@ def test_train_test_eval_end_to_end(tmp_path, tiny_category, trained):
     assert metrics["per_defect"]["blob"]["count"] == 4
     assert (eval_dir / "part" / "roc_image.png").is_file() and (eval_dir / "part" / "roc_pixel.png").is_file()
     assert metrics["notes"] == [] and "command line" not in metrics["operating"]["source"]
+    shutil.copy(tiny_category / "train" / "good" / "003.png", tiny_category / "test" / "good" / "copied.png")  # a leak
 
     moved = run_script("eval.py", *trained, "IMAGE_FALSE_REJECT_RATE=0.5")  # the report says which point it measured
     assert moved.returncode == 0, moved.stderr
@@ -66,6 +67,7 @@ def test_train_test_eval_end_to_end(tmp_path, tiny_category, trained):
     assert "command line" in metrics["operating"]["source"]
     assert any("IMAGE_FALSE_REJECT_RATE=0.5" in note for note in metrics["notes"])
     assert "IMAGE_FALSE_REJECT_RATE=0.5" in (eval_dir / "report.html").read_text()
+    assert any("1 test image (e.g." in note and "copied.png" in note and "the model learned" in note for note in metrics["notes"])
 
 
 def test_test_py_scores_a_plain_folder_and_skips_bad_files(tmp_path, tiny_category, trained):
