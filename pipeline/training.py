@@ -494,12 +494,18 @@ def train_verdict(run: TrainingRun) -> None:
             model, run.preprocessor, list(category.train_defect_images), settings.BATCH_SIZE, "labeled defects", peaks=run.peaks)
         training_set.add_real_defects(real_maps, real_scores, settings.CLASSIFIER_REAL_DEFECT_WEIGHT, real_directions)
     classifier = training_set.train(settings)
-    print(f"verdict: {training_set.verdict.verdict} ({training_set.verdict.why})", file=sys.stderr)
-    if training_set.similarity_note:
-        print(f"note: no labeled-defect similarity stage: {training_set.similarity_note}", file=sys.stderr)
+    report_verdict(training_set)
     run.info["classifier"] = classifier_info(classifier, training_set, settings)
     run.extra_files[run.info["classifier"]["booster_file"]] = classifier.to_bytes()
     run.extra_files[CLASSIFIER_ROWS_FILE] = training_set.to_bytes()  # what an update retrains it on
+
+
+def report_verdict(training_set: TrainingSet) -> None:
+    """The line saying which verdict the classifier keeps and why; with labeled defects, why their
+    similarity stage is not used (without any there is none to miss: no note)."""
+    print(f"verdict: {training_set.verdict.verdict} ({training_set.verdict.why})", file=sys.stderr)
+    if training_set.similarity_note and training_set.counts.get("real_defects", 0):
+        print(f"note: no labeled-defect similarity stage: {training_set.similarity_note}", file=sys.stderr)
 
 
 def save(run: TrainingRun) -> TrainingSummary:

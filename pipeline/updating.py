@@ -35,7 +35,7 @@ from anomaly_model.store import load_model, model_id, read_description, save_mod
 from dataset_manager import ImageBatches, Preprocessor
 from dataset_manager.layouts import find_images
 from pipeline.training import (
-    HONEST_GOODS_FILE, LEARNED_IMAGES_FILE, GoodMapSample, content_digest, learned_images, pixel_policies,
+    HONEST_GOODS_FILE, LEARNED_IMAGES_FILE, GoodMapSample, content_digest, learned_images, pixel_policies, report_verdict,
 )
 from settings import SettingsError
 
@@ -301,8 +301,7 @@ def _retrain_classifier(training_set, entry: dict, settings, info: dict, extra_f
     values["CLASSIFIER_ANCHOR"] = entry.get("anchor_mode", settings.CLASSIFIER_ANCHOR)
     own = SimpleNamespace(**values)
     classifier = training_set.train(own)
-    if training_set.similarity_note:
-        print(f"note: no labeled-defect similarity stage: {training_set.similarity_note}", file=sys.stderr)
+    report_verdict(training_set)
     info["classifier"] = classifier_info(classifier, training_set, own)
     info["classifier"]["n_added_goods"] = int(training_set.counts.get("added_goods", 0))
     extra_files[info["classifier"]["booster_file"]] = classifier.to_bytes()
