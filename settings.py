@@ -18,7 +18,14 @@ from types import SimpleNamespace
 from typing import Callable, Iterable
 
 import choices
-import config
+
+try:
+    import config
+except Exception as error:  # a mistake in config.py: one line naming it, never a traceback
+    where = f" line {error.lineno}" if isinstance(error, SyntaxError) and error.lineno else ""
+    what = error.msg if isinstance(error, SyntaxError) else f"{type(error).__name__}: {error}"
+    print(f"error: config.py{where}: {what}: fix config.py (its settings are plain constants, KEY = value)", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 class SettingsError(ValueError):
@@ -293,7 +300,18 @@ def check_value(key: str, value) -> None:
     rule = RULES.get(key)
     problem = rule.problem(value) if rule is not None else None
     if problem is not None:
-        raise SettingsError(f"{key}={_show(value)} is not allowed: {key} must be {problem} (see config.py)")
+        quoted = f" ({value!r} is text: write it without quotes)" if isinstance(value, str) and _is_literal(value) else ""
+        raise SettingsError(f"{key}={_show(value)} is not allowed: {key} must be {problem}{quoted} (see config.py)")
+
+
+def _is_literal(text: str) -> bool:
+    """Whether `text` reads as a number, a boolean or a tuple: a value quoted by mistake (BATCH_SIZE = "16")."""
+    if text.strip().lower() in ("true", "false"):
+        return True
+    try:
+        return not isinstance(ast.literal_eval(text.strip()), str)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return False
 
 
 def validate(values: dict) -> None:
@@ -308,7 +326,7 @@ def validate(values: dict) -> None:
 
 
 # Settings that take several forms, parsed whatever their default's type: IMAGE_SIZE is
-# (height, width), an int (a square), "auto", or a float (a fraction of the images' own size).
+# (height, width), "auto", or a number (a fraction of the images' own size: 1 is 1.0).
 SIZE_SETTINGS = ("IMAGE_SIZE",)
 # Old spellings of the geometry settings (issue 11), still read: RESIZE=R CROP=C inspects
 # (C, C) as the central C / R of an R x R resize, exactly as before. Unset ones take the old defaults.
@@ -357,8 +375,8 @@ def _parse_value(key: str, text: str, default):
             return value
     elif isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    elif isinstance(default, int) and isinstance(value, int) and not isinstance(value, bool):
-        return value
+    elif isinstance(default, int) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value  # a float for a whole number in config.py (CENTER_CROP = 1): the setting's rule decides
     elif isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)):
         return tuple(value)
     elif isinstance(default, (tuple, list)) and isinstance(value, (int, float)):
@@ -439,5 +457,10 @@ def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
     for key in COMMAND_LINE_ONLY:
         if values.get(key) and key not in given:
             raise SettingsError(f"{key}={_show(values[key])} is set in config.py: give it on the command line only (python train.py {key}=<folder>), and set it back to \"\" in config.py")
+    missing = sorted(set(RULES) - set(values) - set(OLD_GEOMETRY))
+    if missing:  # a setting deleted or commented out, or an older config.py
+        raise SettingsError(f"config.py has no {', '.join(missing)}: add {'them' if len(missing) > 1 else 'it'} back (docs/settings.md gives every setting's default)")
+    if _is_int(values.get("IMAGE_SIZE")):  # a whole number is a fraction too: IMAGE_SIZE=1 is full resolution, never 1 x 1 px
+        values["IMAGE_SIZE"] = float(values["IMAGE_SIZE"])
     validate(values)
     return SimpleNamespace(**values), positional

@@ -525,9 +525,13 @@ class PatchCore(AnomalyModel):
             for fold in np.unique(image_folds):
                 excluded = source_folds == int(fold)
                 if int((~excluded).sum()) < max(1, self.neighbors):
+                    left = int((~excluded).sum())
+                    if left == 0:
+                        raise ModelError(f"fold {fold} holds the sources of all {len(excluded)} coreset points: out-of-fold scoring needs at least 2 folds of training images")
                     raise ModelError(
-                        f"fold {fold} holds the sources of nearly all {len(excluded)} coreset points: out-of-fold scoring "
-                        "needs at least 2 folds of training images"
+                        f"without the coreset points of training-image fold {fold}, {left} of the {len(excluded)} points are left, "
+                        f"fewer than the {self.neighbors} the out-of-fold scoring needs (PATCHCORE_NEIGHBORS): raise CORESET_RATIO, "
+                        "lower PATCHCORE_NEIGHBORS, or set OUT_OF_FOLD_FOLDS=0"
                     )
                 rows = np.nonzero(image_folds == fold)[0]
                 maps, scores, directions = self._score(images[torch.as_tensor(rows)], excluded, peaks)

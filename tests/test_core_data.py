@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -118,8 +120,28 @@ def test_settings_overrides_are_typed():
         load(["BATCHSIZE=3"])
     with pytest.raises(SettingsError, match="SEED=abc"):
         load(["SEED=abc"])
-    with pytest.raises(SettingsError, match="expected a int"):
+    with pytest.raises(SettingsError, match="SEED=1.5 is not allowed: SEED must be an integer"):
         load(["SEED=1.5"])
+
+
+def test_settings_as_users_type_them(monkeypatch, tmp_path):
+    import config
+
+    assert load(["IMAGE_SIZE=1"])[0].IMAGE_SIZE == 1.0  # full resolution, never a 1 x 1 pixel model
+    monkeypatch.setattr(config, "CENTER_CROP", 1)  # a whole number where the default is a float
+    assert load(["CENTER_CROP=0.9"])[0].CENTER_CROP == 0.9
+    monkeypatch.setattr(config, "BATCH_SIZE", "16")  # quoted by mistake: the message says so
+    with pytest.raises(SettingsError, match="'16' is text: write it without quotes"):
+        load([])
+    monkeypatch.delattr(config, "BATCH_SIZE")  # deleted, or an older config.py
+    with pytest.raises(SettingsError, match="config.py has no BATCH_SIZE: add it back"):
+        load([])
+    broken = tmp_path / "config.py"
+    broken.write_text("SEED = 0\nBATCH_SIZE = 16)\n")
+    code = f"import sys; sys.path[:0] = [{str(tmp_path)!r}, {str(Path(__file__).resolve().parents[1])!r}]; import settings"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: config.py line 2: unmatched ')'")
 
 
 @pytest.mark.skipif(not (SHARED / "weights").is_dir(), reason="../shared is absent")
