@@ -181,15 +181,19 @@ def _decoded(image: ImageInput, name: str) -> np.ndarray:
 class Inspector:
     """A loaded model that inspects images: `load(model_dir)` makes one."""
 
-    def __init__(self, detector: Detector, notes: list[str] | None = None, batch_size: int = 16) -> None:
+    def __init__(self, detector: Detector, batch_size: int = 16) -> None:
         self.detector = detector
         self.name = detector.model_dir.name
         self.model_id = model_id(detector.description)
-        self.notes = list(notes or [])  # what the operating point changed, for logs and /model
         self.color_scale = color_range(detector.description)
         self.batch_size = detector.preprocessor.batch_size(batch_size)  # most images scored together
         if detector.model is not None:  # RUNTIME=torch: what scoring reuses is built now, not on the first image
             detector.model.prepare_scoring()
+
+    @property
+    def notes(self) -> list[str]:
+        """What an operating point given at run time changed (`apply_operating_point`), for logs and /model."""
+        return self.detector.operating_notes
 
     # --- one image or a few, from memory (serve.py, users' line software) ---
     def prepare(self, image: ImageInput, name: str = "image") -> PreparedImage:
@@ -312,8 +316,9 @@ def load(
     rates to re-pick the thresholds at (from the model's honest good scores; None keeps the model's).
     `batch_size`: most images `score` and `inspect_many` run through the model at once."""
     detector = Detector(Path(model_dir), device, runtime)
-    notes = apply_operating_point(detector, operating_point) if operating_point is not None else []
-    return Inspector(detector, notes, batch_size)
+    if operating_point is not None:
+        apply_operating_point(detector, operating_point)
+    return Inspector(detector, batch_size)
 
 
 def load_for_settings(model_dir: Path, settings, argv: Sequence[str]) -> Inspector:
