@@ -113,6 +113,11 @@ class LiveService:
         )
         return hmac.compare_digest(offered.encode(), self.token.encode())
 
+    def require_token(self, request: Request, how: str = "send Authorization: Bearer <SERVE_TOKEN>") -> None:
+        """A 401 RequestError unless `token_ok`; `how` says how to send it."""
+        if not self.token_ok(request):
+            raise RequestError(401, f"this server needs its token: {how}")
+
 
 async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it passes `limit` bytes (before reading it all
@@ -166,8 +171,7 @@ def create_app(service: LiveService) -> FastAPI:
 
     @app.post("/inspect")
     async def inspect(request: Request, pictures: bool = False) -> JSONResponse:
-        if not service.token_ok(request):
-            raise RequestError(401, "this server needs its token: send Authorization: Bearer <SERVE_TOKEN>")
+        service.require_token(request)
         data, name = await _image_bytes(request, service.max_bytes)
         try:
             prepared = await run_in_threadpool(service.prepare, data, name)
@@ -188,8 +192,7 @@ def create_app(service: LiveService) -> FastAPI:
 
     @app.get("/model")
     async def model(request: Request) -> JSONResponse:
-        if not service.token_ok(request):
-            raise RequestError(401, "this server needs its token: send Authorization: Bearer <SERVE_TOKEN>")
+        service.require_token(request)
         return JSONResponse(service.holder.current.description())
 
     @app.get("/", response_class=HTMLResponse)
@@ -220,8 +223,7 @@ def create_app(service: LiveService) -> FastAPI:
 
     @app.get("/pictures/{image_id}/{kind}")
     async def picture(request: Request, image_id: str, kind: str) -> Response:
-        if not service.token_ok(request):
-            raise RequestError(401, "this server needs its token: open the review page as /?token=<SERVE_TOKEN>")
+        service.require_token(request, "open the review page as /?token=<SERVE_TOKEN>")
         image = service.recent.get(image_id)
         if image is None or kind not in ("overlay.png", "mask.png"):
             raise RequestError(404, f"no picture {kind!r} of image {image_id!r} (only the latest {service.recent.keep} images are kept)")
