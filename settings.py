@@ -214,8 +214,8 @@ RULES: dict[str, Rule] = {
     "MODEL_BACKUPS": integer(0, 100),
     # preprocessing
     "IMAGE_SIZE": Rule(_is_image_size, "(height, width) in pixels, each >= 32, \"auto\", or a fraction of the images' own size in (0, 8]"),
-    "CENTER_CROP": number(above=0, maximum=1),
-    "TILE_SIZE": integer(minimum=0),
+    "CENTER_CROP": number(minimum=0.25, maximum=1),  # 0.1 would resize 10x to keep 1 % of the image
+    "TILE_SIZE": Rule(lambda v: _is_int(v) and (v == 0 or v >= 32), "0 (no tiles) or an integer >= 32 (pixels, like IMAGE_SIZE)"),
     "TILE_OVERLAP": integer(minimum=0),
     "TILE_STATISTICS": choice(choices.TILE_STATISTICS),
     "NORMALIZE_MEAN": sequence(number(), length=3),
@@ -437,6 +437,8 @@ def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
             positional.append(arg)
             continue
         key, text = setting
+        if key in given:  # last-wins would silently drop the first value
+            raise SettingsError(f"{key} is given twice on the command line ({arg!r} and an earlier {key}=...): give it once")
         if key in OLD_GEOMETRY:
             old[key] = _parse_value(key, text.strip(), OLD_GEOMETRY[key])
             given.add(key)

@@ -122,6 +122,12 @@ def test_settings_overrides_are_typed():
         load(["SEED=abc"])
     with pytest.raises(SettingsError, match="SEED=1.5 is not allowed: SEED must be an integer"):
         load(["SEED=1.5"])
+    with pytest.raises(SettingsError, match="SEED is given twice on the command line"):
+        load(["SEED=1", "SEED=2"])  # last-wins would drop the first without a word
+    with pytest.raises(SettingsError, match="TILE_SIZE=16 is not allowed"):
+        load(["TILE_SIZE=16", "TILE_OVERLAP=0"])  # thousands of tiles per image
+    with pytest.raises(SettingsError, match=r"CENTER_CROP=0.1 is not allowed: CENTER_CROP must be a number in \[0.25, 1\]"):
+        load(["CENTER_CROP=0.1"])  # would resize 10x to keep 1 % of the image
 
 
 def test_settings_as_users_type_them(monkeypatch, tmp_path):
