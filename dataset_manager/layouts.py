@@ -42,6 +42,21 @@ class Category:
     train_defect_images: list[Path] = field(default_factory=list)  # labeled defects for the classifier
     test_dir: Path | None = None
     test_images: list[LabeledImage] = field(default_factory=list)
+    mask_files: list[Path] = field(default_factory=list)  # `*_mask.*` files found among the training images, not learned
+
+
+def is_mask_file(path: Path) -> bool:
+    """A defect mask (`<stem>_mask.png`, as ground_truth/ names them) put beside images: never an image to learn."""
+    return Path(path).stem.lower().endswith("_mask")
+
+
+def _training_images(folder: Path, skip: Sequence[Path], masks: list[Path], recursive: bool = True) -> list[Path]:
+    """The images of a training folder (empty when it is missing), less the mask files, which go to `masks`."""
+    if not folder.is_dir():
+        return []
+    found = find_images(folder, recursive=recursive, skip=skip)
+    masks += [path for path in found if is_mask_file(path)]
+    return [path for path in found if not is_mask_file(path)]
 
 
 def find_images(folder: Path, recursive: bool = True, skip: Sequence[Path] = ()) -> list[Path]:
@@ -117,24 +132,24 @@ def _real(paths: Sequence[Path]) -> set[str]:
 
 
 def _mvtec_category(folder: Path, skip: Sequence[Path]) -> Category:
-    validation_dir = folder / "validation" / GOOD
+    masks: list[Path] = []
     return Category(
         name=folder.resolve().name,  # "." or ".." name the folder they stand for
         root=folder,
-        train_images=_require_images(find_images(folder / "train" / GOOD, skip=skip), folder / "train" / GOOD),
-        validation_images=find_images(validation_dir, skip=skip) if validation_dir.is_dir() else [],
-        train_defect_images=find_images(folder / "train" / "defect", skip=skip) if (folder / "train" / "defect").is_dir() else [],
+        train_images=_require_images(_training_images(folder / "train" / GOOD, skip, masks), folder / "train" / GOOD),
+        validation_images=_training_images(folder / "validation" / GOOD, skip, masks),
+        train_defect_images=_training_images(folder / "train" / "defect", skip, masks),
         test_dir=folder / "test" if (folder / "test").is_dir() else None,
         test_images=_mvtec_test_images(folder, skip),
+        mask_files=masks,
     )
 
 
 def _simple_category(folder: Path, skip: Sequence[Path]) -> Category:
     train_dir = folder / "train_dataset_folder"
     defect_dir = train_dir / "defect"
-    good = find_images(train_dir, recursive=False)
-    if (train_dir / GOOD).is_dir():
-        good += find_images(train_dir / GOOD, skip=skip)
+    masks: list[Path] = []
+    good = _training_images(train_dir, skip, masks, recursive=False) + _training_images(train_dir / GOOD, skip, masks)
     test_dir = folder / "test_dataset_folder"
     test_images = []
     if test_dir.is_dir():
@@ -144,9 +159,10 @@ def _simple_category(folder: Path, skip: Sequence[Path]) -> Category:
         name=folder.resolve().name,
         root=folder,
         train_images=_require_images(sorted(good), train_dir),
-        train_defect_images=find_images(defect_dir, skip=skip) if defect_dir.is_dir() else [],
+        train_defect_images=_training_images(defect_dir, skip, masks),
         test_dir=test_dir if test_dir.is_dir() else None,
         test_images=test_images,
+        mask_files=masks,
     )
 
 

@@ -377,6 +377,9 @@ def prepare(category: Category, settings, model_dir: Path) -> TrainingRun:
     if distributed.is_main():
         check_writable(model_dir.parent)
         sweep_model(model_dir)  # a killed run's leftovers beside the model, a killed export's folder inside it
+        if category.mask_files:
+            count = len(category.mask_files)
+            print(f"note: {count} mask file{'s' if count != 1 else ''} among {category.name}'s training images (e.g. {category.mask_files[0]}) not learned as images", file=sys.stderr)
     train_paths, validation_paths = split_validation(category, settings.VALIDATION_FRACTION, settings.SEED)
     folder, n_files = folder_of(category.train_images), len(train_paths)
     held_out = 0 if category.validation_images else len(validation_paths)

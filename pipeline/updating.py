@@ -33,7 +33,7 @@ from anomaly_model.base import AnomalyModel
 from anomaly_model.files import model_lock, read_checked_bytes
 from anomaly_model.store import load_model, model_id, read_description, save_model
 from dataset_manager import ImageBatches, Preprocessor
-from dataset_manager.layouts import find_images
+from dataset_manager.layouts import find_images, is_mask_file
 from pipeline.training import (
     HONEST_GOODS_FILE, LEARNED_IMAGES_FILE, GoodMapSample, content_digest, learned_images, pixel_policies, report_verdict,
 )
@@ -106,7 +106,7 @@ def new_images(folder: str, learned: dict, kind: str) -> NewImages:
     known, other = set(learned.get(kind, [])), set(learned.get("defect" if kind == "good" else "good", []))
     paths, skipped, masks, relabeled = [], 0, [], []
     for path in find_images(root):
-        if path.stem.lower().endswith("_mask"):
+        if is_mask_file(path):
             masks.append(path)
             continue
         digest = content_digest(path)

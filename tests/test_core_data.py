@@ -39,9 +39,11 @@ def test_simple_layout(tmp_path):
         save(texture(rng), tmp_path / "test_dataset_folder" / "good" / f"{number}.jpg")
         save(texture(rng), tmp_path / "test_dataset_folder" / "defect" / f"{number}.bmp")
     save(texture(rng), tmp_path / "train_dataset_folder" / "defect" / "d.png")
+    save(texture(rng), tmp_path / "train_dataset_folder" / "defect" / "d_mask.png")  # a mask put beside its defect
     (tmp_path / "train_dataset_folder" / "notes.txt").write_text("not an image")
     (category,) = find_categories(tmp_path)
-    assert len(category.train_images) == 3 and len(category.train_defect_images) == 1
+    assert len(category.train_images) == 3 and [path.name for path in category.train_defect_images] == ["d.png"]
+    assert [path.name for path in category.mask_files] == ["d_mask.png"]  # named in a note, never learned as a defect
     assert sorted({item.defect_type for item in category.test_images}) == ["defect", "good"]
     assert all(item.mask_path is None for item in category.test_images)
 
