@@ -199,7 +199,8 @@ def _update_locked(model_dir: Path, settings, good_folder: str, defect_folder: s
         raise _old_model(model_dir)
     for part, kind in ((goods, "good"), (defects, "defect")):
         if part is not None and part.known:
-            print(f"{part.known} {kind} image{'s' if part.known != 1 else ''} in {part.folder} already learned by the model: skipped", file=sys.stderr)
+            print(f"{part.known} {kind} image{'s' if part.known != 1 else ''} in {part.folder} already known to the model: skipped"
+                  f"{' (its training and validation goods and earlier updates count)' if kind == 'good' else ''}", file=sys.stderr)
     if not any(part is not None and part.paths for part in (goods, defects)):
         print(f"nothing new to learn: model {model_dir} is unchanged", file=sys.stderr)
         summary.seconds = time.perf_counter() - started

@@ -115,7 +115,7 @@ def test_backups_history_and_the_command_line(tmp_path: Path) -> None:
 
     result = run_script("train.py", *base, f"ADD_GOOD={new}")  # the command line: its 12 files (6 in batch folders) learned already: skipped, counted
     assert result.returncode == 0, result.stderr
-    assert "12 good images in" in result.stderr and "already learned" in result.stderr and "unchanged" in result.stderr
+    assert "12 good images in" in result.stderr and "already known to the model" in result.stderr and "unchanged" in result.stderr
 
     retrained = run_script("train.py", *base)  # a full training replaces the updated model: said, with the folders
     assert retrained.returncode == 0, retrained.stderr
