@@ -41,7 +41,7 @@ from pipeline.prediction import COLUMNS, PREVIEW_SIZE, csv_values
 from pipeline.pictures import write_pictures
 from settings import SettingsError
 
-LIVE_COLUMNS = COLUMNS + ["error"]
+LIVE_COLUMNS = COLUMNS + ["model", "error"]  # model: the id of the model that judged the file (it may change under the server)
 SORT_FOLDERS = ("good", "defect", "unreadable")
 UNREADABLE_PATIENCE = 5  # an undecodable file is given up after this many settle times of keeping still
 GROUP = 8  # files read and queued together: the worker scores them as one batch
@@ -96,7 +96,7 @@ class LiveResults:
         """One row, written in one call and flushed to disk; the header starts a new file."""
         folder = self.folder()
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "predictions.csv"
+        path = self._csv(folder)
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         if not path.exists() or path.stat().st_size == 0:
@@ -107,6 +107,20 @@ class LiveResults:
             file.flush()
             os.fsync(file.fileno())
         return path
+
+    @staticmethod
+    def _csv(folder: Path) -> Path:
+        """predictions.csv, or predictions-2.csv, -3, ... when a file of that day has other columns
+        (written by an older version): rows are never appended under a header they do not match."""
+        header = ",".join(LIVE_COLUMNS)
+        for number in range(1, 1000):
+            path = folder / ("predictions.csv" if number == 1 else f"predictions-{number}.csv")
+            if not path.exists() or path.stat().st_size == 0:
+                return path
+            with open(path, newline="") as file:
+                if file.readline().rstrip("\r\n") == header:
+                    return path
+        raise OSError(f"{folder} holds 999 predictions files with other columns: move them away")
 
 
 @dataclass
@@ -164,6 +178,7 @@ class FolderWatcher:
         self.ledger = Ledger(settings.model_results / "live-ledger.jsonl")
         self.results = LiveResults(settings.model_results)
         self._pending: dict[str, tuple[FileState, float]] = {}  # name -> (state last seen, since when unchanged)
+        self._links_noted: set[str] = set()  # links are not followed: each named once in the log
         self._done: dict[str, FileState] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="folder-watcher", daemon=True)
@@ -202,6 +217,9 @@ class FolderWatcher:
                     continue
                 try:
                     if not entry.is_file(follow_symlinks=False):
+                        if entry.is_symlink() and entry.name not in self._links_noted:
+                            self._links_noted.add(entry.name)
+                            log(f"note: {entry.name} in {self.folder} is a link: not inspected (copy or move the image itself into the folder)")
                         continue
                     stat = entry.stat(follow_symlinks=False)
                 except OSError:
@@ -271,7 +289,7 @@ class FolderWatcher:
         if item.future is None:
             self.ledger.add(item.state, item.sha256, "unreadable")
             destination = self._destination(path, "unreadable")
-            self.results.append([str(destination)] + [""] * (len(COLUMNS) - 1) + [item.error])
+            self.results.append([str(destination)] + [""] * (len(COLUMNS) - 1) + ["", item.error])
             self.n_unreadable += 1
             log(f"unreadable {item.state.name}: {item.error}")
             self._finish(item, destination)
@@ -292,7 +310,7 @@ class FolderWatcher:
             overlay_file, mask_file = write_pictures(pictures, stem, arrays)
             overlay_path, mask_path = f"pictures/{overlay_file.name}", f"pictures/{mask_file.name}"
         self.ledger.add(item.state, item.sha256, inspection.verdict)
-        self.results.append(csv_values(destination, inspection, overlay_path, mask_path) + [""])
+        self.results.append(csv_values(destination, inspection, overlay_path, mask_path) + [inspection.model, ""])
         self.n_inspected += 1
         self._notify(item.state.name, item.data, inspection, inspector)
         self._finish(item, destination)

@@ -55,7 +55,8 @@ class LiveServer:
         raise AssertionError(f"serve.py did not answer /health within {START_TIMEOUT} s:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def stop(self, timeout: float = 60) -> int:

@@ -294,6 +294,7 @@ def test_watched_folder_inspects_each_file_once_whole_across_restarts(trained, t
     shutil.copy(sources / "good" / "000.png", watch / "a.png")
     shutil.copy(sources / "blob" / "000.png", watch / "b.png")
     (watch / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is no image")
+    (watch / "link.png").symlink_to(sources / "good" / "001.png")  # not followed: named once in the log
     settings = [f"DATASET_DIR={trained['category']}", *TINY, f"MODEL_DIR={trained['base'] / 'models'}", f"RESULTS_DIR={results}",
                 f"WATCH_DIR={watch}", "WATCH_SETTLE_SECONDS=0.6", f"REVIEW_DIR={tmp_path / 'review'}"]
     first = LiveServer(*settings, log_path=tmp_path / "first.log")
@@ -307,7 +308,9 @@ def test_watched_folder_inspects_each_file_once_whole_across_restarts(trained, t
     assert first.stop() == 0, first.log()
     by_name = {Path(row["path"]).name: row for row in rows}
     assert sorted(by_name) == ["a.png", "b.png", "broken.png", "slow.png"] and len(rows) == 4
-    assert by_name["broken.png"]["error"] and by_name["broken.png"]["image_score"] == ""
+    assert by_name["broken.png"]["error"] and by_name["broken.png"]["image_score"] == "" and by_name["broken.png"]["model"] == ""
+    assert {by_name[name]["model"] for name in ("a.png", "b.png", "slow.png")} == {inspector.model_id}  # which model judged it
+    assert first.log().count("link.png") == 1 and "is a link: not inspected" in first.log()
     whole = inspector.inspect(slow)
     assert relative_close(float(by_name["slow.png"]["image_score"]), whole.image_score, 1e-4) and by_name["slow.png"]["error"] == ""
     run_dir = next(path for path in results.glob("part/live-*") if path.is_dir())  # not live-ledger.jsonl
@@ -331,7 +334,23 @@ def test_watched_folder_inspects_each_file_once_whole_across_restarts(trained, t
     assert sorted(p.name for p in (watch / "unreadable").iterdir()) == ["broken.png"]
     sorted_names = sorted(p.name for folder in ("good", "defect") for p in (watch / folder).iterdir())
     assert sorted_names == ["a-2.png", "a.png", "b.png", "slow.png"] or sorted_names == ["a.png", "a.png", "b.png", "slow.png"]
-    assert not [p for p in watch.iterdir() if p.is_file()]
+    assert [p.name for p in watch.iterdir() if p.is_file()] == ["link.png"]  # only the link stays, untouched
+
+
+def test_live_rows_never_go_under_a_header_they_do_not_match(tmp_path):
+    """A day's predictions.csv written by an older version (other columns) is left as it is: the
+    rows go to predictions-2.csv, under their own header."""
+    from pipeline.watching import LIVE_COLUMNS, LiveResults
+
+    results = LiveResults(tmp_path)
+    results.folder().mkdir(parents=True)
+    old = results.folder() / "predictions.csv"
+    old.write_bytes(b"path,image_score,error\r\nx.png,1.5,\r\n")
+    row = [f"v{number}" for number in range(len(LIVE_COLUMNS))]
+    assert results.append(row).name == "predictions-2.csv" and results.append(row).name == "predictions-2.csv"
+    assert old.read_bytes() == b"path,image_score,error\r\nx.png,1.5,\r\n"
+    with open(results.folder() / "predictions-2.csv", newline="") as file:
+        assert list(csv.reader(file)) == [LIVE_COLUMNS, row, row]
 
 
 def test_the_worker_loads_the_model_on_its_own_thread_and_hands_back_a_load_error():
