@@ -58,11 +58,21 @@ class ModelHolder:
         self.current = load_model(self.model_dir)
         self.note = ""  # why a newer model in the folder is not the one in use ("" when it is)
         self._refused: tuple | None = None  # signature of the model.json that could not be loaded
+        self._gone = False  # model.json vanished from the folder (deleted or moved away): said once
 
     def refresh(self) -> Inspector:
         """The model to score the next batch with: a new one when the folder changed and it loads."""
         signature = _folder_signature(self.model_dir)
-        if signature is None or signature == self.signature or signature == self._refused:
+        if signature is None:
+            if not self._gone:  # an atomic swap never shows this: the folder was deleted or moved
+                self._gone = True
+                self.note = f"{self.model_dir} holds no model now (deleted or moved?); still serving {self.current.model_id[:12]} until one is saved there"
+                log(f"WARNING: {self.note}")
+            return self.current
+        if self._gone:
+            self._gone = False
+            self.note = "" if signature == self.signature else self.note
+        if signature == self.signature or signature == self._refused:
             return self.current
         try:
             new = self._load(self.model_dir)

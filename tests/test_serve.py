@@ -379,3 +379,22 @@ def test_the_worker_loads_the_model_on_its_own_thread_and_hands_back_a_load_erro
 
     with pytest.raises(OSError, match="model.json"):
         BatchingWorker().start(broken)
+
+
+def test_a_model_folder_deleted_under_the_server_is_said_and_the_old_model_keeps_serving(tmp_path):
+    """/health's note says the model folder is gone (an atomic swap never shows that); the model in
+    use keeps serving, and the note clears when the folder is back as it was."""
+    from types import SimpleNamespace
+
+    from pipeline.live import ModelHolder
+
+    folder = tmp_path / "part"
+    folder.mkdir()
+    (folder / "model.json").write_text("{}")
+    loaded = []
+    holder = ModelHolder(folder, lambda path: loaded.append(path) or SimpleNamespace(model_id="a" * 64, notes=[]))
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    assert holder.refresh() is holder.current and "holds no model now" in holder.note and "aaaaaaaaaaaa" in holder.note
+    moved.rename(folder)
+    assert holder.refresh() is holder.current and holder.note == "" and len(loaded) == 1
