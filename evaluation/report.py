@@ -9,7 +9,7 @@ from __future__ import annotations
 from html import escape
 from pathlib import Path
 
-from evaluation.tables import OPERATING_ROWS, PIXEL_THRESHOLD_HEADER, cell, pixel_threshold_rows, summary_columns, summary_table
+from evaluation.tables import OPERATING_ROWS, PIXEL_THRESHOLD_HEADER, cell, mean_cells, pixel_threshold_rows, summary_columns, summary_table
 
 _STYLE = """
 body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1500px; }
@@ -38,7 +38,7 @@ def _summary(rows: list[dict]) -> str:
     columns = summary_columns(rows)
     table = summary_table(rows)
     body = [[row["category"]] + [row[key] for key, _ in columns] for row in table["rows"]]
-    body.append(["mean"] + [table["mean"][key] for key, _ in columns])
+    body.append(["mean"] + mean_cells(rows, columns))
     return _table(["category"] + [title for _, title in columns], body, [""] * len(table["rows"]) + ["mean"])
 
 

@@ -33,11 +33,23 @@ def summary_columns(rows: list[dict]) -> list[tuple[str, str]]:
 
 
 def summary_table(rows: list[dict]) -> dict:
-    """{"columns": [...], "rows": [{category, metric...}], "mean": {metric: mean over defined}}."""
+    """{"columns": [...], "rows": [{category, metric...}], "mean": {metric: mean over defined},
+    "mean_over": {metric: how many categories define it}} (a category without masks has no pixel ROCAUC)."""
     columns = summary_columns(rows)
     table_rows = [{"category": row["category"], **{key: row.get(key) for key, _ in columns}} for row in rows]
     mean = {key: _mean([row.get(key) for row in rows]) for key, _ in columns}
-    return {"columns": [key for key, _ in columns], "rows": table_rows, "mean": mean}
+    over = {key: sum(row.get(key) is not None for row in rows) for key, _ in columns}
+    return {"columns": [key for key, _ in columns], "rows": table_rows, "mean": mean, "mean_over": over}
+
+
+def mean_cells(rows: list[dict], columns: list[tuple[str, str]]) -> list[str]:
+    """The mean row's cells; a mean over fewer categories than the table holds says over how many."""
+    table = summary_table(rows)
+    cells = []
+    for key, _ in columns:
+        over = table["mean_over"][key]
+        cells.append(cell(table["mean"][key]) + (f" ({over} of {len(rows)})" if 0 < over < len(rows) else ""))
+    return cells
 
 
 def terminal_table(rows: list[dict]) -> str:
@@ -50,19 +62,17 @@ def terminal_table(rows: list[dict]) -> str:
             values = "".join(f" {cell(entry.get(key)):>17}" for key, _ in columns)
             lines.append(f"  {kind:<18}{values}   ({entry['count']} images)")
     if len(rows) > 1:
-        mean = summary_table(rows)["mean"]
-        lines.append(f"{'mean':<20}" + "".join(f" {cell(mean[key]):>17}" for key, _ in columns))
+        lines.append(f"{'mean':<20}" + "".join(f" {text:>17}" for text in mean_cells(rows, columns)))
     return "\n".join(lines)
 
 
 def markdown_summary(rows: list[dict]) -> str:
     """The PaDiM-style table in Markdown: categories down, metrics across, mean in bold."""
     columns = summary_columns(rows)
-    mean = summary_table(rows)["mean"]
     lines = ["| category | " + " | ".join(title for _, title in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in rows:
         lines.append(f"| {row['category']} | " + " | ".join(cell(row.get(key)) for key, _ in columns) + " |")
-    lines.append("| **mean** | " + " | ".join(f"**{cell(mean[key])}**" for key, _ in columns) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{text}**" for text in mean_cells(rows, columns)) + " |")
     return "\n".join(lines)
 
 

@@ -157,7 +157,8 @@ def test_tables_have_rows_per_category_and_mean():
     ]
     table = summary_table(rows)
     assert table["mean"] == {"image_rocauc": pytest.approx(0.8), "pixel_rocauc": pytest.approx(0.9), "pro": 0.5}
-    assert "| **mean** | **0.800** | **0.900** | **0.500** |" in markdown_summary(rows)
+    assert table["mean_over"] == {"image_rocauc": 2, "pixel_rocauc": 2, "pro": 1}
+    assert "| **mean** | **0.800** | **0.900** | **0.500 (1 of 2)** |" in markdown_summary(rows)  # PRO: b's alone, and it says so
     text = terminal_table(rows)
     assert "image ROCAUC" in text and "pixel ROCAUC" in text and "PRO" in text and text.splitlines()[-1].startswith("mean")
 
