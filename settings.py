@@ -437,8 +437,8 @@ def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
             positional.append(arg)
             continue
         key, text = setting
-        if key in given:  # last-wins would silently drop the first value
-            raise SettingsError(f"{key} is given twice on the command line ({arg!r} and an earlier {key}=...): give it once")
+        if key in given:  # the last one counts, as wrapper scripts expect (defaults first, then one change)
+            print(f"note: {key} is given more than once on the command line: the last, {arg}, counts", file=sys.stderr)
         if key in OLD_GEOMETRY:
             old[key] = _parse_value(key, text.strip(), OLD_GEOMETRY[key])
             given.add(key)
