@@ -30,7 +30,8 @@ MODEL_BACKUPS = 3  # an update keeps this many earlier versions beside the model
 # --- Geometry: what the model inspects (docs/geometry.md) -------------------------------------
 # Every image is resized to one working size, height x width in pixels; maps, thresholds and
 # eval.py's metrics are at that size, masks and pictures are put back at each image's own size.
-#   (224, 224): that size (with CENTER_CROP = 0.875: the published resize 256, crop 224);
+#   (224, 224): that size (with CENTER_CROP = 0.875: the published resize 256, crop 224); 224 alone
+#           is the same square;
 #   "auto": the training images' median aspect ratio at about 224 x 224's pixel count, rounded
 #           to the backbone's stride (a 500 x 1260 part: 144 x 352);
 #   a number f: f times the training images' median height and width (1.0: their own

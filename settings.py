@@ -213,7 +213,7 @@ RULES: dict[str, Rule] = {
     "ADD_DEFECT": text(),
     "MODEL_BACKUPS": integer(0, 100),
     # preprocessing
-    "IMAGE_SIZE": Rule(_is_image_size, "(height, width) in pixels, each >= 32, \"auto\", or a fraction of the images' own size in (0, 8]"),
+    "IMAGE_SIZE": Rule(_is_image_size, "(height, width) in pixels, each >= 32 (one whole number >= 32: a square), \"auto\", or a fraction of the images' own size in (0, 8]"),
     "CENTER_CROP": number(minimum=0.25, maximum=1),  # 0.1 would resize 10x to keep 1 % of the image
     "TILE_SIZE": Rule(lambda v: _is_int(v) and (v == 0 or v >= 32), "0 (no tiles) or an integer >= 32 (pixels, like IMAGE_SIZE)"),
     "TILE_OVERLAP": integer(minimum=0),
@@ -462,7 +462,8 @@ def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
     missing = sorted(set(RULES) - set(values) - set(OLD_GEOMETRY))
     if missing:  # a setting deleted or commented out, or an older config.py
         raise SettingsError(f"config.py has no {', '.join(missing)}: add {'them' if len(missing) > 1 else 'it'} back (docs/settings.md gives every setting's default)")
-    if _is_int(values.get("IMAGE_SIZE")):  # a whole number is a fraction too: IMAGE_SIZE=1 is full resolution, never 1 x 1 px
-        values["IMAGE_SIZE"] = float(values["IMAGE_SIZE"])
+    if _is_int(values.get("IMAGE_SIZE")):  # 224 is a 224 x 224 square; a small whole number a fraction (1: full resolution, never 1 x 1 px)
+        size = values["IMAGE_SIZE"]
+        values["IMAGE_SIZE"] = (size, size) if size >= 32 else float(size)
     validate(values)
     return SimpleNamespace(**values), positional

@@ -136,6 +136,9 @@ def test_settings_as_users_type_them(monkeypatch, tmp_path):
     import config
 
     assert load(["IMAGE_SIZE=1"])[0].IMAGE_SIZE == 1.0  # full resolution, never a 1 x 1 pixel model
+    assert load(["IMAGE_SIZE=64"])[0].IMAGE_SIZE == (64, 64)  # one whole number of pixels: a square (it was refused as "64.0")
+    with pytest.raises(SettingsError, match="IMAGE_SIZE=16.0 is not allowed"):
+        load(["IMAGE_SIZE=16"])
     monkeypatch.setattr(config, "CENTER_CROP", 1)  # a whole number where the default is a float
     assert load(["CENTER_CROP=0.9"])[0].CENTER_CROP == 0.9
     monkeypatch.setattr(config, "BATCH_SIZE", "16")  # quoted by mistake: the message says so
