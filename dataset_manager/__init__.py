@@ -1,6 +1,6 @@
 """Finding, reading and batching images: the only package that touches the user's image files."""
 
-from dataset_manager.images import IMAGE_EXTENSIONS, DataError, Preprocessor, read_mask, read_rgb
+from dataset_manager.images import IMAGE_EXTENSIONS, DataError, Preprocessor, printable_path, read_mask, read_rgb
 from dataset_manager.layouts import Category, LabeledImage, find_categories, find_images, outputs_inside
 from dataset_manager.loader import ImageBatches
 
@@ -8,6 +8,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "DataError",
     "Preprocessor",
+    "printable_path",
     "read_mask",
     "read_rgb",
     "Category",

@@ -4,6 +4,7 @@ centre crop, normalize; and back from the model's view to the original image."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 from typing import BinaryIO, Sequence
@@ -18,6 +19,12 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 class DataError(ValueError):
     """Bad input data, with a one-line message meant for the user."""
+
+
+def printable_path(path: Path | str) -> str:
+    """A file name as text that any UTF-8 file, page or answer can hold: a name whose bytes are not
+    UTF-8 (a Latin-1 name from a Windows share) shows them as \\xe9 instead of failing the write."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
 # Orientation tag values (EXIF 0x0112) that turn the picture by 90 degrees: width and height swap.

@@ -106,5 +106,5 @@ def write_report(folder: Path, rows: list[dict], overall_figures: dict[str, str]
     parts += [_category(row) for row in rows]
     parts.append("</body></html>")
     path = Path(folder) / "report.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
+    path.write_text("\n".join(parts), encoding="utf-8", errors="backslashreplace")  # a non-UTF-8 file name must not fail the page
     return path

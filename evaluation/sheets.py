@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dataset_manager import Preprocessor, read_rgb  # noqa: E402
+from dataset_manager import Preprocessor, printable_path, read_rgb  # noqa: E402
 
 
 @dataclass
@@ -92,7 +92,7 @@ def draw_sheet(
     for axis in axes:
         axis.set_axis_off()
     figure.suptitle(
-        f"{item.reason}: {item.path.name} ({item.defect_type}), score {item.score:.3g} vs threshold "
+        f"{item.reason}: {printable_path(item.path.name)} ({item.defect_type}), score {item.score:.3g} vs threshold "
         f"{image_threshold:.3g}, verdict {item.verdict}",
         fontsize=10,
     )

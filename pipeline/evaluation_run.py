@@ -16,7 +16,7 @@ import numpy as np
 
 from anomaly_model import distributed
 from anomaly_model.files import read_checked_bytes
-from dataset_manager import Category, DataError, read_mask
+from dataset_manager import Category, DataError, printable_path, read_mask
 from dataset_manager.images import image_size
 from evaluation.metrics import (
     bootstrap_rocauc_gain,
@@ -405,7 +405,7 @@ def _draw_sheets(evaluation: CategoryEvaluation, detector: Detector, category: C
             reason,
             "defect" if scored.verdicts[index] else "good",
         )
-        file_name = f"{reason.replace(' ', '_').replace('#', '')}_{item.defect_type}_{item.path.stem}.png"
+        file_name = f"{reason.replace(' ', '_').replace('#', '')}_{item.defect_type}_{printable_path(item.path.stem)}.png"
         try:
             draw_sheet(sheet, detector.preprocessor, detector.pixel_threshold, detector.image_threshold, color_range(detector.description), folder / file_name)
         except DataError as error:  # the file changed or vanished since scoring: skip its sheet

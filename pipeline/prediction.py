@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import sys
 import time
 from collections import Counter
@@ -12,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from anomaly_model import distributed
-from dataset_manager import DataError, find_images
+from dataset_manager import DataError, find_images, printable_path
 from dataset_manager.loader import skipped_summary
 from pipeline.cli import outputs_to_skip
 from pipeline.inspection import Inspection, Inspector
@@ -36,10 +37,10 @@ def picture_stems(paths: list[Path], folder: Path) -> list[str]:
     Stems that two paths would share (001.png beside 001.jpg, a/b__c.png and a__b/c.png) get a short
     hash of their relative path appended, so no picture overwrites another's."""
     relatives = [path.relative_to(folder) if path.is_relative_to(folder) else Path(path.name) for path in paths]
-    stems = ["__".join(relative.with_suffix("").parts) for relative in relatives]
+    stems = [printable_path("__".join(relative.with_suffix("").parts)) for relative in relatives]  # the CSV names them
     taken = Counter(stems)
     return [
-        stem if taken[stem] == 1 else f"{stem}-{hashlib.sha1(relative.as_posix().encode()).hexdigest()[:8]}"
+        stem if taken[stem] == 1 else f"{stem}-{hashlib.sha1(os.fsencode(relative.as_posix())).hexdigest()[:8]}"
         for stem, relative in zip(stems, relatives)
     ]
 
@@ -53,7 +54,7 @@ def run_folder(folder: Path) -> str:
 def csv_values(path: Path, inspection: Inspection, overlay_path: str, mask_path: str) -> list[str]:
     """One predictions.csv row (COLUMNS) as test.py writes it, also the watched folder's (serve.py)."""
     return [
-        str(path), f"{inspection.image_score:.6g}", f"{inspection.normalized_score:.4f}", inspection.verdict,
+        printable_path(path), f"{inspection.image_score:.6g}", f"{inspection.normalized_score:.4f}", inspection.verdict,
         f"{inspection.defect_area_fraction:.6f}", overlay_path, mask_path,
         "" if inspection.classifier_probability is None else f"{inspection.classifier_probability:.6f}",
     ]

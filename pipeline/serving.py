@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from dataset_manager import DataError
+from dataset_manager import DataError, printable_path
 from pipeline.inspection import Inspection, Inspector, PreparedImage
 from pipeline.live import BatchingWorker, ModelHolder, process_memory_mb
 from pipeline.pictures import png_bytes
@@ -89,9 +89,10 @@ class LiveService:
         inspector = self.holder.current
         watch = None
         if self.watcher is not None:
-            watch = {"folder": str(self.watcher.folder), "inspected": self.watcher.n_inspected, "unreadable": self.watcher.n_unreadable}
+            watch = {"folder": printable_path(self.watcher.folder), "running": self.watcher.running, "inspected": self.watcher.n_inspected,
+                     "unreadable": self.watcher.n_unreadable}
         return {
-            "status": "ok",
+            "status": "ok" if watch is None or watch["running"] else "the folder watcher stopped: see the log, restart serve.py",
             "model": inspector.model_id,
             "model_name": inspector.name,
             "runtime": inspector.detector.runtime,

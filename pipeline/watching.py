@@ -34,7 +34,7 @@ try:
 except ImportError:  # not POSIX: no claim on the folder
     fcntl = None
 
-from dataset_manager import IMAGE_EXTENSIONS, DataError
+from dataset_manager import IMAGE_EXTENSIONS, DataError, printable_path
 from pipeline.inspection import Inspection, Inspector, PreparedImage
 from pipeline.live import BatchingWorker, log
 from pipeline.prediction import COLUMNS, PREVIEW_SIZE, csv_values
@@ -179,6 +179,7 @@ class FolderWatcher:
         self.results = LiveResults(settings.model_results)
         self._pending: dict[str, tuple[FileState, float]] = {}  # name -> (state last seen, since when unchanged)
         self._links_noted: set[str] = set()  # links are not followed: each named once in the log
+        self._errors_said: set[str] = set()
         self._done: dict[str, FileState] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="folder-watcher", daemon=True)
@@ -207,7 +208,17 @@ class FolderWatcher:
                 self.poll()
             except OSError as error:  # the folder vanished or a disk filled: say so, keep watching
                 log(f"WARNING: watched folder {self.folder}: {error}")
+            except Exception as error:  # a fault of ours must not silently end the watching: said once per kind, watching goes on
+                line = f"WARNING: the watcher of {self.folder} met an error ({type(error).__name__}: {' '.join(str(error).split())}); it keeps watching"
+                if line not in self._errors_said:
+                    self._errors_said.add(line)
+                    log(line)
             self._stop.wait(self.poll_seconds)
+
+    @property
+    def running(self) -> bool:
+        """Whether the watching thread is alive (/health says so)."""
+        return self._thread.is_alive()
 
     def _listing(self) -> dict[str, FileState]:
         states = {}
@@ -272,7 +283,7 @@ class FolderWatcher:
                 self._finish(item, self._destination(self.folder / state.name, known))
                 continue
             try:
-                item.prepared = self._prepare(item.data, state.name)
+                item.prepared = self._prepare(item.data, printable_path(state.name))
                 item.future = self._worker.submit(item.prepared)
             except DataError as error:
                 if still_for < UNREADABLE_PATIENCE * self.settings.settle_seconds:
@@ -289,7 +300,7 @@ class FolderWatcher:
         if item.future is None:
             self.ledger.add(item.state, item.sha256, "unreadable")
             destination = self._destination(path, "unreadable")
-            self.results.append([str(destination)] + [""] * (len(COLUMNS) - 1) + ["", item.error])
+            self.results.append([printable_path(destination)] + [""] * (len(COLUMNS) - 1) + ["", item.error])
             self.n_unreadable += 1
             log(f"unreadable {item.state.name}: {item.error}")
             self._finish(item, destination)
@@ -305,14 +316,14 @@ class FolderWatcher:
         if self.settings.pictures:
             pictures = self.results.folder() / "pictures"
             pictures.mkdir(parents=True, exist_ok=True)
-            stem = f"{Path(item.state.name).stem}-{item.sha256[:8]}"
+            stem = f"{printable_path(Path(item.state.name).stem)}-{item.sha256[:8]}"
             arrays = self._worker.pictures(inspector, inspection, item.prepared.rgb, PREVIEW_SIZE)
             overlay_file, mask_file = write_pictures(pictures, stem, arrays)
             overlay_path, mask_path = f"pictures/{overlay_file.name}", f"pictures/{mask_file.name}"
         self.ledger.add(item.state, item.sha256, inspection.verdict)
         self.results.append(csv_values(destination, inspection, overlay_path, mask_path) + [inspection.model, ""])
         self.n_inspected += 1
-        self._notify(item.state.name, item.data, inspection, inspector)
+        self._notify(printable_path(item.state.name), item.data, inspection, inspector)
         self._finish(item, destination)
 
     def _destination(self, path: Path, verdict: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import json
 import shutil
 from pathlib import Path
@@ -121,15 +122,16 @@ def test_pictures_of_files_sharing_a_stem_do_not_overwrite_each_other(tmp_path, 
     source.save(folder / "good" / "a.png")
     source.convert("L").save(folder / "good" / "a.jpg")
     Image.open(tiny_category / "test" / "good" / "000.png").save(folder / "good__a.png")  # the folder joined to the name
+    source.save(folder / os.fsdecode(b"caf\xe9.png"))  # a Latin-1 name (not UTF-8): its row and pictures are written too
     result = run_script("test.py", str(folder), *trained)
     assert result.returncode == 0, result.stderr
     (run_dir,) = (tmp_path / "results" / "part").iterdir()
-    rows = list(csv.DictReader(open(run_dir / "predictions.csv")))
-    assert len(rows) == 3
+    rows = list(csv.DictReader(open(run_dir / "predictions.csv", encoding="utf-8")))
+    assert len(rows) == 4 and sum(row["path"].endswith("caf\\xe9.png") for row in rows) == 1
     for column in ("overlay", "mask"):
-        assert len({row[column] for row in rows}) == 3
+        assert len({row[column] for row in rows}) == 4
         assert all((run_dir / row[column]).is_file() for row in rows)
-    assert len(list((run_dir / "pictures").iterdir())) == 6
+    assert len(list((run_dir / "pictures").iterdir())) == 8
 
 
 def test_model_name_picks_one_category_of_a_root_to_train(tmp_path):

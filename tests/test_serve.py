@@ -295,6 +295,7 @@ def test_watched_folder_inspects_each_file_once_whole_across_restarts(trained, t
     shutil.copy(sources / "blob" / "000.png", watch / "b.png")
     (watch / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is no image")
     (watch / "link.png").symlink_to(sources / "good" / "001.png")  # not followed: named once in the log
+    shutil.copy(sources / "good" / "002.png", watch / os.fsdecode(b"caf\xe9.png"))  # a Latin-1 name: not UTF-8
     settings = [f"DATASET_DIR={trained['category']}", *TINY, f"MODEL_DIR={trained['base'] / 'models'}", f"RESULTS_DIR={results}",
                 f"WATCH_DIR={watch}", "WATCH_SETTLE_SECONDS=0.6", f"REVIEW_DIR={tmp_path / 'review'}"]
     first = LiveServer(*settings, log_path=tmp_path / "first.log")
@@ -304,10 +305,13 @@ def test_watched_folder_inspects_each_file_once_whole_across_restarts(trained, t
             file.write(slow[start : start + max(1, len(slow) // 8)])
             file.flush()
             time.sleep(0.35)
-    rows = _wait_for_rows(results, 4, first)
+    rows = _wait_for_rows(results, 5, first)
+    health = first.client.get("/health").json()
+    assert health["status"] == "ok" and health["watch"]["running"] and health["watch"]["inspected"] == 4, health
+    assert first.client.get("/").status_code == 200  # the page lists the Latin-1 name too
     assert first.stop() == 0, first.log()
     by_name = {Path(row["path"]).name: row for row in rows}
-    assert sorted(by_name) == ["a.png", "b.png", "broken.png", "slow.png"] and len(rows) == 4
+    assert sorted(by_name) == ["a.png", "b.png", "broken.png", "caf\\xe9.png", "slow.png"] and len(rows) == 5
     assert by_name["broken.png"]["error"] and by_name["broken.png"]["image_score"] == "" and by_name["broken.png"]["model"] == ""
     assert {by_name[name]["model"] for name in ("a.png", "b.png", "slow.png")} == {inspector.model_id}  # which model judged it
     assert first.log().count("link.png") == 1 and "is a link: not inspected" in first.log()
@@ -322,18 +326,19 @@ def test_watched_folder_inspects_each_file_once_whole_across_restarts(trained, t
     while (watch / "a.png").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     shutil.copy(sources / "blob" / "002.png", watch / "a.png")
-    rows = _wait_for_rows(results, 5, second)
+    rows = _wait_for_rows(results, 6, second)
     third = run_script("serve.py", *settings, f"SERVE_PORT={free_port()}")  # would score every file a second time
     assert "is watched by another serve.py" in error_line(third)
     time.sleep(1.5)  # a few more polls: nothing else may be scored
     assert second.stop() == 0, second.log()
     rows = _rows(results)
-    assert len(rows) == 5, rows
+    assert len(rows) == 6, rows
     assert Path(rows[-1]["path"]).parent.name in ("good", "defect") and Path(rows[-1]["path"]).exists()
     assert relative_close(float(rows[-1]["image_score"]), inspector.inspect(sources / "blob" / "002.png").image_score, 1e-4)
     assert sorted(p.name for p in (watch / "unreadable").iterdir()) == ["broken.png"]
     sorted_names = sorted(p.name for folder in ("good", "defect") for p in (watch / folder).iterdir())
-    assert sorted_names == ["a-2.png", "a.png", "b.png", "slow.png"] or sorted_names == ["a.png", "a.png", "b.png", "slow.png"]
+    latin = os.fsdecode(b"caf\xe9.png")
+    assert sorted_names in (sorted(["a-2.png", "a.png", "b.png", "slow.png", latin]), sorted(["a.png", "a.png", "b.png", "slow.png", latin]))
     assert [p.name for p in watch.iterdir() if p.is_file()] == ["link.png"]  # only the link stays, untouched
 
 
