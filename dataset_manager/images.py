@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# every file ending a dataset, test.py, the watched folder and an update read (the first frame of a
+# GIF or a multi-page TIFF); serve.py's review page stores its corrections under one of these
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".pgm", ".ppm", ".pnm")
 
 
 class DataError(ValueError):

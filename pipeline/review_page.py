@@ -27,17 +27,17 @@ from pipeline.pictures import png_bytes
 
 LABELS = ("good", "defect")
 PAGE_PREVIEW_SIZE = 320  # longest side of the overlays on the page
-# the formats read_rgb decodes, and the file ending a stored copy gets
-_SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif", "MPO": ".jpg", "GIF": ".gif", "WEBP": ".webp"}
+# the file ending a stored copy gets, by format: all in IMAGE_EXTENSIONS, so that an update reads it
+_SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif", "MPO": ".jpg", "GIF": ".gif", "WEBP": ".webp", "PPM": ".ppm"}
 
 
-def image_suffix(data: bytes) -> str:
-    """The file ending for these image bytes, from their header (".img" when the format is unusual)."""
+def image_suffix(data: bytes) -> str | None:
+    """The file ending for these image bytes, from their header (None for a format outside IMAGE_EXTENSIONS)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return _SUFFIXES.get(image.format or "", ".img")
+            return _SUFFIXES.get(image.format or "")
     except (OSError, ValueError, SyntaxError):
-        return ".img"
+        return None
 
 
 @dataclass
@@ -103,9 +103,12 @@ class RecentImages:
         other label from an earlier correction is removed); returns the copy's path."""
         target_dir = self.review_dir / label
         target_dir.mkdir(parents=True, exist_ok=True)
-        file_name = image.id + image_suffix(image.data)
+        suffix, data = image_suffix(image.data), image.data
+        if suffix is None:  # a format the updates would not read (an icon, a JPEG 2000): the pixels as inspected, in PNG
+            suffix, data = ".png", png_bytes(to_rgb(image.data, image.id))
+        file_name = image.id + suffix
         temporary = target_dir / f".{file_name}.partial"
-        temporary.write_bytes(image.data)
+        temporary.write_bytes(data)
         os.replace(temporary, target_dir / file_name)
         for other in LABELS:
             if other != label:

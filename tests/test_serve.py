@@ -403,3 +403,28 @@ def test_a_model_folder_deleted_under_the_server_is_said_and_the_old_model_keeps
     assert holder.refresh() is holder.current and "holds no model now" in holder.note and "aaaaaaaaaaaa" in holder.note
     moved.rename(folder)
     assert holder.refresh() is holder.current and holder.note == "" and len(loaded) == 1
+
+
+def test_review_corrections_are_stored_in_a_format_the_updates_read(tmp_path):
+    """A WebP or GIF sent to /inspect is stored under its own ending, which datasets, test.py, the
+    watched folder and `train.py ADD_GOOD=` all read; a format they would not read (an icon) is
+    stored as PNG of the pixels inspected, never under an ending the update skips."""
+    from types import SimpleNamespace
+
+    from dataset_manager import IMAGE_EXTENSIONS, find_images, read_rgb
+    from pipeline.review_page import _SUFFIXES, RecentImages
+
+    assert set(_SUFFIXES.values()) <= set(IMAGE_EXTENSIONS)
+    pixels = (np.arange(32 * 32 * 3) % 251).astype(np.uint8).reshape(32, 32, 3)
+    images = RecentImages(10, tmp_path / "review", draw=None)
+    stored, sent = {}, {}
+    for form in ("WEBP", "GIF", "ICO"):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format=form)
+        sent[form] = buffer.getvalue()
+        image_id = images.add("http", f"x.{form.lower()}", sent[form], SimpleNamespace(verdict="defect"), None)
+        stored[form] = images.correct(images.get(image_id), "good")
+    assert [stored[form].suffix for form in ("WEBP", "GIF", "ICO")] == [".webp", ".gif", ".png"]
+    assert sorted(find_images(tmp_path / "review" / "good")) == sorted(stored.values())  # what ADD_GOOD will learn
+    assert stored["WEBP"].read_bytes() == sent["WEBP"]  # the bytes as sent, where the format is one the updates read
+    assert np.array_equal(read_rgb(stored["ICO"]), read_rgb(io.BytesIO(sent["ICO"])))  # else the pixels as inspected
