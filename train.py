@@ -52,15 +52,22 @@ def update(settings) -> None:
     if not summary.saved:
         return
     report = summary.model_report
+    image_before, pixel_before = summary.thresholds_before
     radius = (f"; coreset +{report['coreset_added']} points, covering radius of the new patches "
               f"{report['covering_radius_before']:.4g} -> {report['covering_radius_after']:.4g}") if "coreset_added" in report else ""
     print(
         f"{model_dir.name}: learned {summary.n_good} good and {summary.n_defect} defect images in {summary.seconds:.1f} s"
         + (f" ({summary.n_known} already learned, skipped)" if summary.n_known else "")
         + (f", {summary.n_unreadable} unreadable skipped" if summary.n_unreadable else "")
-        + f"{radius}; thresholds image {summary.image_threshold:.3f} pixel {summary.pixel_threshold:.3f}; model {model_dir}"
+        + f"{radius}; thresholds image {image_before:.3f} -> {summary.image_threshold:.3f}, pixel {pixel_before:.3f} -> "
+        + f"{summary.pixel_threshold:.3f}; model {model_dir}"
         + (f" (previous kept as {model_dir.name}.backup-1)" if settings.MODEL_BACKUPS else "")
     )
+    if summary.highest_new_good is not None and 0 < image_before < summary.image_threshold:
+        score, path = summary.highest_new_good
+        undo = f"restore {model_dir.name}.backup-1" if settings.MODEL_BACKUPS else "retrain without them"
+        print(f"note: the new goods raised the image threshold by {summary.image_threshold / image_before - 1:.0%} (the highest scored "
+              f"{score:.3f} before the update: {path}): fewer defects will be flagged; if any of them is not a good part, {undo}", file=sys.stderr)
 
 
 if __name__ == "__main__":

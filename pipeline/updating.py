@@ -75,6 +75,8 @@ class UpdateSummary:
     seconds: float = 0.0
     image_threshold: float = 0.0
     pixel_threshold: float = 0.0
+    thresholds_before: tuple[float, float] = (0.0, 0.0)  # (image, pixel) of the model before the update
+    highest_new_good: tuple[float, Path] | None = None  # the new good that scored highest under the old model, and its score
     model_report: dict = field(default_factory=dict)  # what the anomaly model said of its update (PatchCore: covering radius)
     saved: bool = False
     stage_seconds: dict[str, float] = field(default_factory=dict)  # where the time went (bench/update_speed.py prints it)
@@ -222,6 +224,8 @@ def _update_locked(model_dir: Path, settings, good_folder: str, defect_folder: s
         summary.n_unreadable += len(good_scored.skipped)
         if good_scored.paths:
             summary.model_report = good_scored.learned
+            top = int(good_scored.scores.argmax())
+            summary.highest_new_good = (float(good_scored.scores[top]), good_scored.paths[top])
             sample.add(good_scored.maps, good_scored.scores)
             _set_thresholds(model, description, info, sample)
             if training_set is not None:
@@ -258,6 +262,7 @@ def _update_locked(model_dir: Path, settings, good_folder: str, defect_folder: s
     summary.lap("save with backup", lap)
     summary.saved = True
     summary.image_threshold, summary.pixel_threshold = info["thresholds"]["image"], info["thresholds"]["pixel"]
+    summary.thresholds_before = (description["thresholds"]["image"], description["thresholds"]["pixel"])
     summary.seconds = time.perf_counter() - started
     return summary
 

@@ -6,6 +6,7 @@ what train.py calls) except where the command line itself is what is tested."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from anomaly_model.base import AnomalyModel
 from anomaly_model.store import load_model
@@ -120,6 +122,14 @@ def test_backups_history_and_the_command_line(tmp_path: Path) -> None:
     retrained = run_script("train.py", *base)  # a full training replaces the updated model: said, with the folders
     assert retrained.returncode == 0, retrained.stderr
     assert "learned 6 images in 3 updates" in retrained.stderr and str(batches[0]) in retrained.stderr
+
+    odd = tmp_path / "odd"  # a reviewer's wrong "good": pure noise, far above every good
+    odd.mkdir()
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(odd / "noise.png")
+    raised = run_script("train.py", *base, f"ADD_GOOD={odd}")
+    assert raised.returncode == 0, raised.stderr
+    before, after = (float(value) for value in re.search(r"thresholds image ([\d.]+) -> ([\d.]+)", raised.stdout).groups())
+    assert after > before and "raised the image threshold" in raised.stderr and "noise.png" in raised.stderr and "restore part.backup-1" in raised.stderr
 
 
 def test_two_updates_at_once_both_reach_the_model(tmp_path: Path) -> None:
