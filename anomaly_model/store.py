@@ -217,6 +217,11 @@ def read_description(folder: Path) -> dict:
     sweep_model(folder)  # a model stranded by a kill mid-swap is put back first; a killed export's folder goes
     path = folder / "model.json"
     if not path.is_file():
+        inside = sorted(child.name for child in folder.iterdir()
+                        if (child / "model.json").is_file() and ".backup-" not in child.name and not child.name.startswith(".")) if folder.is_dir() else []
+        if inside:  # MODEL_DIR itself, given where one of its models was meant
+            shown = ", ".join(str(folder / name) for name in inside[:5]) + (", ..." if len(inside) > 5 else "")
+            raise ModelError(f"{folder} holds models, it is not one: give one of {shown}")
         raise ModelError(f"no trained model at {folder} (model.json missing): run python train.py first")
     try:
         description = json.loads(path.read_text())

@@ -30,7 +30,7 @@ from dataset_manager import DataError, ImageBatches, read_rgb
 from dataset_manager.images import gray_to_uint8, pil_to_rgb
 from pipeline.detector import Detector, ImageResult
 from pipeline.pictures import color_range, picture_arrays
-from settings import SettingsError, command_line_keys
+from settings import SettingsError, check_value, command_line_keys
 
 # What `inspect` accepts: a file path, the file's bytes, a PIL image, or an (H, W) / (H, W, 3|4) array.
 ImageInput = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray
@@ -84,6 +84,12 @@ class OperatingPoint:
 
     image_false_reject_rate: float | None = None
     classifier_false_reject_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        """The rates a caller of the Python API gives are checked as the command line's are (SettingsError)."""
+        for key, rate in (("IMAGE_FALSE_REJECT_RATE", self.image_false_reject_rate), ("CLASSIFIER_FALSE_REJECT_RATE", self.classifier_false_reject_rate)):
+            if rate is not None:
+                check_value(key, rate)
 
     @classmethod
     def from_command_line(cls, argv: Sequence[str], settings) -> "OperatingPoint":
@@ -172,9 +178,11 @@ def _decoded(image: ImageInput, name: str) -> np.ndarray:
             except ValueError as error:  # NaN or infinite values, no pixels: bad input, not a bug
                 raise DataError(f"cannot read {name}: {error}") from None
             return np.repeat(gray[:, :, None], 3, axis=2)
-        if image.ndim == 3 and image.shape[2] in (3, 4) and image.dtype == np.uint8:
-            return np.ascontiguousarray(image[:, :, :3])
-        raise DataError(f"cannot read {name}: a numpy image must be (H, W) or (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+        if image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
+            return np.ascontiguousarray(image)
+        if image.ndim == 3 and image.shape[2] == 4 and image.dtype == np.uint8:  # RGBA: composited on white, as files are
+            return pil_to_rgb(Image.fromarray(np.ascontiguousarray(image), "RGBA"))
+        raise DataError(f"cannot read {name}: a numpy image must be (H, W), (H, W, 3) uint8 RGB or (H, W, 4) uint8 RGBA, got {image.shape} {image.dtype}")
     raise DataError(f"cannot read {name}: expected a path, bytes, a PIL image or a numpy array, got {type(image).__name__}")
 
 

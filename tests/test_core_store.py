@@ -69,6 +69,11 @@ def test_stored_factors_are_packed_triangles(saved, fitted):
 def test_missing_model_says_to_train(tmp_path):
     with pytest.raises(ModelError, match="run python train.py"):
         load_model(tmp_path / "nothing", "cpu")
+    for name in ("tire", "ksdd", "tire.backup-1"):  # MODEL_DIR itself, given where one of its models was meant
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "model.json").write_text("{}")
+    with pytest.raises(ModelError, match=r"models holds models, it is not one: give one of .*models/ksdd, .*models/tire$"):
+        load_model(tmp_path / "models", "cpu")
 
 
 def test_truncated_statistics_are_reported(saved):

@@ -95,6 +95,11 @@ def test_inspect_gives_test_py_numbers_through_http_and_the_python_api(server, t
             for field in ("image_score", "normalized_score", "classifier_probability", "defect_area_fraction"):
                 assert relative_close(mine.fields()[field], got[field], 1e-5), (name, type(image), field)
             assert mine.verdict == got["verdict"]
+    rgba = np.asarray(Image.open(trained["category"] / "test" / "blob" / "000.png").convert("RGBA")).copy()
+    rgba[::2, :, 3] = 60  # half transparent rows: an array gives what the same RGBA file gives (composited on white)
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    assert inspector.inspect(rgba).image_score == pytest.approx(inspector.inspect(buffer.getvalue()).image_score, rel=1e-6)
     for empty in (np.zeros((0, 0), np.uint8), np.zeros((0, 5, 3), np.uint8), Image.new("RGB", (0, 0)), np.full((4, 4), np.nan, np.float32)):
         with pytest.raises(DataError, match="cannot read image"):  # bad input, named: never a verdict on no pixels
             inspector.inspect(empty)
@@ -428,3 +433,15 @@ def test_review_corrections_are_stored_in_a_format_the_updates_read(tmp_path):
     assert sorted(find_images(tmp_path / "review" / "good")) == sorted(stored.values())  # what ADD_GOOD will learn
     assert stored["WEBP"].read_bytes() == sent["WEBP"]  # the bytes as sent, where the format is one the updates read
     assert np.array_equal(read_rgb(stored["ICO"]), read_rgb(io.BytesIO(sent["ICO"])))  # else the pixels as inspected
+
+
+def test_the_python_apis_operating_point_is_checked_as_the_command_line_is():
+    from pipeline.inspection import OperatingPoint
+    from settings import SettingsError
+
+    assert OperatingPoint(image_false_reject_rate=0.02).image_false_reject_rate == 0.02
+    for given, words in ((dict(image_false_reject_rate=-0.1), "IMAGE_FALSE_REJECT_RATE=-0.1 is not allowed"),
+                         (dict(image_false_reject_rate="0.05"), "is text: write it without quotes"),
+                         (dict(classifier_false_reject_rate=1.0), r"CLASSIFIER_FALSE_REJECT_RATE=1.0 is not allowed: .* \[0, 1\)")):
+        with pytest.raises(SettingsError, match=words):  # was a bare ValueError from numpy, or accepted
+            OperatingPoint(**given)
