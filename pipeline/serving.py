@@ -23,10 +23,12 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from dataset_manager import DataError, printable_path
 from pipeline.inspection import Inspection, Inspector, PreparedImage
-from pipeline.live import BatchingWorker, ModelHolder, process_memory_mb
+from pipeline.live import BatchingWorker, ModelHolder, log, process_memory_mb
 from pipeline.pictures import png_bytes
 from pipeline.review_page import LABELS, RecentImages, render_page, render_refusal
 from pipeline.watching import FolderWatcher
@@ -170,6 +172,15 @@ def create_app(service: LiveService) -> FastAPI:
     async def request_error(request: Request, error: RequestError) -> JSONResponse:
         return JSONResponse({"error": str(error)}, status_code=error.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:  # an unknown path, a wrong method
+        return JSONResponse({"error": f"{request.method} {request.url.path}: {error.detail}"}, status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, error: ClientDisconnect) -> Response:  # nobody to answer: one log line, no traceback
+        log(f"a client disconnected before its {request.method} {request.url.path} body was complete")
+        return Response(status_code=400)
+
     @app.post("/inspect")
     async def inspect(request: Request, pictures: bool = False) -> JSONResponse:
         service.require_token(request)
@@ -211,7 +222,8 @@ def create_app(service: LiveService) -> FastAPI:
             raise RequestError(401, "corrections need the server's token: open the page as /?token=<SERVE_TOKEN>")
         label = str(form.get("label") or "")
         if label not in LABELS:
-            raise RequestError(400, f"label {label!r} is not one of {', '.join(LABELS)}")
+            how = "" if label else " (send it as a form field: label=good or label=defect, as the page's buttons do)"
+            raise RequestError(400, f"label {label!r} is not one of {', '.join(LABELS)}{how}")
         image = service.recent.get(image_id)
         if image is None:
             raise RequestError(404, f"image {image_id!r} is no longer kept (only the latest {service.recent.keep} are)")

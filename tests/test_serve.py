@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -143,6 +144,19 @@ def test_bad_requests_get_a_4xx_line_and_the_server_goes_on(server, trained):
         after = server.client.post("/inspect", content=good, headers={**AUTH, "Content-Type": "image/png"})
         assert after.status_code == 200, (name, after.text)
     assert "Expected boundary" not in server.log()  # the parser's own warning line stays out of the server's log
+    for method, path, status in (("GET", "/nowhere", 404), ("GET", "/inspect", 405)):  # the documented {"error": ...} shape too
+        answer = server.client.request(method, path, headers=AUTH)
+        assert answer.status_code == status and path in answer.json()["error"], answer.text
+    answer = server.client.post("/review/x", json={"label": "good"}, headers=AUTH)
+    assert answer.status_code == 400 and "form field" in answer.json()["error"], answer.text
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:  # a client gone mid-upload: one log line, no traceback
+        sock.sendall(f"POST /inspect HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: image/png\r\n"
+                     f"Content-Length: 100000\r\n\r\n".encode() + good[:100])
+    deadline = time.monotonic() + 10
+    while "disconnected" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "disconnected before its POST /inspect body" in server.log() and "Traceback" not in server.log(), server.log()
+    assert server.client.post("/inspect", content=good, headers={**AUTH, "Content-Type": "image/png"}).status_code == 200
 
 
 def test_with_a_token_only_health_answers_without_it(server, trained):
