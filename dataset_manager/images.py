@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import BinaryIO, Sequence
 
@@ -28,6 +29,10 @@ def printable_path(path: Path | str) -> str:
     UTF-8 (a Latin-1 name from a Windows share) shows them as \\xe9 instead of failing the write."""
     return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
+
+# Images of 89 to 179 megapixels decode (the tiles and the resizing handle them); PIL's warning
+# about them would print its own source line into test.py's and serve.py's output.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # Orientation tag values (EXIF 0x0112) that turn the picture by 90 degrees: width and height swap.
 _ORIENTATION_TAG = 0x0112
@@ -81,12 +86,18 @@ def read_rgb(path: Path | BinaryIO, name: str | None = None) -> np.ndarray:
     DataError naming the file (or `name`, for an open file such as a received body) and why:
     the loaders skip it and say so.
     """
+    shown = name or f"image {path}"
     try:
+        if isinstance(path, (str, Path)) and os.path.getsize(path) == 0:
+            raise DataError(f"cannot read {shown}: it is empty (0 bytes): copy it again from its source")
         with Image.open(path) as image:
             image.load()
             return pil_to_rgb(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read image {name or path}: {error}") from None
+    except Image.DecompressionBombError:
+        raise DataError(f"cannot read {shown}: it has more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, more than is safe "
+                        "to decode (a damaged or hostile file?): downscale it, or cut it into parts") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise DataError(f"cannot read {shown}: {error}") from None
 
 
 def pil_to_rgb(image: Image.Image) -> np.ndarray:

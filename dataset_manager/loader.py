@@ -48,8 +48,9 @@ class _ImageFiles(Dataset):
     def __getitem__(self, index: int):
         try:
             rgb = read_rgb(self.paths[index])
-        except DataError as error:
-            return index, None, str(error)
+        except DataError as error:  # the reason only: the warning names the file once, before it
+            path = str(self.paths[index])
+            return index, None, str(error).split(f"{path}: ", 1)[-1].replace(path, Path(path).name)
         preview = None
         if self.preview_size:
             pil = Image.fromarray(rgb)

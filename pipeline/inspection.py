@@ -161,7 +161,7 @@ def _decoded(image: ImageInput, name: str) -> np.ndarray:
         return read_rgb(Path(image))
     if isinstance(image, (bytes, bytearray, memoryview)):
         if len(image) == 0:
-            raise DataError(f"cannot read image {name}: it is empty (0 bytes)")
+            raise DataError(f"cannot read {name}: it is empty (0 bytes)")
         try:
             return read_rgb(io.BytesIO(bytes(image)), name)
         except DataError as error:  # PIL names the in-memory file by its repr: not useful to anyone

@@ -50,7 +50,8 @@ class NewImages:
 
     folder: Path
     paths: list[Path]  # not yet learned, each content once
-    known: int  # skipped: the model already holds them (or the folder holds them twice)
+    known: int  # skipped: the model already holds them
+    repeated: int = 0  # skipped: a second copy of an image the folder holds already (learned once)
 
 
 @dataclass
@@ -106,18 +107,20 @@ def new_images(folder: str, learned: dict, kind: str) -> NewImages:
         hint = f"e.g. {setting}={root / kind}" if kind in mixed else f"a folder of {kind} images only"
         raise SettingsError(f"{setting}={folder} holds sorted folders ({', '.join(name + '/' for name in mixed)}): give {hint}")
     known, other = set(learned.get(kind, [])), set(learned.get("defect" if kind == "good" else "good", []))
-    paths, skipped, masks, relabeled = [], 0, [], []
+    paths, skipped, repeated, masks, relabeled = [], 0, 0, [], []
+    new: set[str] = set()
     for path in find_images(root):
         if is_mask_file(path):
             masks.append(path)
             continue
         digest = content_digest(path)
-        if digest in known:
-            skipped += 1
+        if digest in known or digest in new:
+            skipped += digest in known
+            repeated += digest in new
             continue
         if digest in other:
             relabeled.append(path)
-        known.add(digest)
+        new.add(digest)
         paths.append(path)
     if masks:
         print(f"note: {len(masks)} mask file{'s' if len(masks) != 1 else ''} in {folder} (e.g. {masks[0].name}) not learned as images", file=sys.stderr)
@@ -127,7 +130,7 @@ def new_images(folder: str, learned: dict, kind: str) -> NewImages:
             f"{'defects' if kind == 'good' else 'goods'}: it now holds them as both; to undo, restore the backup made before that update",
             file=sys.stderr,
         )
-    return NewImages(root, paths, skipped)
+    return NewImages(root, paths, skipped, repeated)
 
 
 def score_files(model: AnomalyModel, preprocessor: Preprocessor, paths: list[Path], batch_size: int, label: str, peaks: bool = False,
@@ -200,6 +203,9 @@ def _update_locked(model_dir: Path, settings, good_folder: str, defect_folder: s
     if model.kind == "padim" and goods is not None and goods.paths and not model.has_sums:
         raise _old_model(model_dir)
     for part, kind in ((goods, "good"), (defects, "defect")):
+        if part is not None and part.repeated:
+            print(f"{part.repeated} {kind} image{'s' if part.repeated != 1 else ''} in {part.folder} repeat{'s' if part.repeated == 1 else ''} "
+                  "another of the folder (same bytes): learned once", file=sys.stderr)
         if part is not None and part.known:
             print(f"{part.known} {kind} image{'s' if part.known != 1 else ''} in {part.folder} already known to the model: skipped"
                   f"{' (its training and validation goods and earlier updates count)' if kind == 'good' else ''}", file=sys.stderr)

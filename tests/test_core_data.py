@@ -98,10 +98,12 @@ def test_unreadable_files_are_skipped_and_named(tmp_path):
     (tmp_path / "3.png").write_bytes(b"not a png at all")
     good = tmp_path / "1.png"
     good.write_bytes(good.read_bytes()[:100])  # truncated
+    (tmp_path / "4.png").write_bytes(b"")  # a copy that never arrived
     batches = ImageBatches(find_images(tmp_path), Preprocessor(64, 64, (0.5,) * 3, (0.2,) * 3), batch_size=2)
     seen = [index for batch in batches for index in batch.indices]
-    assert seen == [0, 2, 4]
-    assert sorted(path.name for path, _ in batches.skipped) == ["1.png", "3.png"]
+    assert seen == [0, 2]
+    assert sorted(path.name for path, _ in batches.skipped) == ["1.png", "3.png", "4.png"]
+    assert "it is empty (0 bytes): copy it again" in dict((path.name, reason) for path, reason in batches.skipped)["4.png"]
 
 
 def test_preprocessor_shapes_and_crop_box():

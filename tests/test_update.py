@@ -230,10 +230,13 @@ def test_update_folders_are_checked_for_what_they_hold(tmp_path: Path, capsys: p
         update_model(model_dir, settings, str(review), "")
     shutil.copy(part / "ground_truth" / "blob" / "000_mask.png", review / "defect" / "000_mask.png")
     shutil.copy(part / "train" / "good" / "000.png", review / "defect" / "was_good.png")  # a training good, now called a defect
+    first = sorted((review / "good").iterdir())[0]
+    shutil.copy(first, review / "good" / "copy-of-first.png")  # the same picture twice in the folder: learned once, said so
     capsys.readouterr()
     summary = update_model(model_dir, settings, str(review / "good"), str(review / "defect"))
-    assert summary.n_good == 2 and summary.n_defect == 3  # two defects and the relabeled good; not the mask
+    assert summary.n_good == 2 and summary.n_defect == 3 and summary.n_known == 0  # two defects and the relabeled good; not the mask
     notes = capsys.readouterr().err
+    assert "1 good image in" in notes and "repeats another of the folder (same bytes): learned once" in notes and "already known" not in notes
     assert "1 mask file in" in notes and "000_mask.png" in notes
     assert "1 image in" in notes and "was_good.png" in notes and "learned before as goods" in notes
 
