@@ -250,8 +250,13 @@ class Inspector:
             size=size,
         )
 
-    def pictures(self, inspection: Inspection, rgb: np.ndarray, preview_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """(overlay (h, w, 3) uint8 at most `preview_size` on its longer side, mask (H, W) bool at the original size)."""
+    def pictures(self, inspection: Inspection, image: ImageInput, preview_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(overlay (h, w, 3) uint8 at most `preview_size` on its longer side, mask (H, W) bool at the original size)
+        of the image `inspection` judged, given in any form `inspect` takes (a DataError for another image's size)."""
+        rgb = to_rgb(image)
+        if tuple(rgb.shape[:2]) != tuple(inspection.size):
+            raise DataError(f"the image given for the pictures is {rgb.shape[0]} x {rgb.shape[1]} px, the inspected one was "
+                            f"{inspection.size[0]} x {inspection.size[1]} (height x width): give the image that was inspected")
         return picture_arrays(
             inspection.anomaly_map, inspection.size, preview(rgb, preview_size), self.detector.preprocessor,
             self.detector.pixel_threshold, self.color_scale,

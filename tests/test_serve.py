@@ -101,6 +101,11 @@ def test_inspect_gives_test_py_numbers_through_http_and_the_python_api(server, t
     buffer = io.BytesIO()
     Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
     assert inspector.inspect(rgba).image_score == pytest.approx(inspector.inspect(buffer.getvalue()).image_score, rel=1e-6)
+    gray = np.asarray(Image.open(path).convert("L"))  # pictures take what inspect takes; another image's size is refused
+    overlay, mask = inspector.pictures(inspector.inspect(gray), gray, 64)
+    assert overlay.shape[2] == 3 and mask.shape == gray.shape
+    with pytest.raises(DataError, match="give the image that was inspected"):
+        inspector.pictures(inspector.inspect(gray), gray[: gray.shape[0] // 2], 64)
     for empty in (np.zeros((0, 0), np.uint8), np.zeros((0, 5, 3), np.uint8), Image.new("RGB", (0, 0)), np.full((4, 4), np.nan, np.float32)):
         with pytest.raises(DataError, match="cannot read image"):  # bad input, named: never a verdict on no pixels
             inspector.inspect(empty)
