@@ -426,6 +426,7 @@ def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
     argv = sys.argv[1:] if argv is None else argv
     values = defaults()
     old = {key: values.pop(key) for key in OLD_GEOMETRY if key in values}  # an old config.py
+    in_config = set(old)
     given = set()
     positional = []
     for number, arg in enumerate(argv):
@@ -454,6 +455,9 @@ def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
     if old:
         if given & {"IMAGE_SIZE", "CENTER_CROP"} and given & set(OLD_GEOMETRY):
             raise SettingsError("RESIZE / CROP are the old spelling of IMAGE_SIZE / CENTER_CROP: give one or the other, not both")
+        if in_config and "IMAGE_SIZE" in values and not given & set(OLD_GEOMETRY):  # which one was meant? (it used IMAGE_SIZE, silently)
+            raise SettingsError(f"config.py sets both IMAGE_SIZE and the old {' / '.join(sorted(in_config))}: delete the old line "
+                                "(IMAGE_SIZE = (CROP, CROP) with CENTER_CROP = CROP / RESIZE say the same)")
         if given & set(OLD_GEOMETRY) or "IMAGE_SIZE" not in values:
             _translate_old_geometry(values, old)
     for key in COMMAND_LINE_ONLY:

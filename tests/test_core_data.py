@@ -143,6 +143,11 @@ def test_settings_as_users_type_them(monkeypatch, tmp_path):
         load(["IMAGE_SIZE=16"])
     monkeypatch.setattr(config, "CENTER_CROP", 1)  # a whole number where the default is a float
     assert load(["CENTER_CROP=0.9"])[0].CENTER_CROP == 0.9
+    monkeypatch.setattr(config, "CROP", 160, raising=False)  # the old spelling left beside IMAGE_SIZE: it was ignored silently
+    with pytest.raises(SettingsError, match="config.py sets both IMAGE_SIZE and the old CROP: delete the old line"):
+        load([])
+    assert load(["CROP=128", "RESIZE=128"])[0].IMAGE_SIZE == (128, 128)  # on the command line it is clear
+    monkeypatch.delattr(config, "CROP")
     monkeypatch.setattr(config, "BATCH_SIZE", "16")  # quoted by mistake: the message says so
     with pytest.raises(SettingsError, match="'16' is text: write it without quotes"):
         load([])
