@@ -33,7 +33,7 @@ MODEL_BACKUPS = 3  # an update keeps this many earlier versions beside the model
 #   (224, 224): that size (with CENTER_CROP = 0.875: the published resize 256, crop 224); 224 alone
 #           is the same square;
 #   "auto": the training images' median aspect ratio at about 224 x 224's pixel count, rounded
-#           to the backbone's stride (a 500 x 1260 part: 144 x 352);
+#           to the backbone's stride (a part 1260 tall and 500 wide: 352 x 144, height x width);
 #   a number f: f times the training images' median height and width (1.0: their own
 #           resolution), rounded to the stride; meant for TILE_SIZE.
 # The size the model resolved is saved with it; test.py and eval.py use the model's.

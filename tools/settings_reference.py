@@ -149,8 +149,9 @@ def comment_markdown(comment: list[str]) -> list[str]:
 
 
 def _sentence(text: str) -> str:
-    """An inline comment as a sentence: a plain first word capitalized (not `test.py`), a full stop."""
-    if re.match(r"^[a-z]+(?=[ ,;:])", text):
+    """An inline comment as a sentence: a plain first word capitalized (not `test.py`, nor a one-letter
+    symbol such as the paper's b), a full stop."""
+    if re.match(r"^(a|[a-z]{2,})(?=[ ,;:])", text):
         text = text[0].upper() + text[1:]
     return _link_docs(text) + ("" if text.endswith(".") else ".")
 
