@@ -46,9 +46,11 @@ def picture_stems(paths: list[Path], folder: Path) -> list[str]:
 
 
 def run_folder(folder: Path) -> str:
-    """test-<folder>-<time>; a second run in the same second (or of another folder of the same
-    name) gets -2, -3, ... appended when it finishes (AtomicFolder replace=False): never the same folder."""
-    return f"test-{folder.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    """test-<folder>-<time> (a dataset's own test folder is named by its category: test-tire-..., not
+    test-test-...); a second run in the same second (or of another folder of the same name) gets -2,
+    -3, ... appended when it finishes (AtomicFolder replace=False): never the same folder."""
+    name = folder.resolve().parent.name if folder.name.lower() in ("test", "test_dataset_folder") else folder.name
+    return f"test-{name or folder.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def csv_values(path: Path, inspection: Inspection, overlay_path: str, mask_path: str) -> list[str]:
