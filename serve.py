@@ -19,7 +19,7 @@ from pathlib import Path
 import uvicorn
 
 from pipeline.cli import chosen_model_dir, run
-from pipeline.inspection import OperatingPoint, load
+from pipeline.inspection import OperatingPoint, load, training_only_notes
 from pipeline.live import BatchingWorker, ModelHolder, log
 from pipeline.review_page import RecentImages
 from pipeline.serving import LiveService, check_exposure, create_app, model_results_dir
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> None:
     worker = BatchingWorker(settings.SERVE_THREADS)
     holder = worker.start(lambda: ModelHolder(model_dir, load_model))  # loaded on the worker's thread: see BatchingWorker
     holder.current.detector.report_differences(settings)
-    for line in holder.current.notes:
+    for line in [*training_only_notes(argv), *holder.current.notes]:
         log(line)
     recent = RecentImages(settings.SERVE_RECENT, Path(settings.REVIEW_DIR), worker.pictures)
     service = LiveService(holder, worker, recent, settings.SERVE_MAX_BYTES, settings.SERVE_TOKEN, started=time.time())

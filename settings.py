@@ -421,6 +421,13 @@ def _as_setting(arg: str, names: set[str]) -> tuple[str, str] | None:
 COMMAND_LINE_ONLY = ("ADD_GOOD", "ADD_DEFECT")
 
 
+def training_only(key: str) -> bool:
+    """Whether `key` is read by train.py alone: given to test.py, eval.py or serve.py it changes nothing
+    (the model's settings that do differ are named by `pipeline.detector.settings_differences`)."""
+    return key in ("VALIDATION_FRACTION", "MODEL_BACKUPS", "PIXEL_FALSE_REJECT_RATE", "OUT_OF_FOLD_FOLDS") or (
+        key.startswith("CLASSIFIER") and key != "CLASSIFIER_FALSE_REJECT_RATE")
+
+
 def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
     """Settings from config.py with KEY=VALUE overrides, all checked; returns them and the other arguments."""
     argv = sys.argv[1:] if argv is None else argv

@@ -30,7 +30,7 @@ from dataset_manager import DataError, ImageBatches, read_rgb
 from dataset_manager.images import gray_to_uint8, pil_to_rgb
 from pipeline.detector import Detector, ImageResult
 from pipeline.pictures import color_range, picture_arrays
-from settings import SettingsError, check_value, command_line_keys
+from settings import SettingsError, check_value, command_line_keys, training_only
 
 # What `inspect` accepts: a file path, the file's bytes, a PIL image, or an (H, W) / (H, W, 3|4) array.
 ImageInput = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray
@@ -334,11 +334,22 @@ def load(
     return Inspector(detector, batch_size)
 
 
+def training_only_notes(argv: Sequence[str]) -> list[str]:
+    """A note naming the settings on this command line that only train.py reads (test.py CLASSIFIER=False
+    changes nothing: the model's classifier decides), so nobody waits for an effect that never comes."""
+    unused = sorted(key for key in command_line_keys(argv) if training_only(key))
+    if not unused:
+        return []
+    one = len(unused) == 1
+    return [f"note: {', '.join(unused)} on this command line change{'s' if one else ''} nothing here: train.py reads "
+            f"{'it' if one else 'them'} (retrain to change {'it' if one else 'them'})"]
+
+
 def load_for_settings(model_dir: Path, settings, argv: Sequence[str]) -> Inspector:
     """`load` as the scripts call it: DEVICE and RUNTIME from the settings, the operating point from
     the command line, config.py's differences from the model and the re-picked thresholds said on stderr."""
     inspector = load(model_dir, settings.DEVICE, settings.RUNTIME, OperatingPoint.from_command_line(argv, settings), settings.BATCH_SIZE)
     inspector.detector.report_differences(settings)
-    for line in inspector.notes:
+    for line in [*training_only_notes(argv), *inspector.notes]:
         print(line, file=sys.stderr)
     return inspector

@@ -88,9 +88,11 @@ def test_test_py_scores_a_plain_folder_and_skips_bad_files(tmp_path, tiny_catego
 
 
 def test_model_settings_win_over_config_and_say_so(tmp_path, trained):
-    result = run_script("test.py", *trained, "CROP=32", "SAVE_PICTURES=False")
+    result = run_script("test.py", *trained, "CROP=32", "SAVE_PICTURES=False", "PIXEL_FALSE_REJECT_RATE=0.2", "CLASSIFIER=False")
     assert result.returncode == 0, result.stderr
     assert "IMAGE_SIZE: model has [64, 64], config has (32, 32)" in result.stderr
+    (note,) = [line for line in result.stderr.splitlines() if "on this command line change nothing here: train.py reads them" in line]
+    assert "CLASSIFIER, " in note and "PIXEL_FALSE_REJECT_RATE" in note and "IMAGE_SIZE" not in note and "SAVE_PICTURES" not in note
 
 
 def test_a_dataset_given_as_dot_names_its_model_after_its_folder(tmp_path, tiny_category, trained):
