@@ -118,7 +118,7 @@ def synthetic_defect_maps(
         if not host_kinds:
             continue
         try:
-            rgb = read_rgb(path)
+            rgb = read_rgb(path, full_scale=preprocessor.gray_full_scale)
         except DataError:
             continue
         if score_hosts:

@@ -51,15 +51,24 @@ def _upright(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image) if orientation in range(2, 9) else image
 
 
-def gray_to_uint8(values: np.ndarray) -> np.ndarray:
+def full_scale_for(high: float, is_float: bool) -> float:
+    """The full scale non-negative values up to `high` are read against: 1.0 for float values all in
+    [0, 1], else the smallest of 255, 1023, 4095, 16383 and 65535 (8 to 16 bits) that holds `high`,
+    else `high` itself."""
+    if is_float and high <= 1.0:
+        return 1.0
+    return float(next((scale for scale in _FULL_SCALES if high <= scale), high))
+
+
+def gray_to_uint8(values: np.ndarray, full_scale: float | None = None) -> np.ndarray:
     """A single-channel image of any number type as uint8, scaled from its real range.
 
-    Non-negative values are read against the smallest full scale that holds their maximum:
-    1.0 for float images whose values all lie in [0, 1], else 255, 1023, 4095, 16383 or 65535
-    (8 to 16 bits), else their own maximum; so an 8-bit picture stored as float or 16-bit
-    keeps its brightness, and 12-bit camera data fills the 8-bit range. Images with negative
-    values are stretched from their minimum to their maximum. NaN or infinite values cannot be
-    mapped: ValueError.
+    Non-negative values are read against `full_scale`, the model's (`Preprocessor.gray_full_scale`:
+    one scale for all of a camera's images, so a dark frame stays dark and a bright one saturates),
+    or, without one, against the image's own (`full_scale_for` its maximum): an 8-bit picture
+    stored as float or 16-bit keeps its brightness, and 12-bit camera data fills the 8-bit range.
+    Images with negative values are stretched from their minimum to their maximum. NaN or
+    infinite values cannot be mapped: ValueError.
     """
     is_float = np.asarray(values).dtype.kind == "f"
     values = np.asarray(values, dtype=np.float64)
@@ -71,18 +80,41 @@ def gray_to_uint8(values: np.ndarray) -> np.ndarray:
     if low < 0:
         scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
     else:
-        if is_float and high <= 1.0:
-            full = 1.0
-        else:
-            full = next((scale for scale in _FULL_SCALES if high <= scale), high)
-        scaled = values / full
+        scaled = values / (full_scale or full_scale_for(high, is_float))
     return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
 
 
-def read_rgb(path: Path | BinaryIO, name: str | None = None) -> np.ndarray:
+def _is_high_depth(image: Image.Image) -> bool:
+    """Single-channel 16-bit, 32-bit integer or float: the modes `gray_to_uint8` scales."""
+    return image.mode in ("I", "F") or image.mode.startswith("I;")
+
+
+def training_full_scale(paths: Sequence[Path]) -> float | None:
+    """The full scale of the training images that are 16-bit, 32-bit or float gray (the one scale a
+    model reads all such images against, `Preprocessor.gray_full_scale`), None when none is: 8-bit
+    and colour images need none. Reads only the headers of the others."""
+    highest, is_float = None, False
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                if not _is_high_depth(image):
+                    continue
+                image.load()
+                values = np.asarray(image)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue  # the training run names unreadable files itself
+        finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
+        if finite.size == 0 or float(finite.min()) < 0:
+            continue  # stretched per image (negative values): no scale to share
+        highest = max(float(finite.max()), highest or 0.0)
+        is_float = is_float or values.dtype.kind == "f"
+    return None if highest is None else full_scale_for(highest, is_float)
+
+
+def read_rgb(path: Path | BinaryIO, name: str | None = None, full_scale: float | None = None) -> np.ndarray:
     """The image as (H, W, 3) uint8, as a viewer shows it: turned by its EXIF orientation, and
     whatever its mode: gray, RGB, RGBA / LA / palette (composited on white), CMYK, YCbCr, LAB,
-    16-bit, 32-bit integer or float (`gray_to_uint8`). What cannot be read or mapped is a
+    16-bit, 32-bit integer or float (`gray_to_uint8`, against `full_scale`: the model's). What cannot be read or mapped is a
     DataError naming the file (or `name`, for an open file such as a received body) and why:
     the loaders skip it and say so.
     """
@@ -92,7 +124,7 @@ def read_rgb(path: Path | BinaryIO, name: str | None = None) -> np.ndarray:
             raise DataError(f"cannot read {shown}: it is empty (0 bytes): copy it again from its source")
         with Image.open(path) as image:
             image.load()
-            return pil_to_rgb(image)
+            return pil_to_rgb(image, full_scale)
     except Image.DecompressionBombError:
         raise DataError(f"cannot read {shown}: it has more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, more than is safe "
                         "to decode (a damaged or hostile file?): downscale it, or cut it into parts") from None
@@ -100,11 +132,11 @@ def read_rgb(path: Path | BinaryIO, name: str | None = None) -> np.ndarray:
         raise DataError(f"cannot read {shown}: {error}") from None
 
 
-def pil_to_rgb(image: Image.Image) -> np.ndarray:
+def pil_to_rgb(image: Image.Image, full_scale: float | None = None) -> np.ndarray:
     """A loaded PIL image as `read_rgb` gives files: (H, W, 3) uint8, upright, any mode mapped."""
     image = _upright(image)
-    if image.mode in ("I", "F") or image.mode.startswith("I;"):
-        gray = gray_to_uint8(np.asarray(image))
+    if _is_high_depth(image):
+        gray = gray_to_uint8(np.asarray(image), full_scale)
         return np.repeat(gray[:, :, None], 3, axis=2)
     if image.mode in ("RGBA", "LA", "P", "PA", "RGBa"):
         image = image.convert("RGBA")
@@ -233,6 +265,9 @@ class Preprocessor:
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self._mean_array, self._std_array = self.mean.numpy(), self.std.numpy()  # the same values, for `image_tensor`
         self.offset = ((self.resize[0] - self.size[0]) // 2, (self.resize[1] - self.size[1]) // 2)
+        # the full scale 16-bit / 32-bit / float gray images are read against (`training_full_scale`);
+        # None: each such image against its own (models trained on 8-bit or colour images, older models)
+        self.gray_full_scale: float | None = None
 
     @classmethod
     def with_center_crop(cls, size: tuple[int, int], center_crop: float, mean: tuple, std: tuple) -> "Preprocessor":
@@ -248,7 +283,9 @@ class Preprocessor:
     def from_description(cls, prep: dict) -> "Preprocessor":
         """The preprocessing model.json records (older models saved square "resize" and "crop" ints)."""
         size = prep["image_size"] if "image_size" in prep else prep["crop"]
-        return cls(prep["resize"], size, tuple(prep["mean"]), tuple(prep["std"]))
+        preprocessor = cls(prep["resize"], size, tuple(prep["mean"]), tuple(prep["std"]))
+        preprocessor.gray_full_scale = prep.get("gray_full_scale")
+        return preprocessor
 
     def description(self, setting, center_crop: float) -> dict:
         """What model.json records: the resolved sizes, and the settings they came from."""
@@ -259,6 +296,7 @@ class Preprocessor:
             "center_crop": float(center_crop),
             "mean": list(self.normalization[0]),
             "std": list(self.normalization[1]),
+            **({"gray_full_scale": self.gray_full_scale} if self.gray_full_scale is not None else {}),
         }
 
     @property

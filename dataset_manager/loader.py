@@ -47,7 +47,7 @@ class _ImageFiles(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            rgb = read_rgb(self.paths[index])
+            rgb = read_rgb(self.paths[index], full_scale=self.preprocessor.gray_full_scale)
         except DataError as error:  # the reason only: the warning names the file once, before it
             path = str(self.paths[index])
             return index, None, str(error).split(f"{path}: ", 1)[-1].replace(path, Path(path).name)

@@ -64,7 +64,7 @@ def draw_sheet(
     path: Path,
 ) -> Path:
     """Write the five-panel sheet of one image to `path`."""
-    view = preprocessor.model_view(read_rgb(item.path))
+    view = preprocessor.model_view(read_rgb(item.path, full_scale=preprocessor.gray_full_scale))
     predicted = item.anomaly_map > pixel_threshold
     low, high = color_range
     aspect = min(3.0, max(0.25, view.shape[0] / view.shape[1]))  # panel height / width, for tall and wide parts

@@ -146,35 +146,36 @@ def apply_operating_point(detector: Detector, point: OperatingPoint) -> list[str
     return lines
 
 
-def to_rgb(image: ImageInput, name: str = "image") -> np.ndarray:
+def to_rgb(image: ImageInput, name: str = "image", full_scale: float | None = None) -> np.ndarray:
     """(H, W, 3) uint8 from whatever `inspect` accepts, read as test.py reads files (EXIF
-    orientation, any mode and bit depth); undecodable input is a DataError naming `name`."""
-    rgb = _decoded(image, name)
+    orientation, any mode and bit depth; 16-bit gray against `full_scale`, the model's);
+    undecodable input is a DataError naming `name`."""
+    rgb = _decoded(image, name, full_scale)
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise DataError(f"cannot read {name}: it has no pixels ({rgb.shape[0]} x {rgb.shape[1]})")
     return rgb
 
 
-def _decoded(image: ImageInput, name: str) -> np.ndarray:
+def _decoded(image: ImageInput, name: str, full_scale: float | None) -> np.ndarray:
     """`to_rgb`'s conversion, by the input's type."""
     if isinstance(image, (str, Path)):
-        return read_rgb(Path(image))
+        return read_rgb(Path(image), full_scale=full_scale)
     if isinstance(image, (bytes, bytearray, memoryview)):
         if len(image) == 0:
             raise DataError(f"cannot read {name}: it is empty (0 bytes)")
         try:
-            return read_rgb(io.BytesIO(bytes(image)), name)
+            return read_rgb(io.BytesIO(bytes(image)), name, full_scale)
         except DataError as error:  # PIL names the in-memory file by its repr: not useful to anyone
             raise DataError(re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))) from None
     if isinstance(image, Image.Image):
         try:
-            return pil_to_rgb(image)
+            return pil_to_rgb(image, full_scale)
         except (OSError, ValueError) as error:
             raise DataError(f"cannot read {name}: {error}") from None
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             try:
-                gray = image if image.dtype == np.uint8 else gray_to_uint8(image)
+                gray = image if image.dtype == np.uint8 else gray_to_uint8(image, full_scale)
             except ValueError as error:  # NaN or infinite values, no pixels: bad input, not a bug
                 raise DataError(f"cannot read {name}: {error}") from None
             return np.repeat(gray[:, :, None], 3, axis=2)
@@ -204,10 +205,14 @@ class Inspector:
         return self.detector.operating_notes
 
     # --- one image or a few, from memory (serve.py, users' line software) ---
+    def rgb(self, image: ImageInput, name: str = "image") -> np.ndarray:
+        """`to_rgb` as this model reads images (its 16-bit full scale)."""
+        return to_rgb(image, name, self.detector.preprocessor.gray_full_scale)
+
     def prepare(self, image: ImageInput, name: str = "image") -> PreparedImage:
         """Decode and preprocess, apart from scoring, so a server can do it in request threads."""
         started = time.perf_counter()
-        rgb = to_rgb(image, name)
+        rgb = self.rgb(image, name)
         return PreparedImage(rgb, self.detector.preprocessor.image_tensor(rgb), self.model_id, started)
 
     def score(self, prepared: Sequence[PreparedImage]) -> list[Inspection]:
@@ -253,7 +258,7 @@ class Inspector:
     def pictures(self, inspection: Inspection, image: ImageInput, preview_size: int) -> tuple[np.ndarray, np.ndarray]:
         """(overlay (h, w, 3) uint8 at most `preview_size` on its longer side, mask (H, W) bool at the original size)
         of the image `inspection` judged, given in any form `inspect` takes (a DataError for another image's size)."""
-        rgb = to_rgb(image)
+        rgb = self.rgb(image)
         if tuple(rgb.shape[:2]) != tuple(inspection.size):
             raise DataError(f"the image given for the pictures is {rgb.shape[0]} x {rgb.shape[1]} px, the inspected one was "
                             f"{inspection.size[0]} x {inspection.size[1]} (height x width): give the image that was inspected")

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from pipeline.inspection import Inspection, Inspector, to_rgb
+from pipeline.inspection import Inspection, Inspector
 from pipeline.pictures import png_bytes
 
 LABELS = ("good", "defect")
@@ -89,13 +89,13 @@ class RecentImages:
     def overlay(self, image: RecentImage) -> bytes:
         """The heat-map overlay of a kept image as PNG, drawn once."""
         if not image.overlay_png:
-            overlay, _ = self._draw(image.inspector, image.inspection, to_rgb(image.data, image.id), PAGE_PREVIEW_SIZE)
+            overlay, _ = self._draw(image.inspector, image.inspection, image.inspector.rgb(image.data, image.id), PAGE_PREVIEW_SIZE)
             image.overlay_png = png_bytes(overlay)
         return image.overlay_png
 
     def mask(self, image: RecentImage) -> bytes:
         """The predicted defect mask of a kept image at its own size, as PNG."""
-        _, mask = self._draw(image.inspector, image.inspection, to_rgb(image.data, image.id), 64)
+        _, mask = self._draw(image.inspector, image.inspection, image.inspector.rgb(image.data, image.id), 64)
         return png_bytes(mask)
 
     def correct(self, image: RecentImage, label: str) -> Path:
@@ -105,7 +105,7 @@ class RecentImages:
         target_dir.mkdir(parents=True, exist_ok=True)
         suffix, data = image_suffix(image.data), image.data
         if suffix is None:  # a format the updates would not read (an icon, a JPEG 2000): the pixels as inspected, in PNG
-            suffix, data = ".png", png_bytes(to_rgb(image.data, image.id))
+            suffix, data = ".png", png_bytes(image.inspector.rgb(image.data, image.id))
         file_name = image.id + suffix
         temporary = target_dir / f".{file_name}.partial"
         temporary.write_bytes(data)

@@ -24,7 +24,7 @@ from anomaly_model.base import AnomalyModel
 from anomaly_model.files import check_writable, sweep_model
 from anomaly_model.store import build_model, read_description, save_model
 from dataset_manager import Category, DataError, ImageBatches, Preprocessor
-from dataset_manager.images import image_size, resolve_image_size
+from dataset_manager.images import image_size, resolve_image_size, training_full_scale
 from dataset_manager.loader import skipped_summary
 from settings import SettingsError
 
@@ -120,7 +120,9 @@ def make_preprocessor(settings, train_paths: list[Path], stride: int) -> Preproc
     """The preprocessing of a new model: IMAGE_SIZE resolved on the training images ("auto", a
     fraction of their size), rounded to the backbone's `stride`; CENTER_CROP around it."""
     size = resolve_image_size(settings.IMAGE_SIZE, train_paths, stride)
-    return Preprocessor.with_center_crop(size, settings.CENTER_CROP, settings.NORMALIZE_MEAN, settings.NORMALIZE_STD)
+    preprocessor = Preprocessor.with_center_crop(size, settings.CENTER_CROP, settings.NORMALIZE_MEAN, settings.NORMALIZE_STD)
+    preprocessor.gray_full_scale = training_full_scale(train_paths)  # 16-bit cameras: one scale for all their images
+    return preprocessor
 
 
 def _warn_skipped(skipped: list[tuple[Path, str]]) -> None:

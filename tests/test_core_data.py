@@ -13,6 +13,7 @@ from PIL import Image
 
 from anomaly_model.backbone import FeatureExtractor, _offline_state_dict
 from dataset_manager import DataError, ImageBatches, Preprocessor, find_categories, find_images, read_rgb
+from dataset_manager.images import training_full_scale
 from settings import SettingsError, load
 
 from conftest import SHARED, make_mvtec_category, save, texture
@@ -89,6 +90,31 @@ def test_any_image_mode_becomes_rgb(tmp_path, mode, array):
     assert rgb.shape == (20, 30, 3) and rgb.dtype == np.uint8
     if mode == "I;16":
         assert abs(int(rgb[0, 0, 0]) - 127) <= 1  # scaled by the 16-bit range, not clipped
+
+
+def test_a_16_bit_camera_is_read_against_one_scale_for_the_model(tmp_path):
+    """12-bit camera data in 16-bit files: each image alone would fill the 8-bit range from its own
+    maximum, so a frame at a quarter of the exposure looked as bright as a normal one. A model reads
+    all of them against the full scale of its training images, saved with it."""
+    rng = np.random.default_rng(0)
+    normal = [rng.integers(1000, 4000, (24, 32)).astype(np.uint16) for _ in range(3)]
+    for number, values in enumerate(normal):
+        Image.fromarray(values).save(tmp_path / f"train{number}.png")
+    Image.fromarray((normal[0] // 4).astype(np.uint16)).save(tmp_path / "dark.png")
+    Image.fromarray(np.full((24, 32), 90, np.uint8)).save(tmp_path / "eight_bit.png")
+    train = [tmp_path / f"train{number}.png" for number in range(3)]
+    assert training_full_scale(train + [tmp_path / "eight_bit.png"]) == 4095.0
+    assert training_full_scale([tmp_path / "eight_bit.png"]) is None  # 8-bit data needs no scale
+    preprocessor = Preprocessor(24, 24, (0.5,) * 3, (0.2,) * 3)
+    preprocessor.gray_full_scale = 4095.0
+    restored = Preprocessor.from_description(preprocessor.description((24, 24), 1.0))
+    assert restored.gray_full_scale == 4095.0
+    dark_alone, normal_alone = read_rgb(tmp_path / "dark.png").mean(), read_rgb(train[0]).mean()
+    assert dark_alone > 0.8 * normal_alone  # per image: the dark frame hides its exposure
+    dark, bright = (read_rgb(path, full_scale=restored.gray_full_scale).mean() for path in (tmp_path / "dark.png", train[0]))
+    assert 0.2 < dark / bright < 0.3  # the model's one scale keeps it a quarter as bright
+    (batch,) = ImageBatches([tmp_path / "dark.png", train[0]], restored, batch_size=2)  # what scoring reads
+    assert float(batch.images[0].mean()) < float(batch.images[1].mean())
 
 
 def test_unreadable_files_are_skipped_and_named(tmp_path):

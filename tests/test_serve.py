@@ -436,6 +436,7 @@ def test_review_corrections_are_stored_in_a_format_the_updates_read(tmp_path):
     from types import SimpleNamespace
 
     from dataset_manager import IMAGE_EXTENSIONS, find_images, read_rgb
+    from pipeline.inspection import to_rgb
     from pipeline.review_page import _SUFFIXES, RecentImages
 
     assert set(_SUFFIXES.values()) <= set(IMAGE_EXTENSIONS)
@@ -446,7 +447,7 @@ def test_review_corrections_are_stored_in_a_format_the_updates_read(tmp_path):
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format=form)
         sent[form] = buffer.getvalue()
-        image_id = images.add("http", f"x.{form.lower()}", sent[form], SimpleNamespace(verdict="defect"), None)
+        image_id = images.add("http", f"x.{form.lower()}", sent[form], SimpleNamespace(verdict="defect"), SimpleNamespace(rgb=to_rgb))
         stored[form] = images.correct(images.get(image_id), "good")
     assert [stored[form].suffix for form in ("WEBP", "GIF", "ICO")] == [".webp", ".gif", ".png"]
     assert sorted(find_images(tmp_path / "review" / "good")) == sorted(stored.values())  # what ADD_GOOD will learn
