@@ -218,8 +218,8 @@ RULES: dict[str, Rule] = {
     "TILE_SIZE": Rule(lambda v: _is_int(v) and (v == 0 or v >= 32), "0 (no tiles) or an integer >= 32 (pixels, like IMAGE_SIZE)"),
     "TILE_OVERLAP": integer(minimum=0),
     "TILE_STATISTICS": choice(choices.TILE_STATISTICS),
-    "NORMALIZE_MEAN": sequence(number(), length=3),
-    "NORMALIZE_STD": sequence(number(above=0), length=3),
+    "NORMALIZE_MEAN": sequence(number(-1, 2), length=3),  # pixels are in [0, 1]: a mean far outside makes every map constant
+    "NORMALIZE_STD": sequence(number(minimum=1e-3, maximum=10), length=3),
     # anomaly model
     "ANOMALY_MODEL": choice(choices.ANOMALY_MODELS),
     "BACKBONE": choice(choices.BACKBONES),
@@ -230,7 +230,7 @@ RULES: dict[str, Rule] = {
     "BLUR_SIGMA": number(minimum=0),
     "BACKBONE_PRECISION": choice(choices.BACKBONE_PRECISIONS),
     "CORESET_RATIO": number(above=0, maximum=1),
-    "PATCHCORE_NEIGHBORS": integer(minimum=0),
+    "PATCHCORE_NEIGHBORS": Rule(lambda v: _is_int(v) and (v == 0 or v >= 2), "0 (plain max) or an integer >= 2 (eq. 7 needs a nearest and a next one)"),
     "PATCHCORE_FEATURE_DIM": integer(minimum=0),
     "PATCHCORE_PROJECTION_DIM": integer(minimum=0),
     "PADIM_SCORE": choice(choices.PADIM_SCORES),
@@ -269,7 +269,7 @@ RULES: dict[str, Rule] = {
     "CLASSIFIER_ANCHOR": choice(choices.CLASSIFIER_ANCHORS),
     "CLASSIFIER_SHRINK_GOODS": number(minimum=0),
     "CLASSIFIER_ENOUGH_REAL_DEFECTS": integer(minimum=0),
-    "CLASSIFIER_REAL_DEFECT_WEIGHT": number(above=0),
+    "CLASSIFIER_REAL_DEFECT_WEIGHT": number(above=0, maximum=1e6),  # XGBoost's weights are float32: 1e39 is inf
     "CLASSIFIER_DEFECT_SIMILARITY": flag(),
     "CLASSIFIER_DEFECT_SIZE": sequence(number(above=0, maximum=1), length=2, order="nondecreasing"),
     "CLASSIFIER_DEFECT_STRENGTH": sequence(number(above=0, maximum=1), length=2, order="nondecreasing"),

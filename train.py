@@ -35,12 +35,22 @@ def main(argv: list[str]) -> None:
             + f" in {summary.seconds:.1f} s at {summary.image_size[0]} x {summary.image_size[1]}"
             + (f" in {summary.tiles} tiles" if summary.tiles else "")
             + f"; model {summary.model_dir} "
-            f"({summary.model_bytes / 1e6:.1f} MB); thresholds image {summary.image_threshold:.3f} "
-            f"pixel {summary.pixel_threshold:.3f}"
+            f"({summary.model_bytes / 1e6:.1f} MB); thresholds image {_shown(summary.image_threshold)} "
+            f"pixel {_shown(summary.pixel_threshold)}"
             + (f"; {len(summary.skipped)} unreadable files skipped" if summary.skipped else "")
         )
     if len(summaries) > 1:
         print(f"{len(summaries)} models in {settings.MODEL_DIR}", file=sys.stderr)
+
+
+# An update that raises the image threshold by at least this share says which new good scored highest:
+# one wrong "good" can lift it far (smaller rises are the honest goods' ordinary spread).
+THRESHOLD_RISE_NOTED = 0.05
+
+
+def _shown(value: float) -> str:
+    """A threshold or score for a summary line: 3 decimals, or 4 significant digits for tiny values (never "0.000")."""
+    return f"{value:.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:.4g}"
 
 
 def update(settings) -> None:
@@ -59,15 +69,15 @@ def update(settings) -> None:
         f"{model_dir.name}: learned {summary.n_good} good and {summary.n_defect} defect images in {summary.seconds:.1f} s"
         + (f" ({summary.n_known} already learned, skipped)" if summary.n_known else "")
         + (f", {summary.n_unreadable} unreadable skipped" if summary.n_unreadable else "")
-        + f"{radius}; thresholds image {image_before:.3f} -> {summary.image_threshold:.3f}, pixel {pixel_before:.3f} -> "
-        + f"{summary.pixel_threshold:.3f}; model {model_dir}"
+        + f"{radius}; thresholds image {_shown(image_before)} -> {_shown(summary.image_threshold)}, pixel {_shown(pixel_before)} -> "
+        + f"{_shown(summary.pixel_threshold)}; model {model_dir}"
         + (f" (previous kept as {model_dir.name}.backup-1)" if settings.MODEL_BACKUPS else "")
     )
-    if summary.highest_new_good is not None and 0 < image_before < summary.image_threshold:
+    if summary.highest_new_good is not None and 0 < image_before * (1 + THRESHOLD_RISE_NOTED) <= summary.image_threshold:
         score, path = summary.highest_new_good
         undo = f"restore {model_dir.name}.backup-1" if settings.MODEL_BACKUPS else "retrain without them"
         print(f"note: the new goods raised the image threshold by {summary.image_threshold / image_before - 1:.0%} (the highest scored "
-              f"{score:.3f} before the update: {path}): fewer defects will be flagged; if any of them is not a good part, {undo}", file=sys.stderr)
+              f"{_shown(score)} before the update: {path}): fewer defects will be flagged; if any of them is not a good part, {undo}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -420,7 +420,7 @@ def train_classifier(
         "fold_best_rounds": best_rounds,
         "scale_pos_weight": float(scale),
         "out_of_fold_rocauc": image_rocauc(labels[scored], out_of_fold[scored]),
-        "out_of_fold_good_probabilities": [round(float(p), 6) for p in good_probabilities],
+        "out_of_fold_good_probabilities": [float(f"{p:.7g}") for p in good_probabilities],
         **evidence,
     }
     if anchor is not None:

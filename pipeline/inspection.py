@@ -246,7 +246,7 @@ class Inspector:
         return Inspection(
             verdict="defect" if defect else "good",
             image_score=score,
-            normalized_score=score / detector.image_threshold,
+            normalized_score=score / detector.image_threshold if detector.image_threshold > 0 else float(score > 0) * float("inf"),
             classifier_probability=probability,
             defect_area_fraction=float((anomaly_map > detector.pixel_threshold).float().mean()),
             model=self.model_id,

@@ -234,7 +234,7 @@ class GoodMapSample:
             },
             "validation": {
                 "n_images": int(len(scores)),
-                "image_scores": [round(float(s), 6) for s in scores],
+                "image_scores": [float(f"{s:.7g}") for s in scores],  # significant digits: tiny scores (5e-15) must not become 0
                 "image_score_mean": float(scores.mean()),
                 "image_score_std": float(scores.std()),
                 "pixel_quantiles": {str(q): float(np.quantile(pixels, q)) for q in (0.5, 0.9, 0.99, 0.999)},
@@ -470,6 +470,10 @@ def set_thresholds(run: TrainingRun) -> None:
     """The image and pixel thresholds at the configured false-reject rates, on every honest good;
     both pixel policies are measured on every pixel of the validation maps, which are then dropped."""
     settings = run.settings
+    low, high = float(run.maps.min()), float(run.maps.max())
+    if not high > low:  # finite but constant: thresholds of 0 and a verdict that never changes
+        raise DataError(f"every validation good's anomaly map is {high:.4g} everywhere: the model tells nothing apart "
+                        "(NORMALIZE_MEAN / NORMALIZE_STD far from the images' values? all training images identical?)")
     if run.n_out_of_fold:
         pooled = run.goods.calibrate(settings.IMAGE_FALSE_REJECT_RATE, settings.PIXEL_FALSE_REJECT_RATE)
         run.info["thresholds"] = pooled["thresholds"]

@@ -171,6 +171,18 @@ def test_corrupt_training_image_is_skipped_and_named(tmp_path, tiny_category):
     assert "005.png" in result.stderr and "trained on 15 images" in result.stdout
 
 
+def test_a_model_that_tells_nothing_apart_is_refused(tmp_path, tiny_category):
+    """Identical images (or a normalization far from the pixels) give constant maps: thresholds of 0
+    and a verdict that never changes. train.py refuses it in one line, and keeps the previous model."""
+    first = (tiny_category / "train" / "good" / "000.png").read_bytes()
+    for folder in ("train/good", "validation/good"):
+        for path in (tiny_category / folder).iterdir():
+            path.write_bytes(first)
+    line = error_line(run_script("train.py", f"DATASET_DIR={tiny_category}", *TINY, *outputs(tmp_path), "CLASSIFIER=False"))
+    assert "anomaly map is" in line and "everywhere: the model tells nothing apart" in line and "NORMALIZE_MEAN" in line
+    assert not (tmp_path / "models" / "part").exists()
+
+
 def test_unwritable_model_folder(tmp_path, tiny_category):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
