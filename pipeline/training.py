@@ -399,6 +399,8 @@ def prepare(category: Category, settings, model_dir: Path) -> TrainingRun:
         print("note: out-of-fold maps are not made for tiled models; the classifier and thresholds use the validation goods", file=sys.stderr)
         folds = 0
     check_pixel_policy(model, settings.PIXEL_THRESHOLD_POLICY, settings.PIXEL_FALSE_REJECT_RATE)
+    if settings.CLASSIFIER:  # what the classifier will lack is known now, before minutes of fitting
+        check_classifier_rows(category, settings, len(validation_paths), len(train_paths) if folds else 0)
     images = TrainingImages(train_paths, validation_paths, skipped, folds)
     return TrainingRun(category, settings, model_dir, images, model, preprocessor, started)
 
@@ -566,17 +568,29 @@ def _peak_directions_wanted(model: AnomalyModel, settings, labeled: bool) -> boo
     return True
 
 
+def check_classifier_rows(category: Category, settings, n_validation: int, n_train: int) -> None:
+    """Refuse a classifier that would have fewer than 2 honest goods (validation and out-of-fold
+    training images, `n_train` of the latter) or no defect at all to learn from."""
+    if n_validation + n_train < 2:
+        raise ModelError(
+            f"the classifier needs good images it was not fitted on, got {n_validation + n_train}: add validation/good/ images, "
+            "raise VALIDATION_FRACTION, set OUT_OF_FOLD_FOLDS, or set CLASSIFIER = False"
+        )
+    labeled = len(category.train_defect_images)
+    if not labeled and (settings.CLASSIFIER_SYNTHETIC_DEFECTS == 0 or settings.CLASSIFIER_ENOUGH_REAL_DEFECTS == 0):
+        raise ModelError(
+            "the classifier would have no defect to learn from: CLASSIFIER_SYNTHETIC_DEFECTS=0 (or CLASSIFIER_ENOUGH_REAL_DEFECTS=0) "
+            "and no labeled defects in train/defect/: raise it, add labeled defects, or set CLASSIFIER = False"
+        )
+
+
 def _classifier_training_set(category: Category, settings, info: dict, n_validation: int, n_train: int):
     """An empty classifier training set: feature levels from the validation goods (known before the
     out-of-fold maps stream in), synthetic defects unless there are enough labeled ones."""
     from classification_model.features import levels_from_description
     from classification_model.training import TrainingSet
 
-    if n_validation + n_train < 2:
-        raise ModelError(
-            f"the classifier needs good images it was not fitted on, got {n_validation}: add validation/good/ images, "
-            "raise VALIDATION_FRACTION, set OUT_OF_FOLD_FOLDS, or set CLASSIFIER = False"
-        )
+    check_classifier_rows(category, settings, n_validation, n_train)
     enough = len(category.train_defect_images) >= settings.CLASSIFIER_ENOUGH_REAL_DEFECTS
     synthetic = 0 if enough else settings.CLASSIFIER_SYNTHETIC_DEFECTS
     return TrainingSet(levels_from_description(info), n_validation, n_train, synthetic, settings.SEED)

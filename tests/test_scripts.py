@@ -183,6 +183,11 @@ def test_a_model_that_tells_nothing_apart_is_refused(tmp_path, tiny_category):
     assert not (tmp_path / "models" / "part").exists()
 
 
+def test_a_classifier_with_nothing_to_learn_is_refused_before_the_fit(tmp_path, tiny_category):
+    result = run_script("train.py", f"DATASET_DIR={tiny_category}", *TINY, *outputs(tmp_path), "CLASSIFIER_SYNTHETIC_DEFECTS=0")
+    assert "the classifier would have no defect to learn from" in error_line(result) and "fit part" not in result.stderr
+
+
 def test_unwritable_model_folder(tmp_path, tiny_category):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
