@@ -34,6 +34,7 @@ from anomaly_model.files import model_lock, read_checked_bytes
 from anomaly_model.store import load_model, model_id, read_description, save_model
 from dataset_manager import ImageBatches, Preprocessor
 from dataset_manager.layouts import find_images, is_mask_file
+from pipeline.detector import settings_differences
 from pipeline.training import (
     HONEST_GOODS_FILE, LEARNED_IMAGES_FILE, GoodMapSample, content_digest, learned_images, pixel_policies, report_verdict,
 )
@@ -192,6 +193,10 @@ def _update_locked(model_dir: Path, settings, good_folder: str, defect_folder: s
     if HONEST_GOODS_FILE not in files or LEARNED_IMAGES_FILE not in files:
         raise _old_model(model_dir)
     learned = json.loads(read_checked_bytes(model_dir, LEARNED_IMAGES_FILE, files, f"files.{LEARNED_IMAGES_FILE}"))
+    differences = settings_differences(description, settings)
+    if differences:  # an update learns into the model as it is: its size, backbone, statistics stay
+        print(f"note: the update keeps model {model_dir}'s own settings where the settings differ (retrain to change them): "
+              + "; ".join(differences), file=sys.stderr)
     goods = new_images(good_folder, learned, "good") if good_folder else None
     defects = new_images(defect_folder, learned, "defect") if defect_folder else None
     summary = UpdateSummary(model_dir, n_known=sum(part.known for part in (goods, defects) if part is not None))

@@ -126,8 +126,9 @@ def test_backups_history_and_the_command_line(tmp_path: Path) -> None:
     odd = tmp_path / "odd"  # a reviewer's wrong "good": pure noise, far above every good
     odd.mkdir()
     Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(odd / "noise.png")
-    raised = run_script("train.py", *base, f"ADD_GOOD={odd}")
+    raised = run_script("train.py", *base, f"ADD_GOOD={odd}", "FEATURE_DIM=7")  # a model setting an update cannot change: said
     assert raised.returncode == 0, raised.stderr
+    assert "the update keeps model" in raised.stderr and "FEATURE_DIM: model has" in raised.stderr
     before, after = (float(value) for value in re.search(r"thresholds image ([\d.]+) -> ([\d.]+)", raised.stdout).groups())
     assert after > before and "raised the image threshold" in raised.stderr and "noise.png" in raised.stderr and "restore part.backup-1" in raised.stderr
 
