@@ -56,6 +56,10 @@ class Rule:
             ok = False
         if ok:
             return None
+        return self.words()
+
+    def words(self) -> str:
+        """What is allowed, in words."""
         return self.allowed() if callable(self.allowed) else self.allowed
 
 
@@ -369,7 +373,8 @@ def _parse_value(key: str, text: str, default):
     except (ValueError, SyntaxError):
         if isinstance(default, bool) and text.lower() in ("true", "false"):
             return text.lower() == "true"
-        raise SettingsError(f"{key}={text}: not a valid {type(default).__name__} value") from None
+        allowed = f": {key} must be {RULES[key].words()}" if key in RULES else ""
+        raise SettingsError(f"{key}={text}: not a valid {type(default).__name__} value{allowed}") from None
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

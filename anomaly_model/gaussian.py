@@ -216,7 +216,7 @@ def leave_out(
     held_count = held_out.shape[1]
     rest = count - held_count
     if rest < 2:
-        raise ModelError(f"leaving {held_count} of {count} images out leaves fewer than 2 to fit a covariance: use more folds")
+        raise ModelError(f"leaving {held_count} of {count} images out leaves fewer than 2 to fit a covariance: add training images or set OUT_OF_FOLD_FOLDS = 0")
     held_mean = held_out.mean(dim=1)
     centered = held_out - held_mean[:, None, :]
     shift = mean - held_mean

@@ -527,7 +527,7 @@ class PatchCore(AnomalyModel):
                 if int((~excluded).sum()) < max(1, self.neighbors):
                     left = int((~excluded).sum())
                     if left == 0:
-                        raise ModelError(f"fold {fold} holds the sources of all {len(excluded)} coreset points: out-of-fold scoring needs at least 2 folds of training images")
+                        raise ModelError(f"fold {fold} holds the sources of all {len(excluded)} coreset points: out-of-fold scoring needs coreset points from another fold: raise CORESET_RATIO, add training images, or set OUT_OF_FOLD_FOLDS = 0")
                     raise ModelError(
                         f"without the coreset points of training-image fold {fold}, {left} of the {len(excluded)} points are left, "
                         f"fewer than the {self.neighbors} the out-of-fold scoring needs (PATCHCORE_NEIGHBORS): raise CORESET_RATIO, "

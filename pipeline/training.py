@@ -112,7 +112,7 @@ def require_training_images(count: int, folder: Path, n_files: int, held_out: in
     unreadable = f" ({skipped_summary(skipped)})" if skipped else ""
     raise DataError(
         f"only {_images(count, 'training image')} in {folder} can be used{held}{unreadable}: "
-        f"at least {MIN_TRAIN_IMAGES} are needed; add good images"
+        f"at least {MIN_TRAIN_IMAGES} are needed; add good images" + (", or lower VALIDATION_FRACTION" if held_out else "")
     )
 
 
@@ -277,6 +277,8 @@ def out_of_fold_folds(settings, n_train: int) -> int:
     folds = settings.OUT_OF_FOLD_FOLDS
     if folds == 1 or folds < 0:
         raise ModelError(f"OUT_OF_FOLD_FOLDS={folds} must be 0 (off) or at least 2")
+    if folds > n_train and distributed.is_main():
+        print(f"note: OUT_OF_FOLD_FOLDS={folds} with {n_train} training images: {n_train} folds (one image each)", file=sys.stderr)
     return min(folds, n_train)
 
 

@@ -103,6 +103,8 @@ def new_images(folder: str, learned: dict, kind: str) -> NewImages:
     model learned before as the other kind (it then holds them as both; a backup undoes an update)."""
     root = Path(folder)
     setting = "ADD_GOOD" if kind == "good" else "ADD_DEFECT"
+    if not root.is_dir():
+        raise SettingsError(f"{setting}={folder}: {'no such folder' if not root.exists() else 'not a folder'}: give the folder of {kind} images to learn")
     mixed = [name for name in SORTED_FOLDERS if (root / name).is_dir()]
     if mixed:
         hint = f"e.g. {setting}={root / kind}" if kind in mixed else f"a folder of {kind} images only"
