@@ -152,6 +152,20 @@ def run_session(session, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return maps, scores
 
 
+def not_exportable(description: dict) -> str:
+    """Why export.py would refuse this model, read from its model.json ("" when it would not): so that
+    RUNTIME=onnxruntime does not send the user to export.py for nothing."""
+    settings = description.get("anomaly_model", {}).get("settings", {})
+    if settings.get("tile_size"):
+        return "tiled models (TILE_SIZE > 0) are not exported to ONNX yet"
+    if settings.get("precision", "float32") != "float32":
+        return f"its backbone runs in BACKBONE_PRECISION={settings['precision']}; only float32 models are exported"
+    kind, weight = settings.get("score_kind", "mahalanobis"), settings.get("chebyshev_weight", 1)
+    if kind != "mahalanobis" and not (kind == "hybrid" and weight == 1):
+        return f"PADIM_SCORE={kind!r} models are not exported yet (only the Mahalanobis distance)"
+    return ""
+
+
 class OnnxScorer:
     """A model's exported file in onnxruntime, scoring like `AnomalyModel.score`: what `Detector`
     uses with RUNTIME=onnxruntime. Only the file export.py recorded in this model's model.json is
@@ -161,10 +175,13 @@ class OnnxScorer:
         path = Path(model_dir) / ONNX_FILE
         entry = description.get("export")
         if entry is None:
+            blocked = not_exportable(description)
+            if blocked:
+                raise ModelError(f"model {model_dir} cannot run with RUNTIME=onnxruntime: {blocked}; use RUNTIME=torch")
             if path.exists():
                 raise ModelError(
-                    f"{path} is not recorded in model {model_dir}'s model.json: it was exported from another model "
-                    "or an earlier training; run python export.py"
+                    f"{path} is not recorded in model {model_dir}'s model.json: it was exported from another model, "
+                    "an earlier training or the model before an update (ADD_GOOD / ADD_DEFECT); run python export.py"
                 )
             raise ModelError(f"model {model_dir} has not been exported for RUNTIME=onnxruntime: run python export.py first")
         check_description(model_dir, description, EXPORT_SCHEMA)

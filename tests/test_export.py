@@ -285,3 +285,16 @@ def test_export_without_a_trained_model_says_train_first(tmp_path, exported):
 def test_unknown_runtime_is_refused(model_copy):
     with pytest.raises(ValueError, match="RUNTIME='tensorrt' is not supported"):
         Detector(model_copy, "cpu", "tensorrt")
+
+
+def test_runtime_onnxruntime_does_not_send_unexportable_models_to_export_py():
+    """RUNTIME=onnxruntime on a model export.py would refuse says why and to use RUNTIME=torch."""
+    from anomaly_model.onnx_file import not_exportable
+
+    def described(**settings):
+        return {"anomaly_model": {"settings": {"tile_size": 0, "precision": "float32", "score_kind": "mahalanobis", **settings}}}
+
+    assert not_exportable(described()) == "" and not_exportable(described(score_kind="hybrid", chebyshev_weight=1)) == ""
+    assert "TILE_SIZE" in not_exportable(described(tile_size=64))
+    assert "BACKBONE_PRECISION=bfloat16" in not_exportable(described(precision="bfloat16"))
+    assert "PADIM_SCORE='chebyshev'" in not_exportable(described(score_kind="chebyshev"))
