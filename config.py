@@ -70,7 +70,7 @@ WEIGHTS = "imagenet-offline"
 # PaDiM (1, 2, 3) as its paper, PatchCore (2, 3) as its paper (stage 1 is too local, 4 too ImageNet-specific).
 LAYERS = ()
 # PaDiM only:
-FEATURE_DIM = 0  # random channel subset size d; 0 = the backbone's default (100, 550, 152: all)
+FEATURE_DIM = 0  # random channel subset size d; 0 = the backbone's default: 100 (ResNet18), 550 (Wide-ResNet), 152 (MobileNetV2)
 COVARIANCE_EPSILON = 0.01  # added to the covariance diagonal, as in the paper
 # PatchCore only (ANOMALY_MODEL = "patchcore"):
 CORESET_RATIO = 0.1  # share of the training patch features kept, by greedy k-center selection (paper: 0.1, 0.01)
