@@ -114,6 +114,14 @@ def model_class(kind: str) -> type[AnomalyModel]:
     return MODEL_TYPES[kind]
 
 
+def other_models_settings(kind: str, keys: set[str]) -> list[str]:
+    """Those of `keys` (settings given on a command line) that only other anomaly model types take:
+    ANOMALY_MODEL=patchcore FEATURE_DIM=5 would otherwise ignore FEATURE_DIM without a word."""
+    own = set(model_class(kind).setting_names())
+    others = {key for other in MODEL_TYPES.values() for key in other.setting_names()} - own
+    return sorted(keys & others)
+
+
 def build_model(settings) -> AnomalyModel:
     """A new, unfitted model of type settings.ANOMALY_MODEL built from config.py's settings."""
     cls = model_class(settings.ANOMALY_MODEL)

@@ -184,8 +184,9 @@ def test_a_model_that_tells_nothing_apart_is_refused(tmp_path, tiny_category):
 
 
 def test_a_classifier_with_nothing_to_learn_is_refused_before_the_fit(tmp_path, tiny_category):
-    result = run_script("train.py", f"DATASET_DIR={tiny_category}", *TINY, *outputs(tmp_path), "CLASSIFIER_SYNTHETIC_DEFECTS=0")
+    result = run_script("train.py", f"DATASET_DIR={tiny_category}", *TINY, *outputs(tmp_path), "CLASSIFIER_SYNTHETIC_DEFECTS=0", "CORESET_RATIO=0.2")
     assert "the classifier would have no defect to learn from" in error_line(result) and "fit part" not in result.stderr
+    assert "note: CORESET_RATIO is not used by ANOMALY_MODEL=padim" in result.stderr  # PatchCore's setting, given to PaDiM
 
 
 def test_unwritable_model_folder(tmp_path, tiny_category):
