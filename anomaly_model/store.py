@@ -69,7 +69,9 @@ DETECTOR_SCHEMA = {
     },
     "validation": {"n_images": integer(minimum=1), "pixel_quantiles": {q: number() for q in ("0.5", "0.9", "0.99", "0.999")}},
     # image_size: the working size; models saved before IMAGE_SIZE existed have square "resize" and "crop" ints
-    "preprocessing": {"image_size": Optional(_SIZE), "resize": _SIZE, "crop": Optional(_SIZE), "mean": RULES["NORMALIZE_MEAN"], "std": RULES["NORMALIZE_STD"]},
+    # (mean and std as any model was saved with them: the settings' bounds for new ones came later)
+    "preprocessing": {"image_size": Optional(_SIZE), "resize": _SIZE, "crop": Optional(_SIZE), "mean": sequence(number(), length=3),
+                      "std": sequence(number(above=0), length=3), "gray_full_scale": Optional(number(above=0))},
     "classifier": Optional({
         "booster_file": text(empty=False),
         "features": sequence(text(empty=False)),
