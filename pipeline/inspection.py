@@ -120,7 +120,15 @@ def apply_operating_point(detector: Detector, point: OperatingPoint) -> list[str
         if scores.size == 0:
             raise SettingsError(f"IMAGE_FALSE_REJECT_RATE: model {detector.model_dir} stores no honest good scores to re-pick from: retrain with python train.py")
         old, detector.image_threshold = detector.image_threshold, float(np.quantile(scores, 1 - rate))
-        used = "the classifier decides the verdict; this threshold scales normalized_score" if detector.classifier is not None else "it decides the verdict"
+        classifier = detector.classifier
+        if classifier is None:
+            used = "it decides the verdict"
+        elif not classifier.uses_trees and classifier.similarity is None and point.classifier_false_reject_rate is None:
+            # the verdict is the image score's log-odds (train.py kept no classifier candidate): its threshold follows
+            classifier.threshold = float(classifier.predict(None, np.array([detector.image_threshold]))[0])
+            used = "the verdict ranks like the image score, so it follows this threshold"
+        else:
+            used = "the classifier decides the verdict (CLASSIFIER_FALSE_REJECT_RATE moves it); this threshold scales normalized_score"
         lines.append(
             f"operating point: {name}'s image threshold {old:.6g} -> {detector.image_threshold:.6g} "
             f"(IMAGE_FALSE_REJECT_RATE={rate} of the {scores.size} honest good scores in the model, no retraining; {used})"

@@ -277,6 +277,11 @@ def test_operating_point_on_the_command_line(trained, tmp_path):
     goods = model["classifier"].get("good_probabilities")
     if goods:  # models trained since they store them
         assert moved.detector.classifier.threshold == pytest.approx(float(np.quantile(goods, 0.75)))
+    # no labeled defects: the verdict ranks like the image score, so IMAGE_FALSE_REJECT_RATE alone moves it too
+    image_only = load(trained["model"], "cpu", operating_point=OperatingPoint(image_false_reject_rate=0.5))
+    assert not image_only.detector.classifier.uses_trees and any("follows this threshold" in line for line in image_only.notes)
+    judged = [image_only.inspect(path) for path in sorted((trained["category"] / "test").rglob("*.png"))]
+    assert all(item.verdict == ("defect" if item.normalized_score >= 1 else "good") for item in judged)
     standing = load(trained["model"], "cpu")
     assert standing.detector.image_threshold == model["thresholds"]["image"] and not standing.notes
     from_config = OperatingPoint.from_command_line(["BATCH_SIZE=4"], SimpleNamespace(IMAGE_FALSE_REJECT_RATE=0.2, CLASSIFIER_FALSE_REJECT_RATE=0.2))
