@@ -139,6 +139,11 @@ class VerdictChoice:
                 "evidence": {name: entry.to_dict() for name, entry in self.evidence.items()}}
 
 
+def _signed(value: float) -> str:
+    """+0.012, -0.034; never "-0.000" for a value that rounds to nothing."""
+    return f"{value if abs(value) >= 0.0005 else 0.0:+.3f}"
+
+
 def choose_verdict(candidates: dict[str, HeldOutRows], seed: int) -> VerdictChoice:
     """The candidate with the highest lower bound above 0, else the image score (the reason names the numbers)."""
     evidence = {name: held_out_gain(rows, seed) for name, rows in candidates.items()}
@@ -146,9 +151,14 @@ def choose_verdict(candidates: dict[str, HeldOutRows], seed: int) -> VerdictChoi
         return VerdictChoice(IMAGE_SCORE, "no labeled defects: nothing shows how the classifier ranks real defects, so the verdict ranks like the image score", evidence)
     kept = {name: entry for name, entry in evidence.items() if entry.lower_bound > MIN_GAIN and entry.effective_goods >= MIN_ALIKE_GOODS}
     described = "; ".join(
-        f"{name}: held-out gain {entry.gain:+.3f}, lower bound {entry.lower_bound:+.3f} ({entry.n_defects} labeled defects, "
+        f"{name}: held-out gain {_signed(entry.gain)}, lower bound {_signed(entry.lower_bound)} ({entry.n_defects} labeled defects, "
         f"{entry.n_goods} goods, {entry.effective_goods:.0f} alike per defect)" for name, entry in evidence.items())
     if not kept:
-        return VerdictChoice(IMAGE_SCORE, f"no candidate beats the image score clearly on rows it did not train on ({described})", evidence)
+        if all(entry.effective_goods < MIN_ALIKE_GOODS for entry in evidence.values()):
+            return VerdictChoice(IMAGE_SCORE, f"too few good images taken like the labeled defects to judge whether they help (at least "
+                                 f"{MIN_ALIKE_GOODS:.0f} per defect are needed): add validation/good images or keep OUT_OF_FOLD_FOLDS on; "
+                                 f"the labeled defects do not change the verdict ({described})", evidence)
+        return VerdictChoice(IMAGE_SCORE, f"the labeled defects do not change the verdict: no classifier beats the image score clearly on "
+                             f"images it did not train on ({described})", evidence)
     best = max(kept, key=lambda name: kept[name].lower_bound)
     return VerdictChoice(best, f"it beats the image score on rows it did not train on ({described})", evidence)

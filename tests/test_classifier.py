@@ -238,7 +238,7 @@ def test_held_out_evidence_keeps_a_classifier_that_ranks_labeled_defects_better(
 def test_without_clear_held_out_evidence_the_verdict_ranks_exactly_like_the_image_score():
     """No labeled defects (synthetic ones held out are no evidence about real ones), or a perfect image
     score the trees cannot beat: the verdict is the image score's log-odds, the threshold from the goods."""
-    for quality, k, reason in ((0.3, 0, "no labeled defects"), (20.0, 12, "no candidate beats the image score clearly")):
+    for quality, k, reason in ((0.3, 0, "no labeled defects"), (20.0, 12, "no classifier beats the image score clearly")):
         classifier, rows, features, scores = _with_labeled_defects(quality, k)
         choice, _ = decide_verdict(classifier, rows, 0.05, seed=0)
         assert choice.verdict == IMAGE_SCORE and reason in choice.why

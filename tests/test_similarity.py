@@ -77,7 +77,7 @@ def test_labeled_defects_whose_whole_maps_lie_above_every_goods_are_thin_evidenc
     _, arguments = _examples(k=12)
     _, held_out, _ = fit_defect_similarity(*arguments)
     shifted = _evidence(held_out, arguments, shift=2.0)
-    assert shifted.verdict == IMAGE_SCORE and "no candidate beats the image score clearly" in shifted.why
+    assert shifted.verdict == IMAGE_SCORE and "the labeled defects do not change the verdict" in shifted.why
     assert shifted.evidence[WITH_SIMILARITY].effective_goods < 2 < _evidence(held_out, arguments).evidence[WITH_SIMILARITY].effective_goods
 
 
@@ -236,3 +236,15 @@ def test_patchcore_peak_directions_point_from_the_nearest_coreset_feature_and_ke
     worst = distances.view(3, -1).argmax(dim=1) + torch.arange(3) * grid[0] * grid[1]
     deviation = embedding[worst] - model.memory_[nearest[worst]]
     assert torch.allclose(directions, deviation / deviation.norm(dim=1, keepdim=True), atol=1e-5)
+
+
+def test_too_few_goods_to_judge_is_said_as_such():
+    """With 2 goods no bound means anything: the line says the goods are too few and how to get more,
+    not that the classifier lost; a gain that rounds to nothing is never printed as -0.000."""
+    from classification_model.evidence import HeldOutRows, choose_verdict
+
+    labels = np.r_[np.zeros(2), np.ones(6)]
+    rows = HeldOutRows(labels, np.r_[0.1, 0.2, np.linspace(1, 2, 6)], np.r_[0.1, 0.2, np.linspace(1, 2, 6)] - 1e-9, np.zeros(8))
+    choice = choose_verdict({"classifier": rows}, seed=0)
+    assert choice.verdict == IMAGE_SCORE and "too few good images taken like the labeled defects" in choice.why
+    assert "validation/good" in choice.why and "-0.000" not in choice.why
