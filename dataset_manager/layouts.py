@@ -43,6 +43,14 @@ class Category:
     test_dir: Path | None = None
     test_images: list[LabeledImage] = field(default_factory=list)
     mask_files: list[Path] = field(default_factory=list)  # `*_mask.*` files found among the training images, not learned
+    ignored_folders: list[Path] = field(default_factory=list)  # subfolders of the training folder the layout does not read
+
+
+def _other_folders(folder: Path, read: Sequence[str]) -> list[Path]:
+    """Subfolders of a training folder that the layout does not read (a misspelt defects/, a goods/)."""
+    if not folder.is_dir():
+        return []
+    return sorted(child for child in folder.iterdir() if child.is_dir() and child.name not in read and not child.name.startswith("."))
 
 
 def is_mask_file(path: Path) -> bool:
@@ -142,6 +150,7 @@ def _mvtec_category(folder: Path, skip: Sequence[Path]) -> Category:
         test_dir=folder / "test" if (folder / "test").is_dir() else None,
         test_images=_mvtec_test_images(folder, skip),
         mask_files=masks,
+        ignored_folders=[p for p in _other_folders(folder / "train", (GOOD, "defect")) if not _is_output(p, _real(skip))],
     )
 
 
@@ -163,6 +172,7 @@ def _simple_category(folder: Path, skip: Sequence[Path]) -> Category:
         test_dir=test_dir if test_dir.is_dir() else None,
         test_images=test_images,
         mask_files=masks,
+        ignored_folders=[p for p in _other_folders(train_dir, (GOOD, "defect")) if not _is_output(p, _real(skip))],
     )
 
 

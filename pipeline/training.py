@@ -381,6 +381,9 @@ def prepare(category: Category, settings, model_dir: Path) -> TrainingRun:
     if distributed.is_main():
         check_writable(model_dir.parent)
         sweep_model(model_dir)  # a killed run's leftovers beside the model, a killed export's folder inside it
+        for folder in category.ignored_folders:
+            print(f"note: {folder} is not read: of the folders in {folder.parent}, only good/ (good images) and defect/ "
+                  "(labeled defects) are", file=sys.stderr)
         if category.mask_files:
             count = len(category.mask_files)
             print(f"note: {count} mask file{'s' if count != 1 else ''} among {category.name}'s training images (e.g. {category.mask_files[0]}) not learned as images", file=sys.stderr)

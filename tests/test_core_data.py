@@ -45,6 +45,8 @@ def test_simple_layout(tmp_path):
     (category,) = find_categories(tmp_path)
     assert len(category.train_images) == 3 and [path.name for path in category.train_defect_images] == ["d.png"]
     assert [path.name for path in category.mask_files] == ["d_mask.png"]  # named in a note, never learned as a defect
+    save(texture(rng), tmp_path / "train_dataset_folder" / "defects" / "e.png")  # misspelt: named in a note, not read
+    assert [path.name for path in find_categories(tmp_path)[0].ignored_folders] == ["defects"]
     assert sorted({item.defect_type for item in category.test_images}) == ["defect", "good"]
     assert all(item.mask_path is None for item in category.test_images)
 
