@@ -45,6 +45,11 @@ def _summary(rows: list[dict]) -> str:
 def _category(metrics: dict) -> str:
     name = escape(metrics["category"])
     parts = [f'<h2 id="{name}">{name}</h2>']
+    model = metrics.get("model")
+    if model:
+        updates = f", {model['updates']} updates" if model["updates"] else ""
+        parts.append(f'<p class="muted">model {escape(model["folder"])} ({escape(str(model["type"]))}, {escape(str(model["backbone"]))}, '
+                     f'id {escape(model["id"])}{updates})</p>')
     parts.append(
         f'<p class="muted">{metrics["n_images"]} test images ({metrics["n_good"]} good, {metrics["n_defect"]} defect); '
         f'pixel metrics over {metrics["n_pixel_images"]} images with ground truth at the model\'s '

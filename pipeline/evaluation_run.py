@@ -16,6 +16,7 @@ import numpy as np
 
 from anomaly_model import distributed
 from anomaly_model.files import read_checked_bytes
+from anomaly_model.store import model_id
 from dataset_manager import Category, DataError, printable_path, read_mask
 from dataset_manager.images import image_size
 from evaluation.metrics import (
@@ -291,14 +292,24 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
     pixel_values, curves = _pixel_metrics(_take(scored.masks, pixel_set), _take(scored.maps, pixel_set), limit)
     if curves is None and (masked or not defects):  # "none ... has a mask" was said above
         notes.append("pixel ROCAUC and PRO are undefined: no defect image has a ground-truth mask with defect pixels")
-    source = "classifier verdict" if detector.classifier is not None else f"image score >= threshold {detector.image_threshold:.4g}"
+    if detector.classifier is None:
+        source = f"image score >= threshold {detector.image_threshold:.4g}"
+    elif not detector.classifier.uses_trees and detector.classifier.similarity is None:
+        source = "classifier verdict ranking like the image score (train.py kept no classifier candidate)"
+    else:
+        source = "classifier verdict"
     if detector.needs_peaks:
         source += f" (with the similarity stage learned from {detector.classifier.similarity.n_defects} labeled defects)"
     if detector.operating_notes:
         source += ", at the operating point given on the command line (notes)"
+    description = detector.description
     metrics = {
         "category": category.name,
         "trained_category": trained_on,
+        "model": {  # which trained version this run measured (a retrain or an update changes the id)
+            "folder": str(detector.model_dir), "id": model_id(description)[:12], "type": description.get("anomaly_model", {}).get("type"),
+            "backbone": description.get("anomaly_model", {}).get("settings", {}).get("backbone"), "updates": len(description.get("updates", [])),
+        },
         "n_images": int(ok.sum()),
         "n_good": int((ok & ~labels).sum()),
         "n_defect": int((ok & labels).sum()),

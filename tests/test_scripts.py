@@ -56,6 +56,7 @@ def test_train_test_eval_end_to_end(tmp_path, tiny_category, trained):
     metrics = json.loads((eval_dir / "part" / "metrics.json").read_text())
     assert metrics["image_rocauc"] == 1.0
     assert metrics["pixel_rocauc"] > 0.9
+    assert metrics["model"]["type"] == "padim" and len(metrics["model"]["id"]) == 12  # which trained version was measured
     assert metrics["per_defect"]["blob"]["count"] == 4
     assert (eval_dir / "part" / "roc_image.png").is_file() and (eval_dir / "part" / "roc_pixel.png").is_file()
     assert metrics["notes"] == [] and "command line" not in metrics["operating"]["source"]
