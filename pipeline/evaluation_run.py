@@ -332,6 +332,12 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
         "notes": notes,
         "skipped_files": [str(path) for path, _ in scored.skipped],
     }
+    flagged, n_defects = int((scored.verdicts[ok] & labels[ok]).sum()), int((ok & labels).sum())
+    if n_defects and not flagged:  # an operating point that escapes every defect deserves more than a table cell
+        note = (f"the verdict flags none of the {n_defects} defect images at the operating point in force (thresholds chosen on "
+                "honest goods): a higher IMAGE_FALSE_REJECT_RATE or CLASSIFIER_FALSE_REJECT_RATE on eval.py's command line shows another point")
+        notes.append(note)
+        warn(note)
     if probabilities is not None:
         metrics["f1_max"]["classifier probability"] = f1_max(labels[ok], probabilities[ok])
         metrics["operating_score_threshold"] = verdict_metrics(labels[ok], scores[ok] >= detector.image_threshold)

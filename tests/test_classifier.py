@@ -122,7 +122,7 @@ def test_training_separates_obvious_defects_and_saves_identically(tmp_path):
 
 def test_one_class_and_mismatched_features_are_refused():
     x = np.random.default_rng(0).random((10, len(FEATURE_NAMES)))
-    with pytest.raises(ModelError, match="only good"):
+    with pytest.raises(ModelError, match="no defect to learn from"):
         train_classifier(ClassifierRows(x, np.zeros(10), np.arange(10)), FEATURE_NAMES, ClassifierParams(), 0.05)
     classifier, _, _ = _toy_classifier()
     with pytest.raises(ModelError, match="retrain"):
@@ -361,7 +361,7 @@ def _settings(tmp_path: Path, data: Path, *extra: str):
 def test_training_errors_are_one_line_model_errors(tmp_path):
     data = _write_dataset(tmp_path / "parts")
     (category,) = find_categories(data)
-    with pytest.raises(ModelError, match="only good"):
+    with pytest.raises(ModelError, match="no defect to learn from"):
         train_category(category, _settings(tmp_path, data, "CLASSIFIER_SYNTHETIC_DEFECTS=0"), tmp_path / "models" / "a")
     category.validation_images = []
     with pytest.raises(ModelError, match="no validation images"):

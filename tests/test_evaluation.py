@@ -251,6 +251,10 @@ def test_evaluate_a_clean_category(tmp_path):
     for picture in list(written["figures"].values()) + [s["picture"] for s in written["sheets"]]:
         assert (tmp_path / "out" / picture).is_file(), picture
     assert len(written["sheets"]) == 3
+    strict = FakeDetector()
+    strict.image_threshold = 2.0  # above every score: no defect is flagged, and the notes say so
+    notes = evaluate_category(strict, _category(tmp_path / "data", 3, 3), _settings(EVAL_SHEET_COUNT=1), tmp_path / "out" / "strict").metrics["notes"]
+    assert any("flags none of the 3 defect images" in note for note in notes)
 
 
 def test_no_defects_leaves_rocauc_undefined_and_reports_the_rest(tmp_path, capsys):

@@ -97,7 +97,7 @@ def trained(tmp_path, trained_once) -> list[str]:
         ("CROP=-5", "an integer >= 32"),
         ("CROP=0", "an integer >= 32"),
         ("RESIZE=0", "an integer >= 32"),
-        ("NORMALIZE_STD=(0,0,0)", "3 values, each a number > 0"),
+        ("NORMALIZE_STD=(0,0,0)", "3 values, each a number in [0.001, 10]"),
         ("NORMALIZE_MEAN=(0.5,0.5)", "3 values"),
         ("VALIDATION_FRACTION=1.5", "a number in [0, 1)"),
         ("SEED=-1", "an integer from 0"),
