@@ -122,7 +122,7 @@ def test_training_separates_obvious_defects_and_saves_identically(tmp_path):
 
 def test_one_class_and_mismatched_features_are_refused():
     x = np.random.default_rng(0).random((10, len(FEATURE_NAMES)))
-    with pytest.raises(ModelError, match="no defect to learn from"):
+    with pytest.raises(ModelError, match="holds only good images"):
         train_classifier(ClassifierRows(x, np.zeros(10), np.arange(10)), FEATURE_NAMES, ClassifierParams(), 0.05)
     classifier, _, _ = _toy_classifier()
     with pytest.raises(ModelError, match="retrain"):
