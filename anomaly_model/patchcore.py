@@ -186,6 +186,18 @@ class PatchCore(AnomalyModel):
         self._planned_images = int(n_images)
         self._fit_numbers = numbers
 
+    def _check_coreset_size(self, bank_size: int) -> int:
+        """The coreset's size for a bank of `bank_size` patches; a one-line ModelError when it holds
+        fewer rows than the PATCHCORE_NEIGHBORS the image score needs."""
+        count = coreset_size(bank_size, self.coreset_ratio)
+        if count < max(self.neighbors, 1):
+            raise ModelError(
+                f"CORESET_RATIO={self.coreset_ratio} keeps {count} of {bank_size} training patches, fewer than the "
+                f"PATCHCORE_NEIGHBORS={self.neighbors} the image score needs: raise CORESET_RATIO, train on more images "
+                "or set PATCHCORE_NEIGHBORS=0"
+            )
+        return count
+
     def fit_memory_bytes(self, n_images: int, positions: int, job_images: int = 0, bank_bytes: int = 4) -> int:
         """RAM the fit needs for `n_images` images of `positions` patches: the bank (`bank_bytes` per
         value: 4 float32, 2 float16, 0 on disk) and its projection, and on the process that selects
@@ -246,6 +258,7 @@ class PatchCore(AnomalyModel):
             positions = grid[0] * grid[1]
             if n_images == 0 and self._planned_images:
                 kind = self._check_memory(self._planned_images, positions, planned=True)
+                self._check_coreset_size(self._planned_images * positions)  # before minutes of backbone passes, not after
             held = bank.ram_bytes() + sum(part.numel() * part.element_size() for part in projected)
             kind = max(kind, self._check_memory(n_images + len(images), positions, planned=False, held=held), key=KINDS.index)
             if kind != bank.kind:
@@ -264,13 +277,7 @@ class PatchCore(AnomalyModel):
         positions = grid[0] * grid[1]
         fit_order = self._fit_order(n_images)
         self.bank_size_ = (n_images if fit_order is None else sum(len(part) for part in fit_order)) * positions
-        count = coreset_size(self.bank_size_, self.coreset_ratio)
-        if count < max(self.neighbors, 1):
-            raise ModelError(
-                f"CORESET_RATIO={self.coreset_ratio} keeps {count} of {self.bank_size_} training patches, fewer than the "
-                f"PATCHCORE_NEIGHBORS={self.neighbors} the image score needs: raise CORESET_RATIO, train on more images "
-                "or set PATCHCORE_NEIGHBORS=0"
-            )
+        count = self._check_coreset_size(self.bank_size_)
         features_done = time.perf_counter()
         points = torch.cat(projected) if projected else torch.empty(0, width, device=self.device)
         del projected

@@ -234,6 +234,14 @@ def test_too_few_coreset_points_for_the_reweighting(train_images):
     with pytest.raises(ModelError, match="CORESET_RATIO=0.001 keeps 1 of 640 training patches.*PATCHCORE_NEIGHBORS=9"):
         model.fit([train_images])
 
+    def one_batch_then_more():  # told how many images come, the fit refuses at the first batch, not after reading them all
+        yield train_images[:2]
+        raise AssertionError("read a second batch")
+
+    model.plan_fit(len(train_images))
+    with pytest.raises(ModelError, match="keeps 1 of 640 training patches"):
+        model.fit(one_batch_then_more())
+
 
 def test_a_bank_too_large_for_memory_is_refused_before_the_fit(monkeypatch, train_images):
     monkeypatch.setattr(patchcore_module, "available_memory", lambda: 50_000_000)
