@@ -3,6 +3,7 @@
 MVTec AD:  <category>/train/good, [validation/good], test/<type>/, ground_truth/<type>/<stem>_mask.png
 Simple:    <root>/train_dataset_folder/*.jpg (good; an optional defect/ subfolder holds labeled defects)
            <root>/test_dataset_folder/good/, test_dataset_folder/defect/ (any other subfolder: a defect type)
+Masks, either layout: ground_truth/<type>/<stem>_mask.png, or <stem>_mask.png beside the test image.
 A root holding several MVTec categories gives one Category each.
 """
 
@@ -124,15 +125,27 @@ def _mvtec_test_images(category_dir: Path, skip: Sequence[Path]) -> list[Labeled
     test_dir = category_dir / "test"
     if not test_dir.is_dir():
         return []
+    return _labeled_test_images(category_dir, test_dir, skip)
+
+
+def _labeled_test_images(category_dir: Path, test_dir: Path, skip: Sequence[Path]) -> list[LabeledImage]:
+    """The images of each test/<type>/ folder with their masks (`_mask_of`); mask files are not test images."""
     labeled = []
     for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not _is_output(p, _real(skip))):
         for path in find_images(type_dir, skip=skip):
-            mask = None
-            if _test_type(type_dir) != GOOD:
-                candidate = category_dir / "ground_truth" / type_dir.name / f"{path.stem}_mask.png"
-                mask = candidate if candidate.is_file() else None
-            labeled.append(LabeledImage(path, _test_type(type_dir), mask))
+            if not is_mask_file(path):
+                kind = _test_type(type_dir)
+                labeled.append(LabeledImage(path, kind, None if kind == GOOD else _mask_of(category_dir, path)))
     return labeled
+
+
+def _mask_of(category_dir: Path, image: Path) -> Path | None:
+    """A defect image's ground-truth mask: ground_truth/<type>/<stem>_mask.png in the category folder
+    (MVTec AD), or <stem>_mask.png beside the image (either layout); None when there is none."""
+    for candidate in (category_dir / "ground_truth" / image.parent.name / f"{image.stem}_mask.png", image.with_name(f"{image.stem}_mask.png")):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _real(paths: Sequence[Path]) -> set[str]:
@@ -160,10 +173,7 @@ def _simple_category(folder: Path, skip: Sequence[Path]) -> Category:
     masks: list[Path] = []
     good = _training_images(train_dir, skip, masks, recursive=False) + _training_images(train_dir / GOOD, skip, masks)
     test_dir = folder / "test_dataset_folder"
-    test_images = []
-    if test_dir.is_dir():
-        for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir() and not _is_output(p, _real(skip))):
-            test_images += [LabeledImage(path, _test_type(type_dir)) for path in find_images(type_dir, skip=skip)]
+    test_images = _labeled_test_images(folder, test_dir, skip) if test_dir.is_dir() else []
     return Category(
         name=folder.resolve().name,
         root=folder,

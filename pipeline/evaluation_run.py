@@ -218,15 +218,30 @@ def _pixel_thresholds(thresholds: dict, maps: np.ndarray, masks: np.ndarray, goo
     return table
 
 
-def learned_test_images(detector: Detector, category: Category) -> list[Path]:
-    """The test images whose bytes the model learned (LEARNED_IMAGES_FILE: training and added goods,
-    labeled defects); none for a model saved before it kept that list."""
+def learned_test_images(detector: Detector, category: Category) -> dict[str, list[Path]]:
+    """The test images whose bytes the model learned (LEARNED_IMAGES_FILE), by how it learned them:
+    "good" (training and added goods) and "defect" (labeled defects); empty for a model saved before
+    it kept that list."""
     files = detector.description.get("files", {})
     if LEARNED_IMAGES_FILE not in files:
-        return []
+        return {}
     learned = json.loads(read_checked_bytes(detector.model_dir, LEARNED_IMAGES_FILE, files, f"files.{LEARNED_IMAGES_FILE}"))
-    digests = set(learned.get("good", [])) | set(learned.get("defect", []))
-    return [item.path for item in category.test_images if content_digest(item.path) in digests]
+    kinds = {digest: kind for kind in ("good", "defect") for digest in learned.get(kind, [])}
+    found: dict[str, list[Path]] = {}
+    for item in category.test_images:
+        kind = kinds.get(content_digest(item.path))
+        if kind:
+            found.setdefault(kind, []).append(item.path)
+    return found
+
+
+def _learned_note(learned: dict[str, list[Path]]) -> str:
+    """'3 test images the model learned (same bytes): 2 as goods (training or ADD_GOOD, e.g. a.png), 1 as ...'."""
+    total = sum(len(paths) for paths in learned.values())
+    how = {"good": "as goods (training images or ADD_GOOD)", "defect": "as labeled defects (train/defect/ or ADD_DEFECT)"}
+    parts = [f"{len(paths)} {how[kind]}, e.g. {printable_path(paths[0])}" for kind, paths in learned.items()]
+    return (f"{total} test image{'s' if total != 1 else ''} the model learned (same bytes): {'; '.join(parts)}: "
+            "its figures on them are not those of new parts")
 
 
 def evaluate_category(detector: Detector, category: Category, settings, out_dir: Path) -> CategoryEvaluation | None:
@@ -251,10 +266,7 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
         warn(notes[-1])
     learned = learned_test_images(detector, category)
     if learned:
-        notes.append(
-            f"{len(learned)} test image{'s' if len(learned) != 1 else ''} (e.g. {learned[0]}) the model learned (training goods, "
-            "updates or labeled defects, same bytes): its figures on them are not those of new parts"
-        )
+        notes.append(_learned_note(learned))
         warn(notes[-1])
     scored = _score(detector, category, settings)
     if scored is None:
@@ -285,7 +297,8 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
         warn(notes[-1])
     elif unmasked.any():
         notes.append(
-            f"none of the {defects} defect images has a ground-truth mask (MVTec layout: ground_truth/<type>/<stem>_mask.png): "
+            f"none of the {defects} defect images has a ground-truth mask (ground_truth/<type>/<stem>_mask.png in the category folder, "
+            "or <stem>_mask.png beside the image): "
             "pixel ROCAUC and PRO are not computed"
         )
         warn(notes[-1])

@@ -49,6 +49,14 @@ def test_simple_layout(tmp_path):
     assert [path.name for path in find_categories(tmp_path)[0].ignored_folders] == ["defects"]
     assert sorted({item.defect_type for item in category.test_images}) == ["defect", "good"]
     assert all(item.mask_path is None for item in category.test_images)
+    # masks beside the test images, or under ground_truth/<type>/ as in MVTec AD: the defect's, never a test image
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "test_dataset_folder" / "defect" / "0_mask.png")
+    (tmp_path / "ground_truth" / "defect").mkdir(parents=True)
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "ground_truth" / "defect" / "1_mask.png")
+    (category,) = find_categories(tmp_path)
+    assert len(category.test_images) == 6
+    masks = {item.path.name: item.mask_path and item.mask_path.relative_to(tmp_path).as_posix() for item in category.test_images if item.is_defect}
+    assert masks == {"0.bmp": "test_dataset_folder/defect/0_mask.png", "1.bmp": "ground_truth/defect/1_mask.png", "2.bmp": None}
 
 
 def test_a_test_folder_named_good_in_any_case_holds_goods(tmp_path):
