@@ -150,6 +150,17 @@ def test_one_training_image_with_a_validation_folder(tmp_path, monkeypatch, caps
     assert f"only 1 training image in {category / 'train' / 'good'}" in line and "at least 2" in line
 
 
+def test_too_few_honest_goods_for_the_false_reject_rate_are_named(tmp_path, monkeypatch, capsys):
+    category = make_mvtec_category(tmp_path / "data" / "part")
+    common = [f"DATASET_DIR={category}", *TINY, "CLASSIFIER=False", *outputs(tmp_path)]
+    code, stderr = run_in_process(script_main("train"), [*common, "IMAGE_FALSE_REJECT_RATE=0.01"], monkeypatch, capsys)
+    assert code == 0, stderr
+    (note,) = [line for line in stderr.splitlines() if "IMAGE_FALSE_REJECT_RATE=0.01 asks for 1 good part in 100" in line]
+    assert note.startswith("note: ") and "validation/good" in note
+    code, stderr = run_in_process(script_main("train"), [*common, "IMAGE_FALSE_REJECT_RATE=0.5"], monkeypatch, capsys)
+    assert code == 0 and "asks for 1 good part" not in stderr  # a few goods do show 1 in 2
+
+
 def test_no_readable_training_image_names_the_folder_and_the_files(tmp_path, monkeypatch, capsys):
     category = make_mvtec_category(tmp_path / "data" / "part", n_train=5, n_test=1)
     for path in (category / "train" / "good").iterdir():
