@@ -189,6 +189,11 @@ class AnomalyModel:
         image's highest-scoring patch deviates from the good patches (`score_with_peaks`)."""
         raise NotImplementedError(f"{type(self).__name__} has no peak directions")
 
+    def background_peaks(self, images: torch.Tensor, level: float) -> torch.Tensor:
+        """(B, d) unit directions, as `patch_scores_and_peaks` gives at the peak, at each image's
+        background peak (`background_positions` with `level`); NaN rows where it has none."""
+        raise NotImplementedError(f"{type(self).__name__} has no background peaks")
+
     def settings(self) -> dict:
         """Constructor arguments, as saved in model.json (with the values the model resolved)."""
         return {
@@ -445,6 +450,37 @@ class AnomalyModel:
             if name.endswith("_") and isinstance(value, torch.Tensor):
                 setattr(self, name, value.to(self.device))
         return self
+
+
+BACKGROUND_GROW = 2  # patches a defect's region is grown by before its image's background peak is looked for
+
+
+def background_positions(patch_scores: torch.Tensor, level: float, grow: int = BACKGROUND_GROW) -> torch.Tensor:
+    """(B,) flat index of each image's background peak: its highest patch outside the peak's region,
+    -1 where the region covers everything. The region: the patches above `level` connected (8
+    neighbours) to the highest one, grown by `grow` patches. Why: the patches of a labeled defect's
+    image away from its defect were taken exactly like it; they are the goods that show whether a
+    direction the labeled defects share is the defects' or the acquisition's (classification_model.evidence)."""
+    count, height, width = patch_scores.shape
+    flat = patch_scores.reshape(count, -1)
+    high = patch_scores > level
+    region = torch.zeros(count, height * width, dtype=torch.bool, device=patch_scores.device)
+    region[torch.arange(count, device=patch_scores.device), flat.argmax(dim=1)] = True
+    region = region.view(count, height, width)
+
+    def dilated(mask: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.max_pool2d(mask[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0
+
+    while True:  # flood the high patches from the peak, all images at once
+        grown = region | (dilated(region) & high)
+        if torch.equal(grown, region):
+            break
+        region = grown
+    for _ in range(grow):
+        region = dilated(region)
+    outside = flat.masked_fill(region.reshape(count, -1), -math.inf)
+    best, position = outside.max(dim=1)
+    return torch.where(torch.isfinite(best), position, torch.full_like(position, -1))
 
 
 def max_of_maps(maps: torch.Tensor) -> torch.Tensor:

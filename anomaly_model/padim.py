@@ -22,7 +22,7 @@ from torch import nn
 
 from anomaly_model import distributed
 from anomaly_model.backbone import DEFAULT_FEATURE_DIM, ModelError
-from anomaly_model.base import AnomalyModel, ModelSettings
+from anomaly_model.base import AnomalyModel, ModelSettings, background_positions
 from anomaly_model.chebyshev import SCORES, chebyshev_term, pixel_threshold, pixel_threshold_rule
 from anomaly_model.files import CHUNK_ROWS, read_npy, read_npy_chunks, reading
 from anomaly_model.gaussian import (
@@ -283,11 +283,23 @@ class Padim(AnomalyModel):
         embedding, grid = self.embed(images)
         self.check_grid(grid)
         scores = self.embedding_scores(embedding, self.mean_, self.cholesky_)  # (B, P)
+        return scores.reshape(-1, *grid), self._directions_at(embedding, scores.argmax(dim=1))
+
+    def background_peaks(self, images: torch.Tensor, level: float) -> torch.Tensor:
+        self.check_peak_directions(images)
+        embedding, grid = self.embed(images)
+        self.check_grid(grid)
+        scores = self.embedding_scores(embedding, self.mean_, self.cholesky_)  # (B, P)
+        positions = background_positions(scores.reshape(-1, *grid), level)
+        directions = self._directions_at(embedding, positions.clamp_min(0))
+        return directions.masked_fill((positions < 0)[:, None], float("nan")).cpu()
+
+    def _directions_at(self, embedding: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(B, d) unit whitened deviations of each image's patch at `positions` (B,) from that position's Gaussian."""
         with torch.no_grad():
-            peak = scores.argmax(dim=1)
-            deviation = embedding[peak, torch.arange(len(peak), device=peak.device)] - self.mean_[peak]  # (B, d)
-            whitened = torch.linalg.solve_triangular(self.cholesky_[peak], deviation[:, :, None], upper=False)[:, :, 0]
-        return scores.reshape(-1, *grid), whitened / whitened.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            deviation = embedding[positions, torch.arange(len(positions), device=positions.device)] - self.mean_[positions]  # (B, d)
+            whitened = torch.linalg.solve_triangular(self.cholesky_[positions], deviation[:, :, None], upper=False)[:, :, 0]
+        return whitened / whitened.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     def statistics_bytes(self, positions: int) -> int:
         """The fit's (P, d, d) float32 sums, which become the Cholesky factors, and the (P, d) rest."""

@@ -26,7 +26,7 @@ from torch import nn
 from anomaly_model import distributed
 from anomaly_model.backbone import ModelError
 from anomaly_model.bank import BYTES_IN_RAM, KINDS, PatchBank, disk_folder, size_text
-from anomaly_model.base import TILE_CHUNK, AnomalyModel, ModelSettings
+from anomaly_model.base import TILE_CHUNK, AnomalyModel, ModelSettings, background_positions
 from anomaly_model.coreset import (
     continue_coreset,
     GroupedNeighbors,
@@ -468,6 +468,18 @@ class PatchCore(AnomalyModel):
         self.check_peak_directions(images)
         maps, scores, directions = self._score(images, peaks=True)
         return maps.cpu(), scores.cpu(), directions.cpu()
+
+    def background_peaks(self, images: torch.Tensor, level: float) -> torch.Tensor:
+        """(B, d) unit differences to the nearest coreset feature, as `score_with_peaks` gives at the
+        worst patch, at each image's background peak (`background_positions`); NaN rows where none."""
+        self.check_peak_directions(images)
+        embedding, distances, nearest, grid = self.nearest_patches(images)
+        count, positions = len(images), grid[0] * grid[1]
+        found = background_positions(distances.view(count, *grid), level)
+        rows = found.clamp_min(0) + torch.arange(count, device=found.device) * positions
+        deviation = embedding[rows] - self.memory_[nearest[rows]]
+        directions = deviation / torch.linalg.vector_norm(deviation, dim=1, keepdim=True).clamp_min(1e-12)
+        return directions.masked_fill((found < 0)[:, None], float("nan")).cpu()
 
     def _score(self, images: torch.Tensor, excluded: torch.Tensor | None = None, peaks: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`score` without the coreset rows `excluded` (K,) bool, if given, and the peak directions if asked."""

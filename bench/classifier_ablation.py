@@ -57,7 +57,7 @@ from classification_model.xgboost import ClassifierRows, train_classifier  # noq
 from dataset_manager import IMAGE_EXTENSIONS, ImageBatches, find_categories  # noqa: E402
 from dataset_manager.demo import generate_demo_dataset  # noqa: E402
 from evaluation.metrics import image_rocauc  # noqa: E402
-from pipeline.training import GoodMapSample, assign_folds, make_preprocessor, out_of_fold_maps, split_validation  # noqa: E402
+from pipeline.training import GoodMapSample, assign_folds, calibrate, make_preprocessor, out_of_fold_maps, split_validation  # noqa: E402
 from settings import load  # noqa: E402
 
 from ablation_sets import ksdd_crop, large_area_set, shifted_test_set  # noqa: E402  (bench/, beside this script)
@@ -143,6 +143,8 @@ class MapSource:
         and the training images' out-of-fold ones ("oof", in the order of `base()["oof_index"]`)."""
         model_class = type(self._model)
         code = inspect.getsource(model_class.score_with_peaks) + inspect.getsource(model_class.patch_scores_and_peaks)
+        if hasattr(model_class, "_directions_at"):
+            code += inspect.getsource(model_class._directions_at)
         code += inspect.getsource(model_class.out_of_fold_scores)
         if hasattr(model_class, "_leave_out_peaks"):  # PaDiM's out-of-fold peak directions
             code += inspect.getsource(model_class._leave_out_peaks)
@@ -161,6 +163,22 @@ class MapSource:
             return directions
 
         return self._cached("peaks-" + _key(code), compute)
+
+    def backgrounds(self) -> np.ndarray:
+        """(N, d) the test images' background peak directions (`AnomalyModel.background_peaks`; NaN rows:
+        none) at the pixel threshold of the honest goods (validation and out-of-fold), as train.py finds them."""
+        from anomaly_model import base as model_base
+
+        code = inspect.getsource(model_base.background_positions) + inspect.getsource(type(self._model).background_peaks)
+        base = self.base()
+        level = calibrate(torch.from_numpy(np.concatenate([base["good"], base["oof"]])).float(), torch.zeros(1), 0.0,
+                          self.settings.PIXEL_FALSE_REJECT_RATE)["thresholds"]["pixel"]
+
+        def compute():
+            batches = ImageBatches([i.path for i in self.category.test_images], self.preprocessor, self.settings.BATCH_SIZE, 0)
+            return {"test": np.concatenate([self.model.background_peaks(b.images, level).numpy() for b in tqdm(batches, desc="test backgrounds", file=sys.stderr)])}
+
+        return self._cached("backgrounds-" + _key(code, level), compute)["test"]
 
     def fitted(self) -> dict[str, np.ndarray]:
         """The training images as the fitted model sees them (for the synthetic defects' maps)."""
@@ -285,13 +303,18 @@ VARIANTS = {  # name -> how the classifier is trained (see run_variant); "mode":
                                                        "share": "real evidence"},
     # shrink, then the labeled defects' peak-direction similarity as a second stage (classification_model/similarity.py), always kept
     "shrink + labeled-defect similarity, always kept": {"goods": "all", "synthetic": "all hosts", "mode": "shrink", "similarity": "always"},
-    # what train.py does: the held-out evidence keeps the first stage, the similarity stage or the image score (classification_model/evidence.py)
-    "held-out evidence decides (default)": {"goods": "all", "synthetic": "all hosts", "mode": "shrink", "similarity": "evidence"},
+    # what train.py does: the held-out evidence keeps the first stage, the similarity stage or the image score (classification_model/evidence.py),
+    # the similarity stage only where the labeled defects' peaks stand out from their own images' backgrounds (evidence.OwnBackgrounds)
+    "held-out evidence decides (default)": {"goods": "all", "synthetic": "all hosts", "mode": "shrink", "similarity": "evidence", "backgrounds": True},
     # the same, the out-of-fold goods' peak directions weighed too (not only the validation goods')
     "held-out evidence, out-of-fold goods' directions too": {"goods": "all", "synthetic": "all hosts", "mode": "shrink", "similarity": "evidence",
                                                              "good_peaks": "all"},
     "similarity always kept, out-of-fold goods' directions too": {"goods": "all", "synthetic": "all hosts", "mode": "shrink", "similarity": "always",
                                                                   "good_peaks": "all"},
+    # the default before 2026-12-07: no own-background check
+    "held-out evidence, no own-background check": {"goods": "all", "synthetic": "all hosts", "mode": "shrink", "similarity": "evidence"},
+    "held-out evidence, out-of-fold goods' directions, own-background check": {"goods": "all", "synthetic": "all hosts", "mode": "shrink",
+                                                                               "similarity": "evidence", "good_peaks": "all", "backgrounds": True},
 }
 DEFAULT_VARIANT = "held-out evidence decides (default)"  # what train.py does
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the "share chosen on real defects" candidates
@@ -310,7 +333,7 @@ def _features(maps: np.ndarray, levels: dict) -> np.ndarray:
 class Prepared:
     """One set's features: goods, test images, synthetic defects of each kind per seed."""
 
-    def __init__(self, source: MapSource, seeds: int, synthetic_kinds: set[str], peaks: bool = False) -> None:
+    def __init__(self, source: MapSource, seeds: int, synthetic_kinds: set[str], peaks: bool = False, backgrounds: bool = False) -> None:
         s = source.settings
         base = source.base()
         self.name = source.category.name
@@ -336,6 +359,7 @@ class Prepared:
         self.peaks = None  # {"good": validation goods', "test": test images' peak directions}, for the similarity stage
         if peaks:
             self.peaks = source.peaks()
+        self.backgrounds = source.backgrounds() if backgrounds else None  # the test images' background peak directions
 
 
 def run_variant(data: Prepared, spec: dict, settings, seeds: int, ks: list[int], verbose: bool = False) -> dict[int, np.ndarray]:
@@ -376,7 +400,8 @@ def run_variant(data: Prepared, spec: dict, settings, seeds: int, ks: list[int],
                 if with_peaks and spec.get("good_peaks") == "all" and spec["goods"] == "all":  # validation then out-of-fold goods
                     good_rows, good_peaks = slice(0, n_good), np.concatenate([data.peaks["good"], data.peaks["oof"]])
                 rows_weighed = VerdictRows(labels, scores, weights, medians, slice(n_rows - k, n_rows), good_rows,
-                                           good_peaks, data.peaks["test"][chosen] if with_peaks else None)
+                                           good_peaks, data.peaks["test"][chosen] if with_peaks else None,
+                                           data.backgrounds[chosen] if with_peaks and spec.get("backgrounds") else None)
                 if spec["similarity"] == "evidence":
                     decide_verdict(classifier, rows_weighed, settings.CLASSIFIER_FALSE_REJECT_RATE, seed)
                 elif with_peaks:
@@ -410,7 +435,8 @@ def always_keep_similarity(classifier, rows: VerdictRows, false_reject_rate: flo
 
     good_margins, real_margins = classifier.out_of_fold_margin[rows.good_rows], classifier.out_of_fold_margin[rows.real_rows]
     goods, real = ~np.isnan(good_margins), ~np.isnan(real_margins)
-    similarity, _, _ = fit_defect_similarity(good_margins[goods], rows.good_directions[goods], real_margins[real], rows.real_directions[real])
+    backgrounds = None if rows.real_backgrounds is None else rows.real_backgrounds[real]
+    similarity, _, _ = fit_defect_similarity(good_margins[goods], rows.good_directions[goods], real_margins[real], rows.real_directions[real], backgrounds)
     if similarity is not None:
         classifier.add_similarity(similarity, good_margins[goods], rows.good_directions[goods], false_reject_rate)
 
@@ -535,7 +561,8 @@ def main() -> None:
         started = time.perf_counter()
         source = MapSource(set_folder(name, args.work), settings, args.cache)
         data = Prepared(source, args.seeds, {VARIANTS[variant]["synthetic"] for variant in chosen},
-                        peaks=any(VARIANTS[variant].get("similarity") for variant in chosen))
+                        peaks=any(VARIANTS[variant].get("similarity") for variant in chosen),
+                        backgrounds=any(VARIANTS[variant].get("backgrounds") for variant in chosen))
         print(f"{name}: maps and features in {time.perf_counter() - started:.0f} s; {data.n_train} train (out-of-fold), "
               f"{data.n_validation} validation, {int(data.labels.sum())} defect / {int((1 - data.labels).sum())} good test images",
               file=sys.stderr)

@@ -29,6 +29,12 @@ training time:
   verdict falls back more often, instead of reading an acquisition difference as a gain. This
   replaces the shift gate, which dropped the similarity stage outright when the labeled defects'
   medians lay higher as a group (and so also on a texture set whose real defects raise the whole map).
+- **The labeled defects' own backgrounds** (the similarity stage only, `OwnBackgrounds`): each labeled
+  defect's image, away from the defect, was taken exactly like it. The stage is a candidate only when
+  the defects' peaks resemble the (leave-one-out) prototype more than their own background peaks do,
+  with a bootstrap lower bound of that ROCAUC above 0.5; otherwise the direction they share may be
+  how they were taken. (Measured after it was designed: it dropped the one ablation draw where the
+  evidence kept a stage that lost, and no gain; docs/classifier.md.)
 - **Clearly**: the lower bound must exceed `MIN_GAIN`, and the defects must meet at least
   `MIN_ALIKE_GOODS` goods taken like them on average: a percentile bootstrap of a ROCAUC against a
   handful of goods is no bound at all (this rule was added after seeing the ablation's tire draws,
@@ -127,16 +133,48 @@ def held_out_gain(rows: HeldOutRows, seed: int) -> Evidence:
 
 
 @dataclass
+class OwnBackgrounds:
+    """Whether the direction the labeled defects share is theirs or their images': how the similarity
+    ranks each labeled defect's peak (leave-one-out prototype) above the background peaks of the
+    labeled defects' own images (`AnomalyModel.background_peaks`: each one's highest patch outside its
+    defect's region, under the same prototype). Those patches were taken exactly like the defects;
+    a direction the defects share only because of how they were taken is shared by them too."""
+
+    rocauc: float  # defects' peaks vs their backgrounds' peaks; 0.5: the shared direction tells a defect from its own background no better than chance
+    lower_bound: float  # the (1 - CONFIDENCE) quantile over resampled defects (each with its own background)
+    n_defects: int
+
+    def to_dict(self) -> dict:
+        return {"rocauc": round(self.rocauc, 4), "lower_bound": round(self.lower_bound, 4), "n_defects": self.n_defects}
+
+
+def own_background_evidence(defect_similarity: np.ndarray, background_similarity: np.ndarray, seed: int) -> OwnBackgrounds:
+    """`OwnBackgrounds` from each labeled defect's held-out similarity and its background's (NaN: the
+    defect has no background, left out): a bootstrap over the defects, each with its background."""
+    defect_similarity, background_similarity = np.asarray(defect_similarity, np.float64), np.asarray(background_similarity, np.float64)
+    kept = np.isfinite(defect_similarity) & np.isfinite(background_similarity)
+    k = int(kept.sum())
+    if k == 0:
+        return OwnBackgrounds(0.5, 0.0, 0)
+    order = _pair_order(defect_similarity[kept], background_similarity[kept])  # (k, k)
+    counts = np.random.default_rng(seed).multinomial(k, np.full(k, 1.0 / k), size=RESAMPLES).astype(np.float64)  # (B, k)
+    resampled = np.einsum("bi,ij,bj->b", counts, order, counts) / (k * k)
+    return OwnBackgrounds(float(order.mean()), float(np.quantile(resampled, 1 - CONFIDENCE)), k)
+
+
+@dataclass
 class VerdictChoice:
     """The verdict a model keeps and why: `evidence` per candidate (model.json's classifier.verdict)."""
 
     verdict: str  # IMAGE_SCORE, FIRST_STAGE or WITH_SIMILARITY
     why: str
     evidence: dict[str, Evidence] = field(default_factory=dict)
+    own_backgrounds: OwnBackgrounds | None = None  # the similarity stage's check against the labeled defects' own backgrounds, when made
 
     def to_dict(self) -> dict:
         return {"verdict": self.verdict, "why": self.why, "confidence": CONFIDENCE, "min_gain": MIN_GAIN, "min_alike_goods": MIN_ALIKE_GOODS, "resamples": RESAMPLES,
-                "evidence": {name: entry.to_dict() for name, entry in self.evidence.items()}}
+                "evidence": {name: entry.to_dict() for name, entry in self.evidence.items()},
+                **({"own_backgrounds": self.own_backgrounds.to_dict()} if self.own_backgrounds is not None else {})}
 
 
 def _signed(value: float) -> str:

@@ -92,6 +92,16 @@ def leave_one_out_similarities(defect_directions: np.ndarray) -> tuple[np.ndarra
     return _unit(total), (units * others).sum(axis=1)
 
 
+def background_similarities(defect_directions: np.ndarray, background_directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each labeled defect's peak cosine with the prototype of the others, its own image's background
+    peak cosine with that same prototype; NaN where the image has no background)."""
+    units = _unit(defect_directions)
+    others = _unit(units.sum(axis=0)[None, :] - units)
+    backgrounds = np.asarray(background_directions, dtype=np.float64)
+    missing = np.isnan(backgrounds).any(axis=1)
+    return (units * others).sum(axis=1), np.where(missing, np.nan, (_unit(np.nan_to_num(backgrounds)) * others).sum(axis=1))
+
+
 def fit_defect_similarity(
     good_margins: np.ndarray,
     good_directions: np.ndarray,

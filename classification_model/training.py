@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 from anomaly_model.base import AnomalyModel
 from classification_model.features import FEATURE_NAMES, MONOTONE, map_features
-from classification_model.evidence import FIRST_STAGE, IMAGE_SCORE, WITH_SIMILARITY, HeldOutRows, VerdictChoice, choose_verdict
-from classification_model.similarity import fit_defect_similarity
+from classification_model.evidence import FIRST_STAGE, IMAGE_SCORE, WITH_SIMILARITY, HeldOutRows, VerdictChoice, choose_verdict, own_background_evidence
+from classification_model.similarity import background_similarities, fit_defect_similarity
 from classification_model.synthetic import DEFECT_TYPES, make_defect
 from classification_model.xgboost import Anchor, Anchoring, ClassifierParams, ClassifierRows, DefectClassifier, train_classifier
 from dataset_manager import DataError, ImageBatches, Preprocessor, read_rgb
@@ -155,19 +155,25 @@ def synthetic_defect_maps(
 
 
 def image_maps(
-    model: AnomalyModel, preprocessor: Preprocessor, paths: list[Path], batch_size: int, label: str, peaks: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(maps, image scores, peak directions when `peaks` else None) of image files (unreadable ones
-    are left out, with a warning)."""
+    model: AnomalyModel, preprocessor: Preprocessor, paths: list[Path], batch_size: int, label: str, peaks: bool = False,
+    background_level: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(maps, image scores, peak directions when `peaks` else None, background peak directions
+    (`AnomalyModel.background_peaks` at `background_level`) when that is given else None) of image
+    files (unreadable ones are left out, with a warning)."""
     batches = ImageBatches(paths, preprocessor, batch_size, 0)
     score = model.score_with_peaks if peaks else model.score
-    scored = [score(b.images) for b in tqdm(batches, desc=label, unit="batch", file=sys.stderr)]
+    scored = []
+    for batch in tqdm(batches, desc=label, unit="batch", file=sys.stderr):
+        result = score(batch.images)
+        scored.append((*result, *(() if peaks else (None,)), None if background_level is None else model.background_peaks(batch.images, background_level)))
     for path, reason in batches.skipped:
         print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
     if not scored:
-        return torch.zeros(0, *preprocessor.size), torch.zeros(0), torch.zeros(0, 0) if peaks else None
+        return torch.zeros(0, *preprocessor.size), torch.zeros(0), torch.zeros(0, 0) if peaks else None, None
     maps, scores = torch.cat([result[0] for result in scored]), torch.cat([result[1] for result in scored])
-    return maps, scores, torch.cat([result[2] for result in scored]) if peaks else None
+    directions = torch.cat([result[2] for result in scored]) if peaks else None
+    return maps, scores, directions, None if background_level is None else torch.cat([result[3] for result in scored])
 
 
 class TrainingSet:
@@ -199,6 +205,7 @@ class TrainingSet:
         self.good_direction_rows: list[np.ndarray] = []
         self.good_directions: list[np.ndarray] = []
         self.real_directions: np.ndarray | None = None
+        self.real_backgrounds: np.ndarray | None = None  # their images' background peak directions (NaN rows: none), for the check in `decide_verdict`
         self.similarity_note = ""  # why the similarity stage was not used, when labeled defects could have taught it
         self.verdict: VerdictChoice | None = None  # which verdict `train` kept, and the held-out evidence why
         self.held_real: dict[str, np.ndarray] | None = None  # a restored set's labeled-defect rows, put back last (`restored`)
@@ -247,22 +254,27 @@ class TrainingSet:
         """(rows (N,), peak directions (N, d)) of the goods that have them, in the order they were added."""
         return np.concatenate(self.good_direction_rows), np.concatenate(self.good_directions)
 
-    def add_real_defects(self, maps: torch.Tensor, scores: torch.Tensor, weight: float, directions: torch.Tensor | None = None) -> None:
+    def add_real_defects(self, maps: torch.Tensor, scores: torch.Tensor, weight: float, directions: torch.Tensor | None = None,
+                         backgrounds: torch.Tensor | None = None) -> None:
         """Labeled defects' maps (last rows, after those of a restored set), and their peak directions
-        when the similarity stage may use them."""
+        and background peak directions when the similarity stage may use them."""
         start, had_held = self.n_rows, self.held_real is not None
         held_directions = self.put_back_real_defects()
+        held_backgrounds = self.real_backgrounds
         groups = self._next_real_group + np.arange(maps.shape[0])
         self._next_real_group += maps.shape[0]
         self.add(maps, scores, 1, groups, weight)
         self.real_rows = slice(start, self.n_rows)
         self.counts["real_defects"] += maps.shape[0]
         new_directions = None if directions is None else directions.double().numpy()
+        new_backgrounds = None if backgrounds is None else backgrounds.double().numpy()
         if not had_held:
-            self.real_directions = new_directions
+            self.real_directions, self.real_backgrounds = new_directions, new_backgrounds
         else:  # the earlier defects' directions and the new ones', or none when either is missing
             both = held_directions is not None and new_directions is not None
             self.real_directions = np.concatenate([held_directions, new_directions]) if both else None
+            both = held_backgrounds is not None and new_backgrounds is not None
+            self.real_backgrounds = np.concatenate([held_backgrounds, new_backgrounds]) if both else None
 
     def add_goods(self, maps: torch.Tensor, scores: torch.Tensor) -> None:
         """Honest good maps added to a restored set (a model update): rows of their own groups, no synthetic defects."""
@@ -287,6 +299,8 @@ class TrainingSet:
             arrays["good_direction_rows"], arrays["good_directions"] = self.directions_of_goods()
         if self.real_directions is not None:
             arrays["real_directions"] = self.real_directions
+        if self.real_backgrounds is not None:
+            arrays["real_backgrounds"] = self.real_backgrounds
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         return buffer.getvalue()
@@ -317,6 +331,8 @@ class TrainingSet:
             training_set.held_real = {name: rows[name][real] for name in columns}
             if "real_directions" in rows:
                 training_set.held_real["directions"] = rows["real_directions"]
+            if "real_backgrounds" in rows:  # saved since the own-background check (2026-12-07)
+                training_set.held_real["backgrounds"] = rows["real_backgrounds"]
         training_set.counts.update(counts)
         return training_set
 
@@ -330,7 +346,7 @@ class TrainingSet:
             getattr(self, name).append(held[name])
         self.n_rows += len(held["labels"])
         self.real_rows = slice(start, self.n_rows)
-        self.real_directions = held.get("directions")
+        self.real_directions, self.real_backgrounds = held.get("directions"), held.get("backgrounds")
         return self.real_directions
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -351,7 +367,8 @@ class TrainingSet:
         good_rows, good_directions = self.directions_of_goods() if self.has_good_directions else (np.zeros(0, np.int64), None)
         directions = good_directions is not None and self.real_directions is not None
         evidence = VerdictRows(labels, scores, weights, np.concatenate(self.medians) if self.medians else np.zeros(0), self.real_rows,
-                               good_rows, good_directions if directions else None, self.real_directions if directions else None)
+                               good_rows, good_directions if directions else None, self.real_directions if directions else None,
+                               self.real_backgrounds if directions else None)
         self.verdict, note = decide_verdict(classifier, evidence, settings.CLASSIFIER_FALSE_REJECT_RATE, settings.SEED)
         self.similarity_note = self.similarity_note or note
         return classifier
@@ -369,6 +386,7 @@ class VerdictRows:
     good_rows: np.ndarray | slice  # the rows of the honest goods with peak directions
     good_directions: np.ndarray | None  # their peak directions (AnomalyModel.score_with_peaks); None: no similarity stage
     real_directions: np.ndarray | None
+    real_backgrounds: np.ndarray | None = None  # the labeled defects' own background peak directions (NaN rows: none); None: not checked
 
 
 def decide_verdict(classifier: DefectClassifier, rows: VerdictRows, false_reject_rate: float, seed: int) -> tuple[VerdictChoice, str]:
@@ -384,7 +402,7 @@ def decide_verdict(classifier: DefectClassifier, rows: VerdictRows, false_reject
     taught[rows.real_rows] = True
     honest = ((labels == 0) | taught) & ~np.isnan(out_of_fold)
     candidates = {FIRST_STAGE: HeldOutRows(labels[honest], out_of_fold[honest], scores[honest], medians[honest])}
-    similarity, note = None, ""
+    similarity, note, backgrounds = None, "", None
     if rows.good_directions is not None and rows.real_directions is not None:
         good_index = np.arange(len(labels))[rows.good_rows]
         real_index = np.arange(rows.real_rows.start, rows.real_rows.stop)
@@ -392,10 +410,17 @@ def decide_verdict(classifier: DefectClassifier, rows: VerdictRows, false_reject
         good_directions = rows.good_directions[good_ok]
         similarity, held_out, note = fit_defect_similarity(
             out_of_fold[good_index][good_ok], good_directions, out_of_fold[real_index][real_ok], rows.real_directions[real_ok])
-        if similarity is not None:
+        if similarity is not None and rows.real_backgrounds is not None:
+            backgrounds = own_background_evidence(*background_similarities(rows.real_directions[real_ok], rows.real_backgrounds[real_ok]), seed)
+        if similarity is not None and backgrounds is not None and backgrounds.lower_bound <= 0.5:
+            note = (f"the labeled defects' peaks do not stand out from their own images' backgrounds by direction (ROCAUC {backgrounds.rocauc:.3f}, "
+                    f"lower bound {backgrounds.lower_bound:.3f}, {backgrounds.n_defects} defects): what they share may be how they were taken")
+            similarity = None
+        elif similarity is not None:
             index = np.r_[good_index[good_ok], real_index[real_ok]]
             candidates[WITH_SIMILARITY] = HeldOutRows(labels[index], held_out, scores[index], medians[index])
     choice = choose_verdict(candidates, seed)
+    choice.own_backgrounds = backgrounds
     goods = labels == 0
     if choice.verdict == WITH_SIMILARITY:
         classifier.add_similarity(similarity, out_of_fold[good_index][good_ok], good_directions, false_reject_rate)

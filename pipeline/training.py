@@ -513,15 +513,16 @@ def train_verdict(run: TrainingRun) -> None:
     settings, model, training_set, category = run.settings, run.model, run.training_set, run.category
     if run.peaks:  # the validation goods once more, for their peak directions (a few dozen images)
         validation, rows = run.readable_validation, training_set.validation_rows
-        _, _, directions = image_maps(model, run.preprocessor, validation, settings.BATCH_SIZE, "validation peaks", peaks=True)
+        _, _, directions, _ = image_maps(model, run.preprocessor, validation, settings.BATCH_SIZE, "validation peaks", peaks=True)
         if len(directions) == rows.stop - rows.start:
             training_set.add_good_directions(np.arange(rows.start, rows.stop), directions)
         elif not training_set.has_good_directions:
             training_set.similarity_note = "some validation images could not be read a second time for their peak directions"
     if category.train_defect_images:
-        real_maps, real_scores, real_directions = image_maps(
-            model, run.preprocessor, list(category.train_defect_images), settings.BATCH_SIZE, "labeled defects", peaks=run.peaks)
-        training_set.add_real_defects(real_maps, real_scores, settings.CLASSIFIER_REAL_DEFECT_WEIGHT, real_directions)
+        level = run.info["thresholds"]["pixel"] if run.peaks else None  # a defect's region: its patches above the pixel threshold
+        real_maps, real_scores, real_directions, real_backgrounds = image_maps(
+            model, run.preprocessor, list(category.train_defect_images), settings.BATCH_SIZE, "labeled defects", run.peaks, level)
+        training_set.add_real_defects(real_maps, real_scores, settings.CLASSIFIER_REAL_DEFECT_WEIGHT, real_directions, real_backgrounds)
     classifier = training_set.train(settings)
     report_verdict(training_set)
     run.info["classifier"] = classifier_info(classifier, training_set, settings)

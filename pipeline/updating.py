@@ -65,6 +65,7 @@ class Scored:
     directions: torch.Tensor | None
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     learned: dict | None = None  # what the anomaly model reported of learning them (`score_files(learn=True)`)
+    backgrounds: torch.Tensor | None = None  # background peak directions (`score_files(background_level=...)`)
 
 
 @dataclass
@@ -137,12 +138,13 @@ def new_images(folder: str, learned: dict, kind: str) -> NewImages:
 
 
 def score_files(model: AnomalyModel, preprocessor: Preprocessor, paths: list[Path], batch_size: int, label: str, peaks: bool = False,
-                learn: bool = False) -> Scored:
-    """Maps, image scores (and peak directions when `peaks`) of the readable files among `paths`
-    under the model as it is; with `learn` the model also learns them from the same backbone pass
-    (`AnomalyModel.update_images`: the maps are those before it learned them), its report in `learned`."""
+                learn: bool = False, background_level: float | None = None) -> Scored:
+    """Maps, image scores (and peak directions when `peaks`, background peak directions at
+    `background_level` when given) of the readable files among `paths` under the model as it is; with
+    `learn` the model also learns them from the same backbone pass (`AnomalyModel.update_images`: the
+    maps are those before it learned them), its report in `learned`."""
     batches = ImageBatches(paths, preprocessor, batch_size, 0)
-    readable, maps, scores, directions = [], [], [], []
+    readable, maps, scores, directions, backgrounds = [], [], [], [], []
 
     def images():  # each batch's images; the paths of those read, in order
         for batch in tqdm(batches, desc=label, unit="batch", file=sys.stderr):
@@ -161,11 +163,14 @@ def score_files(model: AnomalyModel, preprocessor: Preprocessor, paths: list[Pat
     else:
         for batch_images in images():
             keep(*(model.score_with_peaks(batch_images) if peaks else model.score(batch_images)))
+            if background_level is not None:
+                backgrounds.append(model.background_peaks(batch_images, background_level))
     for path, reason in batches.skipped:
         print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
     if not readable:
         return Scored([], torch.zeros(0, *preprocessor.size), torch.zeros(0), None, list(batches.skipped))
-    return Scored(readable, torch.cat(maps), torch.cat(scores), torch.cat(directions) if peaks else None, list(batches.skipped), learned)
+    return Scored(readable, torch.cat(maps), torch.cat(scores), torch.cat(directions) if peaks else None, list(batches.skipped), learned,
+                  torch.cat(backgrounds) if backgrounds else None)
 
 
 def _old_model(model_dir: Path) -> ModelError:
@@ -249,10 +254,12 @@ def _update_locked(model_dir: Path, settings, good_folder: str, defect_folder: s
     defect_scored = None
     if defects is not None and defects.paths:
         peaks = bool(settings.CLASSIFIER_DEFECT_SIMILARITY and model.has_peak_directions and training_set.has_good_directions)
-        defect_scored = score_files(model, preprocessor, defects.paths, settings.BATCH_SIZE, "labeled defects", peaks)
+        level = info["thresholds"]["pixel"] if peaks else None  # a defect's region: its patches above the pixel threshold in force
+        defect_scored = score_files(model, preprocessor, defects.paths, settings.BATCH_SIZE, "labeled defects", peaks, background_level=level)
         summary.n_unreadable += len(defect_scored.skipped)
         if defect_scored.paths:
-            training_set.add_real_defects(defect_scored.maps, defect_scored.scores, settings.CLASSIFIER_REAL_DEFECT_WEIGHT, defect_scored.directions)
+            training_set.add_real_defects(defect_scored.maps, defect_scored.scores, settings.CLASSIFIER_REAL_DEFECT_WEIGHT, defect_scored.directions,
+                                          defect_scored.backgrounds)
             summary.n_defect = len(defect_scored.paths)
             history.append({"kind": "defect", "folder": str(defects.folder), "images": summary.n_defect, "already_learned": defects.known, "when": when})
     if not (summary.n_good or summary.n_defect):

@@ -26,7 +26,7 @@ from settings import load
 from anomaly_model.backbone import ModelError
 from classification_model.features import FEATURE_NAMES, MONOTONE, map_features
 from classification_model.synthetic import DEFECT_TYPES, make_defect
-from classification_model.evidence import FIRST_STAGE, IMAGE_SCORE
+from classification_model.evidence import FIRST_STAGE, IMAGE_SCORE, WITH_SIMILARITY
 from classification_model.training import DefectPainting, VerdictRows, decide_verdict, synthetic_defect_maps, synthetic_plan
 from classification_model.xgboost import Anchor, Anchoring, ClassifierParams, ClassifierRows, DefectClassifier, blend, plot_feature_importance, shrink_share, train_classifier
 
@@ -233,6 +233,32 @@ def test_held_out_evidence_keeps_a_classifier_that_ranks_labeled_defects_better(
     evidence = classifier.report["verdict"]["evidence"][FIRST_STAGE]
     assert evidence["lower_bound"] > 0 and evidence["n_defects"] == 12 and evidence["n_goods"] == 30
     assert 0 < classifier.tree_share < 1 and "beats the image score" in choice.why
+
+
+def test_the_similarity_stage_needs_defects_that_stand_out_from_their_own_backgrounds():
+    """Labeled defects whose peaks share a direction: where their own images' background patches share
+    it too (how they were taken, not what they are), the similarity stage is not even a candidate;
+    where the backgrounds deviate every way, it is weighed. model.json records the check."""
+    rng = np.random.default_rng(7)
+    dim, k = 24, 12
+    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+    shared = unit(rng.standard_normal(dim))
+    defects = unit(2.0 * shared + rng.standard_normal((k, dim)) / np.sqrt(dim))
+    goods = unit(rng.standard_normal((30, dim)))
+    taken_alike = np.roll(defects, 1, axis=0)  # each image's background deviates as another labeled defect's peak does
+    every_way = unit(rng.standard_normal((k, dim)))
+    every_way[0] = np.nan  # a defect whose region covers its whole image has no background: left out
+    outcomes = {}
+    for name, backgrounds in (("alike", taken_alike), ("every way", every_way)):
+        classifier, rows, _, _ = _with_labeled_defects(0.3, k)
+        rows.good_directions, rows.real_directions, rows.real_backgrounds = goods, defects, backgrounds
+        choice, note = decide_verdict(classifier, rows, 0.05, seed=0)
+        outcomes[name] = (choice, note, classifier.report["verdict"]["own_backgrounds"])
+    choice, note, check = outcomes["alike"]
+    assert WITH_SIMILARITY not in choice.evidence and check["lower_bound"] <= 0.5 and check["n_defects"] == k
+    assert "do not stand out from their own images' backgrounds" in note
+    choice, note, check = outcomes["every way"]
+    assert WITH_SIMILARITY in choice.evidence and check["lower_bound"] > 0.5 and check["rocauc"] > 0.9 and check["n_defects"] == k - 1
 
 
 def test_without_clear_held_out_evidence_the_verdict_ranks_exactly_like_the_image_score():

@@ -238,6 +238,59 @@ def test_patchcore_peak_directions_point_from_the_nearest_coreset_feature_and_ke
     assert torch.allclose(directions, deviation / deviation.norm(dim=1, keepdim=True), atol=1e-5)
 
 
+def test_background_peak_is_the_highest_patch_outside_the_grown_region_of_the_peak():
+    """`background_positions` against a plain flood fill: the patches above the level connected (8
+    neighbours) to the peak, grown by 2, are the defect's region; the highest patch outside it is the
+    background peak, none (-1) when the region covers the image."""
+    from scipy import ndimage
+
+    from anomaly_model.base import background_positions
+
+    rng = np.random.default_rng(0)
+    scores = torch.from_numpy(rng.random((8, 12, 14)).astype(np.float32))
+    scores[0] = 0.1
+    scores[0, 3:6, 4:9] = 0.9  # a defect: a block above the level
+    scores[1] = 0.95  # everything above the level: no background
+    found = background_positions(scores, 0.8, grow=2)
+    for image, grid in enumerate(scores.numpy()):
+        peak = np.unravel_index(grid.argmax(), grid.shape)
+        components, _ = ndimage.label(grid > 0.8, structure=np.ones((3, 3)))
+        region = components == components[peak] if components[peak] else np.zeros(grid.shape, bool)
+        region[peak] = True
+        region = ndimage.binary_dilation(region, structure=np.ones((3, 3)), iterations=2)
+        outside = np.where(region, -np.inf, grid)
+        assert int(found[image]) == (int(outside.argmax()) if np.isfinite(outside.max()) else -1)
+    assert int(found[1]) == -1 and not (3 - 2 <= int(found[0]) // 14 < 6 + 2 and 4 - 2 <= int(found[0]) % 14 < 9 + 2)
+
+
+def test_background_peak_directions_are_the_peak_directions_of_that_patch():
+    """PaDiM and PatchCore give at the background peak the same kind of unit vector as at the peak."""
+    from anomaly_model.base import background_positions
+    from anomaly_model.patchcore import PatchCore, PatchCoreSettings
+
+    torch.manual_seed(0)
+    train, new = torch.randn(6, 3, 64, 64), torch.randn(3, 3, 64, 64)
+    padim = Padim(PadimSettings(backbone="resnet18", weights="none", feature_dim=16), device="cpu").fit_images([train])
+    patch = padim.patch_scores(new)
+    level = float(patch.quantile(0.9))
+    where = background_positions(patch, level)
+    directions = padim.background_peaks(new, level)
+    embedding, _ = padim.embed(new)
+    for image in range(3):
+        position = int(where[image])
+        deviation = embedding[position, image] - padim.mean_[position]
+        back = padim.cholesky_[position] @ directions[image]
+        assert torch.allclose(back / back.norm(), deviation / deviation.norm(), atol=1e-4)
+    assert torch.isnan(padim.background_peaks(new, -1.0)).all()  # every patch above the level: no background
+    patchcore = PatchCore(PatchCoreSettings(backbone="resnet18", weights="none", coreset_ratio=0.5), device="cpu")
+    patchcore.fit_images([train])
+    embedding, distances, nearest, grid = patchcore.nearest_patches(new)
+    level = float(distances.quantile(0.9))
+    rows = background_positions(distances.view(3, *grid), level) + torch.arange(3) * grid[0] * grid[1]
+    deviation = embedding[rows] - patchcore.memory_[nearest[rows]]
+    assert torch.allclose(patchcore.background_peaks(new, level), deviation / deviation.norm(dim=1, keepdim=True), atol=1e-5)
+
+
 def test_too_few_goods_to_judge_is_said_as_such():
     """With 2 goods no bound means anything: the line says the goods are too few and how to get more,
     not that the classifier lost; a gain that rounds to nothing is never printed as -0.000."""

@@ -275,7 +275,13 @@ def test_validation_goods_keep_their_peak_directions_so_reviewed_defects_can_tea
     taught, description = stored_rows()
     taught.put_back_real_defects()
     assert taught.real_directions.shape == (4, 40) and np.array_equal(taught.directions_of_goods()[0], rows)
+    assert taught.real_backgrounds.shape == (4, 40)  # their own images' background peaks, kept for the check of later updates
     assert description["classifier"]["verdict"]["evidence"]["classifier"]["n_defects"] == 4  # the evidence weighed them
+    assert update_model(model_dir, settings, "", str(_defect_folder(tmp_path / "data" / "more", 2, seed=8))).n_defect == 2
+    more, _ = stored_rows()
+    more.put_back_real_defects()
+    assert more.real_directions.shape == (6, 40) and more.real_backgrounds.shape == (6, 40)
+    assert np.allclose(np.nan_to_num(more.real_backgrounds[:4]), np.nan_to_num(taught.real_backgrounds))
     assert update_model(model_dir, settings, str(new), "").n_good == 3
     updated, _ = stored_rows()
     assert np.array_equal(updated.directions_of_goods()[0], rows) and np.allclose(updated.directions_of_goods()[1], directions)
