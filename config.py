@@ -25,7 +25,7 @@ VALIDATION_FRACTION = 0.1  # share of train images held out when there is no val
 # without reading its training images again; images the model already holds are skipped.
 ADD_GOOD = ""  # a folder of good images the model should learn ("" = a normal training)
 ADD_DEFECT = ""  # a folder of labeled defect images the classifier should learn ("" = none)
-MODEL_BACKUPS = 3  # an update keeps this many earlier versions beside the model (<name>.backup-1 newest); 0 = none
+MODEL_BACKUPS = 3  # a retrain or an update keeps this many earlier versions beside the model (<name>.backup-1 newest); 0 = none
 
 # --- Geometry: what the model inspects (docs/geometry.md) -------------------------------------
 # Every image is resized to one working size, height x width in pixels; maps, thresholds and

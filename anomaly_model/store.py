@@ -133,9 +133,9 @@ def build_model(settings) -> AnomalyModel:
 
 def save_model(folder: Path, model: AnomalyModel, info: dict, extra_files: dict[str, bytes] | None = None, backups: int | None = None) -> int:
     """Write the fitted model and `info` (thresholds, preprocessing, ...) atomically; returns bytes
-    written. `backups` (MODEL_BACKUPS, for updates): the model replaced is kept as `<name>.backup-1`
-    and earlier backups renumbered after it, the newest `backups` kept (0: none); None leaves
-    existing backups as they are (a full training)."""
+    written. `backups` (MODEL_BACKUPS): the model replaced is kept as `<name>.backup-1` and earlier
+    backups renumbered after it, the newest `backups` kept (0: none); None leaves existing backups
+    as they are and the replaced model is removed."""
     with AtomicFolder(folder, backups=backups) as out:
         model.save_arrays(out)
         for name, data in (extra_files or {}).items():

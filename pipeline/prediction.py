@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from anomaly_model import distributed
-from dataset_manager import DataError, find_images, printable_path
+from dataset_manager import IMAGE_EXTENSIONS, DataError, find_images, is_mask_file, printable_path
 from dataset_manager.loader import skipped_summary
 from pipeline.cli import outputs_to_skip
 from pipeline.inspection import Inspection, Inspector
@@ -72,8 +72,13 @@ def predict_folder(inspector: Inspector, folder: Path, results_dir: Path, settin
     started = time.perf_counter()
     folder = Path(folder)
     paths = find_images(folder, skip=outputs_to_skip(folder, "the folder", settings))
+    masks = [path for path in paths if is_mask_file(path)]
+    paths = [path for path in paths if not is_mask_file(path)]
+    if masks and distributed.is_main():
+        print(f"note: {len(masks)} mask file{'s' if len(masks) != 1 else ''} (<stem>_mask.*, e.g. {printable_path(masks[0])}) "
+              "not scored: they mark the defects of the images beside them", file=sys.stderr)
     if not paths:
-        raise DataError(f"no images under {folder}: expected files ending in .png, .jpg, .jpeg, .bmp, .tif or .tiff")
+        raise DataError(f"no images under {folder}: expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
     detector = inspector.detector
     preview_size = PREVIEW_SIZE if settings.SAVE_PICTURES else 0
     mine = distributed.shard(len(paths), settings.BATCH_SIZE)

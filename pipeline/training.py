@@ -554,7 +554,7 @@ def save(run: TrainingRun) -> TrainingSummary:
     goods = [path for path in run.images.train + run.images.validation if path not in unreadable]
     run.extra_files[LEARNED_IMAGES_FILE] = learned_images(goods, list(run.category.train_defect_images) if settings.CLASSIFIER else [])
     run.extra_files[HONEST_GOODS_FILE] = run.goods.to_bytes()
-    model_bytes = save_model(run.model_dir, model, info, extra_files=run.extra_files)
+    model_bytes = save_model(run.model_dir, model, info, extra_files=run.extra_files, backups=settings.MODEL_BACKUPS)  # a retrain can be worse: the model it replaces is kept
     return TrainingSummary(
         category=run.category.name,
         model_dir=run.model_dir,
@@ -627,6 +627,7 @@ def warn_of_updates(model_dir: Path) -> None:
         learned = sum(int(entry.get("images", 0)) for entry in updates)
         print(
             f"note: model {model_dir} learned {learned} images in {len(updates)} updates (from {', '.join(folders)}); this training "
-            "replaces it without them: put them in the training folders, or run train.py ADD_GOOD= / ADD_DEFECT= again afterwards",
+            "replaces it without them (it is kept as the newest backup, MODEL_BACKUPS): put them in the training folders, "
+            "or run train.py ADD_GOOD= / ADD_DEFECT= again afterwards",
             file=sys.stderr,
         )

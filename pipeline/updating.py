@@ -32,8 +32,7 @@ from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.files import model_lock, read_checked_bytes
 from anomaly_model.store import load_model, model_id, read_description, save_model
-from dataset_manager import ImageBatches, Preprocessor
-from dataset_manager.layouts import find_images, is_mask_file
+from dataset_manager import ImageBatches, Preprocessor, find_images, is_mask_file
 from pipeline.detector import settings_differences
 from pipeline.training import (
     HONEST_GOODS_FILE, LEARNED_IMAGES_FILE, GoodMapSample, content_digest, learned_images, pixel_policies, report_verdict,

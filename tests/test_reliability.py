@@ -431,7 +431,7 @@ def test_two_test_runs_in_the_same_second_keep_both_results(tmp_path, trained, m
         ([1, 2], 0, {}),  # MODEL_BACKUPS=0: none kept, none stale left behind as backup-1
     ],
 )
-def test_backups_stay_newest_first_without_gaps(tmp_path, existing, keep, expected):
+def test_backups_stay_newest_first_without_gaps(tmp_path, existing, keep, expected, capsys):
     """backup-1 is always the model before the last save, backup-2 the one before that, ...: so the
     documented restore (rename backup-1) gives the previous model whatever was kept or restored before."""
     models = tmp_path / "models"
@@ -446,3 +446,18 @@ def test_backups_stay_newest_first_without_gaps(tmp_path, existing, keep, expect
     found = {int(path.name.rsplit("-", 1)[1]): (path / "version").read_text() for path in models.glob("part.backup-*")}
     assert found == expected
     assert not [path for path in models.iterdir() if path.name.startswith(".")]  # nothing left aside
+    removed = max(0, len(existing) + 1 - keep) - (keep == 0)  # earlier backups past the count (with 0, the replaced model goes too)
+    note = capsys.readouterr().err
+    assert (f"note: MODEL_BACKUPS={keep}: removed the older backup" in note) == (removed > 0)  # never silently
+
+
+def test_a_retrain_keeps_the_model_it_replaces_as_a_backup(tmp_path, trained, monkeypatch, capsys):
+    """A full retrain can be worse than the model it replaces (which may hold updates): that model is
+    kept as backup-1, like an update's; MODEL_BACKUPS=0 keeps none."""
+    before = (tmp_path / "models" / "part" / "model.json").read_text()
+    code, stderr = run_in_process(script_main("train"), list(trained), monkeypatch, capsys)
+    assert code == 0, stderr
+    assert (tmp_path / "models" / "part.backup-1" / "model.json").read_text() == before
+    code, stderr = run_in_process(script_main("train"), [*trained, "MODEL_BACKUPS=0"], monkeypatch, capsys)
+    assert code == 0 and not list((tmp_path / "models").glob("part.backup-*"))
+    assert "note: MODEL_BACKUPS=0: removed the older backup part.backup-1" in stderr

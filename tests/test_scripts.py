@@ -79,9 +79,11 @@ def test_test_py_scores_a_plain_folder_and_skips_bad_files(tmp_path, tiny_catego
         (folder / source.name).write_bytes(source.read_bytes())
     (folder / "broken.png").write_bytes(b"\x89PNG garbage")
     (folder / "notes.txt").write_text("not an image")
+    (folder / "000_mask.png").write_bytes((tiny_category / "test" / "good" / "000.png").read_bytes())  # a mask beside its image
     result = run_script("test.py", str(folder), *trained)
     assert result.returncode == 0, result.stderr
     assert "skipped" in result.stderr and "broken.png" in result.stderr
+    assert "note: 1 mask file (<stem>_mask.*, e.g." in result.stderr and "000_mask.png) not scored" in result.stderr
     (run_dir,) = (tmp_path / "results" / "part").iterdir()
     rows = list(csv.DictReader(open(run_dir / "predictions.csv")))
     assert sorted(Path(row["path"]).name for row in rows) == ["000.png", "001.png"]
