@@ -194,7 +194,7 @@ def choose_verdict(candidates: dict[str, HeldOutRows], seed: int) -> VerdictChoi
     if not kept:
         if all(entry.effective_goods < MIN_ALIKE_GOODS for entry in evidence.values()):
             return VerdictChoice(IMAGE_SCORE, f"too few good images taken like the labeled defects to judge whether they help (at least "
-                                 f"{MIN_ALIKE_GOODS:.0f} per defect are needed): add validation/good images or keep OUT_OF_FOLD_FOLDS on; "
+                                 f"{MIN_ALIKE_GOODS:.0f} per defect are needed): keep OUT_OF_FOLD_FOLDS on or add good images; "
                                  f"the labeled defects do not change the verdict ({described})", evidence)
         return VerdictChoice(IMAGE_SCORE, f"the labeled defects do not change the verdict: no classifier beats the image score clearly on "
                              f"images it did not train on ({described})", evidence)

@@ -72,6 +72,7 @@ class ModelHolder:
         if self._gone:
             self._gone = False
             self.note = "" if signature == self.signature else self.note
+            log(f"{self.model_dir} holds a model again" + (f": the same one, {self.current.model_id[:12]}, still serving" if signature == self.signature else ""))
         if signature == self.signature or signature == self._refused:
             return self.current
         try:
@@ -83,7 +84,10 @@ class ModelHolder:
             return self.current
         old = self.current
         self.current, self.signature, self.note, self._refused = new, signature, "", None
-        log(f"switched model {self.model_dir.name}: {old.model_id[:12]} -> {new.model_id[:12]}")
+        if new.model_id == old.model_id:  # model.json rewritten, the model the same (export.py adds its ONNX file)
+            log(f"reloaded model {self.model_dir.name}: {new.model_id[:12]}, unchanged ({new.detector.runtime})")
+        else:
+            log(f"switched model {self.model_dir.name}: {old.model_id[:12]} -> {new.model_id[:12]}")
         for line in new.notes:
             log(line)
         return new

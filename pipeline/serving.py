@@ -64,6 +64,9 @@ class RequestError(Exception):
         self.status = status
 
 
+INSPECT_QUERY = {"pictures", "token"}  # the query parameters POST /inspect reads
+
+
 @dataclass
 class LiveService:
     """Everything one serve.py process runs: the model, the batching worker, the latest images,
@@ -184,6 +187,9 @@ def create_app(service: LiveService) -> FastAPI:
     @app.post("/inspect")
     async def inspect(request: Request, pictures: bool = False) -> JSONResponse:
         service.require_token(request)
+        unknown = sorted(set(request.query_params) - INSPECT_QUERY)
+        if unknown:  # a misspelt option (?picture=true) would otherwise be ignored without a word
+            raise RequestError(400, f"unknown query parameter {unknown[0]!r}: /inspect takes {', '.join(sorted(INSPECT_QUERY))}")
         data, name = await _image_bytes(request, service.max_bytes)
         try:
             prepared = await run_in_threadpool(service.prepare, data, name)
@@ -226,7 +232,7 @@ def create_app(service: LiveService) -> FastAPI:
             raise RequestError(400, f"label {label!r} is not one of {', '.join(LABELS)}{how}")
         image = service.recent.get(image_id)
         if image is None:
-            raise RequestError(404, f"image {image_id!r} is no longer kept (only the latest {service.recent.keep} are)")
+            raise RequestError(404, f"no image {image_id!r}: unknown, or no longer kept (only the latest {service.recent.keep} are)")
         await run_in_threadpool(service.recent.correct, image, label)
         token = request.query_params.get("token") or str(form.get("token") or "")
         location = f"/?token={token}#image-{image_id}" if token else f"/#image-{image_id}"

@@ -502,7 +502,8 @@ def few_goods_note(count: int, rate: float) -> str:
         return ""
     return (f"IMAGE_FALSE_REJECT_RATE={rate:g} asks for 1 good part in {1 / rate:.0f} flagged, but the image threshold rests on "
             f"{count} good images the model was not fitted on, which can only show about 1 in {count + 1} (the threshold is near "
-            "their highest score): add validation/good images or keep OUT_OF_FOLD_FOLDS on")
+            "their highest score): keep OUT_OF_FOLD_FOLDS on, add good images (validation/good/ in the MVTec layout) "
+            "or raise VALIDATION_FRACTION")
 
 
 def train_verdict(run: TrainingRun) -> None:
@@ -592,8 +593,8 @@ def check_classifier_rows(category: Category, settings, n_validation: int, n_tra
     training images, `n_train` of the latter) or no defect at all to learn from."""
     if n_validation + n_train < 2:
         raise ModelError(
-            f"the classifier needs good images it was not fitted on, got {n_validation + n_train}: add validation/good/ images, "
-            "raise VALIDATION_FRACTION, set OUT_OF_FOLD_FOLDS, or set CLASSIFIER = False"
+            f"the classifier needs good images it was not fitted on, got {n_validation + n_train}: set OUT_OF_FOLD_FOLDS, "
+            "raise VALIDATION_FRACTION, add good images (validation/good/ in the MVTec layout), or set CLASSIFIER = False"
         )
     labeled = len(category.train_defect_images)
     if not labeled and (settings.CLASSIFIER_SYNTHETIC_DEFECTS == 0 or settings.CLASSIFIER_ENOUGH_REAL_DEFECTS == 0):

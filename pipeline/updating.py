@@ -32,7 +32,7 @@ from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.files import model_lock, read_checked_bytes
 from anomaly_model.store import load_model, model_id, read_description, save_model
-from dataset_manager import ImageBatches, Preprocessor, find_images, is_mask_file
+from dataset_manager import IMAGE_EXTENSIONS, ImageBatches, Preprocessor, find_images, is_mask_file
 from pipeline.detector import settings_differences
 from pipeline.training import (
     HONEST_GOODS_FILE, LEARNED_IMAGES_FILE, GoodMapSample, content_digest, learned_images, pixel_policies, report_verdict,
@@ -127,6 +127,8 @@ def new_images(folder: str, learned: dict, kind: str) -> NewImages:
         paths.append(path)
     if masks:
         print(f"note: {len(masks)} mask file{'s' if len(masks) != 1 else ''} in {folder} (e.g. {masks[0].name}) not learned as images", file=sys.stderr)
+    if not (paths or skipped or repeated or masks):  # an empty review folder is normal; a mistyped one looks the same
+        print(f"note: {setting}={folder} holds no images (files ending in {', '.join(IMAGE_EXTENSIONS)}): nothing to learn from it", file=sys.stderr)
     if relabeled:
         print(
             f"note: {len(relabeled)} image{'s' if len(relabeled) != 1 else ''} in {folder} (e.g. {relabeled[0]}) the model learned before as "
@@ -248,7 +250,8 @@ def _update_locked(model_dir: Path, settings, good_folder: str, defect_folder: s
             if training_set is not None:
                 training_set.add_goods(good_scored.maps, good_scored.scores)
             summary.n_good = len(good_scored.paths)
-            history.append({"kind": "good", "folder": str(goods.folder), "images": summary.n_good, "already_learned": goods.known, "when": when, **summary.model_report})
+            history.append({"kind": "good", "folder": str(goods.folder), "images": summary.n_good, "already_learned": goods.known,
+                            "repeated_in_folder": goods.repeated, "when": when, **summary.model_report})
             info.setdefault("dataset", {})["n_train_images"] = model.n_train_images_
     defect_scored = None
     if defects is not None and defects.paths:
@@ -260,7 +263,8 @@ def _update_locked(model_dir: Path, settings, good_folder: str, defect_folder: s
             training_set.add_real_defects(defect_scored.maps, defect_scored.scores, settings.CLASSIFIER_REAL_DEFECT_WEIGHT, defect_scored.directions,
                                           defect_scored.backgrounds)
             summary.n_defect = len(defect_scored.paths)
-            history.append({"kind": "defect", "folder": str(defects.folder), "images": summary.n_defect, "already_learned": defects.known, "when": when})
+            history.append({"kind": "defect", "folder": str(defects.folder), "images": summary.n_defect, "already_learned": defects.known,
+                            "repeated_in_folder": defects.repeated, "when": when})
     if not (summary.n_good or summary.n_defect):
         print(f"none of the new images could be read: model {model_dir} is unchanged", file=sys.stderr)
         summary.seconds = time.perf_counter() - started

@@ -123,6 +123,8 @@ def test_multipart_and_pictures_only_when_asked(server, trained):
     assert overlay.format == mask.format == "PNG"
     assert mask.size == Image.open(path).size and overlay.mode == "RGB"
     assert np.asarray(mask).any()  # the painted defect is found
+    misspelt = server.client.post("/inspect?picture=true", files={"image": ("x.png", path.read_bytes(), "image/png")}, headers=AUTH)
+    assert misspelt.status_code == 400 and misspelt.json()["error"] == "unknown query parameter 'picture': /inspect takes pictures, token"
     assert pictured.json()["image_score"] == plain.json()["image_score"]
 
 
@@ -415,7 +417,7 @@ def test_the_worker_loads_the_model_on_its_own_thread_and_hands_back_a_load_erro
         BatchingWorker().start(broken)
 
 
-def test_a_model_folder_deleted_under_the_server_is_said_and_the_old_model_keeps_serving(tmp_path):
+def test_a_model_folder_deleted_under_the_server_is_said_and_the_old_model_keeps_serving(tmp_path, capsys):
     """/health's note says the model folder is gone (an atomic swap never shows that); the model in
     use keeps serving, and the note clears when the folder is back as it was."""
     from types import SimpleNamespace
@@ -426,12 +428,18 @@ def test_a_model_folder_deleted_under_the_server_is_said_and_the_old_model_keeps
     folder.mkdir()
     (folder / "model.json").write_text("{}")
     loaded = []
-    holder = ModelHolder(folder, lambda path: loaded.append(path) or SimpleNamespace(model_id="a" * 64, notes=[]))
+    holder = ModelHolder(folder, lambda path: loaded.append(path) or SimpleNamespace(model_id="a" * 64, notes=[], detector=SimpleNamespace(runtime="torch")))
     moved = tmp_path / "moved"
     folder.rename(moved)
     assert holder.refresh() is holder.current and "holds no model now" in holder.note and "aaaaaaaaaaaa" in holder.note
     moved.rename(folder)
     assert holder.refresh() is holder.current and holder.note == "" and len(loaded) == 1
+    log = capsys.readouterr()
+    assert "holds a model again: the same one, aaaaaaaaaaaa, still serving" in log.out + log.err  # the log says it is over too
+    (folder / "model.json").write_text('{"export": {}}')  # rewritten, the model the same (export.py): no "switched" line
+    assert holder.refresh() is holder.current and len(loaded) == 2
+    log = capsys.readouterr()
+    assert "reloaded model part: aaaaaaaaaaaa, unchanged (torch)" in log.err and "switched" not in log.err
 
 
 def test_review_corrections_are_stored_in_a_format_the_updates_read(tmp_path):

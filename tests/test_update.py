@@ -240,6 +240,11 @@ def test_update_folders_are_checked_for_what_they_hold(tmp_path: Path, capsys: p
     assert "1 good image in" in notes and "repeats another of the folder (same bytes): learned once" in notes and "already known" not in notes
     assert "1 mask file in" in notes and "000_mask.png" in notes
     assert "1 image in" in notes and "was_good.png" in notes and "learned before as goods" in notes
+    history = json.loads((model_dir / "model.json").read_text())["updates"]
+    assert [(entry["kind"], entry["images"], entry["repeated_in_folder"]) for entry in history] == [("good", 2, 1), ("defect", 3, 0)]
+    (tmp_path / "empty").mkdir()  # a mistyped or still empty review folder: said, the model unchanged
+    assert update_model(model_dir, settings, str(tmp_path / "empty"), "").n_good == 0
+    assert f"note: ADD_GOOD={tmp_path / 'empty'} holds no images" in capsys.readouterr().err
 
 
 def test_add_defect_needs_a_classifier(tmp_path: Path) -> None:
