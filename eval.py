@@ -20,7 +20,7 @@ from anomaly_model import distributed
 from evaluation.plots import plot_pro, plot_roc
 from evaluation.report import write_report
 from evaluation.tables import markdown_category, markdown_summary, summary_table, terminal_table
-from pipeline.cli import load_categories, model_dir_for, run
+from pipeline.cli import chosen_categories, model_dir_for, run
 from pipeline.evaluation_run import CategoryEvaluation, evaluate_category
 from pipeline.inspection import load_for_settings
 from settings import SettingsError, load
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
     settings, extra = load(argv)
     if extra:
         raise SettingsError(f"eval.py takes only KEY=VALUE settings, not {extra[0]!r}")
-    categories = load_categories(settings)
+    categories = chosen_categories(settings)
     evaluations = []
     run_name = f"eval-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     with distributed.SharedFolder(Path(settings.RESULTS_DIR) / run_name, replace=False) as out:

@@ -9,7 +9,7 @@ file; docs/deployment.md "Deploying without PyTorch" scores an image with numpy,
 
 from __future__ import annotations
 
-from pipeline.cli import load_categories, model_dir_for, run, single_category
+from pipeline.cli import chosen_categories, model_dir_for, run
 from pipeline.exporting import check_paths, export_model
 from settings import SettingsError, load
 
@@ -18,11 +18,8 @@ def main(argv: list[str]) -> None:
     settings, extra = load(argv)
     if extra:
         raise SettingsError(f"export.py takes only KEY=VALUE settings, not {extra[0]!r}")
-    categories = load_categories(settings)
-    chosen = categories
-    if len(categories) > 1 and settings.MODEL_NAME:
-        chosen = [single_category(categories, settings, "to say which model to export,")]
-    for category in chosen:
+    categories = chosen_categories(settings)
+    for category in categories:
         model_dir = model_dir_for(settings, category.name, len(categories))
         summary = export_model(model_dir, check_paths(category, settings.EXPORT_CHECK_IMAGES))
         files = ", ".join(f"{name} ({size / 1e6:.1f} MB)" for name, size in summary.files.items())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cli import chosen_model_dir, load_categories, model_dir_for, run
+from pipeline.cli import chosen_categories, chosen_model_dir, model_dir_for, run
 from pipeline.inspection import load_for_settings
 from pipeline.prediction import predict_folder
 from settings import SettingsError, load
@@ -24,7 +24,7 @@ def _jobs(settings, folder_arg: str | None) -> list[tuple[Path, Path, str]]:
     if folder:
         model_dir = chosen_model_dir(settings, "to say which model scores the folder,")
         return [(model_dir, Path(folder), model_dir.name)]
-    categories = load_categories(settings)
+    categories = chosen_categories(settings)
     jobs = []
     for category in categories:
         if category.test_dir is None:

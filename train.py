@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import chosen_model_dir, load_categories, model_dir_for, run, single_category
+from pipeline.cli import chosen_categories, chosen_model_dir, model_dir_for, run
 from pipeline.training import train_category, warn_of_updates
 from anomaly_model.store import other_models_settings
 from settings import SettingsError, command_line_keys, load
@@ -24,9 +24,7 @@ def main(argv: list[str]) -> None:
     ignored = other_models_settings(settings.ANOMALY_MODEL, command_line_keys(argv))
     if ignored:
         print(f"note: {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} not used by ANOMALY_MODEL={settings.ANOMALY_MODEL} (docs/settings.md says which model takes which setting)", file=sys.stderr)
-    categories = load_categories(settings)
-    if len(categories) > 1 and settings.MODEL_NAME:  # MODEL_NAME picks one category's model, here too
-        categories = [single_category(categories, settings, "to say which model to train,")]
+    categories = chosen_categories(settings)
     summaries = []
     for category in categories:
         model_dir = model_dir_for(settings, category.name, len(categories))

@@ -166,4 +166,15 @@ def single_category(categories: list[Category], settings, purpose: str) -> Categ
     wanted = [c for c in categories if c.name == settings.MODEL_NAME]
     if wanted:
         return wanted[0]
+    if settings.MODEL_NAME:
+        raise SettingsError(f"MODEL_NAME={settings.MODEL_NAME} is not one of the {len(names)} categories in DATASET_DIR ({', '.join(names)})")
     raise SettingsError(f"DATASET_DIR holds {len(names)} categories ({', '.join(names)}): {purpose} set MODEL_NAME=<one of them>")
+
+
+def chosen_categories(settings) -> list[Category]:
+    """The categories train.py, test.py and eval.py work on: every one at DATASET_DIR, or on a root
+    of several the one MODEL_NAME names (refused in one line when it names none of them)."""
+    categories = load_categories(settings)
+    if len(categories) > 1 and settings.MODEL_NAME:
+        return [single_category(categories, settings, "")]
+    return categories

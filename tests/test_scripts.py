@@ -139,12 +139,24 @@ def test_pictures_of_files_sharing_a_stem_do_not_overwrite_each_other(tmp_path, 
     assert len(list((run_dir / "pictures").iterdir())) == 8
 
 
-def test_model_name_picks_one_category_of_a_root_to_train(tmp_path):
+def test_model_name_picks_one_category_of_a_root_for_every_script(tmp_path):
+    """MODEL_NAME on a root of several categories: train.py trains, test.py scores and eval.py
+    evaluates that one only; a name that is none of them is refused in one line naming them."""
     for name in ("alpha", "beta"):
         make_mvtec_category(tmp_path / "data" / name, n_train=6, n_test=1)
-    result = run_script("train.py", f"DATASET_DIR={tmp_path / 'data'}", "MODEL_NAME=beta", *TINY, *outputs(tmp_path), "CLASSIFIER=False")
+    common = [f"DATASET_DIR={tmp_path / 'data'}", *TINY, *outputs(tmp_path), "CLASSIFIER=False", "SAVE_PICTURES=False"]
+    result = run_script("train.py", *common, "MODEL_NAME=beta")
     assert result.returncode == 0, result.stderr
     assert sorted(path.name for path in (tmp_path / "models").iterdir() if not path.name.startswith(".")) == ["beta"]
+    assert run_script("test.py", *common, "MODEL_NAME=beta").returncode == 0
+    assert [path.name for path in (tmp_path / "results").iterdir()] == ["beta"]
+    evaluated = run_script("eval.py", *common, "MODEL_NAME=beta")
+    assert evaluated.returncode == 0, evaluated.stderr
+    (run_dir,) = [path for path in (tmp_path / "results").iterdir() if path.name.startswith("eval-")]
+    assert sorted(path.name for path in run_dir.iterdir() if path.is_dir()) == ["beta"]
+    for script in ("train.py", "test.py", "eval.py"):
+        line = error_line(run_script(script, *common, "MODEL_NAME=gamma"))
+        assert line == "error: MODEL_NAME=gamma is not one of the 2 categories in DATASET_DIR (alpha, beta)", line
 
 
 def test_missing_dataset_path(tmp_path):
