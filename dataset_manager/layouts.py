@@ -140,11 +140,14 @@ def _labeled_test_images(category_dir: Path, test_dir: Path, skip: Sequence[Path
 
 
 def _mask_of(category_dir: Path, image: Path) -> Path | None:
-    """A defect image's ground-truth mask: ground_truth/<type>/<stem>_mask.png in the category folder
-    (MVTec AD), or <stem>_mask.png beside the image (either layout); None when there is none."""
-    for candidate in (category_dir / "ground_truth" / image.parent.name / f"{image.stem}_mask.png", image.with_name(f"{image.stem}_mask.png")):
-        if candidate.is_file():
-            return candidate
+    """A defect image's ground-truth mask: ground_truth/<type>/<stem>_mask.<ext> in the category
+    folder (MVTec AD), or <stem>_mask.<ext> beside the image (either layout); .png first, then any
+    image format; None when there is none."""
+    for folder in (category_dir / "ground_truth" / image.parent.name, image.parent):
+        for suffix in (".png", *IMAGE_EXTENSIONS):
+            candidate = folder / f"{image.stem}_mask{suffix}"
+            if candidate.is_file():
+                return candidate
     return None
 
 

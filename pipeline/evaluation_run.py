@@ -117,6 +117,12 @@ def _score(detector: Detector, category: Category, settings) -> _Scored | None:
             masks[index] = mask
     for path, reason in skipped:
         warn(f"skipped {path}: {reason}")
+    empty = has_mask & np.array([item.is_defect for item in items], dtype=bool) & ~masks.any(axis=(1, 2))
+    if empty.any():  # a defect image's mask that marks nothing: its defect pixels would count as good ones
+        first = items[int(np.flatnonzero(empty)[0])].mask_path
+        warn(f"{int(empty.sum())} defect image mask{'s' if empty.sum() != 1 else ''} mark{'' if empty.sum() != 1 else 's'} no defect pixel "
+             f"at the working size (e.g. {printable_path(first)}): left out of the pixel figures like images without a mask")
+        has_mask &= ~empty
     return _Scored(scores, None if any_missing_probability else probabilities, verdicts, maps, masks, has_mask, skipped)
 
 
@@ -298,7 +304,7 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
     elif unmasked.any():
         notes.append(
             f"none of the {defects} defect images has a ground-truth mask (ground_truth/<type>/<stem>_mask.png in the category folder, "
-            "or <stem>_mask.png beside the image): "
+            "or <stem>_mask.png beside the image; other image formats too): "
             "pixel ROCAUC and PRO are not computed"
         )
         warn(notes[-1])

@@ -53,10 +53,12 @@ def test_simple_layout(tmp_path):
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "test_dataset_folder" / "defect" / "0_mask.png")
     (tmp_path / "ground_truth" / "defect").mkdir(parents=True)
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "ground_truth" / "defect" / "1_mask.png")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / "test_dataset_folder" / "defect" / "2_mask.jpg")  # any image format
     (category,) = find_categories(tmp_path)
     assert len(category.test_images) == 6
     masks = {item.path.name: item.mask_path and item.mask_path.relative_to(tmp_path).as_posix() for item in category.test_images if item.is_defect}
-    assert masks == {"0.bmp": "test_dataset_folder/defect/0_mask.png", "1.bmp": "ground_truth/defect/1_mask.png", "2.bmp": None}
+    assert masks == {"0.bmp": "test_dataset_folder/defect/0_mask.png", "1.bmp": "ground_truth/defect/1_mask.png",
+                     "2.bmp": "test_dataset_folder/defect/2_mask.jpg"}
 
 
 def test_a_test_folder_named_good_in_any_case_holds_goods(tmp_path):

@@ -280,6 +280,17 @@ def test_missing_masks_use_the_masked_images_and_say_how_many(tmp_path, capsys):
     assert "2 of 3 defect images have no ground-truth mask: pixel ROCAUC and PRO use the 1 that have one and the 2 good images" in capsys.readouterr().err
 
 
+def test_an_empty_mask_of_a_defect_image_is_named_and_left_out_of_the_pixel_figures(tmp_path, capsys):
+    """A black mask for a defect image would count its defect pixels as good ones: said, and the image
+    left out of the pixel figures like one without a mask, not scored as a perfect-looking good."""
+    category = _category(tmp_path / "data", 2, 3)
+    empty = category.test_images[-1].mask_path
+    Image.fromarray(np.zeros(np.asarray(Image.open(empty)).shape, np.uint8)).save(empty)
+    metrics = evaluate_category(FakeDetector(), category, _settings(), tmp_path / "out").metrics
+    assert metrics["n_defects_without_mask"] == 1 and metrics["n_pixel_images"] == 4 and metrics["pixel_rocauc"] == pytest.approx(1.0)
+    assert f"1 defect image mask marks no defect pixel at the working size (e.g. {empty})" in capsys.readouterr().err
+
+
 def test_no_masks_at_all_say_the_pixel_figures_are_not_computed(tmp_path, capsys):
     """The simple layout has no masks: one line says so, not a count of images that have one."""
     metrics = evaluate_category(FakeDetector(), _category(tmp_path / "data", 2, 3, masked=0), _settings(), tmp_path / "out").metrics
