@@ -249,3 +249,15 @@ def per_defect_rocauc(defect_types: list[str], scores: np.ndarray) -> dict[str, 
         chosen = good | (types == kind)
         table[kind] = {"count": int((types == kind).sum()), "image_rocauc": image_rocauc(types[chosen] == kind, scores[chosen])}
     return table
+
+
+def few_goods_note(count: int, rate: float, key: str) -> str:
+    """Why a threshold set on `count` honest good images cannot hold the false-reject `rate` (setting
+    `key`) when they are fewer than 1 / rate: it is then close to their highest score and flags about
+    1 good part in count + 1; "" otherwise."""
+    if rate <= 0 or count * rate >= 1:
+        return ""
+    return (f"{key}={rate:g} asks for 1 good part in {1 / rate:.0f} flagged, but the threshold rests on "
+            f"{count} good images the model was not fitted on, which can only show about 1 in {count + 1} (the threshold is near "
+            "their highest score): keep OUT_OF_FOLD_FOLDS on, add good images (validation/good/ in the MVTec layout) "
+            "or raise VALIDATION_FRACTION, and retrain")

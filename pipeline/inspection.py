@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from anomaly_model.store import model_id
+from evaluation.metrics import few_goods_note
 from dataset_manager import DataError, ImageBatches, read_rgb
 from dataset_manager.images import gray_to_uint8, pil_to_rgb
 from pipeline.detector import Detector, ImageResult
@@ -111,45 +112,57 @@ def honest_good_scores(description: dict) -> np.ndarray:
 
 def apply_operating_point(detector: Detector, point: OperatingPoint) -> list[str]:
     """Re-pick the thresholds `point` asks for from the honest good scores the model stores; returns
-    one line per threshold saying what changed (or why it could not)."""
+    one line per threshold saying what changed (or why it could not). A verdict that ranks like the
+    image score (train.py kept no classifier candidate) has one threshold: whichever rate is given
+    moves both, CLASSIFIER_FALSE_REJECT_RATE when both are, so normalized_score 1.0 stays the boundary."""
     lines = []
     name = detector.model_dir.name
-    rate = point.image_false_reject_rate
-    if rate is not None:
+    classifier = detector.classifier
+    rank_like = classifier is not None and not classifier.uses_trees and classifier.similarity is None
+    image_rate, classifier_rate, image_key = point.image_false_reject_rate, point.classifier_false_reject_rate, "IMAGE_FALSE_REJECT_RATE"
+    if rank_like and classifier_rate is not None:
+        if image_rate is not None and image_rate != classifier_rate:
+            lines.append(f"operating point: {name}'s verdict ranks like the image score, so one threshold decides it: "
+                         f"CLASSIFIER_FALSE_REJECT_RATE={classifier_rate} sets it, IMAGE_FALSE_REJECT_RATE={image_rate} is not used")
+        image_rate, classifier_rate, image_key = classifier_rate, None, "CLASSIFIER_FALSE_REJECT_RATE"
+    if image_rate is not None:
         scores = honest_good_scores(detector.description)
         if scores.size == 0:
-            raise SettingsError(f"IMAGE_FALSE_REJECT_RATE: model {detector.model_dir} stores no honest good scores to re-pick from: retrain with python train.py")
-        old, detector.image_threshold = detector.image_threshold, float(np.quantile(scores, 1 - rate))
-        classifier = detector.classifier
+            raise SettingsError(f"{image_key}: model {detector.model_dir} stores no honest good scores to re-pick from: retrain with python train.py")
+        old, detector.image_threshold = detector.image_threshold, float(np.quantile(scores, 1 - image_rate))
         if classifier is None:
             used = "it decides the verdict"
-        elif not classifier.uses_trees and classifier.similarity is None and point.classifier_false_reject_rate is None:
-            # the verdict is the image score's log-odds (train.py kept no classifier candidate): its threshold follows
+        elif rank_like:  # the verdict is the image score's log-odds: its threshold follows
             classifier.threshold = float(classifier.predict(None, np.array([detector.image_threshold]))[0])
-            used = "the verdict ranks like the image score, so it follows this threshold"
+            used = f"the verdict ranks like the image score, so it follows this threshold (classifier threshold {classifier.threshold:.6g})"
         else:
             used = "the classifier decides the verdict (CLASSIFIER_FALSE_REJECT_RATE moves it); this threshold scales normalized_score"
         lines.append(
             f"operating point: {name}'s image threshold {old:.6g} -> {detector.image_threshold:.6g} "
-            f"(IMAGE_FALSE_REJECT_RATE={rate} of the {scores.size} honest good scores in the model, no retraining; {used})"
+            f"({image_key}={image_rate} of the {scores.size} honest good scores in the model, no retraining; {used})"
         )
-    rate = point.classifier_false_reject_rate
-    if rate is not None:
+        few = few_goods_note(scores.size, image_rate, image_key)
+        if few:
+            lines.append(f"operating point: {name}: {few}")
+    if classifier_rate is not None:
         entry = detector.description.get("classifier")
-        if detector.classifier is None or entry is None:
-            lines.append(f"operating point: {name} has no classifier, CLASSIFIER_FALSE_REJECT_RATE={rate} changes nothing")
+        if classifier is None or entry is None:
+            lines.append(f"operating point: {name} has no classifier, CLASSIFIER_FALSE_REJECT_RATE={classifier_rate} changes nothing")
         elif not entry.get("good_probabilities"):
             lines.append(
                 f"operating point: {name} was trained before models stored the classifier's out-of-fold good probabilities: "
-                f"retrain (python train.py) to re-pick CLASSIFIER_FALSE_REJECT_RATE={rate}; its threshold {detector.classifier.threshold:.6g} stands"
+                f"retrain (python train.py) to re-pick CLASSIFIER_FALSE_REJECT_RATE={classifier_rate}; its threshold {classifier.threshold:.6g} stands"
             )
         else:
             goods = np.asarray(entry["good_probabilities"], dtype=np.float64)
-            old, detector.classifier.threshold = detector.classifier.threshold, float(np.quantile(goods, 1 - rate))
+            old, classifier.threshold = classifier.threshold, float(np.quantile(goods, 1 - classifier_rate))
             lines.append(
-                f"operating point: {name}'s classifier threshold {old:.6g} -> {detector.classifier.threshold:.6g} "
-                f"(CLASSIFIER_FALSE_REJECT_RATE={rate} of the {goods.size} honest (held-out) good probabilities in the model, no retraining)"
+                f"operating point: {name}'s classifier threshold {old:.6g} -> {classifier.threshold:.6g} "
+                f"(CLASSIFIER_FALSE_REJECT_RATE={classifier_rate} of the {goods.size} honest (held-out) good probabilities in the model, no retraining)"
             )
+            few = few_goods_note(goods.size, classifier_rate, "CLASSIFIER_FALSE_REJECT_RATE")
+            if few:
+                lines.append(f"operating point: {name}: {few}")
     detector.operating_notes += lines
     return lines
 

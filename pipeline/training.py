@@ -23,6 +23,7 @@ from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.files import check_writable, sweep_model
 from anomaly_model.store import build_model, read_description, save_model
+from evaluation.metrics import few_goods_note
 from dataset_manager import Category, DataError, ImageBatches, Preprocessor
 from dataset_manager.images import image_size, resolve_image_size, training_full_scale
 from dataset_manager.loader import skipped_summary
@@ -490,20 +491,9 @@ def set_thresholds(run: TrainingRun) -> None:
         }
     pixel_policies(run.model, run.maps, run.info["thresholds"], settings.PIXEL_THRESHOLD_POLICY)  # on the thresholds in force
     run.maps = None
-    note = few_goods_note(run.goods.count, settings.IMAGE_FALSE_REJECT_RATE)
+    note = few_goods_note(run.goods.count, settings.IMAGE_FALSE_REJECT_RATE, "IMAGE_FALSE_REJECT_RATE")
     if note:
         print(f"note: {note}", file=sys.stderr)
-
-
-def few_goods_note(count: int, rate: float) -> str:
-    """Why the image threshold cannot hold IMAGE_FALSE_REJECT_RATE when the honest goods are fewer
-    than 1 / rate (it is then close to their highest score and flags about 1 good part in count + 1); "" otherwise."""
-    if rate <= 0 or count * rate >= 1:
-        return ""
-    return (f"IMAGE_FALSE_REJECT_RATE={rate:g} asks for 1 good part in {1 / rate:.0f} flagged, but the image threshold rests on "
-            f"{count} good images the model was not fitted on, which can only show about 1 in {count + 1} (the threshold is near "
-            "their highest score): keep OUT_OF_FOLD_FOLDS on, add good images (validation/good/ in the MVTec layout) "
-            "or raise VALIDATION_FRACTION")
 
 
 def train_verdict(run: TrainingRun) -> None:

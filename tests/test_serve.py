@@ -271,25 +271,27 @@ def test_operating_point_on_the_command_line(trained, tmp_path):
 
     model = json.loads((trained["model"] / "model.json").read_text())
     scores = honest_good_scores(model)
-    point = OperatingPoint(image_false_reject_rate=0.5, classifier_false_reject_rate=0.25)
-    moved = load(trained["model"], "cpu", operating_point=point)
-    assert moved.detector.image_threshold == pytest.approx(float(np.quantile(scores, 0.5)))
-    assert any("IMAGE_FALSE_REJECT_RATE=0.5" in line and "no retraining" in line for line in moved.notes)
-    assert any("CLASSIFIER_FALSE_REJECT_RATE=0.25" in line for line in moved.notes)
-    goods = model["classifier"].get("good_probabilities")
-    if goods:  # models trained since they store them
-        assert moved.detector.classifier.threshold == pytest.approx(float(np.quantile(goods, 0.75)))
-    # no labeled defects: the verdict ranks like the image score, so IMAGE_FALSE_REJECT_RATE alone moves it too
-    image_only = load(trained["model"], "cpu", operating_point=OperatingPoint(image_false_reject_rate=0.5))
-    assert not image_only.detector.classifier.uses_trees and any("follows this threshold" in line for line in image_only.notes)
-    judged = [image_only.inspect(path) for path in sorted((trained["category"] / "test").rglob("*.png"))]
-    assert all(item.verdict == ("defect" if item.normalized_score >= 1 else "good") for item in judged)
+    # no labeled defects: the verdict ranks like the image score, one threshold decides it: either rate
+    # moves both, CLASSIFIER_FALSE_REJECT_RATE when both are given (said), and 1.0 stays the boundary
+    paths = sorted((trained["category"] / "test").rglob("*.png"))
+    for point, rate in ((OperatingPoint(image_false_reject_rate=0.5), 0.5), (OperatingPoint(classifier_false_reject_rate=0.25), 0.25),
+                        (OperatingPoint(image_false_reject_rate=0.5, classifier_false_reject_rate=0.25), 0.25)):
+        moved = load(trained["model"], "cpu", operating_point=point)
+        assert not moved.detector.classifier.uses_trees and moved.detector.classifier.similarity is None
+        assert moved.detector.image_threshold == pytest.approx(float(np.quantile(scores, 1 - rate)))
+        assert any("follows this threshold" in line and "no retraining" in line for line in moved.notes)
+        assert ("IMAGE_FALSE_REJECT_RATE=0.5 is not used" in " ".join(moved.notes)) == (point.image_false_reject_rate == 0.5 and rate == 0.25)
+        judged = [moved.inspect(path) for path in paths]
+        assert all(item.verdict == ("defect" if item.normalized_score >= 1 else "good") for item in judged)
+    strict = load(trained["model"], "cpu", operating_point=OperatingPoint(image_false_reject_rate=0.01)).notes  # more than the goods can show
+    assert scores.size < 100 and any(f"asks for 1 good part in 100 flagged, but the threshold rests on {scores.size} good images" in line for line in strict)
     standing = load(trained["model"], "cpu")
     assert standing.detector.image_threshold == model["thresholds"]["image"] and not standing.notes
     from_config = OperatingPoint.from_command_line(["BATCH_SIZE=4"], SimpleNamespace(IMAGE_FALSE_REJECT_RATE=0.2, CLASSIFIER_FALSE_REJECT_RATE=0.2))
     assert from_config == OperatingPoint()  # config.py's rates are the model's business; only the command line moves the point
-    # an old model without the classifier's good probabilities says it needs a retrain
+    # an old model without the classifier's good probabilities, whose trees decide, says it needs a retrain
     model["classifier"].pop("good_probabilities", None)
+    model["classifier"]["tree_share"] = 0.5
     old = tmp_path / "old"
     shutil.copytree(trained["model"], old)
     (old / "model.json").write_text(json.dumps(model))
