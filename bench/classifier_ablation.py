@@ -13,7 +13,7 @@ the classifier's training set and are removed from the evaluation of both column
 chosen on a test split: the test images are only scored.
 
 --cache DIR keeps the maps (validation goods, test images, the training images out-of-fold and
-as the fitted model sees them, synthetic defects per seed) as float16 .npz, keyed by the model
+as the fitted model sees them, synthetic defects per seed; peak and background peak directions) as .npz, keyed by the model
 settings, the data and the code that makes them, so a rerun that changes only the classifier
 takes minutes. Without it everything is computed from scratch (the honest one-command run).
 
