@@ -91,7 +91,7 @@ SEED = 0  # seeds the channel subset, PatchCore's projection and coreset start, 
 
 # --- Decision thresholds (chosen on validation images, never on the test set) -------------
 IMAGE_FALSE_REJECT_RATE = 0.05  # share of good validation images the image threshold rejects
-PIXEL_FALSE_REJECT_RATE = 0.005  # share of good validation pixels the pixel threshold flags
+PIXEL_FALSE_REJECT_RATE = 0.005  # share of honest good pixels (validation, out-of-fold) the pixel threshold flags
 # Which pixel threshold the model uses: "validation" flags PIXEL_FALSE_REJECT_RATE of the good
 # validation pixels (measured); "chebyshev" is the level Chebyshev's inequality guarantees good
 # pixels exceed with probability at most PIXEL_FALSE_REJECT_RATE, whatever their distribution

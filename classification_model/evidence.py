@@ -190,7 +190,7 @@ def choose_verdict(candidates: dict[str, HeldOutRows], seed: int) -> VerdictChoi
     kept = {name: entry for name, entry in evidence.items() if entry.lower_bound > MIN_GAIN and entry.effective_goods >= MIN_ALIKE_GOODS}
     described = "; ".join(
         f"{name}: held-out gain {_signed(entry.gain)}, lower bound {_signed(entry.lower_bound)} ({entry.n_defects} labeled defects, "
-        f"{entry.n_goods} goods, {entry.effective_goods:.0f} alike per defect)" for name, entry in evidence.items())
+        f"{entry.n_goods} goods, {entry.effective_goods:.0f} per defect taken like it)" for name, entry in evidence.items())
     if not kept:
         if all(entry.effective_goods < MIN_ALIKE_GOODS for entry in evidence.values()):
             return VerdictChoice(IMAGE_SCORE, f"too few good images taken like the labeled defects to judge whether they help (at least "

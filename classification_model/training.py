@@ -41,7 +41,9 @@ from tqdm import tqdm
 
 from anomaly_model.base import AnomalyModel
 from classification_model.features import FEATURE_NAMES, MONOTONE, map_features
-from classification_model.evidence import FIRST_STAGE, IMAGE_SCORE, WITH_SIMILARITY, HeldOutRows, VerdictChoice, choose_verdict, own_background_evidence
+from classification_model.evidence import (
+    FIRST_STAGE, IMAGE_SCORE, MIN_ALIKE_GOODS, WITH_SIMILARITY, HeldOutRows, VerdictChoice, choose_verdict, own_background_evidence,
+)
 from classification_model.similarity import background_similarities, fit_defect_similarity
 from classification_model.synthetic import DEFECT_TYPES, make_defect
 from classification_model.xgboost import Anchor, Anchoring, ClassifierParams, ClassifierRows, DefectClassifier, train_classifier
@@ -428,7 +430,13 @@ def decide_verdict(classifier: DefectClassifier, rows: VerdictRows, false_reject
         anchor = classifier.anchor or Anchor.fit(scores, labels, rows.weights)
         classifier.rank_like_image_score(anchor, scores[goods], false_reject_rate)
     if similarity is not None and choice.verdict != WITH_SIMILARITY:
-        note = f"its held-out gain over the image score is not clearly positive (the verdict is the {choice.verdict})"
+        entry = choice.evidence[WITH_SIMILARITY]
+        if entry.effective_goods < MIN_ALIKE_GOODS:  # no bound could show a gain: say what would
+            note = (f"too few goods to judge it: {entry.n_goods} validation goods carry peak directions, {entry.effective_goods:.0f} per "
+                    f"labeled defect look taken like it (at least {MIN_ALIKE_GOODS:.0f} needed): add good images the model is not fitted on "
+                    "(validation/good/ in the MVTec layout, or raise VALIDATION_FRACTION)")
+        else:
+            note = f"its held-out gain over the image score is not clearly positive (the verdict is the {choice.verdict})"
     classifier.report["verdict"] = choice.to_dict()
     return choice, note
 

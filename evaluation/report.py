@@ -49,7 +49,7 @@ def _category(metrics: dict) -> str:
     if model:
         updates = f", {model['updates']} updates" if model["updates"] else ""
         parts.append(f'<p class="muted">model {escape(model["folder"])} ({escape(str(model["type"]))}, {escape(str(model["backbone"]))}, '
-                     f'id {escape(model["id"])}{updates})</p>')
+                     f'id {escape(model["id"])}{updates}; scored with {escape(str(model.get("runtime", "torch")))})</p>')
     parts.append(
         f'<p class="muted">{metrics["n_images"]} test images ({metrics["n_good"]} good, {metrics["n_defect"]} defect); '
         f'pixel metrics over {metrics["n_pixel_images"]} images with ground truth at the model\'s '
@@ -58,7 +58,7 @@ def _category(metrics: dict) -> str:
     parts += [f'<p class="note">{escape(note)}</p>' for note in metrics.get("notes", [])]
     operating = metrics["operating"]
     confusion = operating["confusion"]
-    parts.append(f"<h3>Operating point</h3><p>{escape(operating['source'])}; chosen on validation goods, never on the test set.</p>")
+    parts.append(f"<h3>Operating point</h3><p>{escape(operating['source'])}; chosen on honest goods (validation and out-of-fold), never on the test set.</p>")
     parts.append(_table(["metric", "value"], [[title, operating[key]] for key, title in OPERATING_ROWS]))
     parts.append(
         _table(
@@ -73,14 +73,14 @@ def _category(metrics: dict) -> str:
     if threshold_rows:
         parts.append("<h3>Pixel thresholds</h3><p>The map above the one in use is the predicted defect area (PIXEL_THRESHOLD_POLICY).</p>")
         parts.append(_table(PIXEL_THRESHOLD_HEADER, threshold_rows))
-    parts.append("<h3>Per defect type</h3>")
     with_classifier = metrics.get("classifier_rocauc") is not None
     per_defect = [
         [kind, entry["count"], entry["image_rocauc"]] + ([entry.get("classifier_rocauc")] if with_classifier else []) + [entry.get("pixel_rocauc"), entry.get("pro")]
         for kind, entry in metrics["per_defect"].items()
     ]
-    header = ["defect type", "images", "image ROCAUC"] + (["classifier ROCAUC"] if with_classifier else []) + ["pixel ROCAUC", "PRO"]
-    parts.append(_table(header, per_defect))
+    if per_defect:  # a test set of goods only has no defect type to list
+        header = ["defect type", "images", "image ROCAUC"] + (["classifier ROCAUC"] if with_classifier else []) + ["pixel ROCAUC", "PRO"]
+        parts += ["<h3>Per defect type</h3>", _table(header, per_defect)]
     figures = metrics.get("figures", {})
     if figures:
         parts.append("<h3>Curves and histograms</h3><div class='figures'>")

@@ -109,7 +109,7 @@ def pixel_threshold_rows(metrics: dict) -> list[list[str]]:
         if name == "chebyshev":
             how = f"bound: at most {_share(entry['bound'])} of good pixels, any distribution; t = {entry['rule']}"
         else:
-            how = f"flags {_share(entry['rate'])} of good validation pixels (their quantile)"
+            how = f"flags {_share(entry['rate'])} of the honest good pixels (their quantile: validation and out-of-fold maps)"
         rows.append([
             name, f"{entry['threshold']:.6g}", "yes" if entry["in_use"] else "no", how,
             _share(entry.get("validation_exceedance")), _share(entry["test_good_exceedance"]), _share(entry["test_defect_pixel_recall"]),
@@ -126,7 +126,7 @@ def markdown_category(metrics: dict) -> str:
         lines.append(f"- note: {note}")
     lines += [
         "",
-        f"Operating point ({operating['source']}; threshold chosen on validation goods, not on the test set):",
+        f"Operating point ({operating['source']}; threshold chosen on honest goods (validation and out-of-fold), not on the test set):",
         "",
         "| metric | value |",
         "|---|---|",
@@ -150,7 +150,8 @@ def markdown_category(metrics: dict) -> str:
         lines += ["| " + " | ".join(row) + " |" for row in threshold_rows]
     keys = ["image_rocauc"] + (["classifier_rocauc"] if metrics.get("classifier_rocauc") is not None else []) + ["pixel_rocauc", "pro"]
     titles = {"image_rocauc": "image ROCAUC", "classifier_rocauc": "classifier ROCAUC", "pixel_rocauc": "pixel ROCAUC", "pro": "PRO"}
-    lines += ["", "| defect type | images | " + " | ".join(titles[k] for k in keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    if metrics["per_defect"]:  # a test set of goods only has no defect type to list
+        lines += ["", "| defect type | images | " + " | ".join(titles[k] for k in keys) + " |", "|---" * (len(keys) + 2) + "|"]
     for kind, entry in metrics["per_defect"].items():
         lines.append(f"| {kind} | {entry['count']} | " + " | ".join(cell(entry.get(k)) for k in keys) + " |")
     return "\n".join(lines) + "\n"

@@ -247,7 +247,7 @@ def _learned_note(learned: dict[str, list[Path]]) -> str:
     how = {"good": "as goods (training images or ADD_GOOD)", "defect": "as labeled defects (train/defect/ or ADD_DEFECT)"}
     parts = [f"{len(paths)} {how[kind]}, e.g. {printable_path(paths[0])}" for kind, paths in learned.items()]
     return (f"{total} test image{'s' if total != 1 else ''} the model learned (same bytes): {'; '.join(parts)}: "
-            "its figures on them are not those of new parts")
+            "the figures on them are not those of new parts")
 
 
 def evaluate_category(detector: Detector, category: Category, settings, out_dir: Path) -> CategoryEvaluation | None:
@@ -310,7 +310,8 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
         warn(notes[-1])
     pixel_values, curves = _pixel_metrics(_take(scored.masks, pixel_set), _take(scored.maps, pixel_set), limit)
     if curves is None and (masked or not defects):  # "none ... has a mask" was said above
-        notes.append("pixel ROCAUC and PRO are undefined: no defect image has a ground-truth mask with defect pixels")
+        notes.append("pixel ROCAUC and PRO are undefined: " + ("the test set holds no defect images" if not defects
+                                                               else "no defect image has a ground-truth mask with defect pixels"))
     if detector.classifier is None:
         source = f"image score >= threshold {detector.image_threshold:.4g}"
     elif not detector.classifier.uses_trees and detector.classifier.similarity is None:
@@ -328,6 +329,7 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
         "model": {  # which trained version this run measured (a retrain or an update changes the id)
             "folder": str(detector.model_dir), "id": model_id(description)[:12], "type": description.get("anomaly_model", {}).get("type"),
             "backbone": description.get("anomaly_model", {}).get("settings", {}).get("backbone"), "updates": len(description.get("updates", [])),
+            "runtime": detector.runtime,  # torch or onnxruntime: which one scored these figures
         },
         "n_images": int(ok.sum()),
         "n_good": int((ok & ~labels).sum()),
@@ -403,8 +405,11 @@ def _draw(evaluation: CategoryEvaluation, detector: Detector, labels, scores, pr
         evaluation.pro_curve = (*thin(curves.fpr[:inside], curves.pro[:inside], 20000), metrics["pro"])
         figures["pixel ROC"] = plot_roc({"pixels": evaluation.pixel_curve}, f"{name}: pixel ROC", out_dir / "roc_pixel.png")
         figures["PRO curve"] = plot_pro({name: evaluation.pro_curve}, limit, f"{name}: per-region overlap", out_dir / "pro_curve.png")
+    classifier = detector.classifier
+    deciding = classifier is None or (not classifier.uses_trees and classifier.similarity is None)  # the image score's ranking decides
     figures["score histogram"] = plot_histogram(
-        scores[~labels], scores[labels], detector.image_threshold, f"{name}: image scores", "image score (max of the anomaly map)", out_dir / "histogram.png"
+        scores[~labels], scores[labels], detector.image_threshold, f"{name}: image scores", "image score (max of the anomaly map)", out_dir / "histogram.png",
+        "operating threshold" if deciding else "image threshold (the classifier decides the verdict)",
     )
     if probabilities is not None:
         figures["probability histogram"] = plot_histogram(

@@ -388,6 +388,10 @@ def prepare(category: Category, settings, model_dir: Path) -> TrainingRun:
         if category.mask_files:
             count = len(category.mask_files)
             print(f"note: {count} mask file{'s' if count != 1 else ''} among {category.name}'s training images (e.g. {category.mask_files[0]}) not learned as images", file=sys.stderr)
+        if category.train_defect_images and not settings.CLASSIFIER:
+            count = len(category.train_defect_images)
+            print(f"note: {count} labeled defect{'s' if count != 1 else ''} in {folder_of(category.train_defect_images)} not used: only the classifier "
+                  "learns from them (CLASSIFIER = True)", file=sys.stderr)
     train_paths, validation_paths = split_validation(category, settings.VALIDATION_FRACTION, settings.SEED)
     folder, n_files = folder_of(category.train_images), len(train_paths)
     held_out = 0 if category.validation_images else len(validation_paths)
@@ -608,11 +612,16 @@ def _classifier_training_set(category: Category, settings, info: dict, n_validat
 
 def warn_of_updates(model_dir: Path) -> None:
     """A retrain replaces the model with one fitted on DATASET_DIR alone: say which images it had
-    learned through updates (ADD_GOOD / ADD_DEFECT), so they can be added again."""
+    learned through updates (ADD_GOOD / ADD_DEFECT), so they can be added again, and that its ONNX
+    export does not carry over."""
     try:
-        updates = read_description(model_dir).get("updates") or []
+        description = read_description(model_dir)
     except (ModelError, OSError, ValueError):  # no model yet, or one that cannot be read: nothing learned to lose
         return
+    if description.get("export"):
+        print(f"note: the ONNX export of model {model_dir} belongs to the model this training replaces: run python export.py again "
+              "for RUNTIME=onnxruntime", file=sys.stderr)
+    updates = description.get("updates") or []
     if updates:
         folders = sorted({str(entry.get("folder")) for entry in updates})
         learned = sum(int(entry.get("images", 0)) for entry in updates)

@@ -259,6 +259,11 @@ def test_the_similarity_stage_needs_defects_that_stand_out_from_their_own_backgr
     assert "do not stand out from their own images' backgrounds" in note
     choice, note, check = outcomes["every way"]
     assert WITH_SIMILARITY in choice.evidence and check["lower_bound"] > 0.5 and check["rocauc"] > 0.9 and check["n_defects"] == k - 1
+    # 4 validation goods with peak directions: no bound can show a gain, and the note says so and how to get more
+    classifier, rows, _, _ = _with_labeled_defects(0.3, k)
+    rows.good_rows, rows.good_directions, rows.real_directions, rows.real_backgrounds = slice(0, 4), goods[:4], defects, every_way
+    choice, note = decide_verdict(classifier, rows, 0.05, seed=0)
+    assert choice.verdict != WITH_SIMILARITY and note.startswith("too few goods to judge it: 4 validation goods carry peak directions")
 
 
 def test_without_clear_held_out_evidence_the_verdict_ranks_exactly_like_the_image_score():

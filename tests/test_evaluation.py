@@ -177,6 +177,7 @@ class FakeDetector:
     def __init__(self, category: str = "parts", probabilities: bool = False, classifier=None) -> None:
         self.preprocessor = Preprocessor(SIZE, SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         self.image_threshold, self.pixel_threshold = 0.5, 0.5
+        self.runtime = "torch"
         self.classifier = classifier
         self.model_dir = Path("model") / category
         self.description = {
@@ -263,6 +264,11 @@ def test_no_defects_leaves_rocauc_undefined_and_reports_the_rest(tmp_path, capsy
     assert any("no defect images" in note for note in metrics["notes"])
     assert metrics["operating"]["false_reject_rate"] == 0.0 and metrics["operating"]["escape_rate"] is None
     assert "no defect images" in capsys.readouterr().err
+    assert "pixel ROCAUC and PRO are undefined: the test set holds no defect images" in metrics["notes"]
+    from evaluation.tables import markdown_category
+
+    assert "| defect type |" not in markdown_category(metrics)  # no empty table of defect types
+    assert metrics["model"]["runtime"] == "torch"
 
 
 def test_no_goods_leaves_image_rocauc_undefined_but_pixel_metrics_defined(tmp_path):

@@ -242,6 +242,13 @@ def test_onnxruntime_without_an_export_says_run_export(tmp_path, exported, model
     assert "has not been exported" in line and "python export.py" in line
 
 
+def test_a_retrain_of_an_exported_model_says_the_export_does_not_carry_over(model_copy, capsys):
+    from pipeline.training import warn_of_updates
+
+    warn_of_updates(model_copy)
+    assert f"note: the ONNX export of model {model_copy} belongs to the model this training replaces" in capsys.readouterr().err
+
+
 def test_an_onnx_file_of_another_model_version_is_refused(model_copy):
     description = json.loads((model_copy / "model.json").read_text())
     # a retrained model (model.json without an export) next to an old model.onnx

@@ -161,6 +161,16 @@ def test_too_few_honest_goods_for_the_false_reject_rate_are_named(tmp_path, monk
     assert code == 0 and "asks for 1 good part" not in stderr  # a few goods do show 1 in 2
 
 
+def test_labeled_defects_a_model_without_classifier_cannot_use_are_named(tmp_path, monkeypatch, capsys):
+    category = make_mvtec_category(tmp_path / "data" / "part")
+    (category / "train" / "defect").mkdir()
+    for source in sorted((category / "test" / "blob").iterdir())[:2]:
+        (category / "train" / "defect" / source.name).write_bytes(source.read_bytes())
+    code, stderr = run_in_process(script_main("train"), [f"DATASET_DIR={category}", *TINY, "CLASSIFIER=False", *outputs(tmp_path)], monkeypatch, capsys)
+    assert code == 0, stderr
+    assert f"note: 2 labeled defects in {category / 'train' / 'defect'} not used: only the classifier learns from them" in stderr
+
+
 def test_no_readable_training_image_names_the_folder_and_the_files(tmp_path, monkeypatch, capsys):
     category = make_mvtec_category(tmp_path / "data" / "part", n_train=5, n_test=1)
     for path in (category / "train" / "good").iterdir():
