@@ -123,7 +123,41 @@ def make_preprocessor(settings, train_paths: list[Path], stride: int) -> Preproc
     size = resolve_image_size(settings.IMAGE_SIZE, train_paths, stride)
     preprocessor = Preprocessor.with_center_crop(size, settings.CENTER_CROP, settings.NORMALIZE_MEAN, settings.NORMALIZE_STD)
     preprocessor.gray_full_scale = training_full_scale(train_paths)  # 16-bit cameras: one scale for all their images
+    if distributed.is_main():
+        for note in geometry_notes(train_paths, preprocessor.resize, settings.IMAGE_SIZE):
+            print(f"note: {note}", file=sys.stderr)
     return preprocessor
+
+
+GEOMETRY_SAMPLE = 200  # training image headers read for the geometry notes (evenly spaced; a header is ~1 ms)
+STRETCH_NOTED = 1.25  # aspect ratios (height / width) further apart than this are noted: each image is stretched to one shape
+ENLARGE_NOTED = 2.0  # images enlarged more than this to the working size are noted: slower, and no detail gained
+
+
+def geometry_notes(paths: list[Path], resize: tuple[int, int], setting) -> list[str]:
+    """What IMAGE_SIZE does to these training images that a user would not guess: parts of several
+    aspect ratios stretched to one shape, small images enlarged several times (read from headers)."""
+    sample = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(len(paths), GEOMETRY_SAMPLE))] if paths else []
+    sizes = []
+    for path in sample:
+        try:
+            sizes.append(image_size(path))
+        except DataError:
+            continue  # the loader names unreadable files later
+    if not sizes:
+        return []
+    notes = []
+    ratios = np.array([height / width for height, width in sizes])
+    low, high = sizes[int(ratios.argmin())], sizes[int(ratios.argmax())]
+    if ratios.max() / ratios.min() > STRETCH_NOTED:
+        notes.append(f"the training images come in several shapes (e.g. {low[0]} x {low[1]} and {high[0]} x {high[1]}, height x width): "
+                     f"each is stretched to {resize[0]} x {resize[1]}; parts photographed differently are best trained as separate categories")
+    heights, widths = np.array(sizes, dtype=np.float64).T
+    enlarged = min(resize[0] / np.median(heights), resize[1] / np.median(widths))
+    if enlarged > ENLARGE_NOTED:
+        notes.append(f"IMAGE_SIZE={setting!r} enlarges the training images (median {np.median(heights):.0f} x {np.median(widths):.0f}) "
+                     f"{enlarged:.1f} times to {resize[0]} x {resize[1]}: slower, and no detail is gained; IMAGE_SIZE=1.0 inspects them at their own size")
+    return notes
 
 
 def _warn_skipped(skipped: list[tuple[Path, str]]) -> None:

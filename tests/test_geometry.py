@@ -315,3 +315,22 @@ def test_tiled_non_square_model_end_to_end(tmp_path, model):
     assert metrics["resolution"] == [48, 80]
     assert metrics["pixel_rocauc"] > 0.8
     assert any((eval_dir / "wide" / "sheets").iterdir())
+
+
+def test_stretched_shapes_and_enlarged_images_are_noted(tmp_path):
+    """Parts of several aspect ratios stretched to one shape, and small images enlarged several times
+    to the working size, are said (from the headers); images that fit it raise no note."""
+    from pipeline.training import geometry_notes
+
+    def images(shapes):
+        paths = []
+        for number, (height, width) in enumerate(shapes):
+            paths.append(tmp_path / f"{len(shapes)}-{height}x{width}-{number}.png")
+            Image.fromarray(np.zeros((height, width), np.uint8)).save(paths[-1])
+        return paths
+
+    assert geometry_notes(images([(300, 400)] * 4), (224, 224), "auto") == []
+    (stretched,) = geometry_notes(images([(300, 400), (400, 300), (300, 400)]), (224, 288), "auto")
+    assert "several shapes (e.g. 300 x 400 and 400 x 300, height x width): each is stretched to 224 x 288" in stretched
+    (enlarged,) = geometry_notes(images([(40, 40)] * 5), (224, 224), (224, 224))
+    assert "IMAGE_SIZE=(224, 224) enlarges the training images (median 40 x 40) 5.6 times to 224 x 224" in enlarged
