@@ -150,7 +150,7 @@ def test_scripts_leave_a_file_named_outside_untouched_through_test_export_and_re
     retrained = run_script("train.py", *settings, "CLASSIFIER=False")
     assert retrained.returncode == 0, retrained.stderr
     assert relative.read_bytes() == SECRET and absolute.read_bytes() == SECRET
-    assert sorted(p.name for p in model_dir.parent.iterdir()) == ["outside.txt", "part"]
+    assert sorted(p.name for p in model_dir.parent.iterdir()) == ["outside.txt", "part", "part.backup-1"]  # the replaced model kept, as it was
 
 
 def test_a_link_leading_out_of_the_model_folder_is_refused(copy, tmp_path):
