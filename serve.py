@@ -18,6 +18,7 @@ from pathlib import Path
 
 import uvicorn
 
+from anomaly_model import distributed
 from pipeline.cli import chosen_model_dir, run
 from pipeline.inspection import OperatingPoint, load, training_only_notes
 from pipeline.live import BatchingWorker, ModelHolder, log
@@ -47,6 +48,8 @@ def main(argv: list[str]) -> None:
     settings, extra = load_settings(argv)
     if extra:
         raise SettingsError(f"serve.py takes only KEY=VALUE settings, not {extra[0]!r}")
+    if distributed.active():  # every rank would bind the same port: the second's "address in use" would mislead
+        raise SettingsError("serve.py runs as one process (it batches requests itself): start it with python serve.py, not torchrun")
     check_exposure(settings.SERVE_HOST, settings.SERVE_TOKEN)
     model_dir = chosen_model_dir(settings, "to say which model serves,")
     point = OperatingPoint.from_command_line(argv, settings)

@@ -577,7 +577,8 @@ class AtomicFolder:
         order = [previous] + [path for _, path in numbered]  # newest first
         removed = [path.name for path in order[self.backups :] if path is not previous]
         if removed:  # never silently: these are earlier versions of the user's model
-            print(f"note: MODEL_BACKUPS={self.backups}: removed the older backup{'s' if len(removed) != 1 else ''} {', '.join(removed)}", file=sys.stderr)
+            print(f"note: MODEL_BACKUPS={self.backups}: removed {len(removed)} older backup{'s' if len(removed) != 1 else ''} "
+                  f"(named {', '.join(removed)} before this save)", file=sys.stderr)
         dropped = []
         for index, path in enumerate(order[self.backups :]):
             aside = Path(f"{self.temporary}-{index}")

@@ -251,13 +251,14 @@ def per_defect_rocauc(defect_types: list[str], scores: np.ndarray) -> dict[str, 
     return table
 
 
-def few_goods_note(count: int, rate: float, key: str) -> str:
+def few_goods_note(count: int, rate: float, key: str, out_of_fold: bool = True) -> str:
     """Why a threshold set on `count` honest good images cannot hold the false-reject `rate` (setting
     `key`) when they are fewer than 1 / rate: it is then close to their highest score and flags about
-    1 good part in count + 1; "" otherwise."""
+    1 good part in count + 1; "" otherwise. `out_of_fold`: whether OUT_OF_FOLD_FOLDS can add goods
+    (not for tiled models)."""
     if rate <= 0 or count * rate >= 1:
         return ""
     return (f"{key}={rate:g} asks for 1 good part in {1 / rate:.0f} flagged, but the threshold rests on "
             f"{count} good images the model was not fitted on, which can only show about 1 in {count + 1} (the threshold is near "
-            "their highest score): keep OUT_OF_FOLD_FOLDS on, add good images (validation/good/ in the MVTec layout) "
-            "or raise VALIDATION_FRACTION, and retrain")
+            f"their highest score): {'keep OUT_OF_FOLD_FOLDS on, ' if out_of_fold else ''}add good images (validation/good/ in the "
+            "MVTec layout) or raise VALIDATION_FRACTION, and retrain")

@@ -529,7 +529,7 @@ def set_thresholds(run: TrainingRun) -> None:
         }
     pixel_policies(run.model, run.maps, run.info["thresholds"], settings.PIXEL_THRESHOLD_POLICY)  # on the thresholds in force
     run.maps = None
-    note = few_goods_note(run.goods.count, settings.IMAGE_FALSE_REJECT_RATE, "IMAGE_FALSE_REJECT_RATE")
+    note = few_goods_note(run.goods.count, settings.IMAGE_FALSE_REJECT_RATE, "IMAGE_FALSE_REJECT_RATE", not run.model.tile_size)
     if note:
         print(f"note: {note}", file=sys.stderr)
 

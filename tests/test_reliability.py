@@ -458,7 +458,7 @@ def test_backups_stay_newest_first_without_gaps(tmp_path, existing, keep, expect
     assert not [path for path in models.iterdir() if path.name.startswith(".")]  # nothing left aside
     removed = max(0, len(existing) + 1 - keep) - (keep == 0)  # earlier backups past the count (with 0, the replaced model goes too)
     note = capsys.readouterr().err
-    assert (f"note: MODEL_BACKUPS={keep}: removed the older backup" in note) == (removed > 0)  # never silently
+    assert (f"note: MODEL_BACKUPS={keep}: removed {removed} older backup" in note) == (removed > 0)  # never silently
 
 
 def test_a_retrain_keeps_the_model_it_replaces_as_a_backup(tmp_path, trained, monkeypatch, capsys):
@@ -470,4 +470,4 @@ def test_a_retrain_keeps_the_model_it_replaces_as_a_backup(tmp_path, trained, mo
     assert (tmp_path / "models" / "part.backup-1" / "model.json").read_text() == before
     code, stderr = run_in_process(script_main("train"), [*trained, "MODEL_BACKUPS=0"], monkeypatch, capsys)
     assert code == 0 and not list((tmp_path / "models").glob("part.backup-*"))
-    assert "note: MODEL_BACKUPS=0: removed the older backup part.backup-1" in stderr
+    assert "note: MODEL_BACKUPS=0: removed 1 older backup (named part.backup-1 before this save)" in stderr

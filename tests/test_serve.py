@@ -259,6 +259,18 @@ def test_a_model_swapped_under_the_server_is_used_from_the_next_batch(server, tr
     assert "switched model part" in server.log()
 
 
+def test_serve_py_under_torchrun_is_refused_in_one_line(monkeypatch):
+    """Every rank would bind the port and the second's "address in use" would mislead: one line instead."""
+    import serve
+
+    from anomaly_model import distributed
+    from settings import SettingsError
+
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    with pytest.raises(SettingsError, match="serve.py runs as one process .* not torchrun"):
+        serve.main([])
+
+
 def test_non_loopback_host_needs_a_token(trained, tmp_path):
     result = run_script("serve.py", f"DATASET_DIR={trained['category']}", *TINY, *outputs(tmp_path), "SERVE_HOST=0.0.0.0", f"SERVE_PORT={free_port()}")
     assert "SERVE_TOKEN" in error_line(result)
