@@ -10,6 +10,7 @@ config.py gets one line in `RULES` (tests/test_reliability.py fails while a key 
 from __future__ import annotations
 
 import ast
+import difflib
 import math
 import os
 import sys
@@ -433,10 +434,28 @@ def training_only(key: str) -> bool:
         key.startswith("CLASSIFIER") and key != "CLASSIFIER_FALSE_REJECT_RATE")
 
 
+PATH_SETTINGS = ("DATASET_DIR", "MODEL_DIR", "RESULTS_DIR", "TEST_DIR", "ADD_GOOD", "ADD_DEFECT", "WATCH_DIR", "REVIEW_DIR")
+
+
+def _check_config_names(values: dict) -> None:
+    """A name in config.py that is no setting (a typo, or a setting in lower case) would be ignored
+    without a word, as the command line never lets it be: one line naming it and the setting meant."""
+    known = set(RULES) | set(OLD_GEOMETRY)
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            raise SettingsError(f"config.py sets {key}, which is no setting{f' (did you mean {close[0]}?)' if close else ''}: "
+                                "fix or delete that line (docs/settings.md lists them)")
+    for name in vars(config):
+        if not name.isupper() and name.upper() in known:
+            raise SettingsError(f"config.py sets {name}, which is no setting: settings are written in upper case ({name.upper()})")
+
+
 def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
     """Settings from config.py with KEY=VALUE overrides, all checked; returns them and the other arguments."""
     argv = sys.argv[1:] if argv is None else argv
     values = defaults()
+    _check_config_names(values)
     old = {key: values.pop(key) for key in OLD_GEOMETRY if key in values}  # an old config.py
     in_config = set(old)
     given = set()
@@ -478,6 +497,9 @@ def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
     missing = sorted(set(RULES) - set(values) - set(OLD_GEOMETRY))
     if missing:  # a setting deleted or commented out, or an older config.py
         raise SettingsError(f"config.py has no {', '.join(missing)}: add {'them' if len(missing) > 1 else 'it'} back (docs/settings.md gives every setting's default)")
+    for key in PATH_SETTINGS:  # ~ is the user's home folder, as in a shell
+        if isinstance(values.get(key), str) and values[key].startswith("~"):
+            values[key] = os.path.expanduser(values[key])
     if _is_int(values.get("IMAGE_SIZE")):  # 224 is a 224 x 224 square; a small whole number a fraction (1: full resolution, never 1 x 1 px)
         size = values["IMAGE_SIZE"]
         values["IMAGE_SIZE"] = (size, size) if size >= 32 else float(size)

@@ -1,4 +1,4 @@
-"""Train: fit PaDiM on the good images of DATASET_DIR and save the model to MODEL_DIR/<name>/.
+"""Train: fit the anomaly model (ANOMALY_MODEL: PaDiM or PatchCore) on the good images of DATASET_DIR and save it to MODEL_DIR/<name>/.
 
     python train.py [KEY=VALUE ...]      (settings: config.py)
     python train.py ADD_GOOD=<folder> ADD_DEFECT=<folder>   (update the trained model: docs/updating.md)

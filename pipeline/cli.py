@@ -17,9 +17,10 @@ from anomaly_model.base import AnomalyModel
 from anomaly_model.files import STORAGE_ERRNOS, StorageError, storage_message
 from dataset_manager import Category, DataError, find_categories, outputs_inside
 from dataset_manager.demo import generate_demo_dataset
-from settings import SettingsError, defaults
+from settings import SettingsError
 
 USER_ERRORS = (SettingsError, DataError, ModelError, StorageError)
+DEMO_DATASET_DIR = Path(__file__).resolve().parents[1] / "dataset" / "demo"  # config.py's shipped DATASET_DIR, from the project folder
 # What to lower when memory runs out, per anomaly model (a new setting that drives memory gets
 # its name added here): PaDiM's statistics grow with FEATURE_DIM squared, PatchCore's bank with
 # every training patch, its search with the coreset (CORESET_RATIO) times the batch.
@@ -84,6 +85,10 @@ def run(main: Callable[[list[str]], None]) -> None:
 
     Under torchrun (anomaly_model/distributed.py) every rank runs `main`; an error on any rank
     stops them all, and rank 0 prints that one line and exits with its code."""
+    if {"-h", "--help"} & set(sys.argv[1:]):  # the script's own usage lines, and where the settings are
+        usage = (getattr(sys.modules.get("__main__"), "__doc__", None) or "").strip()
+        print(f"{usage}\n\nSettings are KEY=VALUE (config.py holds every one with its default; docs/settings.md explains them).")
+        raise SystemExit(0)
     if hasattr(signal, "SIGTERM"):
         signal.signal(signal.SIGTERM, _terminate)
     code, line, from_peer = 0, None, False
@@ -110,10 +115,11 @@ def run(main: Callable[[list[str]], None]) -> None:
 
 
 def load_categories(settings) -> list[Category]:
-    """The categories at DATASET_DIR; the demo set is generated when DATASET_DIR is its default and absent."""
+    """The categories at DATASET_DIR; the demo set is generated when DATASET_DIR is the project's own
+    dataset/demo and absent (only there: a mistyped path, edited into config.py or not, is an error,
+    never a folder filled with synthetic images)."""
     dataset_dir = Path(settings.DATASET_DIR)
-    demo_dir = Path(defaults()["DATASET_DIR"])
-    if dataset_dir.resolve() == demo_dir.resolve():
+    if dataset_dir.resolve() == DEMO_DATASET_DIR:
         if distributed.is_main() and not dataset_dir.exists():
             print(f"generating the synthetic demo dataset in {dataset_dir} ...", file=sys.stderr)
             generate_demo_dataset(dataset_dir, seed=settings.SEED)

@@ -141,6 +141,34 @@ def test_values_edited_into_config_py_are_checked_too(monkeypatch):
         load(["CROP=300", "RESIZE=256"])
 
 
+def test_a_name_in_config_py_that_is_no_setting_is_refused_not_ignored(monkeypatch):
+    """A typo or a lower-case setting in config.py would otherwise be ignored without a word (the
+    command line refuses the same typo): one line naming it and the setting meant."""
+    monkeypatch.setattr(config, "IMAGE_FALSE_REJECTRATE", 0.02, raising=False)
+    with pytest.raises(SettingsError, match=r"config.py sets IMAGE_FALSE_REJECTRATE, which is no setting \(did you mean IMAGE_FALSE_REJECT_RATE\?\)"):
+        load([])
+    monkeypatch.delattr(config, "IMAGE_FALSE_REJECTRATE")
+    monkeypatch.setattr(config, "image_size", 128, raising=False)
+    with pytest.raises(SettingsError, match=r"config.py sets image_size, which is no setting: settings are written in upper case \(IMAGE_SIZE\)"):
+        load([])
+
+
+def test_a_path_starting_with_a_tilde_is_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(config, "MODEL_DIR", "~/models")
+    settings, _ = load(["DATASET_DIR=~/data/tire"])
+    assert settings.DATASET_DIR == str(tmp_path / "data" / "tire") and settings.MODEL_DIR == str(tmp_path / "models")
+
+
+def test_a_mistyped_dataset_dir_in_config_py_is_an_error_not_a_demo_set(tmp_path, monkeypatch, capsys):
+    """Only the project's own dataset/demo is generated when absent; any other missing DATASET_DIR,
+    edited into config.py or not, is one line (it was filled with synthetic images and trained on)."""
+    missing = tmp_path / "data" / "tyre"
+    monkeypatch.setattr(config, "DATASET_DIR", str(missing))
+    line = error_line(*run_in_process(script_main("train"), [*TINY, *outputs(tmp_path)], monkeypatch, capsys))
+    assert f"{missing} does not exist" in line and not missing.exists() and not (tmp_path / "models").exists()
+
+
 # --- too little data ---------------------------------------------------------------------------------
 
 

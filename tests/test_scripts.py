@@ -159,6 +159,12 @@ def test_model_name_picks_one_category_of_a_root_for_every_script(tmp_path):
         assert line == "error: MODEL_NAME=gamma is not one of the 2 categories in DATASET_DIR (alpha, beta)", line
 
 
+def test_help_prints_the_usage_and_where_the_settings_are():
+    for script in ("train.py", "test.py", "eval.py", "serve.py", "export.py"):
+        result = run_script(script, "--help")
+        assert result.returncode == 0 and f"python {script}" in result.stdout and "config.py holds every one" in result.stdout, script
+
+
 def test_missing_dataset_path(tmp_path):
     line = error_line(run_script("train.py", f"DATASET_DIR={tmp_path / 'nowhere'}", *TINY, *outputs(tmp_path)))
     assert "nowhere does not exist" in line
