@@ -202,6 +202,17 @@ def _round_to(value: float, step: int) -> int:
     return max(step, int(round(value / step)) * step)
 
 
+def readable_sizes(paths: Sequence[Path]) -> list[tuple[int, int]]:
+    """(height, width) of each image whose header can be read (the loader names the others later)."""
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(image_size(path))
+        except DataError:
+            continue
+    return sizes
+
+
 def resolve_image_size(setting, paths: Sequence[Path], stride: int) -> tuple[int, int]:
     """The (height, width) the model inspects, from the IMAGE_SIZE setting:
 
@@ -215,12 +226,7 @@ def resolve_image_size(setting, paths: Sequence[Path], stride: int) -> tuple[int
     if setting == "auto" or isinstance(setting, float):
         if isinstance(setting, float) and not 0 < setting <= 16:
             raise DataError(f"IMAGE_SIZE={setting}: a fraction of the training images' size must be in (0, 16]")
-        sizes = []
-        for path in paths:
-            try:
-                sizes.append(image_size(path))
-            except DataError:
-                continue  # the loader names unreadable files later
+        sizes = readable_sizes(paths)
         if not sizes:
             raise DataError(f"IMAGE_SIZE={setting!r} needs readable training images to measure: none could be read")
         heights, widths = np.array(sizes, dtype=np.float64).T

@@ -25,7 +25,7 @@ from anomaly_model.files import check_writable, sweep_model
 from anomaly_model.store import build_model, read_description, save_model
 from evaluation.metrics import few_goods_note
 from dataset_manager import Category, DataError, ImageBatches, Preprocessor
-from dataset_manager.images import image_size, resolve_image_size, training_full_scale
+from dataset_manager.images import image_size, readable_sizes, resolve_image_size, training_full_scale
 from dataset_manager.loader import skipped_summary
 from settings import SettingsError
 
@@ -138,12 +138,7 @@ def geometry_notes(paths: list[Path], resize: tuple[int, int], setting) -> list[
     """What IMAGE_SIZE does to these training images that a user would not guess: parts of several
     aspect ratios stretched to one shape, small images enlarged several times (read from headers)."""
     sample = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(len(paths), GEOMETRY_SAMPLE))] if paths else []
-    sizes = []
-    for path in sample:
-        try:
-            sizes.append(image_size(path))
-        except DataError:
-            continue  # the loader names unreadable files later
+    sizes = readable_sizes(sample)
     if not sizes:
         return []
     notes = []
