@@ -84,19 +84,22 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
 
 
+def _prototypes_without_each(units: np.ndarray) -> np.ndarray:
+    """(k, d): row j, the unit prototype of the labeled defects' unit directions `units` without defect j."""
+    return _unit(units.sum(axis=0)[None, :] - units)
+
+
 def leave_one_out_similarities(defect_directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(the prototype of all labeled defects, each one's cosine with the prototype of the others)."""
     units = _unit(defect_directions)
-    total = units.sum(axis=0)
-    others = _unit(total[None, :] - units)  # (k, d): row j, the prototype without defect j
-    return _unit(total), (units * others).sum(axis=1)
+    return _unit(units.sum(axis=0)), (units * _prototypes_without_each(units)).sum(axis=1)
 
 
 def background_similarities(defect_directions: np.ndarray, background_directions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(each labeled defect's peak cosine with the prototype of the others, its own image's background
     peak cosine with that same prototype; NaN where the image has no background)."""
     units = _unit(defect_directions)
-    others = _unit(units.sum(axis=0)[None, :] - units)
+    others = _prototypes_without_each(units)
     backgrounds = np.asarray(background_directions, dtype=np.float64)
     missing = np.isnan(backgrounds).any(axis=1)
     return (units * others).sum(axis=1), np.where(missing, np.nan, (_unit(np.nan_to_num(backgrounds)) * others).sum(axis=1))

@@ -134,6 +134,12 @@ class DefectClassifier:
         no candidate), where a share of 0 would weigh the trees' margin by exactly nothing."""
         return not (self.tree_share == 0.0 and self.anchor is not None)
 
+    @property
+    def ranks_like_image_score(self) -> bool:
+        """Whether the verdict is the image score's log-odds alone (no trees, no similarity stage): it
+        then orders images exactly as the image score does, and one threshold decides both."""
+        return not self.uses_trees and self.similarity is None
+
     def margin(self, features: np.ndarray | None, image_scores: np.ndarray | None = None, directions: np.ndarray | None = None) -> np.ndarray:
         """Log-odds of "defect" of each row of `features` (columns in `feature_names` order; None
         when not `uses_trees`); an anchored or shrunk classifier also needs the model's image score of

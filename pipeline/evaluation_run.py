@@ -314,7 +314,7 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
                                                                else "no defect image has a ground-truth mask with defect pixels"))
     if detector.classifier is None:
         source = f"image score >= threshold {detector.image_threshold:.4g}"
-    elif not detector.classifier.uses_trees and detector.classifier.similarity is None:
+    elif detector.classifier.ranks_like_image_score:
         source = "classifier verdict ranking like the image score (train.py kept no classifier candidate)"
     else:
         source = "classifier verdict"
@@ -406,7 +406,7 @@ def _draw(evaluation: CategoryEvaluation, detector: Detector, labels, scores, pr
         figures["pixel ROC"] = plot_roc({"pixels": evaluation.pixel_curve}, f"{name}: pixel ROC", out_dir / "roc_pixel.png")
         figures["PRO curve"] = plot_pro({name: evaluation.pro_curve}, limit, f"{name}: per-region overlap", out_dir / "pro_curve.png")
     classifier = detector.classifier
-    deciding = classifier is None or (not classifier.uses_trees and classifier.similarity is None)  # the image score's ranking decides
+    deciding = classifier is None or classifier.ranks_like_image_score  # the image score's ranking decides
     figures["score histogram"] = plot_histogram(
         scores[~labels], scores[labels], detector.image_threshold, f"{name}: image scores", "image score (max of the anomaly map)", out_dir / "histogram.png",
         "operating threshold" if deciding else "image threshold (the classifier decides the verdict)",

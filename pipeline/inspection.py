@@ -118,7 +118,7 @@ def apply_operating_point(detector: Detector, point: OperatingPoint) -> list[str
     lines = []
     name = detector.model_dir.name
     classifier = detector.classifier
-    rank_like = classifier is not None and not classifier.uses_trees and classifier.similarity is None
+    rank_like = classifier is not None and classifier.ranks_like_image_score
     image_rate, classifier_rate, image_key = point.image_false_reject_rate, point.classifier_false_reject_rate, "IMAGE_FALSE_REJECT_RATE"
     if rank_like and classifier_rate is not None:
         if image_rate is not None and image_rate != classifier_rate:

@@ -336,7 +336,7 @@ def test_classifier_probabilities_reported_side_by_side(tmp_path, monkeypatch):
     module = types.ModuleType("classification_model.xgboost")
     module.plot_feature_importance = lambda classifier, path: drawn.append(path) or Path(path).write_bytes(b"png")
     monkeypatch.setitem(sys.modules, "classification_model.xgboost", module)
-    detector = FakeDetector(probabilities=True, classifier=SimpleNamespace(uses_trees=True, similarity=None))
+    detector = FakeDetector(probabilities=True, classifier=SimpleNamespace(uses_trees=True, similarity=None, ranks_like_image_score=False))
     result = evaluate_category(detector, _category(tmp_path / "data", 3, 3), _settings(), tmp_path / "out" / "parts")
     metrics = result.metrics
     assert metrics["classifier_rocauc"] == 1.0 and set(result.image_curves) == {"max score", "classifier"}
@@ -355,10 +355,10 @@ def test_a_classifier_that_ranks_worse_than_the_image_score_gets_a_note(tmp_path
             results, batches = super().inspect(paths, batch_size, num_workers, preview_size, label)
             return (SimpleNamespace(**{**vars(r), "probability": 1.0 - r.score}) for r in results), batches
 
-    notes = evaluate_category(Inverted(probabilities=True, classifier=SimpleNamespace(uses_trees=True, similarity=None)), category, _settings(), tmp_path / "inverted").metrics["notes"]
+    notes = evaluate_category(Inverted(probabilities=True, classifier=SimpleNamespace(uses_trees=True, similarity=None, ranks_like_image_score=False)), category, _settings(), tmp_path / "inverted").metrics["notes"]
     assert any("the classifier ranks these images worse than the image score" in note for note in notes)
     assert "CLASSIFIER = False" in capsys.readouterr().err
-    alike = evaluate_category(FakeDetector(probabilities=True, classifier=SimpleNamespace(uses_trees=True, similarity=None)), category, _settings(), tmp_path / "alike")
+    alike = evaluate_category(FakeDetector(probabilities=True, classifier=SimpleNamespace(uses_trees=True, similarity=None, ranks_like_image_score=False)), category, _settings(), tmp_path / "alike")
     assert not any("ranks these images worse" in note for note in alike.metrics["notes"])
 
 
