@@ -331,6 +331,33 @@ def test_mask_of_the_wrong_size_is_refused(tmp_path):
         evaluate_category(FakeDetector(), category, _settings(), tmp_path / "out")
 
 
+def test_the_image_histogram_names_its_line_by_what_decides_the_verdict(tmp_path, monkeypatch):
+    """The image threshold is the operating one only when the image score's ranking decides; when the
+    classifier's trees do, the line says so (it was called the operating threshold)."""
+    import pipeline.evaluation_run as evaluation_run
+
+    labels = []
+    drawing = evaluation_run.plot_histogram
+    monkeypatch.setattr(evaluation_run, "plot_histogram", lambda *args, **kwargs: labels.append(args[6:]) or drawing(*args, **kwargs))
+    monkeypatch.setitem(sys.modules, "classification_model.xgboost",
+                        types.SimpleNamespace(plot_feature_importance=lambda classifier, path: Path(path).write_bytes(b"png")))
+    evaluate_category(FakeDetector(), _category(tmp_path / "data", 2, 2), _settings(), tmp_path / "plain")
+    trees = SimpleNamespace(uses_trees=True, similarity=None, ranks_like_image_score=False)
+    evaluate_category(FakeDetector(probabilities=True, classifier=trees), _category(tmp_path / "data", 2, 2), _settings(), tmp_path / "trees")
+    assert labels[0] == ("operating threshold",) and labels[1] == ("image threshold (the classifier decides the verdict)",)
+
+
+def test_a_defect_type_in_a_script_the_font_lacks_draws_without_warnings(tmp_path):
+    """A process where every UserWarning is an error (matplotlib's missing-glyph one would be) draws it."""
+    import subprocess
+
+    code = ("import numpy as np, sys; from pathlib import Path; from evaluation.plots import plot_histogram; "
+            f"plot_histogram(np.r_[1.0, 2.0], np.r_[3.0], 2.5, 'Loch \u7a74', 'score', Path({str(tmp_path / 'h.png')!r}))")
+    drawn = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], cwd=Path(__file__).resolve().parents[1],
+                           capture_output=True, text=True, timeout=120)
+    assert drawn.returncode == 0 and (tmp_path / "h.png").is_file(), drawn.stderr[-1500:]
+
+
 def test_classifier_probabilities_reported_side_by_side(tmp_path, monkeypatch):
     drawn = []
     module = types.ModuleType("classification_model.xgboost")
