@@ -452,3 +452,11 @@ def test_several_categories_get_overall_figures_and_one_report(tmp_path):
     assert set(overall.values()) == {"roc_image_all.png", "roc_pixel_all.png", "pro_all.png"}
     report = write_report(run_dir, [e.metrics for e in evaluations], overall, "two").read_text()
     assert report.count("<h2 id=") == 2 and 'src="pro_all.png"' in report and "<td>mean</td>" in report
+
+
+def test_the_leak_note_says_how_the_model_learned_each_kind():
+    from pipeline.evaluation_run import _learned_note
+
+    note = _learned_note({"good": [Path("test/good/a.png"), Path("test/good/b.png")], "defect": [Path("test/crack/c.png")]})
+    assert note.startswith("3 test images the model learned (same bytes): 2 as goods (training images or ADD_GOOD), e.g. test/good/a.png; "
+                           "1 as labeled defects (train/defect/ or ADD_DEFECT), e.g. test/crack/c.png")
