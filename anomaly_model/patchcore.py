@@ -150,11 +150,13 @@ class PatchCore(AnomalyModel):
             shares = [self.feature_dim // len(channels) + (k < self.feature_dim % len(channels)) for k in range(len(channels))]
             self._pooling = [channel_pooling(c, s).to(self.device) for c, s in zip(channels, shares)]
         self._planned_images = 0
-        self._fit_numbers: Sequence[int] | None = None  # plan_fit's, under torchrun
+        self._fit_numbers: Sequence[int] | None = None  # plan_fit's: the training-list numbers of the images this rank fits
+        self._fit_indices: list[int] | None = None  # after a fit told them: the training-list number of each fit position
         self.memory_: torch.Tensor | None = None  # (K, D) coreset features minus memory_mean_
         self.memory_mean_: torch.Tensor | None = None  # (D,)
         self.memory_norms_: torch.Tensor | None = None  # (K,) squared norms of memory_ rows (derived)
         self.memory_sources_: torch.Tensor | None = None  # (K,) fit-order image number of each coreset point
+        self._last_exclusion: tuple[torch.Tensor, Callable] | None = None  # `_search_without`'s last (mask, search)
         self.group_offsets_: list[int] = []  # memory_ rows of each group of GroupedNeighbors (coreset.py)
         self._neighbors: GroupedNeighbors | None = None
         self.bank_size_ = 0  # training patches the coreset was chosen from
@@ -365,14 +367,18 @@ class PatchCore(AnomalyModel):
 
     def _fit_order(self, n_images: int) -> list[torch.Tensor] | None:
         """Under torchrun, per rank, the position each of its images has in one process's fit order
-        (training-list order of the images every rank fitted), known to every rank; alone, None."""
+        (training-list order of the images every rank fitted), known to every rank; alone, None.
+        Keeps the training-list number of each fit position when known (`_fit_indices`)."""
         if not distributed.active():
+            told = self._fit_numbers is not None and len(self._fit_numbers) == n_images
+            self._fit_indices = list(self._fit_numbers) if told else None
             return None
         numbers = list(self._fit_numbers or [])
         if len(numbers) != n_images:
             raise ModelError(f"rank {distributed.rank()} fitted {n_images} images but was told the numbers of {len(numbers)}: under torchrun fit PatchCore through train.py")
         per_rank = distributed.all_gather(numbers)
         everything = torch.tensor([number for part in per_rank for number in part], dtype=torch.long)
+        self._fit_indices = sorted(everything.tolist())
         position = torch.empty_like(everything)
         position[everything.argsort()] = torch.arange(len(everything))
         return list(position.split([len(part) for part in per_rank]))
@@ -436,7 +442,10 @@ class PatchCore(AnomalyModel):
         the whole coreset: each group keeps its remaining rows in order (its first remaining row
         serves as its center, the radius measured from it, so the triangle-inequality bound holds),
         empty groups are dropped. Out-of-fold scoring with it reads about as little of the coreset
-        as scoring does; a full search over every row took several times the fit on large banks."""
+        as scoring does; a full search over every row took several times the fit on large banks.
+        The last search is kept for the same `excluded` tensor: a fold's batches and tiles share it."""
+        if self._last_exclusion is not None and self._last_exclusion[0] is excluded:
+            return self._last_exclusion[1]
         kept = (~excluded).nonzero().squeeze(1)
         group = torch.repeat_interleave(
             torch.arange(len(self.group_offsets_) - 1, device=kept.device), torch.tensor(self.group_offsets_, device=kept.device).diff()
@@ -449,6 +458,7 @@ class PatchCore(AnomalyModel):
             distances, rows = search(queries)
             return distances, kept[rows]
 
+        self._last_exclusion = (excluded, nearest)
         return nearest
 
     def patch_scores(self, images: torch.Tensor) -> torch.Tensor:
@@ -530,31 +540,38 @@ class PatchCore(AnomalyModel):
         return eq7_weights(queries, matches, self.memory_, norms, neighbors or self.neighbors)
 
     def out_of_fold_scores(
-        self, batches: Callable[[], Iterable[tuple[torch.Tensor, list[int]]]], folds: np.ndarray, peaks: bool = False
+        self, batches: Callable[..., Iterable[tuple[torch.Tensor, list[int]]]], folds: np.ndarray, peaks: bool = False
     ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Each training image scored against the coreset without the points that came from
-        training images of its own fold (the coreset itself is not re-chosen: see docs/models.md, PatchCore)."""
+        training images of its own fold (the coreset itself is not re-chosen: see docs/models.md, PatchCore).
+        Fold by fold: only the fold's images are read (`batches(wanted)`), each once, and the search
+        without the fold's points is built once for them (`_search_without`); the fit's order comes
+        from the fit when train.py told it the images' numbers (`plan_fit`), else from a first reading. The fit's order is the
+        training list's (`fit`), so a coreset point's source number is its training index."""
         folds = np.asarray(folds)
-        order = [index for _, indices in batches() for index in indices]  # fit position -> training index
+        order = self._fit_indices  # fit position -> training index, read from the images only when the fit was not told it
+        if order is None:
+            order = [index for _, indices in batches() for index in indices]
         if len(order) != self.n_train_images_:
             raise ModelError(f"out-of-fold scoring got {len(order)} training images, the model was fitted on {self.n_train_images_}")
         source_folds = torch.as_tensor(folds[order])[self.memory_sources_.long().cpu()].to(self.device)
-        for images, indices in batches():
-            image_folds = folds[list(indices)]
-            for fold in np.unique(image_folds):
-                excluded = source_folds == int(fold)
-                if int((~excluded).sum()) < max(1, self.neighbors):
-                    left = int((~excluded).sum())
-                    if left == 0:
-                        raise ModelError(f"fold {fold} holds the sources of all {len(excluded)} coreset points: out-of-fold scoring needs coreset points from another fold: raise CORESET_RATIO, add training images, or set OUT_OF_FOLD_FOLDS = 0")
-                    raise ModelError(
-                        f"without the coreset points of training-image fold {fold}, {left} of the {len(excluded)} points are left, "
-                        f"fewer than the {self.neighbors} the out-of-fold scoring needs (PATCHCORE_NEIGHBORS): raise CORESET_RATIO, "
-                        "lower PATCHCORE_NEIGHBORS, or set OUT_OF_FOLD_FOLDS=0"
-                    )
-                rows = np.nonzero(image_folds == fold)[0]
-                maps, scores, directions = self._score(images[torch.as_tensor(rows)], excluded, peaks)
-                yield [indices[row] for row in rows], maps.cpu(), scores.cpu(), None if directions is None else directions.cpu()
+        for fold in np.unique(folds[order]):
+            excluded = source_folds == int(fold)
+            left = int((~excluded).sum())
+            if left < max(1, self.neighbors):
+                if left == 0:
+                    raise ModelError(f"fold {fold} holds the sources of all {len(excluded)} coreset points: out-of-fold scoring needs coreset points from another fold: raise CORESET_RATIO, add training images, or set OUT_OF_FOLD_FOLDS = 0")
+                raise ModelError(
+                    f"without the coreset points of training-image fold {fold}, {left} of the {len(excluded)} points are left, "
+                    f"fewer than the {self.neighbors} the out-of-fold scoring needs (PATCHCORE_NEIGHBORS): raise CORESET_RATIO, "
+                    "lower PATCHCORE_NEIGHBORS, or set OUT_OF_FOLD_FOLDS=0"
+                )
+            try:
+                for images, indices in batches([index for index in order if folds[index] == fold]):
+                    maps, scores, directions = self._score(images, excluded, peaks)
+                    yield list(indices), maps.cpu(), scores.cpu(), None if directions is None else directions.cpu()
+            finally:
+                self._last_exclusion = None  # the fold's search holds a copy of most of the coreset
 
     def patch_score_module(self, release: bool = False) -> "PatchCoreScores":
         return PatchCoreScores(self, release)

@@ -51,8 +51,16 @@ def main() -> None:
         chosen = list(range(len(train_paths))) if wanted is None else wanted
         return ((b.images, [chosen[i] for i in b.indices]) for b in ImageBatches([train_paths[i] for i in chosen], preprocessor, settings.BATCH_SIZE, 0))
 
+    fitted: list[int] = []  # told to the fit as train.py does (PatchCore's out-of-fold pass then knows the fit's order)
+
+    def fit_batches():
+        for images, indices in batches():
+            fitted.extend(indices)
+            yield images
+
     started = time.perf_counter()
-    model.fit_images(images for images, _ in batches())
+    model.plan_fit(len(train_paths), fitted)
+    model.fit_images(fit_batches())
     fit_seconds = time.perf_counter() - started
     fit_peak = peak_gb()
     started = time.perf_counter()

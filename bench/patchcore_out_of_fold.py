@@ -44,8 +44,9 @@ def main() -> None:
     train, validation = split_validation(category, settings["VALIDATION_FRACTION"], settings["SEED"])
     folds = np.random.default_rng(0).permutation(len(train)) % args.folds
 
-    def batches():
-        return ((batch.images, batch.indices) for batch in ImageBatches(train, preprocessor, 16, 0))
+    def batches(wanted=None):
+        chosen = list(range(len(train))) if wanted is None else wanted
+        return ((batch.images, [chosen[i] for i in batch.indices]) for batch in ImageBatches([train[i] for i in chosen], preprocessor, 16, 0))
 
     started = time.perf_counter()
     oof = np.full(len(train), np.nan)

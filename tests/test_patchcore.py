@@ -189,8 +189,15 @@ def test_out_of_fold_scores_exclude_the_images_own_fold(train_images):
     model = PatchCore(PatchCoreSettings(backbone="resnet18", weights="none", coreset_ratio=1.0), device="cpu").fit([train_images[:6], train_images[6:]])
     before = model.memory_.clone()
     folds = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
-    batches = lambda: [(train_images[:4], [0, 1, 2, 3]), (train_images[4:], list(range(4, 10)))]  # noqa: E731
+    reads = []
+
+    def batches(wanted=None):
+        chosen = list(range(10)) if wanted is None else list(wanted)
+        reads.extend(chosen)
+        return [(train_images[chosen[start : start + 4]], chosen[start : start + 4]) for start in range(0, len(chosen), 4)]
+
     results = list(model.out_of_fold_scores(batches, folds, peaks=True))
+    assert sorted(reads) == sorted(list(range(10)) * 2)  # the fit was not told its order: one reading for it, then each fold's images once
     seen = sorted(index for indices, *_ in results for index in indices)
     assert seen == list(range(10))
     in_sample = model.score(train_images)[1]
@@ -206,6 +213,15 @@ def test_out_of_fold_scores_exclude_the_images_own_fold(train_images):
         expected = model.map_maker(distances.float().view(len(indices), *grid), (64, 64)).flatten(1).max(dim=1).values
         torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(model.memory_, before)
+    model.plan_fit(10, list(range(10)))  # as train.py does: the fit is told each image's training-list number
+    model.fit([train_images[:6], train_images[6:]])
+    reads.clear()
+    told = list(model.out_of_fold_scores(batches, folds))
+    assert [index for indices, *_ in told for index in indices] == [0, 3, 6, 9, 1, 4, 7, 2, 5, 8]  # fold by fold
+    assert sorted(reads) == list(range(10))  # each image read once
+    for (indices, _, scores, _), (same, _, expected, _) in zip(sorted(told, key=lambda r: r[0][0]), sorted(results, key=lambda r: r[0][0])):
+        assert indices == same
+        torch.testing.assert_close(scores, expected)
 
 
 def test_out_of_fold_scores_need_the_fit_images_and_another_fold(train_images):

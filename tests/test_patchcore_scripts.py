@@ -85,3 +85,13 @@ def test_simple_layout_and_bad_coreset_settings(tmp_path):
         errors = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and message in errors[0], failed.stderr
         assert (tmp_path / "models" / "line" / "coreset.npy").read_bytes() == before
+
+    # a training image whose header reads but whose pixels do not: the fit and the out-of-fold maps
+    # leave it out alike (the coreset's sources are numbered in the fit's order, not the file list's)
+    broken = root / "train_dataset_folder" / "004.png"
+    broken.write_bytes(broken.read_bytes()[:100])
+    retrained = run_script("train.py", *settings, "OUT_OF_FOLD_FOLDS=3")
+    assert retrained.returncode == 0, retrained.stderr
+    assert f"skipped {broken}" in retrained.stderr
+    description = json.loads((tmp_path / "models" / "line" / "model.json").read_text())
+    assert (description["out_of_fold"]["n_images"], description["out_of_fold"]["folds"]) == (12, 3)
