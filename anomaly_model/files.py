@@ -5,12 +5,14 @@ when complete, so a crash never leaves a half-written model or result. Large arr
 `.npy` files written and read in row blocks (a header and raw rows: like JSON, reading one cannot
 run code), so a model's statistics never need a second full copy in memory.
 
-Crash safety. Replacing a model takes two renames (old -> `.<name>.previous-<run>`, new
-`.<name>.partial-<run>` -> `<name>`); a kill between them strands both. Each run holds an
-advisory lock on `.<name>.lock-<run>` from before its temporary folder exists until after it is
-gone, so the next run in that folder (`sweep`, called on every save and load) can tell a killed
-run's leftovers (lock free) from a live run's (lock held): it puts a stranded previous folder
-back where its target is missing and removes the rest. The kernel drops the lock of a killed
+Crash safety. Replacing a model takes two renames (old -> `.<name>.previous-<run>`, or
+`.<name>.retired-<run>` when it is to become `<name>.backup-1`; new `.<name>.partial-<run>` ->
+`<name>`); a kill between them strands both. Each run holds an advisory lock on
+`.<name>.lock-<run>` from before its temporary folder exists until after it is gone, so the next
+run in that folder (`sweep`, called on every save and load) can tell a killed run's leftovers
+(lock free) from a live run's (lock held): it puts a stranded previous or retired folder back
+where its target is missing, makes a retired one `<name>.backup-1` where the new model is in
+place, and removes the rest. The kernel drops the lock of a killed
 process, so this works after SIGKILL and across containers sharing the disk (not across
 machines on a network filesystem without lock support, where nothing is cleaned).
 """
@@ -46,7 +48,7 @@ CHUNK_ROWS = 128  # rows per block read: ~78 MB of Wide-ResNet PaDiM factors
 # Write failures that are the disk's or the folder's, not the program's: one line, not a traceback.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 _MODEL_LOCK = re.compile(r"^\.(?P<name>.+)\.lock$")  # `model_lock`'s file beside a model folder
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|previous|lock|locking)-(?P<run>[0-9a-f-]+)$")
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|previous|retired|lock|locking)-(?P<run>[0-9a-f-]+)$")
 
 
 class StorageError(Exception):
@@ -409,10 +411,15 @@ def _clean_run(folder: Path, parts: dict[str, tuple[str, Path]]) -> None:
             return  # a live run (or one that finished just now): its folders are its own
     # no lock file: a run that finished (or an older version's leftover); either way not live
     try:
-        if "previous" in parts:
-            name, path = parts["previous"]
+        for kind in ("previous", "retired"):
+            if kind not in parts:
+                continue
+            name, path = parts[kind]
             if not os.path.lexists(folder / name):
                 os.replace(path, folder / name)  # killed between the two renames: the old one is back
+            elif kind == "retired":  # killed after the new model took its place: the old one is its backup-1
+                make_room_for_backup_1(folder / name)
+                os.replace(path, backup_path(folder / name, 1))
             else:
                 remove_entry(path)  # a link too (an older version swapped links aside)
         if "partial" in parts:
@@ -423,6 +430,25 @@ def _clean_run(folder: Path, parts: dict[str, tuple[str, Path]]) -> None:
     finally:
         if descriptor is not None:
             os.close(descriptor)
+
+
+def backup_path(target: Path, number: int) -> Path:
+    return target.parent / f"{target.name}.backup-{number}"
+
+
+def make_room_for_backup_1(target: Path) -> list[tuple[Path, str]]:
+    """Every `<name>.backup-N` beside `target` moves to 2, 3, ... in its order, without gaps (a
+    backup-1 restored by hand leaves one), so that backup-1 is free; none is removed here.
+    Returns (path now, name before) of each, newest first. A backup moving up one goes oldest first
+    into the free name above it; one moving down (past a gap) newest first: no rename overwrites."""
+    pattern = re.compile(rf"^{re.escape(target.name)}\.backup-(\d+)$")
+    numbered = sorted((int(match.group(1)), target.parent / entry) for entry in os.listdir(target.parent) if (match := pattern.match(entry)))
+    moves = [(path, number, slot) for slot, (number, path) in enumerate(numbered, start=2) if number != slot]
+    for path, number, slot in sorted((move for move in moves if move[1] < move[2]), key=lambda move: -move[2]):
+        os.replace(path, backup_path(target, slot))
+    for path, number, slot in sorted((move for move in moves if move[1] > move[2]), key=lambda move: move[2]):
+        os.replace(path, backup_path(target, slot))
+    return [(backup_path(target, slot), path.name) for slot, (_, path) in enumerate(numbered, start=2)]
 
 
 # --- atomic folders -----------------------------------------------------------------------------
@@ -451,9 +477,10 @@ class AtomicFolder:
         self.replace = replace
         self._made: list[Path] = []  # folders made for the target (removed again when nothing is saved)
         self.run = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        beside = {kind: self.target.parent / f".{self.target.name}.{kind}-{self.run}" for kind in ("partial", "previous", "lock", "locking")}
+        beside = {kind: self.target.parent / f".{self.target.name}.{kind}-{self.run}" for kind in ("partial", "previous", "retired", "lock", "locking")}
         self.temporary = beside["partial"]
-        self._previous, self._lock_path, self._locking_path = beside["previous"], beside["lock"], beside["locking"]
+        self._previous, self._retired = beside["previous"], beside["retired"]
+        self._lock_path, self._locking_path = beside["lock"], beside["locking"]
         self.checksums: dict[str, dict] = {}
         self._lock: int | None = None
 
@@ -545,10 +572,7 @@ class AtomicFolder:
                 if self.replace:
                     self._flush_unsynced()
                 with self._model_lock(), _folder_lock(self.target.parent), _signals_held():
-                    previous = self._swap() if self.replace else self._place_new()
-                    dropped = [previous] if previous is not None else []
-                    if previous is not None and self.backups is not None:
-                        dropped = self._keep_backups(previous)
+                    dropped = self._swap_keeping_backups() if self.replace else self._place_new()
                     _fsync_path(self.target.parent)
             except BaseException as error:
                 shutil.rmtree(self.temporary, ignore_errors=True)
@@ -563,38 +587,33 @@ class AtomicFolder:
             if failed:
                 remove_made(self._made)
 
-    def _keep_backups(self, previous: Path) -> list[Path]:
-        """The replaced folder becomes `<name>.backup-1` and the existing backups follow it in their
-        order, renumbered 2, 3, ... without gaps (a restored backup-1 leaves one); the newest
-        `self.backups` are kept. Returns the folders to remove after the swap: those past the count,
-        each first renamed to a temporary name of this run (a kill before their removal leaves them
-        to `sweep`)."""
-        pattern = re.compile(rf"^{re.escape(self.target.name)}\.backup-(\d+)$")
-        numbered = sorted(
-            (int(match.group(1)), self.target.parent / entry)
-            for entry in os.listdir(self.target.parent) if (match := pattern.match(entry))
-        )
-        order = [previous] + [path for _, path in numbered]  # newest first
-        removed = [path.name for path in order[self.backups :] if path is not previous]
-        if removed:  # never silently: these are earlier versions of the user's model
-            print(f"note: MODEL_BACKUPS={self.backups}: removed {len(removed)} older backup{'s' if len(removed) != 1 else ''} "
-                  f"(named {', '.join(removed)} before this save)", file=sys.stderr)
-        dropped = []
-        for index, path in enumerate(order[self.backups :]):
+    def _swap_keeping_backups(self) -> list[Path]:
+        """The swap, and with `backups` the replaced folder kept as `<name>.backup-1`, the existing
+        backups following it renumbered 2, 3, ...; the newest `backups` are kept. Every step
+        leaves what a kill can be recovered from (`sweep`): the backups make room first (none
+        removed), the old model leaves as `.retired-<run>` (put back, or made backup-1, by the next
+        run), and only then do the backups past the count go. Returns the folders to remove after
+        the swap, each already renamed to a temporary name of this run."""
+        keeping = bool(self.backups) and os.path.lexists(self.target)
+        moved = make_room_for_backup_1(self.target) if keeping else []
+        previous = self._swap(self._retired if keeping else self._previous)
+        if previous is None or self.backups is None:
+            return [] if previous is None else [previous]
+        if keeping:
+            os.replace(previous, backup_path(self.target, 1))
+            excess = moved[self.backups - 1 :]
+            dropped = []
+        else:  # MODEL_BACKUPS=0: the replaced model and every earlier backup go
+            pattern = re.compile(rf"^{re.escape(self.target.name)}\.backup-(\d+)$")
+            excess = [(self.target.parent / entry, entry) for entry in sorted(os.listdir(self.target.parent)) if pattern.match(entry)]
+            dropped = [previous]
+        if excess:  # never silently: these are earlier versions of the user's model
+            print(f"note: MODEL_BACKUPS={self.backups}: removed {len(excess)} older backup{'s' if len(excess) != 1 else ''} "
+                  f"(named {', '.join(name for _, name in excess)} before this save)", file=sys.stderr)
+        for index, (path, _) in enumerate(excess):
             aside = Path(f"{self.temporary}-{index}")
             os.replace(path, aside)
             dropped.append(aside)
-        backup = lambda number: self.target.parent / f"{self.target.name}.backup-{number}"  # noqa: E731
-        current = dict((path, number) for number, path in numbered)
-        moves = [(path, target) for target, path in enumerate(order[: self.backups], start=1) if path is not previous]
-        # a backup moving up one (backup-1 .. -m, packed) goes oldest first into the free name above
-        # it; one moving down (past a gap) newest first; the replaced model takes backup-1 last
-        for path, target in sorted((move for move in moves if current[move[0]] < move[1]), key=lambda move: -move[1]):
-            os.replace(path, backup(target))
-        for path, target in sorted((move for move in moves if current[move[0]] > move[1]), key=lambda move: move[1]):
-            os.replace(path, backup(target))
-        if self.backups:
-            os.replace(previous, backup(1))
         return dropped
 
     def _model_lock(self):
@@ -612,11 +631,11 @@ class AtomicFolder:
                     _fsync_path(path)
             _fsync_path(Path(root))
 
-    def _swap(self) -> Path | None:
-        """Old folder aside, new one in; returns the old one's temporary name (to remove)."""
+    def _swap(self, aside: Path) -> Path | None:
+        """Old folder to `aside`, new one in; returns the old one's temporary name (None: there was none)."""
         previous = None
         if os.path.lexists(self.target):
-            previous = self._previous
+            previous = aside
             os.replace(self.target, previous)
         try:
             os.replace(self.temporary, self.target)
@@ -626,8 +645,8 @@ class AtomicFolder:
             raise
         return previous
 
-    def _place_new(self) -> None:
-        """Rename into the first free name: `target`, `target-2`, ... (never over a folder)."""
+    def _place_new(self) -> list[Path]:
+        """Rename into the first free name: `target`, `target-2`, ... (never over a folder); nothing to remove after."""
         base, number = self.target, 1
         while True:
             candidate = base if number == 1 else base.with_name(f"{base.name}-{number}")
@@ -635,7 +654,7 @@ class AtomicFolder:
                 try:
                     os.rename(self.temporary, candidate)  # fails on a non-empty folder made meanwhile
                     self.target = candidate
-                    return None
+                    return []
                 except OSError as error:
                     if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
                         raise

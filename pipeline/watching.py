@@ -6,10 +6,11 @@ decoded then is tried again while it keeps still, and reported unreadable only a
 that long, so a writer that pauses is not caught half-way.
 
 Exactly once across restarts: a ledger (RESULTS_DIR/<model>/live-ledger.jsonl) records each file
-by name, size, modification time and content hash before its row is written; a restart skips what
-the ledger holds and scores the rest, and a new file reusing an old name differs in one of them.
+by name, size, modification time and content hash, with its row, before the row is written; a
+restart skips what the ledger holds and scores the rest (a new file reusing an old name differs in
+one of them), and first writes the last entry's row again if a kill came between the two.
 Rows go to RESULTS_DIR/<model>/live-<date>/predictions.csv (test.py's columns plus `error`), each
-appended whole and flushed to disk, so a crash loses at most the row in hand; pictures go beside
+appended whole and flushed to disk, so a crash loses no row of a file the ledger holds; pictures go beside
 it as test.py writes them. With WATCH_SORT the file then moves into good/, defect/ or unreadable/
 inside WATCH_DIR, which the watcher does not descend into.
 """
@@ -62,20 +63,24 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._records: dict[tuple, str] = {}  # (name, size, mtime_ns, sha256) -> verdict
+        self.last: dict | None = None  # the last whole entry: its row may be missing after a kill (`LiveResults.restore`)
         if self.path.exists():
             for line in self.path.read_text().splitlines():
                 try:
                     entry = json.loads(line)
                     self._records[(entry["name"], entry["size"], entry["mtime_ns"], entry["sha256"])] = entry["verdict"]
+                    self.last = entry
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut by a crash: its file is scored again
 
     def verdict(self, state: FileState, sha256: str) -> str | None:
         return self._records.get((state.name, state.size, state.mtime_ns, sha256))
 
-    def add(self, state: FileState, sha256: str, verdict: str) -> None:
+    def add(self, state: FileState, sha256: str, verdict: str, row: tuple[Path, str]) -> None:
+        """The file as done, with (the predictions file, its row as CSV text) that is written next."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        entry = {"name": state.name, "size": state.size, "mtime_ns": state.mtime_ns, "sha256": sha256, "verdict": verdict, "at": time.time()}
+        entry = {"name": state.name, "size": state.size, "mtime_ns": state.mtime_ns, "sha256": sha256, "verdict": verdict, "at": time.time(),
+                 "csv": str(row[0]), "row": row[1]}
         with open(self.path, "a") as file:
             file.write(json.dumps(entry) + "\n")
             file.flush()
@@ -92,21 +97,40 @@ class LiveResults:
     def folder(self) -> Path:
         return self.root / f"live-{date.today().strftime('%Y%m%d')}"
 
-    def append(self, values: list[str]) -> Path:
-        """One row, written in one call and flushed to disk; the header starts a new file."""
+    def row(self, values: list[str]) -> tuple[Path, str]:
+        """(the predictions file of today the row goes to, the row as CSV text): what the ledger keeps."""
         folder = self.folder()
         folder.mkdir(parents=True, exist_ok=True)
-        path = self._csv(folder)
         buffer = io.StringIO()
-        writer = csv.writer(buffer)
+        csv.writer(buffer).writerow(values)
+        return self._csv(folder), buffer.getvalue()
+
+    @staticmethod
+    def write(path: Path, text: str) -> None:
+        """One row, written in one call and flushed to disk; the header starts a new file."""
+        path = Path(path)
         if not path.exists() or path.stat().st_size == 0:
-            writer.writerow(LIVE_COLUMNS)
-        writer.writerow(values)
+            buffer = io.StringIO()
+            csv.writer(buffer).writerow(LIVE_COLUMNS)
+            text = buffer.getvalue() + text
         with open(path, "a", newline="") as file:
-            file.write(buffer.getvalue())
+            file.write(text)
             file.flush()
             os.fsync(file.fileno())
-        return path
+
+    def restore(self, entry: dict) -> bool:
+        """The ledger's last entry's row, written again when its predictions file does not end with
+        it (a kill between the ledger entry and the row); True when it was missing."""
+        path, text = Path(entry.get("csv", "")), entry.get("row")
+        if not isinstance(text, str) or not entry.get("csv"):
+            return False  # an entry of an older version, written after its row
+        if path.exists():
+            with open(path, newline="") as file:
+                if file.read().endswith(text):
+                    return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.write(path, text)
+        return True
 
     @staticmethod
     def _csv(folder: Path) -> Path:
@@ -177,6 +201,8 @@ class FolderWatcher:
         self._claim = claim_folder(self.folder)  # before anything is read: one watcher per folder
         self.ledger = Ledger(settings.model_results / "live-ledger.jsonl")
         self.results = LiveResults(settings.model_results)
+        if self.ledger.last is not None and self.results.restore(self.ledger.last):
+            log(f"wrote the row of {printable_path(self.ledger.last['name'])} again: the last run was stopped between its ledger entry and its row")
         self._pending: dict[str, tuple[FileState, float]] = {}  # name -> (state last seen, since when unchanged)
         self._links_noted: set[str] = set()  # links are not followed: each named once in the log
         self._errors_said: set[str] = set()
@@ -197,7 +223,8 @@ class FolderWatcher:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=300)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout=300)
         if self._claim is not None:
             os.close(self._claim)  # the kernel drops the lock (and does so for a killed process too)
             self._claim = None
@@ -298,9 +325,8 @@ class FolderWatcher:
     def _record(self, item: _Ready) -> None:
         path = self.folder / item.state.name
         if item.future is None:
-            self.ledger.add(item.state, item.sha256, "unreadable")
             destination = self._destination(path, "unreadable")
-            self.results.append([printable_path(destination)] + [""] * (len(COLUMNS) - 1) + ["", item.error])
+            self._add_row(item, "unreadable", [printable_path(destination)] + [""] * (len(COLUMNS) - 1) + ["", item.error])
             self.n_unreadable += 1
             log(f"unreadable {item.state.name}: {item.error}")
             self._finish(item, destination)
@@ -320,11 +346,16 @@ class FolderWatcher:
             arrays = self._worker.pictures(inspector, inspection, item.prepared.rgb, PREVIEW_SIZE)
             overlay_file, mask_file = write_pictures(pictures, stem, arrays)
             overlay_path, mask_path = f"pictures/{overlay_file.name}", f"pictures/{mask_file.name}"
-        self.ledger.add(item.state, item.sha256, inspection.verdict)
-        self.results.append(csv_values(destination, inspection, overlay_path, mask_path) + [inspection.model, ""])
+        self._add_row(item, inspection.verdict, csv_values(destination, inspection, overlay_path, mask_path) + [inspection.model, ""])
         self.n_inspected += 1
         self._notify(printable_path(item.state.name), item.data, inspection, inspector)
         self._finish(item, destination)
+
+    def _add_row(self, item: _Ready, verdict: str, values: list[str]) -> None:
+        """The ledger entry (with the row), then the row: a kill between them is mended at the next start."""
+        csv_path, text = self.results.row(values)
+        self.ledger.add(item.state, item.sha256, verdict, (csv_path, text))
+        self.results.write(csv_path, text)
 
     def _destination(self, path: Path, verdict: str) -> Path:
         """Where the file will be once sorted (where it is without WATCH_SORT); a name already taken there gets -2, -3, ..."""

@@ -489,6 +489,54 @@ def test_backups_stay_newest_first_without_gaps(tmp_path, existing, keep, expect
     assert (f"note: MODEL_BACKUPS={keep}: removed {removed} older backup" in note) == (removed > 0)  # never silently
 
 
+_KILLED_AT_RENAME = """
+import os, signal, sys
+from pathlib import Path
+from anomaly_model.files import AtomicFolder
+
+models, kill_at = Path(sys.argv[1]), int(sys.argv[2])
+real_replace, count = os.replace, [0]
+
+def replace(source, target):
+    count[0] += 1
+    if count[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(source, target)
+
+os.replace = replace
+with AtomicFolder(models / "part", backups=3) as out:
+    out.write_bytes("version", b"v5")
+print(count[0])
+"""
+
+
+def test_a_kill_at_any_rename_of_a_save_loses_no_model_but_the_oldest_backup(tmp_path):
+    """A save with backups renames several folders (the backups make room, the old model goes
+    aside, the new one in, the old one becomes backup-1, the oldest goes). Killed before any of
+    them, the next run (`sweep`) finds every version: the replaced model as `part` or `part.backup-1`,
+    never removed, and the backups in order; only the one past MODEL_BACKUPS may be gone."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    renames = None
+    for kill_at in range(1, 12):
+        models = tmp_path / str(kill_at)
+        (models / "part").mkdir(parents=True)
+        (models / "part" / "version").write_text("v4")  # the model being replaced
+        for number, version in zip((1, 2, 3), ("v3", "v2", "v1")):
+            (models / f"part.backup-{number}").mkdir()
+            (models / f"part.backup-{number}" / "version").write_text(version)
+        result = subprocess.run([sys.executable, "-c", _KILLED_AT_RENAME, str(models), str(kill_at)], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+        if result.returncode == 0:
+            renames = int(result.stdout)
+            break
+        assert result.returncode == -signal.SIGKILL, result.stderr
+        AtomicFolder(models / "other").__enter__()  # the next save here sweeps first (as every load does)
+        backups = sorted(models.glob("part.backup-*"), key=lambda path: int(path.name.rsplit("-", 1)[1]))
+        chain = [(path / "version").read_text() for path in [models / "part", *backups]]  # newest first (gaps in the numbers allowed)
+        assert chain in (["v4", "v3", "v2", "v1"], ["v5", "v4", "v3", "v2", "v1"], ["v5", "v4", "v3", "v2"]), (kill_at, chain)
+        assert not [path for path in models.iterdir() if path.name.startswith(".part.")], (kill_at, leftovers(models))
+    assert renames is not None and renames >= 5  # every rename of the save was killed once
+
+
 def test_a_retrain_keeps_the_model_it_replaces_as_a_backup(tmp_path, trained, monkeypatch, capsys):
     """A full retrain can be worse than the model it replaces (which may hold updates): that model is
     kept as backup-1, like an update's; MODEL_BACKUPS=0 keeps none."""

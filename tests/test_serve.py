@@ -397,10 +397,39 @@ def test_live_rows_never_go_under_a_header_they_do_not_match(tmp_path):
     old = results.folder() / "predictions.csv"
     old.write_bytes(b"path,image_score,error\r\nx.png,1.5,\r\n")
     row = [f"v{number}" for number in range(len(LIVE_COLUMNS))]
-    assert results.append(row).name == "predictions-2.csv" and results.append(row).name == "predictions-2.csv"
+    for _ in range(2):
+        path, text = results.row(row)
+        assert path.name == "predictions-2.csv"
+        results.write(path, text)
     assert old.read_bytes() == b"path,image_score,error\r\nx.png,1.5,\r\n"
     with open(results.folder() / "predictions-2.csv", newline="") as file:
         assert list(csv.reader(file)) == [LIVE_COLUMNS, row, row]
+
+
+def test_a_kill_between_the_ledger_entry_and_its_row_is_mended_at_the_next_start(tmp_path, capsys):
+    """The watcher records a file in the ledger (with its row), then writes the row: killed between
+    the two, the file counts as done but has no row. The next watcher writes that row, once."""
+    from pipeline.watching import LIVE_COLUMNS, FileState, FolderWatcher, Ledger, LiveResults, WatchSettings
+
+    results = tmp_path / "results" / "part"
+    live = LiveResults(results)
+    ledger = Ledger(results / "live-ledger.jsonl")
+    rows = [[f"{name}.png"] + [""] * (len(LIVE_COLUMNS) - 1) for name in ("a", "b")]
+    for number, row in enumerate(rows):
+        csv_path, text = live.row(row)
+        ledger.add(FileState(f"{'ab'[number]}.png", 10, 1), "0" * 64, "good", (csv_path, text))
+        if number == 0:
+            live.write(csv_path, text)  # b.png: killed after its ledger entry, before its row
+    settings = WatchSettings(tmp_path / "incoming", False, 0.5, results, False)
+    watcher = FolderWatcher(settings, None, None, None)
+    watcher.stop()
+    assert "wrote the row of b.png again" in capsys.readouterr().err
+    with open(csv_path, newline="") as file:
+        assert [line[0] for line in csv.reader(file)] == ["path", "a.png", "b.png"]
+    assert not live.restore(Ledger(results / "live-ledger.jsonl").last)  # whole now: never twice
+    FolderWatcher(settings, None, None, None).stop()
+    with open(csv_path, newline="") as file:
+        assert len(list(csv.reader(file))) == 3
 
 
 def test_the_worker_loads_the_model_on_its_own_thread_and_hands_back_a_load_error():
