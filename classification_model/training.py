@@ -137,10 +137,13 @@ def synthetic_defect_maps(
         return torch.zeros(0, *preprocessor.size), torch.zeros(0), np.zeros(0, dtype=int), []
     maps, scores = [], []
     step = preprocessor.batch_size(painting.batch_size)
-    for start in range(0, len(images), step):
-        batch_maps, batch_scores = model.score(torch.stack(images[start : start + step]))
-        maps.append(batch_maps)
-        scores.append(batch_scores)
+    # a bar of its own where these are not inside the out-of-fold pass's (a tiled model's hundreds of defects take minutes)
+    with tqdm(total=len(images), desc="synthetic defects", unit="img", file=sys.stderr, disable=honest_maps is not None) as progress:
+        for start in range(0, len(images), step):
+            batch_maps, batch_scores = model.score(torch.stack(images[start : start + step]))
+            maps.append(batch_maps)
+            scores.append(batch_scores)
+            progress.update(len(batch_scores))
     maps, scores = torch.cat(maps), torch.cat(scores)
     is_defect = torch.tensor([kind is not None for kind in defect_kinds])
     owners = np.array(owners, dtype=int)

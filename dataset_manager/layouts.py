@@ -110,8 +110,13 @@ def _is_simple_layout(folder: Path) -> bool:
     return (folder / "train_dataset_folder").is_dir()
 
 
-def _require_images(images: list[Path], folder: Path) -> list[Path]:
+def _require_images(images: list[Path], folder: Path, unread: Sequence[Path] = ()) -> list[Path]:
+    """`images`, or a DataError naming `folder` (and its subfolders that are not read, if any)."""
     if not images:
+        if unread:
+            names = ", ".join(path.name for path in unread[:3]) + (", ..." if len(unread) > 3 else "")
+            raise DataError(f"no images in {folder} or its good/ folder: its subfolders ({names}) are not read; "
+                            f"move the good images into {folder / GOOD}/ (subfolders of good/ are read)")
         raise DataError(f"no images in {folder}: expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
     return images
 
@@ -177,15 +182,16 @@ def _simple_category(folder: Path, skip: Sequence[Path]) -> Category:
     good = _training_images(train_dir, skip, masks, recursive=False) + _training_images(train_dir / GOOD, skip, masks)
     test_dir = folder / "test_dataset_folder"
     test_images = _labeled_test_images(folder, test_dir, skip) if test_dir.is_dir() else []
+    unread = [p for p in _other_folders(train_dir, (GOOD, "defect")) if not _is_output(p, _real(skip))]
     return Category(
         name=folder.resolve().name,
         root=folder,
-        train_images=_require_images(sorted(good), train_dir),
+        train_images=_require_images(sorted(good), train_dir, unread),
         train_defect_images=_training_images(defect_dir, skip, masks),
         test_dir=test_dir if test_dir.is_dir() else None,
         test_images=test_images,
         mask_files=masks,
-        ignored_folders=[p for p in _other_folders(train_dir, (GOOD, "defect")) if not _is_output(p, _real(skip))],
+        ignored_folders=unread,
     )
 
 

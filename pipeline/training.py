@@ -134,11 +134,36 @@ STRETCH_NOTED = 1.25  # aspect ratios (height / width) further apart than this a
 ENLARGE_NOTED = 2.0  # images enlarged more than this to the working size are noted: slower, and no detail gained
 
 
+def sampled_sizes(paths: list[Path]) -> list[tuple[int, int]]:
+    """(height, width) of up to GEOMETRY_SAMPLE of `paths`, evenly spaced, read from their headers."""
+    return readable_sizes([paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(len(paths), GEOMETRY_SAMPLE))] if paths else [])
+
+
+def median_shape(paths: list[Path]) -> list[int] | None:
+    """The training images' median (height, width), kept in model.json: an update's new goods are compared with it."""
+    sizes = sampled_sizes(paths)
+    return [int(value) for value in np.median(np.array(sizes), axis=0)] if sizes else None
+
+
+def shape_note(paths: list[Path], shape: list[int] | None, resize: tuple[int, int]) -> str | None:
+    """A note when some of an update's new goods are shaped unlike the model's training images
+    (`shape`, their median): each is stretched to the working size, as in a training of mixed shapes."""
+    sizes = sampled_sizes(paths)
+    if not shape or not sizes:
+        return None
+    trained = shape[0] / shape[1]
+    off = [size for size in sizes if max(size[0] / size[1] / trained, trained * size[1] / size[0]) > STRETCH_NOTED]
+    if not off:
+        return None
+    return (f"{len(off)} of the {len(sizes)} new goods{' read' if len(sizes) < len(paths) else ''} are shaped unlike the model's training images "
+            f"(e.g. {off[0][0]} x {off[0][1]} against {shape[0]} x {shape[1]}, height x width): each is stretched to {resize[0]} x {resize[1]}; "
+            "parts photographed differently are best trained as separate categories")
+
+
 def geometry_notes(paths: list[Path], resize: tuple[int, int], setting) -> list[str]:
     """What IMAGE_SIZE does to these training images that a user would not guess: parts of several
     aspect ratios stretched to one shape, small images enlarged several times (read from headers)."""
-    sample = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(len(paths), GEOMETRY_SAMPLE))] if paths else []
-    sizes = readable_sizes(sample)
+    sizes = sampled_sizes(paths)
     if not sizes:
         return []
     notes = []
@@ -438,6 +463,8 @@ def prepare(category: Category, settings, model_dir: Path) -> TrainingRun:
         print("note: out-of-fold maps are not made for tiled models; the classifier and thresholds use the validation goods", file=sys.stderr)
         folds = 0
     check_pixel_policy(model, settings.PIXEL_THRESHOLD_POLICY, settings.PIXEL_FALSE_REJECT_RATE)
+    if folds and model.kind == "padim":
+        _check_padim_folds(category, settings, len(train_paths), folds, len(validation_paths))
     if settings.CLASSIFIER:  # what the classifier will lack is known now, before minutes of fitting
         check_classifier_rows(category, settings, len(validation_paths), len(train_paths) if folds else 0)
     images = TrainingImages(train_paths, validation_paths, skipped, folds)
@@ -573,6 +600,7 @@ def save(run: TrainingRun) -> TrainingSummary:
         "n_train_images": model.n_train_images_,
         "n_validation_images": run.goods.count - run.n_out_of_fold,
         "skipped_files": [str(path) for path, _ in run.images.skipped],
+        "image_shape": median_shape(run.images.train),
     }
     unreadable = {path for path, _ in run.images.skipped}
     goods = [path for path in run.images.train + run.images.validation if path not in unreadable]
@@ -609,6 +637,22 @@ def _peak_directions_wanted(model: AnomalyModel, settings, labeled: bool) -> boo
             print(f"note: {what} give no peak directions: the labeled defects train the classifier's first stage only", file=sys.stderr)
         return False
     return True
+
+
+def _check_padim_folds(category: Category, settings, n_train: int, folds: int, n_validation: int) -> None:
+    """PaDiM's out-of-fold Gaussians need 2 training images outside every fold (a covariance):
+    refused before the fit, naming the settings that then work (the classifier may need its
+    honest goods from the folds: then it must go too)."""
+    if n_train - -(-n_train // folds) >= 2:
+        return
+    fix = "set OUT_OF_FOLD_FOLDS = 0"
+    if settings.CLASSIFIER:
+        try:
+            check_classifier_rows(category, settings, n_validation, 0)
+        except ModelError:
+            fix += f" and CLASSIFIER = False (it would be left with {n_validation} good image{'s' if n_validation != 1 else ''} it was not fitted on)"
+    raise ModelError(f"PaDiM's out-of-fold maps need 2 training images outside each of the OUT_OF_FOLD_FOLDS={folds} folds, "
+                     f"and {n_train} training image{'s' if n_train != 1 else ''} cannot give that: add training images, or {fix}")
 
 
 def check_classifier_rows(category: Category, settings, n_validation: int, n_train: int) -> None:

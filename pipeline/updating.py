@@ -35,7 +35,7 @@ from anomaly_model.store import load_model, model_id, read_description, save_mod
 from dataset_manager import IMAGE_EXTENSIONS, ImageBatches, Preprocessor, find_images, is_mask_file
 from pipeline.detector import settings_differences
 from pipeline.training import (
-    HONEST_GOODS_FILE, LEARNED_IMAGES_FILE, GoodMapSample, content_digest, learned_images, pixel_policies, report_verdict,
+    HONEST_GOODS_FILE, LEARNED_IMAGES_FILE, GoodMapSample, content_digest, learned_images, pixel_policies, report_verdict, shape_note,
 )
 from settings import SettingsError
 
@@ -237,6 +237,9 @@ def _update_locked(model_dir: Path, settings, good_folder: str, defect_folder: s
     good_scored = None
     lap = summary.lap("read stored rows", lap)
     if goods is not None and goods.paths:
+        note = shape_note(goods.paths, description.get("dataset", {}).get("image_shape"), tuple(preprocessor.resize))
+        if note:
+            print(f"note: {note}", file=sys.stderr)
         # one backbone pass: the maps are honest (scored before the model learned them), the same features learned
         good_scored = score_files(model, preprocessor, goods.paths, settings.BATCH_SIZE, "new goods", learn=True)
         lap = summary.lap("score and learn new goods", lap)

@@ -61,6 +61,19 @@ def test_simple_layout(tmp_path):
                      "2.bmp": "test_dataset_folder/defect/2_mask.jpg"}
 
 
+def test_goods_only_in_other_subfolders_of_the_simple_layout_are_named(tmp_path):
+    """The simple layout reads its training folder's own images and good/ (any depth): goods kept
+    only in other subfolders get an error naming them and where to move them, not "no images"."""
+    rng = np.random.default_rng(0)
+    save(texture(rng), tmp_path / "train_dataset_folder" / "line A" / "batch 1" / "0.png")
+    save(texture(rng), tmp_path / "train_dataset_folder" / "line B" / "0.png")
+    with pytest.raises(DataError, match=r"its subfolders \(line A, line B\) are not read; move the good images into .*train_dataset_folder/good/"):
+        find_categories(tmp_path)
+    (tmp_path / "train_dataset_folder" / "line A").rename(tmp_path / "train_dataset_folder" / "good")
+    (category,) = find_categories(tmp_path)
+    assert [path.name for path in category.train_images] == ["0.png"] and [p.name for p in category.ignored_folders] == ["line B"]
+
+
 def test_a_test_folder_named_good_in_any_case_holds_goods(tmp_path):
     rng = np.random.default_rng(0)
     save(texture(rng), tmp_path / "simple" / "train_dataset_folder" / "0.png")

@@ -334,3 +334,25 @@ def test_stretched_shapes_and_enlarged_images_are_noted(tmp_path):
     assert "several shapes (e.g. 300 x 400 and 400 x 300, height x width): each is stretched to 224 x 288" in stretched
     (enlarged,) = geometry_notes(images([(40, 40)] * 5), (224, 224), (224, 224))
     assert "IMAGE_SIZE=(224, 224) enlarges the training images (median 40 x 40) 5.6 times to 224 x 224" in enlarged
+
+
+def test_an_update_notes_new_goods_shaped_unlike_the_training_images(tmp_path):
+    """train.py keeps the training images' median shape in model.json; an update whose new goods are
+    shaped otherwise (a 9x other aspect ratio stretched to the working size) says so, like a training."""
+    from pipeline.training import median_shape, shape_note
+
+    def images(name, shapes):
+        (tmp_path / name).mkdir()
+        paths = []
+        for number, (height, width) in enumerate(shapes):
+            paths.append(tmp_path / name / f"{number}.png")
+            Image.fromarray(np.zeros((height, width), np.uint8)).save(paths[-1])
+        return paths
+
+    shape = median_shape(images("strips", [(300, 2000)] * 3 + [(310, 2000)]))
+    assert shape == [300, 2000]
+    assert shape_note(images("alike", [(290, 2100), (300, 2000)]), shape, (48, 320)) is None
+    note = shape_note(images("portrait", [(300, 2000), (400, 300)]), shape, (48, 320))
+    assert note.startswith("1 of the 2 new goods are shaped unlike the model's training images (e.g. 400 x 300 against 300 x 2000")
+    assert "stretched to 48 x 320" in note
+    assert shape_note(images("old", [(400, 300)]), None, (48, 320)) is None  # a model saved before the shape was kept

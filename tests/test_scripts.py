@@ -8,10 +8,11 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, error_line, make_mvtec_category, outputs, run_script
+from conftest import TINY, error_line, make_mvtec_category, outputs, run_script, save, texture
 
 
 @pytest.fixture(scope="module")
@@ -208,6 +209,20 @@ def test_a_classifier_with_nothing_to_learn_is_refused_before_the_fit(tmp_path, 
     result = run_script("train.py", f"DATASET_DIR={tiny_category}", *TINY, *outputs(tmp_path), "CLASSIFIER_SYNTHETIC_DEFECTS=0", "CORESET_RATIO=0.2")
     assert "the classifier would have no defect to learn from" in error_line(result) and "fit part" not in result.stderr
     assert "note: CORESET_RATIO is not used by ANOMALY_MODEL=padim" in result.stderr  # PatchCore's setting, given to PaDiM
+
+
+def test_three_goods_are_refused_before_the_fit_with_settings_that_work(tmp_path):
+    """3 goods (1 held out for validation, 2 fitted) cannot give PaDiM's out-of-fold Gaussians; the
+    one line names both settings that then work (the classifier has too few goods without the folds)."""
+    rng = np.random.default_rng(0)
+    for number in range(3):
+        save(texture(rng), tmp_path / "three" / "train" / "good" / f"{number}.png")
+    settings = [f"DATASET_DIR={tmp_path / 'three'}", *TINY, *outputs(tmp_path), "VALIDATION_FRACTION=0.3"]
+    result = run_script("train.py", *settings, "OUT_OF_FOLD_FOLDS=5")
+    line = error_line(result)
+    assert "PaDiM's out-of-fold maps need 2 training images outside each of the OUT_OF_FOLD_FOLDS=2 folds" in line, result.stderr
+    assert "set OUT_OF_FOLD_FOLDS = 0 and CLASSIFIER = False" in line and "fit three" not in result.stderr
+    assert run_script("train.py", *settings, "OUT_OF_FOLD_FOLDS=0", "CLASSIFIER=False").returncode == 0
 
 
 def test_unwritable_model_folder(tmp_path, tiny_category):
