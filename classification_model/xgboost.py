@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 from anomaly_model.backbone import ModelError
 from choices import CLASSIFIER_ANCHORS
 from classification_model.similarity import DefectSimilarity
-from evaluation.metrics import image_rocauc
+from evaluation.metrics import image_rocauc, threshold_at_rate
 
 BOOSTER_FILE = "classifier.json"
 
@@ -178,7 +178,7 @@ class DefectClassifier:
         `false_reject_rate` of these goods' final probabilities (first stage out-of-fold)."""
         self.similarity = similarity
         probabilities = _sigmoid(similarity.margin(good_margins, good_directions))
-        self.threshold = float(np.quantile(probabilities, 1 - false_reject_rate))
+        self.threshold = threshold_at_rate(probabilities, false_reject_rate)
         self.threshold_goods = probabilities
 
     def rank_like_image_score(self, anchor: Anchor, good_scores: np.ndarray, false_reject_rate: float) -> None:
@@ -189,7 +189,7 @@ class DefectClassifier:
             anchor = Anchor(anchor.center, anchor.scale, anchor.intercept, 1e-6)
         self.anchor, self.tree_share, self.similarity = anchor, 0.0, None
         probabilities = _sigmoid(anchor.margin(good_scores))
-        self.threshold = float(np.quantile(probabilities, 1 - false_reject_rate))
+        self.threshold = threshold_at_rate(probabilities, false_reject_rate)
         self.threshold_goods = probabilities
         self.report["anchor"], self.report["tree_share"] = anchor.to_dict(), 0.0
 
@@ -417,7 +417,7 @@ def train_classifier(
     )
     chosen = (labels == 0) & ~np.isnan(out_of_fold)
     good_probabilities = _sigmoid(out_of_fold[chosen])
-    threshold = float(np.quantile(good_probabilities, 1 - false_reject_rate)) if good_probabilities.size else 0.5
+    threshold = threshold_at_rate(good_probabilities, false_reject_rate) if good_probabilities.size else 0.5
     report = {
         "n_good": n_good,
         "n_defect": n_defect,

@@ -251,6 +251,25 @@ def per_defect_rocauc(defect_types: list[str], scores: np.ndarray) -> dict[str, 
     return table
 
 
+def threshold_at_rate(goods: np.ndarray, rate: float) -> float:
+    """The threshold at false-reject `rate` on the honest goods' values (a verdict flags value >=
+    threshold): the lowest of their own values that flags at most floor(rate x count) of them, and
+    just above the highest when that is 0 (rate 0 flags none). Always one of the goods' values or
+    just above one, never a point between two: so for the log-odds of the image score (a monotone
+    map) the threshold is the map of the image score's threshold, and the two never disagree."""
+    ordered = np.sort(np.asarray(goods, dtype=np.float64).ravel())
+    allowed = int(np.floor(rate * ordered.size + 1e-9))
+    if ordered.size == 0:
+        raise ValueError("a threshold needs at least one good value")
+    if allowed == 0:
+        return float(np.nextafter(ordered[-1], np.inf))
+    candidate = ordered[ordered.size - allowed]
+    if ordered.size - np.searchsorted(ordered, candidate, side="left") > allowed:  # ties below it would be flagged too
+        above = ordered[ordered > candidate]
+        return float(above[0]) if above.size else float(np.nextafter(ordered[-1], np.inf))
+    return float(candidate)
+
+
 def few_goods_note(count: int, rate: float, key: str, out_of_fold: bool = True) -> str:
     """Why a threshold set on `count` honest good images cannot hold the false-reject `rate` (setting
     `key`) when they are fewer than 1 / rate: it is then close to their highest score and flags about

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from anomaly_model.store import model_id
-from evaluation.metrics import few_goods_note
+from evaluation.metrics import few_goods_note, threshold_at_rate
 from dataset_manager import DataError, ImageBatches, read_rgb
 from dataset_manager.images import gray_to_uint8, pil_to_rgb
 from pipeline.detector import Detector, ImageResult
@@ -129,7 +129,7 @@ def apply_operating_point(detector: Detector, point: OperatingPoint) -> list[str
         scores = honest_good_scores(detector.description)
         if scores.size == 0:
             raise SettingsError(f"{image_key}: model {detector.model_dir} stores no honest good scores to re-pick from: retrain with python train.py")
-        old, detector.image_threshold = detector.image_threshold, float(np.quantile(scores, 1 - image_rate))
+        old, detector.image_threshold = detector.image_threshold, threshold_at_rate(scores, image_rate)
         if classifier is None:
             used = "it decides the verdict"
         elif rank_like:  # the verdict is the image score's log-odds: its threshold follows
@@ -155,7 +155,7 @@ def apply_operating_point(detector: Detector, point: OperatingPoint) -> list[str
             )
         else:
             goods = np.asarray(entry["good_probabilities"], dtype=np.float64)
-            old, classifier.threshold = classifier.threshold, float(np.quantile(goods, 1 - classifier_rate))
+            old, classifier.threshold = classifier.threshold, threshold_at_rate(goods, classifier_rate)
             lines.append(
                 f"operating point: {name}'s classifier threshold {old:.6g} -> {classifier.threshold:.6g} "
                 f"(CLASSIFIER_FALSE_REJECT_RATE={classifier_rate} of the {goods.size} honest (held-out) good probabilities in the model, no retraining)"

@@ -23,7 +23,7 @@ from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.files import check_writable, sweep_model
 from anomaly_model.store import build_model, read_description, save_model
-from evaluation.metrics import few_goods_note
+from evaluation.metrics import few_goods_note, threshold_at_rate
 from dataset_manager import Category, DataError, ImageBatches, Preprocessor
 from dataset_manager.images import image_size, readable_sizes, resolve_image_size, training_full_scale
 from dataset_manager.loader import skipped_summary
@@ -282,8 +282,8 @@ class GoodMapSample:
         scores, pixels = np.concatenate(self.scores), np.concatenate(self.pixels)
         return {
             "thresholds": {
-                "image": float(np.quantile(scores, 1 - image_rate)),
-                "pixel": float(np.quantile(pixels, 1 - pixel_rate)),
+                "image": threshold_at_rate(scores, image_rate),
+                "pixel": threshold_at_rate(pixels, pixel_rate),
                 "image_false_reject_rate": image_rate,
                 "pixel_false_reject_rate": pixel_rate,
             },

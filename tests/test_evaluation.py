@@ -460,3 +460,20 @@ def test_the_leak_note_says_how_the_model_learned_each_kind():
     note = _learned_note({"good": [Path("test/good/a.png"), Path("test/good/b.png")], "defect": [Path("test/crack/c.png")]})
     assert note.startswith("3 test images the model learned (same bytes): 2 as goods (training images or ADD_GOOD), e.g. test/good/a.png; "
                            "1 as labeled defects (train/defect/ or ADD_DEFECT), e.g. test/crack/c.png")
+
+
+def test_a_threshold_at_a_false_reject_rate_flags_at_most_that_share_of_the_goods():
+    """Verdicts flag value >= threshold: rate 0 flags no good (not the highest one), ties never push
+    the share over the rate, and the threshold is one of the goods' values (or just above the
+    highest), so a monotone map of the scores maps the threshold (the classifier's log-odds)."""
+    rng = np.random.default_rng(0)
+    goods = rng.normal(size=239)
+    for rate in (0.0, 0.001, 0.01, 0.05, 0.2, 0.5):
+        threshold = m.threshold_at_rate(goods, rate)
+        assert (goods >= threshold).sum() == int(np.floor(rate * goods.size))
+        assert threshold in goods or threshold == np.nextafter(goods.max(), np.inf)
+        squashed = 1 / (1 + np.exp(-3 * goods))
+        assert m.threshold_at_rate(squashed, rate) == pytest.approx(1 / (1 + np.exp(-3 * threshold)), rel=1e-12) or rate == 0
+    tied = np.array([1.0, 2.0, 3.0, 3.0, 3.0, 4.0])
+    assert m.threshold_at_rate(tied, 0.5) == 4.0  # 3.0 would flag 4 of 6
+    assert m.threshold_at_rate(tied, 0.7) == 3.0 and m.threshold_at_rate(tied, 0.0) > 4.0
