@@ -686,6 +686,16 @@ def file_checksum(path: Path) -> dict:
     return {"sha256": digest.hexdigest(), "bytes": size}
 
 
+def read_checked_json(folder: Path, name: str, files: dict, key: str):
+    """A JSON file of a model folder (`read_checked_bytes`), parsed: content that is no JSON, or
+    nested past the parser's depth, is a damaged model, never a traceback."""
+    data = read_checked_bytes(folder, name, files, key)
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as error:
+        raise ModelError(f"model file {Path(folder) / name} is damaged ({type(error).__name__}): retrain with python train.py") from None
+
+
 def read_checked_bytes(folder: Path, name: str, files: dict, key: str) -> bytes:
     """A file of a model folder that model.json's entry `key` names, verified against its checksum
     in `files` (model.json's "files")."""
@@ -716,6 +726,8 @@ def read_npy_chunks(folder: Path, name: str, files: dict, shape: tuple, dtype: s
             if tuple(stored) != tuple(shape) or fortran or stored_dtype != np.dtype(dtype):
                 raise ModelError(f"model file {path} holds {stored} {stored_dtype}, expected {shape} {np.dtype(dtype)}: retrain")
             row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+            if os.fstat(file.fileno()).st_size - file.tell() < shape[0] * row_bytes:  # before any block is allocated
+                raise ValueError(f"the file is shorter than {shape} values")
             for start in range(0, shape[0], CHUNK_ROWS):
                 rows = min(CHUNK_ROWS, shape[0] - start)
                 data = bytearray(rows * row_bytes)

@@ -511,9 +511,11 @@ class Padim(AnomalyModel):
         positions, dim = self.grid_size_[0] * self.grid_size_[1] * self.statistics_locations, self.feature_dim
         mean = read_npy(folder, "mean.npy", files, (positions, dim))
         lower = _lower_triangle_index(dim, self.device)
-        factors = torch.zeros(positions, dim * dim, dtype=torch.float32, device=self.device)
+        factors = None  # allocated once the file's header and size agree with the shape (model.json may claim any)
         start = 0
         for block in read_npy_chunks(folder, "cholesky.npy", files, (positions, dim * (dim + 1) // 2)):
+            if factors is None:
+                factors = torch.zeros(positions, dim * dim, dtype=torch.float32, device=self.device)
             factors[start : start + block.shape[0]].index_copy_(1, lower, torch.from_numpy(block).to(self.device))
             start += block.shape[0]
         self.mean_ = torch.from_numpy(np.ascontiguousarray(mean)).to(self.device)

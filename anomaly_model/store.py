@@ -237,6 +237,8 @@ def read_description(folder: Path) -> dict:
         description = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ModelError(f"{path} is damaged ({error}): retrain with python train.py") from None
+    except RecursionError:  # nested deeper than any model.json: the parser's depth limit
+        raise ModelError(f"{path} is damaged (nested too deeply): retrain with python train.py") from None
     version = description.get("format_version") if isinstance(description, dict) else None
     if version != FORMAT_VERSION:
         raise ModelError(

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from anomaly_model import distributed
-from anomaly_model.files import read_checked_bytes
+from anomaly_model.files import read_checked_json
 from anomaly_model.store import model_id
 from dataset_manager import Category, DataError, printable_path, read_mask
 from dataset_manager.images import image_size
@@ -231,7 +231,7 @@ def learned_test_images(detector: Detector, category: Category) -> dict[str, lis
     files = detector.description.get("files", {})
     if LEARNED_IMAGES_FILE not in files:
         return {}
-    learned = json.loads(read_checked_bytes(detector.model_dir, LEARNED_IMAGES_FILE, files, f"files.{LEARNED_IMAGES_FILE}"))
+    learned = read_checked_json(detector.model_dir, LEARNED_IMAGES_FILE, files, f"files.{LEARNED_IMAGES_FILE}")
     kinds = {digest: kind for kind in ("good", "defect") for digest in learned.get(kind, [])}
     found: dict[str, list[Path]] = {}
     for item in category.test_images:

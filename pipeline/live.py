@@ -24,13 +24,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from anomaly_model.backbone import ModelError
-from anomaly_model.files import StorageError
-from dataset_manager import DataError
 from pipeline.inspection import Inspection, Inspector, PreparedImage
-from settings import SettingsError
 
-LOAD_ERRORS = (ModelError, DataError, SettingsError, StorageError, OSError)
 IDLE_CHECK_SECONDS = 1.0  # how often an idle worker looks for a new model in the folder
 
 
@@ -77,7 +72,7 @@ class ModelHolder:
             return self.current
         try:
             new = self._load(self.model_dir)
-        except LOAD_ERRORS as error:
+        except Exception as error:  # any failure, a damaged file's included: the old model serves on
             self._refused = signature
             self.note = f"the model saved in {self.model_dir} could not be loaded ({' '.join(str(error).split())}); still serving {self.current.model_id[:12]}"
             log(f"WARNING: {self.note}")

@@ -5,6 +5,7 @@ Drawn with numpy and PIL, not a matplotlib figure per image: a few milliseconds 
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -75,10 +76,22 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+MAX_STEM_BYTES = 200  # file names are at most 255 bytes on common file systems: room for "_overlay.jpg" and more
+
+
+def short_stem(stem: str) -> str:
+    """`stem`, or when longer than MAX_STEM_BYTES its start and a hash of the whole (names stay distinct)."""
+    data = stem.encode("utf-8", "surrogateescape")
+    if len(data) <= MAX_STEM_BYTES:
+        return stem
+    return f"{data[: MAX_STEM_BYTES - 9].decode('utf-8', 'ignore')}-{hashlib.sha1(data).hexdigest()[:8]}"
+
+
 def write_pictures(folder: Path, stem: str, arrays: tuple[np.ndarray, np.ndarray]) -> tuple[Path, Path]:
     """`<stem>_overlay.jpg` at preview size and `<stem>_mask.png` at the original size, from
-    `picture_arrays`' (overlay, mask)."""
+    `picture_arrays`' (overlay, mask); a stem too long for a file name is shortened (`short_stem`)."""
     overlay_array, mask = arrays
+    stem = short_stem(stem)
     overlay_path = folder / f"{stem}_overlay.jpg"
     Image.fromarray(overlay_array).save(overlay_path, quality=90)
     mask_path = folder / f"{stem}_mask.png"

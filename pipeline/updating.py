@@ -15,7 +15,6 @@ the model's own rates. The new model replaces the old one atomically; the old on
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from tqdm import tqdm
 from anomaly_model import distributed
 from anomaly_model.backbone import ModelError
 from anomaly_model.base import AnomalyModel
-from anomaly_model.files import model_lock, read_checked_bytes
+from anomaly_model.files import model_lock, read_checked_bytes, read_checked_json
 from anomaly_model.store import load_model, model_id, read_description, save_model
 from dataset_manager import IMAGE_EXTENSIONS, ImageBatches, Preprocessor, find_images, is_mask_file
 from pipeline.detector import settings_differences
@@ -200,7 +199,7 @@ def _update_locked(model_dir: Path, settings, good_folder: str, defect_folder: s
     files = description["files"]
     if HONEST_GOODS_FILE not in files or LEARNED_IMAGES_FILE not in files:
         raise _old_model(model_dir)
-    learned = json.loads(read_checked_bytes(model_dir, LEARNED_IMAGES_FILE, files, f"files.{LEARNED_IMAGES_FILE}"))
+    learned = read_checked_json(model_dir, LEARNED_IMAGES_FILE, files, f"files.{LEARNED_IMAGES_FILE}")
     differences = settings_differences(description, settings)
     if differences:  # an update learns into the model as it is: its size, backbone, statistics stay
         print(f"note: the update keeps model {model_dir}'s own settings where the settings differ (retrain to change them): "

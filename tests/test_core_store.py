@@ -92,9 +92,40 @@ def test_flipped_byte_is_caught_by_checksum(saved):
         load_model(saved, "cpu")
 
 
+def test_a_shape_claimed_by_model_json_allocates_nothing_before_its_file_holds_it(saved, monkeypatch):
+    """model.json is untrusted (models are copied between machines): a grid far larger than the
+    statistics' files, with a mean.npy made to match and checksums to suit, is a damaged model,
+    refused before the factors (positions x d x d) are allocated."""
+    import hashlib
+
+    import numpy as np
+
+    description = json.loads((saved / "model.json").read_text())
+    description["anomaly_model"]["state"]["grid_size"] = [300, 300]
+    mean = saved / "mean.npy"
+    np.save(mean, np.zeros((300 * 300, 16), np.float32))
+    rows = np.zeros((300 * 300, 16), np.float32).tobytes()
+    description["files"]["mean.npy"] = {"sha256": hashlib.sha256(rows).hexdigest(), "bytes": mean.stat().st_size}  # the rows' hash
+    (saved / "model.json").write_text(json.dumps(description))
+    allocated = []
+    real_zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *shape, **kwargs: allocated.append(shape) or real_zeros(*shape, **kwargs))
+    with pytest.raises(ModelError, match="cholesky.npy holds \\(256, 136\\) float32, expected \\(90000, 136\\)"):
+        load_model(saved, "cpu")
+    with open(saved / "cholesky.npy", "wb") as file:  # a header that agrees, and a few rows
+        np.lib.format.write_array_header_1_0(file, {"descr": "<f4", "fortran_order": False, "shape": (90000, 136)})
+        file.write(np.zeros((4, 136), np.float32).tobytes())
+    with pytest.raises(ModelError, match="cholesky.npy is damaged or truncated .*shorter than \\(90000, 136\\) values"):
+        load_model(saved, "cpu")
+    assert not [shape for shape in allocated if shape and shape[0] == 90000]
+
+
 def test_damaged_description(saved):
     (saved / "model.json").write_text("{ not json")
     with pytest.raises(ModelError, match="damaged"):
+        load_model(saved, "cpu")
+    (saved / "model.json").write_text('{"format_version": 3, "x": ' + "[" * 200_000 + "]" * 200_000 + "}")  # past the parser's depth
+    with pytest.raises(ModelError, match="damaged \\(nested too deeply\\)"):
         load_model(saved, "cpu")
 
 

@@ -129,15 +129,17 @@ def test_pictures_of_files_sharing_a_stem_do_not_overwrite_each_other(tmp_path, 
     source.convert("L").save(folder / "good" / "a.jpg")
     Image.open(tiny_category / "test" / "good" / "000.png").save(folder / "good__a.png")  # the folder joined to the name
     source.save(folder / os.fsdecode(b"caf\xe9.png"))  # a Latin-1 name (not UTF-8): its row and pictures are written too
+    for end in ("x", "y"):  # legal names (250 bytes) whose picture names would pass 255: shortened, still distinct
+        source.save(folder / ("é" * 123 + f"{end}.png"))
     result = run_script("test.py", str(folder), *trained)
     assert result.returncode == 0, result.stderr
     (run_dir,) = (tmp_path / "results" / "part").iterdir()
     rows = list(csv.DictReader(open(run_dir / "predictions.csv", encoding="utf-8")))
-    assert len(rows) == 4 and sum(row["path"].endswith("caf\\xe9.png") for row in rows) == 1
+    assert len(rows) == 6 and sum(row["path"].endswith("caf\\xe9.png") for row in rows) == 1
     for column in ("overlay", "mask"):
-        assert len({row[column] for row in rows}) == 4
+        assert len({row[column] for row in rows}) == 6
         assert all((run_dir / row[column]).is_file() for row in rows)
-    assert len(list((run_dir / "pictures").iterdir())) == 8
+    assert len(list((run_dir / "pictures").iterdir())) == 12
 
 
 def test_model_name_picks_one_category_of_a_root_for_every_script(tmp_path):

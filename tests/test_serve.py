@@ -486,6 +486,14 @@ def test_a_model_folder_deleted_under_the_server_is_said_and_the_old_model_keeps
     log = capsys.readouterr()
     assert "reloaded model part: aaaaaaaaaaaa, unchanged (torch)" in log.err and "switched" not in log.err
 
+    def failing(path):
+        raise RecursionError("maximum recursion depth exceeded")  # what no list of load errors names
+
+    holder._load = failing
+    (folder / "model.json").write_text('{"damaged": true}')
+    assert holder.refresh() is holder.current  # the model in use serves on; the worker thread does not die
+    assert "could not be loaded (maximum recursion depth exceeded); still serving aaaaaaaaaaaa" in holder.note
+
 
 def test_review_corrections_are_stored_in_a_format_the_updates_read(tmp_path):
     """A WebP or GIF sent to /inspect is stored under its own ending, which datasets, test.py, the
