@@ -111,6 +111,7 @@ class AnomalyModel:
 
     kind = ""
     HAS_PEAK_DIRECTIONS = False  # True where `score_with_peaks` works (untiled): PaDiM through `patch_scores_and_peaks`, PatchCore its own
+    MIN_IMAGES_OUTSIDE_FOLD = 1  # training images an out-of-fold model needs besides a fold's (PaDiM: 2, a covariance)
     OWN_SETTINGS: dict[str, str] = {}
     SETTINGS: type[ModelSettings] = ModelSettings  # the settings dataclass of this model class
     DEFAULT_LAYERS: tuple[int, ...] = (1, 2, 3)  # the stages LAYERS = () stands for (PaDiM 1-3, PatchCore 2-3)

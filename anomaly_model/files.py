@@ -436,13 +436,18 @@ def backup_path(target: Path, number: int) -> Path:
     return target.parent / f"{target.name}.backup-{number}"
 
 
+def numbered_backups(target: Path) -> list[tuple[int, Path]]:
+    """(N, path) of every `<name>.backup-N` beside `target`, newest (lowest N) first."""
+    pattern = re.compile(rf"^{re.escape(target.name)}\.backup-(\d+)$")
+    return sorted((int(match.group(1)), target.parent / entry) for entry in os.listdir(target.parent) if (match := pattern.match(entry)))
+
+
 def make_room_for_backup_1(target: Path) -> list[tuple[Path, str]]:
     """Every `<name>.backup-N` beside `target` moves to 2, 3, ... in its order, without gaps (a
     backup-1 restored by hand leaves one), so that backup-1 is free; none is removed here.
     Returns (path now, name before) of each, newest first. A backup moving up one goes oldest first
     into the free name above it; one moving down (past a gap) newest first: no rename overwrites."""
-    pattern = re.compile(rf"^{re.escape(target.name)}\.backup-(\d+)$")
-    numbered = sorted((int(match.group(1)), target.parent / entry) for entry in os.listdir(target.parent) if (match := pattern.match(entry)))
+    numbered = numbered_backups(target)
     moves = [(path, number, slot) for slot, (number, path) in enumerate(numbered, start=2) if number != slot]
     for path, number, slot in sorted((move for move in moves if move[1] < move[2]), key=lambda move: -move[2]):
         os.replace(path, backup_path(target, slot))
@@ -604,8 +609,7 @@ class AtomicFolder:
             excess = moved[self.backups - 1 :]
             dropped = []
         else:  # MODEL_BACKUPS=0: the replaced model and every earlier backup go
-            pattern = re.compile(rf"^{re.escape(self.target.name)}\.backup-(\d+)$")
-            excess = [(self.target.parent / entry, entry) for entry in sorted(os.listdir(self.target.parent)) if pattern.match(entry)]
+            excess = [(path, path.name) for _, path in numbered_backups(self.target)]
             dropped = [previous]
         if excess:  # never silently: these are earlier versions of the user's model
             print(f"note: MODEL_BACKUPS={self.backups}: removed {len(excess)} older backup{'s' if len(excess) != 1 else ''} "

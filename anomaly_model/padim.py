@@ -110,6 +110,7 @@ class Padim(AnomalyModel):
 
     kind = "padim"
     HAS_PEAK_DIRECTIONS = True
+    MIN_IMAGES_OUTSIDE_FOLD = 2
     DEFAULT_LAYERS = (1, 2, 3)
     OWN_SETTINGS = {
         "FEATURE_DIM": "feature_dim",

@@ -463,8 +463,8 @@ def prepare(category: Category, settings, model_dir: Path) -> TrainingRun:
         print("note: out-of-fold maps are not made for tiled models; the classifier and thresholds use the validation goods", file=sys.stderr)
         folds = 0
     check_pixel_policy(model, settings.PIXEL_THRESHOLD_POLICY, settings.PIXEL_FALSE_REJECT_RATE)
-    if folds and model.kind == "padim":
-        _check_padim_folds(category, settings, len(train_paths), folds, len(validation_paths))
+    if folds:
+        _check_folds(model, category, settings, len(train_paths), folds, len(validation_paths))
     if settings.CLASSIFIER:  # what the classifier will lack is known now, before minutes of fitting
         check_classifier_rows(category, settings, len(validation_paths), len(train_paths) if folds else 0)
     images = TrainingImages(train_paths, validation_paths, skipped, folds)
@@ -639,11 +639,12 @@ def _peak_directions_wanted(model: AnomalyModel, settings, labeled: bool) -> boo
     return True
 
 
-def _check_padim_folds(category: Category, settings, n_train: int, folds: int, n_validation: int) -> None:
-    """PaDiM's out-of-fold Gaussians need 2 training images outside every fold (a covariance):
-    refused before the fit, naming the settings that then work (the classifier may need its
-    honest goods from the folds: then it must go too)."""
-    if n_train - -(-n_train // folds) >= 2:
+def _check_folds(model: AnomalyModel, category: Category, settings, n_train: int, folds: int, n_validation: int) -> None:
+    """Out-of-fold models need `MIN_IMAGES_OUTSIDE_FOLD` training images outside every fold (PaDiM's
+    Gaussians a covariance): too few is refused before the fit, naming the settings that then work
+    (the classifier may need its honest goods from the folds: then it must go too)."""
+    needed = model.MIN_IMAGES_OUTSIDE_FOLD
+    if n_train - -(-n_train // folds) >= needed:
         return
     fix = "set OUT_OF_FOLD_FOLDS = 0"
     if settings.CLASSIFIER:
@@ -651,7 +652,7 @@ def _check_padim_folds(category: Category, settings, n_train: int, folds: int, n
             check_classifier_rows(category, settings, n_validation, 0)
         except ModelError:
             fix += f" and CLASSIFIER = False (it would be left with {n_validation} good image{'s' if n_validation != 1 else ''} it was not fitted on)"
-    raise ModelError(f"PaDiM's out-of-fold maps need 2 training images outside each of the OUT_OF_FOLD_FOLDS={folds} folds, "
+    raise ModelError(f"the out-of-fold maps of ANOMALY_MODEL={model.kind} need {needed} training images outside each of the OUT_OF_FOLD_FOLDS={folds} folds, "
                      f"and {n_train} training image{'s' if n_train != 1 else ''} cannot give that: add training images, or {fix}")
 
 

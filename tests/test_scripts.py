@@ -222,7 +222,7 @@ def test_three_goods_are_refused_before_the_fit_with_settings_that_work(tmp_path
     settings = [f"DATASET_DIR={tmp_path / 'three'}", *TINY, *outputs(tmp_path), "VALIDATION_FRACTION=0.3"]
     result = run_script("train.py", *settings, "OUT_OF_FOLD_FOLDS=5")
     line = error_line(result)
-    assert "PaDiM's out-of-fold maps need 2 training images outside each of the OUT_OF_FOLD_FOLDS=2 folds" in line, result.stderr
+    assert "the out-of-fold maps of ANOMALY_MODEL=padim need 2 training images outside each of the OUT_OF_FOLD_FOLDS=2 folds" in line, result.stderr
     assert "set OUT_OF_FOLD_FOLDS = 0 and CLASSIFIER = False" in line and "fit three" not in result.stderr
     assert run_script("train.py", *settings, "OUT_OF_FOLD_FOLDS=0", "CLASSIFIER=False").returncode == 0
 
