@@ -120,6 +120,7 @@ SERVE_HOST = "127.0.0.1"  # address serve.py listens on; anything but loopback n
 SERVE_PORT = 8000
 SERVE_TOKEN = ""  # "" = none (loopback only); else every request but /health must carry it
 SERVE_MAX_BYTES = 50_000_000  # largest image body accepted; a larger one gets 413 and the server goes on
+SERVE_MAX_PIXELS = 50_000_000  # largest image (width x height) serve.py decodes (a small file can claim far more): 422 above, or an unreadable row
 SERVE_RECENT = 50  # latest inspected images the review page shows (kept in memory with their maps)
 # CPU threads torch uses in serve.py's scoring thread; 0 = torch's default (one per core). On a quiet
 # 2-core machine the default answered MobileNetV2 faster than 1 (29.2 against 40.7 ms, docs/live_inspection.md,

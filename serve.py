@@ -23,7 +23,7 @@ from pipeline.cli import chosen_model_dir, run
 from pipeline.inspection import OperatingPoint, load, training_only_notes
 from pipeline.live import BatchingWorker, ModelHolder, log
 from pipeline.review_page import RecentImages
-from pipeline.serving import LiveService, check_exposure, create_app, model_results_dir
+from pipeline.serving import LiveService, RequestLimits, check_exposure, create_app, model_results_dir
 from pipeline.watching import FolderWatcher, WatchSettings
 from settings import SettingsError
 from settings import load as load_settings
@@ -63,7 +63,8 @@ def main(argv: list[str]) -> None:
     for line in [*training_only_notes(argv), *holder.current.notes]:
         log(line)
     recent = RecentImages(settings.SERVE_RECENT, Path(settings.REVIEW_DIR), worker.pictures)
-    service = LiveService(holder, worker, recent, settings.SERVE_MAX_BYTES, settings.SERVE_TOKEN, started=time.time())
+    limits = RequestLimits(settings.SERVE_MAX_BYTES, settings.SERVE_MAX_PIXELS)
+    service = LiveService(holder, worker, recent, limits, settings.SERVE_TOKEN, started=time.time())
     if settings.WATCH_DIR:
         watch = WatchSettings(
             Path(settings.WATCH_DIR), settings.WATCH_SORT, settings.WATCH_SETTLE_SECONDS,

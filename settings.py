@@ -257,6 +257,7 @@ RULES: dict[str, Rule] = {
     "SERVE_PORT": integer(1, 65535),
     "SERVE_TOKEN": text(),
     "SERVE_MAX_BYTES": integer(minimum=1),
+    "SERVE_MAX_PIXELS": integer(minimum=1),
     "SERVE_RECENT": integer(minimum=1),
     "SERVE_THREADS": integer(minimum=0),
     "WATCH_DIR": text(),

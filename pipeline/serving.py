@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import io
 import ipaddress
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from PIL import Image
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -67,6 +69,27 @@ class RequestError(Exception):
 INSPECT_QUERY = {"pictures", "token"}  # the query parameters POST /inspect reads
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """How much one image may take: bytes received (SERVE_MAX_BYTES) and pixels decoded
+    (SERVE_MAX_PIXELS; a few kilobytes of PNG can claim gigabytes once decoded)."""
+
+    max_bytes: int
+    max_pixels: int
+
+    def check_pixels(self, data: bytes, name: str) -> None:
+        """A DataError when the image's header claims more than `max_pixels`; reads the header only
+        (what cannot be opened is left to the decoder, which names the problem)."""
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+        except Exception:  # noqa: BLE001 - not an image the header reader knows: the decoder says why
+            return
+        if width * height > self.max_pixels:
+            raise DataError(f"cannot read {name}: it is {width} x {height} pixels, over SERVE_MAX_PIXELS={self.max_pixels}: "
+                            "send a smaller image, or raise SERVE_MAX_PIXELS if the server has the memory")
+
+
 @dataclass
 class LiveService:
     """Everything one serve.py process runs: the model, the batching worker, the latest images,
@@ -75,13 +98,15 @@ class LiveService:
     holder: ModelHolder
     worker: BatchingWorker
     recent: RecentImages
-    max_bytes: int
+    limits: RequestLimits
     token: str = ""
     watcher: FolderWatcher | None = None
     started: float = field(default=0.0)
 
     def prepare(self, data: bytes, name: str) -> PreparedImage:
-        """Decode and preprocess with the model in use (the worker prepares again if it changed meanwhile)."""
+        """Decode and preprocess with the model in use (the worker prepares again if it changed meanwhile),
+        once the header says the image is within `limits.max_pixels`."""
+        self.limits.check_pixels(data, name)
         return self.holder.current.prepare(data, name)
 
     def notify(self, source: str):
@@ -190,7 +215,7 @@ def create_app(service: LiveService) -> FastAPI:
         unknown = sorted(set(request.query_params) - INSPECT_QUERY)
         if unknown:  # a misspelt option (?picture=true) would otherwise be ignored without a word
             raise RequestError(400, f"unknown query parameter {unknown[0]!r}: /inspect takes {', '.join(sorted(INSPECT_QUERY))}")
-        data, name = await _image_bytes(request, service.max_bytes)
+        data, name = await _image_bytes(request, service.limits.max_bytes)
         try:
             prepared = await run_in_threadpool(service.prepare, data, name)
         except DataError as error:

@@ -12,8 +12,10 @@ import json
 import os
 import shutil
 import socket
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -129,6 +131,13 @@ def test_multipart_and_pictures_only_when_asked(server, trained):
     assert pictured.json()["image_score"] == plain.json()["image_score"]
 
 
+def _claiming_size(png: bytes, width: int, height: int) -> bytes:
+    """The PNG with its header claiming `width` x `height` pixels (CRC fixed): a few kilobytes that
+    would decode to hundreds of megabytes."""
+    header = struct.pack(">II", width, height) + png[24:29]
+    return png[:16] + header + struct.pack(">I", zlib.crc32(b"IHDR" + header)) + png[33:]
+
+
 def test_bad_requests_get_a_4xx_line_and_the_server_goes_on(server, trained):
     good = (trained["category"] / "test" / "good" / "000.png").read_bytes()
     big = io.BytesIO()
@@ -140,6 +149,7 @@ def test_bad_requests_get_a_4xx_line_and_the_server_goes_on(server, trained):
         ("garbage", {"content": b"not an image at all", "headers": {**AUTH, "Content-Type": "application/octet-stream"}}, 422, "cannot read"),
         ("truncated", {"content": good[: len(good) // 2], "headers": {**AUTH, "Content-Type": "image/png"}}, 422, "truncated"),
         ("oversize", {"content": big.getvalue(), "headers": {**AUTH, "Content-Type": "image/bmp"}}, 413, "SERVE_MAX_BYTES"),
+        ("bomb", {"content": _claiming_size(good, 8000, 8000), "headers": {**AUTH, "Content-Type": "image/png"}}, 422, "8000 x 8000 pixels, over SERVE_MAX_PIXELS"),
         ("no field", {"files": {"picture": ("a.png", good, "image/png")}, "headers": AUTH}, 400, "image"),
         ("broken multipart", {"content": b"garbage", "headers": {**AUTH, "Content-Type": "multipart/form-data; boundary=xyz"}}, 400, "multipart"),
         ("no token", {"content": good, "headers": {"Content-Type": "image/png"}}, 401, "token"),
