@@ -12,7 +12,7 @@ where a float is expected; a list or tuple where a tuple is expected).
 # or the simple layout (train_dataset_folder/, test_dataset_folder/{good,defect}/).
 # The default is a synthetic demo set that is generated on first use.
 DATASET_DIR = "dataset/demo"
-MODEL_DIR = "model"  # trained models go to MODEL_DIR/<model name>/
+MODEL_DIR = "model"  # trained models go to MODEL_DIR/<model name>/; no other folder setting may lie in it
 RESULTS_DIR = "results"  # test.py writes RESULTS_DIR/<model name>/<run>/, eval.py RESULTS_DIR/eval-<time>/
 MODEL_NAME = ""  # "" = the category folder's name (several categories: one model each; a name picks that category's)
 TEST_DIR = ""  # folder test.py scores when given none; "" = the dataset's test folder

@@ -505,4 +505,19 @@ def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
         size = values["IMAGE_SIZE"]
         values["IMAGE_SIZE"] = (size, size) if size >= 32 else float(size)
     validate(values)
+    _check_outside_models(values)
     return SimpleNamespace(**values), positional
+
+
+def _check_outside_models(values: dict) -> None:
+    """No other folder setting may lie in MODEL_DIR: a retrain or an update moves a model's folder,
+    with whatever else lies in it, to its numbered backups, and deletes the oldest (RESULTS_DIR =
+    MODEL_DIR put test.py's predictions into the model's own folder)."""
+    models = os.path.realpath(values["MODEL_DIR"])
+    for key in PATH_SETTINGS:
+        if key == "MODEL_DIR" or not values.get(key):
+            continue
+        path = os.path.realpath(values[key])
+        if path == models or path.startswith(models + os.sep):
+            raise SettingsError(f"{key}={values[key]} lies in MODEL_DIR={values['MODEL_DIR']}, whose model folders a retrain moves "
+                                f"to numbered backups (the oldest deleted), with anything else in them: set {key} to a folder outside MODEL_DIR")

@@ -185,6 +185,17 @@ def test_settings_overrides_are_typed(capsys):
         load(["CENTER_CROP=0.1"])  # would resize 10x to keep 1 % of the image
 
 
+def test_no_folder_setting_lies_in_model_dir_whose_folders_a_retrain_moves_away(tmp_path):
+    """RESULTS_DIR = MODEL_DIR put test.py's predictions in the model's folder: the next retrain moved
+    them to a backup, and later ones deleted it."""
+    models = tmp_path / "models"
+    for key, folder in (("RESULTS_DIR", models), ("REVIEW_DIR", models / "demo" / "review"), ("WATCH_DIR", models / "incoming")):
+        with pytest.raises(SettingsError, match=f"{key}=.* lies in MODEL_DIR=.*: set {key} to a folder outside MODEL_DIR"):
+            load([f"MODEL_DIR={models}", f"{key}={folder}"])
+    beside = load([f"MODEL_DIR={models}", f"RESULTS_DIR={tmp_path / 'models-results'}"])[0]  # a name that only begins alike
+    assert beside.RESULTS_DIR == str(tmp_path / "models-results")
+
+
 def test_settings_as_users_type_them(monkeypatch, tmp_path):
     import config
 
