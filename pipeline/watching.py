@@ -205,7 +205,8 @@ class FolderWatcher:
             log(f"wrote the row of {printable_path(self.ledger.last['name'])} again: the last run was stopped between its ledger entry and its row")
         self._pending: dict[str, tuple[FileState, float]] = {}  # name -> (state last seen, since when unchanged)
         self._links_noted: set[str] = set()  # links are not followed: each named once in the log
-        self._errors_said: set[str] = set()
+        self._said: set[str] = set()  # warnings that would repeat at every poll: each said once
+        self._folder_error: str | None = None  # the watched folder's own error, said when it begins and ends
         self._done: dict[str, FileState] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="folder-watcher", daemon=True)
@@ -233,14 +234,22 @@ class FolderWatcher:
         while not self._stop.is_set():
             try:
                 self.poll()
-            except OSError as error:  # the folder vanished or a disk filled: say so, keep watching
-                log(f"WARNING: watched folder {self.folder}: {error}")
-            except Exception as error:  # a fault of ours must not silently end the watching: said once per kind, watching goes on
-                line = f"WARNING: the watcher of {self.folder} met an error ({type(error).__name__}: {' '.join(str(error).split())}); it keeps watching"
-                if line not in self._errors_said:
-                    self._errors_said.add(line)
+                if self._folder_error is not None:
+                    log(f"watched folder {self.folder} can be read again")
+                    self._folder_error = None
+            except OSError as error:  # the folder vanished or a disk filled: say so once, keep watching
+                line = f"WARNING: watched folder {self.folder}: {error}; looking again every {self.poll_seconds:g} s"
+                if line != self._folder_error:
                     log(line)
+                self._folder_error = line
+            except Exception as error:  # a fault of ours must not silently end the watching: said once per kind, watching goes on
+                self._say_once(f"WARNING: the watcher of {self.folder} met an error ({type(error).__name__}: {' '.join(str(error).split())}); it keeps watching")
             self._stop.wait(self.poll_seconds)
+
+    def _say_once(self, line: str) -> None:
+        if line not in self._said:
+            self._said.add(line)
+            log(line)
 
     @property
     def running(self) -> bool:
@@ -292,8 +301,12 @@ class FolderWatcher:
         try:
             data = path.read_bytes()
             stat = path.stat()
-        except OSError:
+        except FileNotFoundError:
             return None  # removed meanwhile
+        except OSError as error:  # no read permission, an I/O error: said once, read when it can be
+            self._say_once(f"WARNING: cannot read {printable_path(state.name)} in the watched folder ({error.strerror or error}): "
+                           "it is inspected once it can be read")
+            return None
         if (len(data), stat.st_size, stat.st_mtime_ns) != (state.size, state.size, state.mtime_ns):
             self._pending.pop(state.name, None)  # still changing after all: start its wait again
             return None

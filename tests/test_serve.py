@@ -444,6 +444,35 @@ def test_a_kill_between_the_ledger_entry_and_its_row_is_mended_at_the_next_start
         assert len(list(csv.reader(file))) == 3
 
 
+def test_what_the_watcher_cannot_read_is_said_once_not_at_every_poll(tmp_path, capsys, monkeypatch):
+    """A file without read permission was retried at every poll without a word (never in the
+    results, nobody told); a vanished folder was logged twice a second."""
+    from pipeline.watching import FolderWatcher, WatchSettings
+
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "locked.png").write_bytes(b"not read")
+    real_read = Path.read_bytes
+
+    def read_bytes(path: Path) -> bytes:
+        if path.name == "locked.png":
+            raise PermissionError(13, "Permission denied")
+        return real_read(path)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    watcher = FolderWatcher(WatchSettings(incoming, False, 0.2, tmp_path / "results", False), None, None, None)
+    watcher.start()
+    time.sleep(1.5)  # about a dozen polls after the file settled
+    incoming.rename(tmp_path / "away")
+    time.sleep(1.0)
+    (tmp_path / "away").rename(incoming)
+    time.sleep(0.5)
+    watcher.stop()
+    log = capsys.readouterr().err
+    assert log.count("cannot read locked.png in the watched folder (Permission denied): it is inspected once it can be read") == 1, log
+    assert log.count(f"WARNING: watched folder {incoming}:") == 1 and log.count("can be read again") == 1, log
+
+
 def test_the_worker_loads_the_model_on_its_own_thread_and_hands_back_a_load_error():
     """serve.py's torch work runs on the scoring thread only, the model's loading and the pictures
     included (a parallel region run on another living thread halved its speed); a model that
