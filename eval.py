@@ -52,8 +52,8 @@ def main(argv: list[str]) -> None:
     run_name = f"eval-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     with distributed.SharedFolder(Path(settings.RESULTS_DIR) / run_name, replace=False) as out:
         for category in categories:
-            detector = load_for_settings(model_dir_for(settings, category.name, len(categories)), settings, argv).detector
-            evaluations.append(evaluate_category(detector, category, settings, out.temporary / category.name))
+            inspector = load_for_settings(model_dir_for(settings, category.name, len(categories)), settings, argv)
+            evaluations.append(evaluate_category(inspector, category, settings, out.temporary / category.name))
         if not distributed.is_main():
             return  # under torchrun the other ranks only scored their shares: rank 0 writes
         rows = [e.metrics for e in evaluations]

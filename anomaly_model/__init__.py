@@ -1,1 +1,1 @@
-"""Anomaly models: the backbone that turns images into patch features, and PaDiM on top of it."""
+"""Anomaly models: the backbone that turns images into patch features, and the anomaly models on top of it (PaDiM, PatchCore)."""

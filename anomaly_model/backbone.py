@@ -1,4 +1,4 @@
-"""Pretrained CNN backbones cut into stages, so PaDiM can read the features of layers 1-3.
+"""Pretrained CNN backbones cut into stages, so the anomaly models can read the features of layers 1-3.
 
 Layer k is the output of the k-th stage: for the ResNets layer1..layer4 (strides 4, 8, 16, 32);
 for MobileNetV2 the ends of the blocks with the same strides (features[3], [6], [13], [17]).

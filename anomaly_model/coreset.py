@@ -44,6 +44,7 @@ import torch
 from tqdm import tqdm
 
 from anomaly_model.backbone import ModelError
+from anomaly_model.threads import cpu_threads
 
 # Query x coreset distance elements computed at once (float32: 64 MB): large enough for fast
 # matrix products, small enough that scoring memory does not grow with the coreset.
@@ -114,14 +115,8 @@ def greedy_coreset(
     norms = (points * points).sum(dim=1)
     bar = tqdm(total=count, desc="coreset", unit="pt", file=sys.stderr, disable=not progress, mininterval=1.0)
     stats = stats if stats is not None else SelectionStats()
-    threads = torch.get_num_threads()
-    if points.device.type == "cpu":
-        torch.set_num_threads(_cpu_threads(method))
-    try:
-        with torch.no_grad(), bar:
-            return SELECTIONS[method](points, norms, count, start, bar, stats)
-    finally:
-        torch.set_num_threads(threads)
+    with cpu_threads(_cpu_threads(method), points.device), torch.no_grad(), bar:
+        return SELECTIONS[method](points, norms, count, start, bar, stats)
 
 
 def _select_dense(points: torch.Tensor, norms: torch.Tensor, count: int, start: int, bar, stats: SelectionStats) -> torch.Tensor:

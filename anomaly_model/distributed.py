@@ -472,11 +472,6 @@ def shard(count: int, batch_size: int) -> list[int]:
     return [index for index in range(count) if (index // size) % _job.world_size == _job.rank]
 
 
-def owns_batch(number: int) -> bool:
-    """Whether batch `number` of a stream every rank walks through is this rank's to compute."""
-    return number % _job.world_size == _job.rank
-
-
 def _in_order(parts: list[list[tuple[int, T]]]) -> list[T]:
     return [item for _, item in sorted((pair for part in parts for pair in part), key=lambda pair: pair[0])]
 

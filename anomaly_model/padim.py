@@ -65,9 +65,6 @@ def _nearest_source(source: int, target: int, device: torch.device) -> torch.Ten
     return F.interpolate(positions, size=target, mode="nearest").view(-1).long()
 
 
-_lower_triangle_index = lower_triangle_index  # the packed layout of cholesky.npy and sums_outer.npy
-
-
 def write_embedding(features: list[torch.Tensor], layer_channels: list[torch.Tensor], out: torch.Tensor) -> None:
     """Layer features (b, C_k, h_k, w_k) -> out, an (h, w, b, d) view. The random channel subset
     (`Padim.layer_channels`) is taken from each layer before the upsampling and concatenation, so
@@ -495,7 +492,7 @@ class Padim(AnomalyModel):
         mean = self.mean_.cpu()
         positions, dim = mean.shape
         factors = self.cholesky_.view(positions, dim * dim)
-        lower = _lower_triangle_index(dim, factors.device)
+        lower = lower_triangle_index(dim, factors.device)
         out.write_npy("mean.npy", mean.numpy())
         packed = (
             factors[start : start + CHUNK_ROWS].index_select(1, lower).cpu().numpy()
@@ -511,7 +508,7 @@ class Padim(AnomalyModel):
     def load_arrays(self, folder, files: dict) -> None:
         positions, dim = self.grid_size_[0] * self.grid_size_[1] * self.statistics_locations, self.feature_dim
         mean = read_npy(folder, "mean.npy", files, (positions, dim))
-        lower = _lower_triangle_index(dim, self.device)
+        lower = lower_triangle_index(dim, self.device)
         factors = None  # allocated once the file's header and size agree with the shape (model.json may claim any)
         start = 0
         for block in read_npy_chunks(folder, "cholesky.npy", files, (positions, dim * (dim + 1) // 2)):

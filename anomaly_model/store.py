@@ -11,8 +11,8 @@ Everything is written through `files.AtomicFolder`: into a temporary folder besi
 renamed into place when complete, so a crash never leaves a half-written model (and a model
 stranded by a kill mid-swap is put back by the next load or save: `files.sweep`).
 
-Loading checks model.json as data before using any of it: `DESCRIPTION_SCHEMA` for the sections
-every model has, the settings table of the model's own class (`setting_names`, checked with the
+Loading checks model.json as data before using any of it: `MODEL_SCHEMA` for the sections
+every model has (`DETECTOR_SCHEMA` for what inspecting needs, checked by `pipeline.detector`), the settings table of the model's own class (`setting_names`, checked with the
 same rules as config.py), and the model's own `load_fitted_state` (run inside `model_file_guard`)
 for its state. Anything missing or wrong is one line: damaged or incompatible, retrain.
 """

@@ -378,7 +378,8 @@ def watched_folder(run: Run, files: int, settle: float) -> dict:
 
 def picture_cost(model_dir: Path, images: list[Path], repeats: int) -> dict:
     """test.py's pictures for one image (preview, overlay JPEG and mask PNG written), and the PNG pair serve.py returns."""
-    from pipeline.inspection import load, preview, to_rgb
+    from dataset_manager.images import preview
+    from pipeline.inspection import load, to_rgb
     from pipeline.pictures import picture_arrays, png_bytes, write_pictures
     from pipeline.prediction import PREVIEW_SIZE
 

@@ -1,4 +1,4 @@
-"""Per-image features of a PaDiM anomaly map, for the good/defect classifier.
+"""Per-image features of an anomaly map (PaDiM or PatchCore), for the good/defect classifier.
 
 Why features and not the max alone: the max of the map only says how bad the single worst
 patch is. A real defect also raises the map over a *region* (how large, how far above the

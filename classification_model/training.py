@@ -46,8 +46,9 @@ from classification_model.evidence import (
 )
 from classification_model.similarity import background_similarities, fit_defect_similarity
 from classification_model.synthetic import DEFECT_TYPES, make_defect
-from classification_model.xgboost import Anchor, Anchoring, ClassifierParams, ClassifierRows, DefectClassifier, train_classifier
+from classification_model.xgboost import BOOSTER_FILE, Anchor, Anchoring, ClassifierParams, ClassifierRows, DefectClassifier, train_classifier
 from dataset_manager import DataError, ImageBatches, Preprocessor, read_rgb
+from dataset_manager.loader import warn_skipped
 
 FEATURE_CHUNK = 64  # maps turned into features at once (64 maps of 224 x 224: 13 MB)
 CLASSIFIER_ROWS_FILE = "classifier_rows.npz"  # a model's classifier rows (`TrainingSet.to_bytes`): what an update retrains on
@@ -172,8 +173,7 @@ def image_maps(
     for batch in tqdm(batches, desc=label, unit="batch", file=sys.stderr):
         result = score(batch.images)
         scored.append((*result, *(() if peaks else (None,)), None if background_level is None else model.background_peaks(batch.images, background_level)))
-    for path, reason in batches.skipped:
-        print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
+    warn_skipped(batches.skipped)
     if not scored:
         return torch.zeros(0, *preprocessor.size), torch.zeros(0), torch.zeros(0, 0) if peaks else None, None
     maps, scores = torch.cat([result[0] for result in scored]), torch.cat([result[1] for result in scored])
@@ -453,7 +453,7 @@ def classifier_info(classifier: DefectClassifier, training_set: TrainingSet, set
     """The `info["classifier"]` entry of model.json."""
     counts = training_set.counts
     return {
-        "booster_file": "classifier.json",
+        "booster_file": BOOSTER_FILE,
         "features": list(FEATURE_NAMES),
         "levels": training_set.levels,
         "threshold": classifier.threshold,

@@ -1,10 +1,11 @@
 """The XGBoost good/defect classifier on anomaly-map features: training with grouped
 cross-validation, the verdict threshold, saving in XGBoost's own JSON format, and plots.
 
-Why cross-validation: good examples are only the few held-out validation images (the Gaussian
-was fitted on the train images, so their maps are too clean to stand for new goods). With ~20-30
-of them, a single held-out split is too small to pick both the number of trees and the verdict
-threshold; out-of-fold predictions use every good image once as an unseen one. Folds are grouped
+Why cross-validation: good examples are only maps of goods the anomaly model never fitted on
+(validation images and, with OUT_OF_FOLD_FOLDS, out-of-fold maps of the training images; the
+training images' own maps are too clean to stand for new goods). A single held-out split of them
+is too small to pick both the number of trees and the verdict threshold; out-of-fold predictions
+use every good image once as an unseen one. Folds are grouped
 by source image: a good image and the synthetic defects made from it always land in the same
 fold, so the classifier is never scored on a defect painted onto an image it was trained on.
 

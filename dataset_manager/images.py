@@ -132,6 +132,16 @@ def read_rgb(path: Path | BinaryIO, name: str | None = None, full_scale: float |
         raise DataError(f"cannot read {shown}: {error}") from None
 
 
+def preview(rgb: np.ndarray, preview_size: int) -> np.ndarray:
+    """A copy at most `preview_size` on its longer side (the image itself when it is smaller): what the
+    pictures are drawn on, whether the image came from a file (the loader) or from memory (the API)."""
+    if max(rgb.shape[:2]) <= preview_size:
+        return rgb
+    pil = Image.fromarray(rgb)
+    pil.thumbnail((preview_size, preview_size), Image.BILINEAR)
+    return np.asarray(pil)
+
+
 def pil_to_rgb(image: Image.Image, full_scale: float | None = None) -> np.ndarray:
     """A loaded PIL image as `read_rgb` gives files: (H, W, 3) uint8, upright, any mode mapped."""
     image = _upright(image)

@@ -17,6 +17,9 @@ from typing import Sequence
 from dataset_manager.images import IMAGE_EXTENSIONS, DataError
 
 GOOD = "good"
+# Subfolders that hold sorted or corrected images (REVIEW_DIR's good/ and defect/, a sorted
+# WATCH_DIR's good/, defect/ and unreadable/): serve.py makes them, an update refuses a folder holding them.
+SORTED_FOLDERS = ("good", "defect", "unreadable")
 
 
 @dataclass(frozen=True)

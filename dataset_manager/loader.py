@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from dataset_manager.images import DataError, Preprocessor, read_rgb
+from dataset_manager.images import DataError, Preprocessor, preview, read_rgb
 
 SKIPPED_SHOWN = 3  # unreadable files named in an error line; the warnings list all of them
 
@@ -24,6 +24,12 @@ def skipped_summary(skipped: list[tuple[Path, str]]) -> str:
         shown.append(f"{Path(path).name} ({reason})")
     more = f"; and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
     return f"{len(skipped)} skipped: " + "; ".join(shown) + more
+
+
+def warn_skipped(skipped: list[tuple[Path, str]]) -> None:
+    """One WARNING line per unreadable file a run went on without, with why (every script says them alike)."""
+    for path, reason in skipped:
+        print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
 
 
 @dataclass
@@ -51,12 +57,8 @@ class _ImageFiles(Dataset):
         except DataError as error:  # the reason only: the warning names the file once, before it
             path = str(self.paths[index])
             return index, None, str(error).split(f"{path}: ", 1)[-1].replace(path, Path(path).name)
-        preview = None
-        if self.preview_size:
-            pil = Image.fromarray(rgb)
-            pil.thumbnail((self.preview_size, self.preview_size), Image.BILINEAR)
-            preview = np.asarray(pil)
-        return index, self.preprocessor.image_tensor(rgb), (rgb.shape[0], rgb.shape[1], preview)
+        shown = preview(rgb, self.preview_size) if self.preview_size else None
+        return index, self.preprocessor.image_tensor(rgb), (rgb.shape[0], rgb.shape[1], shown)
 
 
 def _collate(items):

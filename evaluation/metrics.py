@@ -2,7 +2,7 @@
 
 Image level: ROCAUC of the image score (the anomaly map's maximum), as in PaDiM's Table 2.
 Pixel level: ROCAUC over every pixel of every test image pooled together, at the resolution the
-model sees (CROP x CROP), as the PaDiM reference code and anomalib do; and PRO, MVTec AD's
+model sees (IMAGE_SIZE, height x width), as the PaDiM reference code and anomalib do; and PRO, MVTec AD's
 per-region overlap, which weights every connected defect region equally so that one big defect
 cannot hide many missed small ones.
 """

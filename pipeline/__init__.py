@@ -1,1 +1,1 @@
-"""What the three scripts do, one module each: training, prediction on a folder, evaluation runs."""
+"""What the scripts do (train, test, eval, serve, export): the scripts only read settings and call these modules."""

@@ -1,4 +1,4 @@
-"""What the three scripts share: settings, dataset and model locations, and one-line errors."""
+"""What the scripts share: settings, dataset and model locations, and one-line errors."""
 
 from __future__ import annotations
 

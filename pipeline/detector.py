@@ -29,8 +29,6 @@ from settings import SettingsError
 PREPROCESSING_SETTINGS = {"IMAGE_SIZE": "image_size_setting", "CENTER_CROP": "center_crop", "NORMALIZE_MEAN": "mean", "NORMALIZE_STD": "std"}
 # Settings whose 0 / () in config.py means "the model's own default" (saved resolved): not a difference.
 MODEL_DEFAULT_SETTINGS = ("FEATURE_DIM", "PATCHCORE_FEATURE_DIM", "LAYERS")
-# What computes maps and image scores (RUNTIME): the model in torch, or its exported ONNX file in
-# onnxruntime (python export.py first). Everything else a Detector does is the same for both.
 
 
 @dataclass

@@ -19,6 +19,7 @@ from anomaly_model.files import read_checked_json
 from anomaly_model.store import model_id
 from dataset_manager import Category, DataError, printable_path, read_mask
 from dataset_manager.images import image_size
+from dataset_manager.loader import warn_skipped
 from evaluation.metrics import (
     bootstrap_rocauc_gain,
     f1_max,
@@ -34,6 +35,7 @@ from evaluation.metrics import (
 from evaluation.plots import plot_histogram, plot_pr, plot_pro, plot_roc, thin
 from evaluation.sheets import SheetImage, choose, draw_sheet
 from pipeline.detector import Detector
+from pipeline.inspection import Inspector, honest_good_scores
 from pipeline.training import LEARNED_IMAGES_FILE, content_digest
 from pipeline.pictures import color_range
 
@@ -78,21 +80,23 @@ class _Scored:
     skipped: list
 
 
-def _score(detector: Detector, category: Category, settings) -> _Scored | None:
-    """Every test image's score, verdict, map and mask. Under torchrun each rank scores (and reads
-    the masks of) its shard; rank 0 gets everything in the category's order, the others None."""
+def _score(inspector: Inspector, category: Category, settings) -> _Scored | None:
+    """Every test image's score, verdict, map and mask, inspected as test.py and serve.py inspect.
+    Under torchrun each rank scores (and reads the masks of) its shard; rank 0 gets everything in
+    the category's order, the others None."""
+    detector = inspector.detector
     items = category.test_images
     height, width = detector.preprocessor.size
     count = len(items)
     has_mask = np.array([item.mask_path is not None for item in items], dtype=bool)
     mine = distributed.shard(count, settings.BATCH_SIZE)
-    results, batches = detector.inspect([items[i].path for i in mine], settings.BATCH_SIZE, settings.NUM_WORKERS, label=f"eval {category.name}")
+    results, batches = inspector.inspect_paths([items[i].path for i in mine], settings.BATCH_SIZE, settings.NUM_WORKERS, label=f"eval {category.name}")
     scored = []
-    for result in distributed.watched(results):
+    for result, inspection in distributed.watched(results):
         index = mine[result.index]
         mask = detector.preprocessor.mask_tensor(read_mask(items[index].mask_path)).numpy() if has_mask[index] else None
-        verdict = bool(detector.is_defect(result))
-        scored.append((index, (index, result.score, result.probability, verdict, result.anomaly_map.float().numpy(), mask)))
+        judged = (inspection.image_score, inspection.classifier_probability, inspection.is_defect, inspection.anomaly_map.float().numpy())
+        scored.append((index, (index, *judged, mask)))
     position = {item.path: index for index, item in enumerate(items)} if batches.skipped else {}
     skipped = distributed.gather_in_order([(position[path], (path, reason)) for path, reason in batches.skipped])
     scored = distributed.gather_in_order(scored)
@@ -115,8 +119,7 @@ def _score(detector: Detector, category: Category, settings) -> _Scored | None:
         maps[index] = anomaly_map
         if mask is not None:
             masks[index] = mask
-    for path, reason in skipped:
-        warn(f"skipped {path}: {reason}")
+    warn_skipped(skipped)
     empty = has_mask & np.array([item.is_defect for item in items], dtype=bool) & ~masks.any(axis=(1, 2))
     if empty.any():  # a defect image's mask that marks nothing: its defect pixels would count as good ones
         first = items[int(np.flatnonzero(empty)[0])].mask_path
@@ -146,8 +149,8 @@ def _shift_note(good_scores: np.ndarray, description: dict) -> str | None:
     than the false-reject rate promises, and which score wins, the max or the classifier, depends
     on which one the shift moves least (docs/classifier.md, tire's shifted test goods). A rank test, not a count
     above the threshold: with the usual 20-70 test goods a count cannot tell 5 % from 12 %."""
-    honest = description.get("out_of_fold", {}).get("image_scores") or description.get("validation", {}).get("image_scores")
-    if not honest or good_scores.size < 5:
+    honest = honest_good_scores(description)
+    if not honest.size or good_scores.size < 5:
         return None
     from scipy.stats import mannwhitneyu
 
@@ -250,11 +253,12 @@ def _learned_note(learned: dict[str, list[Path]]) -> str:
             "the figures on them are not those of new parts")
 
 
-def evaluate_category(detector: Detector, category: Category, settings, out_dir: Path) -> CategoryEvaluation | None:
+def evaluate_category(inspector: Inspector, category: Category, settings, out_dir: Path) -> CategoryEvaluation | None:
     """Metrics of one category, written with its pictures to `out_dir` (relative paths in metrics.json).
 
     Under torchrun every rank scores its shard of the test images; rank 0 computes, draws and
     writes everything and returns the evaluation, the other ranks return None."""
+    detector = inspector.detector
     if not category.test_images:
         simple = (category.root / "train_dataset_folder").is_dir()
         test_dir = category.test_dir or category.root / ("test_dataset_folder" if simple else "test")
@@ -274,7 +278,7 @@ def evaluate_category(detector: Detector, category: Category, settings, out_dir:
     if learned:
         notes.append(_learned_note(learned))
         warn(notes[-1])
-    scored = _score(detector, category, settings)
+    scored = _score(inspector, category, settings)
     if scored is None:
         return None
     items = category.test_images
@@ -408,7 +412,7 @@ def _draw(evaluation: CategoryEvaluation, detector: Detector, labels, scores, pr
     classifier = detector.classifier
     deciding = classifier is None or classifier.ranks_like_image_score  # the image score's ranking decides
     figures["score histogram"] = plot_histogram(
-        scores[~labels], scores[labels], detector.image_threshold, f"{name}: image scores", "image score (max of the anomaly map)", out_dir / "histogram.png",
+        scores[~labels], scores[labels], detector.image_threshold, f"{name}: image scores", "image score", out_dir / "histogram.png",
         "operating threshold" if deciding else "image threshold (the classifier decides the verdict)",
     )
     if probabilities is not None:

@@ -32,7 +32,6 @@ from dataset_manager import Category, DataError, ImageBatches, Preprocessor
 from pipeline.detector import Detector, no_onnx_for_similarity
 
 MAX_RELATIVE_DIFFERENCE = 1e-4  # of a map's range (max - min): what "the same maps" means here
-STAGING_PREFIX = EXPORT_STAGING_PREFIX  # the hidden folder inside the model folder an export is checked in
 PREPROCESSING_STEPS = (
     "read as 8-bit RGB; resize to resize = [height, width] (PIL bilinear); centre-crop to image_size = [height, width] "
     "(nothing to crop when they are equal); scale to [0, 1]; subtract mean and divide by std per channel; "
@@ -137,9 +136,9 @@ def _export_locked(model_dir: Path, paths: list[Path]) -> ExportSummary:
     size = detector.preprocessor.size
     module = detector.model.export_module(size, release=True)  # the model's last use
     del detector
-    for leftover in model_dir.glob(f"{STAGING_PREFIX}*"):  # from an export that was killed (we hold the lock)
+    for leftover in model_dir.glob(f"{EXPORT_STAGING_PREFIX}*"):  # from an export that was killed (we hold the lock)
         remove_entry(leftover)
-    staging = model_dir / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = model_dir / f"{EXPORT_STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         staging.mkdir()
         print(f"exporting {model_dir.name} to ONNX ...", file=sys.stderr)

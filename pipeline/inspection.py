@@ -28,7 +28,7 @@ from PIL import Image
 from anomaly_model.store import model_id
 from evaluation.metrics import few_goods_note, threshold_at_rate
 from dataset_manager import DataError, ImageBatches, read_rgb
-from dataset_manager.images import gray_to_uint8, pil_to_rgb
+from dataset_manager.images import gray_to_uint8, pil_to_rgb, preview
 from pipeline.detector import Detector, ImageResult
 from pipeline.pictures import color_range, picture_arrays
 from settings import SettingsError, check_value, command_line_keys, training_only
@@ -290,11 +290,12 @@ class Inspector:
 
     # --- a folder of files (test.py) ---
     def inspect_paths(
-        self, paths: list[Path], batch_size: int, num_workers: int = 0, preview_size: int = 0
+        self, paths: list[Path], batch_size: int, num_workers: int = 0, preview_size: int = 0, label: str = "scoring"
     ) -> tuple[Iterator[tuple[ImageResult, Inspection]], ImageBatches]:
         """Each readable file's result (with its index and preview) and inspection, streamed in
-        batches read by `num_workers` processes; the ImageBatches object lists skipped files once done."""
-        results, batches = self.detector.inspect(paths, batch_size, num_workers, preview_size)
+        batches read by `num_workers` processes (`label` names the progress bar); the ImageBatches
+        object lists skipped files once done."""
+        results, batches = self.detector.inspect(paths, batch_size, num_workers, preview_size, label)
 
         def judged() -> Iterator[tuple[ImageResult, Inspection]]:
             started = time.perf_counter()
@@ -331,15 +332,6 @@ class Inspector:
             "trained_on": description.get("dataset", {}),
             "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(model_json.stat().st_mtime)) if model_json.exists() else None,
         }
-
-
-def preview(rgb: np.ndarray, preview_size: int) -> np.ndarray:
-    """A copy at most `preview_size` on its longer side (the image itself when it is smaller), as test.py's loader makes it."""
-    if max(rgb.shape[:2]) <= preview_size:
-        return rgb
-    pil = Image.fromarray(rgb)
-    pil.thumbnail((preview_size, preview_size), Image.BILINEAR)
-    return np.asarray(pil)
 
 
 def load(

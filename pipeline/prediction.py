@@ -14,7 +14,7 @@ from pathlib import Path
 
 from anomaly_model import distributed
 from dataset_manager import IMAGE_EXTENSIONS, DataError, find_images, is_mask_file, printable_path
-from dataset_manager.loader import skipped_summary
+from dataset_manager.loader import skipped_summary, warn_skipped
 from pipeline.cli import outputs_to_skip
 from pipeline.inspection import Inspection, Inspector
 from pipeline.pictures import picture_arrays, write_pictures
@@ -109,8 +109,7 @@ def predict_folder(inspector: Inspector, folder: Path, results_dir: Path, settin
                 writer = csv.writer(file)
                 writer.writerow(COLUMNS)
                 writer.writerows(rows)
-            for path, reason in skipped:
-                print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
+            warn_skipped(skipped)
             if not rows:
                 raise DataError(f"none of the {len(paths)} images under {folder} could be read ({skipped_summary(skipped)})")
     summary = None

@@ -26,7 +26,7 @@ from anomaly_model.store import build_model, read_description, save_model
 from evaluation.metrics import few_goods_note, threshold_at_rate
 from dataset_manager import Category, DataError, ImageBatches, Preprocessor
 from dataset_manager.images import image_size, readable_sizes, resolve_image_size, training_full_scale
-from dataset_manager.loader import skipped_summary
+from dataset_manager.loader import skipped_summary, warn_skipped
 from settings import SettingsError
 
 if TYPE_CHECKING:
@@ -180,11 +180,6 @@ def geometry_notes(paths: list[Path], resize: tuple[int, int], setting) -> list[
     return notes
 
 
-def _warn_skipped(skipped: list[tuple[Path, str]]) -> None:
-    for path, reason in skipped:
-        print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
-
-
 def skipped_in_order(skipped: list[tuple[Path, str]], paths: list[Path]) -> list[tuple[Path, str]]:
     """Every rank's unreadable files among `paths`, in `paths` order, on every rank (alone: `skipped`)."""
     position = {path: index for index, path in enumerate(paths)}
@@ -245,7 +240,7 @@ def out_of_fold_maps(
 
 class GoodMapSample:
     """Image scores and every PIXEL_SAMPLE_STRIDE-th pixel of good maps, collected as the maps arrive:
-    all the calibration needs, ~12 KB per 224 x 224 map, so hundreds of out-of-fold maps cost little."""
+    all the calibration needs, ~25 KB per 224 x 224 map (float64), so hundreds of out-of-fold maps cost little."""
 
     def __init__(self) -> None:
         self.scores: list[np.ndarray] = []
@@ -508,7 +503,7 @@ def collect_honest_goods(run: TrainingRun) -> None:
     CLASSIFIER) the classifier's rows with the synthetic defects painted on them: the validation
     goods, then each training image's out-of-fold map as it streams in (none is kept)."""
     settings, model, images = run.settings, run.model, run.images
-    _warn_skipped(images.skipped)
+    warn_skipped(images.skipped)
     run.peaks = _peak_directions_wanted(model, settings, bool(run.category.train_defect_images))
     run.goods.add(run.maps, run.scores)
     run.info.update(run.goods.calibrate(settings.IMAGE_FALSE_REJECT_RATE, settings.PIXEL_FALSE_REJECT_RATE))  # the validation goods'

@@ -32,6 +32,8 @@ from anomaly_model.base import AnomalyModel
 from anomaly_model.files import model_lock, read_checked_bytes, read_checked_json
 from anomaly_model.store import load_model, model_id, read_description, save_model
 from dataset_manager import IMAGE_EXTENSIONS, ImageBatches, Preprocessor, find_images, is_mask_file
+from dataset_manager.layouts import SORTED_FOLDERS
+from dataset_manager.loader import warn_skipped
 from pipeline.detector import settings_differences
 from pipeline.training import (
     HONEST_GOODS_FILE, LEARNED_IMAGES_FILE, GoodMapSample, content_digest, learned_images, pixel_policies, report_verdict, shape_note,
@@ -87,12 +89,6 @@ class UpdateSummary:
         now = time.perf_counter()
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + now - since
         return now
-
-
-# Subfolders that hold sorted or corrected images of the other kinds (REVIEW_DIR's good/ and
-# defect/, a sorted WATCH_DIR's good/, defect/ and unreadable/): a folder holding one of them is
-# not a folder of one kind of image, and learning it whole would teach defects as goods.
-SORTED_FOLDERS = ("good", "defect", "unreadable")
 
 
 def new_images(folder: str, learned: dict, kind: str) -> NewImages:
@@ -165,8 +161,7 @@ def score_files(model: AnomalyModel, preprocessor: Preprocessor, paths: list[Pat
             keep(*(model.score_with_peaks(batch_images) if peaks else model.score(batch_images)))
             if background_level is not None:
                 backgrounds.append(model.background_peaks(batch_images, background_level))
-    for path, reason in batches.skipped:
-        print(f"WARNING: skipped {path}: {reason}", file=sys.stderr)
+    warn_skipped(batches.skipped)
     if not readable:
         return Scored([], torch.zeros(0, *preprocessor.size), torch.zeros(0), None, list(batches.skipped))
     return Scored(readable, torch.cat(maps), torch.cat(scores), torch.cat(directions) if peaks else None, list(batches.skipped), learned,

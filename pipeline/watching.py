@@ -36,6 +36,7 @@ except ImportError:  # not POSIX: no claim on the folder
     fcntl = None
 
 from dataset_manager import IMAGE_EXTENSIONS, DataError, printable_path
+from dataset_manager.layouts import SORTED_FOLDERS
 from pipeline.inspection import Inspection, Inspector, PreparedImage
 from pipeline.live import BatchingWorker, log
 from pipeline.prediction import COLUMNS, PREVIEW_SIZE, csv_values
@@ -43,7 +44,6 @@ from pipeline.pictures import write_pictures
 from settings import SettingsError
 
 LIVE_COLUMNS = COLUMNS + ["model", "error"]  # model: the id of the model that judged the file (it may change under the server)
-SORT_FOLDERS = ("good", "defect", "unreadable")
 UNREADABLE_PATIENCE = 5  # an undecodable file is given up after this many settle times of keeping still
 GROUP = 8  # files read and queued together: the worker scores them as one batch
 
@@ -217,7 +217,7 @@ class FolderWatcher:
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.settings.sort:
-            for name in SORT_FOLDERS:
+            for name in SORTED_FOLDERS:
                 (self.folder / name).mkdir(exist_ok=True)
         self._thread.start()
         log(f"watching {self.folder} (files unchanged for {self.settings.settle_seconds:g} s are inspected; rows in {self.results.folder()})")

@@ -15,14 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "config": 0,
     "choices": 1,
-    "settings": 1,
-    "evaluation": 2,
-    "dataset_manager": 2,
-    "anomaly_model": 3,
-    "classification_model": 4,
-    "pipeline": 5,
+    "settings": 2,
+    "dataset_manager": 3,
+    "evaluation": 4,
+    "anomaly_model": 5,
+    "classification_model": 6,
+    "pipeline": 7,
 }
-SCRIPT_LAYER = 6  # train.py, test.py, eval.py, export.py, serve.py, bench/, tools/
+SCRIPT_LAYER = 8  # train.py, test.py, eval.py, export.py, serve.py, bench/, tools/
 SKIPPED_FOLDERS = {"tests", ".venv", ".git", "dataset", "model", "results", "docs"}
 
 

@@ -77,7 +77,7 @@ def one_process(tmp_path_factory):
     single_threaded(train_category, category, settings, base / "one" / "part")
     detector = Detector(base / "one" / "part", "cpu")
     summary = single_threaded(predict_folder, Inspector(detector), category.test_dir, base / "one-results", settings)
-    evaluation = single_threaded(evaluate_category, detector, category, settings, base / "one-eval" / "part")
+    evaluation = single_threaded(evaluate_category, Inspector(detector), category, settings, base / "one-eval" / "part")
     return base, category_dir, summary.run_dir, json.loads(json.dumps(evaluation.metrics))
 
 

@@ -20,6 +20,7 @@ from evaluation import metrics as m
 from evaluation.sheets import choose
 from evaluation.tables import markdown_summary, summary_table, terminal_table
 from pipeline.evaluation_run import evaluate_category
+from pipeline.inspection import Inspector
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -171,6 +172,7 @@ SIZE = 16
 class FakeDetector:
     """Scores an image by its brightness: bright pixels are the defect. Enough to exercise eval."""
 
+    model = None  # nothing built for scoring (pipeline.inspection.Inspector)
     needs_peaks = False  # no labeled-defect similarity stage (pipeline.detector.Detector.needs_peaks)
     operating_notes: list[str] = []  # the model's own operating point
 
@@ -203,6 +205,11 @@ class FakeDetector:
                 )
 
         return results(), SimpleNamespace(skipped=[])
+
+
+def _evaluate(detector, category: Category, settings, out_dir: Path):
+    """evaluate_category as eval.py calls it: through the Inspector test.py and serve.py use."""
+    return evaluate_category(Inspector(detector), category, settings, out_dir)
 
 
 def _settings(**overrides) -> SimpleNamespace:
@@ -241,7 +248,7 @@ def _category(root: Path, goods: int, defects: int, masked: int | None = None) -
 
 
 def test_evaluate_a_clean_category(tmp_path):
-    result = evaluate_category(FakeDetector(), _category(tmp_path / "data", 3, 3), _settings(EVAL_SHEET_COUNT=1), tmp_path / "out" / "parts")
+    result = _evaluate(FakeDetector(), _category(tmp_path / "data", 3, 3), _settings(EVAL_SHEET_COUNT=1), tmp_path / "out" / "parts")
     metrics = result.metrics
     assert metrics["image_rocauc"] == 1.0 and metrics["pixel_rocauc"] == pytest.approx(1.0) and metrics["pro"] == pytest.approx(1.0)
     assert metrics["operating"]["confusion"] == {"true_defect": 3, "false_defect": 0, "true_good": 3, "false_good": 0}
@@ -254,12 +261,12 @@ def test_evaluate_a_clean_category(tmp_path):
     assert len(written["sheets"]) == 3
     strict = FakeDetector()
     strict.image_threshold = 2.0  # above every score: no defect is flagged, and the notes say so
-    notes = evaluate_category(strict, _category(tmp_path / "data", 3, 3), _settings(EVAL_SHEET_COUNT=1), tmp_path / "out" / "strict").metrics["notes"]
+    notes = _evaluate(strict, _category(tmp_path / "data", 3, 3), _settings(EVAL_SHEET_COUNT=1), tmp_path / "out" / "strict").metrics["notes"]
     assert any("flags none of the 3 defect images" in note for note in notes)
 
 
 def test_no_defects_leaves_rocauc_undefined_and_reports_the_rest(tmp_path, capsys):
-    metrics = evaluate_category(FakeDetector(), _category(tmp_path / "data", 3, 0), _settings(), tmp_path / "out").metrics
+    metrics = _evaluate(FakeDetector(), _category(tmp_path / "data", 3, 0), _settings(), tmp_path / "out").metrics
     assert metrics["image_rocauc"] is None and metrics["pixel_rocauc"] is None and metrics["pro"] is None
     assert any("no defect images" in note for note in metrics["notes"])
     assert metrics["operating"]["false_reject_rate"] == 0.0 and metrics["operating"]["escape_rate"] is None
@@ -272,14 +279,14 @@ def test_no_defects_leaves_rocauc_undefined_and_reports_the_rest(tmp_path, capsy
 
 
 def test_no_goods_leaves_image_rocauc_undefined_but_pixel_metrics_defined(tmp_path):
-    metrics = evaluate_category(FakeDetector(), _category(tmp_path / "data", 0, 3), _settings(), tmp_path / "out").metrics
+    metrics = _evaluate(FakeDetector(), _category(tmp_path / "data", 0, 3), _settings(), tmp_path / "out").metrics
     assert metrics["image_rocauc"] is None and any("no good images" in note for note in metrics["notes"])
     assert metrics["pixel_rocauc"] == pytest.approx(1.0) and metrics["pro"] == pytest.approx(1.0)
     assert metrics["operating"]["recall"] == 1.0
 
 
 def test_missing_masks_use_the_masked_images_and_say_how_many(tmp_path, capsys):
-    metrics = evaluate_category(FakeDetector(), _category(tmp_path / "data", 2, 3, masked=1), _settings(), tmp_path / "out").metrics
+    metrics = _evaluate(FakeDetector(), _category(tmp_path / "data", 2, 3, masked=1), _settings(), tmp_path / "out").metrics
     assert metrics["n_defects_without_mask"] == 2 and metrics["n_pixel_images"] == 3  # 2 goods + 1 masked defect
     assert metrics["per_defect"]["spot"]["n_masked"] == 1
     assert metrics["pixel_rocauc"] == pytest.approx(1.0)
@@ -292,21 +299,21 @@ def test_an_empty_mask_of_a_defect_image_is_named_and_left_out_of_the_pixel_figu
     category = _category(tmp_path / "data", 2, 3)
     empty = category.test_images[-1].mask_path
     Image.fromarray(np.zeros(np.asarray(Image.open(empty)).shape, np.uint8)).save(empty)
-    metrics = evaluate_category(FakeDetector(), category, _settings(), tmp_path / "out").metrics
+    metrics = _evaluate(FakeDetector(), category, _settings(), tmp_path / "out").metrics
     assert metrics["n_defects_without_mask"] == 1 and metrics["n_pixel_images"] == 4 and metrics["pixel_rocauc"] == pytest.approx(1.0)
     assert f"1 defect image mask marks no defect pixel at the working size (e.g. {empty})" in capsys.readouterr().err
 
 
 def test_no_masks_at_all_say_the_pixel_figures_are_not_computed(tmp_path, capsys):
     """The simple layout has no masks: one line says so, not a count of images that have one."""
-    metrics = evaluate_category(FakeDetector(), _category(tmp_path / "data", 2, 3, masked=0), _settings(), tmp_path / "out").metrics
+    metrics = _evaluate(FakeDetector(), _category(tmp_path / "data", 2, 3, masked=0), _settings(), tmp_path / "out").metrics
     assert metrics["pixel_rocauc"] is None and metrics["pro"] is None
     err = capsys.readouterr().err
     assert "none of the 3 defect images has a ground-truth mask" in err and "pixel ROCAUC and PRO are not computed" in err
 
 
 def test_model_of_another_category_warns(tmp_path, capsys):
-    metrics = evaluate_category(FakeDetector(category="bottle"), _category(tmp_path / "data", 2, 2), _settings(), tmp_path / "out").metrics
+    metrics = _evaluate(FakeDetector(category="bottle"), _category(tmp_path / "data", 2, 2), _settings(), tmp_path / "out").metrics
     assert metrics["trained_category"] == "bottle"
     assert "trained on category 'bottle'" in capsys.readouterr().err
 
@@ -318,17 +325,17 @@ def test_test_goods_that_score_above_the_calibration_goods_are_reported_as_a_shi
     shifted, alike = FakeDetector(), FakeDetector()
     shifted.description["out_of_fold"] = {"image_scores": list(np.linspace(0.0, 0.1, 100))}
     alike.description["out_of_fold"] = {"image_scores": list(np.linspace(0.05, 0.3, 100))}
-    notes = evaluate_category(shifted, category, _settings(), tmp_path / "shifted").metrics["notes"]
+    notes = _evaluate(shifted, category, _settings(), tmp_path / "shifted").metrics["notes"]
     assert any("8 good test images score higher than the 100 good images" in note for note in notes)
     assert "taken differently" in capsys.readouterr().err
-    assert not any("taken differently" in note for note in evaluate_category(alike, category, _settings(), tmp_path / "alike").metrics["notes"])
+    assert not any("taken differently" in note for note in _evaluate(alike, category, _settings(), tmp_path / "alike").metrics["notes"])
 
 
 def test_mask_of_the_wrong_size_is_refused(tmp_path):
     category = _category(tmp_path / "data", 1, 1)
     Image.fromarray(np.zeros((SIZE + 1, SIZE), dtype=np.uint8)).save(category.test_images[-1].mask_path)
     with pytest.raises(DataError, match="fix or remove the mask"):
-        evaluate_category(FakeDetector(), category, _settings(), tmp_path / "out")
+        _evaluate(FakeDetector(), category, _settings(), tmp_path / "out")
 
 
 def test_the_image_histogram_names_its_line_by_what_decides_the_verdict(tmp_path, monkeypatch):
@@ -341,9 +348,9 @@ def test_the_image_histogram_names_its_line_by_what_decides_the_verdict(tmp_path
     monkeypatch.setattr(evaluation_run, "plot_histogram", lambda *args, **kwargs: labels.append(args[6:]) or drawing(*args, **kwargs))
     monkeypatch.setitem(sys.modules, "classification_model.xgboost",
                         types.SimpleNamespace(plot_feature_importance=lambda classifier, path: Path(path).write_bytes(b"png")))
-    evaluate_category(FakeDetector(), _category(tmp_path / "data", 2, 2), _settings(), tmp_path / "plain")
+    _evaluate(FakeDetector(), _category(tmp_path / "data", 2, 2), _settings(), tmp_path / "plain")
     trees = SimpleNamespace(uses_trees=True, similarity=None, ranks_like_image_score=False)
-    evaluate_category(FakeDetector(probabilities=True, classifier=trees), _category(tmp_path / "data", 2, 2), _settings(), tmp_path / "trees")
+    _evaluate(FakeDetector(probabilities=True, classifier=trees), _category(tmp_path / "data", 2, 2), _settings(), tmp_path / "trees")
     assert labels[0] == ("operating threshold",) and labels[1] == ("image threshold (the classifier decides the verdict)",)
 
 
@@ -364,7 +371,7 @@ def test_classifier_probabilities_reported_side_by_side(tmp_path, monkeypatch):
     module.plot_feature_importance = lambda classifier, path: drawn.append(path) or Path(path).write_bytes(b"png")
     monkeypatch.setitem(sys.modules, "classification_model.xgboost", module)
     detector = FakeDetector(probabilities=True, classifier=SimpleNamespace(uses_trees=True, similarity=None, ranks_like_image_score=False))
-    result = evaluate_category(detector, _category(tmp_path / "data", 3, 3), _settings(), tmp_path / "out" / "parts")
+    result = _evaluate(detector, _category(tmp_path / "data", 3, 3), _settings(), tmp_path / "out" / "parts")
     metrics = result.metrics
     assert metrics["classifier_rocauc"] == 1.0 and set(result.image_curves) == {"max score", "classifier"}
     assert metrics["operating"]["source"] == "classifier verdict" and "operating_score_threshold" in metrics
@@ -382,10 +389,10 @@ def test_a_classifier_that_ranks_worse_than_the_image_score_gets_a_note(tmp_path
             results, batches = super().inspect(paths, batch_size, num_workers, preview_size, label)
             return (SimpleNamespace(**{**vars(r), "probability": 1.0 - r.score}) for r in results), batches
 
-    notes = evaluate_category(Inverted(probabilities=True, classifier=SimpleNamespace(uses_trees=True, similarity=None, ranks_like_image_score=False)), category, _settings(), tmp_path / "inverted").metrics["notes"]
+    notes = _evaluate(Inverted(probabilities=True, classifier=SimpleNamespace(uses_trees=True, similarity=None, ranks_like_image_score=False)), category, _settings(), tmp_path / "inverted").metrics["notes"]
     assert any("the classifier ranks these images worse than the image score" in note for note in notes)
     assert "CLASSIFIER = False" in capsys.readouterr().err
-    alike = evaluate_category(FakeDetector(probabilities=True, classifier=SimpleNamespace(uses_trees=True, similarity=None, ranks_like_image_score=False)), category, _settings(), tmp_path / "alike")
+    alike = _evaluate(FakeDetector(probabilities=True, classifier=SimpleNamespace(uses_trees=True, similarity=None, ranks_like_image_score=False)), category, _settings(), tmp_path / "alike")
     assert not any("ranks these images worse" in note for note in alike.metrics["notes"])
 
 
@@ -444,7 +451,7 @@ def test_several_categories_get_overall_figures_and_one_report(tmp_path):
 
     run_dir = tmp_path / "run"
     evaluations = [
-        evaluate_category(FakeDetector(category=name), _category(tmp_path / name, 2, 2), _settings(EVAL_SHEET_COUNT=0), run_dir / name)
+        _evaluate(FakeDetector(category=name), _category(tmp_path / name, 2, 2), _settings(EVAL_SHEET_COUNT=0), run_dir / name)
         for name in ("parts", "parts")
     ]
     evaluations[1].metrics["category"] = "other"
