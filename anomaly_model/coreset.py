@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 from anomaly_model.threads import cpu_threads
 
 # Query x coreset distance elements computed at once (float32: 64 MB): large enough for fast

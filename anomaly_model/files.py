@@ -36,7 +36,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 
 try:
     import fcntl

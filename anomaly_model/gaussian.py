@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from anomaly_model import distributed
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 from anomaly_model.threads import cpu_threads
 
 # Covariance entries factorized at once: each chunk's factor and working copies stay ~8 MB,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 from anomaly_model.files import file_checksum, model_file
 from anomaly_model.store import EXPORT_SCHEMA, check_description, model_id
 

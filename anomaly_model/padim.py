@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomaly_model import distributed
-from anomaly_model.backbone import DEFAULT_FEATURE_DIM, ModelError
+from anomaly_model.backbone import DEFAULT_FEATURE_DIM
+from anomaly_model.errors import ModelError
 from anomaly_model.base import AnomalyModel, ModelSettings, background_positions
 from anomaly_model.chebyshev import SCORES, chebyshev_term, pixel_threshold, pixel_threshold_rule
 from anomaly_model.files import CHUNK_ROWS, read_npy, read_npy_chunks, reading

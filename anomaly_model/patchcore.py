@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomaly_model import distributed
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 from anomaly_model.bank import BYTES_IN_RAM, KINDS, PatchBank, disk_folder, size_text
 from anomaly_model.base import TILE_CHUNK, AnomalyModel, ModelSettings, background_positions
 from anomaly_model.coreset import (

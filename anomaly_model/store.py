@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.files import AtomicFolder, damaged_model, name_problem, reading, shown_name, sweep_model, write_file_atomically
 from anomaly_model.padim import Padim

@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 
 
 def check_tile_settings(tile: int, overlap: int, stride: int) -> None:

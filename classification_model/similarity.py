@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 
 MIN_DEFECTS = 3  # fewer labeled defects: each one's leave-one-out prototype is one or two images, too noisy to weigh
 RIDGE = 1.0  # L2 penalty on the two standardized weights (inverse of sklearn's C); 1 = a prior of unit scale, not tuned

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 # that train.py would otherwise hold from the start of its out-of-fold pass, the run's memory peak
 # (docs/performance.md, "Lean training run").
 
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 from choices import CLASSIFIER_ANCHORS
 from classification_model.similarity import DefectSimilarity
 from evaluation.metrics import image_rocauc, threshold_at_rate

@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from anomaly_model import distributed
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.files import STORAGE_ERRNOS, StorageError, storage_message
 from dataset_manager import Category, DataError, find_categories, outputs_inside

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 from anomaly_model.files import EXPORT_STAGING_PREFIX, check_writable, file_checksum, model_file, model_lock, remove_entry, swapping
 from anomaly_model.onnx_file import ONNX_FILE, open_session, require, run_session, write_onnx
 from anomaly_model.store import add_section, model_id, read_description

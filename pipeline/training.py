@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from anomaly_model import distributed
 from choices import PIXEL_THRESHOLD_POLICIES
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.files import check_writable, sweep_model
 from anomaly_model.store import build_model, read_description, save_model

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from anomaly_model import distributed
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.files import model_lock, read_checked_bytes, read_checked_json
 from anomaly_model.store import load_model, model_id, read_description, save_model

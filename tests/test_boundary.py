@@ -12,10 +12,8 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,8 +22,8 @@ import pytest
 import torch
 
 from anomaly_model import distributed
-from anomaly_model.backbone import ModelError
-from anomaly_model.files import AtomicFolder, model_lock, reading
+from anomaly_model.errors import ModelError
+from anomaly_model.files import model_lock, reading
 from anomaly_model.store import build_model, load_model, named_files, save_model
 from conftest import ROOT, TINY, make_mvtec_category, outputs, run_script, save, texture
 from dataset_manager import find_categories

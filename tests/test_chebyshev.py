@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 from anomaly_model.chebyshev import pixel_threshold
 from anomaly_model.gaussian import mahalanobis
 from anomaly_model.maps import MapMaker

@@ -23,7 +23,7 @@ from pipeline.prediction import predict_folder
 from pipeline.training import train_category
 from settings import load
 
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 from classification_model.features import FEATURE_NAMES, MONOTONE, map_features
 from classification_model.synthetic import DEFECT_TYPES, make_defect
 from classification_model.evidence import FIRST_STAGE, IMAGE_SCORE, WITH_SIMILARITY

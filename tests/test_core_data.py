@@ -318,7 +318,8 @@ def test_the_scripts_do_not_import_torchvision():
 def test_local_weights_file_is_used_and_checked(tmp_path):
     import torchvision
 
-    from anomaly_model.backbone import ModelError, build_backbone
+    from anomaly_model.backbone import build_backbone
+    from anomaly_model.errors import ModelError
 
     torch.manual_seed(7)
     source = torchvision.models.resnet18()

@@ -8,7 +8,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 from anomaly_model.gaussian import StreamingGaussian, mahalanobis, whitening_factors
 from anomaly_model.maps import gaussian_blur
 from anomaly_model.padim import Padim, PadimSettings

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 from anomaly_model.padim import Padim, PadimSettings
 from anomaly_model.store import load_model, save_model
 from pipeline.detector import settings_differences

@@ -22,7 +22,7 @@ from PIL import Image
 
 from anomaly_model import distributed
 from anomaly_model import patchcore as patchcore_module
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 from anomaly_model.patchcore import PatchCore, PatchCoreSettings
 from conftest import ROOT, make_mvtec_category
 from dataset_manager import find_categories

@@ -21,7 +21,7 @@ from torch import nn
 import anomaly_model.coreset as coreset_module
 import anomaly_model.onnx_file as onnx_file
 import anomaly_model.padim as padim
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 from anomaly_model.onnx_file import ONNX_FILE, open_session, require, run_session, write_onnx
 from anomaly_model.padim import Padim, PadimSettings
 from anomaly_model.patchcore import PatchCore, PatchCoreSettings

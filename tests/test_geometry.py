@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from anomaly_model import base
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 from anomaly_model.base import TILE_CHUNK, AnomalyModel, ModelSettings
 from anomaly_model.maps import MapMaker, blur_matrix, upsample_matrix
 from anomaly_model.padim import Padim, PadimSettings

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import anomaly_model.bank as bank_module
 import anomaly_model.coreset as coreset_module
 import anomaly_model.patchcore as patchcore_module
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 from anomaly_model.coreset import GroupedNeighbors, greedy_coreset, group_order, nearest_neighbors, projection_matrix
 from anomaly_model.padim import Padim, PadimSettings
 from anomaly_model.patchcore import PatchCore, PatchCoreSettings

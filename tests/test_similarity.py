@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from anomaly_model.backbone import ModelError
+from anomaly_model.errors import ModelError
 from anomaly_model.padim import Padim, PadimSettings
 from classification_model.features import FEATURE_NAMES
 from classification_model.evidence import IMAGE_SCORE, WITH_SIMILARITY, HeldOutRows, choose_verdict
