@@ -78,6 +78,8 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ModelError(f"DEVICE={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # torch names more (mps, xpu, ...), which this suite does not run on
+        raise ModelError(f"DEVICE={name!r} is not a device this suite runs on: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"DEVICE={name} but no CUDA GPU is available: use DEVICE=auto or cpu")
     return device

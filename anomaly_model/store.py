@@ -224,6 +224,8 @@ def check_description(folder: Path, description: dict, schema: dict) -> None:
 def read_description(folder: Path) -> dict:
     """model.json of a model folder, checked; clear errors for a missing, old or damaged model."""
     folder = Path(folder)
+    if folder.name == "model.json" and folder.is_file():
+        raise ModelError(f"{folder} is a model's description: give the model folder that holds it, {folder.parent}")
     sweep_model(folder)  # a model stranded by a kill mid-swap is put back first; a killed export's folder goes
     path = folder / "model.json"
     if not path.is_file():

@@ -87,7 +87,12 @@ class OperatingPoint:
     classifier_false_reject_rate: float | None = None
 
     def __post_init__(self) -> None:
-        """The rates a caller of the Python API gives are checked as the command line's are (SettingsError)."""
+        """The rates a caller of the Python API gives are checked as the command line's are (SettingsError);
+        numpy numbers count as the Python numbers they hold."""
+        for field in ("image_false_reject_rate", "classifier_false_reject_rate"):
+            value = getattr(self, field)
+            if isinstance(value, (np.floating, np.integer)) or (isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf"):
+                object.__setattr__(self, field, float(value))
         for key, rate in (("IMAGE_FALSE_REJECT_RATE", self.image_false_reject_rate), ("CLASSIFIER_FALSE_REJECT_RATE", self.classifier_false_reject_rate)):
             if rate is not None:
                 check_value(key, rate)
@@ -191,9 +196,19 @@ def _decoded(image: ImageInput, name: str, full_scale: float | None) -> np.ndarr
     if isinstance(image, Image.Image):
         try:
             return pil_to_rgb(image, full_scale)
+        except AssertionError:  # PIL's own check: the pixels were never loaded and the file is closed
+            raise DataError(f"cannot read {name}: the PIL image's file was closed before its pixels were read: "
+                            "call image.load() inside the `with Image.open(...)` block, or pass the path") from None
         except (OSError, ValueError) as error:
             raise DataError(f"cannot read {name}: {error}") from None
     if isinstance(image, np.ndarray):
+        image = np.asarray(image)  # a subclass (np.matrix, a masked array) as the plain array of its values
+        if image.ndim == 3 and image.shape[2] == 1:  # (H, W, 1), as OpenCV and Keras give gray images
+            image = image[:, :, 0]
+        if image.dtype == bool:  # True is white, as in PIL's mode "1"
+            image = image.astype(np.uint8) * 255
+        if image.dtype.kind not in "uif":
+            raise DataError(f"cannot read {name}: a numpy image holds integers, floats or booleans, not {image.dtype}")
         if image.ndim == 2:
             try:
                 gray = image if image.dtype == np.uint8 else gray_to_uint8(image, full_scale)
@@ -204,7 +219,7 @@ def _decoded(image: ImageInput, name: str, full_scale: float | None) -> np.ndarr
             return np.ascontiguousarray(image)
         if image.ndim == 3 and image.shape[2] == 4 and image.dtype == np.uint8:  # RGBA: composited on white, as files are
             return pil_to_rgb(Image.fromarray(np.ascontiguousarray(image), "RGBA"))
-        raise DataError(f"cannot read {name}: a numpy image must be (H, W), (H, W, 3) uint8 RGB or (H, W, 4) uint8 RGBA, got {image.shape} {image.dtype}")
+        raise DataError(f"cannot read {name}: a numpy image must be (H, W) or (H, W, 1) gray, (H, W, 3) uint8 RGB or (H, W, 4) uint8 RGBA, got {image.shape} {image.dtype}")
     raise DataError(f"cannot read {name}: expected a path, bytes, a PIL image or a numpy array, got {type(image).__name__}")
 
 
@@ -248,7 +263,8 @@ class Inspector:
             finished = time.perf_counter()
             for row, item in enumerate(chunk):
                 size = (int(item.rgb.shape[0]), int(item.rgb.shape[1]))
-                results.append(self.judge(maps[row], float(scores[row]), probabilities[row], size, finished - item.started))
+                # clone: a view would keep the whole batch's maps alive as long as one result is kept
+                results.append(self.judge(maps[row].clone(), float(scores[row]), probabilities[row], size, finished - item.started))
         return results
 
     def inspect(self, image: ImageInput) -> Inspection:
@@ -256,8 +272,18 @@ class Inspector:
         return self.score([self.prepare(image)])[0]
 
     def inspect_many(self, images: Sequence[ImageInput]) -> list[Inspection]:
-        """Several images scored in batches: faster per image than one `inspect` call each."""
-        return self.score([self.prepare(image, f"image {index}") for index, image in enumerate(images)])
+        """Several images scored in batches of `batch_size`: faster per image than one `inspect` call
+        each. All or nothing: an image that cannot be read raises its DataError (naming it "image
+        <index>") and no result is returned; each result's `seconds` covers its own batch."""
+        if isinstance(images, (str, bytes, bytearray, memoryview, Path, Image.Image, np.ndarray)) and not (
+                isinstance(images, np.ndarray) and images.ndim == 4):
+            raise DataError(f"inspect_many takes a list of images, not one {type(images).__name__}: use inspect() for one image")
+        images = list(images)
+        results: list[Inspection] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            results += self.score([self.prepare(image, f"image {start + offset}") for offset, image in enumerate(chunk)])
+        return results
 
     # --- what every caller shares ---
     def judge(self, anomaly_map: torch.Tensor, score: float, probability: float | None, size: tuple[int, int], seconds: float) -> Inspection:
@@ -276,9 +302,11 @@ class Inspector:
             size=size,
         )
 
-    def pictures(self, inspection: Inspection, image: ImageInput, preview_size: int) -> tuple[np.ndarray, np.ndarray]:
+    def pictures(self, inspection: Inspection, image: ImageInput, preview_size: int = 640) -> tuple[np.ndarray, np.ndarray]:
         """(overlay (h, w, 3) uint8 at most `preview_size` on its longer side, mask (H, W) bool at the original size)
         of the image `inspection` judged, given in any form `inspect` takes (a DataError for another image's size)."""
+        if isinstance(preview_size, bool) or not isinstance(preview_size, (int, np.integer)) or preview_size < 1:
+            raise ValueError(f"preview_size={preview_size!r}: give the overlay's longer side in pixels, a whole number >= 1 (serve.py uses 640)")
         rgb = self.rgb(image)
         if tuple(rgb.shape[:2]) != tuple(inspection.size):
             raise DataError(f"the image given for the pictures is {rgb.shape[0]} x {rgb.shape[1]} px, the inspected one was "
@@ -346,6 +374,10 @@ def load(
     `runtime`: "torch", or "onnxruntime" for the file export.py wrote. `operating_point`: false-reject
     rates to re-pick the thresholds at (from the model's honest good scores; None keeps the model's).
     `batch_size`: most images `score` and `inspect_many` run through the model at once."""
+    if operating_point is not None and not isinstance(operating_point, OperatingPoint):
+        raise TypeError(f"operating_point must be an OperatingPoint (e.g. OperatingPoint(image_false_reject_rate=0.01)), "
+                        f"not {type(operating_point).__name__}")
+    check_value("BATCH_SIZE", batch_size)
     detector = Detector(Path(model_dir), device, runtime)
     if operating_point is not None:
         apply_operating_point(detector, operating_point)

@@ -56,7 +56,7 @@ def run_folder(folder: Path) -> str:
 def csv_values(path: Path, inspection: Inspection, overlay_path: str, mask_path: str) -> list[str]:
     """One predictions.csv row (COLUMNS) as test.py writes it, also the watched folder's (serve.py)."""
     return [
-        printable_path(path), f"{inspection.image_score:.6g}", f"{inspection.normalized_score:.4f}", inspection.verdict,
+        printable_path(path), f"{inspection.image_score:.6g}", f"{inspection.normalized_score:.6g}", inspection.verdict,
         f"{inspection.defect_area_fraction:.6f}", overlay_path, mask_path,
         "" if inspection.classifier_probability is None else f"{inspection.classifier_probability:.6f}",
     ]

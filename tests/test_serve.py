@@ -570,3 +570,46 @@ def test_the_python_apis_operating_point_is_checked_as_the_command_line_is():
                          (dict(classifier_false_reject_rate=1.0), r"CLASSIFIER_FALSE_REJECT_RATE=1.0 is not allowed: .* \[0, 1\)")):
         with pytest.raises(SettingsError, match=words):  # was a bare ValueError from numpy, or accepted
             OperatingPoint(**given)
+
+
+def test_the_python_api_reads_what_embedders_pass_and_refuses_the_rest_in_one_line(trained):
+    """What a developer embedding the suite passes: numpy subclasses and OpenCV's (H, W, 1) arrays are
+    read as plain arrays (an np.matrix crashed the process inside np.repeat), a closed PIL image and
+    a bad argument are one-line errors, and a result kept from a batch holds its own map only."""
+    from anomaly_model.errors import ModelError
+    from pipeline.inspection import OperatingPoint, load
+    from settings import SettingsError
+
+    inspector = load(trained["model"], "cpu")
+    path = trained["category"] / "test" / "good" / "000.png"
+    gray = np.asarray(Image.open(path).convert("L"))  # read-only, as PIL gives it
+    plain = inspector.inspect(gray).image_score
+    for same in (np.asmatrix(gray), np.ma.masked_array(gray, mask=gray > 100), gray[:, :, None]):
+        assert inspector.inspect(same).image_score == plain, type(same)
+    marked = gray > 100
+    assert inspector.inspect(marked).image_score == inspector.inspect(marked.astype(np.uint8) * 255).image_score  # True is white
+    with pytest.raises(DataError, match="a numpy image holds integers, floats or booleans, not complex128"):
+        inspector.inspect(gray.astype(complex))
+    with Image.open(path) as closed:
+        pass
+    with pytest.raises(DataError, match="the PIL image's file was closed before its pixels were read"):
+        inspector.inspect(closed)
+    many = inspector.inspect_many([path] * 3)
+    alone = inspector.inspect(path).image_score
+    assert all(relative_close(result.image_score, alone, 1e-5) for result in many)  # a batch of 3 differs in the last bits
+    for result in many:  # not a view into the batch's maps
+        assert result.anomaly_map.untyped_storage().nbytes() == result.anomaly_map.numel() * result.anomaly_map.element_size()
+    with pytest.raises(DataError, match="inspect_many takes a list of images, not one str"):
+        inspector.inspect_many(str(path))
+    with pytest.raises(ValueError, match="preview_size=0"):
+        inspector.pictures(many[0], path, 0)
+    assert inspector.pictures(many[0], path)[1].shape == gray.shape  # the mask at the image's size, preview 640 by default
+    assert OperatingPoint(np.float32(0.25)).image_false_reject_rate == 0.25
+    with pytest.raises(TypeError, match="operating_point must be an OperatingPoint"):
+        load(trained["model"], "cpu", operating_point=0.01)
+    with pytest.raises(SettingsError, match="BATCH_SIZE=0 is not allowed"):
+        load(trained["model"], "cpu", batch_size=0)
+    with pytest.raises(ModelError, match="'mps' is not a device this suite runs on"):
+        load(trained["model"], "mps")
+    with pytest.raises(ModelError, match="give the model folder that holds it"):
+        load(trained["model"] / "model.json", "cpu")
