@@ -71,17 +71,24 @@ def gray_to_uint8(values: np.ndarray, full_scale: float | None = None) -> np.nda
     infinite values cannot be mapped: ValueError.
     """
     is_float = np.asarray(values).dtype.kind == "f"
-    values = np.asarray(values, dtype=np.float64)
-    if not np.isfinite(values).all():
+    if is_float and not np.isfinite(values).all():
         raise ValueError("it holds NaN or infinite values, which have no brightness")
-    if values.size == 0:
+    if np.asarray(values).size == 0:
         raise ValueError("it has no pixels")
-    low, high = float(values.min()), float(values.max())
+    scaled = np.array(values, dtype=np.float64)  # one copy of our own, scaled in place: a 12000 x 12000 frame needs no more
+    low, high = float(scaled.min()), float(scaled.max())
     if low < 0:
-        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        if high > low:
+            scaled -= low
+            scaled /= high - low
+        else:
+            scaled[...] = 0
     else:
-        scaled = values / (full_scale or full_scale_for(high, is_float))
-    return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+        scaled /= full_scale or full_scale_for(high, is_float)
+    scaled *= 255.0
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 def _is_high_depth(image: Image.Image) -> bool:
