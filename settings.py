@@ -493,6 +493,9 @@ def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
         if given & set(OLD_GEOMETRY) or "IMAGE_SIZE" not in values:
             _translate_old_geometry(values, old)
     for key in COMMAND_LINE_ONLY:
+        if key in given and values.get(key) == "":  # ADD_GOOD=$FOLDER with FOLDER unset would retrain and drop every update
+            raise SettingsError(f"{key}= is empty on the command line: give the folder (python train.py {key}=<folder>), "
+                                f"or leave {key} out to retrain from DATASET_DIR")
         if values.get(key) and key not in given:
             raise SettingsError(f"{key}={_show(values[key])} is set in config.py: give it on the command line only (python train.py {key}=<folder>), and set it back to \"\" in config.py")
     missing = sorted(set(RULES) - set(values) - set(OLD_GEOMETRY))
@@ -513,11 +516,18 @@ def _check_outside_models(values: dict) -> None:
     """No other folder setting may lie in MODEL_DIR: a retrain or an update moves a model's folder,
     with whatever else lies in it, to its numbered backups, and deletes the oldest (RESULTS_DIR =
     MODEL_DIR put test.py's predictions into the model's own folder)."""
-    models = os.path.realpath(values["MODEL_DIR"])
     for key in PATH_SETTINGS:
-        if key == "MODEL_DIR" or not values.get(key):
-            continue
-        path = os.path.realpath(values[key])
-        if path == models or path.startswith(models + os.sep):
+        if key != "MODEL_DIR" and values.get(key) and _lies_in(values[key], values["MODEL_DIR"]):
             raise SettingsError(f"{key}={values[key]} lies in MODEL_DIR={values['MODEL_DIR']}, whose model folders a retrain moves "
                                 f"to numbered backups (the oldest deleted), with anything else in them: set {key} to a folder outside MODEL_DIR")
+    for key in ("ADD_GOOD", "ADD_DEFECT"):  # the tool's own pictures are no parts (REVIEW_DIR and WATCH_DIR may lie in RESULTS_DIR)
+        folder = values.get(key)
+        if folder and _lies_in(folder, values["RESULTS_DIR"]) and not any(values.get(mine) and _lies_in(folder, values[mine]) for mine in ("REVIEW_DIR", "WATCH_DIR")):
+            raise SettingsError(f"{key}={folder} lies in RESULTS_DIR={values['RESULTS_DIR']}, where the scripts write heat-map overlays and "
+                                "masks, no pictures of parts: give the folder of the images themselves (the review page copies them to REVIEW_DIR)")
+
+
+def _lies_in(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies inside it, links resolved."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder + os.sep)

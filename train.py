@@ -75,11 +75,33 @@ def update(settings) -> None:
         + f"{_shown(summary.pixel_threshold)}; model {model_dir}"
         + (f" (previous kept as {model_dir.name}.backup-1)" if settings.MODEL_BACKUPS else "")
     )
-    if summary.highest_new_good is not None and 0 < image_before * (1 + THRESHOLD_RISE_NOTED) <= summary.image_threshold:
-        score, path = summary.highest_new_good
-        undo = f"restore {model_dir.name}.backup-1" if settings.MODEL_BACKUPS else "retrain without them"
-        print(f"note: the new goods raised the image threshold by {summary.image_threshold / image_before - 1:.0%} (the highest scored "
-              f"{_shown(score)} before the update: {path}): fewer defects will be flagged; if any of them is not a good part, {undo}", file=sys.stderr)
+    for line in threshold_notes(summary, model_dir, settings.MODEL_BACKUPS):
+        print(f"note: {line}", file=sys.stderr)
+
+
+def threshold_notes(summary, model_dir, backups: int) -> list[str]:
+    """What a rise of the thresholds by THRESHOLD_RISE_NOTED or more means: new goods above the old
+    image threshold raised it (the highest named: one wrong "good" can lift it far); below it, they
+    cannot have, so the rise comes from re-picking a threshold set by an older rule. A higher pixel
+    threshold marks smaller defect areas (the masks, defect_area_fraction)."""
+    if summary.highest_new_good is None:
+        return []
+    image_before, pixel_before = summary.thresholds_before
+    undo = f"restore {model_dir.name}.backup-1" if backups else "retrain without them"
+    score, path = summary.highest_new_good
+    lines = []
+    if 0 < image_before * (1 + THRESHOLD_RISE_NOTED) <= summary.image_threshold:
+        rise = f"{summary.image_threshold / image_before - 1:.0%}"
+        if score >= image_before:
+            lines.append(f"the new goods raised the image threshold by {rise} (the highest scored {_shown(score)} before the update, "
+                         f"above the threshold: {path}): fewer defects will be flagged; if any of them is not a good part, {undo}")
+        else:
+            lines.append(f"the image threshold rose by {rise} though every new good scored below it: it was set by an older version's "
+                         "rule (a quantile between two goods' scores) and is now one of the honest goods' own scores at the model's rate")
+    if 0 < pixel_before * (1 + THRESHOLD_RISE_NOTED) <= summary.pixel_threshold:
+        lines.append(f"the new goods raised the pixel threshold by {summary.pixel_threshold / pixel_before - 1:.0%}: smaller defect areas "
+                     f"will be marked (masks, defect_area_fraction); if any of them is not a good part, {undo}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ from anomaly_model import distributed
 from choices import PIXEL_THRESHOLD_POLICIES
 from anomaly_model.errors import ModelError
 from anomaly_model.base import AnomalyModel
-from anomaly_model.files import check_writable, sweep_model
-from anomaly_model.store import build_model, read_description, save_model
+from anomaly_model.files import backup_path, check_writable, sweep_model
+from anomaly_model.store import build_model, model_id, read_description, save_model
 from evaluation.metrics import few_goods_note, threshold_at_rate
 from dataset_manager import Category, DataError, ImageBatches, Preprocessor
 from dataset_manager.images import image_size, readable_sizes, resolve_image_size, training_full_scale
@@ -373,6 +373,23 @@ class TrainingImages:
     folds: int  # out-of-fold folds, 0 = none
 
 
+@dataclass(frozen=True)
+class ModelVersion:
+    """Which version of a model a training replaces: its id and its update history."""
+
+    id: str
+    updates: list
+
+
+def model_version(model_dir: Path) -> ModelVersion | None:
+    """The model at `model_dir` now, or None when there is none that can be read."""
+    try:
+        description = read_description(model_dir)
+    except (ModelError, OSError, ValueError):
+        return None
+    return ModelVersion(model_id(description), list(description.get("updates") or []))
+
+
 @dataclass
 class TrainingRun:
     """One category's training as it moves through the stages of `train_category`: what the
@@ -394,6 +411,7 @@ class TrainingRun:
     peaks: bool = field(default=False, init=False)  # the validation goods and labeled defects get peak directions (the similarity stage)
     info: dict = field(default_factory=dict, init=False)  # model.json's sections, as the stages make them
     extra_files: dict[str, bytes] = field(default_factory=dict, init=False)  # files saved beside the model
+    replacing: ModelVersion | None = field(default=None, init=False)  # the model at model_dir when the training began (rank 0)
 
     @property
     def readable_validation(self) -> list[Path]:
@@ -463,7 +481,10 @@ def prepare(category: Category, settings, model_dir: Path) -> TrainingRun:
     if settings.CLASSIFIER:  # what the classifier will lack is known now, before minutes of fitting
         check_classifier_rows(category, settings, len(validation_paths), len(train_paths) if folds else 0)
     images = TrainingImages(train_paths, validation_paths, skipped, folds)
-    return TrainingRun(category, settings, model_dir, images, model, preprocessor, started)
+    run = TrainingRun(category, settings, model_dir, images, model, preprocessor, started)
+    if distributed.is_main():
+        run.replacing = model_version(model_dir)
+    return run
 
 
 def fit(run: TrainingRun) -> None:
@@ -601,7 +622,12 @@ def save(run: TrainingRun) -> TrainingSummary:
     goods = [path for path in run.images.train + run.images.validation if path not in unreadable]
     run.extra_files[LEARNED_IMAGES_FILE] = learned_images(goods, list(run.category.train_defect_images) if settings.CLASSIFIER else [])
     run.extra_files[HONEST_GOODS_FILE] = run.goods.to_bytes()
+    changed = _changed_meanwhile(run)
     model_bytes = save_model(run.model_dir, model, info, extra_files=run.extra_files, backups=settings.MODEL_BACKUPS)  # a retrain can be worse: the model it replaces is kept
+    if changed:
+        kept = f"it is kept as {backup_path(run.model_dir, 1).name}" if settings.MODEL_BACKUPS else "it is not kept (MODEL_BACKUPS = 0)"
+        print(f"note: model {run.model_dir} changed while this training ran ({changed}); this training replaced that version too: {kept}",
+              file=sys.stderr)
     return TrainingSummary(
         category=run.category.name,
         model_dir=run.model_dir,
@@ -616,6 +642,22 @@ def save(run: TrainingRun) -> TrainingSummary:
         image_size=run.preprocessor.size,
         tiles=model.tile_layout_.count if model.tile_layout_ is not None else 0,
     )
+
+
+def _changed_meanwhile(run: TrainingRun) -> str:
+    """What happened to the model at `run.model_dir` since the training began ("" when nothing): an
+    update that landed meanwhile would otherwise vanish into a backup without a word."""
+    now = model_version(run.model_dir)
+    if now is None or (run.replacing is not None and now.id == run.replacing.id):
+        return ""
+    before = run.replacing.updates if run.replacing is not None else []
+    if run.replacing is not None and now.updates[: len(before)] == before and len(now.updates) > len(before):
+        added = now.updates[len(before) :]
+        folders = ", ".join(sorted({str(entry.get("folder")) for entry in added}))
+        images = sum(int(entry.get("images", 0)) for entry in added)
+        return (f"{len(added)} update{'s' if len(added) != 1 else ''} learned {images} images from {folders}: "
+                f"run train.py ADD_GOOD= / ADD_DEFECT= with {'that folder' if len(added) == 1 else 'those folders'} again to teach them to this model")
+    return "another training or a restored backup replaced it"
 
 
 def _peak_directions_wanted(model: AnomalyModel, settings, labeled: bool) -> bool:

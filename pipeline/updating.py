@@ -195,7 +195,7 @@ def _update_locked(model_dir: Path, settings, good_folder: str, defect_folder: s
     if HONEST_GOODS_FILE not in files or LEARNED_IMAGES_FILE not in files:
         raise _old_model(model_dir)
     learned = read_checked_json(model_dir, LEARNED_IMAGES_FILE, files, f"files.{LEARNED_IMAGES_FILE}")
-    differences = settings_differences(description, settings)
+    differences = settings_differences(description, settings) + _kept_operating_point(description, settings)
     if differences:  # an update learns into the model as it is: its size, backbone, statistics stay
         print(f"note: the update keeps model {model_dir}'s own settings where the settings differ (retrain to change them): "
               + "; ".join(differences), file=sys.stderr)
@@ -253,6 +253,10 @@ def _update_locked(model_dir: Path, settings, good_folder: str, defect_folder: s
     defect_scored = None
     if defects is not None and defects.paths:
         peaks = bool(settings.CLASSIFIER_DEFECT_SIMILARITY and model.has_peak_directions and training_set.has_good_directions)
+        if settings.CLASSIFIER_DEFECT_SIMILARITY and not peaks:
+            why = (f"{model.kind} models{' with tiles' if model.tile_size else ''} give no peak directions" if not model.has_peak_directions
+                   else "the model stored no peak directions of its validation goods (trained before 2026-12-06 without labeled defects)")
+            print(f"note: {why}: the labeled defects teach the classifier's first stage only", file=sys.stderr)
         level = info["thresholds"]["pixel"] if peaks else None  # a defect's region: its patches above the pixel threshold in force
         defect_scored = score_files(model, preprocessor, defects.paths, settings.BATCH_SIZE, "labeled defects", peaks, background_level=level)
         summary.n_unreadable += len(defect_scored.skipped)
@@ -285,6 +289,17 @@ def _update_locked(model_dir: Path, settings, good_folder: str, defect_folder: s
     summary.thresholds_before = (description["thresholds"]["image"], description["thresholds"]["pixel"])
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _kept_operating_point(description: dict, settings) -> list[str]:
+    """The rates and the classifier an update keeps as the model has them, where the settings differ
+    (they were kept without a word; test.py, eval.py and serve.py take the rates at run time)."""
+    thresholds = description["thresholds"]
+    stored = {"IMAGE_FALSE_REJECT_RATE": thresholds["image_false_reject_rate"], "PIXEL_FALSE_REJECT_RATE": thresholds["pixel_false_reject_rate"],
+              "CLASSIFIER": "classifier" in description}
+    if "false_reject_rate" in description.get("classifier", {}):
+        stored["CLASSIFIER_FALSE_REJECT_RATE"] = description["classifier"]["false_reject_rate"]
+    return [f"{key}: model has {value!r}, config has {getattr(settings, key)!r}" for key, value in stored.items() if getattr(settings, key) != value]
 
 
 def _set_thresholds(model: AnomalyModel, description: dict, info: dict, sample: GoodMapSample) -> None:

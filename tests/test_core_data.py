@@ -194,6 +194,11 @@ def test_no_folder_setting_lies_in_model_dir_whose_folders_a_retrain_moves_away(
             load([f"MODEL_DIR={models}", f"{key}={folder}"])
     beside = load([f"MODEL_DIR={models}", f"RESULTS_DIR={tmp_path / 'models-results'}"])[0]  # a name that only begins alike
     assert beside.RESULTS_DIR == str(tmp_path / "models-results")
+    results = tmp_path / "results"  # test.py's overlays were learned as 8 good parts
+    with pytest.raises(SettingsError, match="ADD_GOOD=.* lies in RESULTS_DIR=.*no pictures of parts"):
+        load([f"RESULTS_DIR={results}", f"ADD_GOOD={results / 'part' / 'test-good' / 'pictures'}"])
+    reviewed = load([f"RESULTS_DIR={results}", f"REVIEW_DIR={results / 'review'}", f"ADD_GOOD={results / 'review' / 'good'}"])[0]
+    assert reviewed.ADD_GOOD == str(results / "review" / "good")  # the review page's folder, kept under RESULTS_DIR: learned
 
 
 def test_settings_as_users_type_them(monkeypatch, tmp_path):

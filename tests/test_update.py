@@ -129,6 +129,8 @@ def test_backups_history_and_the_command_line(tmp_path: Path) -> None:
     raised = run_script("train.py", *base, f"ADD_GOOD={odd}", "FEATURE_DIM=7")  # a model setting an update cannot change: said
     assert raised.returncode == 0, raised.stderr
     assert "the update keeps model" in raised.stderr and "FEATURE_DIM: model has" in raised.stderr
+    rates = run_script("train.py", *base, f"ADD_GOOD={odd}", "IMAGE_FALSE_REJECT_RATE=0.3")  # silently kept at the model's own before
+    assert "the update keeps model" in rates.stderr and "IMAGE_FALSE_REJECT_RATE: model has 0.05, config has 0.3" in rates.stderr, rates.stderr
     before, after = (float(value) for value in re.search(r"thresholds image ([\d.]+) -> ([\d.]+)", raised.stdout).groups())
     assert after > before and "raised the image threshold" in raised.stderr and "noise.png" in raised.stderr and "restore part.backup-1" in raised.stderr
 
@@ -153,6 +155,52 @@ def test_two_updates_at_once_both_reach_the_model(tmp_path: Path) -> None:
     assert all(entry["images"] == 2 for entry in history)
 
 
+def test_an_update_that_lands_while_a_retrain_runs_is_named_when_the_retrain_replaces_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A retrain started before an update swapped its model in after it: the update's images were
+    then only in backup-1, and nobody was told."""
+    import pipeline.training as training
+
+    part, new = _dataset(tmp_path / "data", 8, 3)
+    model_dir = tmp_path / "models" / "part"
+    settings = _train(part, model_dir, PLAIN)
+    thresholds = training.set_thresholds
+
+    def update_meanwhile(run) -> None:  # the update runs between the retrain's start and its save
+        update_model(model_dir, settings, str(new), "")
+        thresholds(run)
+
+    monkeypatch.setattr(training, "set_thresholds", update_meanwhile)
+    capsys.readouterr()
+    train_category(find_categories(part)[0], settings, model_dir)
+    err = capsys.readouterr().err
+    assert f"note: model {model_dir} changed while this training ran (1 update learned 3 images from {new}: run train.py " in err, err
+    assert "this training replaced that version too: it is kept as part.backup-1" in err
+    assert json.loads((model_dir.parent / "part.backup-1" / "model.json").read_text())["updates"][0]["images"] == 3
+    monkeypatch.undo()
+    train_category(find_categories(part)[0], settings, model_dir)  # nothing changed meanwhile: no note
+    assert "changed while this training ran" not in capsys.readouterr().err
+
+
+def test_a_threshold_rise_is_blamed_on_a_new_good_only_when_it_scored_above_the_old_threshold() -> None:
+    """A model saved before the thresholds became goods' own scores rose at its first update though
+    every new good scored below it, and the note named an innocent image; the pixel threshold
+    could double without a word."""
+    from types import SimpleNamespace
+
+    from train import threshold_notes
+
+    summary = SimpleNamespace(highest_new_good=(40.0, Path("new/059.png")), thresholds_before=(55.2, 30.0), image_threshold=58.5, pixel_threshold=30.5)
+    notes = threshold_notes(summary, Path("models/part"), 3)
+    assert len(notes) == 1 and "though every new good scored below it" in notes[0] and "059.png" not in notes[0]
+    summary.highest_new_good, summary.pixel_threshold = (70.0, Path("new/bad.png")), 60.0
+    image, pixel = threshold_notes(summary, Path("models/part"), 3)
+    assert "raised the image threshold by 6%" in image and "new/bad.png" in image and "restore part.backup-1" in image
+    assert "raised the pixel threshold by 100%" in pixel and "smaller defect areas" in pixel
+    summary.image_threshold, summary.pixel_threshold = 56.0, 31.0  # within the goods' ordinary spread: nothing said
+    assert threshold_notes(summary, Path("models/part"), 3) == []
+
+
 def test_add_good_left_in_config_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import config
     import settings as settings_module
@@ -161,6 +209,10 @@ def test_add_good_left_in_config_is_refused(tmp_path: Path, monkeypatch: pytest.
     with pytest.raises(settings_module.SettingsError, match="ADD_GOOD.*command line only"):
         load([])
     assert load(["ADD_GOOD=review/good"])[0].ADD_GOOD == "review/good"
+    monkeypatch.setattr(config, "ADD_GOOD", "")
+    for key in ("ADD_GOOD", "ADD_DEFECT"):  # an unset shell variable: it retrained from DATASET_DIR and dropped every update
+        with pytest.raises(settings_module.SettingsError, match=f"{key}= is empty on the command line: give the folder"):
+            load([f"{key}="])
 
 
 def test_a_model_saved_before_updates_is_refused(tmp_path: Path) -> None:
@@ -197,7 +249,9 @@ def test_patchcore_update_covers_the_new_patches(tmp_path: Path) -> None:
     assert float(defects.flatten(1).amax(1).min()) > float(goods.flatten(1).amax(1).max())  # ROCAUC 1 on the tiny set still
 
 
-def test_add_defect_retrains_the_classifier_only(tmp_path: Path) -> None:
+def test_add_defect_retrains_the_classifier_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from classification_model.training import TrainingSet
+
     part, new = _dataset(tmp_path / "data", 8, 4)
     defects = _defect_folder(tmp_path / "data" / "defects", 4, seed=5)
     model_dir = tmp_path / "models" / "part"
@@ -216,6 +270,11 @@ def test_add_defect_retrains_the_classifier_only(tmp_path: Path) -> None:
     assert summary.n_good == 4 and summary.n_defect == 0 and summary.n_known == 4
     final = json.loads((model_dir / "model.json").read_text())
     assert final["classifier"]["n_added_goods"] == 4 and final["classifier"]["n_real_defects"] == 4
+    # a model that stored no goods' peak directions: the defects teach the first stage only, and a note says so (it was silent)
+    monkeypatch.setattr(TrainingSet, "has_good_directions", property(lambda self: False))
+    capsys.readouterr()
+    update_model(model_dir, settings, "", str(_defect_folder(tmp_path / "data" / "more", 3, seed=9)))
+    assert "the model stored no peak directions of its validation goods" in capsys.readouterr().err
 
 
 def test_update_folders_are_checked_for_what_they_hold(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
