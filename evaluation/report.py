@@ -9,7 +9,7 @@ from __future__ import annotations
 from html import escape
 from pathlib import Path
 
-from evaluation.tables import OPERATING_ROWS, PIXEL_THRESHOLD_HEADER, cell, mean_cells, pixel_threshold_rows, summary_columns, summary_table
+from evaluation.tables import OPERATING_ROWS, PIXEL_THRESHOLD_HEADER, cell, honest_goods_words, mean_cells, pixel_threshold_rows, summary_columns, summary_table
 
 _STYLE = """
 body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1500px; }
@@ -58,7 +58,7 @@ def _category(metrics: dict) -> str:
     parts += [f'<p class="note">{escape(note)}</p>' for note in metrics.get("notes", [])]
     operating = metrics["operating"]
     confusion = operating["confusion"]
-    parts.append(f"<h3>Operating point</h3><p>{escape(operating['source'])}; chosen on honest goods (validation and out-of-fold), never on the test set.</p>")
+    parts.append(f"<h3>Operating point</h3><p>{escape(operating['source'])}; chosen on {escape(honest_goods_words(metrics))}, never on the test set.</p>")
     parts.append(_table(["metric", "value"], [[title, operating[key]] for key, title in OPERATING_ROWS]))
     parts.append(
         _table(

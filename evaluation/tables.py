@@ -117,6 +117,14 @@ def pixel_threshold_rows(metrics: dict) -> list[list[str]]:
     return rows
 
 
+def honest_goods_words(metrics: dict) -> str:
+    """Which goods the operating point was chosen on: with updates, the goods they added too (scored
+    before the model learned them), which then may outnumber the validation goods."""
+    updates = (metrics.get("model") or {}).get("updates") or 0
+    added = f" and goods added by {updates} update{'s' if updates != 1 else ''}" if updates else ""
+    return f"honest goods (validation, out-of-fold{added})"
+
+
 def markdown_category(metrics: dict) -> str:
     """One category's details: operating point, confusion matrix, optimistic F1-max, per defect type, notes."""
     operating = metrics["operating"]
@@ -126,7 +134,7 @@ def markdown_category(metrics: dict) -> str:
         lines.append(f"- note: {note}")
     lines += [
         "",
-        f"Operating point ({operating['source']}; threshold chosen on honest goods (validation and out-of-fold), not on the test set):",
+        f"Operating point ({operating['source']}; threshold chosen on {honest_goods_words(metrics)}, not on the test set):",
         "",
         "| metric | value |",
         "|---|---|",

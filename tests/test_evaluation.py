@@ -276,6 +276,9 @@ def test_no_defects_leaves_rocauc_undefined_and_reports_the_rest(tmp_path, capsy
 
     assert "| defect type |" not in markdown_category(metrics)  # no empty table of defect types
     assert metrics["model"]["runtime"] == "torch"
+    assert "chosen on honest goods (validation, out-of-fold), not on" in markdown_category(metrics)
+    metrics["model"]["updates"] = 2  # the goods updates added set the threshold too (metrics.md said nothing of them)
+    assert "chosen on honest goods (validation, out-of-fold and goods added by 2 updates), not on" in markdown_category(metrics)
 
 
 def test_no_goods_leaves_image_rocauc_undefined_but_pixel_metrics_defined(tmp_path):
