@@ -15,6 +15,7 @@ the model's own rates. The new model replaces the old one atomically; the old on
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -201,6 +202,10 @@ def _update_locked(model_dir: Path, settings, good_folder: str, defect_folder: s
               + "; ".join(differences), file=sys.stderr)
     goods = new_images(good_folder, learned, "good") if good_folder else None
     defects = new_images(defect_folder, learned, "defect") if defect_folder else None
+    for key, folder in (("ADD_GOOD", good_folder), ("ADD_DEFECT", defect_folder)):
+        note = _test_folder_note(key, folder, description)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     summary = UpdateSummary(model_dir, n_known=sum(part.known for part in (goods, defects) if part is not None))
     summary.stage_seconds["load model"] = loaded_at - started
     lap = summary.lap("find new images", loaded_at)
@@ -289,6 +294,21 @@ def _update_locked(model_dir: Path, settings, good_folder: str, defect_folder: s
     summary.thresholds_before = (description["thresholds"]["image"], description["thresholds"]["pixel"])
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _test_folder_note(key: str, folder: str, description: dict) -> str:
+    """A note when `folder` lies in the test folder of the data set the model was trained on: eval.py
+    then measures images the model learned (it names them, but only after the fact)."""
+    root = description.get("dataset", {}).get("dataset_dir")
+    if not folder or not root:
+        return ""
+    inside = os.path.realpath(folder)
+    for name in ("test", "test_dataset_folder"):
+        test = os.path.realpath(os.path.join(root, name))
+        if inside == test or inside.startswith(test + os.sep):
+            return (f"{key}={folder} lies in the test folder of the data set this model was trained on ({test}): "
+                    "eval.py's figures on the images it learns are no longer those of unseen parts")
+    return ""
 
 
 def _kept_operating_point(description: dict, settings) -> list[str]:

@@ -304,6 +304,8 @@ def test_update_folders_are_checked_for_what_they_hold(tmp_path: Path, capsys: p
     (tmp_path / "empty").mkdir()  # a mistyped or still empty review folder: said, the model unchanged
     assert update_model(model_dir, settings, str(tmp_path / "empty"), "").n_good == 0
     assert f"note: ADD_GOOD={tmp_path / 'empty'} holds no images" in capsys.readouterr().err
+    update_model(model_dir, settings, "", str(part / "test" / "blob"))  # the data set's own test defects: eval.py would then measure learned images
+    assert f"ADD_DEFECT={part / 'test' / 'blob'} lies in the test folder of the data set this model was trained on" in capsys.readouterr().err
 
 
 def test_add_defect_needs_a_classifier(tmp_path: Path) -> None:
