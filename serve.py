@@ -21,7 +21,7 @@ import uvicorn
 from anomaly_model import distributed
 from pipeline.cli import chosen_model_dir, run
 from pipeline.inspection import OperatingPoint, load, training_only_notes
-from pipeline.live import BatchingWorker, ModelHolder, log
+from pipeline.live import BatchingWorker, ModelHolder, claim_folder, log
 from pipeline.review_page import RecentImages
 from pipeline.serving import LiveService, RequestLimits, check_exposure, create_app, model_results_dir
 from pipeline.watching import FolderWatcher, WatchSettings
@@ -51,6 +51,11 @@ def main(argv: list[str]) -> None:
     if distributed.active():  # every rank would bind the same port: the second's "address in use" would mislead
         raise SettingsError("serve.py runs as one process (it batches requests itself): start it with python serve.py, not torchrun")
     check_exposure(settings.SERVE_HOST, settings.SERVE_TOKEN)
+    # held until the process ends: two servers of different models sharing REVIEW_DIR mixed their
+    # corrections (each teaches its own model) and could overwrite each other's
+    review = Path(settings.REVIEW_DIR)
+    claim_folder(review, f"REVIEW_DIR={review} is used by another serve.py: give each server its own REVIEW_DIR "
+                         "(its corrections teach that server's model)")
     model_dir = chosen_model_dir(settings, "to say which model serves,")
     point = OperatingPoint.from_command_line(argv, settings)
 

@@ -25,8 +25,31 @@ import numpy as np
 import torch
 
 from pipeline.inspection import Inspection, Inspector, PreparedImage
+from settings import SettingsError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no claim on a folder
+    fcntl = None
 
 IDLE_CHECK_SECONDS = 1.0  # how often an idle worker looks for a new model in the folder
+
+
+def claim_folder(folder: Path, refusal: str) -> int | None:
+    """An open descriptor of `folder` holding an exclusive lock on it (no file is added to it), or a
+    SettingsError saying `refusal` when another process holds it: one serve.py per watched folder
+    and per review folder. The kernel drops the lock when the descriptor is closed or the process
+    dies. None without POSIX locks."""
+    if fcntl is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        raise SettingsError(refusal) from None
+    return descriptor
 
 
 def log(line: str) -> None:

@@ -12,6 +12,7 @@ import html
 import io
 import itertools
 import os
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -66,7 +67,9 @@ class RecentImages:
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
         self.counts = {"good": 0, "defect": 0}
-        self._stamp = time.strftime("%Y%m%d-%H%M%S")
+        # ids name the corrections' files: the start time and a random part, so a restart within the
+        # same second (or a second server) never reuses one and overwrites a correction
+        self._stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
     def add(self, source: str, name: str, data: bytes, inspection: Inspection, inspector: Inspector) -> str:
         """Keep this image (dropping the oldest beyond `keep`); returns its id."""

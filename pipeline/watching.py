@@ -30,18 +30,12 @@ from datetime import date
 from pathlib import Path
 from typing import Callable
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: no claim on the folder
-    fcntl = None
-
 from dataset_manager import IMAGE_EXTENSIONS, DataError, printable_path
 from dataset_manager.layouts import SORTED_FOLDERS
 from pipeline.inspection import Inspection, Inspector, PreparedImage
-from pipeline.live import BatchingWorker, log
+from pipeline.live import BatchingWorker, claim_folder, log
 from pipeline.prediction import COLUMNS, PREVIEW_SIZE, csv_values
 from pipeline.pictures import write_pictures
-from settings import SettingsError
 
 LIVE_COLUMNS = COLUMNS + ["model", "error"]  # model: the id of the model that judged the file (it may change under the server)
 UNREADABLE_PATIENCE = 5  # an undecodable file is given up after this many settle times of keeping still
@@ -173,23 +167,6 @@ class WatchSettings:
     pictures: bool  # SAVE_PICTURES
 
 
-def claim_folder(folder: Path) -> int | None:
-    """An open descriptor of `folder` holding an exclusive lock on it (no file is added to it): a
-    second serve.py watching the same folder would inspect every file twice (each keeps its own
-    pending files), so it is refused in one line. The kernel drops the lock when the descriptor is
-    closed or the process dies. None without POSIX locks."""
-    if fcntl is None:
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(descriptor)
-        raise SettingsError(f"WATCH_DIR={folder} is watched by another serve.py: one server per watched folder (stop it, or give another WATCH_DIR)") from None
-    return descriptor
-
-
 class FolderWatcher:
     """Polls the folder in a thread; `stop()` lets the file in hand finish, then ends."""
 
@@ -198,7 +175,9 @@ class FolderWatcher:
         self.folder = Path(settings.folder)
         self._prepare, self._notify = prepare, notify
         self._worker = worker  # scores the files, and makes their pictures (torch runs on its thread only)
-        self._claim = claim_folder(self.folder)  # before anything is read: one watcher per folder
+        # before anything is read: a second watcher would inspect every file twice (each keeps its own pending files)
+        self._claim = claim_folder(self.folder, f"WATCH_DIR={self.folder} is watched by another serve.py: one server per watched folder "
+                                                "(stop it, or give another WATCH_DIR)")
         self.ledger = Ledger(settings.model_results / "live-ledger.jsonl")
         self.results = LiveResults(settings.model_results)
         if self.ledger.last is not None and self.results.restore(self.ledger.last):

@@ -70,7 +70,7 @@ def run_script(script: str, *args: str, cwd: Path = ROOT, timeout: int = 240) ->
 
 
 def outputs(tmp_path: Path) -> list[str]:
-    return [f"MODEL_DIR={tmp_path / 'models'}", f"RESULTS_DIR={tmp_path / 'results'}"]
+    return [f"MODEL_DIR={tmp_path / 'models'}", f"RESULTS_DIR={tmp_path / 'results'}", f"REVIEW_DIR={tmp_path / 'review'}"]
 
 
 def error_line(result) -> str:

@@ -287,6 +287,20 @@ def test_non_loopback_host_needs_a_token(trained, tmp_path):
     assert "SERVE_TOKEN" in error_line(result)
 
 
+def test_a_second_server_on_the_same_review_folder_is_refused_and_ids_never_repeat(server, trained, tmp_path):
+    """Two servers of two parts shared REVIEW_DIR: both numbered their images alike from the same
+    second, so one's correction overwrote the other's, and each model's goods mixed with the other's."""
+    second = run_script("serve.py", f"DATASET_DIR={trained['category']}", *TINY, *outputs(tmp_path), f"SERVE_PORT={free_port()}",
+                        f"REVIEW_DIR={server.work / 'review'}")
+    assert error_line(second) == (f"error: REVIEW_DIR={server.work / 'review'} is used by another serve.py: give each server its own "
+                                  "REVIEW_DIR (its corrections teach that server's model)")
+    from pipeline.review_page import RecentImages
+
+    first, other = RecentImages(5, tmp_path / "a", draw=None), RecentImages(5, tmp_path / "b", draw=None)  # made in the same second
+    inspection = SimpleNamespace(verdict="good")
+    assert first.add("http", "x.png", b"", inspection, None) != other.add("http", "x.png", b"", inspection, None)
+
+
 def test_operating_point_on_the_command_line(trained, tmp_path):
     """The thresholds re-picked from the model's honest good scores, said in one line; without the
     rate on the command line the model's own point stands."""
@@ -384,7 +398,7 @@ def test_watched_folder_inspects_each_file_once_whole_across_restarts(trained, t
         time.sleep(0.2)
     shutil.copy(sources / "blob" / "002.png", watch / "a.png")
     rows = _wait_for_rows(results, 6, second)
-    third = run_script("serve.py", *settings, f"SERVE_PORT={free_port()}")  # would score every file a second time
+    third = run_script("serve.py", *settings, f"SERVE_PORT={free_port()}", f"REVIEW_DIR={tmp_path / 'review-3'}")  # would score every file a second time
     assert "is watched by another serve.py" in error_line(third)
     time.sleep(1.5)  # a few more polls: nothing else may be scored
     assert second.stop() == 0, second.log()
