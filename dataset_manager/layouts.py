@@ -163,10 +163,16 @@ def _real(paths: Sequence[Path]) -> set[str]:
     return {os.path.realpath(path) for path in paths}
 
 
+def category_name(folder: Path) -> str:
+    """The category's (and its model's) name: the folder's name as the path shows it ("." and ".."
+    name the folder they stand for; a link keeps its own name, not its target's)."""
+    return Path(os.path.abspath(folder)).name
+
+
 def _mvtec_category(folder: Path, skip: Sequence[Path]) -> Category:
     masks: list[Path] = []
     return Category(
-        name=folder.resolve().name,  # "." or ".." name the folder they stand for
+        name=category_name(folder),
         root=folder,
         train_images=_require_images(_training_images(folder / "train" / GOOD, skip, masks), folder / "train" / GOOD),
         validation_images=_training_images(folder / "validation" / GOOD, skip, masks),
@@ -187,7 +193,7 @@ def _simple_category(folder: Path, skip: Sequence[Path]) -> Category:
     test_images = _labeled_test_images(folder, test_dir, skip) if test_dir.is_dir() else []
     unread = [p for p in _other_folders(train_dir, (GOOD, "defect")) if not _is_output(p, _real(skip))]
     return Category(
-        name=folder.resolve().name,
+        name=category_name(folder),
         root=folder,
         train_images=_require_images(sorted(good), train_dir, unread),
         train_defect_images=_training_images(defect_dir, skip, masks),
@@ -210,10 +216,10 @@ def find_categories(dataset_dir: Path, skip: Sequence[Path] = ()) -> list[Catego
         return [_mvtec_category(root, skip)]
     if _is_simple_layout(root):
         return [_simple_category(root, skip)]
-    children = sorted(p for p in root.iterdir() if p.is_dir() and _is_mvtec_category(p) and not _is_output(p, _real(skip)))
-    if children:
-        return [_mvtec_category(child, skip) for child in children]
+    children = sorted(p for p in root.iterdir() if p.is_dir() and (_is_mvtec_category(p) or _is_simple_layout(p)) and not _is_output(p, _real(skip)))
+    if children:  # a root of several categories, each in either layout
+        return [_mvtec_category(child, skip) if _is_mvtec_category(child) else _simple_category(child, skip) for child in children]
     raise DataError(
         f"DATASET_DIR {root} holds no dataset: expected train_dataset_folder/ (simple layout), "
-        "train/good/ (MVTec AD category) or category folders holding train/good/"
+        "train/good/ (MVTec AD category) or category folders holding either"
     )

@@ -31,6 +31,13 @@ def test_root_with_several_categories(tmp_path):
     for name in ("alpha", "beta"):
         make_mvtec_category(tmp_path / name, n_train=4, n_test=1)
     assert [c.name for c in find_categories(tmp_path)] == ["alpha", "beta"]
+    rng = np.random.default_rng(0)
+    for number in range(3):  # a simple-layout category beside them: it was left out without a word
+        save(texture(rng), tmp_path / "gamma" / "train_dataset_folder" / f"{number}.png")
+    make_mvtec_category(tmp_path.parent / f"{tmp_path.name}-elsewhere" / "kept", n_train=4, n_test=1)
+    (tmp_path / "delta").symlink_to(tmp_path.parent / f"{tmp_path.name}-elsewhere" / "kept")  # named as the root lists it, not as its target
+    assert [c.name for c in find_categories(tmp_path)] == ["alpha", "beta", "delta", "gamma"]
+    assert find_categories(tmp_path / "alpha" / ".." / "beta" / ".")[0].name == "beta"
 
 
 def test_simple_layout(tmp_path):
