@@ -20,7 +20,7 @@ from anomaly_model import distributed
 from evaluation.plots import plot_pro, plot_roc
 from evaluation.report import write_report
 from evaluation.tables import markdown_category, markdown_summary, summary_table, terminal_table
-from pipeline.cli import chosen_categories, model_dir_for, run
+from pipeline.cli import chosen_categories, model_dir_for, require_models, run
 from pipeline.evaluation_run import CategoryEvaluation, evaluate_category
 from pipeline.inspection import load_for_settings
 from settings import SettingsError, load
@@ -48,11 +48,17 @@ def main(argv: list[str]) -> None:
     if extra:
         raise SettingsError(f"eval.py takes only KEY=VALUE settings, not {extra[0]!r}")
     categories = chosen_categories(settings)
+    model_dirs = [model_dir_for(settings, category.name, len(categories)) for category in categories]
+    untested = [category.name for category in categories if not category.test_images]
+    if untested and len(categories) > 1:  # said before any category is scored, not after the others' work
+        raise SettingsError(f"no labeled test images for {', '.join(repr(name) for name in untested)}: give MODEL_NAME=<another category> "
+                            "to evaluate the others (test/good/ and test/<defect type>/ folders make a test set)")
+    require_models(model_dirs)
     evaluations = []
     run_name = f"eval-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     with distributed.SharedFolder(Path(settings.RESULTS_DIR) / run_name, replace=False) as out:
-        for category in categories:
-            inspector = load_for_settings(model_dir_for(settings, category.name, len(categories)), settings, argv)
+        for category, model_dir in zip(categories, model_dirs):
+            inspector = load_for_settings(model_dir, settings, argv)
             evaluations.append(evaluate_category(inspector, category, settings, out.temporary / category.name))
         if not distributed.is_main():
             return  # under torchrun the other ranks only scored their shares: rank 0 writes

@@ -7,6 +7,7 @@ shared and the page still shows them.
 from __future__ import annotations
 
 from html import escape
+from urllib.parse import quote
 from pathlib import Path
 
 from evaluation.tables import OPERATING_ROWS, PIXEL_THRESHOLD_HEADER, cell, honest_goods_words, mean_cells, pixel_threshold_rows, summary_columns, summary_table
@@ -40,6 +41,12 @@ def _summary(rows: list[dict]) -> str:
     body = [[row["category"]] + [row[key] for key, _ in columns] for row in table["rows"]]
     body.append(["mean"] + mean_cells(rows, columns))
     return _table(["category"] + [title for _, title in columns], body, [""] * len(table["rows"]) + ["mean"])
+
+
+def _link(path: str) -> str:
+    """A relative file path as a link: percent-encoded (a category named "lot #3" made every picture
+    of it an anchor), then HTML-escaped."""
+    return escape(quote(path))
 
 
 def _category(metrics: dict) -> str:
@@ -84,12 +91,12 @@ def _category(metrics: dict) -> str:
     figures = metrics.get("figures", {})
     if figures:
         parts.append("<h3>Curves and histograms</h3><div class='figures'>")
-        parts += [f'<a href="{escape(path)}"><img src="{escape(path)}" alt="{escape(title)}" title="{escape(title)}"></a>' for title, path in figures.items()]
+        parts += [f'<a href="{_link(path)}"><img src="{_link(path)}" alt="{escape(title)}" title="{escape(title)}"></a>' for title, path in figures.items()]
         parts.append("</div>")
     sheets = metrics.get("sheets", [])
     if sheets:
         parts.append("<h3>Localization sheets</h3><div class='sheets'>")
-        parts += [f'<a href="{escape(s["picture"])}"><img src="{escape(s["picture"])}" alt="{escape(s["reason"])}"></a>' for s in sheets]
+        parts += [f'<a href="{_link(s["picture"])}"><img src="{_link(s["picture"])}" alt="{escape(s["reason"])}"></a>' for s in sheets]
         parts.append("</div>")
     return "\n".join(parts)
 
@@ -106,7 +113,7 @@ def write_report(folder: Path, rows: list[dict], overall_figures: dict[str, str]
     parts.append("<h2>Summary</h2>" + _summary(rows))
     if overall_figures:
         parts.append("<div class='figures'>")
-        parts += [f'<a href="{escape(p)}"><img src="{escape(p)}" alt="{escape(t)}"></a>' for t, p in overall_figures.items()]
+        parts += [f'<a href="{_link(p)}"><img src="{_link(p)}" alt="{escape(t)}"></a>' for t, p in overall_figures.items()]
         parts.append("</div>")
     parts += [_category(row) for row in rows]
     parts.append("</body></html>")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import traceback
@@ -15,6 +16,7 @@ from anomaly_model import distributed
 from anomaly_model.errors import ModelError
 from anomaly_model.base import AnomalyModel
 from anomaly_model.files import STORAGE_ERRNOS, StorageError, storage_message
+from anomaly_model.store import read_description
 from dataset_manager import Category, DataError, find_categories, outputs_inside
 from dataset_manager.demo import generate_demo_dataset
 from settings import SettingsError
@@ -162,6 +164,37 @@ def chosen_model_dir(settings, purpose: str) -> Path:
     categories = load_categories(settings)
     category = single_category(categories, settings, purpose)
     return model_dir_for(settings, category.name, len(categories))
+
+
+def trained_elsewhere(description: dict, category: Category) -> str:
+    """Where the model was trained, when that is not `category` ("" when it is): another category
+    (MODEL_NAME picked another part's model), or another data set of the same name (the folder
+    moved, or a second data set called alike replaced the model). test.py and eval.py say it."""
+    dataset = description.get("dataset", {})
+    trained_on, root = dataset.get("category"), dataset.get("dataset_dir")
+    if trained_on and trained_on != category.name:
+        return f"category {trained_on!r}"
+    if root and os.path.realpath(root) != os.path.realpath(category.root):
+        return f"the data set at {root}"
+    return ""
+
+
+def require_models(model_dirs: list[Path]) -> None:
+    """Every model a run over several categories uses, checked before the first is scored (one
+    untrained category stopped test.py and eval.py after the others' work, and the advice "run
+    python train.py" would retrain them all)."""
+    if len(model_dirs) < 2:
+        return
+    missing = []
+    for model_dir in model_dirs:
+        try:
+            read_description(model_dir)
+        except ModelError:
+            missing.append(model_dir.name)
+    if missing:
+        names = ", ".join(repr(name) for name in missing)
+        raise SettingsError(f"no trained model for {names} in {model_dirs[0].parent}: train {'it' if len(missing) == 1 else 'each'} with "
+                            f"python train.py MODEL_NAME=<name>, or give MODEL_NAME=<one of the trained categories>")
 
 
 def single_category(categories: list[Category], settings, purpose: str) -> Category:

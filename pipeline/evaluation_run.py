@@ -34,6 +34,7 @@ from evaluation.metrics import (
 )
 from evaluation.plots import plot_histogram, plot_pr, plot_pro, plot_roc, thin
 from evaluation.sheets import SheetImage, choose, draw_sheet
+from pipeline.cli import trained_elsewhere
 from pipeline.detector import Detector
 from pipeline.inspection import Inspector, honest_good_scores
 from pipeline.training import LEARNED_IMAGES_FILE, content_digest
@@ -123,7 +124,7 @@ def _score(inspector: Inspector, category: Category, settings) -> _Scored | None
     empty = has_mask & np.array([item.is_defect for item in items], dtype=bool) & ~masks.any(axis=(1, 2))
     if empty.any():  # a defect image's mask that marks nothing: its defect pixels would count as good ones
         first = items[int(np.flatnonzero(empty)[0])].mask_path
-        warn(f"{int(empty.sum())} defect image mask{'s' if empty.sum() != 1 else ''} mark{'' if empty.sum() != 1 else 's'} no defect pixel "
+        warn(f"{category.name}: {int(empty.sum())} defect image mask{'s' if empty.sum() != 1 else ''} mark{'' if empty.sum() != 1 else 's'} no defect pixel "
              f"at the working size (e.g. {printable_path(first)}): left out of the pixel figures like images without a mask")
         has_mask &= ~empty
     return _Scored(scores, None if any_missing_probability else probabilities, verdicts, maps, masks, has_mask, skipped)
@@ -270,14 +271,14 @@ def evaluate_category(inspector: Inspector, category: Category, settings, out_di
     if not 0 < limit <= 1:
         raise DataError(f"EVAL_PRO_FPR_LIMIT={limit}: must be in (0, 1], e.g. 0.3 as in MVTec AD")
     notes: list[str] = list(detector.operating_notes)  # the thresholds re-picked on the command line, if any
-    trained_on = detector.description.get("dataset", {}).get("category")
-    if trained_on and trained_on != category.name:
-        notes.append(f"the model {detector.model_dir} was trained on category {trained_on!r}, evaluated here on {category.name!r}")
-        warn(notes[-1])
+    elsewhere = trained_elsewhere(detector.description, category)
+    if elsewhere:
+        notes.append(f"the model {detector.model_dir} was trained on {elsewhere}, evaluated here on {category.name!r} ({category.root})")
+        warn(f"{category.name}: {notes[-1]}")
     learned = learned_test_images(detector, category)
     if learned:
         notes.append(_learned_note(learned))
-        warn(notes[-1])
+        warn(f"{category.name}: {notes[-1]}")
     scored = _score(inspector, category, settings)
     if scored is None:
         return None
@@ -295,7 +296,7 @@ def evaluate_category(inspector: Inspector, category: Category, settings, out_di
     for note in notes_on_scores:
         if note:
             notes.append(note)
-            warn(note)
+            warn(f"{category.name}: {note}")
     unmasked = ok & labels & ~scored.has_mask
     pixel_set = ok & (~labels | scored.has_mask)
     masked, defects = int((ok & labels & scored.has_mask).sum()), int((ok & labels).sum())
@@ -304,14 +305,14 @@ def evaluate_category(inspector: Inspector, category: Category, settings, out_di
             f"{int(unmasked.sum())} of {defects} defect images have no ground-truth mask: "
             f"pixel ROCAUC and PRO use the {masked} that have one and the {int((ok & ~labels).sum())} good images"
         )
-        warn(notes[-1])
+        warn(f"{category.name}: {notes[-1]}")
     elif unmasked.any():
         notes.append(
             f"none of the {defects} defect images has a ground-truth mask (ground_truth/<type>/<stem>_mask.png in the category folder, "
             "or <stem>_mask.png beside the image; other image formats too): "
             "pixel ROCAUC and PRO are not computed"
         )
-        warn(notes[-1])
+        warn(f"{category.name}: {notes[-1]}")
     pixel_values, curves = _pixel_metrics(_take(scored.masks, pixel_set), _take(scored.maps, pixel_set), limit)
     if curves is None and (masked or not defects):  # "none ... has a mask" was said above
         notes.append("pixel ROCAUC and PRO are undefined: " + ("the test set holds no defect images" if not defects
@@ -329,7 +330,7 @@ def evaluate_category(inspector: Inspector, category: Category, settings, out_di
     description = detector.description
     metrics = {
         "category": category.name,
-        "trained_category": trained_on,
+        "trained_category": detector.description.get("dataset", {}).get("category"),
         "model": {  # which trained version this run measured (a retrain or an update changes the id)
             "folder": str(detector.model_dir), "id": model_id(description)[:12], "type": description.get("anomaly_model", {}).get("type"),
             "backbone": description.get("anomaly_model", {}).get("settings", {}).get("backbone"), "updates": len(description.get("updates", [])),
@@ -362,7 +363,7 @@ def evaluate_category(inspector: Inspector, category: Category, settings, out_di
         note = (f"the verdict flags none of the {n_defects} defect images at the operating point in force (thresholds chosen on "
                 "honest goods): a higher IMAGE_FALSE_REJECT_RATE or CLASSIFIER_FALSE_REJECT_RATE on eval.py's command line shows another point")
         notes.append(note)
-        warn(note)
+        warn(f"{category.name}: {note}")
     if probabilities is not None:
         metrics["f1_max"]["classifier probability"] = f1_max(labels[ok], probabilities[ok])
         metrics["operating_score_threshold"] = verdict_metrics(labels[ok], scores[ok] >= detector.image_threshold)

@@ -318,7 +318,7 @@ def test_no_masks_at_all_say_the_pixel_figures_are_not_computed(tmp_path, capsys
 def test_model_of_another_category_warns(tmp_path, capsys):
     metrics = _evaluate(FakeDetector(category="bottle"), _category(tmp_path / "data", 2, 2), _settings(), tmp_path / "out").metrics
     assert metrics["trained_category"] == "bottle"
-    assert "trained on category 'bottle'" in capsys.readouterr().err
+    assert "WARNING: parts: the model model/bottle was trained on category 'bottle', evaluated here on 'parts'" in capsys.readouterr().err  # which category it is about
 
 
 def test_test_goods_that_score_above_the_calibration_goods_are_reported_as_a_shift(tmp_path, capsys):
@@ -462,6 +462,19 @@ def test_several_categories_get_overall_figures_and_one_report(tmp_path):
     assert set(overall.values()) == {"roc_image_all.png", "roc_pixel_all.png", "pro_all.png"}
     report = write_report(run_dir, [e.metrics for e in evaluations], overall, "two").read_text()
     assert report.count("<h2 id=") == 2 and 'src="pro_all.png"' in report and "<td>mean</td>" in report
+
+
+def test_report_links_of_a_category_named_with_a_hash_are_encoded(tmp_path):
+    """"lot #3/roc_image.png" was an anchor to a browser: every picture of that category was missing."""
+    from evaluation.report import write_report
+
+    run_dir = tmp_path / "run"
+    import dataclasses
+
+    category = dataclasses.replace(_category(tmp_path / "lot #3", 2, 2), name="lot #3")
+    evaluation = _evaluate(FakeDetector(category="lot #3"), category, _settings(EVAL_SHEET_COUNT=1), run_dir / "lot #3")
+    report = write_report(run_dir, [evaluation.metrics], {}, "one").read_text()
+    assert 'src="lot%20%233/' in report and 'src="lot #3/' not in report
 
 
 def test_the_leak_note_says_how_the_model_learned_each_kind():

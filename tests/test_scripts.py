@@ -260,3 +260,20 @@ def test_failed_retraining_keeps_the_previous_model(tmp_path, trained):
 def test_unknown_setting_and_wrong_type(tmp_path):
     assert "unknown setting BACKBONES" in error_line(run_script("train.py", "BACKBONES=resnet18"))
     assert "SEED=one" in error_line(run_script("eval.py", "SEED=one"))
+
+
+def test_a_root_is_checked_for_every_model_before_any_is_scored_and_another_parts_model_is_named(tmp_path, trained_once):
+    """On a root of several categories an untrained one stopped test.py after the others were scored
+    (with advice that would retrain them all); a model picked by MODEL_NAME for another part's test
+    folder scored it without a word."""
+    root = tmp_path / "root"
+    shutil.copytree(trained_once / "data" / "part", root / "part")
+    shutil.copytree(trained_once / "data" / "part", root / "zeta")  # a category added later, never trained
+    settings = [*TINY, f"MODEL_DIR={trained_once / 'models'}", f"RESULTS_DIR={tmp_path / 'results'}", "CLASSIFIER=False"]
+    refused = run_script("test.py", f"DATASET_DIR={root}", *settings)
+    assert error_line(refused) == (f"error: no trained model for 'zeta' in {trained_once / 'models'}: train it with python train.py "
+                                   "MODEL_NAME=<name>, or give MODEL_NAME=<one of the trained categories>")
+    assert not (tmp_path / "results").exists()  # nothing scored before the refusal
+    other = run_script("test.py", f"DATASET_DIR={root / 'zeta'}", "MODEL_NAME=part", *settings)
+    assert other.returncode == 0, other.stderr
+    assert f"note: the model {trained_once / 'models' / 'part'} was trained on category 'part', scoring here the test folder of 'zeta'" in other.stderr
