@@ -508,14 +508,15 @@ def load(argv: list[str] | None = None) -> tuple[SimpleNamespace, list[str]]:
         size = values["IMAGE_SIZE"]
         values["IMAGE_SIZE"] = (size, size) if size >= 32 else float(size)
     validate(values)
-    _check_outside_models(values)
+    _check_folder_settings(values)
     return SimpleNamespace(**values), positional
 
 
-def _check_outside_models(values: dict) -> None:
-    """No other folder setting may lie in MODEL_DIR: a retrain or an update moves a model's folder,
-    with whatever else lies in it, to its numbered backups, and deletes the oldest (RESULTS_DIR =
-    MODEL_DIR put test.py's predictions into the model's own folder)."""
+def _check_folder_settings(values: dict) -> None:
+    """Folders that must not lie inside others: no folder setting in MODEL_DIR (a retrain or an update
+    moves a model's folder, with whatever else lies in it, to its numbered backups and deletes the
+    oldest: RESULTS_DIR = MODEL_DIR put test.py's predictions into the model's own folder), and no
+    ADD_GOOD / ADD_DEFECT in RESULTS_DIR (the scripts' overlays are no pictures of parts)."""
     for key in PATH_SETTINGS:
         if key != "MODEL_DIR" and values.get(key) and _lies_in(values[key], values["MODEL_DIR"]):
             raise SettingsError(f"{key}={values[key]} lies in MODEL_DIR={values['MODEL_DIR']}, whose model folders a retrain moves "

@@ -190,6 +190,8 @@ def require_models(model_dirs: list[Path]) -> None:
         try:
             read_description(model_dir)
         except ModelError:
+            if (model_dir / "model.json").is_file():
+                raise  # there, but damaged or of another version: its own one-line error says which
             missing.append(model_dir.name)
     if missing:
         names = ", ".join(repr(name) for name in missing)

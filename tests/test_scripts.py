@@ -277,6 +277,12 @@ def test_a_root_is_checked_for_every_model_before_any_is_scored_and_another_part
     assert error_line(refused) == (f"error: no trained model for 'zeta' in {trained_once / 'models'}: train it with python train.py "
                                    "MODEL_NAME=<name>, or give MODEL_NAME=<one of the trained categories>")
     assert not (tmp_path / "results").exists()  # nothing scored before the refusal
+    models = tmp_path / "models"  # a damaged model is not called untrained: its own line says what is wrong
+    shutil.copytree(trained_once / "models" / "part", models / "part")
+    shutil.copytree(trained_once / "models" / "part", models / "zeta")
+    (models / "zeta" / "model.json").write_text("{")
+    damaged = run_script("test.py", f"DATASET_DIR={root}", *settings, f"MODEL_DIR={models}")
+    assert "zeta/model.json is damaged" in error_line(damaged)
     other = run_script("test.py", f"DATASET_DIR={root / 'zeta'}", "MODEL_NAME=part", *settings)
     assert other.returncode == 0, other.stderr
     assert f"note: the model {trained_once / 'models' / 'part'} was trained on category 'part', scoring here the test folder of 'zeta'" in other.stderr
