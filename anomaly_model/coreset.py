@@ -326,6 +326,11 @@ class GroupedNeighbors:
     (on tire, Wide-ResNet seeded: about a tenth of the coreset per query with 256 groups). A query
     the bounds leave more than DENSE_SHARE of the coreset to read is measured against every row
     in a few large products instead (`_search_densely`: ksdd's gray patches).
+
+    Bank and queries must be centred (minus the bank's mean, as the models store and query it):
+    the distances come from |q|^2 - 2 q.c + |c|^2, whose float32 rounding PRUNE_SLACK covers at that
+    scale; 100 units off centre it exceeds distances of 1e-4 and a group holding the nearest row
+    could be skipped.
     """
 
     def __init__(self, bank: torch.Tensor, offsets: list[int]) -> None:

@@ -172,7 +172,8 @@ def pixel_curves(masks: np.ndarray, maps: np.ndarray) -> PixelCurves | None:
     PRO (K regions). Ties share one threshold: only the last pixel of a run of equal scores makes a
     point. Done chunk by chunk over the sorted order so temporaries stay small.
     """
-    scores = np.ascontiguousarray(maps, dtype=np.float32).reshape(-1)
+    maps = np.asarray(maps)  # float32 halves the sort's memory; float64 maps keep their finer distinctions
+    scores = np.ascontiguousarray(maps, dtype=np.float64 if maps.dtype == np.float64 else np.float32).reshape(-1)
     regions, n_regions = label_regions(masks)
     regions = regions.reshape(-1)
     if len(scores) != len(regions):
@@ -261,6 +262,8 @@ def threshold_at_rate(goods: np.ndarray, rate: float) -> float:
     allowed = int(np.floor(rate * ordered.size + 1e-9))
     if ordered.size == 0:
         raise ValueError("a threshold needs at least one good value")
+    if np.isnan(ordered[-1]):  # sorted last: a NaN threshold would pass every image without a word
+        raise ValueError("a threshold cannot be set on NaN values: the model's scores are not numbers")
     if allowed == 0:
         return float(np.nextafter(ordered[-1], np.inf))
     candidate = ordered[ordered.size - allowed]

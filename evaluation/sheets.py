@@ -1,7 +1,7 @@
 """Localization sheets: one figure per chosen test image showing what the model saw and flagged.
 
 Panels: the image as the model sees it (at its working size, cropped if it crops), the ground truth, the anomaly map
-over the image, the predicted mask (map above the pixel threshold), and both outlines on the
+over the image, the predicted mask (map at or above the pixel threshold), and both outlines on the
 image (ground truth green, prediction red). Only the few chosen images are re-read from disk
 after scoring, so evaluation never holds every image in memory.
 """
@@ -65,7 +65,7 @@ def draw_sheet(
 ) -> Path:
     """Write the five-panel sheet of one image to `path`."""
     view = preprocessor.model_view(read_rgb(item.path, full_scale=preprocessor.gray_full_scale))
-    predicted = item.anomaly_map > pixel_threshold
+    predicted = item.anomaly_map >= pixel_threshold
     low, high = color_range
     aspect = min(3.0, max(0.25, view.shape[0] / view.shape[1]))  # panel height / width, for tall and wide parts
     figure, axes = plt.subplots(1, 5, figsize=(15, 0.4 + 2.8 * aspect), dpi=80)
@@ -82,7 +82,7 @@ def draw_sheet(
     figure.colorbar(heat, ax=axes[2], fraction=0.046, pad=0.04)
     axes[2].set_title("anomaly map")
     axes[3].imshow(predicted, cmap="gray", vmin=0, vmax=1)
-    axes[3].set_title(f"predicted (> {pixel_threshold:.3g})")
+    axes[3].set_title(f"predicted (>= {pixel_threshold:.3g})")
     axes[4].imshow(view)
     if item.mask is not None and item.mask.any():
         axes[4].contour(item.mask.astype(float), levels=[0.5], colors="lime", linewidths=1.2)

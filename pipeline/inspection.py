@@ -46,7 +46,7 @@ class Inspection:
     image_score: float  # the model's image score (PaDiM: max of the map)
     normalized_score: float  # image_score / image threshold: >= 1 is above the threshold
     classifier_probability: float | None  # the classifier's defect probability; None without a classifier
-    defect_area_fraction: float  # share of the working map above the pixel threshold
+    defect_area_fraction: float  # share of the working map at or above the pixel threshold (as the threshold counts the goods)
     model: str  # the id of the model that judged it (anomaly_model.store.model_id)
     seconds: float  # from preprocessing to verdict, this image's share of its batch included
     anomaly_map: torch.Tensor  # (H, W) at the model's working size, on the CPU
@@ -295,7 +295,7 @@ class Inspector:
             image_score=score,
             normalized_score=score / detector.image_threshold if detector.image_threshold > 0 else float(score > 0) * float("inf"),
             classifier_probability=probability,
-            defect_area_fraction=float((anomaly_map > detector.pixel_threshold).float().mean()),
+            defect_area_fraction=float((anomaly_map >= detector.pixel_threshold).float().mean()),
             model=self.model_id,
             seconds=seconds,
             anomaly_map=anomaly_map,

@@ -45,7 +45,7 @@ def overlay(preview: np.ndarray, map_at_preview: torch.Tensor, pixel_threshold: 
     alpha = (np.float32(0.6) * level)[:, :, None]
     base = preview.astype(np.float32)
     blended = base + alpha * (heat - base)  # float32 throughout: float64 doubled the cost
-    defect = values > pixel_threshold
+    defect = values >= pixel_threshold
     blended[defect & ~_erode(_erode(defect))] = 255  # a 2-pixel outline
     return blended.astype(np.uint8)
 
@@ -66,7 +66,7 @@ def picture_arrays(
     full = preprocessor.map_to_original(anomaly_map, height, width)
     same = preview.shape[:2] == (height, width)
     small = full if same else preprocessor.map_to_original(anomaly_map, preview.shape[0], preview.shape[1])
-    return overlay(preview, small, pixel_threshold, scale), (full > pixel_threshold).numpy()
+    return overlay(preview, small, pixel_threshold, scale), (full >= pixel_threshold).numpy()
 
 
 def png_bytes(array: np.ndarray) -> bytes:

@@ -10,7 +10,7 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from anomaly_model.errors import ModelError
 from anomaly_model.gaussian import StreamingGaussian, mahalanobis, whitening_factors
-from anomaly_model.maps import gaussian_blur
+from anomaly_model.maps import blurred_upsample_matrix, gaussian_blur
 from anomaly_model.padim import Padim, PadimSettings
 
 
@@ -79,10 +79,21 @@ def test_padim_maps_do_not_depend_on_training_batch_size():
     torch.testing.assert_close(maps[0], maps[1], rtol=1e-4, atol=1e-4)
 
 
-def test_blur_matches_scipy_gaussian_filter():
-    maps = np.random.default_rng(0).random((2, 40, 56)).astype(np.float32)
-    expected = np.stack([gaussian_filter(m, sigma=4) for m in maps])
-    np.testing.assert_allclose(gaussian_blur(torch.from_numpy(maps), 4.0).numpy(), expected, atol=1e-5)
+@pytest.mark.parametrize("shape, sigma", [((40, 56), 4.0), ((8, 8), 4.0), ((16, 20), 4.0), ((32, 32), 8.0), ((5, 70), 2.5)])
+def test_blur_matches_scipy_gaussian_filter(shape, sigma):
+    # sides shorter than the kernel's radius (BLUR_SIGMA large for a small map) reflect again, as scipy does
+    maps = np.random.default_rng(0).random((2, *shape)).astype(np.float32)
+    expected = np.stack([gaussian_filter(m, sigma=sigma) for m in maps])
+    np.testing.assert_allclose(gaussian_blur(torch.from_numpy(maps), sigma).numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("source, target", [((4, 7), (12, 20)), ((14, 14), (56, 72))])
+def test_upsampled_blurred_map_matches_interpolate_then_scipy(source, target):
+    patches = torch.from_numpy(np.random.default_rng(1).random((1, 1, *source)).astype(np.float32))
+    upsampled = torch.nn.functional.interpolate(patches, size=target, mode="bilinear", align_corners=False)[0, 0].numpy()
+    rows = blurred_upsample_matrix(source[0], target[0], 4.0)
+    columns = blurred_upsample_matrix(source[1], target[1], 4.0)
+    np.testing.assert_allclose((rows @ patches[0, 0] @ columns.T).numpy(), gaussian_filter(upsampled, sigma=4.0), atol=1e-5)
 
 
 def test_anomaly_map_is_highest_where_the_image_differs():

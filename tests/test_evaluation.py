@@ -59,6 +59,12 @@ def test_pixel_rocauc_by_hand():
     assert m.pixel_rocauc(*_two_regions()) == pytest.approx(7 / 9)
 
 
+def test_pixel_rocauc_keeps_the_distinctions_of_float64_maps():
+    masks = np.array([[[False, False, True, True]]])
+    maps = np.array([[[1.0, 1 + 1e-9, 1 + 2e-9, 1 + 3e-9]]])  # one value in float32
+    assert m.pixel_rocauc(masks, maps) == 1.0
+
+
 def test_regions_do_not_join_across_images_and_diagonals_join():
     masks = np.zeros((2, 4, 4), dtype=bool)
     masks[0, 0, 0] = masks[0, 1, 1] = True  # diagonal neighbours: one region (8-connectivity)
@@ -500,3 +506,5 @@ def test_a_threshold_at_a_false_reject_rate_flags_at_most_that_share_of_the_good
     tied = np.array([1.0, 2.0, 3.0, 3.0, 3.0, 4.0])
     assert m.threshold_at_rate(tied, 0.5) == 4.0  # 3.0 would flag 4 of 6
     assert m.threshold_at_rate(tied, 0.7) == 3.0 and m.threshold_at_rate(tied, 0.0) > 4.0
+    with pytest.raises(ValueError, match="NaN"):  # a NaN threshold would pass every image
+        m.threshold_at_rate(np.r_[goods, np.nan], 0.1)

@@ -627,3 +627,21 @@ def test_the_python_api_reads_what_embedders_pass_and_refuses_the_rest_in_one_li
         load(trained["model"], "mps")
     with pytest.raises(ModelError, match="give the model folder that holds it"):
         load(trained["model"] / "model.json", "cpu")
+
+
+def test_a_pixel_at_the_pixel_threshold_is_marked_defect_as_the_threshold_counts_it():
+    """threshold_at_rate flags value >= threshold: the mask, the outline and defect_area_fraction
+    read the threshold the same way (they used >, so the goods the threshold counted were unmarked)."""
+    import torch
+
+    from dataset_manager import Preprocessor
+    from pipeline.pictures import picture_arrays
+
+    level = threshold_at_rate(np.r_[np.zeros(98), 1.0, 1.0], 0.02)  # the two goods at 1.0 are the 2 % it flags
+    assert level == 1.0
+    anomaly_map = torch.zeros(32, 32)
+    anomaly_map[8:16, 8:16] = level
+    preview = np.zeros((32, 32, 3), np.uint8)
+    drawn, mask = picture_arrays(anomaly_map, (32, 32), preview, Preprocessor(32, 32, (0.5,) * 3, (0.2,) * 3), level, (0.0, 2.0))
+    assert mask.sum() == 64 and mask[8:16, 8:16].all()
+    assert drawn[8, 8].tolist() == [255, 255, 255] and drawn[0, 0].tolist() != [255, 255, 255]  # its outline
