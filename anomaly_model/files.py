@@ -90,6 +90,26 @@ def check_writable(folder: Path, keep: bool = False) -> list[Path]:
     return made
 
 
+def check_replaceable(target: Path) -> None:
+    """A model save replaces `target` (kept as a backup, or deleted with MODEL_BACKUPS=0): only a
+    model (a folder holding model.json) or an empty folder may stand there. Anything else a user
+    keeps at MODEL_DIR/<name> is refused before any work, never moved or deleted; so is a link
+    whose folder is missing (an unmounted disk: the model would land on the system disk)."""
+    target = Path(target)
+    if os.path.islink(target) and not os.path.exists(target):
+        raise ModelError(f"{target} is a link to {os.path.realpath(target)}, which does not exist (an unmounted disk?): "
+                         "make it reachable, or remove the link to save the model in MODEL_DIR; nothing was changed")
+    if not os.path.lexists(target):
+        return
+    try:
+        if target.is_dir() and ((target / "model.json").is_file() or not any(target.iterdir())):
+            return
+    except OSError:
+        return  # not readable: the save's own write fails with a storage error naming it
+    held = "files that are not a model (no model.json)" if target.is_dir() else "a file, not a model folder"
+    raise ModelError(f"{target} holds {held}: move them away or choose another MODEL_NAME / MODEL_DIR; nothing was changed")
+
+
 def remove_made(folders: list[Path]) -> None:
     """Remove folders `check_writable` made, innermost first, where they are still empty."""
     for folder in folders:
@@ -475,7 +495,7 @@ class AtomicFolder:
     """
 
     def __init__(self, target: Path, replace: bool = True, backups: int | None = None) -> None:
-        self.target = Path(target)
+        self.target = self._given = Path(target)
         self.backups = backups  # replace=True: earlier versions kept as <name>.backup-1 (newest) ... -<backups>; None: untouched
         if replace and os.path.islink(self.target):
             self.target = Path(os.path.realpath(self.target))  # the folder the link leads to is replaced
@@ -490,6 +510,8 @@ class AtomicFolder:
         self._lock: int | None = None
 
     def __enter__(self) -> "AtomicFolder":
+        if self.replace:
+            check_replaceable(self._given)  # before anything is made or moved
         self._made = check_writable(self.target.parent, keep=True)
         sweep(self.target.parent)
         try:

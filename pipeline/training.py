@@ -21,7 +21,7 @@ from anomaly_model import distributed
 from choices import PIXEL_THRESHOLD_POLICIES
 from anomaly_model.errors import ModelError
 from anomaly_model.base import AnomalyModel
-from anomaly_model.files import backup_path, check_writable, sweep_model
+from anomaly_model.files import backup_path, check_replaceable, check_writable, sweep_model
 from anomaly_model.store import build_model, model_id, read_description, save_model
 from evaluation.metrics import few_goods_note, threshold_at_rate
 from dataset_manager import Category, DataError, ImageBatches, Preprocessor
@@ -449,6 +449,7 @@ def prepare(category: Category, settings, model_dir: Path) -> TrainingRun:
     if distributed.is_main():
         check_writable(model_dir.parent)
         sweep_model(model_dir)  # a killed run's leftovers beside the model, a killed export's folder inside it
+        check_replaceable(model_dir)  # a user's own folder at MODEL_DIR/<name> is refused now, not after the fit
         for folder in category.ignored_folders:
             print(f"note: {folder} is not read: of the folders in {folder.parent}, only good/ (good images) and defect/ "
                   "(labeled defects) are", file=sys.stderr)

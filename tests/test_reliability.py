@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 import config
+from anomaly_model.errors import ModelError
 from anomaly_model.files import AtomicFolder
 from anomaly_model.store import load_model
 from dataset_manager import DataError, read_mask, read_rgb
@@ -475,6 +476,7 @@ def test_backups_stay_newest_first_without_gaps(tmp_path, existing, keep, expect
     models = tmp_path / "models"
     (models / "part").mkdir(parents=True)
     (models / "part" / "version").write_text("v4")  # the model being replaced
+    (models / "part" / "model.json").write_text("{}")
     for number, version in zip(existing, ("v3", "v2", "v1")):
         (models / f"part.backup-{number}").mkdir()
         (models / f"part.backup-{number}" / "version").write_text(version)
@@ -487,6 +489,28 @@ def test_backups_stay_newest_first_without_gaps(tmp_path, existing, keep, expect
     removed = max(0, len(existing) + 1 - keep) - (keep == 0)  # earlier backups past the count (with 0, the replaced model goes too)
     note = capsys.readouterr().err
     assert (f"note: MODEL_BACKUPS={keep}: removed {removed} older backup" in note) == (removed > 0)  # never silently
+
+
+@pytest.mark.parametrize("keep", [0, 3])
+def test_a_save_never_replaces_what_is_not_a_model(tmp_path, keep):
+    """MODEL_BACKUPS=0 deletes the model a save replaces: a user's own folder or file at
+    MODEL_DIR/<name> (no model.json) was deleted with it, silently. It is refused and kept, and so
+    is a link to a missing folder (an unmounted disk: the model landed on the system disk)."""
+    models = tmp_path / "models"
+    (models / "part").mkdir(parents=True)
+    (models / "part" / "notes.txt").write_text("mine")
+    (models / "file").write_text("mine too")
+    (models / "linked").symlink_to(tmp_path / "unmounted" / "part")
+    for name, problem in (("part", "holds files that are not a model"), ("file", "holds a file"), ("linked", "which does not exist")):
+        with pytest.raises(ModelError, match=problem):
+            with AtomicFolder(models / name, backups=keep) as out:
+                out.write_bytes("model.json", b"{}")
+    assert (models / "part" / "notes.txt").read_text() == "mine" and (models / "file").read_text() == "mine too"
+    assert sorted(path.name for path in models.iterdir()) == ["file", "linked", "part"] and not (tmp_path / "unmounted").exists()
+    (models / "empty").mkdir()  # an empty folder is no loss
+    with AtomicFolder(models / "empty", backups=keep) as out:
+        out.write_bytes("model.json", b"{}")
+    assert (models / "empty" / "model.json").is_file()
 
 
 _KILLED_AT_RENAME = """
@@ -521,6 +545,7 @@ def test_a_kill_at_any_rename_of_a_save_loses_no_model_but_the_oldest_backup(tmp
         models = tmp_path / str(kill_at)
         (models / "part").mkdir(parents=True)
         (models / "part" / "version").write_text("v4")  # the model being replaced
+        (models / "part" / "model.json").write_text("{}")
         for number, version in zip((1, 2, 3), ("v3", "v2", "v1")):
             (models / f"part.backup-{number}").mkdir()
             (models / f"part.backup-{number}" / "version").write_text(version)
