@@ -19,6 +19,7 @@ from pathlib import Path
 import uvicorn
 
 from anomaly_model import distributed
+from anomaly_model.files import check_writable
 from pipeline.cli import chosen_model_dir, run
 from pipeline.inspection import OperatingPoint, load, training_only_notes
 from pipeline.live import BatchingWorker, ModelHolder, claim_folder, log
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> None:
     # held until the process ends: two servers of different models sharing REVIEW_DIR mixed their
     # corrections (each teaches its own model) and could overwrite each other's
     review = Path(settings.REVIEW_DIR)
-    claim_folder(review, f"REVIEW_DIR={review} is used by another serve.py: give each server its own REVIEW_DIR "
+    claim_folder(review, "REVIEW_DIR", f"REVIEW_DIR={review} is used by another serve.py: give each server its own REVIEW_DIR "
                          "(its corrections teach that server's model)")
     model_dir = chosen_model_dir(settings, "to say which model serves,")
     point = OperatingPoint.from_command_line(argv, settings)
@@ -75,6 +76,7 @@ def main(argv: list[str]) -> None:
             Path(settings.WATCH_DIR), settings.WATCH_SORT, settings.WATCH_SETTLE_SECONDS,
             model_results_dir(settings.RESULTS_DIR, holder.current), settings.SAVE_PICTURES,
         )
+        check_writable(watch.model_results)  # its rows and pictures: refused now, not at the first file
         service.watcher = FolderWatcher(watch, service.prepare, worker, service.notify("folder"))
     sock = _listening_socket(settings.SERVE_HOST, settings.SERVE_PORT)
     server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", access_log=False, timeout_graceful_shutdown=30))
@@ -86,7 +88,8 @@ def main(argv: list[str]) -> None:
     if service.watcher is not None:
         service.watcher.start()
     inspector = holder.current
-    log(f"serving model {inspector.name} ({inspector.model_id[:12]}, {inspector.detector.runtime}) on http://{settings.SERVE_HOST}:{sock.getsockname()[1]}/")
+    host = f"[{settings.SERVE_HOST}]" if ":" in settings.SERVE_HOST else settings.SERVE_HOST  # an IPv6 address, as a URL writes it
+    log(f"serving model {inspector.name} ({inspector.model_id[:12]}, {inspector.detector.runtime}) on http://{host}:{sock.getsockname()[1]}/")
     try:
         server.run(sockets=[sock])
     finally:

@@ -45,8 +45,10 @@ except ImportError:  # not POSIX: no locks, so leftovers are never cleaned (neve
 
 CHUNK_ROWS = 128  # rows per block read: ~78 MB of Wide-ResNet PaDiM factors
 
-# Write failures that are the disk's or the folder's, not the program's: one line, not a traceback.
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+# Write failures that are the disk's or the folder's, not the program's: one line, not a traceback
+# (a name too long for the file system, a folder removed or replaced by a file while a run wrote into it).
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                  errno.ENAMETOOLONG, errno.ENOENT, errno.ENOTDIR}
 _MODEL_LOCK = re.compile(r"^\.(?P<name>.+)\.lock$")  # `model_lock`'s file beside a model folder
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|previous|retired|lock|locking)-(?P<run>[0-9a-f-]+)$")
 
@@ -58,8 +60,16 @@ class StorageError(Exception):
 def storage_message(error: OSError, folder: Path | str | None = None) -> str:
     """One line for a write that failed for a reason of the disk or folder."""
     place = folder or error.filename or "the output folder"
-    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"the disk holding {place} is full ({error.strerror}): free space there or choose a folder on another disk"
+    if error.errno == errno.EFBIG:
+        return f"a file is larger than the file system holding {place} takes ({error.strerror}; FAT32 takes 4 GB): choose a folder on another disk"
+    if error.errno == errno.ENAMETOOLONG:
+        return f"a name is too long for the file system holding {place} ({error.filename}): shorten the folder's name or MODEL_NAME"
+    if error.errno == errno.ENOENT:
+        return f"{error.filename or place} disappeared while it was written (its folder removed meanwhile?): run the command again"
+    if error.errno == errno.ENOTDIR:
+        return f"a file stands where a folder is needed ({error.filename or place}): move it away or choose another folder"
     if error.errno == errno.EROFS:
         return f"{place} is on a read-only disk: choose a writable folder"
     if error.errno in (errno.EACCES, errno.EPERM):

@@ -85,7 +85,8 @@ def find_images(folder: Path, recursive: bool = True, skip: Sequence[Path] = ())
     for root, folders, files in os.walk(folder):
         folders[:] = sorted(name for name in folders if not _is_output(Path(root) / name, outputs)) if recursive else []
         found += [Path(root) / name for name in files if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith(".")]
-    return sorted(path for path in found if path.is_file())
+    # a link whose file is gone stays in the list: reading it fails, and it is skipped and named like any unreadable file
+    return sorted(path for path in found if path.is_file() or (path.is_symlink() and not path.exists()))
 
 
 def _is_output(path: Path, outputs: set[str]) -> bool:

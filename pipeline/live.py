@@ -35,15 +35,20 @@ except ImportError:  # not POSIX: no claim on a folder
 IDLE_CHECK_SECONDS = 1.0  # how often an idle worker looks for a new model in the folder
 
 
-def claim_folder(folder: Path, refusal: str) -> int | None:
-    """An open descriptor of `folder` holding an exclusive lock on it (no file is added to it), or a
-    SettingsError saying `refusal` when another process holds it: one serve.py per watched folder
-    and per review folder. The kernel drops the lock when the descriptor is closed or the process
-    dies. None without POSIX locks."""
-    if fcntl is None:
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(folder, os.O_RDONLY)
+def claim_folder(folder: Path, setting: str, refusal: str) -> int | None:
+    """An open descriptor of `folder` (made if missing) holding an exclusive lock on it (no file is
+    added to it), or a SettingsError saying `refusal` when another process holds it: one serve.py
+    per watched folder and per review folder. The kernel drops the lock when the descriptor is
+    closed or the process dies. None without POSIX locks. A folder that cannot be made or opened
+    (a file there, no permission) is one line naming `setting`."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            return None
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError as error:
+        raise SettingsError(f"{setting}={folder} cannot be used as a folder ({error.strerror or error}"
+                            f"{': ' + str(error.filename) if error.filename and str(error.filename) != str(folder) else ''}): give a folder") from None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

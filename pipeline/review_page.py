@@ -19,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image
@@ -111,8 +112,12 @@ class RecentImages:
             suffix, data = ".png", png_bytes(image.inspector.rgb(image.data, image.id))
         file_name = image.id + suffix
         temporary = target_dir / f".{file_name}.partial"
-        temporary.write_bytes(data)
-        os.replace(temporary, target_dir / file_name)
+        try:
+            temporary.write_bytes(data)
+            os.replace(temporary, target_dir / file_name)
+        except OSError:  # a full or read-only disk: no partial copy left for an update to trip on
+            temporary.unlink(missing_ok=True)
+            raise
         for other in LABELS:
             if other != label:
                 (self.review_dir / other / file_name).unlink(missing_ok=True)
@@ -144,7 +149,7 @@ def render_page(recent: RecentImages, model_line: str, token: str, note: str) ->
     """The review page as one HTML document: counts, then one card per image, newest first. `token`
     (the server's, "" when it has none) is carried by the buttons and the pictures' addresses."""
     hidden = f'<input type="hidden" name="token" value="{html.escape(token)}">' if token else ""
-    query = f"?token={html.escape(token)}" if token else ""
+    query = f"?token={html.escape(quote(token, safe=''))}" if token else ""  # a # or & in the token would end the query
     cards = []
     for image in recent.latest():
         result = image.inspection

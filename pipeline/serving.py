@@ -14,20 +14,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hmac
 import io
 import ipaddress
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from PIL import Image
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from anomaly_model.files import storage_message
 from dataset_manager import DataError, printable_path
 from pipeline.inspection import Inspection, Inspector, PreparedImage
 from pipeline.live import BatchingWorker, ModelHolder, log, process_memory_mb
@@ -67,6 +71,21 @@ class RequestError(Exception):
 
 
 INSPECT_QUERY = {"pictures", "token"}  # the query parameters POST /inspect reads
+YES, NO = ("true", "1", "yes", "on"), ("false", "0", "no", "off")  # the values ?pictures= takes, in any case
+BODY_SECONDS = 60.0  # a request body must have arrived within this: a stalled client does not hold a connection for ever
+
+
+def pictures_wanted(request: Request) -> bool:
+    """?pictures=true (1, yes, on) or false (0, no, off), given at most once; anything else is a 400."""
+    values = request.query_params.getlist("pictures")
+    if len(values) > 1:
+        raise RequestError(400, f"pictures is given {len(values)} times: give it once (pictures=true or pictures=false)")
+    if not values:
+        return False
+    value = values[0].strip().lower()
+    if value not in YES + NO:
+        raise RequestError(400, f"pictures={printable_path(values[0])!r} is not allowed: give pictures=true or pictures=false")
+    return value in YES
 
 
 @dataclass(frozen=True)
@@ -120,9 +139,14 @@ class LiveService:
         watch = None
         if self.watcher is not None:
             watch = {"folder": printable_path(self.watcher.folder), "running": self.watcher.running, "inspected": self.watcher.n_inspected,
-                     "unreadable": self.watcher.n_unreadable}
+                     "unreadable": self.watcher.n_unreadable, "problem": self.watcher.problem}
+        status = "ok"
+        if watch is not None and not watch["running"]:
+            status = "the folder watcher stopped: see the log, restart serve.py"
+        elif watch is not None and watch["problem"]:
+            status = f"the folder watcher is waiting: {watch['problem']}"
         return {
-            "status": "ok" if watch is None or watch["running"] else "the folder watcher stopped: see the log, restart serve.py",
+            "status": status,
             "model": inspector.model_id,
             "model_name": inspector.name,
             "runtime": inspector.detector.runtime,
@@ -157,11 +181,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if length is not None and length.isdigit() and int(length) > limit:
         raise RequestError(413, f"the body is {int(length)} bytes, over SERVE_MAX_BYTES={limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"the body is over SERVE_MAX_BYTES={limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(BODY_SECONDS):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(413, f"the body is over SERVE_MAX_BYTES={limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestError(408, f"the body did not arrive within {BODY_SECONDS:g} s ({size} bytes came): send it whole, at once") from None
     return b"".join(chunks)
 
 
@@ -179,14 +207,20 @@ async def _image_bytes(request: Request, limit: int) -> tuple[bytes, str]:
     try:
         form = await request.form(max_files=1, max_fields=10)
     except Exception as error:  # malformed multipart: the parser's own words
-        raise RequestError(400, f"the multipart body cannot be read: {' '.join(str(error).split())}") from None
+        words = " ".join(str(getattr(error, "detail", error)).split())
+        if "Too many files" in words:
+            words = "it holds more than one file: send one, in the field `image`"
+        raise RequestError(400, f"the multipart body cannot be read: {words}") from None
     upload = form.get("image")
-    if upload is None or isinstance(upload, str):
+    if isinstance(upload, str):  # a part without a filename (or with RFC 7578's filename* only) is a text field
+        raise RequestError(400, "the multipart field `image` is not a file: send it with a filename, as curl -F image=@part.png does")
+    if upload is None:
         raise RequestError(400, "the multipart body has no file field `image`")
     data = await upload.read()
     if not data:
         raise RequestError(400, "the multipart field `image` is empty: send the image file's bytes")
-    return data, upload.filename or "(multipart field image)"
+    shown = "".join(c if c.isprintable() else "?" for c in printable_path(upload.filename or ""))  # a NUL or newline only for show
+    return data, shown or "(multipart field image)"
 
 
 def create_app(service: LiveService) -> FastAPI:
@@ -204,17 +238,24 @@ def create_app(service: LiveService) -> FastAPI:
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:  # an unknown path, a wrong method
         return JSONResponse({"error": f"{request.method} {request.url.path}: {error.detail}"}, status_code=error.status_code, headers=error.headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:  # FastAPI's own checks: one line too
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return JSONResponse({"error": f"{request.method} {request.url.path}: {where}: {first.get('msg', 'not valid')}"}, status_code=400)
+
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, error: ClientDisconnect) -> Response:  # nobody to answer: one log line, no traceback
         log(f"a client disconnected before its {request.method} {request.url.path} body was complete")
         return Response(status_code=400)
 
     @app.post("/inspect")
-    async def inspect(request: Request, pictures: bool = False) -> JSONResponse:
+    async def inspect(request: Request) -> JSONResponse:
         service.require_token(request)
         unknown = sorted(set(request.query_params) - INSPECT_QUERY)
         if unknown:  # a misspelt option (?picture=true) would otherwise be ignored without a word
             raise RequestError(400, f"unknown query parameter {unknown[0]!r}: /inspect takes {', '.join(sorted(INSPECT_QUERY))}")
+        pictures = pictures_wanted(request)
         data, name = await _image_bytes(request, service.limits.max_bytes)
         try:
             prepared = await run_in_threadpool(service.prepare, data, name)
@@ -229,16 +270,16 @@ def create_app(service: LiveService) -> FastAPI:
             answer["mask_png"] = base64.b64encode(png_bytes(mask)).decode()
         return JSONResponse(answer)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what monitoring probes send
     async def health() -> JSONResponse:
         return JSONResponse(service.health())
 
-    @app.get("/model")
+    @app.api_route("/model", methods=["GET", "HEAD"])
     async def model(request: Request) -> JSONResponse:
         service.require_token(request)
         return JSONResponse(service.holder.current.description())
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def review(request: Request) -> HTMLResponse:
         if not service.token_ok(request):  # the page shows the inspected parts: as private as inspecting them
             return HTMLResponse(render_refusal(), status_code=401)
@@ -258,14 +299,18 @@ def create_app(service: LiveService) -> FastAPI:
         image = service.recent.get(image_id)
         if image is None:
             raise RequestError(404, f"no image {image_id!r}: unknown, or no longer kept (only the latest {service.recent.keep} are)")
-        await run_in_threadpool(service.recent.correct, image, label)
+        try:
+            await run_in_threadpool(service.recent.correct, image, label)
+        except OSError as error:  # REVIEW_DIR full or read-only: the reviewer's click must not vanish into a 500 page
+            status = 507 if error.errno in (errno.ENOSPC, errno.EDQUOT) else 500
+            raise RequestError(status, f"the correction was not saved: {storage_message(error, service.recent.review_dir / label)}") from None
         token = request.query_params.get("token") or str(form.get("token") or "")
-        location = f"/?token={token}#image-{image_id}" if token else f"/#image-{image_id}"
+        location = f"/?token={quote(token, safe='')}#image-{image_id}" if token else f"/#image-{image_id}"
         if "application/json" in request.headers.get("accept", ""):
             return JSONResponse({"id": image_id, "label": label})
         return RedirectResponse(location, status_code=303)
 
-    @app.get("/pictures/{image_id}/{kind}")
+    @app.api_route("/pictures/{image_id}/{kind}", methods=["GET", "HEAD"])
     async def picture(request: Request, image_id: str, kind: str) -> Response:
         service.require_token(request, "open the review page as /?token=<SERVE_TOKEN>")
         image = service.recent.get(image_id)

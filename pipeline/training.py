@@ -308,7 +308,10 @@ def learned_images(good: list[Path], defect: list[Path], before: dict | None = N
     for kind, paths in (("good", good), ("defect", defect)):
         known = set(learned[kind])
         for path in paths:
-            digest = content_digest(path)
+            try:
+                digest = content_digest(path)
+            except OSError:  # gone or unreadable since it was learned: only a later update will not know it again
+                continue
             if digest not in known:
                 learned[kind].append(digest)
                 known.add(digest)

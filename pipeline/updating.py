@@ -112,7 +112,11 @@ def new_images(folder: str, learned: dict, kind: str) -> NewImages:
         if is_mask_file(path):
             masks.append(path)
             continue
-        digest = content_digest(path)
+        try:
+            digest = content_digest(path)
+        except OSError as error:  # removed meanwhile, not ours to read: skipped and named, as train.py does
+            warn_skipped([(path, f"cannot be read ({error.strerror or error})")])
+            continue
         if digest in known or digest in new:
             skipped += digest in known
             repeated += digest in new

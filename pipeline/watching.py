@@ -30,6 +30,7 @@ from datetime import date
 from pathlib import Path
 from typing import Callable
 
+from anomaly_model.files import storage_message
 from dataset_manager import IMAGE_EXTENSIONS, DataError, printable_path
 from dataset_manager.layouts import SORTED_FOLDERS
 from pipeline.inspection import Inspection, Inspector, PreparedImage
@@ -40,6 +41,16 @@ from pipeline.pictures import write_pictures
 LIVE_COLUMNS = COLUMNS + ["model", "error"]  # model: the id of the model that judged the file (it may change under the server)
 UNREADABLE_PATIENCE = 5  # an undecodable file is given up after this many settle times of keeping still
 GROUP = 8  # files read and queued together: the worker scores them as one batch
+RESULTS_RETRY_SECONDS = 5.0  # how often a watcher whose results cannot be written tries again (each try scores a file)
+NAME_BYTES = 255  # the longest file name most file systems take
+
+
+class ResultsUnwritable(Exception):
+    """The results folder refused a row or a picture (full, read-only): the file is tried again later, not skipped."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -176,7 +187,7 @@ class FolderWatcher:
         self._prepare, self._notify = prepare, notify
         self._worker = worker  # scores the files, and makes their pictures (torch runs on its thread only)
         # before anything is read: a second watcher would inspect every file twice (each keeps its own pending files)
-        self._claim = claim_folder(self.folder, f"WATCH_DIR={self.folder} is watched by another serve.py: one server per watched folder "
+        self._claim = claim_folder(self.folder, "WATCH_DIR", f"WATCH_DIR={self.folder} is watched by another serve.py: one server per watched folder "
                                                 "(stop it, or give another WATCH_DIR)")
         self.ledger = Ledger(settings.model_results / "live-ledger.jsonl")
         self.results = LiveResults(settings.model_results)
@@ -216,6 +227,13 @@ class FolderWatcher:
                 if self._folder_error is not None:
                     log(f"watched folder {self.folder} can be read again")
                     self._folder_error = None
+            except ResultsUnwritable as error:  # RESULTS_DIR full or read-only: the file waits, unscored, until rows can be written
+                line = (f"WARNING: cannot write the results in {self.results.folder()} ({error.reason}): files in {self.folder} "
+                        f"wait until they can be written (looking again every {RESULTS_RETRY_SECONDS:g} s)")
+                if line != self._folder_error:
+                    log(line)
+                self._folder_error = line
+                self._stop.wait(RESULTS_RETRY_SECONDS)  # not every poll: each try scores an image again
             except OSError as error:  # the folder vanished or a disk filled: say so once, keep watching
                 line = f"WARNING: watched folder {self.folder}: {error}; looking again every {self.poll_seconds:g} s"
                 if line != self._folder_error:
@@ -229,6 +247,11 @@ class FolderWatcher:
         if line not in self._said:
             self._said.add(line)
             log(line)
+
+    @property
+    def problem(self) -> str | None:
+        """What keeps the watcher from inspecting (the folder unreadable, the results unwritable), None when nothing: /health says it."""
+        return self._folder_error.removeprefix("WARNING: ") if self._folder_error else None
 
     @property
     def running(self) -> bool:
@@ -333,10 +356,13 @@ class FolderWatcher:
         overlay_path = mask_path = ""
         if self.settings.pictures:
             pictures = self.results.folder() / "pictures"
-            pictures.mkdir(parents=True, exist_ok=True)
             stem = f"{printable_path(Path(item.state.name).stem)}-{item.sha256[:8]}"
             arrays = self._worker.pictures(inspector, inspection, item.prepared.rgb, PREVIEW_SIZE)
-            overlay_file, mask_file = write_pictures(pictures, stem, arrays)
+            try:
+                pictures.mkdir(parents=True, exist_ok=True)
+                overlay_file, mask_file = write_pictures(pictures, stem, arrays)
+            except OSError as error:
+                raise ResultsUnwritable(storage_message(error, pictures)) from error
             overlay_path, mask_path = f"pictures/{overlay_file.name}", f"pictures/{mask_file.name}"
         self._add_row(item, inspection.verdict, csv_values(destination, inspection, overlay_path, mask_path) + [inspection.model, ""])
         self.n_inspected += 1
@@ -345,9 +371,12 @@ class FolderWatcher:
 
     def _add_row(self, item: _Ready, verdict: str, values: list[str]) -> None:
         """The ledger entry (with the row), then the row: a kill between them is mended at the next start."""
-        csv_path, text = self.results.row(values)
-        self.ledger.add(item.state, item.sha256, verdict, (csv_path, text))
-        self.results.write(csv_path, text)
+        try:
+            csv_path, text = self.results.row(values)
+            self.ledger.add(item.state, item.sha256, verdict, (csv_path, text))
+            self.results.write(csv_path, text)
+        except OSError as error:
+            raise ResultsUnwritable(storage_message(error, self.results.folder())) from error
 
     def _destination(self, path: Path, verdict: str) -> Path:
         """Where the file will be once sorted (where it is without WATCH_SORT); a name already taken there gets -2, -3, ..."""
@@ -356,8 +385,10 @@ class FolderWatcher:
         folder = self.folder / verdict
         target = folder / path.name
         number = 2
-        while target.exists():
-            target = folder / f"{path.stem}-{number}{path.suffix}"
+        while os.path.lexists(target):
+            ending = f"-{number}{path.suffix}"  # a 255-byte name shortened to leave room for it
+            stem = path.stem.encode()[: NAME_BYTES - len(ending.encode())].decode(errors="ignore")
+            target = folder / f"{stem}{ending}"
             number += 1
         return target
 
@@ -366,6 +397,7 @@ class FolderWatcher:
         path = self.folder / item.state.name
         if destination != path:
             try:
+                destination.parent.mkdir(exist_ok=True)  # the watched folder may have been made anew since start
                 os.replace(path, destination)
             except OSError as error:
                 log(f"WARNING: could not move {path} into {destination.parent}: {error}")

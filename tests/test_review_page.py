@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -17,7 +18,7 @@ from conftest import TINY, make_mvtec_category, outputs, run_script
 from live_server import LiveServer
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-TOKEN = "page-token"
+TOKEN = "page#token&x y+%"  # characters a URL query must escape: the page's pictures and buttons must still carry it
 
 
 def _browser():
@@ -71,7 +72,7 @@ def test_review_page_shows_verdicts_and_records_corrections(tmp_path):
             driver.get(f"{server.url}/")  # without the token the page shows no part
             assert "needs its token" in driver.find_element(By.TAG_NAME, "body").text
             assert not driver.find_elements(By.CSS_SELECTOR, ".card")
-            driver.get(f"{server.url}/?token={TOKEN}")
+            driver.get(f"{server.url}/?token={quote(TOKEN, safe='')}")
             cards = driver.find_elements(By.CSS_SELECTOR, ".card")
             assert len(cards) == 2
             assert {card.get_attribute("data-verdict") for card in cards} <= {"good", "defect"}

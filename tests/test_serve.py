@@ -152,6 +152,13 @@ def test_bad_requests_get_a_4xx_line_and_the_server_goes_on(server, trained):
         ("bomb", {"content": _claiming_size(good, 8000, 8000), "headers": {**AUTH, "Content-Type": "image/png"}}, 422, "8000 x 8000 pixels, over SERVE_MAX_PIXELS"),
         ("no field", {"files": {"picture": ("a.png", good, "image/png")}, "headers": AUTH}, 400, "image"),
         ("broken multipart", {"content": b"garbage", "headers": {**AUTH, "Content-Type": "multipart/form-data; boundary=xyz"}}, 400, "multipart"),
+        ("pictures=maybe", {"content": good, "headers": {**AUTH, "Content-Type": "image/png"}, "params": {"pictures": "maybe"}}, 400,
+         "pictures='maybe' is not allowed"),  # was FastAPI's own 422 with a "detail" list
+        ("pictures twice", {"content": good, "headers": {**AUTH, "Content-Type": "image/png"}, "params": [("pictures", "true"), ("pictures", "false")]},
+         400, "give it once"),
+        ("two files", {"files": [("image", ("a.png", good, "image/png")), ("image", ("b.png", good, "image/png"))], "headers": AUTH}, 400,
+         "more than one file"),
+        ("image as text", {"files": {"image": (None, b"abc")}, "headers": AUTH}, 400, "not a file"),
         ("no token", {"content": good, "headers": {"Content-Type": "image/png"}}, 401, "token"),
         ("wrong token", {"content": good, "headers": {"Authorization": "Bearer nope", "Content-Type": "image/png"}}, 401, "token"),
     ]
@@ -192,6 +199,7 @@ def test_with_a_token_only_health_answers_without_it(server, trained):
 
 
 def test_health_and_model_describe_the_model(server):
+    assert server.client.head("/health").status_code == 200  # what monitoring probes send (it was a 405)
     health = server.client.get("/health").json()
     assert health["status"] == "ok" and health["model_name"] == "part" and health["note"] == ""
     model = server.client.get("/model", headers=AUTH).json()
@@ -574,6 +582,30 @@ def test_review_corrections_are_stored_in_a_format_the_updates_read(tmp_path):
     assert np.array_equal(read_rgb(stored["ICO"]), read_rgb(io.BytesIO(sent["ICO"])))  # else the pixels as inspected
 
 
+def test_a_correction_the_disk_refuses_leaves_no_partial_copy(tmp_path, monkeypatch):
+    """REVIEW_DIR full: the half-written `.partial` copy stayed (and the page answered a bare 500)."""
+    import errno
+    from types import SimpleNamespace
+
+    from pipeline.inspection import to_rgb
+    from pipeline.review_page import RecentImages
+
+    images = RecentImages(10, tmp_path / "review", draw=None)
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format="PNG")
+    image_id = images.add("http", "x.png", buffer.getvalue(), SimpleNamespace(verdict="defect"), SimpleNamespace(rgb=to_rgb))
+    real_write = Path.write_bytes
+
+    def write_half(path: Path, data: bytes) -> int:
+        real_write(path, data[:3])
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(Path, "write_bytes", write_half)
+    with pytest.raises(OSError):
+        images.correct(images.get(image_id), "good")
+    assert list((tmp_path / "review" / "good").iterdir()) == [] and images.get(image_id).correction == ""
+
+
 def test_the_python_apis_operating_point_is_checked_as_the_command_line_is():
     from pipeline.inspection import OperatingPoint
     from settings import SettingsError
@@ -645,3 +677,59 @@ def test_a_pixel_at_the_pixel_threshold_is_marked_defect_as_the_threshold_counts
     drawn, mask = picture_arrays(anomaly_map, (32, 32), preview, Preprocessor(32, 32, (0.5,) * 3, (0.2,) * 3), level, (0.0, 2.0))
     assert mask.sum() == 64 and mask[8:16, 8:16].all()
     assert drawn[8, 8].tolist() == [255, 255, 255] and drawn[0, 0].tolist() != [255, 255, 255]  # its outline
+
+
+def test_results_that_cannot_be_written_keep_the_file_waiting_and_health_says_why(trained, tmp_path):
+    """A full or read-only RESULTS_DIR was blamed on the watched folder, the file scored again at
+    every poll, and /health said "ok"; a file where a folder is expected stopped serve.py with a traceback."""
+    from datetime import date
+
+    watch, results = tmp_path / "incoming", tmp_path / "results"
+    settings = [f"DATASET_DIR={trained['category']}", *TINY, f"MODEL_DIR={trained['base'] / 'models'}", f"RESULTS_DIR={results}",
+                f"REVIEW_DIR={tmp_path / 'review'}", "WATCH_SETTLE_SECONDS=0.3", "SAVE_PICTURES=False"]
+    (tmp_path / "a-file").write_text("")
+    refused = run_script("serve.py", *settings, f"WATCH_DIR={tmp_path / 'a-file'}")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"error: WATCH_DIR={tmp_path / 'a-file'} cannot be used as a folder" in refused.stderr
+    blocker = results / "part" / f"live-{date.today().strftime('%Y%m%d')}"  # today's rows cannot go there
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("in the way")
+    watch.mkdir()
+    live = LiveServer(*settings, f"WATCH_DIR={watch}", log_path=tmp_path / "serve.log")
+    try:
+        shutil.copy(trained["category"] / "test" / "good" / "000.png", watch / "a.png")
+        deadline = time.monotonic() + 30
+        while "waiting" not in live.client.get("/health").json()["status"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        health = live.client.get("/health").json()
+        assert health["status"].startswith("the folder watcher is waiting: cannot write the results in") and health["watch"]["inspected"] == 0, health
+        assert live.log().count("cannot write the results") == 1 and "watched folder" not in live.log().split("cannot write")[0][-80:]
+        blocker.unlink()  # space again: the file is inspected, once
+        while live.client.get("/health").json()["watch"]["inspected"] < 1 and time.monotonic() < deadline + 15:
+            time.sleep(0.2)
+        health = live.client.get("/health").json()
+        assert health["status"] == "ok" and health["watch"]["inspected"] == 1 and health["watch"]["problem"] is None, health
+        assert len(list(csv.DictReader(open(blocker / "predictions.csv")))) == 1
+    finally:
+        assert live.stop() == 0, live.log()
+
+
+def test_sorting_shortens_a_name_too_long_to_number_and_remakes_missing_folders(tmp_path):
+    """A second file of a 255-byte name could not be numbered (-2) in good/: the watcher stopped
+    inspecting the whole folder; sorted folders removed while serving were never made again."""
+    from pipeline.watching import FileState, FolderWatcher, WatchSettings, _Ready
+
+    incoming = tmp_path / "incoming"
+    (incoming / "good").mkdir(parents=True)
+    name = "M" * 251 + ".png"
+    (incoming / "good" / name).write_bytes(b"the first one")
+    (incoming / name).write_bytes(b"the second one")
+    watcher = FolderWatcher(WatchSettings(incoming, True, 0.2, tmp_path / "results", False), None, None, None)
+    try:
+        target = watcher._destination(incoming / name, "good")
+        assert target.parent == incoming / "good" and target.name.endswith("-2.png") and len(target.name.encode()) <= 255
+        shutil.rmtree(incoming / "good")
+        watcher._finish(_Ready(FileState(name, 14, 0), b"", "", 1.0), target)
+        assert target.read_bytes() == b"the second one"
+    finally:
+        watcher.stop()

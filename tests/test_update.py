@@ -374,3 +374,18 @@ def test_classifier_rows_saved_before_every_good_kept_its_direction_still_restor
     rows, kept = restored.directions_of_goods()
     assert np.array_equal(rows, [0, 1, 2]) and np.allclose(kept, directions)
     assert np.allclose(restored.put_back_real_defects(), old["real_directions"])
+
+
+def test_new_images_that_cannot_be_read_are_skipped_and_named(tmp_path, capsys):
+    """An image removed while ADD_GOOD was read, or a link whose file is gone, stopped the update
+    with a traceback (or was passed over without a word); like train.py, it is skipped and named."""
+    from pipeline.updating import new_images
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for index in range(2):
+        save(texture(np.random.default_rng(index), 32), folder / f"{index}.png")
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    found = new_images(str(folder), {}, "good")
+    assert [path.name for path in found.paths] == ["0.png", "1.png"]
+    assert f"WARNING: skipped {folder / 'gone.png'}: cannot be read" in capsys.readouterr().err
