@@ -130,6 +130,17 @@ def apply_operating_point(detector: Detector, point: OperatingPoint) -> list[str
             lines.append(f"operating point: {name}'s verdict ranks like the image score, so one threshold decides it: "
                          f"CLASSIFIER_FALSE_REJECT_RATE={classifier_rate} sets it, IMAGE_FALSE_REJECT_RATE={image_rate} is not used")
         image_rate, classifier_rate, image_key = classifier_rate, None, "CLASSIFIER_FALSE_REJECT_RATE"
+    # the model's own rate given again: its own threshold stands, as without the setting (a re-pick
+    # would apply this version's rule to an older model's scores, and their rounding in model.json)
+    own = {"IMAGE_FALSE_REJECT_RATE": detector.description.get("thresholds", {}).get("image_false_reject_rate"),
+           "CLASSIFIER_FALSE_REJECT_RATE": (detector.description.get("classifier") or {}).get("false_reject_rate")}
+    if image_rate is not None and image_rate == own[image_key]:
+        lines.append(f"operating point: {image_key}={image_rate} is {name}'s own rate: its image threshold {detector.image_threshold:.6g} stands")
+        image_rate = None
+    if classifier_rate is not None and classifier is not None and classifier_rate == own["CLASSIFIER_FALSE_REJECT_RATE"]:
+        lines.append(f"operating point: CLASSIFIER_FALSE_REJECT_RATE={classifier_rate} is {name}'s own rate: "
+                     f"its classifier threshold {classifier.threshold:.6g} stands")
+        classifier_rate = None
     if image_rate is not None:
         scores = honest_good_scores(detector.description)
         if scores.size == 0:
@@ -140,8 +151,11 @@ def apply_operating_point(detector: Detector, point: OperatingPoint) -> list[str
         elif rank_like:  # the verdict is the image score's log-odds: its threshold follows
             classifier.threshold = float(classifier.predict(None, np.array([detector.image_threshold]))[0])
             used = f"the verdict ranks like the image score, so it follows this threshold (classifier threshold {classifier.threshold:.6g})"
-        else:
+        elif (detector.description.get("classifier") or {}).get("good_probabilities"):
             used = "the classifier decides the verdict (CLASSIFIER_FALSE_REJECT_RATE moves it); this threshold scales normalized_score"
+        else:
+            used = ("the classifier decides the verdict, and this model (trained before the classifier's good probabilities were "
+                    "stored) needs a retrain for CLASSIFIER_FALSE_REJECT_RATE to move it; this threshold scales normalized_score")
         lines.append(
             f"operating point: {name}'s image threshold {old:.6g} -> {detector.image_threshold:.6g} "
             f"({image_key}={image_rate} of the {scores.size} honest good scores in the model, no retraining; {used})"

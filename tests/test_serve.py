@@ -333,6 +333,11 @@ def test_operating_point_on_the_command_line(trained, tmp_path):
     assert scores.size < 100 and any(f"asks for 1 good part in 100 flagged, but the threshold rests on {scores.size} good images" in line for line in strict)
     standing = load(trained["model"], "cpu")
     assert standing.detector.image_threshold == model["thresholds"]["image"] and not standing.notes
+    # the model's own rate given again changes nothing (a re-pick moved older models' thresholds by up to 24 %)
+    again = load(trained["model"], "cpu", operating_point=OperatingPoint(model["thresholds"]["image_false_reject_rate"]))
+    assert again.detector.image_threshold == model["thresholds"]["image"] and again.notes == [
+        f"operating point: IMAGE_FALSE_REJECT_RATE={model['thresholds']['image_false_reject_rate']} is part's own rate: "
+        f"its image threshold {model['thresholds']['image']:.6g} stands"]
     from_config = OperatingPoint.from_command_line(["BATCH_SIZE=4"], SimpleNamespace(IMAGE_FALSE_REJECT_RATE=0.2, CLASSIFIER_FALSE_REJECT_RATE=0.2))
     assert from_config == OperatingPoint()  # config.py's rates are the model's business; only the command line moves the point
     # an old model without the classifier's good probabilities, whose trees decide, says it needs a retrain
@@ -343,6 +348,8 @@ def test_operating_point_on_the_command_line(trained, tmp_path):
     (old / "model.json").write_text(json.dumps(model))
     lines = load(old, "cpu", operating_point=OperatingPoint(classifier_false_reject_rate=0.25)).notes
     assert len(lines) == 1 and "retrain" in lines[0]
+    lines = load(old, "cpu", operating_point=OperatingPoint(image_false_reject_rate=0.5)).notes  # not sent to a setting that cannot work
+    assert "needs a retrain for CLASSIFIER_FALSE_REJECT_RATE to move it" in lines[0], lines
 
 
 def _rows(results: Path) -> list[dict]:
