@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from anomaly_model.errors import ModelError
-from anomaly_model.files import EXPORT_STAGING_PREFIX, check_writable, file_checksum, model_file, model_lock, remove_entry, swapping
+from anomaly_model.files import (EXPORT_STAGING_PREFIX, STORAGE_ERRNOS, StorageError, check_writable, file_checksum, model_file, model_lock,
+                                 remove_entry, storage_message, swapping)
 from anomaly_model.onnx_file import ONNX_FILE, open_session, require, run_session, write_onnx
 from anomaly_model.store import add_section, model_id, read_description
 from dataset_manager import Category, DataError, ImageBatches, Preprocessor
@@ -143,7 +144,12 @@ def _export_locked(model_dir: Path, paths: list[Path]) -> ExportSummary:
         staging.mkdir()
         print(f"exporting {model_dir.name} to ONNX ...", file=sys.stderr)
         metadata = deployment_metadata(description)
-        names = write_onnx(module, size, staging, metadata)
+        try:
+            names = write_onnx(module, size, staging, metadata)
+        except OSError as error:  # the ONNX writer's errors name no file: the model folder is where it wrote
+            if error.errno not in STORAGE_ERRNOS:
+                raise
+            raise StorageError(storage_message(error, model_dir) + "; nothing was written") from None
         del module
         maps, scores = run_session(open_session(staging / ONNX_FILE, "cpu"), images.numpy())
         map_difference, score_difference = relative_differences(maps, scores, reference_maps, reference_scores)

@@ -229,6 +229,24 @@ def test_an_export_that_disagrees_with_torch_writes_nothing(model_copy, monkeypa
     assert {path.name: path.read_bytes() for path in model_copy.iterdir()} == before
 
 
+def test_a_full_disk_during_the_export_names_the_model_folder_and_writes_nothing(model_copy, monkeypatch):
+    """The ONNX writer's OSError names no file: the line said "the disk holding the output folder is full"."""
+    import errno
+
+    from anomaly_model.files import StorageError
+    from pipeline import exporting
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(exporting, "write_onnx", full)
+    before = {path.name: path.read_bytes() for path in model_copy.iterdir()}
+    (category,) = find_categories(Path(json.loads((model_copy / "model.json").read_text())["dataset"]["dataset_dir"]))
+    with pytest.raises(StorageError, match=f"the disk holding {model_copy} is full.*nothing was written"):
+        export_model(model_copy, check_paths(category, 2))
+    assert {path.name: path.read_bytes() for path in model_copy.iterdir()} == before
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 

@@ -491,6 +491,20 @@ def test_backups_stay_newest_first_without_gaps(tmp_path, existing, keep, expect
     assert (f"note: MODEL_BACKUPS={keep}: removed {removed} older backup" in note) == (removed > 0)  # never silently
 
 
+def test_a_backup_that_cannot_be_removed_is_named(tmp_path, monkeypatch, capsys):
+    """A read-only backup past MODEL_BACKUPS stayed as a hidden 10 MB folder while the note said "removed"."""
+    from anomaly_model import files
+
+    models = tmp_path / "models"
+    for name in ("part", "part.backup-1"):
+        (models / name).mkdir(parents=True)
+        (models / name / "model.json").write_text("{}")
+    monkeypatch.setattr(files, "remove_entry", lambda path: None)  # as rmtree(ignore_errors=True) on a folder not ours
+    with AtomicFolder(models / "part", backups=1) as out:
+        out.write_bytes("model.json", b"{}")
+    assert "note: could not remove" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("keep", [0, 3])
 def test_a_save_never_replaces_what_is_not_a_model(tmp_path, keep):
     """MODEL_BACKUPS=0 deletes the model a save replaces: a user's own folder or file at
