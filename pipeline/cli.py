@@ -23,6 +23,7 @@ from settings import SettingsError
 
 USER_ERRORS = (SettingsError, DataError, ModelError, StorageError)
 DEMO_DATASET_DIR = Path(__file__).resolve().parents[1] / "dataset" / "demo"  # config.py's shipped DATASET_DIR, from the project folder
+MAX_MODEL_NAME_BYTES = 200  # a model folder's name: its backups (.backup-N) and a save's temporary names (.<name>.locking-<run>) must fit in 255
 # What to lower when memory runs out, per anomaly model (a new setting that drives memory gets
 # its name added here): PaDiM's statistics grow with FEATURE_DIM squared, PatchCore's bank with
 # every training patch, its search with the coreset (CORESET_RATIO) times the batch.
@@ -152,6 +153,11 @@ def model_dir_for(settings, category: str, n_categories: int) -> Path:
     name = category if n_categories > 1 else (settings.MODEL_NAME or category)
     if name in ("", ".", "..") or "/" in name or "\\" in name:  # the model folder would be MODEL_DIR itself or lie outside it
         raise SettingsError(f"DATASET_DIR {settings.DATASET_DIR} gives no folder name to name its model: set MODEL_NAME=<name>")
+    if len(os.fsencode(name)) > MAX_MODEL_NAME_BYTES:  # said now, not when the save's temporary names pass 255 bytes
+        source = "MODEL_NAME" if name == settings.MODEL_NAME else f"the category folder's name ({category[:40]}...)"
+        fix = "rename the category folder" if n_categories > 1 else "set a shorter MODEL_NAME=<name>"
+        raise SettingsError(f"{source} is {len(os.fsencode(name))} bytes long, more than the {MAX_MODEL_NAME_BYTES} a model's "
+                            f"name may have (its backups and temporary names add to it): {fix}")
     return root / name
 
 

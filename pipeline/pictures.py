@@ -79,12 +79,12 @@ def png_bytes(array: np.ndarray) -> bytes:
 MAX_STEM_BYTES = 200  # file names are at most 255 bytes on common file systems: room for "_overlay.jpg" and more
 
 
-def short_stem(stem: str) -> str:
-    """`stem`, or when longer than MAX_STEM_BYTES its start and a hash of the whole (names stay distinct)."""
+def short_stem(stem: str, limit: int = MAX_STEM_BYTES) -> str:
+    """`stem`, or when longer than `limit` bytes its start and a hash of the whole (names stay distinct)."""
     data = stem.encode("utf-8", "surrogateescape")
-    if len(data) <= MAX_STEM_BYTES:
+    if len(data) <= limit:
         return stem
-    return f"{data[: MAX_STEM_BYTES - 9].decode('utf-8', 'ignore')}-{hashlib.sha1(data).hexdigest()[:8]}"
+    return f"{data[: limit - 9].decode('utf-8', 'ignore')}-{hashlib.sha1(data).hexdigest()[:8]}"
 
 
 def write_pictures(folder: Path, stem: str, arrays: tuple[np.ndarray, np.ndarray]) -> tuple[Path, Path]:

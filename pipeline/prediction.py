@@ -17,7 +17,7 @@ from dataset_manager import IMAGE_EXTENSIONS, DataError, find_images, is_mask_fi
 from dataset_manager.loader import skipped_summary, warn_skipped
 from pipeline.cli import outputs_to_skip
 from pipeline.inspection import Inspection, Inspector
-from pipeline.pictures import picture_arrays, write_pictures
+from pipeline.pictures import picture_arrays, short_stem, write_pictures
 
 PREVIEW_SIZE = 640  # longest side of the overlay pictures, in pixels
 COLUMNS = ["path", "image_score", "normalized_score", "verdict", "defect_area_fraction", "overlay", "mask", "classifier_probability"]
@@ -50,7 +50,8 @@ def run_folder(folder: Path) -> str:
     test-test-...); a second run in the same second (or of another folder of the same name) gets -2,
     -3, ... appended when it finishes (AtomicFolder replace=False): never the same folder."""
     name = folder.resolve().parent.name if folder.name.lower() in ("test", "test_dataset_folder") else folder.name
-    return f"test-{name or folder.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    # a long folder name shortened: the temporary names beside the run add ~30 bytes to the 255 a name may have
+    return f"test-{short_stem(name or folder.name, 160)}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def csv_values(path: Path, inspection: Inspection, overlay_path: str, mask_path: str) -> list[str]:

@@ -491,6 +491,24 @@ def test_backups_stay_newest_first_without_gaps(tmp_path, existing, keep, expect
     assert (f"note: MODEL_BACKUPS={keep}: removed {removed} older backup" in note) == (removed > 0)  # never silently
 
 
+def test_names_too_long_for_the_file_system_are_said_before_the_work_or_shortened(tmp_path):
+    """A 240-character category trained fully, then failed with a traceback on the save's lock name
+    (255 bytes at most); a 220-character test folder failed test.py the same way."""
+    from types import SimpleNamespace
+
+    from pipeline.cli import model_dir_for
+    from pipeline.prediction import run_folder
+
+    settings = SimpleNamespace(MODEL_DIR=str(tmp_path), MODEL_NAME="", DATASET_DIR=str(tmp_path / "data"))
+    with pytest.raises(SettingsError, match="230 bytes long.*set a shorter MODEL_NAME"):
+        model_dir_for(settings, "c" * 230, 1)
+    with pytest.raises(SettingsError, match="rename the category folder"):
+        model_dir_for(settings, "c" * 230, 2)
+    assert model_dir_for(settings, "c" * 200, 1).name == "c" * 200
+    name = run_folder(tmp_path / ("f" * 240))
+    assert name.startswith("test-ffff") and len(name.encode()) <= 190
+
+
 def test_a_backup_that_cannot_be_removed_is_named(tmp_path, monkeypatch, capsys):
     """A read-only backup past MODEL_BACKUPS stayed as a hidden 10 MB folder while the note said "removed"."""
     from anomaly_model import files
