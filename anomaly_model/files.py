@@ -82,6 +82,9 @@ def check_writable(folder: Path, keep: bool = False) -> list[Path]:
     find out are removed again unless `keep` (a run that fails before saving leaves no empty
     MODEL_DIR behind); with `keep`, returns the folders made, outermost last, for `remove_made`."""
     folder = Path(folder)
+    if os.path.islink(folder) and not os.path.exists(folder):  # mkdir would say only "File exists"
+        raise StorageError(f"cannot write to {folder}: it is a link to {os.path.realpath(folder)}, which does not exist "
+                           "(an unmounted disk, or a link to itself?): make it reachable or choose another folder")
     made, missing = [], folder
     while not os.path.lexists(missing) and missing != missing.parent:
         made.append(missing)

@@ -23,7 +23,7 @@ from PIL import Image
 
 import config
 from anomaly_model.errors import ModelError
-from anomaly_model.files import AtomicFolder
+from anomaly_model.files import AtomicFolder, StorageError, check_writable
 from anomaly_model.store import load_model
 from dataset_manager import DataError, read_mask, read_rgb
 from dataset_manager.images import gray_to_uint8, image_size
@@ -539,6 +539,8 @@ def test_a_save_never_replaces_what_is_not_a_model(tmp_path, keep):
                 out.write_bytes("model.json", b"{}")
     assert (models / "part" / "notes.txt").read_text() == "mine" and (models / "file").read_text() == "mine too"
     assert sorted(path.name for path in models.iterdir()) == ["file", "linked", "part"] and not (tmp_path / "unmounted").exists()
+    with pytest.raises(StorageError, match="link to .*which does not exist"):  # as MODEL_DIR or RESULTS_DIR: it said "File exists"
+        check_writable(models / "linked")
     (models / "empty").mkdir()  # an empty folder is no loss
     with AtomicFolder(models / "empty", backups=keep) as out:
         out.write_bytes("model.json", b"{}")
