@@ -87,9 +87,10 @@ def main(argv: list[str]) -> None:
         signal.signal(signum, lambda number, frame: received.append(number))
     if service.watcher is not None:
         service.watcher.start()
-    inspector = holder.current
     host = f"[{settings.SERVE_HOST}]" if ":" in settings.SERVE_HOST else settings.SERVE_HOST  # an IPv6 address, as a URL writes it
-    log(f"serving model {inspector.name} ({inspector.model_id[:12]}, {inspector.detector.runtime}) on http://{host}:{sock.getsockname()[1]}/")
+    first = holder.current  # not kept: a name held here for the server's life kept the first model in memory after every swap
+    log(f"serving model {first.name} ({first.model_id[:12]}, {first.detector.runtime}) on http://{host}:{sock.getsockname()[1]}/")
+    del first
     try:
         server.run(sockets=[sock])
     finally:

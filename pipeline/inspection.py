@@ -27,7 +27,7 @@ from PIL import Image
 
 from anomaly_model.store import model_id
 from evaluation.metrics import few_goods_note, threshold_at_rate
-from dataset_manager import DataError, ImageBatches, read_rgb
+from dataset_manager import DataError, ImageBatches, Preprocessor, read_rgb
 from dataset_manager.images import gray_to_uint8, pil_to_rgb, preview
 from pipeline.detector import Detector, ImageResult
 from pipeline.pictures import color_range, picture_arrays
@@ -237,6 +237,33 @@ def _decoded(image: ImageInput, name: str, full_scale: float | None) -> np.ndarr
     raise DataError(f"cannot read {name}: expected a path, bytes, a PIL image or a numpy array, got {type(image).__name__}")
 
 
+@dataclass(frozen=True)
+class PictureDrawer:
+    """What drawing the pictures of a model's inspections needs, without the model: serve.py's
+    review page keeps one per image (keeping the Inspector kept each swapped-out model alive,
+    ~460 MB for MobileNetV2 on tire, until its last image left the page)."""
+
+    preprocessor: Preprocessor
+    pixel_threshold: float
+    color_scale: tuple[float, float]
+
+    def rgb(self, image: ImageInput, name: str = "image") -> np.ndarray:
+        """`to_rgb` as this model reads images (its 16-bit full scale)."""
+        return to_rgb(image, name, self.preprocessor.gray_full_scale)
+
+    def pictures(self, inspection: Inspection, image: ImageInput, preview_size: int = 640) -> tuple[np.ndarray, np.ndarray]:
+        """(overlay (h, w, 3) uint8 at most `preview_size` on its longer side, mask (H, W) bool at the original size)
+        of the image `inspection` judged, given in any form `inspect` takes (a DataError for another image's size)."""
+        if isinstance(preview_size, bool) or not isinstance(preview_size, (int, np.integer)) or preview_size < 1:
+            raise ValueError(f"preview_size={preview_size!r}: give the overlay's longer side in pixels, a whole number >= 1 (serve.py uses 640)")
+        rgb = self.rgb(image)
+        if tuple(rgb.shape[:2]) != tuple(inspection.size):
+            raise DataError(f"the image given for the pictures is {rgb.shape[0]} x {rgb.shape[1]} px, the inspected one was "
+                            f"{inspection.size[0]} x {inspection.size[1]} (height x width): give the image that was inspected")
+        return picture_arrays(inspection.anomaly_map, inspection.size, preview(rgb, preview_size), self.preprocessor,
+                              self.pixel_threshold, self.color_scale)
+
+
 class Inspector:
     """A loaded model that inspects images: `load(model_dir)` makes one."""
 
@@ -255,9 +282,14 @@ class Inspector:
         return self.detector.operating_notes
 
     # --- one image or a few, from memory (serve.py, users' line software) ---
+    @property
+    def drawer(self) -> PictureDrawer:
+        """What its pictures need, apart from the model."""
+        return PictureDrawer(self.detector.preprocessor, self.detector.pixel_threshold, self.color_scale)
+
     def rgb(self, image: ImageInput, name: str = "image") -> np.ndarray:
         """`to_rgb` as this model reads images (its 16-bit full scale)."""
-        return to_rgb(image, name, self.detector.preprocessor.gray_full_scale)
+        return self.drawer.rgb(image, name)
 
     def prepare(self, image: ImageInput, name: str = "image") -> PreparedImage:
         """Decode and preprocess, apart from scoring, so a server can do it in request threads."""
@@ -319,16 +351,7 @@ class Inspector:
     def pictures(self, inspection: Inspection, image: ImageInput, preview_size: int = 640) -> tuple[np.ndarray, np.ndarray]:
         """(overlay (h, w, 3) uint8 at most `preview_size` on its longer side, mask (H, W) bool at the original size)
         of the image `inspection` judged, given in any form `inspect` takes (a DataError for another image's size)."""
-        if isinstance(preview_size, bool) or not isinstance(preview_size, (int, np.integer)) or preview_size < 1:
-            raise ValueError(f"preview_size={preview_size!r}: give the overlay's longer side in pixels, a whole number >= 1 (serve.py uses 640)")
-        rgb = self.rgb(image)
-        if tuple(rgb.shape[:2]) != tuple(inspection.size):
-            raise DataError(f"the image given for the pictures is {rgb.shape[0]} x {rgb.shape[1]} px, the inspected one was "
-                            f"{inspection.size[0]} x {inspection.size[1]} (height x width): give the image that was inspected")
-        return picture_arrays(
-            inspection.anomaly_map, inspection.size, preview(rgb, preview_size), self.detector.preprocessor,
-            self.detector.pixel_threshold, self.color_scale,
-        )
+        return self.drawer.pictures(inspection, image, preview_size)
 
     # --- a folder of files (test.py) ---
     def inspect_paths(

@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.inspection import Inspection, Inspector, PreparedImage
+from pipeline.inspection import Inspection, Inspector, PictureDrawer, PreparedImage
 from settings import SettingsError
 
 try:
@@ -168,9 +168,9 @@ class BatchingWorker:
         self._queue.put(_Call(lambda: function(*args), future))
         return future
 
-    def pictures(self, inspector: Inspector, inspection: Inspection, rgb: np.ndarray, preview_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """`Inspector.pictures`, computed on this thread; waits for it."""
-        return self.call(inspector.pictures, inspection, rgb, preview_size).result()
+    def pictures(self, drawer: PictureDrawer, inspection: Inspection, rgb: np.ndarray, preview_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """`PictureDrawer.pictures`, computed on this thread; waits for it."""
+        return self.call(drawer.pictures, inspection, rgb, preview_size).result()
 
     def stop(self) -> None:
         """Score what is queued, then end the thread."""

@@ -24,7 +24,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
-from pipeline.inspection import Inspection, Inspector
+from pipeline.inspection import Inspection, Inspector, PictureDrawer
 from pipeline.pictures import png_bytes
 
 LABELS = ("good", "defect")
@@ -51,7 +51,7 @@ class RecentImage:
     name: str  # what the sender or the folder called it: shown, never used as a path
     data: bytes
     inspection: Inspection
-    inspector: Inspector  # the model that judged it: its pictures are drawn with that model
+    drawer: PictureDrawer  # how the model that judged it draws pictures (not the model: a swapped-out one must be freed)
     received: float = field(default_factory=time.time)
     correction: str = ""  # "good" / "defect" once the reviewer said so
     overlay_png: bytes = b""  # drawn on first view
@@ -60,9 +60,9 @@ class RecentImage:
 class RecentImages:
     """The latest inspected images (both sources), the verdict counts, and corrections."""
 
-    def __init__(self, keep: int, review_dir: Path, draw: Callable[[Inspector, Inspection, np.ndarray, int], tuple]) -> None:
+    def __init__(self, keep: int, review_dir: Path, draw: Callable[[PictureDrawer, Inspection, np.ndarray, int], tuple]) -> None:
         self.keep = keep
-        self._draw = draw  # (inspector, inspection, rgb, preview size) -> `Inspector.pictures`' arrays, made where torch runs
+        self._draw = draw  # (drawer, inspection, rgb, preview size) -> `PictureDrawer.pictures`' arrays, made where torch runs
         self.review_dir = Path(review_dir)
         self._images: OrderedDict[str, RecentImage] = OrderedDict()
         self._counter = itertools.count(1)
@@ -73,10 +73,12 @@ class RecentImages:
         self._stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
     def add(self, source: str, name: str, data: bytes, inspection: Inspection, inspector: Inspector) -> str:
-        """Keep this image (dropping the oldest beyond `keep`); returns its id."""
+        """Keep this image (dropping the oldest beyond `keep`) with how `inspector` draws its pictures,
+        not `inspector` itself (a model swapped out must be freed); returns its id."""
+        drawer = inspector.drawer
         with self._lock:
             image_id = f"{self._stamp}-{next(self._counter):06d}"
-            self._images[image_id] = RecentImage(image_id, source, name, data, inspection, inspector)
+            self._images[image_id] = RecentImage(image_id, source, name, data, inspection, drawer)
             self.counts[inspection.verdict] += 1
             while len(self._images) > self.keep:
                 self._images.popitem(last=False)
@@ -93,13 +95,13 @@ class RecentImages:
     def overlay(self, image: RecentImage) -> bytes:
         """The heat-map overlay of a kept image as PNG, drawn once."""
         if not image.overlay_png:
-            overlay, _ = self._draw(image.inspector, image.inspection, image.inspector.rgb(image.data, image.id), PAGE_PREVIEW_SIZE)
+            overlay, _ = self._draw(image.drawer, image.inspection, image.drawer.rgb(image.data, image.id), PAGE_PREVIEW_SIZE)
             image.overlay_png = png_bytes(overlay)
         return image.overlay_png
 
     def mask(self, image: RecentImage) -> bytes:
         """The predicted defect mask of a kept image at its own size, as PNG."""
-        _, mask = self._draw(image.inspector, image.inspection, image.inspector.rgb(image.data, image.id), 64)
+        _, mask = self._draw(image.drawer, image.inspection, image.drawer.rgb(image.data, image.id), 64)
         return png_bytes(mask)
 
     def correct(self, image: RecentImage, label: str) -> Path:
@@ -109,7 +111,7 @@ class RecentImages:
         target_dir.mkdir(parents=True, exist_ok=True)
         suffix, data = image_suffix(image.data), image.data
         if suffix is None:  # a format the updates would not read (an icon, a JPEG 2000): the pixels as inspected, in PNG
-            suffix, data = ".png", png_bytes(image.inspector.rgb(image.data, image.id))
+            suffix, data = ".png", png_bytes(image.drawer.rgb(image.data, image.id))
         file_name = image.id + suffix
         temporary = target_dir / f".{file_name}.partial"
         try:

@@ -197,7 +197,8 @@ class FolderWatcher:
         self._links_noted: set[str] = set()  # links are not followed: each named once in the log
         self._said: set[str] = set()  # warnings that would repeat at every poll: each said once
         self._folder_error: str | None = None  # the watched folder's own error, said when it begins and ends
-        self._done: dict[str, FileState] = {}
+        self._done: dict[str, FileState] = {}  # the files in the folder inspected in the version they have now
+        self._numbered: dict[tuple[str, str], int] = {}  # (verdict, name) -> the next number to try for a name taken in its folder
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="folder-watcher", daemon=True)
         self.n_inspected = 0
@@ -280,9 +281,9 @@ class FolderWatcher:
         """One look at the folder: inspect the files that have kept still long enough."""
         now = time.monotonic()
         states = self._listing()
-        for name in list(self._pending):
-            if name not in states:
-                del self._pending[name]
+        for remembered in (self._pending, self._done):  # files moved or removed: forgotten (the ledger knows them if they come back)
+            for name in [name for name in remembered if name not in states]:
+                del remembered[name]
         ready: list[tuple[FileState, float]] = []
         for name in sorted(states):
             state = states[name]
@@ -357,7 +358,7 @@ class FolderWatcher:
         if self.settings.pictures:
             pictures = self.results.folder() / "pictures"
             stem = f"{printable_path(Path(item.state.name).stem)}-{item.sha256[:8]}"
-            arrays = self._worker.pictures(inspector, inspection, item.prepared.rgb, PREVIEW_SIZE)
+            arrays = self._worker.pictures(inspector.drawer, inspection, item.prepared.rgb, PREVIEW_SIZE)
             try:
                 pictures.mkdir(parents=True, exist_ok=True)
                 overlay_file, mask_file = write_pictures(pictures, stem, arrays)
@@ -384,12 +385,12 @@ class FolderWatcher:
             return path
         folder = self.folder / verdict
         target = folder / path.name
-        number = 2
+        number = self._numbered.get((verdict, path.name), 2)  # a camera that always writes part.png: no count from -2 each time
         while os.path.lexists(target):
             ending = f"-{number}{path.suffix}"  # a 255-byte name shortened to leave room for it
             stem = path.stem.encode()[: NAME_BYTES - len(ending.encode())].decode(errors="ignore")
             target = folder / f"{stem}{ending}"
-            number += 1
+            self._numbered[(verdict, path.name)] = number = number + 1
         return target
 
     def _finish(self, item: _Ready, destination: Path) -> None:
