@@ -67,7 +67,7 @@ def storage_message(error: OSError, folder: Path | str | None = None) -> str:
     if error.errno == errno.ENAMETOOLONG:
         return f"a name is too long for the file system holding {place} ({error.filename}): shorten the folder's name or MODEL_NAME"
     if error.errno == errno.ENOENT:
-        return f"{error.filename or place} disappeared while it was written (its folder removed meanwhile?): run the command again"
+        return f"{error.filename or place} does not exist (any more: removed while the command ran?): check it and run the command again"
     if error.errno == errno.ENOTDIR:
         return f"a file stands where a folder is needed ({error.filename or place}): move it away or choose another folder"
     if error.errno == errno.EROFS:

@@ -10,7 +10,7 @@ from html import escape
 from urllib.parse import quote
 from pathlib import Path
 
-from evaluation.tables import OPERATING_ROWS, PIXEL_THRESHOLD_HEADER, cell, honest_goods_words, mean_cells, pixel_threshold_rows, summary_columns, summary_table
+from evaluation.tables import GLOSSARY, OPERATING_ROWS, PIXEL_THRESHOLD_HEADER, cell, honest_goods_words, mean_cells, pixel_threshold_rows, summary_columns, summary_table
 
 _STYLE = """
 body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1500px; }
@@ -105,11 +105,9 @@ def write_report(folder: Path, rows: list[dict], overall_figures: dict[str, str]
     """Write `folder`/report.html from the categories' metrics; picture paths are relative to `folder`."""
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{_STYLE}</style></head><body>"]
     parts.append(f"<h1>{escape(title)}</h1>")
-    parts.append(
-        "<p class='muted'>Image ROCAUC: the image score is the anomaly map's maximum. Pixel ROCAUC: all test pixels pooled. "
-        "PRO: area under the per-region-overlap curve up to the FPR limit, divided by the limit (MVTec AD). "
-        "See docs/evaluation.md in the suite's folder.</p>"
-    )
+    parts.append("<details open><summary>What the figures mean</summary><ul class='muted'>"
+                 + "".join(f"<li><b>{escape(term)}</b>: {escape(meaning)}</li>" for term, meaning in GLOSSARY)
+                 + "<li>more in docs/evaluation.md in the suite's folder</li></ul></details>")
     parts.append("<h2>Summary</h2>" + _summary(rows))
     if overall_figures:
         parts.append("<div class='figures'>")

@@ -66,10 +66,26 @@ def terminal_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# What the report's words mean, for a reader who does not know the methods (report.html and metrics.md open with it).
+GLOSSARY = [
+    ("image ROCAUC", "how well the image score (the anomaly map's maximum) ranks defect images above good ones: "
+                     "1.0 perfect, 0.5 chance; it needs no threshold"),
+    ("pixel ROCAUC", "the same for single pixels, all test images pooled: are defect pixels scored above good ones?"),
+    ("PRO", "per-region overlap: the share of each defect region found, averaged over regions so a small defect counts "
+            "as much as a large one, integrated until EVAL_PRO_FPR_LIMIT of the good pixels (0.3 by default) are flagged; 1.0 perfect"),
+    ("honest goods", "good images the model never trained on (the validation images and, out-of-fold, training images "
+                     "scored by a model fitted without them): the thresholds are chosen on them, never on the test set"),
+    ("operating point", "the thresholds in force and what they give on this test set: recall is the share of defect "
+                        "images found, the false-reject rate the share of good images flagged"),
+    ("F1-max", "the best balance of precision and recall over every threshold, picked on the test set itself: optimistic"),
+]
+
+
 def markdown_summary(rows: list[dict]) -> str:
-    """The PaDiM-style table in Markdown: categories down, metrics across, mean in bold."""
+    """The PaDiM-style table in Markdown: categories down, metrics across, mean in bold (after the glossary)."""
     columns = summary_columns(rows)
-    lines = ["| category | " + " | ".join(title for _, title in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = [f"- **{term}**: {meaning}" for term, meaning in GLOSSARY] + [""]
+    lines += ["| category | " + " | ".join(title for _, title in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in rows:
         lines.append(f"| {row['category']} | " + " | ".join(cell(row.get(key)) for key, _ in columns) + " |")
     lines.append("| **mean** | " + " | ".join(f"**{text}**" for text in mean_cells(rows, columns)) + " |")
@@ -83,6 +99,8 @@ OPERATING_ROWS = [
     ("false_reject_rate", "false-reject rate (good judged defect)"),
     ("escape_rate", "escape rate (defect judged good)"),
     ("accuracy", "accuracy"),
+    ("image_threshold", "image score threshold in force"),
+    ("classifier_threshold", "classifier threshold in force (n/a: no classifier)"),
 ]
 
 
@@ -91,7 +109,7 @@ PIXEL_THRESHOLD_HEADER = [
     "level",
     "in use",
     "how it was set",
-    "good validation pixels at or above",
+    "good validation pixels at or above (validation images only)",
     "good test pixels at or above",
     "defect pixels at or above",
 ]
@@ -107,7 +125,8 @@ def pixel_threshold_rows(metrics: dict) -> list[list[str]]:
     rows = []
     for name, entry in metrics.get("pixel_thresholds", {}).items():
         if name == "chebyshev":
-            how = f"bound: at most {_share(entry['bound'])} of good pixels, any distribution; t = {entry['rule']}"
+            how = (f"{'' if entry['in_use'] else 'an alternative, not in use: '}a bound that holds for any distribution of the "
+                   f"good pixels: at most {_share(entry['bound'])} of them flagged (docs/models.md)")
         else:
             how = f"flags {_share(entry['rate'])} of the honest good pixels (their quantile: validation and out-of-fold maps)"
         rows.append([

@@ -32,7 +32,7 @@ from evaluation.metrics import (
     roc_points,
     verdict_metrics,
 )
-from evaluation.plots import plot_histogram, plot_pr, plot_pro, plot_roc, thin
+from evaluation.plots import PIXEL_AXES, plot_histogram, plot_pr, plot_pro, plot_roc, thin
 from evaluation.sheets import SheetImage, choose, draw_sheet
 from pipeline.cli import trained_elsewhere
 from pipeline.detector import Detector
@@ -215,6 +215,8 @@ def _pixel_thresholds(thresholds: dict, maps: np.ndarray, masks: np.ndarray, goo
     in_use = thresholds.get("pixel_policy", "validation")
     policies = thresholds.get("pixel_policies") or {"validation": {"threshold": thresholds["pixel"], "rate": thresholds.get("pixel_false_reject_rate")}}
     good_maps, defect_maps, defect_masks = maps[good], maps[masked], masks[masked]
+    outside = defect_maps[~defect_masks]
+    n_outside = good_maps.size + outside.size
     table = {}
     for name, entry in policies.items():
         level = entry["threshold"]
@@ -224,6 +226,8 @@ def _pixel_thresholds(thresholds: dict, maps: np.ndarray, masks: np.ndarray, goo
             "in_use": name == in_use,
             "test_good_exceedance": float((good_maps >= level).mean()) if good_maps.size else None,
             "test_defect_pixel_recall": int((defect_maps[defect_masks] >= level).sum()) / n_defect if n_defect else None,
+            # the pixel ROC's own x: every pixel outside the masks, of the good and the masked defect images
+            "test_pixel_false_positive_rate": (int((good_maps >= level).sum()) + int((outside >= level).sum())) / n_outside if n_outside else None,
         }
     return table
 
@@ -239,7 +243,10 @@ def learned_test_images(detector: Detector, category: Category) -> dict[str, lis
     kinds = {digest: kind for kind in ("good", "defect") for digest in learned.get(kind, [])}
     found: dict[str, list[Path]] = {}
     for item in category.test_images:
-        kind = kinds.get(content_digest(item.path))
+        try:
+            kind = kinds.get(content_digest(item.path))
+        except OSError:  # unreadable (a link to nothing): the scoring skips and names it
+            continue
         if kind:
             found.setdefault(kind, []).append(item.path)
     return found
@@ -388,33 +395,41 @@ def _subset(scored: _Scored, chosen: np.ndarray) -> _Scored:
     return _Scored(scored.scores[chosen], probabilities, scored.verdicts[chosen], scored.maps[chosen], scored.masks[chosen], scored.has_mask[chosen], [])
 
 
+SAME_RANKING = "max score = classifier verdict (same ranking)"
+
+
 def _draw(evaluation: CategoryEvaluation, detector: Detector, labels, scores, probabilities, curves, out_dir: Path) -> None:
     """ROC (image: score and classifier side by side; pixel), PR, PRO curves and the score histogram."""
     metrics, name, figures = evaluation.metrics, evaluation.metrics["category"], {}
     limit = metrics["pro_fpr_limit"]
+    # a verdict that ranks like the image score has the same curves: drawn once, not one hidden under the other
+    same = probabilities is not None and detector.classifier.ranks_like_image_score
     if metrics["image_rocauc"] is not None:
         evaluation.image_curves["max score"] = (*roc_points(labels, scores), metrics["image_rocauc"])
         if probabilities is not None:
             evaluation.image_curves["classifier"] = (*roc_points(labels, probabilities), metrics["classifier_rocauc"])
         operating = metrics["operating"]
         on_roc = (operating["false_reject_rate"], operating["recall"]) if operating["recall"] is not None and operating["false_reject_rate"] is not None else None
-        figures["image ROC"] = plot_roc(evaluation.image_curves, f"{name}: image ROC", out_dir / "roc_image.png", on_roc)
+        shown = {SAME_RANKING: evaluation.image_curves["max score"]} if same else evaluation.image_curves
+        figures["image ROC"] = plot_roc(shown, f"{name}: image ROC", out_dir / "roc_image.png", on_roc)
         pr = {"max score": (*pr_points(labels, scores), metrics["f1_max"]["image score"]["f1"])}
         if probabilities is not None:
             pr["classifier"] = (*pr_points(labels, probabilities), metrics["f1_max"]["classifier probability"]["f1"])
         point = (operating["recall"], operating["precision"]) if operating["precision"] is not None else None
-        figures["PR curve"] = plot_pr(pr, point, f"{name}: image precision-recall", out_dir / "pr_image.png")
+        figures["PR curve"] = plot_pr({SAME_RANKING: pr["max score"]} if same else pr, point, f"{name}: image precision-recall", out_dir / "pr_image.png")
     if curves is not None:
         evaluation.pixel_curve = (*thin(curves.fpr, curves.tpr, 20000), metrics["pixel_rocauc"])
         inside = int(np.searchsorted(curves.fpr, limit, side="right")) + 1
         evaluation.pro_curve = (*thin(curves.fpr[:inside], curves.pro[:inside], 20000), metrics["pro"])
-        figures["pixel ROC"] = plot_roc({"pixels": evaluation.pixel_curve}, f"{name}: pixel ROC", out_dir / "roc_pixel.png")
+        in_use = [entry for entry in metrics["pixel_thresholds"].values() if entry["in_use"] and entry["test_defect_pixel_recall"] is not None]
+        pixel_point = (in_use[0]["test_pixel_false_positive_rate"], in_use[0]["test_defect_pixel_recall"]) if in_use else None
+        figures["pixel ROC"] = plot_roc({"pixels": evaluation.pixel_curve}, f"{name}: pixel ROC", out_dir / "roc_pixel.png", pixel_point, PIXEL_AXES)
         figures["PRO curve"] = plot_pro({name: evaluation.pro_curve}, limit, f"{name}: per-region overlap", out_dir / "pro_curve.png")
     classifier = detector.classifier
     deciding = classifier is None or classifier.ranks_like_image_score  # the image score's ranking decides
     figures["score histogram"] = plot_histogram(
         scores[~labels], scores[labels], detector.image_threshold, f"{name}: image scores", "image score", out_dir / "histogram.png",
-        "operating threshold" if deciding else "image threshold (the classifier decides the verdict)",
+        "threshold in force" if deciding else "image threshold (the classifier decides the verdict)",
     )
     if probabilities is not None:
         figures["probability histogram"] = plot_histogram(

@@ -150,7 +150,7 @@ def apply_operating_point(detector: Detector, point: OperatingPoint) -> list[str
             used = "it decides the verdict"
         elif rank_like:  # the verdict is the image score's log-odds: its threshold follows
             classifier.threshold = float(classifier.predict(None, np.array([detector.image_threshold]))[0])
-            used = f"the verdict ranks like the image score, so it follows this threshold (classifier threshold {classifier.threshold:.6g})"
+            used = f"the verdict ranks like the image score, so it follows this threshold: classifier threshold {classifier.threshold:.6g}"
         elif (detector.description.get("classifier") or {}).get("good_probabilities"):
             used = "the classifier decides the verdict (CLASSIFIER_FALSE_REJECT_RATE moves it); this threshold scales normalized_score"
         else:

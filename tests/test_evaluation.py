@@ -360,7 +360,36 @@ def test_the_image_histogram_names_its_line_by_what_decides_the_verdict(tmp_path
     _evaluate(FakeDetector(), _category(tmp_path / "data", 2, 2), _settings(), tmp_path / "plain")
     trees = SimpleNamespace(uses_trees=True, similarity=None, ranks_like_image_score=False)
     _evaluate(FakeDetector(probabilities=True, classifier=trees), _category(tmp_path / "data", 2, 2), _settings(), tmp_path / "trees")
-    assert labels[0] == ("operating threshold",) and labels[1] == ("image threshold (the classifier decides the verdict)",)
+    assert labels[0] == ("threshold in force",) and labels[1] == ("image threshold (the classifier decides the verdict)",)
+
+
+def test_curves_that_coincide_are_drawn_once_and_the_pixel_roc_marks_its_threshold(tmp_path, monkeypatch):
+    """A classifier ranking like the image score drew its curve exactly over the image score's (a
+    legend entry nobody could see); the pixel ROC had no point for the pixel threshold the sheets use."""
+    import pipeline.evaluation_run as evaluation_run
+
+    drawn = {}
+    real = evaluation_run.plot_roc
+    monkeypatch.setattr(evaluation_run, "plot_roc", lambda curves, title, path, *rest: drawn.setdefault(Path(path).name, (list(curves), rest))
+                        and real(curves, title, path, *rest))
+    monkeypatch.setitem(sys.modules, "classification_model.xgboost",
+                        types.SimpleNamespace(plot_feature_importance=lambda classifier, path: Path(path).write_bytes(b"png")))
+    alike = SimpleNamespace(uses_trees=False, similarity=None, ranks_like_image_score=True)
+    metrics = _evaluate(FakeDetector(probabilities=True, classifier=alike), _category(tmp_path / "data", 3, 3), _settings(), tmp_path / "out").metrics
+    assert drawn["roc_image.png"][0] == [evaluation_run.SAME_RANKING]
+    pixel_point, axes = drawn["roc_pixel.png"][1]
+    entry = metrics["pixel_thresholds"]["validation"]
+    assert pixel_point == (entry["test_pixel_false_positive_rate"], entry["test_defect_pixel_recall"]) and axes == evaluation_run.PIXEL_AXES
+    assert 0 <= entry["test_pixel_false_positive_rate"] <= 1
+
+
+def test_the_report_explains_its_words_and_names_the_thresholds_in_force(tmp_path):
+    from evaluation.tables import GLOSSARY, markdown_category, markdown_summary
+
+    metrics = _evaluate(FakeDetector(), _category(tmp_path / "data", 2, 2), _settings(), tmp_path / "out").metrics
+    text = markdown_summary([metrics]) + markdown_category(metrics)
+    assert all(f"**{term}**" in text for term, _ in GLOSSARY) and "honest goods" in dict(GLOSSARY)
+    assert f"| image score threshold in force | {metrics['operating']['image_threshold']:.3f} |" in text
 
 
 def test_a_defect_type_in_a_script_the_font_lacks_draws_without_warnings(tmp_path):
