@@ -77,7 +77,7 @@ def main(argv: list[str]) -> None:
         (out.temporary / "metrics.json").write_text(json.dumps(summary, indent=2))
         markdown = [f"# {run_name}", "", markdown_summary(rows), ""] + [markdown_category(row) for row in rows]
         (out.temporary / "metrics.md").write_text("\n".join(markdown))
-        write_report(out.temporary, rows, overall, f"Evaluation {run_name}")
+        write_report(out.temporary, rows, overall, f"Evaluation of {settings.DATASET_DIR}, {datetime.now():%Y-%m-%d %H:%M} ({run_name})")
     print(terminal_table(rows))
     print(f"report: {out.target / 'report.html'}")
     print(f"metrics and ROC curves: {out.target}")

@@ -445,7 +445,7 @@ def feature_importance(classifier: DefectClassifier) -> dict[str, float]:
     return {name: float(gains.get(name, 0.0)) for name in classifier.feature_names}
 
 
-def plot_feature_importance(classifier: DefectClassifier, path, top: int = 20) -> None:
+def plot_feature_importance(classifier: DefectClassifier, path, title: str = "classifier feature importance", top: int = 20) -> None:
     """A horizontal bar chart of the `top` features by total gain, written to `path` (PNG)."""
     import matplotlib
 
@@ -457,7 +457,7 @@ def plot_feature_importance(classifier: DefectClassifier, path, top: int = 20) -
     figure, axis = plt.subplots(figsize=(7, 0.3 * len(gains) + 1.2))
     axis.barh([name for name, _ in gains][::-1], [g / total for _, g in gains][::-1], color="tab:blue")
     axis.set_xlabel("share of total gain")
-    axis.set_title("classifier feature importance")
+    axis.set_title(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -435,10 +435,10 @@ def _draw(evaluation: CategoryEvaluation, detector: Detector, labels, scores, pr
         figures["probability histogram"] = plot_histogram(
             probabilities[~labels], probabilities[labels], getattr(detector.classifier, "threshold", None), f"{name}: classifier probabilities", "defect probability", out_dir / "histogram_classifier.png"
         )
-    if detector.classifier is not None:
+    if detector.classifier is not None and not detector.classifier.ranks_like_image_score:  # else its features decide nothing
         from classification_model.xgboost import plot_feature_importance
 
-        plot_feature_importance(detector.classifier, out_dir / "feature_importance.png")
+        plot_feature_importance(detector.classifier, out_dir / "feature_importance.png", f"{name}: classifier feature importance")
         figures["classifier feature importance"] = out_dir / "feature_importance.png"
     metrics["figures"] = {title: f"{name}/{Path(path).name}" for title, path in figures.items()}
 

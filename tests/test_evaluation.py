@@ -356,7 +356,7 @@ def test_the_image_histogram_names_its_line_by_what_decides_the_verdict(tmp_path
     drawing = evaluation_run.plot_histogram
     monkeypatch.setattr(evaluation_run, "plot_histogram", lambda *args, **kwargs: labels.append(args[6:]) or drawing(*args, **kwargs))
     monkeypatch.setitem(sys.modules, "classification_model.xgboost",
-                        types.SimpleNamespace(plot_feature_importance=lambda classifier, path: Path(path).write_bytes(b"png")))
+                        types.SimpleNamespace(plot_feature_importance=lambda classifier, path, title: Path(path).write_bytes(b"png")))
     _evaluate(FakeDetector(), _category(tmp_path / "data", 2, 2), _settings(), tmp_path / "plain")
     trees = SimpleNamespace(uses_trees=True, similarity=None, ranks_like_image_score=False)
     _evaluate(FakeDetector(probabilities=True, classifier=trees), _category(tmp_path / "data", 2, 2), _settings(), tmp_path / "trees")
@@ -373,10 +373,11 @@ def test_curves_that_coincide_are_drawn_once_and_the_pixel_roc_marks_its_thresho
     monkeypatch.setattr(evaluation_run, "plot_roc", lambda curves, title, path, *rest: drawn.setdefault(Path(path).name, (list(curves), rest))
                         and real(curves, title, path, *rest))
     monkeypatch.setitem(sys.modules, "classification_model.xgboost",
-                        types.SimpleNamespace(plot_feature_importance=lambda classifier, path: Path(path).write_bytes(b"png")))
+                        types.SimpleNamespace(plot_feature_importance=lambda classifier, path, title: Path(path).write_bytes(b"png")))
     alike = SimpleNamespace(uses_trees=False, similarity=None, ranks_like_image_score=True)
     metrics = _evaluate(FakeDetector(probabilities=True, classifier=alike), _category(tmp_path / "data", 3, 3), _settings(), tmp_path / "out").metrics
     assert drawn["roc_image.png"][0] == [evaluation_run.SAME_RANKING]
+    assert "classifier feature importance" not in metrics["figures"]  # its features decide nothing
     pixel_point, axes = drawn["roc_pixel.png"][1]
     entry = metrics["pixel_thresholds"]["validation"]
     assert pixel_point == (entry["test_pixel_false_positive_rate"], entry["test_defect_pixel_recall"]) and axes == evaluation_run.PIXEL_AXES
@@ -406,20 +407,20 @@ def test_a_defect_type_in_a_script_the_font_lacks_draws_without_warnings(tmp_pat
 def test_classifier_probabilities_reported_side_by_side(tmp_path, monkeypatch):
     drawn = []
     module = types.ModuleType("classification_model.xgboost")
-    module.plot_feature_importance = lambda classifier, path: drawn.append(path) or Path(path).write_bytes(b"png")
+    module.plot_feature_importance = lambda classifier, path, title: drawn.append(title) or drawn.append(path) or Path(path).write_bytes(b"png")
     monkeypatch.setitem(sys.modules, "classification_model.xgboost", module)
     detector = FakeDetector(probabilities=True, classifier=SimpleNamespace(uses_trees=True, similarity=None, ranks_like_image_score=False))
     result = _evaluate(detector, _category(tmp_path / "data", 3, 3), _settings(), tmp_path / "out" / "parts")
     metrics = result.metrics
     assert metrics["classifier_rocauc"] == 1.0 and set(result.image_curves) == {"max score", "classifier"}
     assert metrics["operating"]["source"] == "classifier verdict" and "operating_score_threshold" in metrics
-    assert "classifier probability" in metrics["f1_max"] and drawn
+    assert "classifier probability" in metrics["f1_max"] and drawn[0] == "parts: classifier feature importance"
 
 
 def test_a_classifier_that_ranks_worse_than_the_image_score_gets_a_note(tmp_path, monkeypatch, capsys):
     """The classifier's gain depends on the part: when the user's own test set shows it ranking worse
     than the image score beyond resampling noise, eval says so; a classifier that ranks alike does not."""
-    monkeypatch.setitem(sys.modules, "classification_model.xgboost", types.SimpleNamespace(plot_feature_importance=lambda c, path: None))
+    monkeypatch.setitem(sys.modules, "classification_model.xgboost", types.SimpleNamespace(plot_feature_importance=lambda c, path, title: None))
     category = _category(tmp_path / "data", 10, 4)  # goods dark, defects brighter: the image score ranks them perfectly
 
     class Inverted(FakeDetector):
