@@ -82,9 +82,8 @@ def check_writable(folder: Path, keep: bool = False) -> list[Path]:
     find out are removed again unless `keep` (a run that fails before saving leaves no empty
     MODEL_DIR behind); with `keep`, returns the folders made, outermost last, for `remove_made`."""
     folder = Path(folder)
-    if os.path.islink(folder) and not os.path.exists(folder):  # mkdir would say only "File exists"
-        raise StorageError(f"cannot write to {folder}: it is a link to {os.path.realpath(folder)}, which does not exist "
-                           "(an unmounted disk, or a link to itself?): make it reachable or choose another folder")
+    if _dangling(folder):  # mkdir would say only "File exists"
+        raise StorageError(f"cannot write to {_dangling(folder)}: make it reachable or choose another folder")
     made, missing = [], folder
     while not os.path.lexists(missing) and missing != missing.parent:
         made.append(missing)
@@ -103,15 +102,21 @@ def check_writable(folder: Path, keep: bool = False) -> list[Path]:
     return made
 
 
+def _dangling(path: Path) -> str:
+    """What is wrong with `path` when it is a link whose target does not exist, else ""."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"{path}: it is a link to {os.path.realpath(path)}, which does not exist (an unmounted disk, or a link to itself?)"
+    return ""
+
+
 def check_replaceable(target: Path) -> None:
     """A model save replaces `target` (kept as a backup, or deleted with MODEL_BACKUPS=0): only a
     model (a folder holding model.json) or an empty folder may stand there. Anything else a user
     keeps at MODEL_DIR/<name> is refused before any work, never moved or deleted; so is a link
     whose folder is missing (an unmounted disk: the model would land on the system disk)."""
     target = Path(target)
-    if os.path.islink(target) and not os.path.exists(target):
-        raise ModelError(f"{target} is a link to {os.path.realpath(target)}, which does not exist (an unmounted disk?): "
-                         "make it reachable, or remove the link to save the model in MODEL_DIR; nothing was changed")
+    if _dangling(target):
+        raise ModelError(f"{_dangling(target)}: make it reachable, or remove the link to save the model in MODEL_DIR; nothing was changed")
     if not os.path.lexists(target):
         return
     try:

@@ -221,13 +221,14 @@ def _pixel_thresholds(thresholds: dict, maps: np.ndarray, masks: np.ndarray, goo
     for name, entry in policies.items():
         level = entry["threshold"]
         n_defect = int(defect_masks.sum())
+        good_flagged = int((good_maps >= level).sum())
         table[name] = {
             **entry,
             "in_use": name == in_use,
-            "test_good_exceedance": float((good_maps >= level).mean()) if good_maps.size else None,
+            "test_good_exceedance": good_flagged / good_maps.size if good_maps.size else None,
             "test_defect_pixel_recall": int((defect_maps[defect_masks] >= level).sum()) / n_defect if n_defect else None,
             # the pixel ROC's own x: every pixel outside the masks, of the good and the masked defect images
-            "test_pixel_false_positive_rate": (int((good_maps >= level).sum()) + int((outside >= level).sum())) / n_outside if n_outside else None,
+            "test_pixel_false_positive_rate": (good_flagged + int((outside >= level).sum())) / n_outside if n_outside else None,
         }
     return table
 

@@ -48,10 +48,6 @@ NAME_BYTES = 255  # the longest file name most file systems take
 class ResultsUnwritable(Exception):
     """The results folder refused a row or a picture (full, read-only): the file is tried again later, not skipped."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
 
 @dataclass(frozen=True)
 class FileState:
@@ -196,7 +192,7 @@ class FolderWatcher:
         self._pending: dict[str, tuple[FileState, float]] = {}  # name -> (state last seen, since when unchanged)
         self._links_noted: set[str] = set()  # links are not followed: each named once in the log
         self._said: set[str] = set()  # warnings that would repeat at every poll: each said once
-        self._folder_error: str | None = None  # the watched folder's own error, said when it begins and ends
+        self._problem: tuple[str, str] | None = None  # (what keeps it from inspecting, the line once it is over): said when each happens
         self._done: dict[str, FileState] = {}  # the files in the folder inspected in the version they have now
         self._numbered: dict[tuple[str, str], int] = {}  # (verdict, name) -> the next number to try for a name taken in its folder
         self._stop = threading.Event()
@@ -225,24 +221,26 @@ class FolderWatcher:
         while not self._stop.is_set():
             try:
                 self.poll()
-                if self._folder_error is not None:
-                    log(f"watched folder {self.folder} can be read again")
-                    self._folder_error = None
+                if self._problem is not None:
+                    log(self._problem[1])
+                    self._problem = None
             except ResultsUnwritable as error:  # RESULTS_DIR full or read-only: the file waits, unscored, until rows can be written
-                line = (f"WARNING: cannot write the results in {self.results.folder()} ({error.reason}): files in {self.folder} "
-                        f"wait until they can be written (looking again every {RESULTS_RETRY_SECONDS:g} s)")
-                if line != self._folder_error:
-                    log(line)
-                self._folder_error = line
+                self._meet(f"cannot write the results in {self.results.folder()} ({error}): files in {self.folder} wait until "
+                           f"they can be written (looking again every {RESULTS_RETRY_SECONDS:g} s)", "the results can be written again")
                 self._stop.wait(RESULTS_RETRY_SECONDS)  # not every poll: each try scores an image again
             except OSError as error:  # the folder vanished or a disk filled: say so once, keep watching
-                line = f"WARNING: watched folder {self.folder}: {error}; looking again every {self.poll_seconds:g} s"
-                if line != self._folder_error:
-                    log(line)
-                self._folder_error = line
+                self._meet(f"watched folder {self.folder}: {error}; looking again every {self.poll_seconds:g} s",
+                           f"watched folder {self.folder} can be read again")
             except Exception as error:  # a fault of ours must not silently end the watching: said once per kind, watching goes on
                 self._say_once(f"WARNING: the watcher of {self.folder} met an error ({type(error).__name__}: {' '.join(str(error).split())}); it keeps watching")
             self._stop.wait(self.poll_seconds)
+
+    def _meet(self, problem: str, recovered: str) -> None:
+        """A problem that keeps the watcher from inspecting: logged when it begins (or changes), and
+        `recovered` logged once a poll succeeds again."""
+        if self._problem is None or self._problem[0] != problem:
+            log(f"WARNING: {problem}")
+        self._problem = (problem, recovered)
 
     def _say_once(self, line: str) -> None:
         if line not in self._said:
@@ -252,7 +250,7 @@ class FolderWatcher:
     @property
     def problem(self) -> str | None:
         """What keeps the watcher from inspecting (the folder unreadable, the results unwritable), None when nothing: /health says it."""
-        return self._folder_error.removeprefix("WARNING: ") if self._folder_error else None
+        return self._problem[0] if self._problem else None
 
     @property
     def running(self) -> bool:

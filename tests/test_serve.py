@@ -737,6 +737,7 @@ def test_results_that_cannot_be_written_keep_the_file_waiting_and_health_says_wh
         health = live.client.get("/health").json()
         assert health["status"] == "ok" and health["watch"]["inspected"] == 1 and health["watch"]["problem"] is None, health
         assert len(list(csv.DictReader(open(blocker / "predictions.csv")))) == 1
+        assert "the results can be written again" in live.log() and "can be read again" not in live.log()  # not the folder's words
     finally:
         assert live.stop() == 0, live.log()
 
